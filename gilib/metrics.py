@@ -1,0 +1,233 @@
+"""How close is a reconstruction to the private sentence it came from?
+
+Text reconstructions are scored with ROUGE (Lin, 2004): ROUGE-1 and ROUGE-2
+count overlapping unigrams and bigrams, ROUGE-L the longest common
+subsequence. Every score here is the F-measure, in ``[0, 1]``.
+
+A gradient of a batch of ``B`` sentences is symmetric in the order of the
+sentences, so an attack recovers the batch only up to a permutation. Before
+scoring, each reconstruction is therefore paired with one reference by
+maximising the summed ROUGE-1 + ROUGE-2 F-measure over all one-to-one
+pairings, as in LAMP (Balunovic et al., NeurIPS 2022). The assignment is
+solved exactly with the Hungarian algorithm (Kuhn, 1955), via
+:func:`scipy.optimize.linear_sum_assignment`.
+
+All strings are plain text **without** the tokenizer's special tokens: the
+caller strips ``[CLS]``, ``[SEP]`` and ``[PAD]`` (e.g. with
+``tokenizer.decode(ids, skip_special_tokens=True)``) from both predictions and
+references. Scoring strings that keep ``[CLS]``/``[SEP]`` inflates ROUGE,
+because the two markers are recovered trivially and count as matched tokens
+(ROUGE's tokenizer reads them as the words ``cls`` and ``sep``); the paper's
+reference code scores such strings, so its numbers run slightly higher than
+the ones computed here.
+
+Example:
+    >>> round(rouge_scores("the cat sat", "the cat sat on the mat")["rouge1"], 4)
+    0.6667
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rouge_score import rouge_scorer
+from scipy.optimize import linear_sum_assignment
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ROUGE_TYPES",
+    "rouge_scores",
+    "match_batch",
+    "score_batch",
+    "aggregate",
+    "token_accuracy",
+]
+
+ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
+"""The ROUGE variants reported throughout the book."""
+
+_MATCH_TYPES: tuple[str, ...] = ("rouge1", "rouge2")
+"""The variants whose F-measures are summed to pair predictions with references."""
+
+# Building a scorer is cheap but not free; every call shares this one.
+_SCORER = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
+
+
+def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE F-measures of one prediction against one reference.
+
+    Args:
+        prediction: Reconstructed sentence, plain text without special tokens.
+        reference: Private (ground-truth) sentence, plain text without
+            special tokens.
+
+    Returns:
+        A dict mapping each name in :data:`ROUGE_TYPES` to its F-measure in
+        ``[0, 1]``.
+
+    Example:
+        >>> s = rouge_scores("the cat sat", "the cat sat on the mat")
+        >>> round(s["rouge1"], 4), round(s["rouge2"], 4)
+        (0.6667, 0.5714)
+    """
+    # rouge_score's signature is score(target, prediction).
+    scores = _SCORER.score(reference, prediction)
+    return {name: float(scores[name].fmeasure) for name in ROUGE_TYPES}
+
+
+def _check_same_length(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"predictions and references must have the same length, "
+            f"got {len(predictions)} predictions and {len(references)} references"
+        )
+
+
+def match_batch(predictions: list[str], references: list[str]) -> list[int]:
+    """Pair each reference with one prediction, maximising total ROUGE.
+
+    Solves the assignment problem whose weight for the pair (prediction
+    ``j``, reference ``i``) is ROUGE-1 F + ROUGE-2 F, with the Hungarian
+    algorithm.
+
+    Args:
+        predictions: Reconstructed sentences, in the attack's (arbitrary)
+            order.
+        references: Private sentences of the batch.
+
+    Returns:
+        A permutation ``perm`` of ``range(len(references))`` such that
+        ``predictions[perm[i]]`` is matched to ``references[i]``.
+
+    Raises:
+        ValueError: If the two lists differ in length.
+
+    Example:
+        >>> match_batch(["a dog", "the cat"], ["the cat", "a dog"])
+        [1, 0]
+    """
+    _check_same_length(predictions, references)
+    if not references:
+        return []
+    # weight[i, j]: how well prediction j explains reference i.
+    weight = np.array(
+        [
+            [sum(rouge_scores(pred, ref)[name] for name in _MATCH_TYPES) for pred in predictions]
+            for ref in references
+        ]
+    )
+    # For a square matrix the row indices come back as 0..n-1, so cols[i] is
+    # the prediction assigned to reference i.
+    _, cols = linear_sum_assignment(weight, maximize=True)
+    return [int(j) for j in cols]
+
+
+def score_batch(
+    predictions: list[str], references: list[str], match: bool = True
+) -> list[dict[str, float]]:
+    """ROUGE scores of a batch of reconstructions, one dict per reference.
+
+    Args:
+        predictions: Reconstructed sentences.
+        references: Private sentences of the batch.
+        match: If true (the default), first pair predictions with references
+            by :func:`match_batch`; if false, score them position by position.
+
+    Returns:
+        A list whose ``i``-th element is :func:`rouge_scores` of the
+        prediction paired with ``references[i]``.
+
+    Raises:
+        ValueError: If the two lists differ in length.
+    """
+    _check_same_length(predictions, references)
+    order = match_batch(predictions, references) if match else range(len(references))
+    return [rouge_scores(predictions[j], ref) for j, ref in zip(order, references)]
+
+
+def aggregate(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and spread of per-sentence scores.
+
+    Args:
+        scores: Per-sentence score dicts that all share the same keys, e.g.
+            the concatenated outputs of :func:`score_batch`.
+
+    Returns:
+        For every key ``k``, ``k`` maps to the mean and ``k + "_std"`` to the
+        population standard deviation (``ddof=0``); ``"n"`` holds the number
+        of scores aggregated.
+
+    Raises:
+        ValueError: If ``scores`` is empty or the dicts have different keys.
+
+    Example:
+        >>> aggregate([{"rouge1": 0.25}, {"rouge1": 0.75}])
+        {'rouge1': 0.5, 'rouge1_std': 0.25, 'n': 2}
+    """
+    if not scores:
+        raise ValueError("cannot aggregate an empty list of scores")
+    keys = list(scores[0])
+    for i, entry in enumerate(scores):
+        if set(entry) != set(keys):
+            raise ValueError(
+                f"all score dicts must have the same keys; entry {i} has "
+                f"{sorted(entry)}, expected {sorted(keys)}"
+            )
+    out: dict[str, float] = {}
+    for key in keys:
+        values = np.array([entry[key] for entry in scores], dtype=float)
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std())
+    out["n"] = len(scores)
+    return out
+
+
+def _as_id_list(ids: Any, name: str) -> list[int]:
+    """Flatten a 1-D sequence or tensor of token ids to a Python list."""
+    if hasattr(ids, "tolist"):  # torch.Tensor (any device) or numpy.ndarray
+        ids = ids.tolist()
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise ValueError(f"{name} must be a one-dimensional sequence of token ids") from None
+    if any(isinstance(x, (list, tuple)) for x in ids):
+        raise ValueError(f"{name} must be one-dimensional")
+    return ids
+
+
+def token_accuracy(
+    pred_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    true_ids: Sequence[int] | np.ndarray | torch.Tensor,
+) -> float:
+    """Fraction of positions at which the recovered token id is correct.
+
+    Args:
+        pred_ids: Recovered token ids; a sequence of ints or a 1-D
+            ``torch.Tensor``/``numpy.ndarray``.
+        true_ids: Ground-truth token ids, same length as ``pred_ids``.
+
+    Returns:
+        The fraction of positions ``t`` with ``pred_ids[t] == true_ids[t]``,
+        in ``[0, 1]``.
+
+    Raises:
+        ValueError: If the inputs are empty, not one-dimensional, or of
+            different lengths.
+
+    Example:
+        >>> token_accuracy([101, 7, 8, 102], [101, 7, 9, 102])
+        0.75
+    """
+    pred = _as_id_list(pred_ids, "pred_ids")
+    true = _as_id_list(true_ids, "true_ids")
+    if len(pred) != len(true):
+        raise ValueError(
+            f"pred_ids and true_ids must have the same length, got {len(pred)} and {len(true)}"
+        )
+    if not true:
+        raise ValueError("token_accuracy is undefined for empty sequences")
+    return sum(p == t for p, t in zip(pred, true)) / len(true)

