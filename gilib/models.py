@@ -42,6 +42,9 @@ _TINY = dict(
     num_attention_heads=2,
     intermediate_size=128,
     max_position_embeddings=64,
+    # Word embeddings of about unit norm, as in pretrained BERTs, so that the
+    # attack's default learning rate suits the tiny model too.
+    initializer_range=0.1,
 )
 _BERT_BASE = dict(
     hidden_size=768,

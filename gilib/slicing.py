@@ -215,7 +215,7 @@ def _layer_indices(layers, n_layers: int, component: str) -> tuple[int, ...]:
         if layers != "all":
             raise ValueError(f"Unknown layers '{layers}': pass an index {valid}.")
         return tuple(range(n_layers))
-    indices = [layers] if isinstance(layers, int) else list(layers)
+    indices = list(layers) if isinstance(layers, (list, tuple, range)) else [layers]
     if not indices:
         raise ValueError(f"The list of layers is empty: pass an index {valid}.")
     resolved = []

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 OBJECTIVES = ("cos", "l2", "tag")
+_ROUND_OFF = 1e-6  # relative gradient norm below which a tensor is numerically zero
 
 
 def gradient_distance(
@@ -83,9 +84,22 @@ class GradientMatcher:
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"Unknown objective '{objective}'. Choose one of: {', '.join(OBJECTIVES)}.")
+        params, shared_grads = list(params), list(shared_grads)
+        if objective == "cos":
+            # A tensor whose shared gradient is zero up to round-off has no
+            # direction: BERT's attention key bias is one (softmax ignores a
+            # shift shared by a whole row of scores), its gradient ~1e-9
+            # against >1e-2 for the rest. Its cosine would only add noise
+            # around a constant 1, so leave it out.
+            norms = [float(g.norm()) for g in shared_grads]
+            keep = [i for i, n in enumerate(norms) if n > _ROUND_OFF * max(norms)]
+            params = [params[i] for i in keep]
+            shared_grads = [shared_grads[i] for i in keep]
+        if not params:
+            raise ValueError("Every shared gradient tensor is zero: there is nothing to match.")
         self.model = model
-        self.params = list(params)
-        self.shared_grads = list(shared_grads)
+        self.params = params
+        self.shared_grads = shared_grads
         self.labels = labels
         self.attention_mask = attention_mask
         self.objective = objective

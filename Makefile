@@ -1,0 +1,37 @@
+# The two commands of the README:
+#   make book   build the HTML book on the offline default (fast mode)
+#   make test   run the test suite
+# Both start from nothing but Python: the first run creates .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Chapters run in fast mode unless the caller says otherwise.
+export GILIB_FAST_MODE ?= 1
+
+.PHONY: book test bench venv clean
+
+venv: $(STAMP)
+
+# torch is installed first and by exact version: pip then takes the CPU wheel
+# instead of resolving a multi-GB CUDA build for a bare `torch` requirement.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/attack_speed.py
+
+clean:
+	rm -rf _build

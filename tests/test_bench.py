@@ -1,0 +1,40 @@
+"""Smoke test of bench/attack_speed.py: it runs and prints its table.
+
+Timings and memory are figures for the reader, never checked here.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "attack_speed.py"
+HEADER = (
+    "model",
+    "selection",
+    "params selected",
+    "share %",
+    "tokens",
+    "ms/step",
+    "peak RSS MiB",
+    "attack MiB",
+)
+
+
+@pytest.mark.slow
+def test_attack_speed_quick_prints_table():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.relative_to(REPO)), "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    headers = [line for line in lines if all(name in line for name in HEADER)]
+    assert len(headers) == 1, done.stdout
+    rows = [line.split() for line in lines if line.startswith("minilm ")]
+    assert [row[1] for row in rows] == ["full", "layer0", "query0"], done.stdout
