@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Chapters run in fast mode unless the caller says otherwise.
 export GILIB_FAST_MODE ?= 1
 
-.PHONY: book test bench venv clean
+.PHONY: book test bench bench-paper venv clean
 
 venv: $(STAMP)
 
@@ -30,8 +30,15 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Figures, never assertions. The comparison runs the reference's setting
+# (500 steps, 500 starts) on five CoLA sentences: about half an hour on 2 cores.
 bench: $(STAMP)
 	$(BIN)/python bench/attack_speed.py
+	$(BIN)/python bench/reference_comparison.py --jobs 2
+
+# The paper's full setting (2000 steps): long-running, not part of make test.
+bench-paper: $(STAMP)
+	$(BIN)/python bench/reference_comparison.py --paper --jobs 2
 
 clean:
 	rm -rf _build

@@ -5,17 +5,18 @@ What it measures
 For each victim model and each parameter selection the attacker sees, this
 benchmark reports
 
-* **ms/step**: the median wall-clock time of one step of the optimisation
-  attack's inner loop (:func:`gilib.attack.optimization_attack`): compose the
-  embeddings, compute the gradient-matching loss with
-  ``GradientMatcher.loss(embeds, create_graph=True)`` (a double backward),
-  add the embedding-norm regulariser, ``.backward()``, Adam step, learning-rate
-  schedule step. The library's own attack runs the loop, so nothing here is a
-  copy of it that could drift: a global optimizer step hook
-  (``torch.optim.optimizer.register_optimizer_step_post_hook``) stamps
-  the end of every Adam step, and one step is the time between two
-  consecutive stamps. Model loading, the random initialisation, the first
-  step, ``warmup`` further steps and the final projection onto tokens are
+* **ms/step**: the median wall-clock time of one iteration of the
+  optimisation attack's inner loop (:func:`gilib.attack.optimization_attack`,
+  with the library's default path): the gradient of the gradient-matching
+  loss with respect to the candidate embeddings (the candidate's parameter
+  gradient taken by torch.func, then differentiated again), the
+  embedding-norm regulariser, the Adam step and the learning-rate schedule
+  step. The library's own attack runs the loop, so nothing here is a copy of
+  it that could drift: a global optimizer step hook
+  (``torch.optim.optimizer.register_optimizer_step_post_hook``) stamps the
+  end of every Adam step, and one step is the time between two consecutive
+  stamps. Model loading, the random initialisation, the first step,
+  ``warmup`` further steps and the final projection onto tokens are
   excluded.
 * **peak memory**: each (model, selection) case runs in a fresh process
   (``multiprocessing`` with the ``spawn`` context), so its peak resident set

@@ -1,4 +1,4 @@
-"""Smoke test of bench/attack_speed.py: it runs and prints its table.
+"""Smoke tests of the benchmarks: each runs in quick mode and prints its table.
 
 Timings and memory are figures for the reader, never checked here.
 """
@@ -38,3 +38,22 @@ def test_attack_speed_quick_prints_table():
     assert len(headers) == 1, done.stdout
     rows = [line.split() for line in lines if line.startswith("minilm ")]
     assert [row[1] for row in rows] == ["full", "layer0", "query0"], done.stdout
+
+
+@pytest.mark.slow
+def test_reference_comparison_quick_prints_table(tmp_path):
+    out = tmp_path / "comparison.csv"
+    done = subprocess.run(
+        [sys.executable, "bench/reference_comparison.py", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "s/sentence" in done.stdout and "x plain" in done.stdout, done.stdout
+    table = out.read_text().splitlines()
+    assert len(table) == 1 + 3 * 2  # header, then fast and plain for three selections
+    # The fast path is a pure speed-up: it returns the plain path's tokens.
+    assert all(line.endswith(",2/2") for line in table[1:] if ",fast," in line), table
+    assert "command" in out.with_suffix(".json").read_text()

@@ -1,19 +1,30 @@
 """Attacks that rebuild a client's text from the gradient it shares.
 
 * :func:`optimization_attack`: LAMP-style gradient matching (cos / L2 / TAG),
-  for any selection of parameters.
+  for any selection of parameters; :func:`attack_clients` runs it for
+  several clients at once.
+* :mod:`~gilib.attack.priors`: language-model priors for its reordering
+  rounds (an offline n-gram model, or GPT-2).
 """
 
-from .objectives import OBJECTIVES, GradientMatcher, gradient_distance
-from .optimization import AttackConfig, AttackResult, Prior, optimization_attack
+from .objectives import OBJECTIVES, GradientMatcher, Target, gradient_distance
+from .optimization import AttackConfig, AttackResult, Prior, SharedUpdate, attack_clients, optimization_attack
+from .priors import GPT2Prior, NgramPrior, offline_prior, prior_from_examples
 from .tokens import TokenSpace
 
 __all__ = [
     "OBJECTIVES",
+    "GPT2Prior",
+    "NgramPrior",
+    "offline_prior",
+    "prior_from_examples",
     "AttackConfig",
     "AttackResult",
     "GradientMatcher",
     "Prior",
+    "SharedUpdate",
+    "Target",
+    "attack_clients",
     "TokenSpace",
     "gradient_distance",
     "optimization_attack",

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from torch.func import grad_and_value, vmap
+
 from ..slicing import Selection
-from .objectives import OBJECTIVES, GradientMatcher
+from .objectives import OBJECTIVES, GradientMatcher, Target
 from .tokens import TokenSpace
 
 Prior = Callable[[Sequence[int]], float]
@@ -63,7 +65,17 @@ class AttackConfig:
         swap_candidates: orders tried per sentence and round.
         prior_weight: weight of the language-model prior in a round.
         grad_clip: clip the embeddings' gradient norm (``None``: off).
-        seed: seeds initialisation and reordering.
+        seed: seeds initialisation and reordering (client ``i`` of a
+            multi-client attack uses ``seed + i``).
+        batched: the fast path: score random starts and reorderings in
+            batched ``vmap`` calls, optimise all clients of
+            :func:`attack_clients` in one batched step, and look up nearest
+            tokens only when reordering and at the end. ``False`` runs the
+            plain path, the reference's algorithm step by step (sequential
+            starts and reorderings, a nearest-token lookup every step); both
+            return the same tokens.
+        chunk_size: candidates per batched call; ``None`` picks one from
+            the selection's size to bound memory.
         progress: show a tqdm bar.
     """
 
@@ -81,14 +93,26 @@ class AttackConfig:
     prior_weight: float = 0.2
     grad_clip: float | None = None
     seed: int = 0
+    batched: bool = True
+    chunk_size: int | None = None
     progress: bool = True
+
+    @classmethod
+    def paper(cls, **overrides) -> "AttackConfig":
+        """The settings Li et al. (2024) ran, after LAMP's BERT settings."""
+        settings = dict(
+            objective="cos", steps=2000, lr=0.01, lr_decay=0.89, lr_decay_every=50,
+            init_candidates=500, reg_weight=1.0, swap_every=75, swap_burnin=0.1,
+            swap_candidates=200, prior_weight=0.2,
+        )
+        return cls(**{**settings, **overrides})
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"Unknown objective '{self.objective}'. Choose one of: {', '.join(OBJECTIVES)}."
             )
-        for name in ("steps", "init_candidates", "lr_decay_every"):
+        for name in ("steps", "init_candidates", "lr_decay_every", "swap_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.lr <= 0:
@@ -105,8 +129,11 @@ class AttackResult:
             included, one list per sentence (its known length).
         loss_history: reconstruction loss at every optimisation step.
         final_loss: reconstruction loss of the returned tokens.
-        seconds: wall-clock time of the whole attack.
+        seconds: wall-clock time of the attack, per client when several
+            clients were attacked together.
         seconds_per_step: ``seconds`` divided by the optimisation steps.
+        timings: seconds spent in initialisation, optimisation and
+            reordering (per client, like ``seconds``).
         method: a short name of the attack.
         config: the settings it ran with.
     """
@@ -119,6 +146,21 @@ class AttackResult:
     seconds_per_step: float
     method: str = "optimization"
     config: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+class SharedUpdate(NamedTuple):
+    """What the server holds about one client: its gradient, labels and lengths.
+
+    Attributes:
+        shared_grads: one tensor per name of the attacked selection.
+        labels: ``(B,)`` class labels.
+        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
+    """
+
+    shared_grads: Sequence[torch.Tensor]
+    labels: Sequence[int] | torch.Tensor
+    lengths: Sequence[int]
 
 
 def optimization_attack(
@@ -132,7 +174,7 @@ def optimization_attack(
     *,
     prior: Prior | None = None,
 ) -> AttackResult:
-    """Rebuild a batch of sentences from the gradient of a selection.
+    """Rebuild one client's batch of sentences from the gradient of a selection.
 
     Args:
         model: the victim, as the server holds it (``eval()`` mode).
@@ -152,88 +194,148 @@ def optimization_attack(
         ValueError: if the gradients do not fit the selection, or labels
             and lengths disagree.
     """
+    update = SharedUpdate(shared_grads, labels, lengths)
+    return attack_clients(model, tokenizer, [update], selection, config, prior=prior)[0]
+
+
+def attack_clients(
+    model: torch.nn.Module,
+    tokenizer,
+    updates: Sequence[SharedUpdate],
+    selection: Selection,
+    config: AttackConfig | None = None,
+    *,
+    prior: Prior | None = None,
+) -> list[AttackResult]:
+    """Rebuild the batches of several clients, attacked independently but together.
+
+    Each client is a separate attack problem (its own gradient, start,
+    optimiser state and reorderings); client ``i`` is seeded with
+    ``config.seed + i``, so its result is the one :func:`optimization_attack`
+    gives it alone with that seed. On the fast path the clients' steps run
+    as one batched (``vmap``) call, which keeps a CPU's or GPU's arithmetic
+    units busier than one small sentence can. All clients must have the
+    same batch size.
+
+    Args:
+        model: the victim, as the server holds it.
+        tokenizer: its tokenizer.
+        updates: what each client sent.
+        selection: which parameters the gradients belong to.
+        config: attack settings (defaults: :class:`AttackConfig`).
+        prior: optional language-model prior for the reordering rounds.
+
+    Returns:
+        One :class:`AttackResult` per client, in order.
+    """
     cfg = config or AttackConfig()
     start = time.perf_counter()
-    device = next(model.parameters()).device
+    if not updates:
+        raise ValueError("No client updates given: pass at least one SharedUpdate.")
     params = selection.parameters(model)
-    _check_inputs(params, shared_grads, selection, labels, lengths, model)
+    for update in updates:
+        _check_update(params, update, selection, model)
+    if len({len(u.lengths) for u in updates}) > 1:
+        raise ValueError("Clients attacked together must have the same batch size; attack them in groups.")
 
+    device = next(model.parameters()).device
     space = TokenSpace(model, tokenizer)
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    layout = _Layout(lengths, tokenizer, space, device)
-    matcher = GradientMatcher(
-        model,
-        params,
-        [g.to(device) for g in shared_grads],
-        labels,
-        layout.attention_mask,
-        cfg.objective,
-        cfg.tag_l1_weight,
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.RandomState(cfg.seed)
+    width = max(max(int(n) for n in u.lengths) for u in updates)
+    layouts = [_Layout(u.lengths, width, tokenizer, space, device) for u in updates]
+    matcher = GradientMatcher(model, selection.names, cfg.objective, cfg.tag_l1_weight)
+    matcher = matcher.matched([u.shared_grads for u in updates])
+    targets = [
+        matcher.target(
+            [g.to(device) for g in u.shared_grads],
+            selection.names,
+            torch.as_tensor(u.labels, dtype=torch.long, device=device),
+            layout.attention_mask,
+        )
+        for u, layout in zip(updates, layouts)
+    ]
+    chunk = cfg.chunk_size or _auto_chunk(sum(t.numel() for t in targets[0].shared_grads), width, space.dim)
+    engine = _Engine(matcher, space, cfg, chunk, prior)
+    timings = {"init": 0.0, "optimisation": 0.0, "reordering": 0.0}
 
-    x = _best_random_start(matcher, layout, space, cfg.init_candidates, gen)
+    tic = time.perf_counter()
+    gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(updates))]
+    rngs = [np.random.RandomState(cfg.seed + i) for i in range(len(updates))]
+    x = torch.stack([engine.best_start(layout, target, gen) for layout, target, gen in zip(layouts, targets, gens)])
+    timings["init"] += time.perf_counter() - tic
+
     x.requires_grad_(True)
+    # One Adam over the stacked clients is N independent Adams: its update
+    # is elementwise, and the learning-rate schedule is the same for all.
     opt = torch.optim.Adam([x], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay)
     first_swap = int(cfg.swap_burnin * cfg.steps)
-    history: list[float] = []
-
+    history = []
     for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc=f"attack ({cfg.objective})"):
         if cfg.swap_every and step >= first_swap and step > 0 and step % cfg.swap_every == 0:
-            reordered = _reorder(x.detach(), matcher, layout, space, cfg, rng, prior)
+            tic = time.perf_counter()
             with torch.no_grad():
-                x.copy_(reordered)
-        opt.zero_grad(set_to_none=True)
-        embeds = layout.compose(x)
-        rec = matcher.loss(embeds, create_graph=True)
-        reg = (embeds[layout.free].norm(dim=-1).mean() - space.mean_norm).square()
-        (rec + cfg.reg_weight * reg).backward()
+                for i, (layout, target, rng) in enumerate(zip(layouts, targets, rngs)):
+                    x[i] = engine.reorder(x[i].detach(), layout, target, rng)
+            timings["reordering"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        x.grad, rec = engine.step_gradients(x.detach(), layouts, targets)
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([x], cfg.grad_clip)
+            norms = x.grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+            x.grad *= (cfg.grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (x.dim() - 1))
         opt.step()
         sched.step()
-        history.append(rec.item())
+        history.append(rec.detach())
+        timings["optimisation"] += time.perf_counter() - tic
 
-    ids = layout.compose_ids(space.nearest(x.detach()))
-    final = matcher.loss(space.embed(ids), create_graph=False).item()
-    seconds = time.perf_counter() - start
-    return AttackResult(
-        texts=[space.decode(row[:n]) for row, n in zip(ids.tolist(), layout.lengths)],
-        token_ids=[row[:n] for row, n in zip(ids.tolist(), layout.lengths)],
-        loss_history=history,
-        final_loss=final,
-        seconds=seconds,
-        seconds_per_step=seconds / cfg.steps,
-        method=f"optimization/{cfg.objective}",
-        config=asdict(cfg),
-    )
+    history = torch.stack(history).cpu()  # (steps, N): one device sync, at the end
+    seconds = (time.perf_counter() - start) / len(updates)
+    results = []
+    for i, (layout, target) in enumerate(zip(layouts, targets)):
+        ids = layout.compose_ids(space.nearest(x[i].detach()))
+        final = matcher.loss(space.embed(ids), target).item()
+        rows = [row[:n] for row, n in zip(ids.tolist(), layout.lengths)]
+        results.append(
+            AttackResult(
+                texts=[space.decode(row) for row in rows],
+                token_ids=rows,
+                loss_history=history[:, i].tolist(),
+                final_loss=final,
+                seconds=seconds,
+                seconds_per_step=seconds / cfg.steps,
+                method=f"optimization/{cfg.objective}",
+                config=asdict(cfg),
+                timings={k: v / len(updates) for k, v in timings.items()},
+            )
+        )
+    return results
 
 
 class _Layout:
-    """Which positions of the ``(B, T)`` batch are known and which are searched.
+    """Which positions of one client's ``(B, T)`` batch are known and which are searched.
 
     Position 0 is ``[CLS]``, position ``L_b - 1`` is ``[SEP]`` and positions
-    past ``L_b`` are ``[PAD]``; the rest are free.
+    past ``L_b`` are ``[PAD]`` (also past the client's own longest sentence,
+    when clients of different lengths are attacked together); the rest are
+    free.
     """
 
-    def __init__(self, lengths: Sequence[int], tokenizer, space: TokenSpace, device) -> None:
+    def __init__(self, lengths: Sequence[int], width: int, tokenizer, space: TokenSpace, device) -> None:
         self.lengths = [int(n) for n in lengths]
-        batch, width = len(self.lengths), max(self.lengths)
+        self.own_width = max(self.lengths)
+        batch = len(self.lengths)
         ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)
-        self.free = torch.zeros(batch, width, dtype=torch.bool)
+        free = torch.zeros(batch, width, dtype=torch.bool)
         for b, n in enumerate(self.lengths):
             ids[b, 0] = tokenizer.cls_token_id
             ids[b, n - 1] = tokenizer.sep_token_id
-            self.free[b, 1 : n - 1] = True
+            free[b, 1 : n - 1] = True
         self.fixed_ids = ids.to(device)
-        self.free = self.free.to(device)
+        self.free = free.to(device)
         self.attention_mask = (torch.arange(width)[None, :] < torch.tensor(self.lengths)[:, None]).long().to(device)
         self.fixed = space.embed(self.fixed_ids)
 
     def compose(self, x: torch.Tensor) -> torch.Tensor:
-        """Free positions from ``x``, the rest from the known tokens: ``(B, T, d)``."""
+        """Free positions from ``x``, the rest from the known tokens: ``(..., B, T, d)``."""
         return torch.where(self.free[..., None], x, self.fixed)
 
     def compose_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -245,57 +347,107 @@ class _Layout:
         return slice(1, self.lengths[b] - 1)
 
 
-def _best_random_start(
-    matcher: GradientMatcher, layout: _Layout, space: TokenSpace, candidates: int, gen: torch.Generator
-) -> torch.Tensor:
-    """The lowest-loss of ``candidates`` Gaussian starts, ``(B, T, d)``.
+class _Engine:
+    """The attack's three costly operations, on the fast or the plain path."""
 
-    Each start is scaled so that its expected norm matches the mean norm of
-    the vocabulary's embeddings.
-    """
-    shape = layout.fixed.shape
-    scale = space.mean_norm / space.dim**0.5
-    best, best_loss = None, float("inf")
-    for _ in range(candidates):
-        x = (torch.randn(shape, generator=gen) * scale).to(layout.fixed.device)
-        loss = matcher.loss(layout.compose(x), create_graph=False).item()
-        if loss < best_loss:
-            best, best_loss = x, loss
-    return best
+    def __init__(self, matcher: GradientMatcher, space: TokenSpace, cfg: AttackConfig, chunk: int, prior) -> None:
+        self.matcher, self.space, self.cfg, self.chunk, self.prior = matcher, space, cfg, chunk, prior
+        self._step = grad_and_value(self._objective, has_aux=True)
+        self._batched_step = vmap(self._step)
+        self._stacked = None
+
+    def _objective(self, x, fixed, free, target: Target):
+        """Reconstruction loss plus LAMP's embedding-norm regulariser, for one client."""
+        embeds = torch.where(free[..., None], x, fixed)
+        rec = self.matcher.loss(embeds, target)
+        # Mean norm over the free positions, written without boolean
+        # indexing so that vmap can trace it.
+        mean_norm = (embeds.norm(dim=-1) * free).sum() / free.sum()
+        reg = (mean_norm - self.space.mean_norm).square()
+        return rec + self.cfg.reg_weight * reg, rec
+
+    def step_gradients(self, x, layouts, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of every client's objective with respect to its embeddings.
+
+        Returns:
+            ``(N, B, T, d)`` gradients and ``(N,)`` reconstruction losses.
+        """
+        if self.cfg.batched:
+            if self._stacked is None:  # the clients' constants, stacked once
+                self._stacked = (
+                    torch.stack([layout.fixed for layout in layouts]),
+                    torch.stack([layout.free for layout in layouts]),
+                    Target(
+                        tuple(torch.stack(g) for g in zip(*(t.shared_grads for t in targets))),
+                        torch.stack([t.labels for t in targets]),
+                        torch.stack([t.mask for t in targets]),
+                    ),
+                )
+            grads, (_, rec) = self._batched_step(x, *self._stacked)
+            return grads, rec
+        grads, recs = [], []
+        for i, (layout, target) in enumerate(zip(layouts, targets)):
+            # The reference looks up the nearest tokens of every position at
+            # every step; the plain path keeps that cost to measure it.
+            self.space.nearest(x[i])
+            g, (_, rec) = self._step(x[i], layout.fixed, layout.free, target)
+            grads.append(g)
+            recs.append(rec)
+        return torch.stack(grads), torch.stack(recs)
+
+    def _scores(self, candidates: torch.Tensor, target: Target) -> torch.Tensor:
+        """Losses of ``(K, B, T, d)`` candidates: one batched call, or one at a time."""
+        if self.cfg.batched:
+            return self.matcher.score(candidates, target, chunk_size=self.chunk)
+        with torch.no_grad():
+            return torch.stack([self.matcher.loss(c, target) for c in candidates])
+
+    def best_start(self, layout: _Layout, target: Target, gen: torch.Generator) -> torch.Tensor:
+        """The lowest-loss of ``init_candidates`` Gaussian starts, ``(B, T, d)``.
+
+        Each start is scaled so that its expected norm matches the mean norm
+        of the vocabulary's embeddings. Starts are drawn one by one, at the
+        client's own width, so that the draws do not depend on the path or
+        on the other clients.
+        """
+        batch, width, dim = layout.fixed.shape
+        scale = self.space.mean_norm / dim**0.5
+        starts = torch.zeros(self.cfg.init_candidates, batch, width, dim)
+        for k in range(self.cfg.init_candidates):
+            starts[k, :, : layout.own_width] = torch.randn(batch, layout.own_width, dim, generator=gen) * scale
+        starts = starts.to(layout.fixed.device)
+        best = int(self._scores(layout.compose(starts), target).argmin())
+        return starts[best]
+
+    def reorder(self, x: torch.Tensor, layout: _Layout, target: Target, rng: np.random.RandomState) -> torch.Tensor:
+        """One LAMP reordering round for one client: per sentence, the best of random reorderings.
+
+        Candidates permute the continuous embeddings; the prior, when given,
+        scores the nearest tokens of the permuted sentence. Candidate 0 is
+        the current order.
+        """
+        for b in range(x.shape[0]):
+            span = layout.interior(b)
+            n = span.stop - span.start
+            if n < 2:
+                continue
+            perms = [np.arange(n)] + [_random_reorder(n, k, rng) for k in range(1, self.cfg.swap_candidates)]
+            candidates = x.expand(len(perms), *x.shape).clone()
+            for k, perm in enumerate(perms):
+                candidates[k, b, span] = x[b, span][torch.as_tensor(perm)]
+            scores = self._scores(layout.compose(candidates), target)
+            if self.prior is not None:
+                ids = self.space.nearest(x[b, span]).tolist()
+                penalty = [self.prior([ids[i] for i in perm]) for perm in perms]
+                scores = scores + self.cfg.prior_weight * torch.tensor(penalty, device=scores.device)
+            x = candidates[int(scores.argmin())]
+        return x
 
 
-def _reorder(
-    x: torch.Tensor,
-    matcher: GradientMatcher,
-    layout: _Layout,
-    space: TokenSpace,
-    cfg: AttackConfig,
-    rng: np.random.RandomState,
-    prior: Prior | None,
-) -> torch.Tensor:
-    """One LAMP reordering round: keep, per sentence, the best of random reorderings.
-
-    Candidates permute the continuous embeddings; the prior, when given,
-    scores the nearest tokens of the permuted sentence.
-    """
-    for b in range(x.shape[0]):
-        span = layout.interior(b)
-        n = span.stop - span.start
-        if n < 2:
-            continue
-        ids = space.nearest(x[b, span]).tolist()
-        best_x, best_score = x, None
-        for k in range(cfg.swap_candidates):
-            perm = np.arange(n) if k == 0 else _random_reorder(n, k, rng)
-            cand = x.clone()
-            cand[b, span] = x[b, span][torch.as_tensor(perm)]
-            score = matcher.loss(layout.compose(cand), create_graph=False).item()
-            if prior is not None:
-                score += cfg.prior_weight * prior([ids[i] for i in perm])
-            if best_score is None or score < best_score:
-                best_x, best_score = cand, score
-        x = best_x
-    return x
+def _auto_chunk(selected_numel: int, width: int, dim: int) -> int:
+    """Candidates per batched call, so that per-candidate gradients stay near 1 GiB."""
+    per_candidate = selected_numel + 64 * width * dim  # gradient + a rough share of activations
+    return int(max(1, min(64, 2**28 // per_candidate)))
 
 
 def _random_reorder(n: int, kind: int, rng: np.random.RandomState) -> np.ndarray:
@@ -323,7 +475,8 @@ def _random_reorder(n: int, kind: int, rng: np.random.RandomState) -> np.ndarray
     return np.asarray(order)
 
 
-def _check_inputs(params, shared_grads, selection, labels, lengths, model) -> None:
+def _check_update(params, update: SharedUpdate, selection: Selection, model) -> None:
+    shared_grads, labels, lengths = update
     if len(shared_grads) != len(params):
         raise ValueError(
             f"Got {len(shared_grads)} gradient tensors for a selection of {len(params)} "

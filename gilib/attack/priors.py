@@ -1,0 +1,204 @@
+"""Language-model priors for the reordering rounds of the optimisation attack.
+
+LAMP (Balunovic et al., NeurIPS 2022) scores each candidate order by the
+reconstruction loss plus a weight (0.2 in the paper) times GPT-2's
+perplexity of the candidate text: of two orders that match the gradient
+equally well, the more natural one wins. A prior is any callable from the
+token ids of one sentence (no special tokens) to a score, lower meaning
+more natural. Two are provided:
+
+* :class:`NgramPrior`: a count-based, interpolated trigram model over BERT
+  token ids, built at run time from text already on the machine (the
+  bundled sample or the benchmark files). It needs no download. It must
+  never see the sentences under attack: :func:`offline_prior` builds it
+  from every available split *except* the attacked one, and refuses that
+  split outright.
+* :class:`GPT2Prior`: GPT-2's mean negative log-likelihood of the decoded
+  text, as in LAMP; it needs the Hugging Face hub (Colab) or a local copy of
+  the checkpoint (a GPU machine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ..data import DATASETS, Example, default_data_dir, load_split
+
+_SPLITS = ("train", "validation", "test")
+
+
+class NgramPrior:
+    """An interpolated n-gram model over token ids.
+
+    ``P(w | u, v) = l3 P(w | u, v) + l2 P(w | v) + l1 P(w) + l0 / V`` with
+    maximum-likelihood estimates and fixed weights (Jelinek-Mercer
+    smoothing), so every sequence has a proper, non-zero probability.
+    Sentences are framed by ``[CLS]`` and ``[SEP]``, so the prior also
+    judges how a sentence starts and ends.
+
+    Args:
+        sequences: token-id sequences to count, without special tokens.
+        bos: id marking the start (``[CLS]``).
+        eos: id marking the end (``[SEP]``).
+        vocab_size: ``V``.
+        weights: ``(l0, l1, l2, l3)``, summing to 1.
+    """
+
+    def __init__(
+        self,
+        sequences: Iterable[Sequence[int]],
+        bos: int,
+        eos: int,
+        vocab_size: int,
+        weights: tuple[float, float, float, float] = (0.01, 0.19, 0.3, 0.5),
+    ) -> None:
+        if abs(sum(weights) - 1.0) > 1e-9:
+            raise ValueError(f"The interpolation weights must sum to 1, got {sum(weights)}.")
+        self.bos, self.eos, self.vocab_size, self.weights = bos, eos, vocab_size, weights
+        self.unigrams: Counter = Counter()
+        self.bigrams: Counter = Counter()
+        self.trigrams: Counter = Counter()
+        self.sentences = 0
+        for seq in sequences:
+            framed = [bos, bos, *seq, eos]
+            self.sentences += 1
+            self.unigrams.update(framed[2:])
+            self.bigrams.update(zip(framed[1:], framed[2:]))
+            self.trigrams.update(zip(framed, framed[1:], framed[2:]))
+        if not self.sentences:
+            raise ValueError("An n-gram prior needs at least one sentence to count.")
+        self._total = sum(self.unigrams.values())
+        # Context counts: how often each history was followed by anything.
+        self._bigram_ctx: Counter = Counter()
+        for (v, _), c in self.bigrams.items():
+            self._bigram_ctx[v] += c
+        self._trigram_ctx: Counter = Counter()
+        for (u, v, _), c in self.trigrams.items():
+            self._trigram_ctx[(u, v)] += c
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: Iterable[str], **kwargs) -> "NgramPrior":
+        """Count the WordPiece ids of ``texts`` with the victim's tokenizer."""
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return cls(ids, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.vocab_size, **kwargs)
+
+    def log_prob(self, w: int, u: int, v: int) -> float:
+        """``log P(w | u, v)``."""
+        l0, l1, l2, l3 = self.weights
+        p = l0 / self.vocab_size + l1 * self.unigrams[w] / self._total
+        if self._bigram_ctx[v]:
+            p += l2 * self.bigrams[(v, w)] / self._bigram_ctx[v]
+        if self._trigram_ctx[(u, v)]:
+            p += l3 * self.trigrams[(u, v, w)] / self._trigram_ctx[(u, v)]
+        return math.log(p)
+
+    def __call__(self, ids: Sequence[int]) -> float:
+        """Mean negative log-likelihood per token (end marker included)."""
+        framed = [self.bos, self.bos, *ids, self.eos]
+        nll = -sum(self.log_prob(w, u, v) for u, v, w in zip(framed, framed[1:], framed[2:]))
+        return nll / (len(framed) - 2)
+
+
+def offline_prior(
+    tokenizer,
+    attacked: tuple[str, str],
+    data_dir: str | Path | None = None,
+) -> NgramPrior:
+    """An n-gram prior from every text on the machine except the attacked split.
+
+    Args:
+        tokenizer: the victim's tokenizer.
+        attacked: ``(dataset, split)`` under attack, e.g. ``("cola", "train")``;
+            its sentences are never counted.
+        data_dir: directory of the benchmark files (default:
+            :func:`gilib.data.default_data_dir`); without one, only the
+            bundled sample is used.
+
+    Returns:
+        The prior, with ``.sources`` listing the splits it counted.
+    """
+    data_dir = data_dir if data_dir is not None else default_data_dir()
+    texts, sources = [], []
+    for dataset in DATASETS:
+        if dataset != "sample" and data_dir is None:
+            continue
+        for split in _SPLITS:
+            if (dataset, split) == tuple(attacked):
+                continue
+            try:
+                examples = load_split(dataset, split, data_dir)
+            except (ValueError, FileNotFoundError):
+                continue  # this dataset has no such split here
+            texts += [e.text for e in examples]
+            sources.append(f"{dataset}/{split}")
+    if not texts:
+        raise ValueError(
+            f"No text besides {attacked[0]}/{attacked[1]} is available for an n-gram prior: "
+            "set GILIB_DATA_DIR to the benchmark files, or pass data_dir=..."
+        )
+    prior = NgramPrior.from_texts(tokenizer, texts)
+    prior.sources = sources
+    return prior
+
+
+def prior_from_examples(tokenizer, examples: Sequence[Example], attacked: tuple[str, str]) -> NgramPrior:
+    """An n-gram prior from chosen examples, refusing any from the attacked split.
+
+    Raises:
+        ValueError: if an example comes from ``attacked``, or none is given.
+    """
+    leaked = [e for e in examples if (e.dataset, e.split) == tuple(attacked)]
+    if leaked:
+        raise ValueError(
+            f"{len(leaked)} example(s) come from {attacked[0]}/{attacked[1]}, the split under attack; "
+            "a prior built from them would hand the attacker the answer. Use other splits."
+        )
+    if not examples:
+        raise ValueError("No text to build an n-gram prior from: pass examples from another split.")
+    prior = NgramPrior.from_texts(tokenizer, [e.text for e in examples])
+    prior.sources = sorted({f"{e.dataset}/{e.split}" for e in examples})
+    return prior
+
+
+class GPT2Prior:
+    """GPT-2's mean negative log-likelihood of the decoded sentence (LAMP's prior).
+
+    Args:
+        bert_tokenizer: the victim's tokenizer, to decode candidate ids.
+        name_or_path: a hub name (``"gpt2"``) or a local checkpoint directory.
+        device: where GPT-2 runs.
+
+    Raises:
+        RuntimeError: when the checkpoint is neither local nor reachable.
+    """
+
+    def __init__(self, bert_tokenizer, name_or_path: str = "gpt2", device: str | torch.device = "cpu") -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..models import hub_available
+
+        unavailable = (
+            f"The GPT-2 prior '{name_or_path}' is neither a local checkpoint directory nor reachable "
+            "on the Hugging Face hub. Offline, use gilib.attack.offline_prior(tokenizer, attacked=...), "
+            "an n-gram prior that needs no download."
+        )
+        if not Path(name_or_path).is_dir() and not hub_available():
+            raise RuntimeError(unavailable)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self.model = AutoModelForCausalLM.from_pretrained(name_or_path).to(device).eval()
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"{unavailable} ({type(err).__name__}: {err})") from err
+        self.bert_tokenizer = bert_tokenizer
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, ids: Sequence[int]) -> float:
+        text = self.bert_tokenizer.decode(list(ids))
+        tokens = self.tokenizer(self.tokenizer.bos_token + text, return_tensors="pt").input_ids.to(self.device)
+        return float(self.model(tokens, labels=tokens).loss)

@@ -1,0 +1,76 @@
+"""The fast path is a pure speed-up: same tokens as the plain, reference-style path."""
+
+import pytest
+import torch
+
+from gilib.attack import AttackConfig, GradientMatcher, SharedUpdate, attack_clients, optimization_attack
+from gilib.models import encode
+from gilib.slicing import client_gradient, select
+
+TEXTS = ["the film was a quiet delight .", "a cat sat on the mat", "them went to the market ."]
+SETTINGS = dict(steps=40, init_candidates=12, swap_every=10, swap_candidates=9, seed=5, progress=False)
+
+
+def _updates(model, tokenizer, selection, texts=TEXTS):
+    updates = []
+    for text in texts:
+        true_batch = encode(tokenizer, text, 1)
+        updates.append(SharedUpdate(client_gradient(model, selection, true_batch), true_batch["labels"],
+                                    true_batch["attention_mask"].sum(dim=1).tolist()))
+    return updates
+
+
+@pytest.mark.parametrize("component, layers", [("attention.query", 0), ("full", None)])
+def test_fast_and_plain_paths_give_identical_tokens(tiny, component, layers):
+    model, tokenizer = tiny
+    selection = select(model, component, layers)
+    updates = _updates(model, tokenizer, selection)
+    fast = attack_clients(model, tokenizer, updates, selection, AttackConfig(batched=True, **SETTINGS))
+    for i, u in enumerate(updates):
+        plain = optimization_attack(model, tokenizer, u.shared_grads, selection, u.labels, u.lengths,
+                                    AttackConfig(**{**SETTINGS, "batched": False, "seed": SETTINGS["seed"] + i}))
+        assert fast[i].token_ids == plain.token_ids
+        torch.testing.assert_close(torch.tensor(fast[i].loss_history), torch.tensor(plain.loss_history),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_clients_attacked_together_equal_clients_attacked_alone(tiny):
+    model, tokenizer = tiny
+    selection = select(model, "layer", 1)
+    updates = _updates(model, tokenizer, selection)
+    together = attack_clients(model, tokenizer, updates, selection, AttackConfig(**SETTINGS))
+    alone = optimization_attack(model, tokenizer, *updates[2][:1], selection, *updates[2][1:],
+                                AttackConfig(**{**SETTINGS, "seed": SETTINGS["seed"] + 2}))
+    assert together[2].token_ids == alone.token_ids
+    assert set(together[2].timings) == {"init", "optimisation", "reordering"}
+
+
+def test_batched_scores_equal_scores_one_by_one(tiny):
+    model, tokenizer = tiny
+    selection = select(model, "attention.value", 0)
+    u = _updates(model, tokenizer, selection, TEXTS[:1])[0]
+    matcher = GradientMatcher(model, selection.names)
+    target = matcher.target(u.shared_grads, selection.names, u.labels, torch.ones(1, u.lengths[0], dtype=torch.long))
+    candidates = torch.randn(7, 1, u.lengths[0], model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    batched = matcher.score(candidates, target, chunk_size=3)
+    one_by_one = torch.stack([matcher.loss(c, target).detach() for c in candidates])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_paper_settings():
+    cfg = AttackConfig.paper()
+    assert (cfg.objective, cfg.steps, cfg.init_candidates, cfg.lr, cfg.lr_decay, cfg.lr_decay_every,
+            cfg.reg_weight, cfg.prior_weight, cfg.swap_every) == ("cos", 2000, 500, 0.01, 0.89, 50, 1.0, 0.2, 75)
+    assert AttackConfig.paper(steps=10).steps == 10
+
+
+def test_clients_of_different_batch_sizes_are_refused(tiny):
+    model, tokenizer = tiny
+    selection = select(model, "attention.query", 0)
+    single = _updates(model, tokenizer, selection, TEXTS[:1])[0]
+    batch = encode(tokenizer, TEXTS[:2], [1, 0])
+    pair = SharedUpdate(client_gradient(model, selection, batch), batch["labels"], batch["attention_mask"].sum(1).tolist())
+    with pytest.raises(ValueError, match="same batch size"):
+        attack_clients(model, tokenizer, [single, pair], selection, AttackConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match="No client updates"):
+        attack_clients(model, tokenizer, [], selection)
