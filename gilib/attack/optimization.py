@@ -445,9 +445,15 @@ class _Engine:
 
 
 def _auto_chunk(selected_numel: int, width: int, dim: int) -> int:
-    """Candidates per batched call, so that per-candidate gradients stay near 1 GiB."""
+    """Candidates per batched call: per-candidate gradients of about 256 MiB in all.
+
+    Larger chunks stop paying off once the per-candidate gradients fall out
+    of cache: measured on a 2-core CPU scoring MiniLM candidates, all
+    parameters (11 M) took 32 ms per candidate in chunks of 8 but 44 ms in
+    chunks of 24; a 147 k-parameter weight kept improving up to 96.
+    """
     per_candidate = selected_numel + 64 * width * dim  # gradient + a rough share of activations
-    return int(max(1, min(64, 2**28 // per_candidate)))
+    return int(max(1, min(128, 2**26 // per_candidate)))
 
 
 def _random_reorder(n: int, kind: int, rng: np.random.RandomState) -> np.ndarray:
