@@ -53,6 +53,7 @@ __all__ = [
     "default_data_dir",
     "load_hub_split",
     "load_split",
+    "local_splits",
     "repo_root",
     "sample_batches",
     "shuffled_indices",
@@ -130,6 +131,17 @@ def default_data_dir() -> Path | None:
         return Path(env).expanduser()
     shared = repo_root().parent / "shared" / "data"
     return shared if shared.is_dir() else None
+
+
+def local_splits(dataset: str) -> tuple[str, ...]:
+    """The splits :func:`load_split` reads for ``dataset`` from local files.
+
+    Raises:
+        ValueError: for an unknown dataset.
+    """
+    if dataset not in _LOCAL_SPLITS:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {tuple(_LOCAL_SPLITS)}.")
+    return _LOCAL_SPLITS[dataset]
 
 
 def load_split(

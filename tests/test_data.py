@@ -214,3 +214,12 @@ def test_hub_without_datasets_package(monkeypatch):
         load_hub_split("cola")
     with pytest.raises(ValueError, match="Unknown dataset 'sample'"):
         load_hub_split("sample")
+
+
+def test_local_splits_name_what_load_split_reads():
+    from gilib.data import local_splits
+
+    assert local_splits("sample") == ("train",)
+    assert local_splits("rotten_tomatoes") == ("train", "validation", "test")
+    with pytest.raises(ValueError, match="Unknown dataset 'imdb'"):
+        local_splits("imdb")

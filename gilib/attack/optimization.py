@@ -30,9 +30,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from torch.func import grad_and_value, vmap
+from tqdm import tqdm
 
 from ..slicing import Selection
 from .objectives import OBJECTIVES, GradientMatcher, Target

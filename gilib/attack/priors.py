@@ -27,9 +27,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..data import DATASETS, Example, default_data_dir, load_split
-
-_SPLITS = ("train", "validation", "test")
+from ..data import DATASETS, Example, default_data_dir, load_split, local_splits
 
 
 class NgramPrior:
@@ -127,13 +125,13 @@ def offline_prior(
     for dataset in DATASETS:
         if dataset != "sample" and data_dir is None:
             continue
-        for split in _SPLITS:
+        for split in local_splits(dataset):
             if (dataset, split) == tuple(attacked):
                 continue
             try:
                 examples = load_split(dataset, split, data_dir)
-            except (ValueError, FileNotFoundError):
-                continue  # this dataset has no such split here
+            except FileNotFoundError:
+                continue  # its files are not on this machine
             texts += [e.text for e in examples]
             sources.append(f"{dataset}/{split}")
     if not texts:
