@@ -111,7 +111,7 @@ def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
         true_batch = encode(tokenizer, ex.text, ex.label, device=args.device)
         updates.append(SharedUpdate(client_gradient(model, selection, true_batch), true_batch["labels"],
                                     true_batch["attention_mask"].sum(dim=1).tolist()))
-    base = dict(objective="cos", seed=args.seed, progress=False, **settings(args))
+    base = dict(objective="cos", seed=args.seed, progress=False, polish_rounds=args.polish, **settings(args))
     kind, _, prior_name = path.partition("+")
     prior = make_prior(prior_name or "none", tokenizer, args)
     start = time.perf_counter()
@@ -150,8 +150,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> pd.DataFrame:
                 "selection": key,
                 "path": path,
                 "s/sentence": round(row["s_per_sentence"], 1),
-                "init / optimisation / reordering": " / ".join(
-                    f"{row[c]:.1f}" for c in ("s_init", "s_optimisation", "s_reordering")
+                "init / optimisation / reordering / polish": " / ".join(
+                    f"{row[c]:.1f}" for c in ("s_init", "s_optimisation", "s_reordering", "s_polish")
                 ),
                 "ROUGE-1": round(row["rouge1"], 1),
                 "ROUGE-2": round(row["rouge2"], 1),
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--prior", choices=["none", "ngram", "gpt2"], default="none",
                         help="LM prior of the reordering rounds (weight 0.2): ngram is built offline "
                              "from every split but the attacked one; gpt2 needs the hub")
+    parser.add_argument("--polish", type=int, default=0, metavar="ROUNDS",
+                        help="greedy token-substitution rounds after the projection (beyond the paper; 0: off)")
     parser.add_argument("--sentences", type=int, default=5)
     parser.add_argument("--seed", type=int, default=101)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         result.to_csv(args.out, index=False)
         meta = {
             "command": "python bench/reference_comparison.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "settings": {**settings(args), "prior": args.prior, "prior_weight": 0.2},
+            "settings": {**settings(args), "prior": args.prior, "prior_weight": 0.2, "polish_rounds": args.polish},
             "rows": rows[0]["rows"],
             "torch": torch.__version__,
             "reference": REFERENCE,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gilib.attack import AttackConfig, GradientMatcher, SharedUpdate, attack_clients, optimization_attack
+from gilib.attack.ghost import GhostMatcher, supports
 from gilib.models import encode
 from gilib.slicing import client_gradient, select
 
@@ -42,7 +43,7 @@ def test_clients_attacked_together_equal_clients_attacked_alone(tiny):
     alone = optimization_attack(model, tokenizer, *updates[2][:1], selection, *updates[2][1:],
                                 AttackConfig(**{**SETTINGS, "seed": SETTINGS["seed"] + 2}))
     assert together[2].token_ids == alone.token_ids
-    assert set(together[2].timings) == {"init", "optimisation", "reordering"}
+    assert set(together[2].timings) == {"init", "optimisation", "reordering", "polish"}
 
 
 def test_batched_scores_equal_scores_one_by_one(tiny):
@@ -74,3 +75,46 @@ def test_clients_of_different_batch_sizes_are_refused(tiny):
         attack_clients(model, tokenizer, [single, pair], selection, AttackConfig(steps=1, progress=False))
     with pytest.raises(ValueError, match="No client updates"):
         attack_clients(model, tokenizer, [], selection)
+
+
+@pytest.mark.parametrize("objective", ["cos", "l2"])
+@pytest.mark.parametrize("component, layers", [("attention.query", 0), ("layer", 1), ("full", None), ("ffn.output", 0)])
+def test_ghost_losses_equal_per_candidate_gradients(tiny, component, layers, objective):
+    """Scoring from per-token activations gives GradientMatcher's losses and their gradients."""
+    model, tokenizer = tiny
+    selection = select(model, component, layers)
+    batch = encode(tokenizer, TEXTS[:2], [1, 0])
+    shared_grads = client_gradient(model, selection, batch)
+    matcher = GradientMatcher(model, selection.names, objective).matched([shared_grads])
+    ghost = GhostMatcher(model, matcher.names, objective)
+    target = matcher.target(shared_grads, selection.names, batch["labels"], batch["attention_mask"])
+    shape = (5, *batch["input_ids"].shape, model.config.hidden_size)
+    candidates = 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ghost.score(candidates, target, chunk_size=2), matcher.score(candidates, target),
+                               rtol=1e-5, atol=1e-6)
+    x = candidates[0].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(matcher.loss(x, target), x)
+    (got,) = torch.autograd.grad(ghost.loss(x, target), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_ghost_scoring_refuses_what_it_cannot_compute(tiny):
+    model, _ = tiny
+    names = select(model, "attention.query", 0).names
+    assert supports(model, names, "cos") and not supports(model, names, "tag")
+    with pytest.raises(ValueError, match="use GradientMatcher"):
+        GhostMatcher(model, names, "tag")
+
+
+def test_polishing_only_lowers_the_loss_and_is_the_same_on_both_paths(tiny):
+    model, tokenizer = tiny
+    selection = select(model, "attention.query", 0)
+    u = _updates(model, tokenizer, selection, TEXTS[2:])[0]
+    args = (model, tokenizer, u.shared_grads, selection, u.labels, u.lengths)
+    plain = optimization_attack(*args, AttackConfig(**SETTINGS))
+    polished = optimization_attack(*args, AttackConfig(**{**SETTINGS, "polish_rounds": 3}))
+    polished_plain = optimization_attack(*args, AttackConfig(**{**SETTINGS, "polish_rounds": 3, "batched": False}))
+    assert polished.final_loss < plain.final_loss  # it changed something, for the better
+    assert polished.token_ids == polished_plain.token_ids
+    with pytest.raises(ValueError, match="polish_rounds"):
+        AttackConfig(polish_rounds=-1)

@@ -56,18 +56,22 @@ class TokenSpace:
         """Embeddings of token ids: ``(...,)`` -> ``(..., d)``."""
         return self.table[ids]
 
-    def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """The allowed token closest by cosine to each embedding.
+    def nearest(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """The allowed token (or ``k`` tokens) closest by cosine to each embedding.
 
         Args:
             x: ``(..., d)`` continuous embeddings.
+            k: how many tokens per embedding, closest first; ``None``: one.
 
         Returns:
-            ``(...,)`` token ids.
+            ``(...,)`` token ids, or ``(..., k)`` when ``k`` is given.
         """
         flat = torch.nn.functional.normalize(x.detach().reshape(-1, self.dim), dim=1)
-        best = (flat @ self._unit_allowed.T).argmax(dim=1)
-        return self._allowed_ids[best].reshape(x.shape[:-1])
+        similarity = flat @ self._unit_allowed.T
+        if k is None:
+            return self._allowed_ids[similarity.argmax(dim=1)].reshape(x.shape[:-1])
+        best = similarity.topk(k, dim=1).indices
+        return self._allowed_ids[best].reshape(*x.shape[:-1], k)
 
     def decode(self, ids) -> str:
         """Text of token ids, without special tokens."""
