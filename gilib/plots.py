@@ -29,7 +29,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars"]
+__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves"]
 
 PALETTE: list[str] = sns.color_palette("colorblind").as_hex()
 """Series colours, in order: seaborn's ten-colour "colorblind" palette."""
@@ -225,3 +225,143 @@ def rouge_bars(
     ax.set_ylim(0, 1)
     ax.grid(axis="x", visible=False)
     return _finish(ax, xlabel=group, ylabel="ROUGE F1", title=title, legend=len(metrics) > 1)
+
+
+def layer_bars(
+    table: pd.DataFrame,
+    *,
+    layer: str = "layers",
+    metrics: Sequence[str] = ("rouge1", "rouge2"),
+    baseline: Mapping[str, float] | None = None,
+    baseline_label: str = "full model",
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """Per-layer ROUGE bars with the spread over sentences, against a baseline.
+
+    Args:
+        table: one row per layer (e.g. :func:`gilib.experiments.summarize`
+            of a per-layer grid), with columns ``layer``, each metric and
+            ``<metric>_std``.
+        layer: column holding the layer (or layer-combination) label.
+        metrics: metric columns to draw.
+        baseline: metric -> value drawn as a dashed line per metric (e.g. the
+            full-model attack); None: no line.
+        baseline_label: legend text of the baseline.
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on (error bars: one standard deviation).
+    """
+    ax = rouge_bars(table, group=layer, metrics=metrics, ax=ax, title=title, errors="_std")
+    if baseline:
+        for k, metric in enumerate(metrics):
+            if metric in baseline:
+                ax.axhline(float(baseline[metric]), color=_color(k), linestyle="--", linewidth=1.2,
+                           label=f"{baseline_label}, {_metric_label(metric)}")
+    _finish(ax, xlabel="encoder layer attacked", ylabel="ROUGE F1", title=title)
+    # Below the axes: error bars reach the top of the plot.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    return ax
+
+
+def heatmap(
+    table: pd.DataFrame,
+    *,
+    rows: str,
+    cols: str,
+    value: str = "rouge1",
+    ax: Axes | None = None,
+    title: str | None = None,
+    row_order: Sequence | None = None,
+    col_order: Sequence | None = None,
+    fmt: str = ".2f",
+) -> Axes:
+    """A ``rows`` x ``cols`` grid of one score, annotated with its values.
+
+    Args:
+        table: long format, one row per (``rows``, ``cols``) pair, e.g.
+            :func:`gilib.experiments.summarize` by component and layer.
+        rows: column whose values label the heatmap's rows.
+        cols: column whose values label its columns.
+        value: the score to colour by (0 to 1).
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+        row_order: order of the rows (default: first appearance).
+        col_order: order of the columns (default: first appearance).
+        fmt: number format of the annotations.
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: if a column is missing or a (row, col) pair repeats.
+    """
+    missing = [c for c in (rows, cols, value) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.duplicated([rows, cols]).any():
+        raise ValueError(f"each ({rows}, {cols}) pair must appear once; summarize by exactly these two")
+    grid = table.pivot(index=rows, columns=cols, values=value)
+    grid = grid.reindex(index=list(row_order or pd.unique(table[rows])),
+                        columns=list(col_order or pd.unique(table[cols])))
+    ax = _get_ax(ax, figsize=(1.0 + 0.9 * grid.shape[1], 0.8 + 0.5 * grid.shape[0]))
+    sns.heatmap(grid.astype(float), ax=ax, annot=True, fmt=fmt, vmin=0, vmax=1, cmap="viridis",
+                cbar_kws={"label": _metric_label(value)}, linewidths=0.5)
+    ax.tick_params(axis="y", rotation=0)
+    return _finish(ax, xlabel=cols, ylabel=rows, title=title)
+
+
+def noise_curves(
+    table: pd.DataFrame,
+    *,
+    series: str,
+    value: str = "rouge1",
+    x: str = "noise_multiplier",
+    baselines: Mapping[str, float] | None = None,
+    baseline_label: str = "raw gradient",
+    ax: Axes | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Axes:
+    """One line per series of a score against the DP noise multiplier.
+
+    Args:
+        table: long format: columns ``series``, ``x``, ``value`` and,
+            when present, ``<value>_std`` (drawn as a band).
+        series: column whose values are the lines (e.g. the selection).
+        value: the score on the y axis.
+        x: the noise column; sigma = 0 is drawn at the left edge of a
+            symmetric-log axis.
+        baselines: series value -> a level drawn as a dashed line of the
+            series' colour (e.g. the attack on the raw gradient).
+        baseline_label: legend suffix of the dashed lines.
+        ax: Axes to draw on; a new figure is created if None.
+        ylabel: y label (default: the metric's name).
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+    """
+    missing = [c for c in (series, x, value) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("table is empty: nothing to plot")
+    ax = _get_ax(ax)
+    for i, (name, part) in enumerate(table.groupby(series, sort=False)):
+        part = part.sort_values(x)
+        xs, ys = part[x].to_numpy(dtype=float), part[value].to_numpy(dtype=float)
+        ax.plot(xs, ys, marker="o", color=_color(i), label=str(name))
+        if f"{value}_std" in part.columns:
+            spread = part[f"{value}_std"].to_numpy(dtype=float)
+            ax.fill_between(xs, ys - spread, ys + spread, color=_color(i), alpha=0.15, linewidth=0)
+        if baselines and name in baselines:
+            ax.axhline(float(baselines[name]), color=_color(i), linestyle="--", linewidth=1.2,
+                       label=f"{name}, {baseline_label}")
+    positive = table[x][table[x] > 0]
+    if len(positive):
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+    return _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title,
+                   legend=True)

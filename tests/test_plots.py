@@ -139,3 +139,47 @@ def test_rouge_bars_repeated_group_raises(table):
 def test_rouge_bars_empty_table_raises(table):
     with pytest.raises(ValueError, match="empty"):
         plots.rouge_bars(table.iloc[:0], group="layer")
+
+
+def test_layer_bars_draw_spread_and_baseline(table):
+    ax = plots.layer_bars(table, layer="layer", baseline={"rouge1": 0.9, "rouge2": 0.7})
+    _assert_labelled(ax)
+    assert ax.get_xlabel() == "encoder layer attacked"
+    bars = _bar_containers(ax)
+    assert [round(b.get_height(), 2) for b in bars[0]] == [0.8, 0.6, 0.4]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(round(line.get_ydata()[0], 2) for line in dashed) == [0.7, 0.9]
+    assert any("full model" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_heatmap_places_each_value_in_its_cell():
+    table = pd.DataFrame({
+        "component": ["attention.query", "attention.query", "ffn.output", "ffn.output"],
+        "layers": [0, 1, 0, 1],
+        "rouge1": [0.9, 0.5, 0.25, 0.1],
+    })
+    ax = plots.heatmap(table, rows="component", cols="layers", value="rouge1",
+                       row_order=["ffn.output", "attention.query"])
+    _assert_labelled(ax)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ffn.output", "attention.query"]
+    assert [t.get_text() for t in ax.texts] == ["0.25", "0.10", "0.90", "0.50"]
+    with pytest.raises(ValueError, match="appear once"):
+        plots.heatmap(pd.concat([table, table]), rows="component", cols="layers")
+    with pytest.raises(ValueError, match="no column"):
+        plots.heatmap(table, rows="component", cols="depth")
+
+
+def test_noise_curves_one_line_per_series_with_raw_baselines():
+    table = pd.DataFrame({
+        "selection": ["full"] * 3 + ["query0"] * 3,
+        "noise_multiplier": [0.0, 0.1, 0.5] * 2,
+        "rouge1": [0.9, 0.5, 0.1, 0.6, 0.2, 0.05],
+    })
+    ax = plots.noise_curves(table, series="selection", baselines={"full": 0.95})
+    _assert_labelled(ax)
+    solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    assert [list(line.get_ydata()) for line in solid] == [[0.9, 0.5, 0.1], [0.6, 0.2, 0.05]]
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [0.95]
+    assert ax.get_xscale() == "symlog"
+    with pytest.raises(ValueError, match="no column"):
+        plots.noise_curves(table, series="component")

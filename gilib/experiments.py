@@ -1,0 +1,492 @@
+"""Grids of attack runs: one JSON line per attacked sentence, resumable, parallel.
+
+A grid file (YAML) names a model, datasets, selections and attack settings;
+every combination is a *cell*, and every cell attacks the same seeded sample
+of sentences from each dataset (LAMP's protocol, :func:`gilib.data.sample_batches`).
+Example::
+
+    name: layers
+    model: minilm
+    datasets: [cola, sst2, rotten_tomatoes]
+    split: train
+    sentences: 5          # per dataset and cell
+    sample_seed: 101      # which sentences
+    clients_per_task: 5   # sentences attacked together in one batched call
+    attack: {steps: 200, init_candidates: 100, swap_candidates: 100}
+    seeds: [0]            # attack seeds
+    selections:
+      - {component: full}
+      - {component: layer, layers: [0, 1, 2, 3, 4, 5]}   # a list expands to one cell per layer
+      - {component: layer, layers: [[0, 1]]}             # a nested list is one combined cell
+    dp:                   # optional: the client runs a DP-SGD step (gilib.dp)
+      noise_multipliers: [0, 0.1, 0.5]
+      max_grad_norm: 1.0
+      readings: [raw, privatised]   # attack p.grad before or after the DP optimizer's pre_step()
+
+Each finished sentence appends one line to the output: the cell's settings,
+the dataset and row id, ROUGE-1/2/L, seconds and the git commit. Results
+keep dataset row ids, never the text of CoLA, SST-2 or Rotten Tomatoes;
+only for the bundled sample (our own sentences) the reconstruction is kept.
+
+A run skips every (cell, dataset, row) already in the output, so a killed
+run resumes where it stopped and loses only the tasks in flight (at most
+``clients_per_task`` sentences per worker). Tasks run in worker processes
+through joblib, one torch thread each, and the parent alone writes the file.
+
+Command line::
+
+    python -m gilib.experiments run GRID.yaml --out data/results/NAME.jsonl [--jobs 2] [--device cpu]
+    python -m gilib.experiments summarize data/results/NAME.jsonl [--by component layers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pandas as pd
+import yaml
+
+from .data import load_split, repo_root, sample_batches
+
+SCORES = ("rouge1", "rouge2", "rougeL")
+CELL_FIELDS = ("model", "component", "layers", "objective", "seed", "steps")
+OWN_DATASETS = ("sample",)  # text we wrote: reconstructions may be stored
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: a model, a selection and attack settings.
+
+    Attributes:
+        model: a :func:`gilib.models.load_model` name.
+        component: a :data:`gilib.slicing.COMPONENTS` name.
+        layers: a layer index, a tuple of indices, or ``None``.
+        attack: :class:`~gilib.attack.AttackConfig` settings, as sorted pairs.
+    """
+
+    model: str
+    component: str
+    layers: int | tuple[int, ...] | None
+    attack: tuple[tuple[str, Any], ...]
+    dp: tuple[tuple[str, Any], ...] | None = None
+
+    def key(self) -> str:
+        """A canonical string that identifies the cell in a results file."""
+        return json.dumps(self.describe(), sort_keys=True)
+
+    def describe(self) -> dict:
+        """The cell as plain JSON values."""
+        layers = list(self.layers) if isinstance(self.layers, tuple) else self.layers
+        described = {"model": self.model, "component": self.component, "layers": layers, **dict(self.attack)}
+        if self.dp is not None:
+            described["dp"] = dict(self.dp)
+        return described
+
+
+@dataclass
+class Grid:
+    """A parsed grid file.
+
+    Attributes:
+        name: the grid's name.
+        cells: every combination of selection and attack seed.
+        datasets: ``(dataset, split)`` pairs.
+        sentences: sentences per dataset and cell.
+        sample_seed: seed of the sentence sample.
+        clients_per_task: sentences attacked together in one task.
+        source: the file's text, stored with the results.
+    """
+
+    name: str
+    cells: list[Cell]
+    datasets: list[tuple[str, str]]
+    sentences: int
+    sample_seed: int = 101
+    clients_per_task: int = 1
+    source: dict = field(default_factory=dict)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if a field is missing or malformed, naming the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No grid file at {path}; the grids of the book are in data/results/*.yaml.")
+    spec = yaml.safe_load(path.read_text()) or {}
+    return parse_grid(spec, name=path.stem)
+
+
+def parse_grid(spec: dict, name: str = "grid") -> Grid:
+    """Build a :class:`Grid` from a grid file's content (see the module docstring)."""
+    from .attack import AttackConfig
+    from .slicing import COMPONENTS
+
+    known = {"name", "model", "datasets", "split", "sentences", "sample_seed", "clients_per_task", "attack",
+             "seeds", "selections", "dp"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"Unknown grid field(s) {sorted(unknown)}; the fields are {sorted(known)}.")
+    if not spec.get("selections"):
+        raise ValueError("The grid has no 'selections': list at least one, e.g. {component: full}.")
+    attack = dict(spec.get("attack") or {})
+    try:
+        AttackConfig(**attack)
+    except TypeError as err:
+        raise ValueError(f"Bad 'attack' settings in the grid: {err}") from None
+    attack.setdefault("objective", "cos")
+    attack.setdefault("steps", AttackConfig.steps)
+    defences = _dp_settings(spec.get("dp"))
+    cells = []
+    for seed, defence in itertools.product(spec.get("seeds", [0]), defences):
+        for entry in spec["selections"]:
+            component = entry.get("component")
+            if component not in COMPONENTS:
+                raise ValueError(f"Unknown component {component!r} in the grid; choose one of: {', '.join(COMPONENTS)}.")
+            layer_list = entry.get("layers")
+            options = layer_list if isinstance(layer_list, list) else [layer_list]
+            for layers in options:
+                layers = tuple(layers) if isinstance(layers, list) else layers
+                settings = {**attack, "seed": int(seed)}
+                cells.append(Cell(spec.get("model", "minilm"), component, layers, tuple(sorted(settings.items())),
+                                  defence))
+    split = spec.get("split", "train")
+    datasets = [(d, split) if isinstance(d, str) else tuple(d) for d in spec.get("datasets", ["sample"])]
+    sentences = int(spec.get("sentences", 5))
+    if sentences < 1:
+        raise ValueError(f"'sentences' must be at least 1, got {sentences}.")
+    return Grid(
+        name=spec.get("name", name),
+        cells=cells,
+        datasets=datasets,
+        sentences=sentences,
+        sample_seed=int(spec.get("sample_seed", 101)),
+        clients_per_task=max(1, int(spec.get("clients_per_task", 1))),
+        source=spec,
+    )
+
+
+def _dp_settings(spec: dict | None) -> list[tuple[tuple[str, Any], ...] | None]:
+    """The DP settings of a grid's ``dp`` field, one per (noise, reading); ``[None]`` without it."""
+    if spec is None:
+        return [None]
+    unknown = set(spec) - {"noise_multipliers", "max_grad_norm", "readings"}
+    if unknown:
+        raise ValueError(f"Unknown 'dp' field(s) {sorted(unknown)}; use noise_multipliers, max_grad_norm, readings.")
+    readings = spec.get("readings", ["privatised"])
+    bad = [r for r in readings if r not in ("raw", "privatised")]
+    if bad:
+        raise ValueError(f"Unknown dp reading(s) {bad}: use 'raw' (p.grad after backward) or 'privatised'.")
+    noises = spec.get("noise_multipliers", [])
+    if not noises or any(float(n) < 0 for n in noises):
+        raise ValueError("'dp' needs noise_multipliers: a list of sigmas, each 0 or more.")
+    clip = float(spec.get("max_grad_norm", 1.0))
+    if clip <= 0:
+        raise ValueError(f"dp max_grad_norm must be positive, got {clip}.")
+    return [(("max_grad_norm", clip), ("noise_multiplier", float(n)), ("reading", r))
+            for n in noises for r in readings]
+
+
+def git_commit() -> str:
+    """The repository's commit (``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=repo_root(), capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """The lines of a results file; a line cut short by a killed run is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line of a run killed mid-write
+    return rows
+
+
+def _done_key(cell_key: str, dataset: str, split: str, row_id: int) -> tuple:
+    return (cell_key, dataset, split, int(row_id))
+
+
+def plan(grid: Grid, done: set[tuple] = frozenset()) -> list[tuple[Cell, str, str, list]]:
+    """The tasks still to run: ``(cell, dataset, split, examples)``, examples not yet in ``done``."""
+    tasks = []
+    for dataset, split in grid.datasets:
+        examples = load_split(dataset, split)
+        if len(examples) < grid.sentences:
+            raise ValueError(
+                f"{dataset}/{split} has {len(examples)} sentences, fewer than the grid's {grid.sentences}."
+            )
+        chosen = [b[0] for b in sample_batches(examples, grid.sentences, 1, seed=grid.sample_seed)]
+        # Fixed groups: client i of a group is seeded with seed + i, so a
+        # resumed run must group the sentences exactly as a fresh one does.
+        groups = [chosen[i : i + grid.clients_per_task] for i in range(0, len(chosen), grid.clients_per_task)]
+        for cell in grid.cells:
+            for group in groups:
+                if any(_done_key(cell.key(), dataset, split, ex.row_id) not in done for ex in group):
+                    tasks.append((cell, dataset, split, group))
+    return tasks
+
+
+@functools.lru_cache(maxsize=2)
+def _victim(name: str, device: str):
+    from .models import load_model
+
+    return load_model(name, seed=0, device=device)
+
+
+def run_task(cell: Cell, dataset: str, split: str, examples: list, device: str = "cpu", threads: int = 1) -> list[dict]:
+    """Attack a few sentences of one cell together; one result line per sentence.
+
+    The client side (the true sentence and its gradient) and the server side
+    (the attack, which gets only the shared update) meet only in the metrics.
+    """
+    import torch
+
+    from .attack import AttackConfig, SharedUpdate, attack_clients
+    from .dp import dp_client_gradients
+    from .metrics import rouge_scores
+    from .models import encode
+    from .slicing import client_gradient, select
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = _victim(cell.model, device)
+    selection = select(model, cell.component, list(cell.layers) if isinstance(cell.layers, tuple) else cell.layers)
+    updates, extras = [], []
+    for ex in examples:
+        true_batch = encode(tokenizer, ex.text, ex.label, device=device)
+        if cell.dp is None:
+            shared_grads, extra = client_gradient(model, selection, true_batch), {}
+        else:
+            settings = dict(cell.dp)
+            # The noise is seeded by the sentence, so it does not depend on how a run was split.
+            step = dp_client_gradients(model, selection, true_batch, noise_multiplier=settings["noise_multiplier"],
+                                       max_grad_norm=settings["max_grad_norm"],
+                                       seed=int(ex.row_id) + 100_003 * dict(cell.attack)["seed"])
+            shared_grads = step.raw if settings["reading"] == "raw" else step.privatised
+            extra = {"dp_cosine": step.cosine(), "clip_factor": min(1.0, settings["max_grad_norm"]
+                                                                    / float(step.per_example_norms[0]))}
+        updates.append(SharedUpdate(shared_grads, true_batch["labels"], true_batch["attention_mask"].sum(dim=1).tolist()))
+        extras.append(extra)
+    config = AttackConfig(**dict(cell.attack), progress=False)
+    results = attack_clients(model, tokenizer, updates, selection, config)
+    commit = git_commit()
+    lines = []
+    for ex, update, result, extra in zip(examples, updates, results, extras):
+        scores = rouge_scores(result.texts[0], ex.text)
+        line = {
+            "cell": cell.describe(),
+            "dataset": dataset,
+            "split": split,
+            "row_id": ex.row_id,
+            "tokens": int(update.lengths[0]),
+            "selection": selection.label,
+            "numel": selection.numel,
+            "fraction": selection.fraction,
+            **{k: scores[k] for k in SCORES},
+            "final_loss": result.final_loss,
+            **extra,
+            "seconds": result.seconds,
+            "device": device,
+            "commit": commit,
+        }
+        if dataset in OWN_DATASETS:
+            line["reconstruction"] = result.texts[0]
+            line["reference"] = ex.text
+        lines.append(line)
+    return lines
+
+
+def run_grid(
+    grid: Grid | str | Path,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    device: str = "cpu",
+    threads: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) a grid, appending one JSON line per attacked sentence to ``out``.
+
+    Args:
+        grid: a :class:`Grid` or the path of a grid file.
+        out: the results file (JSON lines); created with its folders.
+        jobs: worker processes (joblib); 1 runs in this process.
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: torch threads per worker (0: torch's default).
+        limit: stop after this many tasks (tests use it to simulate a kill).
+        progress: print one line per finished task.
+
+    Returns:
+        Every line of ``out`` after the run, old and new.
+    """
+    if not isinstance(grid, Grid):
+        grid = load_grid(grid)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {_done_key(json.dumps(r["cell"], sort_keys=True), r["dataset"], r["split"], r["row_id"])
+            for r in read_results(out)}
+    tasks = plan(grid, done)[:limit]
+    if progress:
+        print(f"{grid.name}: {len(grid.cells)} cells x {len(grid.datasets)} datasets x {grid.sentences} sentences; "
+              f"{len(done)} done, {sum(len(t[3]) for t in tasks)} to run in {len(tasks)} tasks", file=sys.stderr)
+    if tasks:
+        # Drop a partial last line left by a killed run, so that appends start on a fresh line.
+        if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
+            out.write_text("".join(json.dumps(r) + "\n" for r in read_results(out)))
+        start = time.perf_counter()
+        for i, lines in enumerate(_execute(tasks, jobs, device, threads), 1):
+            fresh = [l for l in lines if _done_key(json.dumps(l["cell"], sort_keys=True), l["dataset"], l["split"],
+                                                   l["row_id"]) not in done]
+            with out.open("a") as f:  # one write per finished task: a kill loses only tasks in flight
+                f.write("".join(json.dumps(line) + "\n" for line in fresh))
+            if progress:
+                cell = lines[0]["cell"]
+                print(f"[{i}/{len(tasks)} {time.perf_counter() - start:6.0f}s] {cell['component']} {cell['layers']} "
+                      f"{lines[0]['dataset']}: ROUGE-1 " + " ".join(f"{l['rouge1']:.2f}" for l in lines),
+                      file=sys.stderr)
+    return read_results(out)
+
+
+def _execute(tasks, jobs: int, device: str, threads: int) -> Iterator[list[dict]]:
+    if jobs == 1:
+        for cell, dataset, split, examples in tasks:
+            yield run_task(cell, dataset, split, examples, device, threads)
+        return
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=jobs, return_as="generator_unordered")
+    yield from parallel(delayed(run_task)(c, d, s, ex, device, threads) for c, d, s, ex in tasks)
+
+
+def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:
+    """Mean, standard deviation and count of the scores, per group.
+
+    Args:
+        rows: result lines, or the path of a results file.
+        by: cell fields (``model``, ``component``, ``layers``, ``seed``, ...)
+            and/or ``dataset`` to group by.
+
+    Returns:
+        One row per group: ``<score>``, ``<score>_std``, ``n``, ``seconds``,
+        and the selection's share of parameters.
+    """
+    if isinstance(rows, (str, Path)):
+        rows = read_results(rows)
+    flat = []
+    for r in rows:
+        cell = dict(r["cell"])
+        cell.update(cell.pop("dp", None) or {})  # noise_multiplier, max_grad_norm, reading
+        if isinstance(cell.get("layers"), list):
+            cell["layers"] = "+".join(str(i) for i in cell["layers"])
+        flat.append({**cell, **{k: v for k, v in r.items() if k != "cell"}})
+    if not flat:
+        raise ValueError("No results to summarize: run the grid first (python -m gilib.experiments run ...).")
+    df = pd.DataFrame(flat)
+    by = list(by)
+    missing = [b for b in by if b not in df.columns]
+    if missing:
+        raise ValueError(f"Cannot group by {missing}; the results have {sorted(df.columns)}.")
+    df["layers"] = df["layers"].astype(object).where(df["layers"].notna(), "all")
+    grouped = df.groupby(by, sort=False, dropna=False)
+    table = grouped[list(SCORES)].mean()
+    for score in SCORES:
+        table[f"{score}_std"] = grouped[score].std(ddof=1).fillna(0.0)
+    table["n"] = grouped.size()
+    table["seconds"] = grouped["seconds"].mean()
+    table["fraction"] = grouped["fraction"].mean()
+    if "dp_cosine" in df.columns:  # DP cells: how much of the raw direction survived privatisation
+        table["dp_cosine"] = grouped["dp_cosine"].mean()
+    return table.reset_index().sort_values(by, key=lambda column: column.map(_natural)).reset_index(drop=True)
+
+
+def _natural(value: Any) -> str:
+    """A sort key that puts layer 2 before layer 10 and single layers before combinations."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"0{float(value):012.4f}"
+    return f"1{value}"
+
+
+def markdown_table(table: pd.DataFrame, by: Iterable[str] = ("component", "layers")) -> str:
+    """A summary as a Markdown table: the groups, share of parameters, ROUGE-1/2 (mean ± sd), n."""
+    by = list(by)
+    lines = ["| " + " | ".join(by) + " | share of parameters | ROUGE-1 | ROUGE-2 | sentences |",
+             "| " + " | ".join("---" for _ in range(len(by) + 4)) + " |"]
+    for _, row in table.iterrows():
+        cells = [str(row[b]) for b in by] + [
+            f"{100 * row['fraction']:.2f} %",
+            f"{row['rouge1']:.2f} ± {row['rouge1_std']:.2f}",
+            f"{row['rouge2']:.2f} ± {row['rouge2_std']:.2f}",
+            str(int(row["n"])),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gilib.experiments", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run or resume a grid")
+    run.add_argument("grid", type=Path)
+    run.add_argument("--out", type=Path, required=True, help="results file (JSON lines)")
+    run.add_argument("--jobs", type=int, default=1, help="worker processes")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per worker (0: default)")
+    run.add_argument("--device", default="cpu")
+    summ = sub.add_parser("summarize", help="mean and spread per group")
+    summ.add_argument("results", type=Path)
+    summ.add_argument("--by", nargs="+", default=["component", "layers"])
+    summ.add_argument("--where", nargs="+", default=[], metavar="FIELD=VALUE",
+                      help="keep only groups whose field has this value, e.g. layers=0")
+    summ.add_argument("--markdown", action="store_true",
+                      help="print the README's table: selection, share of parameters, ROUGE-1, ROUGE-2 (mean ± sd)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            run_grid(args.grid, args.out, jobs=args.jobs, device=args.device, threads=args.threads)
+        else:
+            table = summarize(args.results, by=args.by)
+            for condition in args.where:
+                field_name, _, value = condition.partition("=")
+                if field_name not in table.columns:
+                    raise ValueError(f"Cannot filter on {field_name!r}; the summary has {list(table.columns)}.")
+                table = table[table[field_name].astype(str) == value]
+            if args.markdown:
+                print(markdown_table(table, by=args.by))
+            else:
+                with pd.option_context("display.width", 200, "display.max_rows", 500):
+                    print(table.round(3).to_string(index=False))
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so that worker processes unpickle
+    # gilib.experiments.Cell rather than a class of __main__.
+    from gilib.experiments import main as _main
+
+    _main()
