@@ -107,9 +107,9 @@ def _private(module: torch.nn.Module, dataset, batch_size: int, noise_multiplier
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     optimizer = torch.optim.SGD(module.parameters(), lr=lr)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG; seeded noise is what reproducibility needs
+        engine = PrivacyEngine(accountant="rdp")
         return engine.make_private(
             module=module,
             optimizer=optimizer,
@@ -236,14 +236,17 @@ def dp_finetune(
     lr: float = 5e-4,
     max_tokens: int = 64,
     delta: float | None = None,
+    trainable: str = "all",
     seed: int = 0,
 ) -> Utility:
     """Fine-tune a copy of ``model`` with DP-SGD and measure it on held-out examples.
 
     Poisson-sampled batches of expected size ``batch_size`` from ``train``,
-    per-example clipping at ``C`` over all trainable parameters except the
-    word-embedding table (frozen, as is usual for DP fine-tuning), Gaussian
-    noise ``sigma * C``, Adam's update on the privatised gradient.
+    per-example clipping at ``C`` over all trainable parameters, Gaussian
+    noise ``sigma * C``, Adam's update on the privatised gradient. The
+    word-embedding table is frozen, as is usual for DP fine-tuning;
+    ``trainable="top"`` also freezes every encoder layer but the last, which
+    makes a CPU run several times cheaper.
 
     Args:
         model: the starting model (left unchanged).
@@ -257,6 +260,8 @@ def dp_finetune(
         lr: Adam's learning rate.
         max_tokens: sentences are cut to this many tokens.
         delta: for epsilon; default ``1 / len(train)``.
+        trainable: ``"all"`` (every parameter but the word embeddings) or
+            ``"top"`` (last encoder layer, pooler and classifier).
         seed: seeds sampling, noise and the data order.
 
     Returns:
@@ -271,10 +276,16 @@ def dp_finetune(
         raise ValueError(f"Need at least batch_size={batch_size} training examples, got {len(train)}.")
     start = time.perf_counter()
     torch.manual_seed(seed)
+    if trainable not in ("all", "top"):
+        raise ValueError(f"trainable must be 'all' or 'top', got {trainable!r}.")
     client = copy.deepcopy(model)
     client.train()
+    last = f"encoder.layer.{client.config.num_hidden_layers - 1}."
     for name, p in client.named_parameters():
-        p.requires_grad_(not name.endswith("word_embeddings.weight"))
+        if trainable == "all":
+            p.requires_grad_(not name.endswith("word_embeddings.weight"))
+        else:  # the last encoder layer, the pooler and the classifier
+            p.requires_grad_(last in name or ".pooler." in name or name.startswith("classifier."))
 
     def tensors(examples):
         enc = tokenizer([e.text for e in examples], padding="max_length", truncation=True, max_length=max_tokens,
@@ -286,9 +297,9 @@ def dp_finetune(
                                          generator=torch.Generator().manual_seed(seed))
     trainable = [p for p in client.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # the secure-RNG notice: seeded noise is what reproducibility needs
+        engine = PrivacyEngine(accountant="rdp")
         wrapped, optimizer, loader = engine.make_private(
             module=client, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, poisson_sampling=True,
@@ -301,7 +312,8 @@ def dp_finetune(
                 break
             optimizer.zero_grad(set_to_none=True)
             if len(batch_labels):  # Poisson sampling can draw an empty batch: Opacus then skips it
-                inputs = batch_inputs({"input_ids": batch_ids, "attention_mask": batch_mask})
+                width = int(batch_mask.sum(dim=1).max())  # pad to the batch's longest sentence only
+                inputs = batch_inputs({"input_ids": batch_ids[:, :width], "attention_mask": batch_mask[:, :width]})
                 wrapped(**inputs, labels=batch_labels).loss.backward()
             optimizer.step()
             taken += 1
@@ -312,7 +324,9 @@ def dp_finetune(
     ids, mask, held_labels = tensors(held_out)
     with torch.no_grad():
         for i in range(0, len(ids), 128):
-            logits = client(**batch_inputs({"input_ids": ids[i:i + 128], "attention_mask": mask[i:i + 128]})).logits
+            width = int(mask[i:i + 128].sum(dim=1).max())
+            logits = client(**batch_inputs({"input_ids": ids[i:i + 128, :width],
+                                            "attention_mask": mask[i:i + 128, :width]})).logits
             predictions += logits.argmax(dim=-1).tolist()
     accuracy = float(np.mean(np.asarray(predictions) == held_labels.numpy()))
     return Utility(accuracy, matthews(predictions, held_labels.tolist()), eps, taken,
@@ -333,6 +347,7 @@ def utility_sweep(
     batch_size: int = 32,
     lr: float = 5e-4,
     max_grad_norm: float = 1.0,
+    trainable: str = "all",
     seed: int = 0,
     jobs: int = 1,
 ) -> list[dict]:
@@ -350,7 +365,7 @@ def utility_sweep(
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = dict(model=model_name, dataset=dataset, train_split=train_split, eval_split=eval_split,
                     train_size=train_size, eval_size=eval_size, steps=steps, batch_size=batch_size, lr=lr,
-                    max_grad_norm=max_grad_norm, seed=seed)
+                    max_grad_norm=max_grad_norm, trainable=trainable, seed=seed)
     done = []
     if out.exists():
         done = [json.loads(line) for line in out.read_text().splitlines() if line.strip().endswith("}")]
@@ -371,7 +386,7 @@ def utility_sweep(
         torch.set_num_threads(1)
         model, tokenizer = load_model(model_name, seed=seed)
         result = dp_finetune(model, tokenizer, train, held_out, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                             steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+                             steps=steps, batch_size=batch_size, lr=lr, trainable=trainable, seed=seed)
         return {"settings": settings, "noise_multiplier": sigma, "accuracy": result.accuracy, "mcc": result.mcc,
                 "epsilon": result.epsilon, "delta": 1 / len(train), "sample_rate": batch_size / len(train),
                 "steps": result.steps, "train_examples": len(train), "eval_examples": len(held_out),
@@ -407,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     util.add_argument("--batch-size", type=int, default=32)
     util.add_argument("--lr", type=float, default=5e-4)
     util.add_argument("--clip", type=float, default=1.0)
+    util.add_argument("--trainable", choices=["all", "top"], default="all",
+                      help="all parameters but the word embeddings, or the last layer + pooler + classifier")
     util.add_argument("--seed", type=int, default=0)
     util.add_argument("--jobs", type=int, default=1)
     util.add_argument("--out", required=True)
@@ -414,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         utility_sweep(args.dataset, args.sigmas, args.out, model_name=args.model, train_size=args.train_size,
                       eval_size=args.eval_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      max_grad_norm=args.clip, seed=args.seed, jobs=args.jobs)
+                      max_grad_norm=args.clip, trainable=args.trainable, seed=args.seed, jobs=args.jobs)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
 

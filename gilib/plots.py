@@ -277,6 +277,8 @@ def heatmap(
     row_order: Sequence | None = None,
     col_order: Sequence | None = None,
     fmt: str = ".2f",
+    xlabel: str | None = None,
+    ylabel: str | None = None,
 ) -> Axes:
     """A ``rows`` x ``cols`` grid of one score, annotated with its values.
 
@@ -291,6 +293,8 @@ def heatmap(
         row_order: order of the rows (default: first appearance).
         col_order: order of the columns (default: first appearance).
         fmt: number format of the annotations.
+        xlabel: x label (default: ``cols``).
+        ylabel: y label (default: ``rows``).
 
     Returns:
         The Axes drawn on.
@@ -310,7 +314,8 @@ def heatmap(
     sns.heatmap(grid.astype(float), ax=ax, annot=True, fmt=fmt, vmin=0, vmax=1, cmap="viridis",
                 cbar_kws={"label": _metric_label(value)}, linewidths=0.5)
     ax.tick_params(axis="y", rotation=0)
-    return _finish(ax, xlabel=cols, ylabel=rows, title=title)
+    ax.grid(False)
+    return _finish(ax, xlabel=xlabel or cols, ylabel=ylabel or rows, title=title)
 
 
 def noise_curves(

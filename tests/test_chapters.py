@@ -36,3 +36,32 @@ def test_chapter1_full_model_inversion(tmp_path):
     assert sorted(reconstructions) == sorted(f"{o}/{i}" for o in ("l2", "tag", "cos") for i in (0, 1))
     assert all(text.strip() for text in reconstructions.values())
     assert records["ms_per_step_cos"] > 0
+
+
+@pytest.mark.slow
+def test_chapter2_single_layer(tmp_path):
+    records = run_chapter("02_single_layer.ipynb", tmp_path)
+    layers = records["layer_rouge1"]
+    assert sorted(layers) == [str(i) for i in range(6)]  # every layer of MiniLM, from the cached grid
+    assert all(0.0 <= v <= 1.0 for v in layers.values())
+    assert records["best_layer_rouge1"] == max(layers.values())
+    assert records["worst_layer_rouge1"] == min(layers.values())
+    assert records["n_sentences"] >= 15  # at least 5 per dataset, three datasets
+    # One layer is a sixth of MiniLM's encoder: 7.8 % of all its parameters.
+    assert records["layer_share_pct"] == pytest.approx(7.8, abs=0.1)
+    # The full-model attack leaks most of the words (ROUGE-1 above 0.5).
+    assert records["full_rouge1"] > 0.5
+    assert sorted(records["live_rouge1"]) and all(0 <= v <= 1 for v in records["live_rouge1"].values())
+
+
+@pytest.mark.slow
+def test_chapter3_single_linear_component(tmp_path):
+    records = run_chapter("03_single_linear_component.ipynb", tmp_path)
+    assert records["bert_base_query_share_pct"] == 0.54  # the paper's figure
+    assert records["query0_share_pct"] == pytest.approx(0.65, abs=0.01)  # 384 x 384 of MiniLM's 22.7 M
+    components = records["component_rouge1"]
+    assert len(components) == 6 and all(0.0 <= v <= 1.0 for v in components.values())
+    assert records["best_cell_rouge1"] >= records["query0_rouge1"] >= records["worst_cell_rouge1"]
+    assert records["n_sentences"] >= 15
+    assert sorted(records["live_rouge1"]) == sorted(components)
+
