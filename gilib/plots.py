@@ -368,5 +368,7 @@ def noise_curves(
     positive = table[x][table[x] > 0]
     if len(positive):
         ax.set_xscale("symlog", linthresh=float(positive.min()))
-    return _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title,
-                   legend=True)
+    ax.set_xlim(left=0)
+    _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)  # below: lines start at the top
+    return ax
