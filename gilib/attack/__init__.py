@@ -5,11 +5,16 @@
   several clients at once.
 * :mod:`~gilib.attack.priors`: language-model priors for its reordering
   rounds (an offline n-gram model, or GPT-2).
+* :func:`span_attack`: exact recovery at batch size 1 from a layer-0
+  query, key or value weight gradient (the row-space check).
+* :mod:`~gilib.attack.ghost`: the fast path's gradient distances from
+  per-token activations.
 """
 
 from .objectives import OBJECTIVES, GradientMatcher, Target, gradient_distance
 from .optimization import AttackConfig, AttackResult, Prior, SharedUpdate, attack_clients, optimization_attack
 from .priors import GPT2Prior, NgramPrior, offline_prior, prior_from_examples
+from .span import RowSpace, row_space, span_attack
 from .tokens import TokenSpace
 
 __all__ = [
@@ -28,4 +33,7 @@ __all__ = [
     "TokenSpace",
     "gradient_distance",
     "optimization_attack",
+    "RowSpace",
+    "row_space",
+    "span_attack",
 ]
