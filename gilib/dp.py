@@ -101,14 +101,13 @@ def _check_dp_settings(noise_multiplier: float, max_grad_norm: float) -> None:
         raise ValueError(f"max_grad_norm (C) must be positive, got {max_grad_norm}.")
 
 
-def _private(module: torch.nn.Module, dataset, batch_size: int, noise_multiplier: float, max_grad_norm: float,
-             seed: int, lr: float, poisson: bool):
+def _make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, noise_multiplier: float,
+                  max_grad_norm: float, seed: int, poisson: bool):
+    """Opacus's ``make_private`` with seeded noise: ``(wrapped module, DP optimizer, loader)``."""
     from opacus import PrivacyEngine
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    optimizer = torch.optim.SGD(module.parameters(), lr=lr)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure RNG; seeded noise is what reproducibility needs
+        warnings.simplefilter("ignore")  # the secure-RNG notice: seeded noise is what reproducibility needs
         engine = PrivacyEngine(accountant="rdp")
         return engine.make_private(
             module=module,
@@ -118,7 +117,15 @@ def _private(module: torch.nn.Module, dataset, batch_size: int, noise_multiplier
             max_grad_norm=max_grad_norm,
             poisson_sampling=poisson,
             noise_generator=torch.Generator().manual_seed(seed),
-        ) + (engine,)
+        )
+
+
+def _private(module: torch.nn.Module, dataset, batch_size: int, noise_multiplier: float, max_grad_norm: float,
+             seed: int, lr: float, poisson: bool):
+    """A DP-SGD (plain SGD) client over ``dataset``: ``(wrapped module, DP optimizer, loader)``."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+    return _make_private(module, optimizer, loader, noise_multiplier, max_grad_norm, seed, poisson)
 
 
 def dp_client_gradients(
@@ -155,8 +162,8 @@ def dp_client_gradients(
     inputs = batch_inputs(true_batch)
     labels = true_batch["labels"]
     dataset = torch.utils.data.TensorDataset(*inputs.values(), labels)
-    wrapped, optimizer, _, _ = _private(client, dataset, len(labels), noise_multiplier, max_grad_norm, seed,
-                                        lr=0.0, poisson=False)
+    wrapped, optimizer, _ = _private(client, dataset, len(labels), noise_multiplier, max_grad_norm, seed,
+                                     lr=0.0, poisson=False)
     optimizer.zero_grad(set_to_none=True)
     wrapped(**inputs, labels=labels).loss.backward()
     named = dict(client.named_parameters())
@@ -269,8 +276,6 @@ def dp_finetune(
     """
     import time
 
-    from opacus import PrivacyEngine
-
     _check_dp_settings(noise_multiplier, max_grad_norm)
     if len(train) < batch_size:
         raise ValueError(f"Need at least batch_size={batch_size} training examples, got {len(train)}.")
@@ -297,14 +302,8 @@ def dp_finetune(
                                          generator=torch.Generator().manual_seed(seed))
     trainable = [p for p in client.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the secure-RNG notice: seeded noise is what reproducibility needs
-        engine = PrivacyEngine(accountant="rdp")
-        wrapped, optimizer, loader = engine.make_private(
-            module=client, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
-        )
+    wrapped, optimizer, loader = _make_private(client, optimizer, loader, noise_multiplier, max_grad_norm,
+                                               seed=seed + 1, poisson=True)
     taken = 0
     while taken < steps:
         for batch_ids, batch_mask, batch_labels in loader:
@@ -360,15 +359,14 @@ def utility_sweep(
     from pathlib import Path
 
     from .data import load_split
+    from .experiments import read_results
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = dict(model=model_name, dataset=dataset, train_split=train_split, eval_split=eval_split,
                     train_size=train_size, eval_size=eval_size, steps=steps, batch_size=batch_size, lr=lr,
                     max_grad_norm=max_grad_norm, trainable=trainable, seed=seed)
-    done = []
-    if out.exists():
-        done = [json.loads(line) for line in out.read_text().splitlines() if line.strip().endswith("}")]
+    done = read_results(out)
     have = {(json.dumps(r["settings"], sort_keys=True), r["noise_multiplier"]) for r in done}
     todo = [float(s) for s in noise_multipliers if (json.dumps(settings, sort_keys=True), float(s)) not in have]
     train = list(load_split(dataset, train_split))
@@ -403,7 +401,7 @@ def utility_sweep(
             f.write(json.dumps(line) + "\n")
         print(f"sigma {line['noise_multiplier']}: accuracy {line['accuracy']:.3f}, MCC {line['mcc']:.3f}, "
               f"epsilon {line['epsilon']:.3g}, {line['seconds']:.0f} s")
-    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return read_results(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -231,6 +231,11 @@ def _done_key(cell_key: str, dataset: str, split: str, row_id: int) -> tuple:
     return (cell_key, dataset, split, int(row_id))
 
 
+def _line_key(line: dict) -> tuple:
+    """The :func:`_done_key` of a result line."""
+    return _done_key(json.dumps(line["cell"], sort_keys=True), line["dataset"], line["split"], line["row_id"])
+
+
 def plan(grid: Grid, done: set[tuple] = frozenset()) -> list[tuple[Cell, str, str, list]]:
     """The tasks still to run: ``(cell, dataset, split, examples)``, examples not yet in ``done``."""
     tasks = []
@@ -349,8 +354,8 @@ def run_grid(
         grid = load_grid(grid)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {_done_key(json.dumps(r["cell"], sort_keys=True), r["dataset"], r["split"], r["row_id"])
-            for r in read_results(out)}
+    existing = read_results(out)
+    done = {_line_key(r) for r in existing}
     tasks = plan(grid, done)[:limit]
     if progress:
         print(f"{grid.name}: {len(grid.cells)} cells x {len(grid.datasets)} datasets x {grid.sentences} sentences; "
@@ -358,11 +363,10 @@ def run_grid(
     if tasks:
         # Drop a partial last line left by a killed run, so that appends start on a fresh line.
         if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
-            out.write_text("".join(json.dumps(r) + "\n" for r in read_results(out)))
+            out.write_text("".join(json.dumps(r) + "\n" for r in existing))
         start = time.perf_counter()
         for i, lines in enumerate(_execute(tasks, jobs, device, threads), 1):
-            fresh = [l for l in lines if _done_key(json.dumps(l["cell"], sort_keys=True), l["dataset"], l["split"],
-                                                   l["row_id"]) not in done]
+            fresh = [line for line in lines if _line_key(line) not in done]
             with out.open("a") as f:  # one write per finished task: a kill loses only tasks in flight
                 f.write("".join(json.dumps(line) + "\n" for line in fresh))
             if progress:

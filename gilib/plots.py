@@ -107,15 +107,21 @@ def _finish(
     xlabel: str,
     ylabel: str,
     title: str | None = None,
-    legend: bool = False,
+    legend: bool | str = False,
     legend_title: str | None = None,
 ) -> Axes:
-    """Label the axes, add the title and (optionally) the legend."""
+    """Label the axes, add the title and (optionally) the legend.
+
+    ``legend="below"`` puts it under the axes, in two columns, for figures
+    whose data reach the top of the plot.
+    """
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title is not None:
         ax.set_title(title)
-    if legend:
+    if legend == "below":
+        ax.legend(title=legend_title, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    elif legend:
         ax.legend(title=legend_title, frameon=False)
     return ax
 
@@ -260,10 +266,8 @@ def layer_bars(
             if metric in baseline:
                 ax.axhline(float(baseline[metric]), color=_color(k), linestyle="--", linewidth=1.2,
                            label=f"{baseline_label}, {_metric_label(metric)}")
-    _finish(ax, xlabel="encoder layer attacked", ylabel="ROUGE F1", title=title)
     # Below the axes: error bars reach the top of the plot.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    return ax
+    return _finish(ax, xlabel="encoder layer attacked", ylabel="ROUGE F1", title=title, legend="below")
 
 
 def heatmap(
@@ -369,6 +373,6 @@ def noise_curves(
     if len(positive):
         ax.set_xscale("symlog", linthresh=float(positive.min()))
     ax.set_xlim(left=0)
-    _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)  # below: lines start at the top
-    return ax
+    # Below the axes: the lines start at the top of the plot.
+    return _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title,
+                   legend="below")

@@ -59,7 +59,7 @@ def test_the_privatised_gradient_is_what_the_dp_optimizer_applies(client):
     twin = dp._without_dropout(copy.deepcopy(model))
     inputs = dp.batch_inputs(batch)
     dataset = torch.utils.data.TensorDataset(*inputs.values(), batch["labels"])
-    wrapped, optimizer, _, _ = dp._private(twin, dataset, 3, 0.3, 1.0, seed=7, lr=1.0, poisson=False)
+    wrapped, optimizer, _ = dp._private(twin, dataset, 3, 0.3, 1.0, seed=7, lr=1.0, poisson=False)
     before = [p.detach().clone() for p in selection.parameters(twin)]
     wrapped(**inputs, labels=batch["labels"]).loss.backward()
     optimizer.step()

@@ -109,11 +109,11 @@ class GhostMatcher:
         owners = _owners(model, self.names)
         # Each module is hooked once, whatever number of its parameters is selected.
         self._modules: dict[int, torch.nn.Module] = {}
-        self._params: list[tuple[str, int, str]] = []  # (name, module key, attribute)
+        self._params: list[tuple[int, str]] = []  # (module key, attribute), one per name
         for name in self.names:
             module, attr = owners[name]
             self._modules[id(module)] = module
-            self._params.append((name, id(module), attr))
+            self._params.append((id(module), attr))
 
     # ------------------------------------------------------------------ forward
 
@@ -181,7 +181,7 @@ class GhostMatcher:
             delta = {key: d if d is not None else torch.zeros_like(o) for key, d, o in zip(keys, deltas, outputs)}
 
             total = embeds.new_zeros(k)
-            for (name, key, attr), shared in zip(self._params, target.shared_grads):
+            for (key, attr), shared in zip(self._params, target.shared_grads):
                 module = self._modules[key]
                 inp, out_delta = captured[key][0], delta[key]
                 dot, norm2 = self._dot_and_norm(module, attr, inp, out_delta, shared, k, per_candidate_target)

@@ -390,11 +390,16 @@ class _Engine:
         """Reconstruction loss plus LAMP's embedding-norm regulariser, for one client."""
         embeds = torch.where(free[..., None], x, fixed)
         rec = self.matcher.loss(embeds, target)
-        # Mean norm over the free positions, written without boolean
-        # indexing so that vmap can trace it.
-        mean_norm = (embeds.norm(dim=-1) * free).sum() / free.sum()
-        reg = (mean_norm - self.space.mean_norm).square()
-        return rec + self.cfg.reg_weight * reg, rec
+        return rec + self.cfg.reg_weight * self._norm_regulariser(embeds, free), rec
+
+    def _norm_regulariser(self, embeds: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        """LAMP's ``(mean_i ||x_i|| - mean_v ||e_v||)^2`` over the free positions of ``(..., B, T, d)``.
+
+        One value per leading index (per client). Written without boolean
+        indexing so that vmap can trace it.
+        """
+        mean_norm = (embeds.norm(dim=-1) * free).flatten(-2).sum(-1) / free.flatten(-2).sum(-1)
+        return (mean_norm - self.space.mean_norm).square()
 
     def step_gradients(self, x, layouts, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of every client's objective with respect to its embeddings.
@@ -432,8 +437,7 @@ class _Engine:
         x = x.detach().requires_grad_(True)
         embeds = torch.where(free[..., None], x, fixed)
         rec = self.fast.losses(embeds, target, per_candidate_target=True, create_graph=True)
-        mean_norm = (embeds.norm(dim=-1) * free).flatten(1).sum(1) / free.flatten(1).sum(1)
-        reg = (mean_norm - self.space.mean_norm).square()
+        reg = self._norm_regulariser(embeds, free)
         # Clients are independent, so the gradient of the sum is each client's own.
         (grads,) = torch.autograd.grad((rec + self.cfg.reg_weight * reg).sum(), x)
         return grads, rec.detach()
@@ -548,6 +552,7 @@ def _auto_chunk(selected_numel: int, width: int, dim: int) -> int:
     """
     per_candidate = selected_numel + 64 * width * dim  # gradient + a rough share of activations
     return int(max(1, min(128, 2**26 // per_candidate)))
+
 
 def _ghost_chunk(config, batch: int, width: int) -> int:
     """Candidates per ghost-scoring call: activations of about 256 MiB in all.
