@@ -117,6 +117,14 @@ def test_dp_finetune_runs_the_steps_it_is_asked_for(tiny):
     assert 0 < result.epsilon < math.inf
 
 
+def test_dp_finetune_refuses_an_unknown_trainable_part(tiny):
+    model, tokenizer = tiny
+    examples = load_split("sample")
+    with pytest.raises(ValueError, match="trainable must be 'all' or 'top'"):
+        dp.dp_finetune(model, tokenizer, examples[:40], examples[40:], noise_multiplier=1.0, steps=1,
+                       batch_size=8, trainable="middle")
+
+
 def test_matthews_correlation():
     assert dp.matthews([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0
     assert dp.matthews([0, 1, 0, 1], [1, 0, 1, 0]) == -1.0

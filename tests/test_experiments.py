@@ -90,6 +90,11 @@ def test_missing_grid_file_and_cli_errors(tmp_path, capsys):
         main(["summarize", str(tmp_path / "empty.jsonl")])
     assert exit_info.value.code == 2
     assert "No results to summarize" in capsys.readouterr().err
+    run_grid(parse_grid({**SPEC, "sentences": 1, "selections": [{"component": "full"}]}), tmp_path / "r.jsonl",
+             progress=False)
+    with pytest.raises(SystemExit):
+        main(["summarize", str(tmp_path / "r.jsonl"), "--where", "colour=red"])
+    assert "Cannot filter on 'colour'" in capsys.readouterr().err
 
 
 def test_results_keep_row_ids_not_dataset_text(tmp_path):
