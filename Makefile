@@ -2,6 +2,10 @@
 #   make book   build the HTML book on the offline default (fast mode)
 #   make test   run the test suite
 # Both start from nothing but Python: the first run creates .venv.
+# Also:
+#   make browser-test   the built book in headless Chromium (builds it if absent)
+#   make assignments    student copies of the chapters, without solutions
+#   make figures        redraw the README's figure
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +14,11 @@ STAMP  := $(VENV)/.installed
 # Chapters run in fast mode unless the caller says otherwise.
 export GILIB_FAST_MODE ?= 1
 
-.PHONY: book test bench bench-paper venv clean
+CHROMIUM := /usr/bin/chromium
+# apt-get needs root; elsewhere go through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: book test browser-test chromium assignments figures bench bench-paper venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +38,30 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The browser test of the built book (tests/test_browser.py): every page in
+# headless Chromium, screenshots into _build/screenshots/. It tests the book
+# as last built; `make book browser-test` rebuilds it first.
+browser-test: $(STAMP) chromium _build/html/chapters/intro.html
+	GILIB_BROWSER_TEST=1 $(BIN)/python -m pytest tests/test_browser.py
+
+_build/html/chapters/intro.html:
+	$(MAKE) book
+
+# Debian's chromium, which the browser test drives through Playwright
+# (no browser download).
+chromium:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+	@$(CHROMIUM) --version 2>/dev/null | grep -i chromium
+
+# Student copies of every chapter, exercises kept, solutions removed.
+assignments: $(STAMP)
+	$(BIN)/python -m gilib.assignments --out _build/assignments
+
+# The README's figure, drawn by gilib.plots.threat_model.
+figures: $(STAMP)
+	$(BIN)/python -m gilib.book threat-model docs/threat_model.png
 
 # Figures, never assertions. The comparison runs the reference's setting
 # (500 steps, 500 starts) on five CoLA sentences: about half an hour on 2 cores.

@@ -29,7 +29,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves"]
+__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "threat_model"]
 
 PALETTE: list[str] = sns.color_palette("colorblind").as_hex()
 """Series colours, in order: seaborn's ten-colour "colorblind" palette."""
@@ -376,3 +376,63 @@ def noise_curves(
     # Below the axes: the lines start at the top of the plot.
     return _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title,
                    legend="below")
+
+
+def threat_model(ax: Axes | None = None, *, title: str | None = None) -> Axes:
+    """The book's threat model as a diagram: what the client sends, what the server rebuilds.
+
+    A client computes the gradient of its loss on a private sentence and
+    shares part of it (every parameter, one layer, one linear weight;
+    optionally privatised by DP-SGD); an honest-but-curious server that
+    knows the model searches for a sentence with the same gradient. The
+    one figure of the book without data axes: its axes are switched off.
+
+    Args:
+        ax: Axes to draw on; a new 10 x 3.9 inch figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+    """
+    ax = _get_ax(ax, figsize=(10.0, 3.9))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0.3, 4.2)
+    ax.axis("off")
+    client, server, channel, neutral = _color(0), _color(1), _color(2), "#555555"
+
+    def box(x, y, text, color, *, weight="normal"):
+        ax.text(x, y, text, ha="center", va="center", fontsize=10, fontweight=weight, linespacing=1.5,
+                bbox=dict(boxstyle="round,pad=0.5", facecolor=color + "22", edgecolor=color, linewidth=1.4))
+
+    def arrow(start, end, color, style="-|>"):
+        ax.annotate("", xy=end, xytext=start,
+                    arrowprops=dict(arrowstyle=style, color=color, linewidth=1.6, shrinkA=0, shrinkB=0))
+
+    ax.text(1.6, 4.0, "client (victim)", ha="center", fontsize=11, fontweight="bold", color=client)
+    ax.text(8.4, 4.0, "server (attacker)", ha="center", fontsize=11, fontweight="bold", color=server)
+    # Client: private data and its gradient.
+    box(1.6, 3.25, "private sentence $x$, label $y$", client)
+    arrow((1.6, 2.95), (1.6, 2.45), client)
+    ax.text(1.7, 2.7, "shared model $\\theta$", fontsize=9, color=client, va="center")
+    box(1.6, 2.0, "gradient of its loss\n$g = \\nabla_\\theta\\, \\mathcal{L}(f_\\theta(x), y)$", client)
+    # Channel: what leaves the client, and the defence on the way.
+    arrow((2.65, 2.0), (3.8, 2.0), channel)
+    box(5.0, 2.0, "part of $g$ is sent:\nall parameters (ch. 1)\none layer (ch. 2)\none linear weight (ch. 3)",
+        channel)
+    box(5.0, 3.45, "defence: DP-SGD clips $g$ and\nadds noise before sending (ch. 4)", neutral)
+    arrow((5.0, 3.05), (5.0, 2.82), neutral)
+    arrow((6.2, 2.0), (7.3, 2.0), channel)
+    # Server: what it knows, the search, the result.
+    box(8.4, 3.25, "knows $\\theta$, the label, the length", server)
+    arrow((8.4, 2.95), (8.4, 2.45), server)
+    box(8.4, 2.0, "searches for $\\hat x$ with\n$\\nabla_\\theta\\, \\mathcal{L}(f_\\theta(\\hat x), y) \\approx g$", server)
+    arrow((8.4, 1.55), (8.4, 1.0), server)
+    box(8.4, 0.7, "reconstruction $\\hat x$", server, weight="bold")
+    # Only the book, never the attacker, compares the two.
+    ax.plot([1.6, 1.6, 7.2], [1.6, 0.7, 0.7], color=neutral, linewidth=1.2, linestyle="--")
+    arrow((7.15, 0.7), (7.35, 0.7), neutral)
+    ax.text(4.4, 0.82, "the book scores $\\hat x$ against $x$ (ROUGE); the attacker never sees $x$",
+            ha="center", va="bottom", fontsize=9, color=neutral)
+    if title is not None:
+        ax.set_title(title)
+    return ax
