@@ -32,6 +32,11 @@ from urllib.parse import unquote, urldefrag, urlparse
 import pytest
 import yaml
 
+try:
+    from playwright.sync_api import Error as PlaywrightError
+except ImportError:  # pragma: no cover - installed by make; the tests skip without it anyway
+    PlaywrightError = Exception
+
 ROOT = Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
 EXECUTED = ROOT / "_build" / "jupyter_execute"
@@ -137,6 +142,40 @@ _COLLECT = """() => {
 }"""
 
 
+def _watch(page, server: str) -> dict[str, list[str]]:
+    """Record what a page logs and requests; let only loopback requests (and the badge) through."""
+    seen: dict[str, list[str]] = {"console": [], "errors": [], "failed": [], "external": []}
+
+    def route(r):  # one parameter: Playwright passes (route, request) to a handler that takes two
+        url = r.request.url
+        if url.startswith(server):
+            r.continue_()
+        elif url == COLAB_BADGE:
+            r.fulfill(status=200, content_type="image/svg+xml", body=BADGE_STAND_IN)
+        else:
+            seen["external"].append(url)
+            r.abort()
+
+    def console(message):
+        if message.type == "error":
+            seen["console"].append(f"{message.text} ({message.location['url']})")
+
+    def failed(request):
+        if request.url.startswith(server):
+            seen["failed"].append(f"{request.url}: {request.failure}")
+
+    def response(reply):
+        if reply.status >= 400:
+            seen["failed"].append(f"{reply.url}: HTTP {reply.status}")
+
+    page.route("**/*", route)
+    page.on("console", console)
+    page.on("pageerror", lambda error: seen["errors"].append(str(error)))
+    page.on("requestfailed", failed)
+    page.on("response", response)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def visits(server, browser):
     """Load every page once; what each showed and logged."""
@@ -145,37 +184,23 @@ def visits(server, browser):
     for page_name in PAGES:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()
-        seen = {"console": [], "errors": [], "failed": [], "external": []}
-
-        def route(r, seen=seen):
-            url = r.request.url
-            if url.startswith(server):
-                r.continue_()
-            elif url == COLAB_BADGE:
-                r.fulfill(status=200, content_type="image/svg+xml", body=BADGE_STAND_IN)
-            else:
-                seen["external"].append(url)
-                r.abort()
-
-        page.route("**/*", route)
-        page.on("console", lambda m, seen=seen: seen["console"].append(f"{m.type}: {m.text} ({m.location})")
-                if m.type == "error" else None)
-        page.on("pageerror", lambda e, seen=seen: seen["errors"].append(str(e)))
-        page.on("requestfailed", lambda r, seen=seen: seen["failed"].append(f"{r.url}: {r.failure}")
-                if r.url.startswith(server) else None)
-        page.on("response", lambda r, seen=seen: seen["failed"].append(f"{r.url}: HTTP {r.status}")
-                if r.status >= 400 else None)
-        response = page.goto(f"{server}/{page_name}.html", wait_until="load", timeout=60_000)
-        page.wait_for_load_state("networkidle", timeout=60_000)
-        if page.evaluate("() => document.querySelectorAll('.math').length") and page.evaluate(
-            "() => !!window.MathJax"
-        ):
-            page.wait_for_function("() => window.MathJax.startup && window.MathJax.startup.promise", timeout=30_000)
-            page.evaluate("() => window.MathJax.startup.promise")
-        collected = page.evaluate(_COLLECT)
+        seen = _watch(page, server)
         shot = SCREENSHOTS / f"{page_name.replace('/', '__')}.png"
-        page.screenshot(path=str(shot), full_page=True)
-        results[page_name] = {"status": response.status if response else None, "shot": shot, **seen, **collected}
+        visit = {"status": None, "load_error": None, "shot": shot, "images": [], "links": [], "ids": [],
+                 "math": 0, "typeset": 0}
+        try:
+            response = page.goto(f"{server}/{page_name}.html", wait_until="load", timeout=60_000)
+            visit["status"] = response.status if response else None
+            page.wait_for_load_state("networkidle", timeout=60_000)
+            if page.evaluate("() => document.querySelectorAll('.math').length && !!window.MathJax"):
+                page.wait_for_function("() => window.MathJax.startup && window.MathJax.startup.promise",
+                                       timeout=30_000)
+                page.evaluate("() => window.MathJax.startup.promise")
+            visit.update(page.evaluate(_COLLECT))
+            page.screenshot(path=str(shot), full_page=True)
+        except PlaywrightError as err:  # reported by test_page_loads_cleanly, page by page
+            visit["load_error"] = str(err).splitlines()[0]
+        results[page_name] = {**visit, **seen}
         context.close()
     return results
 
@@ -183,6 +208,7 @@ def visits(server, browser):
 @pytest.mark.parametrize("page", PAGES)
 def test_page_loads_cleanly(visits, page):
     visit = visits[page]
+    assert visit["load_error"] is None
     assert visit["status"] == 200
     assert visit["console"] == [], "console errors"
     assert visit["errors"] == [], "uncaught exceptions"
