@@ -264,7 +264,8 @@ def colab_install_source(root: str | Path | None = None) -> str:
     url, branch = repository(root)
     clone = "/content/" + url.rsplit("/", 1)[-1]
     return (
-        "# In Colab: fetch the book's repository and install gilib from it. Elsewhere this does nothing.\n"
+        "# In Colab: clone the book's repository and install gilib from it.\n"
+        "# Anywhere else this cell does nothing.\n"
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
@@ -275,8 +276,10 @@ def colab_install_source(root: str | Path | None = None) -> str:
         f'    BRANCH = "{branch}"\n'
         f'    CLONE = "{clone}"\n'
         "    if not os.path.isdir(CLONE):\n"
-        '        subprocess.run(["git", "clone", "--depth", "1", "--branch", BRANCH, REPO_URL, CLONE], check=True)\n'
-        '    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", CLONE, "datasets"], check=True)\n'
+        '        subprocess.run(["git", "clone", "--depth", "1", "--branch", BRANCH,\n'
+        "                        REPO_URL, CLONE], check=True)\n"
+        '    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",\n'
+        '                    "-e", CLONE, "datasets"], check=True)\n'
         "    sys.path.insert(0, CLONE)\n"
         '    os.chdir(os.path.join(CLONE, "chapters"))'
     )
