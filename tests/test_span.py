@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gilib.attack.span import row_space, span_attack
+from gilib.attack.span import _output_gradients, item_gradients, layer0_inputs, row_space, span_attack
 from gilib.data import load_split
 from gilib.models import encode
 from gilib.slicing import client_gradient, select
@@ -40,9 +40,48 @@ def test_a_selection_without_a_layer0_input_projection_is_refused(minilm, compon
         span_attack(model, tokenizer, client_gradient(model, selection, true_batch), selection, [8])
 
 
-def test_batches_of_several_sentences_are_refused_clearly(minilm):
+@pytest.mark.parametrize("component", ["attention.query", "attention.value"])
+def test_a_batch_of_four_bundled_sentences_is_recovered_exactly(minilm, component):
+    model, tokenizer = minilm
+    selection = select(model, component, 0)
+    examples = load_split("sample")[:4]
+    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+    lengths = true_batch["attention_mask"].sum(1).tolist()
+    shared_grads = client_gradient(model, selection, true_batch)
+    result = span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
+    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+    # The gradient does not depend on the order of the batch's sentences.
+    assert sorted(result.token_ids) == sorted(truth)
+    assert result.timings["rank"] < 384 and result.final_loss < 1e-4
+    # Every true token is in its position's candidate set.
+    for p, candidates in enumerate(result.config["candidates"], start=1):
+        assert {t[p] for t in truth if p < len(t) - 1} <= set(candidates)
+
+
+def test_the_output_gradients_of_known_inputs_are_recovered_exactly(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.value", 0)
+    true_batch = encode(tokenizer, "a cat sat on the mat", 1)
+    (gradient,) = client_gradient(model, selection, true_batch)
+    ids = true_batch["input_ids"][0]
+    inputs = torch.stack([layer0_inputs(model, p)[int(v)] for p, v in enumerate(ids)])
+    module = model.get_submodule(selection.names[0].rsplit(".", 1)[0])
+    own = _output_gradients(model, module, ids[None], 1)[0]
+    torch.testing.assert_close(item_gradients(gradient, inputs), own.double(), rtol=1e-4, atol=1e-9)
+
+
+def test_a_batch_without_labels_is_refused_clearly(minilm):
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
     batch = encode(tokenizer, ["a cat sat", "the dog ran home"], [1, 0])
-    with pytest.raises(ValueError, match="batch size 1"):
+    with pytest.raises(ValueError, match="needs its 2 labels"):
         span_attack(model, tokenizer, client_gradient(model, selection, batch), selection, [5, 6])
+
+
+def test_a_row_space_that_fills_the_input_space_is_refused(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    # A full-rank gradient, as from a batch of more tokens than the hidden size (384).
+    noise = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="fills all 384 input dimensions"):
+        span_attack(model, tokenizer, [noise], selection, [200, 200], [0, 1])

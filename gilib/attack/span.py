@@ -6,15 +6,26 @@ combination of the inputs ``x_i``, so the inputs lie in ``G``'s row space,
 whose rank is at most n. For layer 0's query, key and value weights the
 inputs are ``LayerNorm(word + position + segment embedding)``, which the
 attacker can compute for every vocabulary token at every position: a
-candidate belongs to the sentence exactly when it lies (up to round-off) in
+candidate belongs to the batch exactly when it lies (up to round-off) in
 the row space. This follows DAGER (Petrov et al., "DAGER: Exact Gradient
 Inversion for Large Language Models", NeurIPS 2024); the partial-gradient
 paper (Li et al., EMNLP 2024) only optimises.
 
-This module handles batch size 1, where each position's token is the
-candidate with the smallest residual. A key weight's gradient spans the
-differences of the inputs from the known ``[CLS]`` input instead (softmax is
-shift invariant), which the check accounts for.
+* Batch size 1: each position's token is the candidate with the smallest
+  residual.
+* Batch size B > 1: the check gives the set of tokens at each position (up
+  to B of them) but not which sentence each belongs to. :func:`assemble`
+  finds the assignment by a discrete search that scores whole batches by
+  gradient matching (the optimisation attack's loss, restricted to the
+  candidate sets); the true batch has loss 0.
+
+A key weight's gradient spans the differences of the inputs from the known
+``[CLS]`` input instead (softmax is shift invariant), which the check
+accounts for. The check breaks where its premise does: for weights whose
+inputs are not enumerable (deeper layers, the attention output, the FFN),
+when the batch holds as many tokens as the layer has input dimensions
+(the row space is then everything), and under DP noise, which fills the
+remaining directions.
 """
 
 from __future__ import annotations
@@ -26,10 +37,18 @@ from typing import Sequence
 import torch
 
 from ..slicing import Selection
+from .objectives import GradientMatcher
 from .optimization import AttackResult
 from .tokens import TokenSpace
 
 _LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
+DEFAULT_THRESHOLD = 1e-4
+"""Relative residual below which a token counts as inside the row space.
+
+True tokens measure 1e-7 to 1e-5 in float32 (round-off of the client's
+gradient), false ones 1e-3 or more (mostly above 0.05) until the batch nears the
+hidden size:
+see chapter 5's measurements (``data/results/ch5_breaks.jsonl``)."""
 
 
 @dataclass
@@ -39,7 +58,8 @@ class RowSpace:
     Attributes:
         basis: ``(d_in, r)`` orthonormal columns.
         singular_values: all singular values of the gradient, descending.
-        rank: ``r``, the number above :attr:`tolerance`.
+        rank: ``r``: the number of singular values above :attr:`tolerance`,
+            at most the ``max_rank`` the caller knows.
         tolerance: ``s_max * max(shape) * eps``: NumPy's ``matrix_rank`` rule
             for the float type of the gradient.
     """
@@ -49,6 +69,11 @@ class RowSpace:
     rank: int
     tolerance: float
 
+    @property
+    def full(self) -> bool:
+        """True when the span is the whole input space: every vector lies in it."""
+        return self.rank >= self.basis.shape[0]
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """Relative distance of each row of ``x`` ``(..., d_in)`` to the span: 0 inside it."""
         x = x.to(self.basis.dtype)
@@ -56,13 +81,23 @@ class RowSpace:
         return (x - inside).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
 
 
-def row_space(gradient: torch.Tensor) -> RowSpace:
-    """The row space of a ``(d_out, d_in)`` weight gradient, by SVD in float64."""
+def row_space(gradient: torch.Tensor, max_rank: int | None = None) -> RowSpace:
+    """The row space of a ``(d_out, d_in)`` weight gradient, by SVD in float64.
+
+    Args:
+        gradient: the weight's gradient.
+        max_rank: an upper bound the attacker knows, the batch's token count:
+            without noise the numerical rank never exceeds it; with DP noise
+            (full rank) the leading ``max_rank`` directions are the best
+            estimate of the inputs' span.
+    """
     g = gradient.detach().double()
     _, s, vh = torch.linalg.svd(g, full_matrices=False)
     eps = torch.finfo(gradient.dtype).eps
     tolerance = float(s[0]) * max(g.shape) * eps if len(s) else 0.0
     rank = int((s > tolerance).sum())
+    if max_rank is not None:
+        rank = min(rank, int(max_rank))
     return RowSpace(vh[:rank].T.contiguous(), s, rank, tolerance)
 
 
@@ -75,67 +110,324 @@ def layer0_inputs(model: torch.nn.Module, position: int, token_type: int = 0) ->
         return emb.LayerNorm(x)
 
 
+def layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: Sequence[torch.Tensor]):
+    """The first layer-0 query, key or value weight in a selection: ``(name, gradient)``.
+
+    Raises:
+        ValueError: if the selection has none, with what to select instead.
+    """
+    stem = f"{model.base_model_prefix}.encoder.layer.0."
+    wanted = {stem + s for s in _LAYER0_INPUTS}
+    for name, gradient in zip(selection.names, shared_grads):
+        if name in wanted:
+            return name, gradient
+    raise ValueError(
+        f"The span check needs the gradient of layer 0's query, key or value weight, and "
+        f"{selection.label} has none: select e.g. select(model, 'attention.query', 0) or 'layer', 0."
+    )
+
+
+def token_residuals(
+    model: torch.nn.Module,
+    tokens: TokenSpace,
+    space: RowSpace,
+    positions: Sequence[int],
+    *,
+    shift_invariant: bool = False,
+) -> torch.Tensor:
+    """Residual of every vocabulary token at every position: ``(P, V)``.
+
+    Tokens that never occur in text (special tokens, ``[unusedN]``) get
+    ``inf``.
+
+    Args:
+        model: the victim.
+        tokens: its token space.
+        space: the row space of a layer-0 input projection's gradient.
+        positions: the positions to test.
+        shift_invariant: test ``x - x_[CLS]`` instead of ``x`` (a key weight).
+    """
+    cls_id = tokens.tokenizer.cls_token_id
+    anchor = layer0_inputs(model, 0)[cls_id] if shift_invariant else 0.0
+    rows = []
+    for position in positions:
+        residual = space.residual(layer0_inputs(model, position) - anchor)
+        residual[~tokens.allowed] = float("inf")
+        rows.append(residual)
+    return torch.stack(rows) if rows else torch.empty(0, tokens.table.shape[0], dtype=torch.float64)
+
+
+def candidate_sets(
+    residuals: torch.Tensor, counts: Sequence[int], threshold: float = DEFAULT_THRESHOLD, extra: int = 0
+) -> list[list[int]]:
+    """The tokens each position holds, from its residuals.
+
+    Learned position embeddings are smooth, so a token that the batch holds
+    at a *nearby* position lies almost in the span too (residual 1e-5 to
+    1e-4 once a batch has a few dozen tokens, where true tokens measure 1e-7
+    to 1e-4): in batches such a token can outrank a true one, which is
+    where chapter 5's batch-size measurements see the check degrade. (Wider
+    pools, with impostors pruned by least-squares deletion, measured no
+    better: the true tokens that sit near others are the ones whose
+    directions the float32 gradient resolves worst.)
+
+    Args:
+        residuals: ``(P, V)`` from :func:`token_residuals`.
+        counts: how many sentences have a word at each position (from the
+            known lengths): a position holds at most that many distinct tokens.
+        threshold: residual below which a token is in the span
+            (:data:`DEFAULT_THRESHOLD`).
+        extra: candidates allowed beyond ``count`` (0 in the attack).
+
+    Returns:
+        For each position, token ids by increasing residual: those under the
+        threshold, at most ``count + extra``; the single best one when none passes
+        (noise), so that every position keeps a guess.
+    """
+    sets = []
+    for row, count in zip(residuals, counts):
+        best = row.topk(max(1, int(count) + extra), largest=False)
+        chosen = [int(i) for i, r in zip(best.indices, best.values) if r < threshold]
+        sets.append(chosen or [int(best.indices[0])])
+    return sets
+
+
+def item_gradients(gradient: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Each input's output gradient, from a weight gradient and the inputs that produced it.
+
+    ``G = sum_i delta_i x_i^T = Delta^T X``; when the rows of ``X`` are linearly
+    independent (distinct tokens at distinct positions), ``Delta`` is unique
+    and this least-squares solve recovers it exactly.
+
+    Args:
+        gradient: ``(d_out, d_in)`` weight gradient.
+        inputs: ``(m, d_in)`` the inputs (rows of ``X``).
+
+    Returns:
+        ``(m, d_out)`` output gradients ``delta_i`` (float64).
+    """
+    return torch.linalg.lstsq(inputs.double().T, gradient.double().T).solution
+
+
+def assemble(
+    model: torch.nn.Module,
+    weight: str,
+    gradient: torch.Tensor,
+    lengths: Sequence[int],
+    labels: torch.Tensor,
+    candidates: Sequence[Sequence[int]],
+    tokenizer,
+    *,
+    restarts: int = 3,
+    max_moves: int = 200,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Assign each position's candidate tokens to the batch's sentences.
+
+    Once the tokens at every position are known, so are the layer's inputs
+    ``x_i``, and :func:`item_gradients` recovers every token's output
+    gradient ``delta_i`` from the shared weight gradient. A token's
+    ``delta_i`` depends only on its own sentence, so each sentence can be
+    searched on its own: a hypothesis (one candidate per position) is right
+    when the output gradients it produces itself match the recovered ones
+    at its tokens. A steepest-descent search over single substitutions, with
+    seeded random starts, minimises one minus their cosine (averaged over
+    positions); every move is a forward and backward pass of one short
+    sentence, all moves of a step in one batch. Sentences are searched
+    longest first, and a token a found sentence took is withdrawn from the
+    others where a position holds one distinct token per sentence.
+
+    Args:
+        model: the victim, as the server holds it.
+        weight: name of the layer-0 query, key or value weight.
+        gradient: its shared gradient ``(d_out, d_in)``.
+        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
+        labels: ``(B,)`` class labels.
+        candidates: for positions ``1 .. max(lengths) - 2``, the candidate
+            token ids (:func:`candidate_sets`).
+        tokenizer: the victim's tokenizer.
+        restarts: seeded starts per sentence.
+        max_moves: substitutions per start at most.
+        seed: seeds the starts.
+
+    Returns:
+        ``(B, T)`` token ids, padded with ``[PAD]``.
+    """
+    lengths = [int(n) for n in lengths]
+    b, width = len(lengths), max(lengths)
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    # The items: every distinct (position, token) input of the batch.
+    items = [(0, cls_id)] + [(n - 1, sep_id) for n in sorted(set(lengths))]
+    items += [(p, v) for p, cands in enumerate(candidates, start=1) for v in cands]
+    index = {item: i for i, item in enumerate(items)}
+    inputs = torch.stack([layer0_inputs(model, p)[v] for p, v in items])
+    if weight.endswith("key.weight"):
+        # The key's gradient spans x - x_[CLS]: the [CLS] item drops out.
+        deltas = torch.cat([torch.zeros(1, gradient.shape[0], dtype=torch.float64),
+                            item_gradients(gradient, inputs[1:] - inputs[0])])
+    else:
+        deltas = item_gradients(gradient, inputs)
+    counts = [sum(p < n - 1 for n in lengths) for p in range(1, width - 1)]
+    module = model.get_submodule(weight.rsplit(".", 1)[0])
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels).reshape(b).tolist()
+    remaining = [list(c) for c in candidates]
+    ids = torch.full((b, width), tokenizer.pad_token_id)
+    # Longest sentences first: the late positions' tokens can only be theirs.
+    for s in sorted(range(b), key=lambda i: -lengths[i]):
+        n, positions = lengths[s], list(range(1, lengths[s] - 1))
+
+        def loss(hypotheses: torch.Tensor) -> torch.Tensor:  # (K, n) ids -> (K,)
+            own = _output_gradients(model, module, hypotheses, labels[s])[:, positions].double()
+            rows = torch.tensor([[index[(p, int(h[p]))] for p in positions] for h in hypotheses])
+            wanted = deltas[rows]
+            # Per position, so that a wrong token costs as much where its
+            # gradient is small as where it is large.
+            cosine = (own * wanted).sum(-1) / (own.norm(dim=-1) * wanted.norm(dim=-1) + 1e-30)
+            return (1 - cosine).mean(-1)
+
+        options = remaining[: n - 2]
+        best, best_loss = None, float("inf")
+        for _ in range(restarts):
+            h = torch.tensor([cls_id] + [c[int(torch.randint(len(c), (1,), generator=generator))]
+                                         for c in options] + [sep_id])
+            current = float(loss(h[None])[0])
+            for _ in range(max_moves):
+                moves = [(p, v) for p in range(1, n - 1) for v in options[p - 1] if v != int(h[p])]
+                if not moves or current < 1e-9:
+                    break
+                trial = h.repeat(len(moves), 1)
+                for k, (p, v) in enumerate(moves):
+                    trial[k, p] = v
+                losses = loss(trial)
+                k = int(losses.argmin())
+                if float(losses[k]) >= current - 1e-12:
+                    break
+                h, current = trial[k], float(losses[k])
+            if current < best_loss:
+                best, best_loss = h, current
+            if best_loss < 1e-9:
+                break
+        ids[s, :n] = best
+        # Where a position holds as many distinct tokens as sentences, each
+        # token is one sentence's: the others may not take it again.
+        for p in range(1, n - 1):
+            if len(candidates[p - 1]) == counts[p - 1] and len(remaining[p - 1]) > 1:
+                remaining[p - 1].remove(int(best[p]))
+    return ids
+
+
+def _output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, label: int) -> torch.Tensor:
+    """Gradient of each sentence's loss at ``module``'s output: ``(K, n, d_out)`` for ``(K, n)`` ids."""
+    captured = []
+    handle = module.register_forward_hook(lambda m, args, out: captured.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            losses = torch.nn.functional.cross_entropy(logits, torch.full((len(ids),), label), reduction="sum")
+            (delta,) = torch.autograd.grad(losses, captured[0])
+    finally:
+        handle.remove()
+    return delta.detach()
+
+
+def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> float:
+    """Cosine gradient distance between a rebuilt ``(B, T)`` batch and the shared gradient."""
+    matcher = GradientMatcher(model, selection.names, "cos").matched([shared_grads])
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(list(lengths))[:, None]).long()
+    target = matcher.target(shared_grads, selection.names, torch.as_tensor(labels).reshape(len(ids)), mask)
+    with torch.no_grad():
+        return float(matcher.loss(model.get_input_embeddings().weight[ids], target))
+
+
 def span_attack(
     model: torch.nn.Module,
     tokenizer,
     shared_grads: Sequence[torch.Tensor],
     selection: Selection,
     lengths: Sequence[int],
+    labels: Sequence[int] | torch.Tensor | None = None,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    restarts: int = 3,
+    seed: int = 0,
 ) -> AttackResult:
-    """Recover a sentence from the gradient of a layer-0 query, key or value weight.
+    """Recover a batch from the gradient of a layer-0 query, key or value weight.
 
     Args:
         model: the victim, as the server holds it.
         tokenizer: its tokenizer.
         shared_grads: the client's gradient, one tensor per name of ``selection``.
-        selection: must contain layer 0's query, key or value weight.
-        lengths: the batch's token counts (batch size 1: one length).
+        selection: must contain layer 0's query, key or value weight; at
+            batch size > 1 the assembly matches every tensor of it.
+        lengths: the batch's token counts, ``[CLS]`` and ``[SEP]`` included.
+        labels: ``(B,)`` class labels; needed only at batch size > 1.
+        threshold: residual under which a token is in the span.
+        restarts: seeded starts of the assembly (batch size > 1).
+        seed: seeds the assembly.
 
     Returns:
-        An :class:`~gilib.attack.AttackResult` (``method="span"``; ``final_loss``
-        is the largest residual among the chosen tokens, ``timings`` has the
-        rank and the residual gap between chosen and runner-up tokens).
+        An :class:`~gilib.attack.AttackResult` with ``method="span"``.
+        ``final_loss`` is the largest residual among the chosen tokens at
+        batch size 1, the assembled batch's gradient distance otherwise;
+        ``timings`` holds the seconds of the check and of the assembly, the
+        rank, and the smallest gap between the residuals of a position's
+        last chosen and first rejected token; ``config["candidates"]`` the
+        token set of every interior position. The batch's sentences come
+        back in an order of their own: the gradient does not depend on it,
+        so compare them with :func:`gilib.metrics.match_batch`.
 
     Raises:
-        ValueError: if no layer-0 query/key/value weight is selected, or the
-            batch holds more than one sentence.
+        ValueError: if no layer-0 query/key/value weight is selected, the
+            lengths or labels do not fit the batch, or the batch has so many
+            tokens that the row space is the whole input space.
     """
     start = time.perf_counter()
-    stem = f"{model.base_model_prefix}.encoder.layer.0."
-    usable = [(n, g) for n, g in zip(selection.names, shared_grads) if n in {stem + s for s in _LAYER0_INPUTS}]
-    if not usable:
+    name, gradient = layer0_weight(model, selection, shared_grads)
+    lengths = [int(n) for n in lengths]
+    if not lengths or min(lengths) < 3:
+        raise ValueError(f"Lengths count [CLS] and [SEP]: each must be at least 3, got {lengths}.")
+    batch, positions = len(lengths), model.config.max_position_embeddings
+    if max(lengths) > positions:
+        raise ValueError(f"A sentence of {max(lengths)} tokens is longer than the model's {positions} positions.")
+    if batch > 1 and (labels is None or len(torch.as_tensor(labels).reshape(-1)) != batch):
+        raise ValueError(f"A batch of {batch} sentences needs its {batch} labels to assemble the sentences.")
+    shift_invariant = name.endswith("key.weight")
+    # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
+    space = row_space(gradient, max_rank=sum(lengths) - (batch if shift_invariant else 0))
+    if space.full:
         raise ValueError(
-            f"The span check needs the gradient of layer 0's query, key or value weight, and "
-            f"{selection.label} has none: select e.g. select(model, 'attention.query', 0) or 'layer', 0."
+            f"The gradient's row space fills all {space.rank} input dimensions (the batch has "
+            f"{sum(lengths)} tokens): every token passes the check. Attack fewer or shorter sentences, "
+            f"or use the optimisation attack."
         )
-    if len(lengths) != 1:
-        raise ValueError(f"This span check recovers one sentence (batch size 1); got {len(lengths)} lengths.")
-    n = int(lengths[0])
-    space = row_space(usable[0][1])
     tokens = TokenSpace(model, tokenizer)
-    allowed = tokens.allowed
-    ids, worst, gaps = [tokenizer.cls_token_id], 0.0, []
-    # Softmax ignores a shift shared by a row of scores, so a key weight's
-    # output gradients sum to zero over the keys: its row space holds the
-    # differences x_i - x_0, not the x_i. The [CLS] input x_0 is known.
-    anchor = layer0_inputs(model, 0)[tokenizer.cls_token_id] if usable[0][0].endswith("key.weight") else 0.0
-    for position in range(1, n - 1):
-        residual = space.residual(layer0_inputs(model, position) - anchor)
-        residual[~allowed] = float("inf")
-        best2 = residual.topk(2, largest=False)
-        ids.append(int(best2.indices[0]))
-        worst = max(worst, float(best2.values[0]))
-        gaps.append(float(best2.values[1] - best2.values[0]))
-    ids.append(tokenizer.sep_token_id)
+    width = max(lengths)
+    residuals = token_residuals(model, tokens, space, range(1, width - 1), shift_invariant=shift_invariant)
+    counts = [sum(p < n - 1 for n in lengths) for p in range(1, width - 1)]
+    sets = candidate_sets(residuals, counts, threshold) if batch > 1 else [[int(r.argmin())] for r in residuals]
+    # How far the split between chosen and rejected tokens sits from the next token.
+    ordered = residuals.sort(dim=1).values
+    gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
+    check_seconds = time.perf_counter() - start
+    if batch == 1:
+        ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
+        final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
+    else:
+        ids = assemble(model, name, gradient, lengths, torch.as_tensor(labels), sets, tokenizer,
+                       restarts=restarts, seed=seed)
+        final_loss = batch_distance(model, shared_grads, selection, ids, lengths, labels)
     seconds = time.perf_counter() - start
+    token_ids = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
     return AttackResult(
-        texts=[tokens.decode(ids)],
-        token_ids=[ids],
+        texts=[tokens.decode(t) for t in token_ids],
+        token_ids=token_ids,
         loss_history=[],
-        final_loss=worst,
+        final_loss=final_loss,
         seconds=seconds,
         seconds_per_step=seconds,
         method="span",
-        config={"weight": usable[0][0]},
-        timings={"rank": space.rank, "min_gap": min(gaps) if gaps else 0.0},
+        config={"weight": name, "threshold": threshold, "restarts": restarts, "seed": seed, "candidates": sets},
+        timings={"check": check_seconds, "assembly": seconds - check_seconds, "rank": space.rank,
+                 "min_gap": min(gaps)},
     )
