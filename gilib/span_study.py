@@ -253,13 +253,14 @@ def run(out: str | Path, sentences: int = 5, jobs: int = 1, progress: bool = Tru
     """Run the whole study and write its lines to ``out`` (replacing it)."""
     from joblib import Parallel, delayed
 
+    from . import span_study  # by module name, also under ``python -m``: workers import it
     from .experiments import git_commit
 
     tasks = plan(sentences)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     commit, lines, start = git_commit(), [], time.perf_counter()
-    results = Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(_run_task)(*t) for t in tasks)
+    results = Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(span_study._run_task)(*t) for t in tasks)
     with out.open("w") as f:
         for k, task_lines in enumerate(results, start=1):
             for line in task_lines:
