@@ -12,8 +12,9 @@ optimisation grids, and writes one JSON line per measurement:
   the query weight of deeper layers): rank, residual of the true tokens and
   of the best false ones, token accuracy of the smallest residual.
 * ``batch``: batch sizes 1, 2, 4 and 8 (the full attack: candidate sets
-  and assembly), 16 (check only), and a batch with more tokens than the
-  hidden size (rank against hidden size).
+  and assembly, up to :data:`ASSEMBLE_MAX_TOKENS` tokens), 16, 32 and 64
+  (check only), up to batches with more tokens than the hidden size (rank
+  against hidden size).
 * ``dp``: the client's DP-SGD step (:func:`gilib.dp.dp_client_gradients`),
   the residual gap between true and false tokens as sigma grows.
 
@@ -21,6 +22,8 @@ The truth (``true_batch``) reaches only the measurements, never the attack.
 Lines keep dataset row ids, never dataset text. Command line::
 
     python -m gilib.span_study run --out data/results/ch5_span.jsonl [--sentences 5] [--jobs 2]
+
+A killed run resumes: tasks already in the output are skipped.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ OTHER_WEIGHTS = (("attention.output", 0), ("ffn.intermediate", 0), ("ffn.output"
 )
 BATCH_SIZES = (1, 2, 4, 8)
 CHECK_ONLY_BATCH_SIZES = (16, 32, 64)
+ASSEMBLE_MAX_TOKENS = 160
+"""Larger batches run the check only: assembling 8 Rotten Tomatoes sentences
+(about 250 tokens, polluted candidate sets) took over 15 minutes per batch
+on one thread."""
 NOISE_MULTIPLIERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
 SAMPLE_SEED = 101  # the seed of the cached optimisation grids
 
@@ -170,19 +177,19 @@ def measure_batch(dataset: str, batch: list) -> list[dict]:
             "row_ids": [e.row_id for e in batch], "batch_size": len(batch), "tokens": sum(lengths),
             "hidden": model.config.hidden_size}
     start = time.perf_counter()
-    if len(batch) in CHECK_ONLY_BATCH_SIZES:
+    if len(batch) in CHECK_ONLY_BATCH_SIZES or sum(lengths) > ASSEMBLE_MAX_TOKENS:
         from .attack.span import DEFAULT_THRESHOLD, candidate_sets
 
         space, residuals = _check(model, tokenizer, shared_grads[0], lengths)
         counts = [sum(p < n - 1 for n in lengths) for p in range(1, max(lengths) - 1)]
         sets = candidate_sets(residuals, counts)
         passing = float((residuals < DEFAULT_THRESHOLD).double().sum(1).mean())
-        line.update(rank=space.rank, full=space.full, tokens_under_threshold=passing)
+        line.update(rank=space.rank, full=space.full, tokens_under_threshold=passing, assembled=False)
         line.update(_set_quality(sets, truth))
         return [{**line, "seconds": time.perf_counter() - start}]
     result = span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
     scores = score_batch(result.texts, [e.text for e in batch])
-    line.update(rank=result.timings["rank"], full=False, final_loss=result.final_loss,
+    line.update(rank=result.timings["rank"], full=False, final_loss=result.final_loss, assembled=True,
                 exact=sum(t in result.token_ids for t in truth) / len(batch),
                 rouge1=statistics.fmean(s["rouge1"] for s in scores),
                 rouge2=statistics.fmean(s["rouge2"] for s in scores),
@@ -249,19 +256,38 @@ def _run_task(name: str, dataset: str, item) -> list[dict]:
     return globals()[name](dataset, item)
 
 
+def _key(study: str, dataset: str, ids) -> str:
+    return json.dumps([study, dataset, ids])
+
+
+def _task_key(name: str, dataset: str, item) -> str:
+    ids = [e.row_id for e in item] if isinstance(item, list) else item.row_id
+    return _key(name.removeprefix("measure_"), dataset, ids)
+
+
+def _line_key(line: dict) -> str:
+    return _key(line["study"], line["dataset"], line.get("row_ids", line.get("row_id")))
+
+
 def run(out: str | Path, sentences: int = 5, jobs: int = 1, progress: bool = True) -> list[dict]:
-    """Run the whole study and write its lines to ``out`` (replacing it)."""
+    """Run (or resume) the whole study, appending its lines to ``out``.
+
+    A task whose lines are already in ``out`` is skipped, so a killed run
+    resumes where it stopped.
+    """
     from joblib import Parallel, delayed
 
     from . import span_study  # by module name, also under ``python -m``: workers import it
-    from .experiments import git_commit
+    from .experiments import git_commit, read_results
 
-    tasks = plan(sentences)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    commit, lines, start = git_commit(), [], time.perf_counter()
+    lines = read_results(out)
+    done = {_line_key(line) for line in lines}
+    tasks = [t for t in plan(sentences) if _task_key(*t) not in done]
+    commit, start = git_commit(), time.perf_counter()
     results = Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(span_study._run_task)(*t) for t in tasks)
-    with out.open("w") as f:
+    with out.open("a") as f:
         for k, task_lines in enumerate(results, start=1):
             for line in task_lines:
                 line["commit"] = commit

@@ -14,10 +14,11 @@ paper (Li et al., EMNLP 2024) only optimises.
 * Batch size 1: each position's token is the candidate with the smallest
   residual.
 * Batch size B > 1: the check gives the set of tokens at each position (up
-  to B of them) but not which sentence each belongs to. :func:`assemble`
-  finds the assignment by a discrete search that scores whole batches by
-  gradient matching (the optimisation attack's loss, restricted to the
-  candidate sets); the true batch has loss 0.
+  to B of them) but not which sentence each belongs to. With the inputs
+  known, the weight gradient also gives every token's output gradient
+  exactly (:func:`item_gradients`), and a token's output gradient depends
+  on its own sentence only: :func:`assemble` searches each sentence on its
+  own for the candidates whose output gradients match.
 
 A key weight's gradient spans the differences of the inputs from the known
 ``[CLS]`` input instead (softmax is shift invariant), which the check
@@ -45,10 +46,11 @@ _LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "a
 DEFAULT_THRESHOLD = 1e-4
 """Relative residual below which a token counts as inside the row space.
 
-True tokens measure 1e-7 to 1e-5 in float32 (round-off of the client's
-gradient), false ones 1e-3 or more (mostly above 0.05) until the batch nears the
-hidden size:
-see chapter 5's measurements (``data/results/ch5_breaks.jsonl``)."""
+At batch size 1 true tokens measure 1e-7 to 1e-6 in float32 (round-off of
+the client's gradient), false ones 1e-2 or more. In batches of a few dozen
+tokens true tokens reach 1e-4 and tokens the batch holds at a nearby
+position fall to 1e-5: see :func:`candidate_sets` and chapter 5's
+measurements (``data/results/ch5_span.jsonl``)."""
 
 
 @dataclass
@@ -260,7 +262,8 @@ def assemble(
     items = [(0, cls_id)] + [(n - 1, sep_id) for n in sorted(set(lengths))]
     items += [(p, v) for p, cands in enumerate(candidates, start=1) for v in cands]
     index = {item: i for i, item in enumerate(items)}
-    inputs = torch.stack([layer0_inputs(model, p)[v] for p, v in items])
+    inputs = torch.stack([layer0_inputs(model, p)[v] for p, v in items]).cpu()
+    gradient = gradient.cpu()
     if weight.endswith("key.weight"):
         # The key's gradient spans x - x_[CLS]: the [CLS] item drops out.
         deltas = torch.cat([torch.zeros(1, gradient.shape[0], dtype=torch.float64),
@@ -319,25 +322,30 @@ def assemble(
 
 def _output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, label: int) -> torch.Tensor:
     """Gradient of each sentence's loss at ``module``'s output: ``(K, n, d_out)`` for ``(K, n)`` ids."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
     captured = []
     handle = module.register_forward_hook(lambda m, args, out: captured.append(out))
     try:
         with torch.enable_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            losses = torch.nn.functional.cross_entropy(logits, torch.full((len(ids),), label), reduction="sum")
+            losses = torch.nn.functional.cross_entropy(logits, torch.full((len(ids),), label, device=device),
+                                                     reduction="sum")
             (delta,) = torch.autograd.grad(losses, captured[0])
     finally:
         handle.remove()
-    return delta.detach()
+    return delta.detach().cpu()
 
 
 def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> float:
     """Cosine gradient distance between a rebuilt ``(B, T)`` batch and the shared gradient."""
+    device = shared_grads[0].device
     matcher = GradientMatcher(model, selection.names, "cos").matched([shared_grads])
-    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(list(lengths))[:, None]).long()
-    target = matcher.target(shared_grads, selection.names, torch.as_tensor(labels).reshape(len(ids)), mask)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(list(lengths))[:, None]).long().to(device)
+    labels = torch.as_tensor(labels).reshape(len(ids)).to(device)
+    target = matcher.target(shared_grads, selection.names, labels, mask)
     with torch.no_grad():
-        return float(matcher.loss(model.get_input_embeddings().weight[ids], target))
+        return float(matcher.loss(model.get_input_embeddings().weight[ids.to(device)], target))
 
 
 def span_attack(
