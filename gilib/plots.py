@@ -29,7 +29,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "threat_model"]
+__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "residual_map", "threat_model"]
 
 PALETTE: list[str] = sns.color_palette("colorblind").as_hex()
 """Series colours, in order: seaborn's ten-colour "colorblind" palette."""
@@ -376,6 +376,48 @@ def noise_curves(
     # Below the axes: the lines start at the top of the plot.
     return _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title,
                    legend="below")
+
+
+def residual_map(
+    residuals: np.ndarray,
+    tokens: Sequence[Sequence[str]],
+    *,
+    positions: Sequence[int] | None = None,
+    row_labels: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """The span check's view of a sentence: positions x best candidates, by residual.
+
+    Args:
+        residuals: ``(P, k)`` residuals of each position's ``k`` best
+            candidates, smallest first (:func:`gilib.attack.span.token_residuals`
+            then a ``topk``).
+        tokens: ``P`` lists of the ``k`` candidates' strings, the cell labels.
+        positions: the positions (default ``1..P``).
+        row_labels: labels of the rows (default: ``position p``).
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on. Colour is ``log10`` of the residual (round-off
+        sits near -6, a false token above -2).
+    """
+    residuals = np.asarray(residuals, dtype=float)
+    if residuals.ndim != 2 or len(tokens) != residuals.shape[0]:
+        raise ValueError(f"residuals must be (P, k) with one token list per row; got {residuals.shape} "
+                         f"and {len(tokens)} token lists")
+    positions = list(positions or range(1, residuals.shape[0] + 1))
+    labels = list(row_labels or [f"position {p}" for p in positions])
+    ax = _get_ax(ax, figsize=(1.6 + 1.25 * residuals.shape[1], 0.8 + 0.42 * residuals.shape[0]))
+    sns.heatmap(np.log10(np.clip(residuals, 1e-12, None)), ax=ax, annot=np.asarray(tokens, dtype=object),
+                fmt="", cmap="viridis_r", vmin=-8, vmax=0, linewidths=0.5,
+                cbar_kws={"label": "log$_{10}$ residual"}, yticklabels=labels,
+                xticklabels=[f"#{i + 1}" for i in range(residuals.shape[1])])
+    ax.tick_params(axis="y", rotation=0)
+    ax.grid(False)
+    return _finish(ax, xlabel="candidate rank at the position (smallest residual first)", ylabel="position",
+                   title=title)
 
 
 def threat_model(ax: Axes | None = None, *, title: str | None = None) -> Axes:

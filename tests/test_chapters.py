@@ -82,3 +82,20 @@ def test_chapter4_dp_defence(tmp_path):
     # Three epochs of SST-2 at batch 32: void at sigma = 0.1, single digits at 0.5 (4.0 measured).
     assert records["epsilon_sigma0.1"] > 1000 and records["epsilon_sigma0.5"] < 10
     assert sorted(records["utility_accuracy"]) == sorted(sigmas)
+
+
+@pytest.mark.slow
+def test_chapter5_span_check(tmp_path):
+    records = run_chapter("05_span_check.ipynb", tmp_path)
+    # The derivation cell: the rank is the token count.
+    assert records["check_rank"] == records["check_tokens"]
+    # Every live sentence of the bundled sample comes back token for token,
+    # the true token at round-off level, the runner-up far above it.
+    assert records["live_exact"] == records["live_n"] == 3
+    assert records["heatmap_true_max"] < 1e-4 < 1e-2 < records["heatmap_runner_up_min"]
+    assert records["batch_exact"] == records["batch_size"] == 2 and records["batch_loss"] < 1e-4
+    # The cached comparison: the span check beats the optimisation attack on every weight.
+    assert records["span_rouge1_min"] > records["opt_rouge1_max"]
+    assert records["span_exact_min"] >= 0.9
+    assert records["batch1_recall"] == 1.0 and records["dp_exact_sigma0"] >= 0.9
+    assert "| attention.query | span check (batch 1) |" in records["comparison_markdown"]

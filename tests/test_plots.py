@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
@@ -183,3 +184,14 @@ def test_noise_curves_one_line_per_series_with_raw_baselines():
     assert ax.get_xscale() == "symlog"
     with pytest.raises(ValueError, match="no column"):
         plots.noise_curves(table, series="component")
+
+
+def test_residual_map_colours_by_log_residual_and_labels_cells_with_tokens():
+    residuals = np.array([[1e-7, 0.1, 0.2], [1e-6, 1e-3, 0.5]])
+    ax = plots.residual_map(residuals, [["the", "a", "cat"], ["dog", "cat", "sat"]])
+    _assert_labelled(ax)
+    assert [t.get_text() for t in ax.texts] == ["the", "a", "cat", "dog", "cat", "sat"]
+    np.testing.assert_allclose(ax.collections[0].get_array().reshape(2, 3), np.log10(residuals))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["position 1", "position 2"]
+    with pytest.raises(ValueError, match="one token list per row"):
+        plots.residual_map(residuals, [["the", "a", "cat"]])
