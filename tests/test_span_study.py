@@ -43,3 +43,20 @@ def test_the_readme_repeats_the_cached_comparison_table():
     assert span_study.markdown(table) in text, (
         "update the README: python -m gilib.span_study table data/results/ch5_span.jsonl "
         "data/results/ch3_components.jsonl")
+
+
+def test_the_components_measurement_separates_only_layer_0_input_projections():
+    example = span_study.load_split("sample")[0]
+    lines = {(line["component"], line["layers"]): line for line in span_study.measure_components("sample", example)}
+    assert lines[("attention.query", 0)]["token_accuracy"] == 1.0 and lines[("attention.query", 0)]["gap"] > 0.01
+    assert lines[("attention.query", 0)]["rank"] == lines[("attention.query", 0)]["tokens"]
+    # The attention output's inputs are not the embeddings: no token is named.
+    assert lines[("attention.output", 0)]["gap"] < 0 and lines[("attention.output", 0)]["token_accuracy"] < 0.5
+    # The second FFN weight reads the 1536-wide activation: not comparable.
+    assert lines[("ffn.output", 0)] == {**lines[("ffn.output", 0)], "applicable": False, "input_width": 1536}
+
+
+def test_the_batch_measurement_assembles_two_bundled_sentences_exactly():
+    (line,) = span_study.measure_batch("sample", span_study.load_split("sample")[:2])
+    assert line["assembled"] and line["exact"] == 1.0 and line["rouge1"] == 1.0
+    assert line["set_recall"] == 1.0 and line["rank"] <= line["tokens"] < line["hidden"]
