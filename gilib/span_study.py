@@ -177,25 +177,36 @@ def measure_batch(dataset: str, batch: list) -> list[dict]:
             "row_ids": [e.row_id for e in batch], "batch_size": len(batch), "tokens": sum(lengths),
             "hidden": model.config.hidden_size}
     start = time.perf_counter()
-    if len(batch) in CHECK_ONLY_BATCH_SIZES or sum(lengths) > ASSEMBLE_MAX_TOKENS:
-        from .attack.span import DEFAULT_THRESHOLD, candidate_sets
+    from .attack.span import DEFAULT_THRESHOLD, candidate_sets
 
-        space, residuals = _check(model, tokenizer, shared_grads[0], lengths)
+    space, residuals = _check(model, tokenizer, shared_grads[0], lengths)
+    line.update(rank=space.rank, full=space.full, **_batch_residuals(residuals, truth),
+                tokens_under_threshold=float((residuals < DEFAULT_THRESHOLD).double().sum(1).mean()))
+    if len(batch) in CHECK_ONLY_BATCH_SIZES or sum(lengths) > ASSEMBLE_MAX_TOKENS:
         counts = [sum(p < n - 1 for n in lengths) for p in range(1, max(lengths) - 1)]
-        sets = candidate_sets(residuals, counts)
-        passing = float((residuals < DEFAULT_THRESHOLD).double().sum(1).mean())
-        line.update(rank=space.rank, full=space.full, tokens_under_threshold=passing, assembled=False)
-        line.update(_set_quality(sets, truth))
+        line.update(assembled=False, **_set_quality(candidate_sets(residuals, counts), truth))
         return [{**line, "seconds": time.perf_counter() - start}]
     result = span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
     scores = score_batch(result.texts, [e.text for e in batch])
-    line.update(rank=result.timings["rank"], full=False, final_loss=result.final_loss, assembled=True,
+    line.update(final_loss=result.final_loss, assembled=True,
                 exact=sum(t in result.token_ids for t in truth) / len(batch),
                 rouge1=statistics.fmean(s["rouge1"] for s in scores),
                 rouge2=statistics.fmean(s["rouge2"] for s in scores),
                 check_seconds=result.timings["check"], assembly_seconds=result.timings["assembly"],
                 **_set_quality(result.config["candidates"], truth))
     return [{**line, "seconds": result.seconds}]
+
+
+def _batch_residuals(residuals, truth) -> dict[str, float]:
+    """The worst true token's residual and the best impostor's (a token no sentence has there)."""
+    true_max, impostor_min = 0.0, float("inf")
+    for p, row in enumerate(residuals, start=1):
+        true = sorted({t[p] for t in truth if p < len(t) - 1})
+        true_max = max(true_max, float(row[true].max()))
+        others = row.clone()
+        others[true] = float("inf")
+        impostor_min = min(impostor_min, float(others.min()))
+    return {"true_max": true_max, "impostor_min": impostor_min}
 
 
 def _set_quality(sets, truth) -> dict[str, float]:
@@ -273,7 +284,8 @@ def run(out: str | Path, sentences: int = 5, jobs: int = 1, progress: bool = Tru
     """Run (or resume) the whole study, appending its lines to ``out``.
 
     A task whose lines are already in ``out`` is skipped, so a killed run
-    resumes where it stopped.
+    resumes where it stopped. Lines keep the commit that wrote them; delete
+    the file to regenerate every line at one commit.
     """
     from joblib import Parallel, delayed
 

@@ -78,10 +78,54 @@ def test_a_batch_without_labels_is_refused_clearly(minilm):
         span_attack(model, tokenizer, client_gradient(model, selection, batch), selection, [5, 6])
 
 
-def test_a_row_space_that_fills_the_input_space_is_refused(minilm):
+def test_a_batch_with_as_many_tokens_as_input_dimensions_is_refused(minilm):
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
-    # A full-rank gradient, as from a batch of more tokens than the hidden size (384).
-    noise = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="fills all 384 input dimensions"):
-        span_attack(model, tokenizer, [noise], selection, [200, 200], [0, 1])
+    examples = load_split("sample")
+    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+    lengths = true_batch["attention_mask"].sum(1).tolist()
+    assert sum(lengths) >= 384  # the whole bundled sample: more tokens than MiniLM's hidden size
+    shared_grads = client_gradient(model, selection, true_batch)
+    with pytest.raises(ValueError, match="at least the weight's 384 input dimensions"):
+        span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
+
+
+def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.key", 0)
+    examples = load_split("sample")[:2]
+    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+    lengths = true_batch["attention_mask"].sum(1).tolist()
+    result = span_attack(model, tokenizer, client_gradient(model, selection, true_batch), selection, lengths,
+                         true_batch["labels"])
+    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+    assert sorted(result.token_ids) == sorted(truth)
+    # One direction per distinct (position, token) input but [CLS]: x - x_[CLS] spans the key's gradient.
+    assert result.timings["rank"] == len({(p, t[p]) for t in truth for p in range(1, len(t))})
+
+
+@pytest.mark.parametrize("lengths, labels, restarts, message", [
+    ([2], None, 3, "at least 3"),
+    ([600], None, 3, "longer than the model's 512 positions"),
+    ([8, 9], [0, 5], 3, "class indices in 0..1"),
+    ([8, 9], [0.0, 1.0], 3, "class indices"),
+    ([8, 9], [1], 3, "class indices"),
+    ([8], None, 0, "restarts must be at least 1"),
+])
+def test_bad_lengths_labels_and_settings_are_refused_clearly(minilm, lengths, labels, restarts, message):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    batch = encode(tokenizer, "a cat sat on the mat", 1)
+    shared_grads = client_gradient(model, selection, batch)
+    with pytest.raises(ValueError, match=message):
+        span_attack(model, tokenizer, shared_grads, selection, lengths, labels, restarts=restarts)
+
+
+def test_gradients_that_do_not_fit_the_selection_are_refused(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    (weight,) = client_gradient(model, selection, encode(tokenizer, "a cat sat", 1))
+    with pytest.raises(ValueError, match="2 gradient tensors for the 1 parameters"):
+        span_attack(model, tokenizer, [weight, weight], selection, [5])
+    with pytest.raises(ValueError, match="has shape"):
+        span_attack(model, tokenizer, [weight.T[:100]], selection, [5])

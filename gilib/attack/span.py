@@ -42,6 +42,7 @@ from .objectives import GradientMatcher
 from .optimization import AttackResult
 from .tokens import TokenSpace
 
+FOUND = 1e-6  # assembly loss (1 - cosine of output gradients) below which a sentence is found
 _LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
 DEFAULT_THRESHOLD = 1e-4
 """Relative residual below which a token counts as inside the row space.
@@ -278,7 +279,11 @@ def assemble(
     ids = torch.full((b, width), tokenizer.pad_token_id)
     # Longest sentences first: the late positions' tokens can only be theirs.
     for s in sorted(range(b), key=lambda i: -lengths[i]):
-        n, positions = lengths[s], list(range(1, lengths[s] - 1))
+        n = lengths[s]
+        # Two sentences with the same token at a position share one input,
+        # whose recovered delta is the sum of theirs: positions with fewer
+        # distinct candidates than sentences are left out of the score.
+        positions = [p for p in range(1, n - 1) if len(candidates[p - 1]) >= counts[p - 1]] or list(range(1, n - 1))
 
         def loss(hypotheses: torch.Tensor) -> torch.Tensor:  # (K, n) ids -> (K,)
             own = _output_gradients(model, module, hypotheses, labels[s])[:, positions].double()
@@ -297,7 +302,7 @@ def assemble(
             current = float(loss(h[None])[0])
             for _ in range(max_moves):
                 moves = [(p, v) for p in range(1, n - 1) for v in options[p - 1] if v != int(h[p])]
-                if not moves or current < 1e-9:
+                if not moves or current < FOUND:
                     break
                 trial = h.repeat(len(moves), 1)
                 for k, (p, v) in enumerate(moves):
@@ -309,14 +314,16 @@ def assemble(
                 h, current = trial[k], float(losses[k])
             if current < best_loss:
                 best, best_loss = h, current
-            if best_loss < 1e-9:
+            if best_loss < FOUND:
                 break
         ids[s, :n] = best
         # Where a position holds as many distinct tokens as sentences, each
-        # token is one sentence's: the others may not take it again.
-        for p in range(1, n - 1):
-            if len(candidates[p - 1]) == counts[p - 1] and len(remaining[p - 1]) > 1:
-                remaining[p - 1].remove(int(best[p]))
+        # token is one sentence's: once a sentence is certainly found (its
+        # gradients match to round-off), the others may not take its tokens.
+        if best_loss < FOUND:
+            for p in range(1, n - 1):
+                if len(candidates[p - 1]) == counts[p - 1] and len(remaining[p - 1]) > 1:
+                    remaining[p - 1].remove(int(best[p]))
     return ids
 
 
@@ -335,6 +342,38 @@ def _output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torc
     finally:
         handle.remove()
     return delta.detach().cpu()
+
+
+def _checked_batch(model, shared_grads, selection, lengths, labels, restarts):
+    """What the server holds, checked before any linear algebra: ``(lengths, labels)``."""
+    if getattr(model.config, "model_type", None) != "bert":
+        raise ValueError(f"The span check enumerates BERT's layer-0 inputs; got a {model.config.model_type!r} model.")
+    if len(shared_grads) != len(selection.names):
+        raise ValueError(f"{len(shared_grads)} gradient tensors for the {len(selection.names)} parameters of "
+                         f"{selection.label}: pass one per name of the selection, in its order.")
+    for name, gradient in zip(selection.names, shared_grads):
+        if tuple(gradient.shape) != tuple(model.get_parameter(name).shape):
+            raise ValueError(f"The gradient for {name} has shape {tuple(gradient.shape)}, the parameter "
+                             f"{tuple(model.get_parameter(name).shape)}.")
+    lengths = [int(n) for n in lengths]
+    if not lengths or min(lengths) < 3:
+        raise ValueError(f"Lengths count [CLS] and [SEP]: each must be at least 3, got {lengths}.")
+    positions = model.config.max_position_embeddings
+    if max(lengths) > positions:
+        raise ValueError(f"A sentence of {max(lengths)} tokens is longer than the model's {positions} positions.")
+    if restarts < 1:
+        raise ValueError(f"restarts must be at least 1, got {restarts}.")
+    if len(lengths) == 1 and labels is None:
+        return lengths, None
+    if labels is None:
+        raise ValueError(f"A batch of {len(lengths)} sentences needs its {len(lengths)} labels (one per length, "
+                         f"in the same order) to assemble the sentences.")
+    labels = torch.as_tensor(labels).reshape(-1)
+    classes = model.config.num_labels
+    if len(labels) != len(lengths) or labels.is_floating_point() or not ((labels >= 0) & (labels < classes)).all():
+        raise ValueError(f"Labels must be {len(lengths)} class indices in 0..{classes - 1}, one per length; "
+                         f"got {labels.tolist()}.")
+    return lengths, labels.cpu()
 
 
 def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> float:
@@ -366,10 +405,12 @@ def span_attack(
         model: the victim, as the server holds it.
         tokenizer: its tokenizer.
         shared_grads: the client's gradient, one tensor per name of ``selection``.
-        selection: must contain layer 0's query, key or value weight; at
-            batch size > 1 the assembly matches every tensor of it.
-        lengths: the batch's token counts, ``[CLS]`` and ``[SEP]`` included.
-        labels: ``(B,)`` class labels; needed only at batch size > 1.
+        selection: must contain layer 0's query, key or value weight (the
+            first one is used; ``final_loss`` of a batch matches every tensor).
+        lengths: the batch's token counts, ``[CLS]`` and ``[SEP]`` included:
+            the server knows them, as in LAMP's threat model.
+        labels: ``(B,)`` class labels, one per length in the same order (also
+            part of that threat model); needed only at batch size > 1.
         threshold: residual under which a token is in the span.
         restarts: seeded starts of the assembly (batch size > 1).
         seed: seeds the assembly.
@@ -386,29 +427,24 @@ def span_attack(
         so compare them with :func:`gilib.metrics.match_batch`.
 
     Raises:
-        ValueError: if no layer-0 query/key/value weight is selected, the
-            lengths or labels do not fit the batch, or the batch has so many
-            tokens that the row space is the whole input space.
+        ValueError: if the model is not a BERT, no layer-0 query/key/value
+            weight is selected, the gradients, lengths or labels do not fit,
+            or the batch has at least as many tokens as the weight has input
+            dimensions (its row space can then hold every input).
     """
     start = time.perf_counter()
+    lengths, labels = _checked_batch(model, shared_grads, selection, lengths, labels, restarts)
     name, gradient = layer0_weight(model, selection, shared_grads)
-    lengths = [int(n) for n in lengths]
-    if not lengths or min(lengths) < 3:
-        raise ValueError(f"Lengths count [CLS] and [SEP]: each must be at least 3, got {lengths}.")
-    batch, positions = len(lengths), model.config.max_position_embeddings
-    if max(lengths) > positions:
-        raise ValueError(f"A sentence of {max(lengths)} tokens is longer than the model's {positions} positions.")
-    if batch > 1 and (labels is None or len(torch.as_tensor(labels).reshape(-1)) != batch):
-        raise ValueError(f"A batch of {batch} sentences needs its {batch} labels to assemble the sentences.")
+    batch, hidden = len(lengths), gradient.shape[1]
+    if sum(lengths) >= hidden:
+        raise ValueError(
+            f"The batch has {sum(lengths)} tokens, at least the weight's {hidden} input dimensions: its row "
+            f"space can hold every input, so the check cannot tell tokens apart. Attack fewer or shorter "
+            f"sentences, or use the optimisation attack."
+        )
     shift_invariant = name.endswith("key.weight")
     # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
     space = row_space(gradient, max_rank=sum(lengths) - (batch if shift_invariant else 0))
-    if space.full:
-        raise ValueError(
-            f"The gradient's row space fills all {space.rank} input dimensions (the batch has "
-            f"{sum(lengths)} tokens): every token passes the check. Attack fewer or shorter sentences, "
-            f"or use the optimisation attack."
-        )
     tokens = TokenSpace(model, tokenizer)
     width = max(lengths)
     residuals = token_residuals(model, tokens, space, range(1, width - 1), shift_invariant=shift_invariant)
@@ -422,7 +458,7 @@ def span_attack(
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
     else:
-        ids = assemble(model, name, gradient, lengths, torch.as_tensor(labels), sets, tokenizer,
+        ids = assemble(model, name, gradient, lengths, labels, sets, tokenizer,
                        restarts=restarts, seed=seed)
         final_loss = batch_distance(model, shared_grads, selection, ids, lengths, labels)
     seconds = time.perf_counter() - start
