@@ -96,14 +96,13 @@ def residual_profile(residuals, true_ids) -> dict[str, float]:
     }
 
 
-def _check(model, tokenizer, gradient, lengths, shift_invariant=False):
+def _check(model, tokenizer, gradient, lengths):
     """Row space and residuals of positions 1..max-2 for a weight gradient (any input width = hidden)."""
     from .attack.span import row_space, token_residuals
     from .attack.tokens import TokenSpace
 
     space = row_space(gradient, max_rank=sum(lengths))
-    residuals = token_residuals(model, TokenSpace(model, tokenizer), space, range(1, max(lengths) - 1),
-                                shift_invariant=shift_invariant)
+    residuals = token_residuals(model, TokenSpace(model, tokenizer), space, range(1, max(lengths) - 1))
     return space, residuals
 
 
@@ -177,14 +176,13 @@ def measure_batch(dataset: str, batch: list) -> list[dict]:
             "row_ids": [e.row_id for e in batch], "batch_size": len(batch), "tokens": sum(lengths),
             "hidden": model.config.hidden_size}
     start = time.perf_counter()
-    from .attack.span import DEFAULT_THRESHOLD, candidate_sets
+    from .attack.span import DEFAULT_THRESHOLD, candidate_sets, position_counts
 
     space, residuals = _check(model, tokenizer, shared_grads[0], lengths)
     line.update(rank=space.rank, full=space.full, **_batch_residuals(residuals, truth),
                 tokens_under_threshold=float((residuals < DEFAULT_THRESHOLD).double().sum(1).mean()))
     if len(batch) in CHECK_ONLY_BATCH_SIZES or sum(lengths) > ASSEMBLE_MAX_TOKENS:
-        counts = [sum(p < n - 1 for n in lengths) for p in range(1, max(lengths) - 1)]
-        line.update(assembled=False, **_set_quality(candidate_sets(residuals, counts), truth))
+        line.update(assembled=False, **_set_quality(candidate_sets(residuals, position_counts(lengths)), truth))
         return [{**line, "seconds": time.perf_counter() - start}]
     result = span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
     scores = score_batch(result.texts, [e.text for e in batch])

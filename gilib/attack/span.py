@@ -160,9 +160,12 @@ def token_residuals(
     return torch.stack(rows) if rows else torch.empty(0, tokens.table.shape[0], dtype=torch.float64)
 
 
-def candidate_sets(
-    residuals: torch.Tensor, counts: Sequence[int], threshold: float = DEFAULT_THRESHOLD, extra: int = 0
-) -> list[list[int]]:
+def position_counts(lengths: Sequence[int]) -> list[int]:
+    """How many sentences have a word at each interior position ``1 .. max(lengths) - 2``."""
+    return [sum(p < n - 1 for n in lengths) for p in range(1, max(lengths) - 1)]
+
+
+def candidate_sets(residuals: torch.Tensor, counts: Sequence[int], threshold: float = DEFAULT_THRESHOLD) -> list[list[int]]:
     """The tokens each position holds, from its residuals.
 
     Learned position embeddings are smooth, so a token that the batch holds
@@ -174,20 +177,21 @@ def candidate_sets(
 
     Args:
         residuals: ``(P, V)`` from :func:`token_residuals`.
-        counts: how many sentences have a word at each position (from the
-            known lengths): a position holds at most that many distinct tokens.
+        counts: how many sentences have a word at each position
+            (:func:`position_counts` of the known lengths): a position holds
+            at most that many distinct tokens.
         threshold: residual below which a token is in the span
             (:data:`DEFAULT_THRESHOLD`).
-        extra: candidates allowed beyond ``count`` (0 in the attack).
 
     Returns:
         For each position, token ids by increasing residual: those under the
-        threshold, at most ``count + extra``; the single best one when none passes
-        (noise), so that every position keeps a guess.
+        threshold, at most ``count``; the single best one when none passes
+        (noise), so that every position keeps a guess. At batch size 1 that
+        is the smallest residual, whatever the threshold.
     """
     sets = []
     for row, count in zip(residuals, counts):
-        best = row.topk(max(1, int(count) + extra), largest=False)
+        best = row.topk(max(1, int(count)), largest=False)
         chosen = [int(i) for i, r in zip(best.indices, best.values) if r < threshold]
         sets.append(chosen or [int(best.indices[0])])
     return sets
@@ -269,7 +273,7 @@ def assemble(
                             item_gradients(gradient, inputs[1:] - inputs[0])])
     else:
         deltas = item_gradients(gradient, inputs)
-    counts = [sum(p < n - 1 for n in lengths) for p in range(1, width - 1)]
+    counts = position_counts(lengths)
     module = model.get_submodule(weight.rsplit(".", 1)[0])
     generator = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(labels).reshape(b).tolist()
@@ -446,8 +450,7 @@ def span_attack(
     tokens = TokenSpace(model, tokenizer)
     width = max(lengths)
     residuals = token_residuals(model, tokens, space, range(1, width - 1), shift_invariant=shift_invariant)
-    counts = [sum(p < n - 1 for n in lengths) for p in range(1, width - 1)]
-    sets = candidate_sets(residuals, counts, threshold) if batch > 1 else [[int(r.argmin())] for r in residuals]
+    sets = candidate_sets(residuals, position_counts(lengths), threshold)
     # How far the split between chosen and rejected tokens sits from the next token.
     ordered = residuals.sort(dim=1).values
     gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
