@@ -61,7 +61,7 @@ assignments: $(STAMP)
 
 # The README's figure, drawn by gilib.plots.threat_model.
 figures: $(STAMP)
-	$(BIN)/python -m gilib.book threat-model docs/threat_model.png
+	$(BIN)/python -m gilib.notebooks threat-model docs/threat_model.png
 
 # Figures, never assertions. The comparison runs the reference's setting
 # (500 steps, 500 starts) on five CoLA sentences: about half an hour on 2 cores.

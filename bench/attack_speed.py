@@ -64,6 +64,8 @@ from typing import Callable, Sequence
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from gilib.data import load_split
+
 MODELS = ("minilm", "bert-base-shape")
 """Victims benchmarked by default (both load with no network)."""
 
@@ -178,11 +180,12 @@ def measure(case: Case) -> Row:
         RuntimeError: if the attack made a different number of optimizer
             steps than asked (its loop changed shape).
     """
-    # Imported here so that a spawned worker pays for them, not the parent.
+    # Imported here so that a spawned worker pays for them (torch.func,
+    # transformers), not the parent, which only prints the table.
     from gilib.attack import AttackConfig, optimization_attack
-    from gilib.data import load_split
+    from gilib.client import client_update
     from gilib.models import encode, load_model
-    from gilib.slicing import client_gradient, select
+    from gilib.slicing import select
 
     if case.threads is not None:
         torch.set_num_threads(case.threads)
@@ -193,8 +196,7 @@ def measure(case: Case) -> Row:
     component, layers = SELECTIONS[case.selection]
     selection = select(model, component, layers)
     batch = encode(tokenizer, example.text, example.label, device=case.device)
-    shared = client_gradient(model, selection, batch)
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    update = client_update(model, selection, batch).shared
 
     if cuda:
         torch.cuda.synchronize()
@@ -212,9 +214,7 @@ def measure(case: Case) -> Row:
         progress=False,
     )
     stamps = _time_optimizer_steps(
-        lambda: optimization_attack(
-            model, tokenizer, shared, selection, batch["labels"], lengths, config
-        ),
+        lambda: optimization_attack(model, tokenizer, update, selection, config),
         synchronize=cuda,
     )
     intervals = [b - a for a, b in zip(stamps, stamps[1:])][case.warmup :]
@@ -231,7 +231,7 @@ def measure(case: Case) -> Row:
         selection=case.selection,
         params=selection.numel,
         share=100 * selection.fraction,
-        tokens=int(lengths[0]),
+        tokens=int(update.lengths[0]),
         ms_step=1000 * statistics.median(intervals),
         peak_mib=peak,
         loaded_mib=loaded,
@@ -436,8 +436,6 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         The measured rows.
     """
     args = parse_args(argv)
-    from gilib.data import load_split
-
     sample = load_split("sample")
     if not 0 <= args.row < len(sample):
         raise SystemExit(f"--row must lie between 0 and {len(sample) - 1}, got {args.row}")

@@ -2,8 +2,14 @@
 
 The package behind the book. Data flows one way:
 
-``data`` and ``models`` feed ``slicing`` (what the client sends), which feeds
-``attack`` (what the server rebuilds), which feeds ``metrics``.
+``data`` and ``models`` feed ``slicing`` (which parameters) and ``client``
+(what the client sends: a ``SharedUpdate``, plain, DP-SGD through ``dp``, or
+FedAvg), which feeds ``attack`` (what the server rebuilds), which feeds
+``metrics``. ``experiments``, ``span_study`` and ``utility`` drive that loop
+through ``results`` (one resumable runner, local or on a Dask cluster);
+``plots`` draws, ``headlines`` reads the cached numbers; ``book`` is what a
+chapter imports, ``notebooks`` and ``assignments`` keep the chapters. The
+attack never imports the client's side (``tests/test_walls.py``).
 
 Reference: W. Li, Q. Xu, M. Dras, "Seeing the Forest through the Trees: Data
 Leakage from Partial Transformer Gradients", EMNLP 2024.

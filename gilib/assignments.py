@@ -29,6 +29,8 @@ from pathlib import Path
 
 import nbformat
 
+from .notebooks import chapter_notebooks
+
 SOLUTION_TAG = "solution"
 """Cells with this tag are solutions as a whole (e.g. a worked code cell)."""
 
@@ -143,8 +145,6 @@ def write_assignments(chapters: list[Path], out: str | Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gilib.assignments [--out DIR] [CHAPTER.ipynb ...]``."""
-    from .book import chapter_notebooks
-
     parser = argparse.ArgumentParser(prog="python -m gilib.assignments",
                                      description="Write student copies of the chapters, without solutions.")
     parser.add_argument("chapters", nargs="*", type=Path, help="chapter notebooks (default: chapters/*.ipynb)")

@@ -54,6 +54,7 @@ __all__ = [
     "load_hub_split",
     "load_split",
     "local_splits",
+    "prior_texts",
     "repo_root",
     "sample_batches",
     "shuffled_indices",
@@ -198,7 +199,7 @@ def load_hub_split(dataset: str, split: str = "train") -> list[Example]:
         RuntimeError: ``datasets`` is not installed or the Hub is unreachable.
     """
     _check_split(dataset, split, dict.fromkeys(_HUB, _HUB_SPLITS))
-    try:
+    try:  # optional dependency: only the online path needs it
         from datasets import load_dataset
     except ImportError as exc:
         raise RuntimeError(
@@ -272,6 +273,79 @@ def sample_batches(
         )
     chosen = [examples[i] for i in shuffled_indices(len(examples), seed)[:needed]]
     return [chosen[i : i + batch_size] for i in range(0, needed, batch_size)]
+
+
+def prior_texts(
+    attacked: tuple[str, str],
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    splits: Sequence[tuple[str, str]] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Sentences for a language-model prior, never from the split under attack.
+
+    An attacker's prior (e.g. :class:`gilib.attack.NgramPrior`) must not
+    have seen the sentences it helps to rebuild, or it hands the attack the
+    answer. This gathers every split available on this machine except the
+    attacked one: the bundled sample always, the benchmark files when there
+    is a data folder. Use it as
+    ``NgramPrior.from_texts(tokenizer, prior_texts(attacked)[0])``.
+
+    Args:
+        attacked: ``(dataset, split)`` under attack, e.g. ``("cola", "train")``;
+            its sentences are never returned.
+        data_dir: folder of the benchmark files (default:
+            :func:`default_data_dir`); without one, only the bundled sample
+            is used.
+        splits: the ``(dataset, split)`` pairs to draw from (default: every
+            local split but ``attacked``); a missing one is an error here.
+
+    Returns:
+        ``(texts, sources)``: the sentences, in split order, and the
+        ``"dataset/split"`` names they came from.
+
+    Raises:
+        ValueError: for an unknown attacked dataset or split, ``splits``
+            that include the attacked split, or no text left to count.
+        FileNotFoundError: for a split named in ``splits`` whose files are
+            not on this machine.
+    """
+    attacked = tuple(attacked)
+    if len(attacked) != 2:
+        raise ValueError(f"attacked must be a (dataset, split) pair, got {attacked!r}.")
+    # Local or hub: a typo must not leave the attacked split in the prior.
+    _check_split(*attacked, {d: tuple(dict.fromkeys(_LOCAL_SPLITS[d] + (_HUB_SPLITS if d in _HUB else ())))
+                             for d in DATASETS})
+    if data_dir is None:
+        data_dir = default_data_dir()
+    if splits is not None:
+        chosen = [tuple(pair) for pair in splits]
+        if attacked in chosen:
+            raise ValueError(
+                f"{attacked[0]}/{attacked[1]} is the split under attack: a prior counted from it would hand the "
+                "attacker the answer. Leave it out of splits."
+            )
+        explicit = True
+    else:
+        chosen = [(d, s) for d in DATASETS for s in _LOCAL_SPLITS[d]
+                  if (d, s) != attacked and (d == "sample" or data_dir is not None)]
+        explicit = False
+    texts: list[str] = []
+    sources: list[str] = []
+    for dataset, split in chosen:
+        try:
+            examples = load_split(dataset, split, data_dir)
+        except FileNotFoundError:
+            if explicit:
+                raise
+            continue  # its files are not on this machine
+        texts += [e.text for e in examples]
+        sources.append(f"{dataset}/{split}")
+    if not texts:
+        raise ValueError(
+            f"No text besides {attacked[0]}/{attacked[1]} is available for a prior: "
+            f"set {DATA_DIR_ENV} to the benchmark files, or pass data_dir=..."
+        )
+    return texts, sources
 
 
 # --------------------------------------------------------------------------

@@ -33,9 +33,12 @@ run resumes where it stopped and loses only the tasks in flight (at most
 ``clients_per_task`` sentences per worker). Tasks run in worker processes
 through joblib, one torch thread each, and the parent alone writes the file.
 
-Command line::
+The client's update comes from :func:`gilib.client.client_update`, the
+runner (resume, safe appends, local workers or a Dask cluster) from
+:func:`gilib.results.run`. Command line::
 
     python -m gilib.experiments run GRID.yaml --out data/results/NAME.jsonl [--jobs 2] [--device cpu]
+    python -m gilib.experiments run GRID.yaml --out ... --scheduler tcp://host:8786   # on a Dask cluster
     python -m gilib.experiments summarize data/results/NAME.jsonl [--by component layers]
 """
 
@@ -45,20 +48,23 @@ import argparse
 import functools
 import itertools
 import json
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pandas as pd
+import torch
 import yaml
 
-from .data import load_split, repo_root, sample_batches
+from . import results
+from .attack import AttackConfig, attack_clients
+from .client import DPSGD, client_update
+from .data import load_split, sample_batches
+from .metrics import rouge_scores
+from .models import encode, load_model
+from .slicing import COMPONENTS, select
 
 SCORES = ("rouge1", "rouge2", "rougeL")
-CELL_FIELDS = ("model", "component", "layers", "objective", "seed", "steps")
 OWN_DATASETS = ("sample",)  # text we wrote: reconstructions may be stored
 
 
@@ -131,9 +137,8 @@ def load_grid(path: str | Path) -> Grid:
 
 def parse_grid(spec: dict, name: str = "grid") -> Grid:
     """Build a :class:`Grid` from a grid file's content (see the module docstring)."""
-    from .attack import AttackConfig
-    from .slicing import COMPONENTS
-
+    if not isinstance(spec, dict):
+        raise ValueError(f"A grid file holds a mapping of fields (name, model, selections, ...), got {spec!r}.")
     known = {"name", "model", "datasets", "split", "sentences", "sample_seed", "clients_per_task", "attack",
              "seeds", "selections", "dp"}
     unknown = set(spec) - known
@@ -144,7 +149,7 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     attack = dict(spec.get("attack") or {})
     try:
         AttackConfig(**attack)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"Bad 'attack' settings in the grid: {err}") from None
     attack.setdefault("objective", "cos")
     attack.setdefault("steps", AttackConfig.steps)
@@ -152,6 +157,9 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     cells = []
     for seed, defence in itertools.product(spec.get("seeds", [0]), defences):
         for entry in spec["selections"]:
+            if not isinstance(entry, dict) or set(entry) - {"component", "layers"}:
+                raise ValueError(f"Bad selection {entry!r} in the grid: each is {{component: NAME, layers: ...}} "
+                                 f"with no other field.")
             component = entry.get("component")
             if component not in COMPONENTS:
                 raise ValueError(f"Unknown component {component!r} in the grid; choose one of: {', '.join(COMPONENTS)}.")
@@ -199,34 +207,6 @@ def _dp_settings(spec: dict | None) -> list[tuple[tuple[str, Any], ...] | None]:
             for n in noises for r in readings]
 
 
-def git_commit() -> str:
-    """The repository's commit (``-dirty`` when the tree has changes), or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=repo_root(), capture_output=True, text=True, timeout=10, check=True,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def read_results(path: str | Path) -> list[dict]:
-    """The lines of a results file; a line cut short by a killed run is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the last line of a run killed mid-write
-    return rows
-
-
 def _done_key(cell_key: str, dataset: str, split: str, row_id: int) -> tuple:
     return (cell_key, dataset, split, int(row_id))
 
@@ -258,8 +238,6 @@ def plan(grid: Grid, done: set[tuple] = frozenset()) -> list[tuple[Cell, str, st
 
 @functools.lru_cache(maxsize=2)
 def _victim(name: str, device: str):
-    from .models import load_model
-
     return load_model(name, seed=0, device=device)
 
 
@@ -269,14 +247,6 @@ def run_task(cell: Cell, dataset: str, split: str, examples: list, device: str =
     The client side (the true sentence and its gradient) and the server side
     (the attack, which gets only the shared update) meet only in the metrics.
     """
-    import torch
-
-    from .attack import AttackConfig, SharedUpdate, attack_clients
-    from .dp import dp_client_gradients
-    from .metrics import rouge_scores
-    from .models import encode
-    from .slicing import client_gradient, select
-
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _victim(cell.model, device)
@@ -284,24 +254,22 @@ def run_task(cell: Cell, dataset: str, split: str, examples: list, device: str =
     updates, extras = [], []
     for ex in examples:
         true_batch = encode(tokenizer, ex.text, ex.label, device=device)
-        if cell.dp is None:
-            shared_grads, extra = client_gradient(model, selection, true_batch), {}
-        else:
+        protocol, extra = None, {}
+        if cell.dp is not None:
             settings = dict(cell.dp)
             # The noise is seeded by the sentence, so it does not depend on how a run was split.
-            step = dp_client_gradients(model, selection, true_batch, noise_multiplier=settings["noise_multiplier"],
-                                       max_grad_norm=settings["max_grad_norm"],
-                                       seed=int(ex.row_id) + 100_003 * dict(cell.attack)["seed"])
-            shared_grads = step.raw if settings["reading"] == "raw" else step.privatised
-            extra = {"dp_cosine": step.cosine(), "clip_factor": min(1.0, settings["max_grad_norm"]
-                                                                    / float(step.per_example_norms[0]))}
-        updates.append(SharedUpdate(shared_grads, true_batch["labels"], true_batch["attention_mask"].sum(dim=1).tolist()))
+            protocol = DPSGD(settings["noise_multiplier"], settings["max_grad_norm"],
+                             seed=int(ex.row_id) + 100_003 * dict(cell.attack)["seed"], reading=settings["reading"])
+        update = client_update(model, selection, true_batch, protocol)
+        if update.dp is not None:
+            extra = {"dp_cosine": update.dp.cosine(),
+                     "clip_factor": min(1.0, settings["max_grad_norm"] / float(update.dp.per_example_norms[0]))}
+        updates.append(update.shared)
         extras.append(extra)
     config = AttackConfig(**dict(cell.attack), progress=False)
-    results = attack_clients(model, tokenizer, updates, selection, config)
-    commit = git_commit()
+    rebuilt = attack_clients(model, tokenizer, updates, selection, config)
     lines = []
-    for ex, update, result, extra in zip(examples, updates, results, extras):
+    for ex, update, result, extra in zip(examples, updates, rebuilt, extras):
         scores = rouge_scores(result.texts[0], ex.text)
         line = {
             "cell": cell.describe(),
@@ -317,7 +285,6 @@ def run_task(cell: Cell, dataset: str, split: str, examples: list, device: str =
             **extra,
             "seconds": result.seconds,
             "device": device,
-            "commit": commit,
         }
         if dataset in OWN_DATASETS:
             line["reconstruction"] = result.texts[0]
@@ -333,6 +300,7 @@ def run_grid(
     jobs: int = 1,
     device: str = "cpu",
     threads: int = 1,
+    scheduler: str | None = None,
     limit: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -341,9 +309,12 @@ def run_grid(
     Args:
         grid: a :class:`Grid` or the path of a grid file.
         out: the results file (JSON lines); created with its folders.
-        jobs: worker processes (joblib); 1 runs in this process.
+        jobs: worker processes (joblib), or Dask workers with
+            ``scheduler="local"``; 1 runs in this process.
         device: ``"cpu"`` or ``"cuda"``.
         threads: torch threads per worker (0: torch's default).
+        scheduler: a Dask scheduler's address, or ``"local"`` (see
+            :func:`gilib.results.run`); ``None`` runs on this machine.
         limit: stop after this many tasks (tests use it to simulate a kill).
         progress: print one line per finished task.
 
@@ -352,40 +323,17 @@ def run_grid(
     """
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = read_results(out)
-    done = {_line_key(r) for r in existing}
-    tasks = plan(grid, done)[:limit]
-    if progress:
-        print(f"{grid.name}: {len(grid.cells)} cells x {len(grid.datasets)} datasets x {grid.sentences} sentences; "
-              f"{len(done)} done, {sum(len(t[3]) for t in tasks)} to run in {len(tasks)} tasks", file=sys.stderr)
-    if tasks:
-        # Drop a partial last line left by a killed run, so that appends start on a fresh line.
-        if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
-            out.write_text("".join(json.dumps(r) + "\n" for r in existing))
-        start = time.perf_counter()
-        for i, lines in enumerate(_execute(tasks, jobs, device, threads), 1):
-            fresh = [line for line in lines if _line_key(line) not in done]
-            with out.open("a") as f:  # one write per finished task: a kill loses only tasks in flight
-                f.write("".join(json.dumps(line) + "\n" for line in fresh))
-            if progress:
-                cell = lines[0]["cell"]
-                print(f"[{i}/{len(tasks)} {time.perf_counter() - start:6.0f}s] {cell['component']} {cell['layers']} "
-                      f"{lines[0]['dataset']}: ROUGE-1 " + " ".join(f"{l['rouge1']:.2f}" for l in lines),
-                      file=sys.stderr)
-    return read_results(out)
+    done = {_line_key(r) for r in results.read_lines(out)}
+    tasks = [(cell, dataset, split, group, device, threads) for cell, dataset, split, group in plan(grid, done)]
+    report = results.print_progress(
+        lambda lines: f"{lines[0]['cell']['component']} {lines[0]['cell']['layers']} {lines[0]['dataset']}: "
+                      "ROUGE-1 " + " ".join(f"{line['rouge1']:.2f}" for line in lines))
+    return results.run(out, tasks, run_task, task_keys=_task_keys, line_key=_line_key, jobs=jobs,
+                       scheduler=scheduler, limit=limit, progress=report if progress else None)
 
 
-def _execute(tasks, jobs: int, device: str, threads: int) -> Iterator[list[dict]]:
-    if jobs == 1:
-        for cell, dataset, split, examples in tasks:
-            yield run_task(cell, dataset, split, examples, device, threads)
-        return
-    from joblib import Parallel, delayed
-
-    parallel = Parallel(n_jobs=jobs, return_as="generator_unordered")
-    yield from parallel(delayed(run_task)(c, d, s, ex, device, threads) for c, d, s, ex in tasks)
+def _task_keys(cell: Cell, dataset: str, split: str, examples: list, *_) -> list[tuple]:
+    return [_done_key(cell.key(), dataset, split, ex.row_id) for ex in examples]
 
 
 def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:
@@ -401,7 +349,7 @@ def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
         and the selection's share of parameters.
     """
     if isinstance(rows, (str, Path)):
-        rows = read_results(rows)
+        rows = results.read_lines(rows)
     flat = []
     for r in rows:
         cell = dict(r["cell"])
@@ -439,17 +387,9 @@ def _natural(value: Any) -> str:
 def markdown_table(table: pd.DataFrame, by: Iterable[str] = ("component", "layers")) -> str:
     """A summary as a Markdown table: the groups, share of parameters, ROUGE-1/2 (mean ± sd), n."""
     by = list(by)
-    lines = ["| " + " | ".join(by) + " | share of parameters | ROUGE-1 | ROUGE-2 | sentences |",
-             "| " + " | ".join("---" for _ in range(len(by) + 4)) + " |"]
-    for _, row in table.iterrows():
-        cells = [str(row[b]) for b in by] + [
-            f"{100 * row['fraction']:.2f} %",
-            f"{row['rouge1']:.2f} ± {row['rouge1_std']:.2f}",
-            f"{row['rouge2']:.2f} ± {row['rouge2_std']:.2f}",
-            str(int(row["n"])),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = ([*(row[b] for b in by), f"{100 * row['fraction']:.2f} %", results.mean_sd(row["rouge1"], row["rouge1_std"]),
+             results.mean_sd(row["rouge2"], row["rouge2_std"]), int(row["n"])] for _, row in table.iterrows())
+    return results.markdown_table([*by, "share of parameters", "ROUGE-1", "ROUGE-2", "sentences"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -461,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--jobs", type=int, default=1, help="worker processes")
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker (0: default)")
     run.add_argument("--device", default="cpu")
+    run.add_argument("--scheduler", default=None,
+                     help="run on a Dask cluster: its scheduler's address (tcp://host:8786), or 'local' for a "
+                          "LocalCluster of --jobs workers on this machine")
     summ = sub.add_parser("summarize", help="mean and spread per group")
     summ.add_argument("results", type=Path)
     summ.add_argument("--by", nargs="+", default=["component", "layers"])
@@ -471,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            run_grid(args.grid, args.out, jobs=args.jobs, device=args.device, threads=args.threads)
+            run_grid(args.grid, args.out, jobs=args.jobs, device=args.device, threads=args.threads,
+                     scheduler=args.scheduler)
         else:
             table = summarize(args.results, by=args.by)
             for condition in args.where:
@@ -484,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 with pd.option_context("display.width", 200, "display.max_rows", 500):
                     print(table.round(3).to_string(index=False))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
 
 

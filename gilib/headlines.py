@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import results
 from .data import repo_root
-from .experiments import read_results, summarize
+from .experiments import summarize
 
 RESULTS = Path("data") / "results"
 FILES = {
@@ -71,7 +72,7 @@ def headline_numbers(root: str | Path | None = None) -> dict:
         largest over every sigma > 0), ``dp_sigmas``, ``utility``
         (sigma -> accuracy and epsilon) and ``steps`` / ``paper_steps``.
     """
-    layer_rows = read_results(_path("layers", root))
+    layer_rows = results.read_lines(_path("layers", root))
     layers = summarize(layer_rows, by=["component", "layers"])
     single = layers[(layers["component"] == "layer") & ~layers["layers"].astype(str).str.contains("[+]")]
     best_layer = single.loc[single["rouge1"].idxmax()]
@@ -96,7 +97,7 @@ def headline_numbers(root: str | Path | None = None) -> dict:
             "n": int(part["n"].min()),
         }
     utility = {}
-    for line in read_results(_path("utility", root)):
+    for line in results.read_lines(_path("utility", root)):
         eps = line["epsilon"]
         utility[str(line["noise_multiplier"])] = {
             "accuracy": round(float(line["accuracy"]), 4),
@@ -141,23 +142,16 @@ def headline_table(numbers: dict | None = None) -> pd.DataFrame:
 def markdown(numbers: dict | None = None) -> str:
     """The headline table as Markdown, as the README prints it."""
     h = numbers or headline_numbers()
-    lines = [
-        "| the server sees | share of parameters | ROUGE-1 | ROUGE-2 | sentences |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for _, row in headline_table(h).iterrows():
-        lines.append(
-            f"| {row['the server sees']} | {row['share_pct']:.2f} % | {row['rouge1']:.2f} ± {row['rouge1_std']:.2f}"
-            f" | {row['rouge2']:.2f} ± {row['rouge2_std']:.2f} | {int(row['n'])} |"
-        )
+    rows = [[row["the server sees"], f"{row['share_pct']:.2f} %", results.mean_sd(row["rouge1"], row["rouge1_std"]),
+             results.mean_sd(row["rouge2"], row["rouge2_std"]), int(row["n"])]
+            for _, row in headline_table(h).iterrows()]
     key = f"sigma{h['dp_sigma']}"
     query, full = h["dp"]["query0"], h["dp"]["full"]
-    lines.append(
-        f"| DP-SGD's message (σ = {h['dp_sigma']}): layer 0's query / every parameter | "
-        f"{h['query0']['share_pct']:.2f} % / {h['full']['share_pct']:.2f} % | "
-        f"{query[key]:.2f} / {full[key]:.2f} | {query[key + '_rouge2']:.2f} / {full[key + '_rouge2']:.2f} | {query['n']} |"
-    )
-    return "\n".join(lines)
+    rows.append([f"DP-SGD's message (σ = {h['dp_sigma']}): layer 0's query / every parameter",
+                 f"{h['query0']['share_pct']:.2f} % / {h['full']['share_pct']:.2f} %",
+                 f"{query[key]:.2f} / {full[key]:.2f}", f"{query[key + '_rouge2']:.2f} / {full[key + '_rouge2']:.2f}",
+                 query["n"]])
+    return results.markdown_table(["the server sees", "share of parameters", "ROUGE-1", "ROUGE-2", "sentences"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

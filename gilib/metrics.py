@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "score_batch",
     "aggregate",
     "token_accuracy",
+    "matthews",
 ]
 
 ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
@@ -231,3 +233,19 @@ def token_accuracy(
     if not true:
         raise ValueError("token_accuracy is undefined for empty sequences")
     return sum(p == t for p, t in zip(pred, true)) / len(true)
+
+
+def matthews(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Matthews correlation coefficient of binary predictions (CoLA's metric; 0 when undefined).
+
+    Example:
+        >>> matthews([1, 0, 1, 0], [1, 0, 0, 0])
+        0.5773502691896258
+    """
+    p, y = np.asarray(predictions), np.asarray(labels)
+    if p.shape != y.shape or p.ndim != 1:
+        raise ValueError(f"predictions and labels must be two 1-D sequences of one length, got {p.shape} and {y.shape}")
+    tp, tn = float(((p == 1) & (y == 1)).sum()), float(((p == 0) & (y == 0)).sum())
+    fp, fn = float(((p == 1) & (y == 0)).sum()), float(((p == 0) & (y == 1)).sum())
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator

@@ -28,7 +28,7 @@ import socket
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
 OFFLINE_MODELS = ("minilm", "bert-base-shape", "tiny")
@@ -80,8 +80,6 @@ def load_tokenizer(name: str = "minilm") -> BertTokenizerFast:
     """
     if name in OFFLINE_MODELS:
         return BertTokenizerFast.from_pretrained(str(minilm_path()))
-    from transformers import AutoTokenizer
-
     _require_hub(name)
     with _hub_errors(name):
         return AutoTokenizer.from_pretrained(name)

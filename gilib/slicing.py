@@ -4,8 +4,8 @@ Li, Xu and Dras (EMNLP 2024) show that the gradient of a *part* of a
 Transformer leaks the training text: one encoder layer, or one linear weight
 inside it (layer 0's attention query in BERT-base is 768 x 768 = 0.54 % of
 the parameters). A :class:`Selection` names such a part and maps it to exact
-parameter names; :func:`client_gradient` is what a client would share for
-that part.
+parameter names; a :class:`SharedUpdate` is what the server receives for
+that part (:func:`gilib.client.client_update` computes it).
 
 Components, each for one layer, a list of layers or ``"all"``:
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -84,6 +84,13 @@ class Selection:
     numel: int
     total: int
 
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError(
+                f"The selection {self.component} {self.layers or ''} names no parameter: the attacker would see "
+                f"nothing. Build it with select(model, component, layers)."
+            )
+
     @property
     def fraction(self) -> float:
         """Share of the model's parameters that the attacker sees."""
@@ -99,6 +106,12 @@ class Selection:
     def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """The selected parameter tensors of ``model``, in :attr:`names` order."""
         params = dict(model.named_parameters())
+        missing = [name for name in self.names if name not in params]
+        if missing:
+            raise ValueError(
+                f"This model has no parameter {missing[0]}: the selection {self.label} was made for another "
+                f"model. Build it with select(model, ...) on the model you attack."
+            )
         return [params[name] for name in self.names]
 
     def __str__(self) -> str:
@@ -172,39 +185,119 @@ def select(
     )
 
 
-def client_gradient(
-    model: torch.nn.Module,
-    selection: Selection,
-    batch: dict[str, torch.Tensor],
-) -> list[torch.Tensor]:
-    """The gradient a client shares for ``selection`` after one batch.
+class SharedUpdate(NamedTuple):
+    """What the server receives from one client: the message of the threat model.
 
-    The client computes the mean cross-entropy of its batch and
-    differentiates it with respect to the selected parameters only.
+    It holds what LAMP's threat model lets the server know, and nothing of
+    the client's text: :func:`gilib.client.client_update` builds it, every
+    attack takes it.
 
-    Args:
-        model: the victim, in ``eval()`` mode (no dropout), as the client
-            holds it.
-        selection: which parameters the client shares.
-        batch: ``input_ids``, ``attention_mask`` ``(B, T)`` and ``labels``
-            ``(B,)``, as :func:`gilib.models.encode` returns them.
+    Attributes:
+        shared_grads: one tensor per name of the selection, each of its
+            parameter's shape.
+        labels: ``(B,)`` class labels, or ``None`` where the attack does not
+            need them (the span check at batch size 1).
+        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
+    """
 
-    Returns:
-        ``shared_grads``: one detached tensor per name in
-        ``selection.names``, each of its parameter's shape.
+    shared_grads: Sequence[torch.Tensor]
+    labels: Sequence[int] | torch.Tensor | None
+    lengths: Sequence[int]
+
+    def validated(self, model: torch.nn.Module, selection: "Selection") -> "SharedUpdate":
+        """The update checked against the model and the selection, in canonical form.
+
+        Every attack calls this first, so a malformed message fails here with
+        a message that says what to do, never deep inside torch or LAPACK.
+
+        Returns:
+            A :class:`SharedUpdate` with ``shared_grads`` a tuple of tensors,
+            ``labels`` a ``(B,)`` long tensor on the model's device (or
+            ``None``) and ``lengths`` a list of ints.
+
+        Raises:
+            ValueError: for a tensor count or shape that does not fit the
+                selection, a gradient of another dtype or device than the
+                model, NaN or infinite values, an all-zero gradient, lengths
+                outside ``3 .. max_position_embeddings``, or labels that are
+                not one class index of the model per sentence.
+        """
+        params = selection.parameters(model)
+        shared_grads = tuple(self.shared_grads)
+        if len(shared_grads) != len(params):
+            raise ValueError(
+                f"Got {len(shared_grads)} gradient tensors for the {len(params)} of {selection.label}; "
+                f"pass one tensor per name of the selection, in its order."
+            )
+        for name, p, g in zip(selection.names, params, shared_grads):
+            if not isinstance(g, torch.Tensor):
+                raise ValueError(f"The gradient for {name} is a {type(g).__name__}, not a tensor.")
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"The gradient for {name} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}.")
+            if g.dtype != p.dtype:
+                raise ValueError(
+                    f"The gradient for {name} is {g.dtype} but the model is {p.dtype}: convert it with "
+                    f".to({p.dtype}) (or load the model in the gradient's dtype)."
+                )
+            if g.device != p.device:
+                raise ValueError(
+                    f"The gradient for {name} is on {g.device} but the model on {p.device}: move it with "
+                    f".to('{p.device}') first."
+                )
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(
+                    f"The gradient for {name} holds NaN or infinite values: the client's step diverged or the "
+                    f"message was corrupted, and no attack can read it. Recompute the update."
+                )
+        if not any(bool(g.any()) for g in shared_grads):
+            raise ValueError(
+                f"Every shared gradient tensor of {selection.label} is zero: the update carries no signal "
+                f"(a frozen selection, or a client that sent nothing). Check the client's step."
+            )
+        lengths = [_whole(n, "A sentence length") for n in self.lengths]
+        if not lengths:
+            raise ValueError("No sentence lengths given: pass one length per sentence of the batch.")
+        max_tokens = model.config.max_position_embeddings
+        for n in lengths:
+            if not 3 <= n <= max_tokens:
+                raise ValueError(
+                    f"A sentence length of {n} tokens is impossible here: lengths count [CLS] and [SEP], "
+                    f"so they lie between 3 and {max_tokens} for this model."
+                )
+        labels = None if self.labels is None else check_labels(model, self.labels, len(lengths))
+        return SharedUpdate(shared_grads, labels, lengths)
+
+
+def check_labels(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor, count: int) -> torch.Tensor:
+    """``labels`` as a ``(count,)`` long tensor on the model's device, checked against its classes.
 
     Raises:
-        ValueError: if the batch is longer than the model's position table.
+        ValueError: unless there are ``count`` integer labels, each in
+            ``0 .. num_labels - 1``.
     """
-    max_tokens = model.config.max_position_embeddings
-    if batch["input_ids"].shape[1] > max_tokens:
+    classes = model.config.num_labels
+    tensor = torch.as_tensor(labels).reshape(-1)
+    if len(tensor) != count or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool \
+            or not bool(((tensor >= 0) & (tensor < classes)).all()):
+        shown = tensor.tolist() if tensor.numel() <= 16 else f"{tensor.numel()} values"
         raise ValueError(
-            f"The batch has {batch['input_ids'].shape[1]} tokens per sentence but this model "
-            f"takes at most {max_tokens}; use shorter sentences or a larger model."
+            f"Labels must be {count} class indices in 0..{classes - 1} (this model has {classes} classes), "
+            f"one per sentence; got {shown}."
         )
-    loss = model(**batch).loss
-    grads = torch.autograd.grad(loss, selection.parameters(model))
-    return [g.detach() for g in grads]
+    return tensor.to(device=next(model.parameters()).device, dtype=torch.long)
+
+
+def _whole(value, what: str) -> int:
+    """``value`` as an int, refusing bools, fractions and anything else that is not a whole number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return int(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)  # ints and numpy integers
+    except TypeError:
+        raise ValueError(f"{what} must be a whole number of tokens, got {value!r}.") from None
 
 
 def _layer_indices(layers, n_layers: int, component: str) -> tuple[int, ...]:

@@ -15,15 +15,18 @@ optimisation grids, and writes one JSON line per measurement:
   and assembly, up to :data:`ASSEMBLE_MAX_TOKENS` tokens), 16, 32 and 64
   (check only), up to batches with more tokens than the hidden size (rank
   against hidden size).
-* ``dp``: the client's DP-SGD step (:func:`gilib.dp.dp_client_gradients`),
-  the residual gap between true and false tokens as sigma grows.
+* ``dp``: the client's DP-SGD step (:class:`gilib.client.DPSGD`), the
+  residual gap between true and false tokens as sigma grows.
 
-The truth (``true_batch``) reaches only the measurements, never the attack.
+Every client update comes from :func:`gilib.client.client_update`; the
+truth (``true_batch``) reaches only the measurements, never the attack.
 Lines keep dataset row ids, never dataset text. Command line::
 
     python -m gilib.span_study run --out data/results/ch5_span.jsonl [--sentences 5] [--jobs 2]
+    python -m gilib.span_study run --out ... --scheduler tcp://host:8786   # on a Dask cluster
 
-A killed run resumes: tasks already in the output are skipped.
+A killed run resumes (:func:`gilib.results.run`): tasks already in the
+output are skipped.
 """
 
 from __future__ import annotations
@@ -36,8 +39,17 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from . import results
+from .attack import span_attack
+from .attack.span import DEFAULT_THRESHOLD, candidate_sets, position_counts, row_space, token_residuals
+from .attack.tokens import TokenSpace
+from .client import DPSGD, client_update
 from .data import load_split, sample_batches
+from .metrics import rouge_scores, score_batch, token_accuracy
+from .models import encode, load_model
+from .slicing import select
 
 DATASETS = ("cola", "sst2", "rotten_tomatoes")
 SPAN_WEIGHTS = ("attention.query", "attention.key", "attention.value")
@@ -56,8 +68,6 @@ SAMPLE_SEED = 101  # the seed of the cached optimisation grids
 
 @functools.lru_cache(maxsize=1)
 def _victim():
-    from .models import load_model
-
     return load_model("minilm", seed=0)
 
 
@@ -78,8 +88,6 @@ def residual_profile(residuals, true_ids) -> dict[str, float]:
         ``false_min - true_max`` (> 0: the smallest residual is right at every
         position) and ``token_accuracy`` of the smallest residual.
     """
-    import torch
-
     true_ids = torch.as_tensor(true_ids)
     rows = torch.arange(len(true_ids))
     true = residuals[rows, true_ids]
@@ -92,15 +100,12 @@ def residual_profile(residuals, true_ids) -> dict[str, float]:
         "false_min": float(false.min()),
         "false_median": float(false.median()),
         "gap": float(false.min() - true.max()),
-        "token_accuracy": float((residuals.argmin(dim=1) == true_ids).double().mean()),
+        "token_accuracy": token_accuracy(residuals.argmin(dim=1), true_ids),
     }
 
 
 def _check(model, tokenizer, gradient, lengths):
     """Row space and residuals of positions 1..max-2 for a weight gradient (any input width = hidden)."""
-    from .attack.span import row_space, token_residuals
-    from .attack.tokens import TokenSpace
-
     space = row_space(gradient, max_rank=sum(lengths))
     residuals = token_residuals(model, TokenSpace(model, tokenizer), space, range(1, max(lengths) - 1))
     return space, residuals
@@ -108,22 +113,16 @@ def _check(model, tokenizer, gradient, lengths):
 
 def measure_comparison(dataset: str, example) -> list[dict]:
     """The span attack at batch size 1 on each layer-0 input projection."""
-    from .attack import span_attack
-    from .metrics import rouge_scores
-    from .models import encode
-    from .slicing import client_gradient, select
-
     model, tokenizer = _victim()
     true_batch = encode(tokenizer, example.text, example.label)
-    lengths = true_batch["attention_mask"].sum(1).tolist()
     lines = []
     for component in SPAN_WEIGHTS:
         selection = select(model, component, 0)
-        shared_grads = client_gradient(model, selection, true_batch)
-        result = span_attack(model, tokenizer, shared_grads, selection, lengths)
+        update = client_update(model, selection, true_batch).shared
+        result = span_attack(model, tokenizer, update, selection)
         scores = rouge_scores(result.texts[0], example.text)
         lines.append({"study": "comparison", "component": component, "layers": 0, "dataset": dataset,
-                      "row_id": example.row_id, "tokens": lengths[0], **scores,
+                      "row_id": example.row_id, "tokens": update.lengths[0], **scores,
                       "exact": result.token_ids[0] == true_batch["input_ids"][0].tolist(),
                       "rank": result.timings["rank"], "min_gap": result.timings["min_gap"],
                       "seconds": result.seconds})
@@ -132,20 +131,17 @@ def measure_comparison(dataset: str, example) -> list[dict]:
 
 def measure_components(dataset: str, example) -> list[dict]:
     """The check's premise, tested on weights whose inputs are not enumerable."""
-    from .models import encode
-    from .slicing import client_gradient, select
-
     model, tokenizer = _victim()
     hidden = model.config.hidden_size
     true_batch = encode(tokenizer, example.text, example.label)
-    lengths = true_batch["attention_mask"].sum(1).tolist()
     true_ids = true_batch["input_ids"][0, 1:-1]
     lines = []
     for component, layer in (("attention.query", 0),) + OTHER_WEIGHTS:
         selection = select(model, component, layer)
+        update = client_update(model, selection, true_batch).shared
+        lengths = update.lengths
         weight = next(n for n in selection.names if n.endswith(".weight"))
-        (gradient,) = [g for n, g in zip(selection.names, client_gradient(model, selection, true_batch))
-                       if n == weight]
+        (gradient,) = [g for n, g in zip(selection.names, update.shared_grads) if n == weight]
         line = {"study": "components", "component": component, "layers": layer, "dataset": dataset,
                 "row_id": example.row_id, "tokens": lengths[0], "input_width": gradient.shape[1]}
         if gradient.shape[1] != hidden:
@@ -161,30 +157,23 @@ def measure_components(dataset: str, example) -> list[dict]:
 
 def measure_batch(dataset: str, batch: list) -> list[dict]:
     """The span attack on a batch (layer 0's query weight); check only for the large sizes."""
-    from .attack import span_attack
-    from .metrics import score_batch
-    from .models import encode
-    from .slicing import client_gradient, select
-
     model, tokenizer = _victim()
     selection = select(model, "attention.query", 0)
     true_batch = encode(tokenizer, [e.text for e in batch], [e.label for e in batch])
-    lengths = true_batch["attention_mask"].sum(1).tolist()
+    update = client_update(model, selection, true_batch).shared
+    lengths = update.lengths
     truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
-    shared_grads = client_gradient(model, selection, true_batch)
     line = {"study": "batch", "component": "attention.query", "layers": 0, "dataset": dataset,
             "row_ids": [e.row_id for e in batch], "batch_size": len(batch), "tokens": sum(lengths),
             "hidden": model.config.hidden_size}
     start = time.perf_counter()
-    from .attack.span import DEFAULT_THRESHOLD, candidate_sets, position_counts
-
-    space, residuals = _check(model, tokenizer, shared_grads[0], lengths)
+    space, residuals = _check(model, tokenizer, update.shared_grads[0], lengths)
     line.update(rank=space.rank, full=space.full, **_batch_residuals(residuals, truth),
                 tokens_under_threshold=float((residuals < DEFAULT_THRESHOLD).double().sum(1).mean()))
     if len(batch) in CHECK_ONLY_BATCH_SIZES or sum(lengths) > ASSEMBLE_MAX_TOKENS:
         line.update(assembled=False, **_set_quality(candidate_sets(residuals, position_counts(lengths)), truth))
         return [{**line, "seconds": time.perf_counter() - start}]
-    result = span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
+    result = span_attack(model, tokenizer, update, selection)
     scores = score_batch(result.texts, [e.text for e in batch])
     line.update(final_loss=result.final_loss, assembled=True,
                 exact=sum(t in result.token_ids for t in truth) / len(batch),
@@ -217,20 +206,15 @@ def _set_quality(sets, truth) -> dict[str, float]:
 
 def measure_dp(dataset: str, example) -> list[dict]:
     """The residuals under the client's DP-SGD step, for each noise multiplier (layer 0's query)."""
-    from .dp import dp_client_gradients
-    from .models import encode
-    from .slicing import select
-
     model, tokenizer = _victim()
     selection = select(model, "attention.query", 0)
     weight = selection.names.index(next(n for n in selection.names if n.endswith("query.weight")))
     true_batch = encode(tokenizer, example.text, example.label)
-    lengths = true_batch["attention_mask"].sum(1).tolist()
     lines = []
     for sigma in NOISE_MULTIPLIERS:
-        step = dp_client_gradients(model, selection, true_batch, noise_multiplier=sigma, max_grad_norm=1.0,
-                                   seed=int(example.row_id))
-        gradient = step.privatised[weight]
+        update = client_update(model, selection, true_batch, DPSGD(sigma, 1.0, seed=int(example.row_id)))
+        step, lengths = update.dp, update.shared.lengths
+        gradient = update.shared.shared_grads[weight]
         space, residuals = _check(model, tokenizer, gradient, lengths)
         # Batch size 1: the privatised gradient is the clipped one plus the noise.
         clipped = step.raw[weight] * min(1.0, 1.0 / float(step.per_example_norms[0]))
@@ -258,62 +242,50 @@ def plan(sentences: int) -> list[tuple]:
     return tasks
 
 
-def _run_task(name: str, dataset: str, item) -> list[dict]:
-    import torch
-
+def run_task(name: str, dataset: str, item) -> list[dict]:
+    """One task of the study (runs in a worker): ``measure_<study>(dataset, item)``."""
     torch.set_num_threads(1)
-    return globals()[name](dataset, item)
+    return MEASUREMENTS[name](dataset, item)
+
+
+MEASUREMENTS = {f.__name__: f for f in (measure_comparison, measure_components, measure_batch, measure_dp)}
 
 
 def _key(study: str, dataset: str, ids) -> str:
     return json.dumps([study, dataset, ids])
 
 
-def _task_key(name: str, dataset: str, item) -> str:
+def _task_key(name: str, dataset: str, item) -> list[str]:
     ids = [e.row_id for e in item] if isinstance(item, list) else item.row_id
-    return _key(name.removeprefix("measure_"), dataset, ids)
+    return [_key(name.removeprefix("measure_"), dataset, ids)]
 
 
 def _line_key(line: dict) -> str:
     return _key(line["study"], line["dataset"], line.get("row_ids", line.get("row_id")))
 
 
-def run(out: str | Path, sentences: int = 5, jobs: int = 1, progress: bool = True) -> list[dict]:
+def run(out: str | Path, sentences: int = 5, jobs: int = 1, scheduler: str | None = None,
+        progress: bool = True) -> list[dict]:
     """Run (or resume) the whole study, appending its lines to ``out``.
 
     A task whose lines are already in ``out`` is skipped, so a killed run
     resumes where it stopped. Lines keep the commit that wrote them; delete
     the file to regenerate every line at one commit.
+
+    Args:
+        out: the results file.
+        sentences: sentences per dataset (and batches per size).
+        jobs, scheduler: the engine (:func:`gilib.results.run`).
+        progress: print a line per finished task.
     """
-    from joblib import Parallel, delayed
-
-    from . import span_study  # by module name, also under ``python -m``: workers import it
-    from .experiments import git_commit, read_results
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lines = read_results(out)
-    done = {_line_key(line) for line in lines}
-    tasks = [t for t in plan(sentences) if _task_key(*t) not in done]
-    commit, start = git_commit(), time.perf_counter()
-    results = Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(span_study._run_task)(*t) for t in tasks)
-    with out.open("a") as f:
-        for k, task_lines in enumerate(results, start=1):
-            for line in task_lines:
-                line["commit"] = commit
-                f.write(json.dumps(line) + "\n")
-                lines.append(line)
-            f.flush()
-            if progress:
-                print(f"[{k}/{len(tasks)}] {time.perf_counter() - start:.0f} s", flush=True)
-    return lines
+    report = results.print_progress(lambda lines: f"{lines[0]['study']} {lines[0]['dataset']}")
+    return results.run(out, plan(sentences), run_task, task_keys=_task_key, line_key=_line_key, jobs=jobs,
+                       scheduler=scheduler, progress=report if progress else None)
 
 
 def load(path: str | Path, study: str) -> pd.DataFrame:
     """The lines of one study from a results file, as a table."""
-    from .experiments import read_results
-
-    rows = [r for r in read_results(path) if r.get("study") == study]
+    rows = [r for r in results.read_lines(path) if r.get("study") == study]
     if not rows:
         raise ValueError(f"{path} has no '{study}' lines: run python -m gilib.span_study run --out {path}")
     return pd.DataFrame(rows)
@@ -331,15 +303,13 @@ def comparison_table(span_path: str | Path, optimisation_path: str | Path) -> pd
         One row per weight and attack: ROUGE-1, ROUGE-2, share of sentences
         recovered exactly (span check), seconds per sentence, sentences.
     """
-    from .experiments import read_results
-
     span = load(span_path, "comparison")
     span = span.assign(attack="span check (batch 1)")
     optimisation = pd.DataFrame(
         [{"component": r["cell"]["component"], "layers": r["cell"]["layers"], "rouge1": r["rouge1"],
           "rouge2": r["rouge2"], "seconds": r["seconds"], "exact": None,
           "attack": f"optimisation ({r['cell']['steps']} steps)"}
-         for r in read_results(optimisation_path)
+         for r in results.read_lines(optimisation_path)
          if r["cell"]["component"] in SPAN_WEIGHTS and r["cell"]["layers"] == 0]
     )
     both = pd.concat([span, optimisation], ignore_index=True)
@@ -351,13 +321,11 @@ def comparison_table(span_path: str | Path, optimisation_path: str | Path) -> pd
 
 def markdown(table: pd.DataFrame) -> str:
     """:func:`comparison_table` as Markdown (the README repeats it)."""
-    lines = ["| weight (layer 0) | attack | ROUGE-1 | ROUGE-2 | exact | s / sentence | sentences |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for _, r in table.iterrows():
-        exact = "–" if pd.isna(r["exact"]) else f"{r['exact']:.0%}"
-        lines.append(f"| {r['component']} | {r['attack']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {exact} "
-                     f"| {r['seconds']:.1f} | {r['sentences']} |")
-    return "\n".join(lines)
+    rows = ([r["component"], r["attack"], f"{r['rouge1']:.2f}", f"{r['rouge2']:.2f}",
+             "–" if pd.isna(r["exact"]) else f"{r['exact']:.0%}", f"{r['seconds']:.1f}", r["sentences"]]
+            for _, r in table.iterrows())
+    return results.markdown_table(["weight (layer 0)", "attack", "ROUGE-1", "ROUGE-2", "exact", "s / sentence",
+                                   "sentences"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,16 +334,24 @@ def main(argv: list[str] | None = None) -> None:
     run_p = sub.add_parser("run", help="run every measurement of chapter 5")
     run_p.add_argument("--out", required=True)
     run_p.add_argument("--sentences", type=int, default=5, help="sentences per dataset (and batches per size)")
-    run_p.add_argument("--jobs", type=int, default=1)
+    run_p.add_argument("--jobs", type=int, default=1, help="worker processes (or Dask workers with --scheduler local)")
+    run_p.add_argument("--scheduler", default=None,
+                       help="run on a Dask cluster: its scheduler's address (tcp://host:8786) or 'local'")
     table_p = sub.add_parser("table", help="the comparison table, in Markdown")
     table_p.add_argument("span")
     table_p.add_argument("optimisation")
     args = parser.parse_args(argv)
-    if args.command == "run":
-        run(args.out, args.sentences, args.jobs)
-    else:
-        print(markdown(comparison_table(args.span, args.optimisation)))
+    try:
+        if args.command == "run":
+            run(args.out, args.sentences, args.jobs, args.scheduler)
+        else:
+            print(markdown(comparison_table(args.span, args.optimisation)))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, so that worker processes find run_task under gilib.span_study.
+    from gilib.span_study import main as _main
+
+    _main()

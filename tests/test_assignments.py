@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from gilib.assignments import strip_markdown, strip_solutions, write_assignments
-from gilib.book import chapter_notebooks
+from gilib.notebooks import chapter_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 

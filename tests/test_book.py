@@ -1,8 +1,23 @@
+"""gilib.book: what a chapter imports at run time (fast mode, records, the online or offline setup).
+
+Also the book's own files: its configuration, bibliography and table of contents.
+"""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
 import nbformat
 import pytest
+import yaml
 from nbclient import NotebookClient
 
-from gilib.book import fast_mode, pick, read_records
+import gilib.data
+from gilib import book
+from gilib.book import Setup, choose_setup, fast_mode, load_sentences, pick, read_records
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_fast_mode_follows_the_environment(monkeypatch):
@@ -37,18 +52,6 @@ def test_records_round_trip_through_an_executed_notebook():
 # --------------------------------------------------------------------------- #
 # Online or offline: the chapters' setup.
 # --------------------------------------------------------------------------- #
-
-import sys  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-from gilib import book  # noqa: E402
-from gilib.book import Setup, choose_setup, load_sentences  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _never():
     raise AssertionError("the hub must not be asked when the chapter stays offline")
@@ -112,93 +115,21 @@ def test_load_sentences_offline_reads_local_files():
 
 
 def test_load_sentences_online_reads_the_hub(monkeypatch):
-    import gilib.data
-
     calls = []
     monkeypatch.setattr(gilib.data, "load_hub_split", lambda d, s="train": calls.append((d, s)) or ["row"])
     assert load_sentences(Setup(True, "bert-base-uncased", "cola", "cpu", "")) == ["row"]
     assert calls == [("cola", "train")]
 
 
-# --------------------------------------------------------------------------- #
-# The chapters' shared parts: Colab badge, install cell, repository.
-# --------------------------------------------------------------------------- #
-
-
-def test_every_chapter_has_its_badge_and_install_cell():
-    chapters = book.chapter_notebooks()
-    assert len(chapters) >= 4
-    problems = [p for path in chapters for p in book.check_chapter(path)]
-    assert problems == []
-
-
-def test_badges_point_at_the_repository_of_the_config_and_at_the_notebook_itself():
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    url, branch = config["repository"]["url"], config["repository"]["branch"]
-    assert url.startswith("https://github.com/")
-    for path in book.chapter_notebooks():
-        nb = nbformat.read(str(path), as_version=4)
-        rel = path.relative_to(ROOT).as_posix()
-        expected = f"https://colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/{branch}/{rel}"
-        assert f"]({expected})" in nb.cells[0].source, rel
-
-
-def test_check_and_sync_repair_a_wrong_badge_and_a_missing_install_cell(tmp_path):
-    (tmp_path / "chapters").mkdir()
-    (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
-    nb = nbformat.read(str(ROOT / "chapters" / "01_full_model_inversion.ipynb"), as_version=4)
-    nb.cells[0].source = nb.cells[0].source.replace("gilib-book/partial-gradient-leakage", "someone/else")
-    del nb.cells[book._install_cell_index(nb)]
-    copy = tmp_path / "chapters" / "01_copy.ipynb"
-    nbformat.write(nb, str(copy))
-    problems = book.check_chapter(copy, root=tmp_path)
-    assert any("Colab badge" in p for p in problems) and any("install cell" in p for p in problems)
-    assert book.sync_chapter(copy, root=tmp_path)
-    assert book.check_chapter(copy, root=tmp_path) == []
-    assert not book.sync_chapter(copy, root=tmp_path)  # idempotent
-    assert "blob/main/chapters/01_copy.ipynb" in nbformat.read(str(copy), as_version=4).cells[0].source
-
-
-def test_the_install_cell_does_nothing_outside_colab(outside_colab, monkeypatch):
-    import subprocess
-
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a command outside Colab"))
-    path_before = list(sys.path)
-    exec(book.colab_install_source(), {})
-    assert sys.path == path_before
-
-
-def test_the_install_cell_in_colab_clones_the_repository_and_installs_gilib(in_colab, monkeypatch):
-    import os
-    import subprocess
-
-    commands, moved = [], []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: commands.append(cmd))
-    monkeypatch.setattr(os.path, "isdir", lambda p: False)
-    monkeypatch.setattr(os, "chdir", moved.append)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    exec(book.colab_install_source(), {})
-    url, branch = book.repository()
-    clone = "/content/partial-gradient-leakage"
-    assert commands[0] == ["git", "clone", "--depth", "1", "--branch", branch, url, clone]
-    assert commands[1][1:] == ["-m", "pip", "install", "--quiet", "-e", clone, "datasets"]
-    assert sys.path[0] == clone and moved == [f"{clone}/chapters"]
-
-
-def test_readme_names_the_same_repository_and_colab_links():
-    import re
-
-    readme = (ROOT / "README.md").read_text()
-    url, _ = book.repository()
-    assert url in readme
-    repos = set(re.findall(r"github\.com/([\w.-]+/[\w.-]+)", readme))
-    assert repos == {url.removeprefix("https://github.com/")}
-    for path in book.chapter_notebooks():
-        assert book.colab_url(path.relative_to(ROOT).as_posix()) in readme
+def test_the_chapters_module_stays_light_and_never_imports_the_upkeep_tools():
+    code = ("import sys, gilib.book; "
+            "print(sorted(m for m in ('gilib.notebooks', 'gilib.plots', 'torch') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- #
-# The book's configuration, pages and figure.
+# The book's configuration and pages.
 # --------------------------------------------------------------------------- #
 
 
@@ -228,22 +159,3 @@ def test_toc_orders_intro_chapters_conclusion_references_and_run_times():
     assert "{nb-exec-table}" in (ROOT / "chapters" / "runtimes.md").read_text()
     for page in ("intro", "conclusion"):  # executed pages: their numbers and figure come from code
         assert "{code-cell}" in (ROOT / "chapters" / f"{page}.md").read_text()
-
-
-def test_threat_model_figure_is_what_the_code_draws(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gilib import plots
-
-    ax = plots.threat_model()
-    texts = " ".join(t.get_text() for t in ax.texts)
-    assert "client (victim)" in texts and "server (attacker)" in texts and "DP-SGD" in texts
-    assert not ax.axison
-    plt.close("all")
-    drawn = book.save_threat_model(tmp_path / "threat_model.png")
-    committed = ROOT / "docs" / "threat_model.png"
-    assert drawn.read_bytes() == committed.read_bytes(), "redraw it with `make figures`"
-    assert "docs/threat_model.png" in (ROOT / "README.md").read_text()

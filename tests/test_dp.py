@@ -1,15 +1,18 @@
-"""Which gradient a DP-SGD client sends, and what its privacy costs."""
+"""Which gradient a DP-SGD client sends, and what its privacy costs (gilib.dp, gilib.utility)."""
 
 import copy
+import json
 import math
 
 import pytest
 import torch
+from opacus.accountants.utils import get_noise_multiplier
 
-from gilib import dp
+from gilib import dp, utility
+from gilib.client import DPSGD, client_update
 from gilib.data import load_split
 from gilib.models import encode
-from gilib.slicing import client_gradient, select
+from gilib.slicing import select
 
 TEXTS = ["the film was a quiet delight .", "a cat sat on the mat", "rain fell on the old town all night"]
 
@@ -38,9 +41,9 @@ def _per_example_clipped_mean(model, batch, names, clip):
 def test_without_noise_the_privatised_gradient_is_the_clipped_mean(client):
     model, _, batch = client
     selection = select(model, "layer", 0)
-    out = dp.dp_client_gradients(model, selection, batch, noise_multiplier=0.0, max_grad_norm=0.5)
+    out = dp.dp_sgd_step(model, selection, batch, noise_multiplier=0.0, max_grad_norm=0.5)
     # Raw: exactly the plain client's gradient.
-    for raw, plain in zip(out.raw, client_gradient(model, selection, batch)):
+    for raw, plain in zip(out.raw, client_update(model, selection, batch).shared.shared_grads):
         torch.testing.assert_close(raw, plain, rtol=1e-4, atol=1e-7)
     # Privatised with sigma = 0: the mean of per-example clipped gradients.
     expected = _per_example_clipped_mean(model, batch, set(selection.names), 0.5)
@@ -53,7 +56,7 @@ def test_without_noise_the_privatised_gradient_is_the_clipped_mean(client):
 def test_the_privatised_gradient_is_what_the_dp_optimizer_applies(client):
     model, _, batch = client
     selection = select(model, "attention.query", 0)
-    out = dp.dp_client_gradients(model, selection, batch, noise_multiplier=0.3, max_grad_norm=1.0, seed=7)
+    out = dp.dp_sgd_step(model, selection, batch, noise_multiplier=0.3, max_grad_norm=1.0, seed=7)
     # An independent DP-SGD step with lr = 1 and the same noise seed: the
     # weights must move by exactly minus the privatised gradient.
     twin = dp._without_dropout(copy.deepcopy(model))
@@ -70,27 +73,25 @@ def test_the_privatised_gradient_is_what_the_dp_optimizer_applies(client):
 def test_noise_makes_raw_and_privatised_differ_and_has_the_right_scale(client):
     model, _, batch = client
     selection = select(model, "ffn.intermediate", 1)
-    quiet = dp.dp_client_gradients(model, selection, batch, noise_multiplier=0.0, max_grad_norm=1.0)
-    noisy = dp.dp_client_gradients(model, selection, batch, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
+    quiet = dp.dp_sgd_step(model, selection, batch, noise_multiplier=0.0, max_grad_norm=1.0)
+    noisy = dp.dp_sgd_step(model, selection, batch, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
     assert not torch.allclose(noisy.raw[0], noisy.privatised[0])
     torch.testing.assert_close(noisy.raw[0], quiet.raw[0])
     noise = (noisy.privatised[0] - quiet.privatised[0]) * 3  # the batch mean divides the noise by B = 3
     assert noise.std().item() == pytest.approx(0.5 * 1.0, rel=0.1)  # sigma * C
-    again = dp.dp_client_gradients(model, selection, batch, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
+    again = dp.dp_sgd_step(model, selection, batch, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
     torch.testing.assert_close(again.privatised[0], noisy.privatised[0])  # seeded
 
 
 def test_the_callers_model_is_untouched(client):
     model, _, batch = client
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    dp.dp_client_gradients(model, select(model, "full"), batch, noise_multiplier=1.0)
+    dp.dp_sgd_step(model, select(model, "full"), batch, noise_multiplier=1.0)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and not hasattr(p, "grad_sample") or p.grad_sample is None
 
 
 def test_epsilon_falls_with_noise_and_matches_opacus():
-    from opacus.accountants.utils import get_noise_multiplier
-
     eps = [dp.epsilon(s, 0.01, 1000, 1e-5) for s in (0.5, 1.0, 2.0)]
     assert eps[0] > eps[1] > eps[2] > 0
     assert dp.epsilon(0.0, 0.01, 1000) == math.inf
@@ -101,17 +102,24 @@ def test_epsilon_falls_with_noise_and_matches_opacus():
         dp.epsilon(1.0, 0.0, 10)
 
 
-@pytest.mark.parametrize("sigma, clip, message", [(-0.1, 1.0, "noise_multiplier"), (0.1, 0.0, "max_grad_norm")])
+@pytest.mark.parametrize("sigma, clip, message", [
+    (-0.1, 1.0, "noise_multiplier"), (float("nan"), 1.0, "noise_multiplier"), (0.1, 0.0, "max_grad_norm"),
+    (0.1, -1.0, "max_grad_norm"), (0.1, float("inf"), "max_grad_norm"), ("0.1", 1.0, "must be a number"),
+])
 def test_bad_dp_settings_are_refused(client, sigma, clip, message):
     model, _, batch = client
     with pytest.raises(ValueError, match=message):
-        dp.dp_client_gradients(model, select(model, "full"), batch, noise_multiplier=sigma, max_grad_norm=clip)
+        dp.dp_sgd_step(model, select(model, "full"), batch, noise_multiplier=sigma, max_grad_norm=clip)
+    with pytest.raises(ValueError, match=message):
+        DPSGD(sigma, clip)
+    with pytest.raises(ValueError, match=message):
+        utility.utility_sweep("sample", [sigma], "unused.jsonl", max_grad_norm=clip)
 
 
 def test_dp_finetune_runs_the_steps_it_is_asked_for(tiny):
     model, tokenizer = tiny
     examples = load_split("sample")
-    result = dp.dp_finetune(model, tokenizer, examples[:40], examples[40:], noise_multiplier=1.0, steps=3,
+    result = utility.dp_finetune(model, tokenizer, examples[:40], examples[40:], noise_multiplier=1.0, steps=3,
                             batch_size=8, max_tokens=16)
     assert result.steps == 3 and 0.0 <= result.accuracy <= 1.0 and -1.0 <= result.mcc <= 1.0
     assert 0 < result.epsilon < math.inf
@@ -121,25 +129,20 @@ def test_dp_finetune_refuses_an_unknown_trainable_part(tiny):
     model, tokenizer = tiny
     examples = load_split("sample")
     with pytest.raises(ValueError, match="trainable must be 'all' or 'top'"):
-        dp.dp_finetune(model, tokenizer, examples[:40], examples[40:], noise_multiplier=1.0, steps=1,
+        utility.dp_finetune(model, tokenizer, examples[:40], examples[40:], noise_multiplier=1.0, steps=1,
                        batch_size=8, trainable="middle")
 
 
-def test_matthews_correlation():
-    assert dp.matthews([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0
-    assert dp.matthews([0, 1, 0, 1], [1, 0, 1, 0]) == -1.0
-    assert dp.matthews([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0
-
-
 def test_utility_sweep_writes_one_line_per_sigma_and_resumes(tmp_path):
-    import json
-
     out = tmp_path / "utility.jsonl"
     kwargs = dict(model_name="tiny", train_split="train", eval_split="train", train_size=24, eval_size=8, steps=2,
                   batch_size=8)
-    first = dp.utility_sweep("sample", [0.5], out, **kwargs)
-    both = dp.utility_sweep("sample", [0.5, 1.0], out, **kwargs)  # sigma 0.5 is not run again
+    first = utility.utility_sweep("sample", [0.5], out, **kwargs)
+    with out.open("a") as f:
+        f.write('{"settings": {"model": "ti')  # a sweep killed mid-write: the next append must not fuse with it
+    both = utility.utility_sweep("sample", [0.5, 1.0], out, **kwargs)  # sigma 0.5 is not run again
     assert len(first) == 1 and [r["noise_multiplier"] for r in both] == [0.5, 1.0]
     assert all(r["steps"] == 2 and r["epsilon"] > 0 for r in both)
     assert json.loads(out.read_text().splitlines()[0])["settings"]["train_size"] == 24
+    assert len(out.read_text().splitlines()) == 2 and all(r["commit"] for r in both)
 

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from gilib.data import default_data_dir, load_split
-from gilib.experiments import load_grid, main, markdown_table, parse_grid, read_results, run_grid, summarize
+from gilib.experiments import load_grid, main, markdown_table, parse_grid, run_grid, summarize
+from gilib.results import read_lines
 
 SPEC = {
     "name": "tiny-test",
@@ -76,11 +77,36 @@ def test_summarize_gives_mean_spread_and_count():
         ({"sentences": 0}, "at least 1"),
         ({"dp": {"noise_multipliers": [0.1], "readings": ["cooked"]}}, "Unknown dp reading"),
         ({"dp": {"noise_multipliers": []}}, "needs noise_multipliers"),
+        ({"dp": {"noise_multipliers": [-0.1]}}, "each 0 or more"),
+        ({"dp": {"noise_multipliers": [0.1], "max_grad_norm": 0}}, "must be positive"),
+        ({"dp": {"noise_multipliers": [0.1], "clip": 1.0}}, "Unknown 'dp' field"),
+        ({"selections": [{"component": "layer", "layer": 0}]}, "Bad selection"),
+        ({"attack": {"lr": -0.01}}, "Bad 'attack' settings"),
     ],
 )
 def test_bad_grids_are_refused_clearly(change, message):
     with pytest.raises(ValueError, match=message):
         parse_grid({**SPEC, **change})
+
+
+def test_a_grid_file_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- component: full\n")
+    with pytest.raises(ValueError, match="mapping of fields"):
+        load_grid(path)
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_writes_the_same_lines_as_a_local_run(tmp_path):
+    """The same grid on a Dask LocalCluster (2 workers) and in this process: equal lines, seeds included."""
+    grid = parse_grid({**SPEC, "selections": [{"component": "attention.query", "layers": [0, 1]}]})
+    local = run_grid(grid, tmp_path / "local.jsonl", progress=False)
+    dask = run_grid(grid, tmp_path / "dask.jsonl", jobs=2, scheduler="local", progress=False)
+    timing = ("seconds",)
+    strip = lambda rows: {k: {f: v for f, v in r.items() if f not in timing} for k, r in _keyed(rows).items()}
+    assert len(dask) == len(local) == 2 * 3
+    assert strip(dask) == strip(local)
+    assert run_grid(grid, tmp_path / "dask.jsonl", scheduler="local", progress=False) == dask  # resumed: nothing to do
 
 
 def test_missing_grid_file_and_cli_errors(tmp_path, capsys):
@@ -106,7 +132,7 @@ def test_results_keep_row_ids_not_dataset_text(tmp_path):
     raw = (tmp_path / "cola.jsonl").read_text()
     assert "reconstruction" not in rows[0] and text not in raw
     assert rows[0]["commit"] and rows[0]["fraction"] > 0 and 0 <= rows[0]["rouge1"] <= 1
-    assert read_results(tmp_path / "cola.jsonl") == rows
+    assert read_lines(tmp_path / "cola.jsonl") == rows
 
 
 def test_dp_cells_attack_the_reading_they_name(tmp_path):

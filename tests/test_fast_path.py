@@ -3,22 +3,18 @@
 import pytest
 import torch
 
-from gilib.attack import AttackConfig, GradientMatcher, SharedUpdate, attack_clients, optimization_attack
+from gilib.attack import AttackConfig, GradientMatcher, attack_clients, optimization_attack
 from gilib.attack.ghost import GhostMatcher, supports
+from gilib.client import client_update
 from gilib.models import encode
-from gilib.slicing import client_gradient, select
+from gilib.slicing import select
 
 TEXTS = ["the film was a quiet delight .", "a cat sat on the mat", "them went to the market ."]
 SETTINGS = dict(steps=40, init_candidates=12, swap_every=10, swap_candidates=9, seed=5, progress=False)
 
 
 def _updates(model, tokenizer, selection, texts=TEXTS):
-    updates = []
-    for text in texts:
-        true_batch = encode(tokenizer, text, 1)
-        updates.append(SharedUpdate(client_gradient(model, selection, true_batch), true_batch["labels"],
-                                    true_batch["attention_mask"].sum(dim=1).tolist()))
-    return updates
+    return [client_update(model, selection, encode(tokenizer, text, 1)).shared for text in texts]
 
 
 @pytest.mark.parametrize("component, layers", [("attention.query", 0), ("full", None)])
@@ -28,7 +24,7 @@ def test_fast_and_plain_paths_give_identical_tokens(tiny, component, layers):
     updates = _updates(model, tokenizer, selection)
     fast = attack_clients(model, tokenizer, updates, selection, AttackConfig(batched=True, **SETTINGS))
     for i, u in enumerate(updates):
-        plain = optimization_attack(model, tokenizer, u.shared_grads, selection, u.labels, u.lengths,
+        plain = optimization_attack(model, tokenizer, u, selection,
                                     AttackConfig(**{**SETTINGS, "batched": False, "seed": SETTINGS["seed"] + i}))
         assert fast[i].token_ids == plain.token_ids
         torch.testing.assert_close(torch.tensor(fast[i].loss_history), torch.tensor(plain.loss_history),
@@ -40,7 +36,7 @@ def test_clients_attacked_together_equal_clients_attacked_alone(tiny):
     selection = select(model, "layer", 1)
     updates = _updates(model, tokenizer, selection)
     together = attack_clients(model, tokenizer, updates, selection, AttackConfig(**SETTINGS))
-    alone = optimization_attack(model, tokenizer, *updates[2][:1], selection, *updates[2][1:],
+    alone = optimization_attack(model, tokenizer, updates[2], selection,
                                 AttackConfig(**{**SETTINGS, "seed": SETTINGS["seed"] + 2}))
     assert together[2].token_ids == alone.token_ids
     assert set(together[2].timings) == {"init", "optimisation", "reordering", "polish"}
@@ -70,7 +66,7 @@ def test_clients_of_different_batch_sizes_are_refused(tiny):
     selection = select(model, "attention.query", 0)
     single = _updates(model, tokenizer, selection, TEXTS[:1])[0]
     batch = encode(tokenizer, TEXTS[:2], [1, 0])
-    pair = SharedUpdate(client_gradient(model, selection, batch), batch["labels"], batch["attention_mask"].sum(1).tolist())
+    pair = client_update(model, selection, batch).shared
     with pytest.raises(ValueError, match="same batch size"):
         attack_clients(model, tokenizer, [single, pair], selection, AttackConfig(steps=1, progress=False))
     with pytest.raises(ValueError, match="No client updates"):
@@ -84,7 +80,7 @@ def test_ghost_losses_equal_per_candidate_gradients(tiny, component, layers, obj
     model, tokenizer = tiny
     selection = select(model, component, layers)
     batch = encode(tokenizer, TEXTS[:2], [1, 0])
-    shared_grads = client_gradient(model, selection, batch)
+    shared_grads = client_update(model, selection, batch).shared.shared_grads
     matcher = GradientMatcher(model, selection.names, objective).matched([shared_grads])
     ghost = GhostMatcher(model, matcher.names, objective)
     target = matcher.target(shared_grads, selection.names, batch["labels"], batch["attention_mask"])
@@ -110,7 +106,7 @@ def test_polishing_only_lowers_the_loss_and_is_the_same_on_both_paths(tiny):
     model, tokenizer = tiny
     selection = select(model, "attention.query", 0)
     u = _updates(model, tokenizer, selection, TEXTS[2:])[0]
-    args = (model, tokenizer, u.shared_grads, selection, u.labels, u.lengths)
+    args = (model, tokenizer, u, selection)
     plain = optimization_attack(*args, AttackConfig(**SETTINGS))
     polished = optimization_attack(*args, AttackConfig(**{**SETTINGS, "polish_rounds": 3}))
     polished_plain = optimization_attack(*args, AttackConfig(**{**SETTINGS, "polish_rounds": 3, "batched": False}))

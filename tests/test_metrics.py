@@ -1,5 +1,7 @@
 """Tests for gilib.metrics."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from gilib.metrics import (
     ROUGE_TYPES,
     aggregate,
     match_batch,
+    matthews,
     rouge_scores,
     score_batch,
     token_accuracy,
@@ -184,3 +187,12 @@ def test_token_accuracy_empty_raises():
 def test_token_accuracy_not_1d_raises(bad):
     with pytest.raises(ValueError, match="one-dimensional"):
         token_accuracy(bad, bad)
+
+
+def test_matthews_correlation():
+    assert matthews([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0
+    assert matthews([0, 1, 0, 1], [1, 0, 1, 0]) == -1.0
+    assert matthews([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0
+    assert matthews([1, 0, 1, 0], [1, 0, 0, 0]) == pytest.approx(1 / math.sqrt(3))
+    with pytest.raises(ValueError, match="one length"):
+        matthews([1, 0], [1, 0, 1])

@@ -2,14 +2,17 @@ import math
 
 import pytest
 
-from gilib.attack import GPT2Prior, NgramPrior, offline_prior, prior_from_examples
-from gilib.data import default_data_dir, load_split
+import gilib.attack as attack
+from gilib import data
+from gilib.attack import GPT2Prior, NgramPrior
+from gilib.data import default_data_dir, load_split, prior_texts
 
 
 def test_ngram_prior_prefers_the_natural_order(tiny, tmp_path):
     _, tokenizer = tiny
-    prior = offline_prior(tokenizer, attacked=("cola", "train"), data_dir=tmp_path)  # no benchmark files
-    assert prior.sources == ["sample/train"]
+    texts, sources = prior_texts(attacked=("cola", "train"), data_dir=tmp_path)  # no benchmark files
+    assert sources == ["sample/train"]
+    prior = NgramPrior.from_texts(tokenizer, texts)
     natural = tokenizer("the plot goes nowhere .", add_special_tokens=False)["input_ids"]
     assert prior(natural) < prior(natural[::-1])
     assert prior(natural) < prior(natural[1:] + natural[:1])
@@ -23,26 +26,45 @@ def test_ngram_probabilities_sum_to_one(tiny):
     assert total == pytest.approx(1.0, abs=1e-6)
 
 
-def test_prior_is_never_built_from_the_attacked_split(tiny, tmp_path):
-    _, tokenizer = tiny
-    sample = load_split("sample")
+def test_ngram_prior_refuses_no_text(tiny):
+    with pytest.raises(ValueError, match="No text to build an n-gram prior from"):
+        NgramPrior.from_texts(tiny[1], [])
+
+
+def test_prior_is_never_built_from_the_attacked_split(tmp_path):
     with pytest.raises(ValueError, match="split under attack"):
-        prior_from_examples(tokenizer, sample[:5], attacked=("sample", "train"))
+        prior_texts(attacked=("sample", "train"), splits=[("sample", "train")])
     with pytest.raises(ValueError, match="No text besides sample/train"):
-        offline_prior(tokenizer, attacked=("sample", "train"), data_dir=tmp_path)
+        prior_texts(attacked=("sample", "train"), data_dir=tmp_path)
+    # A misspelt attacked split must not slip through and leave the real one in the prior.
+    with pytest.raises(ValueError, match="Unknown split 'trian'"):
+        prior_texts(attacked=("sample", "trian"))
+    with pytest.raises(ValueError, match="Unknown dataset 'colaa'"):
+        prior_texts(attacked=("colaa", "train"))
+
+
+def test_chosen_splits_are_counted_and_the_attacked_one_never(tmp_path):
+    texts, sources = prior_texts(attacked=("cola", "train"), data_dir=tmp_path, splits=[("sample", "train")])
+    assert sources == ["sample/train"] and texts == [e.text for e in load_split("sample")]
+    with pytest.raises(FileNotFoundError):
+        prior_texts(attacked=("cola", "train"), data_dir=tmp_path, splits=[("cola", "validation")])
 
 
 @pytest.mark.skipif(default_data_dir() is None, reason="needs the benchmark files (GILIB_DATA_DIR)")
-def test_offline_prior_counts_every_split_but_the_attacked_one(tiny):
-    _, tokenizer = tiny
-    prior = offline_prior(tokenizer, attacked=("cola", "train"))
-    assert "cola/train" not in prior.sources
-    assert {"sample/train", "cola/validation", "sst2/train", "rotten_tomatoes/train"} <= set(prior.sources)
-    expected = sum(len(load_split(*source.split("/"))) for source in prior.sources)
-    assert prior.sentences == expected
+def test_prior_texts_count_every_split_but_the_attacked_one():
+    texts, sources = prior_texts(attacked=("cola", "train"))
+    assert "cola/train" not in sources
+    assert {"sample/train", "cola/validation", "sst2/train", "rotten_tomatoes/train"} <= set(sources)
+    # Exactly the sentences of those splits, in order: none from the attacked one.
+    assert texts == [e.text for source in sources for e in load_split(*source.split("/"))]
+
+
+def test_the_attack_package_builds_no_prior_from_dataset_files():
+    assert not hasattr(attack, "offline_prior") and not hasattr(attack, "prior_from_examples")
+    assert data.prior_texts is prior_texts
 
 
 def test_gpt2_prior_offline_gives_a_clear_error(tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="Offline, use gilib.attack.offline_prior"):
+    with pytest.raises(RuntimeError, match=r"NgramPrior\.from_texts\(tokenizer, gilib\.data\.prior_texts\("):
         GPT2Prior(tiny[1])

@@ -1,8 +1,7 @@
 import pytest
-import torch
 
-from gilib.models import encode, load_model
-from gilib.slicing import COMPONENTS, client_gradient, select
+from gilib.models import load_model
+from gilib.slicing import COMPONENTS, Selection, select
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +76,9 @@ def test_all_components_resolve(tiny):
         assert select(tiny[0], component, layers).numel > 0
 
 
-def test_client_gradient_matches_autograd_on_the_full_model(tiny):
-    model, tokenizer = tiny
-    true_batch = encode(tokenizer, ["the film was a quiet delight ."], [1])
-    sel = select(model, "attention.value", 0)
-    (shared,) = client_gradient(model, sel, true_batch)
-    model.zero_grad()
-    model(**true_batch).loss.backward()
-    weight = model.bert.encoder.layer[0].attention.self.value.weight
-    torch.testing.assert_close(shared, weight.grad)
-    model.zero_grad(set_to_none=True)
-    assert not shared.requires_grad
+def test_an_empty_selection_and_a_selection_of_another_model_are_refused(tiny, bert_base):
+    with pytest.raises(ValueError, match="names no parameter"):
+        Selection("layer", (0,), (), 0, 100)
+    foreign = select(bert_base, "attention.query", 11)  # MiniLM-sized models have no layer 11
+    with pytest.raises(ValueError, match="made for another model"):
+        foreign.parameters(tiny[0])

@@ -1,12 +1,21 @@
 """The span check: exact recovery from one layer-0 linear weight, and clear refusals."""
 
+import math
+
 import pytest
 import torch
 
+from gilib.attack import SharedUpdate
 from gilib.attack.span import _output_gradients, item_gradients, layer0_inputs, row_space, span_attack
+from gilib.client import client_update
 from gilib.data import load_split
 from gilib.models import encode
-from gilib.slicing import client_gradient, select
+from gilib.slicing import select
+
+
+def _update(model, tokenizer, selection, texts, labels) -> SharedUpdate:
+    """What the server receives from a client holding ``texts``."""
+    return client_update(model, selection, encode(tokenizer, texts, labels)).shared
 
 
 @pytest.mark.parametrize("component", ["attention.query", "attention.key", "attention.value"])
@@ -15,8 +24,9 @@ def test_exact_recovery_of_bundled_sentences_at_batch_size_one(minilm, component
     selection = select(model, component, 0)
     for example in load_split("sample")[:5]:
         true_batch = encode(tokenizer, example.text, example.label)
-        shared_grads = client_gradient(model, selection, true_batch)
-        result = span_attack(model, tokenizer, shared_grads, selection, true_batch["attention_mask"].sum(1).tolist())
+        update = client_update(model, selection, true_batch).shared
+        # At batch size 1 the check needs no labels.
+        result = span_attack(model, tokenizer, update._replace(labels=None), selection)
         assert result.token_ids[0] == true_batch["input_ids"][0].tolist()
         assert result.method == "span" and result.timings["min_gap"] > 0.01
 
@@ -25,7 +35,7 @@ def test_the_rank_is_the_number_of_tokens(minilm):
     model, tokenizer = minilm
     selection = select(model, "attention.value", 0)
     true_batch = encode(tokenizer, "a cat sat on the mat", 1)
-    (gradient,) = client_gradient(model, selection, true_batch)
+    (gradient,) = client_update(model, selection, true_batch).shared.shared_grads
     space = row_space(gradient)
     assert space.rank == true_batch["input_ids"].shape[1]  # 8 tokens with [CLS] and [SEP]
     torch.testing.assert_close(space.basis.T @ space.basis, torch.eye(space.rank, dtype=torch.float64))
@@ -35,9 +45,9 @@ def test_the_rank_is_the_number_of_tokens(minilm):
 def test_a_selection_without_a_layer0_input_projection_is_refused(minilm, component, layers):
     model, tokenizer = minilm
     selection = select(model, component, layers)
-    true_batch = encode(tokenizer, "a cat sat on the mat", 1)
+    update = _update(model, tokenizer, selection, "a cat sat on the mat", 1)
     with pytest.raises(ValueError, match="layer 0's query, key or value weight"):
-        span_attack(model, tokenizer, client_gradient(model, selection, true_batch), selection, [8])
+        span_attack(model, tokenizer, update, selection)
 
 
 @pytest.mark.parametrize("component", ["attention.query", "attention.value"])
@@ -46,10 +56,9 @@ def test_a_batch_of_four_bundled_sentences_is_recovered_exactly(minilm, componen
     selection = select(model, component, 0)
     examples = load_split("sample")[:4]
     true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
-    lengths = true_batch["attention_mask"].sum(1).tolist()
-    shared_grads = client_gradient(model, selection, true_batch)
-    result = span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
-    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+    update = client_update(model, selection, true_batch).shared
+    result = span_attack(model, tokenizer, update, selection)
+    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(update.lengths)]
     # The gradient does not depend on the order of the batch's sentences.
     assert sorted(result.token_ids) == sorted(truth)
     assert result.timings["rank"] < 384 and result.final_loss < 1e-4
@@ -62,7 +71,7 @@ def test_the_output_gradients_of_known_inputs_are_recovered_exactly(minilm):
     model, tokenizer = minilm
     selection = select(model, "attention.value", 0)
     true_batch = encode(tokenizer, "a cat sat on the mat", 1)
-    (gradient,) = client_gradient(model, selection, true_batch)
+    (gradient,) = client_update(model, selection, true_batch).shared.shared_grads
     ids = true_batch["input_ids"][0]
     inputs = torch.stack([layer0_inputs(model, p)[int(v)] for p, v in enumerate(ids)])
     module = model.get_submodule(selection.names[0].rsplit(".", 1)[0])
@@ -73,21 +82,19 @@ def test_the_output_gradients_of_known_inputs_are_recovered_exactly(minilm):
 def test_a_batch_without_labels_is_refused_clearly(minilm):
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
-    batch = encode(tokenizer, ["a cat sat", "the dog ran home"], [1, 0])
+    update = _update(model, tokenizer, selection, ["a cat sat", "the dog ran home"], [1, 0])
     with pytest.raises(ValueError, match="needs its 2 labels"):
-        span_attack(model, tokenizer, client_gradient(model, selection, batch), selection, [5, 6])
+        span_attack(model, tokenizer, update._replace(labels=None), selection)
 
 
 def test_a_batch_with_as_many_tokens_as_input_dimensions_is_refused(minilm):
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
     examples = load_split("sample")
-    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
-    lengths = true_batch["attention_mask"].sum(1).tolist()
-    assert sum(lengths) >= 384  # the whole bundled sample: more tokens than MiniLM's hidden size
-    shared_grads = client_gradient(model, selection, true_batch)
+    update = _update(model, tokenizer, selection, [e.text for e in examples], [e.label for e in examples])
+    assert sum(update.lengths) >= 384  # the whole bundled sample: more tokens than MiniLM's hidden size
     with pytest.raises(ValueError, match="at least the weight's 384 input dimensions"):
-        span_attack(model, tokenizer, shared_grads, selection, lengths, true_batch["labels"])
+        span_attack(model, tokenizer, update, selection)
 
 
 def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
@@ -95,37 +102,62 @@ def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
     selection = select(model, "attention.key", 0)
     examples = load_split("sample")[:2]
     true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
-    lengths = true_batch["attention_mask"].sum(1).tolist()
-    result = span_attack(model, tokenizer, client_gradient(model, selection, true_batch), selection, lengths,
-                         true_batch["labels"])
-    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+    update = client_update(model, selection, true_batch).shared
+    result = span_attack(model, tokenizer, update, selection)
+    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(update.lengths)]
     assert sorted(result.token_ids) == sorted(truth)
     # One direction per distinct (position, token) input but [CLS]: x - x_[CLS] spans the key's gradient.
     assert result.timings["rank"] == len({(p, t[p]) for t in truth for p in range(1, len(t))})
 
 
-@pytest.mark.parametrize("lengths, labels, restarts, message", [
-    ([2], None, 3, "at least 3"),
-    ([600], None, 3, "longer than the model's 512 positions"),
-    ([8, 9], [0, 5], 3, "class indices in 0..1"),
-    ([8, 9], [0.0, 1.0], 3, "class indices"),
-    ([8, 9], [1], 3, "class indices"),
-    ([8], None, 0, "restarts must be at least 1"),
+@pytest.mark.parametrize("lengths, labels, settings, message", [
+    ([2], None, {}, "lie between 3 and 512"),
+    ([600], None, {}, "lie between 3 and 512"),
+    ([], None, {}, "No sentence lengths"),
+    ([8, 9], [0, 5], {}, "class indices in 0..1"),
+    ([8, 9], [0, -1], {}, "class indices in 0..1"),
+    ([8, 9], [0.0, 1.0], {}, "class indices"),
+    ([8, 9], [1], {}, "class indices"),
+    ([8], [7], {}, "class indices in 0..1"),
+    ([8], None, dict(restarts=0), "restarts must be at least 1"),
+    ([8], None, dict(restarts=1.5), "restarts must be at least 1"),
+    ([8], None, dict(threshold=0.0), "threshold must be a finite number greater than 0"),
+    ([8], None, dict(threshold=math.nan), "threshold must be a finite number greater than 0"),
 ])
-def test_bad_lengths_labels_and_settings_are_refused_clearly(minilm, lengths, labels, restarts, message):
+def test_bad_lengths_labels_and_settings_are_refused_clearly(minilm, lengths, labels, settings, message):
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
-    batch = encode(tokenizer, "a cat sat on the mat", 1)
-    shared_grads = client_gradient(model, selection, batch)
+    update = _update(model, tokenizer, selection, "a cat sat on the mat", 1)
     with pytest.raises(ValueError, match=message):
-        span_attack(model, tokenizer, shared_grads, selection, lengths, labels, restarts=restarts)
+        span_attack(model, tokenizer, update._replace(lengths=lengths, labels=labels), selection, **settings)
 
 
-def test_gradients_that_do_not_fit_the_selection_are_refused(minilm):
+def _with_nan(grads):
+    bad = grads[0].clone()
+    bad[3, 5] = math.nan
+    return [bad]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g: [g[0], g[0]], "Got 2 gradient tensors for the 1 of"),
+    (lambda g: [], "Got 0 gradient tensors for the 1 of"),
+    (lambda g: [g[0].T[:100]], "has shape"),
+    (lambda g: _with_nan(g), "NaN or infinite values"),
+    (lambda g: [torch.zeros_like(g[0])], "is zero"),
+    (lambda g: [g[0].double()], "is torch.float64 but the model is torch.float32"),
+    (lambda g: [torch.zeros(g[0].shape, device="meta")], "is on meta but the model on cpu"),
+])
+def test_gradients_that_do_not_fit_the_selection_are_refused(minilm, change, message):
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
-    (weight,) = client_gradient(model, selection, encode(tokenizer, "a cat sat", 1))
-    with pytest.raises(ValueError, match="2 gradient tensors for the 1 parameters"):
-        span_attack(model, tokenizer, [weight, weight], selection, [5])
-    with pytest.raises(ValueError, match="has shape"):
-        span_attack(model, tokenizer, [weight.T[:100]], selection, [5])
+    update = _update(model, tokenizer, selection, "a cat sat", 1)
+    with pytest.raises(ValueError, match=message):
+        span_attack(model, tokenizer, update._replace(shared_grads=change(update.shared_grads)), selection)
+
+
+def test_a_message_that_is_not_a_shared_update_is_refused(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    update = _update(model, tokenizer, selection, "a cat sat", 1)
+    with pytest.raises(TypeError, match="client_update"):
+        span_attack(model, tokenizer, list(update.shared_grads), selection)

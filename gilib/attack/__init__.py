@@ -1,19 +1,24 @@
 """Attacks that rebuild a client's text from the gradient it shares.
 
+Every attack takes the server's message for one client, a
+:class:`~gilib.slicing.SharedUpdate` (gradients of a selection, labels,
+lengths; :func:`gilib.client.client_update` builds it), and checks it first.
+
 * :func:`optimization_attack`: LAMP-style gradient matching (cos / L2 / TAG),
   for any selection of parameters; :func:`attack_clients` runs it for
   several clients at once.
 * :mod:`~gilib.attack.priors`: language-model priors for its reordering
-  rounds (an offline n-gram model, or GPT-2).
-* :func:`span_attack`: exact recovery at batch size 1 from a layer-0
-  query, key or value weight gradient (the row-space check).
+  rounds (an n-gram model counted from texts the caller chooses, or GPT-2).
+* :func:`span_attack`: exact recovery from a layer-0 query, key or value
+  weight gradient (the row-space check).
 * :mod:`~gilib.attack.ghost`: the fast path's gradient distances from
   per-token activations.
 """
 
+from ..slicing import SharedUpdate
 from .objectives import OBJECTIVES, GradientMatcher, Target, gradient_distance
-from .optimization import AttackConfig, AttackResult, Prior, SharedUpdate, attack_clients, optimization_attack
-from .priors import GPT2Prior, NgramPrior, offline_prior, prior_from_examples
+from .optimization import AttackConfig, AttackResult, Prior, attack_clients, optimization_attack
+from .priors import GPT2Prior, NgramPrior
 from .span import RowSpace, row_space, span_attack
 from .tokens import TokenSpace
 
@@ -21,8 +26,6 @@ __all__ = [
     "OBJECTIVES",
     "GPT2Prior",
     "NgramPrior",
-    "offline_prior",
-    "prior_from_examples",
     "AttackConfig",
     "AttackResult",
     "GradientMatcher",

@@ -23,21 +23,33 @@ Gradients with Language Model Priors", NeurIPS 2022) as Li, Xu and Dras
 
 The ``[CLS]`` / ``[SEP]`` tokens and each sentence's length are known to the
 attacker and held fixed. The attack receives only what the server has: the
-model, the shared gradients, the selection, the labels and the lengths.
+model, the selection and the client's message, a
+:class:`~gilib.slicing.SharedUpdate` (gradients, labels, lengths).
+
+:func:`attack_clients` is three steps, each a function of this module:
+:func:`prepare` (check the messages, lay out every client's problem),
+:func:`optimise` (random starts, Adam steps and reordering rounds) and
+:func:`finish` (projection, polishing, results). Between them an engine does
+the costly work: :class:`FastEngine` (batched ``vmap`` calls, all clients in
+one step) or :class:`PlainEngine` (the reference's algorithm, one candidate
+and one client at a time); both give the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.func import grad_and_value, vmap
 from tqdm import tqdm
 
-from ..slicing import Selection
+from ..slicing import Selection, SharedUpdate
 from . import ghost
 from .objectives import OBJECTIVES, GradientMatcher, Target
 from .tokens import TokenSpace
@@ -45,6 +57,9 @@ from .tokens import TokenSpace
 Prior = Callable[[Sequence[int]], float]
 """A language-model prior: token ids of one sentence (no special tokens) to a
 score, lower meaning more natural (e.g. mean negative log-likelihood)."""
+
+TIMINGS = ("init", "optimisation", "reordering", "polish")
+"""The phases :attr:`AttackResult.timings` reports, in seconds."""
 
 
 @dataclass
@@ -59,13 +74,13 @@ class AttackConfig:
         objective: ``"cos"`` (LAMP), ``"l2"`` (DLG) or ``"tag"`` (TAG).
         steps: Adam steps.
         lr: Adam's learning rate.
-        lr_decay: factor applied every ``lr_decay_every`` steps.
+        lr_decay: factor applied every ``lr_decay_every`` steps, in (0, 1].
         lr_decay_every: steps between decays.
         init_candidates: random starts scored before optimising.
         reg_weight: weight of the embedding-norm regulariser.
         tag_l1_weight: weight of TAG's L1 term.
         swap_every: steps between reordering rounds (0 disables them).
-        swap_burnin: fraction of ``steps`` before the first round.
+        swap_burnin: fraction of ``steps`` before the first round, in [0, 1].
         swap_candidates: orders tried per sentence and round.
         prior_weight: weight of the language-model prior in a round.
         polish_rounds: rounds of greedy token substitution after the
@@ -77,13 +92,13 @@ class AttackConfig:
         grad_clip: clip the embeddings' gradient norm (``None``: off).
         seed: seeds initialisation and reordering (client ``i`` of a
             multi-client attack uses ``seed + i``).
-        batched: the fast path: score random starts and reorderings in
-            batched ``vmap`` calls, optimise all clients of
-            :func:`attack_clients` in one batched step, and look up nearest
-            tokens only when reordering and at the end. ``False`` runs the
-            plain path, the reference's algorithm step by step (sequential
-            starts and reorderings, a nearest-token lookup every step); both
-            return the same tokens.
+        batched: the fast path (:class:`FastEngine`): score random starts
+            and reorderings in batched ``vmap`` calls, optimise all clients
+            of :func:`attack_clients` in one batched step, and look up
+            nearest tokens only when reordering and at the end. ``False``
+            runs the plain path (:class:`PlainEngine`), the reference's
+            algorithm step by step (sequential starts, reorderings and
+            clients); both return the same tokens.
         ghost: on the fast path, compute cosine and L2 distances from
             per-token activations instead of per-candidate gradients
             (:mod:`gilib.attack.ghost`; BERT-family classifiers), which is
@@ -92,6 +107,12 @@ class AttackConfig:
         chunk_size: candidates per batched call; ``None`` picks one from
             the selection's and the model's size to bound memory.
         progress: show a tqdm bar.
+
+    Raises:
+        ValueError: for an unknown objective, a count that is not a whole
+            number (a bool or a float) or is below its minimum, a weight or
+            rate that is not a finite number in its range (NaN, infinite,
+            negative, a zero learning rate), or a switch that is not a bool.
     """
 
     objective: str = "cos"
@@ -128,15 +149,52 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(
-                f"Unknown objective '{self.objective}'. Choose one of: {', '.join(OBJECTIVES)}."
+                f"Unknown objective {self.objective!r}. Choose one of: {', '.join(OBJECTIVES)}."
             )
-        if self.polish_rounds < 0:
-            raise ValueError(f"polish_rounds must be 0 (off) or more, got {self.polish_rounds}.")
         for name in ("steps", "init_candidates", "lr_decay_every", "swap_candidates", "polish_top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+            self._whole(name, 1)
+        self._whole("swap_every", 0, " (0 turns reordering off)")
+        self._whole("polish_rounds", 0, " (0 turns polishing off)")
+        self._whole("seed", 0, maximum=2**31 - 1)  # NumPy's RandomState takes seed + i < 2**32
+        if self.chunk_size is not None:
+            self._whole("chunk_size", 1, " (or None to pick one)")
+        for name, (rule, in_range) in _REAL_RANGES.items():
+            if name != "grad_clip" or self.grad_clip is not None:
+                self._real(name, rule, in_range)
+        for name in ("batched", "ghost", "progress"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+            setattr(self, name, bool(getattr(self, name)))
+
+    def _whole(self, name: str, minimum: int, hint: str = "", maximum: int | None = None) -> None:
+        """Check that setting ``name`` is a whole number in ``minimum .. maximum``; store it as an int."""
+        value = getattr(self, name)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}{hint}, got {value}.")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{name} must be at most {maximum}, got {value}.")
+        setattr(self, name, int(value))
+
+    def _real(self, name: str, rule: str, in_range: Callable[[float], bool]) -> None:
+        """Check that setting ``name`` is a finite real number for which ``in_range`` holds."""
+        value = getattr(self, name)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value) or not in_range(value):
+            raise ValueError(f"{name} must be a finite number {rule}, got {value!r}.")
+
+
+_REAL_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "lr": ("greater than 0", lambda v: v > 0),
+    "lr_decay": ("in (0, 1] (1: no decay)", lambda v: 0 < v <= 1),
+    "reg_weight": ("of at least 0", lambda v: v >= 0),
+    "tag_l1_weight": ("of at least 0", lambda v: v >= 0),
+    "prior_weight": ("of at least 0", lambda v: v >= 0),
+    "swap_burnin": ("in [0, 1] (a fraction of the steps)", lambda v: 0 <= v <= 1),
+    "grad_clip": ("greater than 0 (or None: off)", lambda v: v > 0),
+}
+"""The real-valued settings of :class:`AttackConfig`: what each must be, and the check."""
 
 
 @dataclass
@@ -169,27 +227,11 @@ class AttackResult:
     timings: dict = field(default_factory=dict)
 
 
-class SharedUpdate(NamedTuple):
-    """What the server holds about one client: its gradient, labels and lengths.
-
-    Attributes:
-        shared_grads: one tensor per name of the attacked selection.
-        labels: ``(B,)`` class labels.
-        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
-    """
-
-    shared_grads: Sequence[torch.Tensor]
-    labels: Sequence[int] | torch.Tensor
-    lengths: Sequence[int]
-
-
 def optimization_attack(
     model: torch.nn.Module,
     tokenizer,
-    shared_grads: Sequence[torch.Tensor],
+    update: SharedUpdate,
     selection: Selection,
-    labels: Sequence[int] | torch.Tensor,
-    lengths: Sequence[int],
     config: AttackConfig | None = None,
     *,
     prior: Prior | None = None,
@@ -199,11 +241,9 @@ def optimization_attack(
     Args:
         model: the victim, as the server holds it (``eval()`` mode).
         tokenizer: its tokenizer (for the special tokens and decoding).
-        shared_grads: the gradient the client shared, one tensor per name
-            in ``selection.names``.
-        selection: which parameters ``shared_grads`` belong to.
-        labels: ``(B,)`` class labels of the batch.
-        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
+        update: what the client sent (gradients of ``selection``, labels,
+            lengths), e.g. ``gilib.client.client_update(...).shared``.
+        selection: which parameters the gradients belong to.
         config: attack settings (defaults: :class:`AttackConfig`).
         prior: optional language-model prior for the reordering rounds.
 
@@ -211,10 +251,12 @@ def optimization_attack(
         An :class:`AttackResult`.
 
     Raises:
-        ValueError: if the gradients do not fit the selection, or labels
-            and lengths disagree.
+        TypeError: if ``update`` is not a :class:`~gilib.slicing.SharedUpdate`.
+        ValueError: if the update does not fit the model and the selection
+            (:meth:`~gilib.slicing.SharedUpdate.validated`: tensor count,
+            shape, dtype, device, NaN or infinite values, an all-zero
+            gradient, lengths, labels), or carries no labels.
     """
-    update = SharedUpdate(shared_grads, labels, lengths)
     return attack_clients(model, tokenizer, [update], selection, config, prior=prior)[0]
 
 
@@ -247,95 +289,198 @@ def attack_clients(
 
     Returns:
         One :class:`AttackResult` per client, in order.
+
+    Raises:
+        TypeError, ValueError: as :func:`optimization_attack`, for any
+            update; ValueError also for no update or clients of different
+            batch sizes.
     """
-    cfg = config or AttackConfig()
     start = time.perf_counter()
+    cfg = AttackConfig() if config is None else config
+    if not isinstance(cfg, AttackConfig):
+        raise TypeError(f"config must be an AttackConfig (or None for the defaults), got a {type(cfg).__name__}.")
+    problem = prepare(model, tokenizer, updates, selection, cfg)
+    engine = (FastEngine if cfg.batched else PlainEngine)(problem, cfg, prior)
+    return finish(engine, optimise(engine), start)
+
+
+# --------------------------------------------------------------------------
+# The three steps of an attack
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """Every client's attack problem, checked and laid out for an engine.
+
+    Attributes:
+        model: the victim.
+        matcher: the reconstruction loss, over the tensors that carry a
+            direction (:meth:`GradientMatcher.matched`).
+        space: the victim's token space.
+        layouts: per client, which positions are known and which searched.
+        targets: per client, what it sent, in the form the loss consumes.
+    """
+
+    model: torch.nn.Module
+    matcher: GradientMatcher
+    space: TokenSpace
+    layouts: list["_Layout"]
+    targets: list[Target]
+
+    @property
+    def clients(self) -> list[tuple["_Layout", Target]]:
+        """``(layout, target)`` of every client, in order."""
+        return list(zip(self.layouts, self.targets))
+
+
+@dataclass
+class Run:
+    """Where the optimisation left every client.
+
+    Attributes:
+        x: ``(N, B, T, d)`` the clients' final embeddings.
+        history: ``(steps, N)`` reconstruction losses, on the CPU.
+        timings: seconds per phase (:data:`TIMINGS`), all clients together.
+    """
+
+    x: torch.Tensor
+    history: torch.Tensor
+    timings: dict[str, float]
+
+
+def prepare(
+    model: torch.nn.Module,
+    tokenizer,
+    updates: Sequence[SharedUpdate],
+    selection: Selection,
+    cfg: AttackConfig,
+) -> Problem:
+    """Check what the clients sent and lay out their problems.
+
+    Every update is checked with :meth:`~gilib.slicing.SharedUpdate.validated`
+    before anything is computed from it, so a malformed message fails here
+    with a message that says what to do.
+
+    Raises:
+        TypeError: for an update that is not a :class:`~gilib.slicing.SharedUpdate`.
+        ValueError: for no update, a malformed one, one without labels, or
+            clients of different batch sizes.
+    """
+    if isinstance(updates, SharedUpdate):
+        raise TypeError("attack_clients takes a list of updates: pass [update], or call optimization_attack.")
     if not updates:
         raise ValueError("No client updates given: pass at least one SharedUpdate.")
-    params = selection.parameters(model)
-    for update in updates:
-        _check_update(params, update, selection, model)
+    updates = [_validated(update, model, selection) for update in updates]
     if len({len(u.lengths) for u in updates}) > 1:
         raise ValueError("Clients attacked together must have the same batch size; attack them in groups.")
-
     device = next(model.parameters()).device
     space = TokenSpace(model, tokenizer)
-    width = max(max(int(n) for n in u.lengths) for u in updates)
+    width = max(max(u.lengths) for u in updates)
     layouts = [_Layout(u.lengths, width, tokenizer, space, device) for u in updates]
     matcher = GradientMatcher(model, selection.names, cfg.objective, cfg.tag_l1_weight)
     matcher = matcher.matched([u.shared_grads for u in updates])
     targets = [
-        matcher.target(
-            [g.to(device) for g in u.shared_grads],
-            selection.names,
-            torch.as_tensor(u.labels, dtype=torch.long, device=device),
-            layout.attention_mask,
-        )
+        matcher.target(u.shared_grads, selection.names, u.labels, layout.attention_mask)
         for u, layout in zip(updates, layouts)
     ]
-    fast = None
-    if cfg.batched and cfg.ghost and ghost.supports(model, matcher.names, cfg.objective):
-        fast = ghost.GhostMatcher(model, matcher.names, cfg.objective)
-        chunk = cfg.chunk_size or _ghost_chunk(model.config, len(layouts[0].lengths), width)
-    else:
-        chunk = cfg.chunk_size or _auto_chunk(sum(t.numel() for t in targets[0].shared_grads), width, space.dim)
-    engine = _Engine(matcher, space, cfg, chunk, prior, fast)
-    timings = {"init": 0.0, "optimisation": 0.0, "reordering": 0.0, "polish": 0.0}
+    return Problem(model, matcher, space, layouts, targets)
 
-    tic = time.perf_counter()
-    gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(updates))]
-    rngs = [np.random.RandomState(cfg.seed + i) for i in range(len(updates))]
-    x = torch.stack([engine.best_start(layout, target, gen) for layout, target, gen in zip(layouts, targets, gens)])
-    timings["init"] += time.perf_counter() - tic
 
+def optimise(engine: "Engine") -> Run:
+    """Initialise every client, then take the Adam steps, with reordering rounds between them.
+
+    One Adam over the stacked clients is N independent Adams: its update is
+    elementwise, and the learning-rate schedule is the same for all.
+    """
+    cfg = engine.cfg
+    timings = dict.fromkeys(TIMINGS, 0.0)
+    with _timed(timings, "init"):
+        x = engine.starts()
+    rngs = [np.random.RandomState(cfg.seed + i) for i in range(len(x))]
     x.requires_grad_(True)
-    # One Adam over the stacked clients is N independent Adams: its update
-    # is elementwise, and the learning-rate schedule is the same for all.
     opt = torch.optim.Adam([x], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay)
     first_swap = int(cfg.swap_burnin * cfg.steps)
     history = []
     for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc=f"attack ({cfg.objective})"):
         if cfg.swap_every and step >= first_swap and step > 0 and step % cfg.swap_every == 0:
-            tic = time.perf_counter()
-            with torch.no_grad():
-                for i, (layout, target, rng) in enumerate(zip(layouts, targets, rngs)):
+            with _timed(timings, "reordering"), torch.no_grad():
+                for i, ((layout, target), rng) in enumerate(zip(engine.problem.clients, rngs)):
                     x[i] = engine.reorder(x[i].detach(), layout, target, rng)
-            timings["reordering"] += time.perf_counter() - tic
-        tic = time.perf_counter()
-        x.grad, rec = engine.step_gradients(x.detach(), layouts, targets)
-        if cfg.grad_clip is not None:
-            norms = x.grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-            x.grad *= (cfg.grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (x.dim() - 1))
-        opt.step()
-        sched.step()
-        history.append(rec.detach())
-        timings["optimisation"] += time.perf_counter() - tic
+        with _timed(timings, "optimisation"):
+            history.append(_adam_step(engine, x, opt, sched))
+    return Run(x.detach(), torch.stack(history).cpu(), timings)  # one device sync, at the end
 
-    history = torch.stack(history).cpu()  # (steps, N): one device sync, at the end
-    tic = time.perf_counter()
-    final_ids = [engine.polish(x[i].detach(), layout, target) for i, (layout, target) in enumerate(zip(layouts, targets))]
-    timings["polish"] += time.perf_counter() - tic
-    seconds = (time.perf_counter() - start) / len(updates)
+
+def finish(engine: "Engine", run: Run, start: float) -> list[AttackResult]:
+    """Project (and polish) every client's embeddings to tokens; one result per client.
+
+    Args:
+        engine: the engine that ran the optimisation.
+        run: what :func:`optimise` returned.
+        start: ``time.perf_counter()`` when the attack began.
+    """
+    problem, cfg = engine.problem, engine.cfg
+    with _timed(run.timings, "polish"):
+        final_ids = [engine.polish(run.x[i], layout, target) for i, (layout, target) in enumerate(problem.clients)]
+    n = len(final_ids)
+    seconds = (time.perf_counter() - start) / n
     results = []
-    for i, (layout, target) in enumerate(zip(layouts, targets)):
-        ids = final_ids[i]
-        final = matcher.loss(space.embed(ids), target).item()
-        rows = [row[:n] for row, n in zip(ids.tolist(), layout.lengths)]
+    for i, (ids, (layout, target)) in enumerate(zip(final_ids, problem.clients)):
+        rows = [row[:length] for row, length in zip(ids.tolist(), layout.lengths)]
         results.append(
             AttackResult(
-                texts=[space.decode(row) for row in rows],
+                texts=[problem.space.decode(row) for row in rows],
                 token_ids=rows,
-                loss_history=history[:, i].tolist(),
-                final_loss=final,
+                loss_history=run.history[:, i].tolist(),
+                final_loss=problem.matcher.loss(problem.space.embed(ids), target).item(),
                 seconds=seconds,
                 seconds_per_step=seconds / cfg.steps,
                 method=f"optimization/{cfg.objective}",
                 config=asdict(cfg),
-                timings={k: v / len(updates) for k, v in timings.items()},
+                timings={k: v / n for k, v in run.timings.items()},
             )
         )
     return results
+
+
+def _validated(update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
+    """One client's message, checked and in canonical form, with labels (the attack needs them)."""
+    if not isinstance(update, SharedUpdate):
+        raise TypeError(
+            f"An update must be a gilib.slicing.SharedUpdate (gradients, labels, lengths), got a "
+            f"{type(update).__name__}: build it with gilib.client.client_update(model, selection, batch).shared."
+        )
+    update = update.validated(model, selection)
+    if update.labels is None:
+        raise ValueError(
+            "The optimisation attack needs the batch's labels (the candidate's gradient is taken at them); "
+            "the update has none. Pass the labels the server knows, one per sentence."
+        )
+    return update
+
+
+def _adam_step(engine: "Engine", x: torch.Tensor, opt: torch.optim.Optimizer, sched) -> torch.Tensor:
+    """One step of every client: gradients, optional clipping, Adam, schedule; ``(N,)`` losses."""
+    x.grad, rec = engine.step_gradients(x.detach())
+    clip = engine.cfg.grad_clip
+    if clip is not None:
+        norms = x.grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        x.grad *= (clip / norms).clamp(max=1.0).view(-1, *[1] * (x.dim() - 1))
+    opt.step()
+    sched.step()
+    return rec.detach()
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[phase]``."""
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] += time.perf_counter() - tic
 
 
 class _Layout:
@@ -375,16 +520,36 @@ class _Layout:
         return slice(1, self.lengths[b] - 1)
 
 
-class _Engine:
-    """The attack's three costly operations, on the fast or the plain path."""
+# --------------------------------------------------------------------------
+# Engines: the costly operations, on the fast or the plain path
+# --------------------------------------------------------------------------
 
-    def __init__(self, matcher: GradientMatcher, space: TokenSpace, cfg: AttackConfig, chunk: int, prior,
-                 fast: "ghost.GhostMatcher | None" = None) -> None:
-        self.matcher, self.space, self.cfg, self.chunk, self.prior = matcher, space, cfg, chunk, prior
-        self.fast = fast  # ghost scoring, where the model and objective allow it
+
+class Engine:
+    """The attack's costly operations for a :class:`Problem`; subclasses say how to compute them.
+
+    A subclass provides :meth:`step_gradients` (every client's objective
+    gradient) and :meth:`scores` (the losses of many candidates for one
+    client); the random starts, reordering rounds and polishing are built
+    on them here, identically for every engine.
+    """
+
+    def __init__(self, problem: Problem, cfg: AttackConfig, prior: Prior | None = None) -> None:
+        self.problem, self.cfg, self.prior = problem, cfg, prior
+        self.matcher, self.space = problem.matcher, problem.space
         self._step = grad_and_value(self._objective, has_aux=True)
-        self._batched_step = vmap(self._step)
-        self._stacked = None
+
+    def step_gradients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of every client's objective with respect to its embeddings ``(N, B, T, d)``.
+
+        Returns:
+            ``(N, B, T, d)`` gradients and ``(N,)`` reconstruction losses.
+        """
+        raise NotImplementedError
+
+    def scores(self, candidates: torch.Tensor, target: Target) -> torch.Tensor:
+        """Reconstruction losses of ``(K, B, T, d)`` candidates for one client: ``(K,)``."""
+        raise NotImplementedError
 
     def _objective(self, x, fixed, free, target: Target):
         """Reconstruction loss plus LAMP's embedding-norm regulariser, for one client."""
@@ -401,60 +566,18 @@ class _Engine:
         mean_norm = (embeds.norm(dim=-1) * free).flatten(-2).sum(-1) / free.flatten(-2).sum(-1)
         return (mean_norm - self.space.mean_norm).square()
 
-    def step_gradients(self, x, layouts, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient of every client's objective with respect to its embeddings.
-
-        Returns:
-            ``(N, B, T, d)`` gradients and ``(N,)`` reconstruction losses.
-        """
-        if self.cfg.batched:
-            if self._stacked is None:  # the clients' constants, stacked once
-                self._stacked = (
-                    torch.stack([layout.fixed for layout in layouts]),
-                    torch.stack([layout.free for layout in layouts]),
-                    Target(
-                        tuple(torch.stack(g) for g in zip(*(t.shared_grads for t in targets))),
-                        torch.stack([t.labels for t in targets]),
-                        torch.stack([t.mask for t in targets]),
-                    ),
-                )
-            if self.fast is not None:
-                return self._ghost_step(x, *self._stacked)
-            grads, (_, rec) = self._batched_step(x, *self._stacked)
-            return grads, rec
-        grads, recs = [], []
-        for i, (layout, target) in enumerate(zip(layouts, targets)):
-            # The reference looks up the nearest tokens of every position at
-            # every step; the plain path keeps that cost to measure it.
-            self.space.nearest(x[i])
-            g, (_, rec) = self._step(x[i], layout.fixed, layout.free, target)
-            grads.append(g)
-            recs.append(rec)
-        return torch.stack(grads), torch.stack(recs)
-
-    def _ghost_step(self, x, fixed, free, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`step_gradients` from per-token activations: all clients in one forward and backward."""
-        x = x.detach().requires_grad_(True)
-        embeds = torch.where(free[..., None], x, fixed)
-        rec = self.fast.losses(embeds, target, per_candidate_target=True, create_graph=True)
-        reg = self._norm_regulariser(embeds, free)
-        # Clients are independent, so the gradient of the sum is each client's own.
-        (grads,) = torch.autograd.grad((rec + self.cfg.reg_weight * reg).sum(), x)
-        return grads, rec.detach()
-
-    def _scores(self, candidates: torch.Tensor, target: Target) -> torch.Tensor:
-        """Losses of ``(K, B, T, d)`` candidates: one batched call, or one at a time."""
-        if self.cfg.batched:
-            return (self.fast or self.matcher).score(candidates, target, chunk_size=self.chunk)
-        with torch.no_grad():
-            return torch.stack([self.matcher.loss(c, target) for c in candidates])
+    def starts(self) -> torch.Tensor:
+        """Every client's best random start, ``(N, B, T, d)``; client ``i`` drawn with seed ``seed + i``."""
+        gens = [torch.Generator().manual_seed(self.cfg.seed + i) for i in range(len(self.problem.layouts))]
+        return torch.stack([self.best_start(layout, target, gen)
+                            for (layout, target), gen in zip(self.problem.clients, gens)])
 
     def best_start(self, layout: _Layout, target: Target, gen: torch.Generator) -> torch.Tensor:
         """The lowest-loss of ``init_candidates`` Gaussian starts, ``(B, T, d)``.
 
         Each start is scaled so that its expected norm matches the mean norm
         of the vocabulary's embeddings. Starts are drawn one by one, at the
-        client's own width, so that the draws do not depend on the path or
+        client's own width, so that the draws do not depend on the engine or
         on the other clients.
         """
         batch, width, dim = layout.fixed.shape
@@ -463,7 +586,7 @@ class _Engine:
         for k in range(self.cfg.init_candidates):
             starts[k, :, : layout.own_width] = torch.randn(batch, layout.own_width, dim, generator=gen) * scale
         starts = starts.to(layout.fixed.device)
-        best = int(self._scores(layout.compose(starts), target).argmin())
+        best = int(self.scores(layout.compose(starts), target).argmin())
         return starts[best]
 
     def reorder(self, x: torch.Tensor, layout: _Layout, target: Target, rng: np.random.RandomState) -> torch.Tensor:
@@ -482,7 +605,7 @@ class _Engine:
             candidates = x.expand(len(perms), *x.shape).clone()
             for k, perm in enumerate(perms):
                 candidates[k, b, span] = x[b, span][torch.as_tensor(perm)]
-            scores = self._scores(layout.compose(candidates), target)
+            scores = self.scores(layout.compose(candidates), target)
             if self.prior is not None:
                 ids = self.space.nearest(x[b, span]).tolist()
                 penalty = [self.prior([ids[i] for i in perm]) for perm in perms]
@@ -499,12 +622,12 @@ class _Engine:
     def polish(self, x: torch.Tensor, layout: _Layout, target: Target) -> torch.Tensor:
         """Project ``(B, T, d)`` embeddings to tokens, then greedily substitute tokens.
 
-        A round scores, in one batched call, every sentence that differs from
-        the current one in a single free position, taking one of that
-        position's ``polish_top_k`` nearest tokens, and keeps the best if it
-        beats the current score (reconstruction loss on the discrete tokens,
-        plus ``prior_weight`` times the prior). With ``polish_rounds=0`` this
-        is the plain projection.
+        A round scores, in one call to :meth:`scores`, every sentence that
+        differs from the current one in a single free position, taking one
+        of that position's ``polish_top_k`` nearest tokens, and keeps the
+        best if it beats the current score (reconstruction loss on the
+        discrete tokens, plus ``prior_weight`` times the prior). With
+        ``polish_rounds=0`` this is the plain projection.
 
         Returns:
             ``(B, T)`` token ids, known tokens included.
@@ -516,7 +639,7 @@ class _Engine:
         slots = [(b, t) for b in range(ids.shape[0]) for t in range(*layout.interior(b).indices(ids.shape[1]))]
 
         def score(candidates: torch.Tensor) -> torch.Tensor:
-            scores = self._scores(self.space.embed(candidates), target)
+            scores = self.scores(self.space.embed(candidates), target)
             if self.prior is not None:
                 penalty = [self._prior_penalty(c, layout) for c in candidates]
                 scores = scores + self.cfg.prior_weight * torch.tensor(penalty, device=scores.device)
@@ -540,6 +663,75 @@ class _Engine:
                 break  # a local minimum: no single substitution helps
             ids, current = candidates[best], float(scores[best])
         return ids
+
+
+class FastEngine(Engine):
+    """The fast path: batched ``vmap`` calls, all clients in one step, ghost scoring where it applies.
+
+    Candidates are scored in chunks of ``chunk_size`` (or one picked to
+    bound memory); with ``cfg.ghost`` and a supported model and objective,
+    losses and step gradients come from per-token activations
+    (:class:`~gilib.attack.ghost.GhostMatcher`).
+    """
+
+    def __init__(self, problem: Problem, cfg: AttackConfig, prior: Prior | None = None) -> None:
+        super().__init__(problem, cfg, prior)
+        batch, width = problem.layouts[0].free.shape
+        if cfg.ghost and ghost.supports(problem.model, self.matcher.names, cfg.objective):
+            self.fast = ghost.GhostMatcher(problem.model, self.matcher.names, cfg.objective)
+            self.chunk = cfg.chunk_size or _ghost_chunk(problem.model.config, batch, width)
+        else:
+            self.fast = None
+            selected = sum(t.numel() for t in problem.targets[0].shared_grads)
+            self.chunk = cfg.chunk_size or _auto_chunk(selected, width, self.space.dim)
+        self._batched_step = vmap(self._step)
+        # The clients' constants, stacked once.
+        self._fixed = torch.stack([layout.fixed for layout in problem.layouts])
+        self._free = torch.stack([layout.free for layout in problem.layouts])
+        self._target = Target(
+            tuple(torch.stack(g) for g in zip(*(t.shared_grads for t in problem.targets))),
+            torch.stack([t.labels for t in problem.targets]),
+            torch.stack([t.mask for t in problem.targets]),
+        )
+
+    def step_gradients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All clients' gradients in one batched call (``vmap``, or ghost scoring)."""
+        if self.fast is not None:
+            return self._ghost_step(x)
+        grads, (_, rec) = self._batched_step(x, self._fixed, self._free, self._target)
+        return grads, rec
+
+    def _ghost_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step_gradients` from per-token activations: all clients in one forward and backward."""
+        x = x.detach().requires_grad_(True)
+        embeds = torch.where(self._free[..., None], x, self._fixed)
+        rec = self.fast.losses(embeds, self._target, per_candidate_target=True, create_graph=True)
+        reg = self._norm_regulariser(embeds, self._free)
+        # Clients are independent, so the gradient of the sum is each client's own.
+        (grads,) = torch.autograd.grad((rec + self.cfg.reg_weight * reg).sum(), x)
+        return grads, rec.detach()
+
+    def scores(self, candidates: torch.Tensor, target: Target) -> torch.Tensor:
+        """Losses of ``(K, B, T, d)`` candidates in batched calls of ``chunk`` candidates."""
+        return (self.fast or self.matcher).score(candidates, target, chunk_size=self.chunk)
+
+
+class PlainEngine(Engine):
+    """The plain path: the reference's algorithm step by step, one client and one candidate at a time."""
+
+    def step_gradients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each client's gradient in turn."""
+        grads, recs = [], []
+        for i, (layout, target) in enumerate(self.problem.clients):
+            g, (_, rec) = self._step(x[i], layout.fixed, layout.free, target)
+            grads.append(g)
+            recs.append(rec)
+        return torch.stack(grads), torch.stack(recs)
+
+    def scores(self, candidates: torch.Tensor, target: Target) -> torch.Tensor:
+        """Losses of ``(K, B, T, d)`` candidates, one at a time."""
+        with torch.no_grad():
+            return torch.stack([self.matcher.loss(c, target) for c in candidates])
 
 
 def _auto_chunk(selected_numel: int, width: int, dim: int) -> int:
@@ -589,28 +781,3 @@ def _random_reorder(n: int, kind: int, rng: np.random.RandomState) -> np.ndarray
         k = rng.randint(1, n)
         order = order[k:] + order[:k]
     return np.asarray(order)
-
-
-def _check_update(params, update: SharedUpdate, selection: Selection, model) -> None:
-    shared_grads, labels, lengths = update
-    if len(shared_grads) != len(params):
-        raise ValueError(
-            f"Got {len(shared_grads)} gradient tensors for a selection of {len(params)} "
-            f"({selection.label}); pass the gradient of exactly that selection."
-        )
-    for name, p, g in zip(selection.names, params, shared_grads):
-        if tuple(g.shape) != tuple(p.shape):
-            raise ValueError(
-                f"The gradient for {name} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}."
-            )
-    if len(lengths) == 0:
-        raise ValueError("No sentence lengths given: pass one length per sentence of the batch.")
-    if len(labels) != len(lengths):
-        raise ValueError(f"Got {len(labels)} labels for {len(lengths)} sentence lengths; pass one of each per sentence.")
-    max_tokens = model.config.max_position_embeddings
-    for n in lengths:
-        if not 3 <= int(n) <= max_tokens:
-            raise ValueError(
-                f"A sentence length of {n} tokens is impossible here: lengths count [CLS] and "
-                f"[SEP], so they lie between 3 and {max_tokens} for this model."
-            )

@@ -8,11 +8,14 @@ token ids of one sentence (no special tokens) to a score, lower meaning
 more natural. Two are provided:
 
 * :class:`NgramPrior`: a count-based, interpolated trigram model over BERT
-  token ids, built at run time from text already on the machine (the
-  bundled sample or the benchmark files). It needs no download. It must
-  never see the sentences under attack: :func:`offline_prior` builds it
-  from every available split *except* the attacked one, and refuses that
-  split outright.
+  token ids, counted at run time from texts the caller assembles
+  (:meth:`NgramPrior.from_texts`). It needs no download. It must never see
+  the sentences under attack: :func:`gilib.data.prior_texts` gathers every
+  local split *except* the attacked one, and refuses that split outright::
+
+      texts, sources = gilib.data.prior_texts(("cola", "train"))
+      prior = NgramPrior.from_texts(tokenizer, texts)
+
 * :class:`GPT2Prior`: GPT-2's mean negative log-likelihood of the decoded
   text, as in LAMP; it needs the Hugging Face hub (Colab) or a local copy of
   the checkpoint (a GPU machine).
@@ -26,8 +29,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..data import DATASETS, Example, default_data_dir, load_split, local_splits
+from ..models import hub_available
 
 
 class NgramPrior:
@@ -81,8 +85,19 @@ class NgramPrior:
 
     @classmethod
     def from_texts(cls, tokenizer, texts: Iterable[str], **kwargs) -> "NgramPrior":
-        """Count the WordPiece ids of ``texts`` with the victim's tokenizer."""
-        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        """Count the WordPiece ids of ``texts`` with the victim's tokenizer.
+
+        The caller chooses the texts, and must leave out the split under
+        attack: :func:`gilib.data.prior_texts` does.
+
+        Raises:
+            ValueError: if ``texts`` is empty.
+        """
+        texts = list(texts)
+        if not texts:
+            raise ValueError("No text to build an n-gram prior from: pass sentences from a split other than the "
+                             "attacked one (gilib.data.prior_texts gathers them).")
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return cls(ids, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.vocab_size, **kwargs)
 
     def log_prob(self, w: int, u: int, v: int) -> float:
@@ -102,67 +117,6 @@ class NgramPrior:
         return nll / (len(framed) - 2)
 
 
-def offline_prior(
-    tokenizer,
-    attacked: tuple[str, str],
-    data_dir: str | Path | None = None,
-) -> NgramPrior:
-    """An n-gram prior from every text on the machine except the attacked split.
-
-    Args:
-        tokenizer: the victim's tokenizer.
-        attacked: ``(dataset, split)`` under attack, e.g. ``("cola", "train")``;
-            its sentences are never counted.
-        data_dir: directory of the benchmark files (default:
-            :func:`gilib.data.default_data_dir`); without one, only the
-            bundled sample is used.
-
-    Returns:
-        The prior, with ``.sources`` listing the splits it counted.
-    """
-    data_dir = data_dir if data_dir is not None else default_data_dir()
-    texts, sources = [], []
-    for dataset in DATASETS:
-        if dataset != "sample" and data_dir is None:
-            continue
-        for split in local_splits(dataset):
-            if (dataset, split) == tuple(attacked):
-                continue
-            try:
-                examples = load_split(dataset, split, data_dir)
-            except FileNotFoundError:
-                continue  # its files are not on this machine
-            texts += [e.text for e in examples]
-            sources.append(f"{dataset}/{split}")
-    if not texts:
-        raise ValueError(
-            f"No text besides {attacked[0]}/{attacked[1]} is available for an n-gram prior: "
-            "set GILIB_DATA_DIR to the benchmark files, or pass data_dir=..."
-        )
-    prior = NgramPrior.from_texts(tokenizer, texts)
-    prior.sources = sources
-    return prior
-
-
-def prior_from_examples(tokenizer, examples: Sequence[Example], attacked: tuple[str, str]) -> NgramPrior:
-    """An n-gram prior from chosen examples, refusing any from the attacked split.
-
-    Raises:
-        ValueError: if an example comes from ``attacked``, or none is given.
-    """
-    leaked = [e for e in examples if (e.dataset, e.split) == tuple(attacked)]
-    if leaked:
-        raise ValueError(
-            f"{len(leaked)} example(s) come from {attacked[0]}/{attacked[1]}, the split under attack; "
-            "a prior built from them would hand the attacker the answer. Use other splits."
-        )
-    if not examples:
-        raise ValueError("No text to build an n-gram prior from: pass examples from another split.")
-    prior = NgramPrior.from_texts(tokenizer, [e.text for e in examples])
-    prior.sources = sorted({f"{e.dataset}/{e.split}" for e in examples})
-    return prior
-
-
 class GPT2Prior:
     """GPT-2's mean negative log-likelihood of the decoded sentence (LAMP's prior).
 
@@ -176,14 +130,10 @@ class GPT2Prior:
     """
 
     def __init__(self, bert_tokenizer, name_or_path: str = "gpt2", device: str | torch.device = "cpu") -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..models import hub_available
-
         unavailable = (
             f"The GPT-2 prior '{name_or_path}' is neither a local checkpoint directory nor reachable "
-            "on the Hugging Face hub. Offline, use gilib.attack.offline_prior(tokenizer, attacked=...), "
-            "an n-gram prior that needs no download."
+            "on the Hugging Face hub. Offline, use an n-gram prior, which needs no download: "
+            "gilib.attack.NgramPrior.from_texts(tokenizer, gilib.data.prior_texts(attacked=(dataset, split))[0])."
         )
         if not Path(name_or_path).is_dir() and not hub_available():
             raise RuntimeError(unavailable)

@@ -31,13 +31,15 @@ remaining directions.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..slicing import Selection
+from ..slicing import Selection, SharedUpdate
 from .objectives import GradientMatcher
 from .optimization import AttackResult
 from .tokens import TokenSpace
@@ -346,36 +348,40 @@ def _output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torc
     return delta.detach().cpu()
 
 
-def _checked_batch(model, shared_grads, selection, lengths, labels, restarts):
-    """What the server holds, checked before any linear algebra: ``(lengths, labels)``."""
+def _checked(model, update: SharedUpdate, selection: Selection, threshold: float,
+             restarts: int) -> tuple[SharedUpdate, str, torch.Tensor]:
+    """What the server holds, checked before any linear algebra: ``(update, weight name, its gradient)``.
+
+    The message itself is checked by :meth:`~gilib.slicing.SharedUpdate.validated`;
+    here only what the span check adds: a BERT, its settings, labels for a
+    batch, and a batch with fewer tokens than the weight's input dimensions.
+    """
     if getattr(model.config, "model_type", None) != "bert":
         raise ValueError(f"The span check enumerates BERT's layer-0 inputs; got a {model.config.model_type!r} model.")
-    if len(shared_grads) != len(selection.names):
-        raise ValueError(f"{len(shared_grads)} gradient tensors for the {len(selection.names)} parameters of "
-                         f"{selection.label}: pass one per name of the selection, in its order.")
-    for name, gradient in zip(selection.names, shared_grads):
-        if tuple(gradient.shape) != tuple(model.get_parameter(name).shape):
-            raise ValueError(f"The gradient for {name} has shape {tuple(gradient.shape)}, the parameter "
-                             f"{tuple(model.get_parameter(name).shape)}.")
-    lengths = [int(n) for n in lengths]
-    if not lengths or min(lengths) < 3:
-        raise ValueError(f"Lengths count [CLS] and [SEP]: each must be at least 3, got {lengths}.")
-    positions = model.config.max_position_embeddings
-    if max(lengths) > positions:
-        raise ValueError(f"A sentence of {max(lengths)} tokens is longer than the model's {positions} positions.")
-    if restarts < 1:
-        raise ValueError(f"restarts must be at least 1, got {restarts}.")
-    if len(lengths) == 1 and labels is None:
-        return lengths, None
-    if labels is None:
-        raise ValueError(f"A batch of {len(lengths)} sentences needs its {len(lengths)} labels (one per length, "
+    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 1:
+        raise ValueError(f"restarts must be at least 1 (a whole number), got {restarts!r}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
+            or threshold <= 0:
+        raise ValueError(f"threshold must be a finite number greater than 0, got {threshold!r}.")
+    if not isinstance(update, SharedUpdate):
+        raise TypeError(
+            f"The update must be a gilib.slicing.SharedUpdate (gradients, labels, lengths), got a "
+            f"{type(update).__name__}: build it with gilib.client.client_update(model, selection, batch).shared."
+        )
+    update = update.validated(model, selection)
+    batch = len(update.lengths)
+    if batch > 1 and update.labels is None:
+        raise ValueError(f"A batch of {batch} sentences needs its {batch} labels (one per length, "
                          f"in the same order) to assemble the sentences.")
-    labels = torch.as_tensor(labels).reshape(-1)
-    classes = model.config.num_labels
-    if len(labels) != len(lengths) or labels.is_floating_point() or not ((labels >= 0) & (labels < classes)).all():
-        raise ValueError(f"Labels must be {len(lengths)} class indices in 0..{classes - 1}, one per length; "
-                         f"got {labels.tolist()}.")
-    return lengths, labels.cpu()
+    name, gradient = layer0_weight(model, selection, update.shared_grads)
+    tokens, hidden = sum(update.lengths), gradient.shape[1]
+    if tokens >= hidden:
+        raise ValueError(
+            f"The batch has {tokens} tokens, at least the weight's {hidden} input dimensions: its row "
+            f"space can hold every input, so the check cannot tell tokens apart. Attack fewer or shorter "
+            f"sentences, or use the optimisation attack."
+        )
+    return update, name, gradient
 
 
 def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> float:
@@ -392,10 +398,8 @@ def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> floa
 def span_attack(
     model: torch.nn.Module,
     tokenizer,
-    shared_grads: Sequence[torch.Tensor],
+    update: SharedUpdate,
     selection: Selection,
-    lengths: Sequence[int],
-    labels: Sequence[int] | torch.Tensor | None = None,
     *,
     threshold: float = DEFAULT_THRESHOLD,
     restarts: int = 3,
@@ -406,13 +410,14 @@ def span_attack(
     Args:
         model: the victim, as the server holds it.
         tokenizer: its tokenizer.
-        shared_grads: the client's gradient, one tensor per name of ``selection``.
+        update: what the client sent, e.g.
+            ``gilib.client.client_update(...).shared``: one gradient per name
+            of ``selection``, the batch's token counts (``[CLS]`` and
+            ``[SEP]`` included) and its labels, one per length in the same
+            order; as in LAMP's threat model, the server knows both. Labels
+            may be ``None`` at batch size 1.
         selection: must contain layer 0's query, key or value weight (the
             first one is used; ``final_loss`` of a batch matches every tensor).
-        lengths: the batch's token counts, ``[CLS]`` and ``[SEP]`` included:
-            the server knows them, as in LAMP's threat model.
-        labels: ``(B,)`` class labels, one per length in the same order (also
-            part of that threat model); needed only at batch size > 1.
         threshold: residual under which a token is in the span.
         restarts: seeded starts of the assembly (batch size > 1).
         seed: seeds the assembly.
@@ -429,21 +434,20 @@ def span_attack(
         so compare them with :func:`gilib.metrics.match_batch`.
 
     Raises:
-        ValueError: if the model is not a BERT, no layer-0 query/key/value
-            weight is selected, the gradients, lengths or labels do not fit,
-            or the batch has at least as many tokens as the weight has input
-            dimensions (its row space can then hold every input).
+        TypeError: if ``update`` is not a :class:`~gilib.slicing.SharedUpdate`.
+        ValueError: if the model is not a BERT, the update does not fit the
+            model and the selection (:meth:`~gilib.slicing.SharedUpdate.validated`:
+            tensor count, shape, dtype, device, NaN or infinite values, an
+            all-zero gradient, lengths, labels), a batch has no labels, no
+            layer-0 query/key/value weight is selected, the settings are
+            out of range, or the batch has at least as many tokens as the
+            weight has input dimensions (its row space can then hold every
+            input).
     """
     start = time.perf_counter()
-    lengths, labels = _checked_batch(model, shared_grads, selection, lengths, labels, restarts)
-    name, gradient = layer0_weight(model, selection, shared_grads)
-    batch, hidden = len(lengths), gradient.shape[1]
-    if sum(lengths) >= hidden:
-        raise ValueError(
-            f"The batch has {sum(lengths)} tokens, at least the weight's {hidden} input dimensions: its row "
-            f"space can hold every input, so the check cannot tell tokens apart. Attack fewer or shorter "
-            f"sentences, or use the optimisation attack."
-        )
+    update, name, gradient = _checked(model, update, selection, threshold, restarts)
+    shared_grads, labels, lengths = update
+    batch = len(lengths)
     shift_invariant = name.endswith("key.weight")
     # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
     space = row_space(gradient, max_rank=sum(lengths) - (batch if shift_invariant else 0))

@@ -1,0 +1,177 @@
+"""The client side of the threat model, written once: what a client sends.
+
+A client holds a private batch (``true_batch``: token ids, attention mask,
+labels) and the current model. One round of training turns them into an
+update, and that update, restricted to a selection of parameters
+(:mod:`gilib.slicing`), is all the server receives: a
+:class:`~gilib.slicing.SharedUpdate` of gradients, labels and lengths, as in
+LAMP's threat model (Balunovic et al., NeurIPS 2022) and the
+partial-gradient paper (Li, Xu and Dras, EMNLP 2024). Three protocols:
+
+* plain (FedSGD): the gradient of the batch's mean cross-entropy;
+* :class:`DPSGD`: DP-SGD's privatised gradient (Abadi et al., CCS 2016),
+  per-example clipping and Gaussian noise through Opacus
+  (:func:`gilib.dp.dp_sgd_step`), or the raw gradient read before
+  privatisation;
+* :class:`FedAvg`: ``E`` local SGD steps on the batch (McMahan et al.,
+  AISTATS 2017); the client sends the weight difference, which the server
+  divides by the public ``lr * E`` (the mean local gradient; the gradient
+  itself at ``E = 1``).
+
+Every chapter, study, benchmark and test computes a client's update here.
+The client's truth stays with the caller: it reaches the metrics, never an
+attack.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from .dp import DPGradients, check_dp_settings, dp_sgd_step
+from .slicing import Selection, SharedUpdate, check_labels
+
+READINGS = ("privatised", "raw")
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """A DP-SGD client step.
+
+    Attributes:
+        noise_multiplier: ``sigma``; 0 clips without noise.
+        max_grad_norm: ``C``, the per-example clipping norm over every
+            parameter.
+        seed: seeds the Gaussian noise.
+        reading: ``"privatised"`` (what a DP-SGD client sends: ``p.grad``
+            after the DP optimizer's ``pre_step()``) or ``"raw"`` (``p.grad``
+            right after ``backward()``, what the partial-gradient paper's
+            code attacks).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    reading: str = "privatised"
+
+    def __post_init__(self) -> None:
+        check_dp_settings(self.noise_multiplier, self.max_grad_norm)
+        if self.reading not in READINGS:
+            raise ValueError(f"Unknown DP reading {self.reading!r}: use 'privatised' (what the client sends) "
+                             f"or 'raw' (p.grad right after backward()).")
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """FedAvg's client update: ``local_steps`` SGD steps on the private batch.
+
+    Attributes:
+        local_steps: ``E``, full-batch SGD steps (at least 1).
+        lr: the local learning rate (positive).
+    """
+
+    local_steps: int = 1
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
+            raise ValueError(f"FedAvg needs local_steps >= 1 (a whole number), got {self.local_steps!r}.")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"FedAvg's learning rate must be a positive number, got {self.lr!r}.")
+
+
+Protocol = Union[None, DPSGD, FedAvg]
+"""``None`` for the plain gradient, else a :class:`DPSGD` or :class:`FedAvg`."""
+
+
+@dataclass
+class ClientUpdate:
+    """A client's update: the message the server receives, and the client's own view.
+
+    Attributes:
+        shared: what the server receives (gradients, labels, lengths).
+        dp: for a :class:`DPSGD` client, both readings of its step and the
+            per-example norms; the client's measurements, never sent.
+    """
+
+    shared: SharedUpdate
+    dp: DPGradients | None = None
+
+
+def client_update(
+    model: torch.nn.Module,
+    selection: Selection,
+    true_batch: dict[str, torch.Tensor],
+    protocol: Protocol = None,
+) -> ClientUpdate:
+    """The update a client computes on its private batch, restricted to ``selection``.
+
+    Args:
+        model: the current model, as the client receives it (``eval()``
+            mode: no dropout); left unchanged.
+        selection: which parameters' update the client shares.
+        true_batch: ``input_ids``, ``attention_mask`` ``(B, T)`` and
+            ``labels`` ``(B,)``, as :func:`gilib.models.encode` returns them.
+        protocol: ``None`` (the plain gradient), :class:`DPSGD` or
+            :class:`FedAvg`.
+
+    Returns:
+        A :class:`ClientUpdate`; its ``shared`` is the server's message.
+
+    Raises:
+        ValueError: for a batch the model cannot take (missing fields,
+            sentences longer than its position table, labels outside its
+            classes) or an unknown protocol.
+    """
+    labels, lengths = _checked_batch(model, true_batch)
+    if protocol is None:
+        loss = model(**true_batch).loss
+        grads = [g.detach() for g in torch.autograd.grad(loss, selection.parameters(model))]
+        return ClientUpdate(SharedUpdate(grads, labels, lengths))
+    if isinstance(protocol, DPSGD):
+        step = dp_sgd_step(model, selection, true_batch, noise_multiplier=protocol.noise_multiplier,
+                           max_grad_norm=protocol.max_grad_norm, seed=protocol.seed)
+        grads = step.privatised if protocol.reading == "privatised" else step.raw
+        return ClientUpdate(SharedUpdate(grads, labels, lengths), dp=step)
+    if isinstance(protocol, FedAvg):
+        return ClientUpdate(SharedUpdate(_local_training(model, selection, true_batch, protocol), labels, lengths))
+    raise ValueError(f"Unknown protocol {protocol!r}: pass None (plain gradient), DPSGD(...) or FedAvg(...).")
+
+
+def _local_training(model: torch.nn.Module, selection: Selection, true_batch: dict, protocol: FedAvg) -> list:
+    """``(theta_0 - theta_E) / (lr * E)`` on the selection, after E full-batch SGD steps on a copy."""
+    local = copy.deepcopy(model)
+    params = [p for p in local.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in selection.parameters(local)]
+    for _ in range(protocol.local_steps):
+        loss = local(**true_batch).loss
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= protocol.lr * g
+    scale = protocol.lr * protocol.local_steps
+    return [(before - after.detach()) / scale for before, after in zip(start, selection.parameters(local))]
+
+
+def _checked_batch(model: torch.nn.Module, true_batch: dict) -> tuple[torch.Tensor, list[int]]:
+    """The batch's labels and lengths, after checking that the model can take it."""
+    missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in true_batch]
+    if missing:
+        raise ValueError(f"The client's batch lacks {missing}: build it with gilib.models.encode(tokenizer, "
+                         f"texts, labels).")
+    ids = true_batch["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be (B, T) with at least one sentence, got shape {tuple(ids.shape)}.")
+    max_tokens = model.config.max_position_embeddings
+    if ids.shape[1] > max_tokens:
+        raise ValueError(
+            f"The batch has {ids.shape[1]} tokens per sentence but this model takes at most {max_tokens}; "
+            f"use shorter sentences or a larger model."
+        )
+    labels = check_labels(model, true_batch["labels"], ids.shape[0])
+    lengths = [int(n) for n in true_batch["attention_mask"].sum(dim=1)]
+    return labels, lengths

@@ -1,0 +1,158 @@
+"""The client side of the threat model: what each protocol sends, and what it refuses."""
+
+import pytest
+import torch
+
+from gilib.client import DPSGD, FedAvg, client_update
+from gilib.dp import dp_sgd_step
+from gilib.models import encode
+from gilib.slicing import SharedUpdate, select
+
+TEXTS = ["the film was a quiet delight .", "a cat sat on the mat"]
+
+
+@pytest.fixture
+def client(tiny):
+    model, tokenizer = tiny
+    return model, tokenizer, encode(tokenizer, TEXTS, [1, 0])
+
+
+def test_the_plain_update_is_the_batch_gradient_with_labels_and_lengths(client):
+    model, _, true_batch = client
+    selection = select(model, "attention.value", 0)
+    update = client_update(model, selection, true_batch)
+    assert update.dp is None
+    (shared,) = update.shared.shared_grads
+    model.zero_grad()
+    model(**true_batch).loss.backward()
+    torch.testing.assert_close(shared, model.bert.encoder.layer[0].attention.self.value.weight.grad)
+    model.zero_grad(set_to_none=True)
+    assert not shared.requires_grad
+    assert update.shared.labels.tolist() == [1, 0]
+    assert update.shared.lengths == true_batch["attention_mask"].sum(1).tolist() == [9, 8]
+
+
+def test_dp_sgd_sends_the_reading_it_names(client):
+    model, _, true_batch = client
+    selection = select(model, "attention.query", 0)
+    plain = client_update(model, selection, true_batch).shared.shared_grads[0]
+    raw = client_update(model, selection, true_batch, DPSGD(0.5, 1.0, seed=3, reading="raw"))
+    private = client_update(model, selection, true_batch, DPSGD(0.5, 1.0, seed=3))
+    step = dp_sgd_step(model, selection, true_batch, noise_multiplier=0.5, max_grad_norm=1.0, seed=3)
+    torch.testing.assert_close(raw.shared.shared_grads[0], plain, rtol=1e-4, atol=1e-7)
+    assert torch.equal(private.shared.shared_grads[0], step.privatised[0])
+    assert not torch.allclose(private.shared.shared_grads[0], plain)
+    assert private.dp.cosine() < 0.5  # the client's own view of what the noise left
+
+
+def test_fedavg_one_step_is_the_gradient_and_more_steps_follow_sgd(client):
+    model, _, true_batch = client
+    selection = select(model, "layer", 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = client_update(model, selection, true_batch).shared.shared_grads
+    one = client_update(model, selection, true_batch, FedAvg(local_steps=1, lr=1e-2)).shared.shared_grads
+    for a, b in zip(one, plain):
+        # (theta_0 - theta_1) / lr in float32: round-off of |theta| * eps / lr, about 1e-6 here.
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    # Two steps by hand: the weight difference over lr * E.
+    lr, twin = 0.05, {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    for _ in range(2):
+        loss = torch.func.functional_call(model, twin, args=(), kwargs=true_batch).loss
+        grads = torch.autograd.grad(loss, list(twin.values()))
+        twin = {n: (p - lr * g).detach().requires_grad_(True) for (n, p), g in zip(twin.items(), grads)}
+    expected = [(before[n] - twin[n].detach()) / (2 * lr) for n in selection.names]
+    two = client_update(model, selection, true_batch, FedAvg(local_steps=2, lr=lr)).shared.shared_grads
+    for got, want in zip(two, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(two, plain))
+    for n, p in model.named_parameters():  # the caller's model is untouched
+        assert torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("labels, message", [([5, 0], "class indices in 0..1"), ([-1, 0], "class indices"),
+                                             ([1], "2 class indices")])
+def test_a_label_outside_the_models_classes_is_refused(client, labels, message):
+    model, tokenizer, _ = client
+    true_batch = encode(tokenizer, TEXTS, [0, 0])
+    true_batch["labels"] = torch.tensor(labels)
+    with pytest.raises(ValueError, match=message):
+        client_update(model, select(model, "full"), true_batch)
+
+
+def test_float_labels_and_a_batch_without_labels_are_refused(client):
+    model, _, true_batch = client
+    with pytest.raises(ValueError, match="class indices"):
+        client_update(model, select(model, "full"), {**true_batch, "labels": torch.tensor([1.0, 0.0])})
+    with pytest.raises(ValueError, match=r"lacks \['labels'\].*gilib.models.encode"):
+        client_update(model, select(model, "full"), {k: v for k, v in true_batch.items() if k != "labels"})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: FedAvg(local_steps=0), "local_steps >= 1"),
+    (lambda: FedAvg(local_steps=1.5), "local_steps >= 1"),
+    (lambda: FedAvg(lr=0.0), "positive number"),
+    (lambda: FedAvg(lr=float("nan")), "positive number"),
+    (lambda: DPSGD(0.1, reading="cooked"), "Unknown DP reading"),
+])
+def test_bad_protocol_settings_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_an_unknown_protocol_and_a_too_long_batch_are_refused(client):
+    model, _, true_batch = client
+    with pytest.raises(ValueError, match="Unknown protocol"):
+        client_update(model, select(model, "full"), true_batch, "fedprox")
+    long = {k: v.repeat(1, 40) if v.dim() == 2 else v for k, v in true_batch.items()}
+    with pytest.raises(ValueError, match="at most"):
+        client_update(model, select(model, "full"), long)
+
+
+def _message(model, selection, true_batch):
+    return client_update(model, selection, true_batch).shared
+
+
+def test_a_valid_message_comes_back_in_canonical_form(client):
+    model, _, true_batch = client
+    selection = select(model, "attention.query", 0)
+    update = _message(model, selection, true_batch)
+    checked = SharedUpdate(list(update.shared_grads), [1, 0], torch.tensor([9, 8])).validated(model, selection)
+    assert isinstance(checked.shared_grads, tuple) and checked.lengths == [9, 8]
+    assert checked.labels.dtype == torch.long and checked.labels.tolist() == [1, 0]
+    assert SharedUpdate(update.shared_grads, None, [9, 8]).validated(model, selection).labels is None
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda g: [g[0].clone().fill_(float("nan"))], "NaN or infinite"),
+    (lambda g: [torch.full_like(g[0], float("inf"))], "NaN or infinite"),
+    (lambda g: [torch.zeros_like(g[0])], "is zero: the update carries no signal"),
+    (lambda g: [g[0].double()], "torch.float64 but the model is torch.float32"),
+    (lambda g: [torch.zeros(g[0].shape, device="meta")], "on meta but the model on cpu"),
+    (lambda g: [g[0], g[0]], "2 gradient tensors for the 1"),
+    (lambda g: [g[0].T[:3]], "has shape"),
+    (lambda g: [g[0].numpy()], "not a tensor"),
+])
+def test_a_malformed_message_is_refused_before_any_attack_math(client, corrupt, message):
+    model, _, true_batch = client
+    selection = select(model, "attention.query", 0)
+    update = _message(model, selection, true_batch)
+    with pytest.raises(ValueError, match=message):
+        SharedUpdate(corrupt(list(update.shared_grads)), update.labels, update.lengths).validated(model, selection)
+
+
+@pytest.mark.parametrize("labels, lengths, message", [
+    ([1, 0], [], "No sentence lengths"),
+    ([1, 0], [2, 8], "between 3 and"),
+    ([1, 0], [9, 10_000], "between 3 and"),
+    ([1, 7], [9, 8], "class indices in 0..1"),
+    ([1], [9, 8], "2 class indices"),
+    ([True, False], [9, 8], "class indices"),
+    ([1, 0], [9.5, 8], "whole number"),
+    ([1, 0], [True, 8], "whole number"),
+])
+def test_lengths_and_labels_of_a_message_are_checked(client, labels, lengths, message):
+    model, _, true_batch = client
+    selection = select(model, "attention.query", 0)
+    update = _message(model, selection, true_batch)
+    with pytest.raises(ValueError, match=message):
+        SharedUpdate(update.shared_grads, labels, lengths).validated(model, selection)
