@@ -3,6 +3,7 @@
 Timings and memory are figures for the reader, never checked here.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,15 @@ def test_reference_comparison_quick_prints_table(tmp_path):
     # The fast path is a pure speed-up: it returns the plain path's tokens.
     assert all(line.endswith(",2/2") for line in table[1:] if ",fast," in line), table
     assert "command" in out.with_suffix(".json").read_text()
+
+
+@pytest.mark.slow
+def test_span_speed_quick_prints_table_and_recovers_exactly(tmp_path):
+    out = tmp_path / "span_speed.json"
+    done = subprocess.run([sys.executable, "bench/span_speed.py", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| set | batches |" in done.stdout and "median s" in done.stdout, done.stdout
+    rows = {row["set"]: row for row in json.loads(out.read_text())["rows"]}
+    # The span check is exact on the bundled sentences, alone and in a batch of two.
+    assert rows["sample B=1"]["exact"] == "4/4" and rows["sample B=2"]["exact"] == "2/2"
