@@ -359,7 +359,7 @@ def assemble(
         ``(B, T)`` token ids, padded with ``[PAD]``.
     """
     lengths = [int(n) for n in lengths]
-    b, width = len(lengths), max(lengths)
+    b = len(lengths)
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     # The items: every distinct (position, token) input of the batch.
     items = [(0, cls_id)] + [(n - 1, sep_id) for n in sorted(set(lengths))]
@@ -375,13 +375,9 @@ def assemble(
         deltas = item_gradients(gradient, inputs)
     counts = position_counts(lengths)
     module = model.get_submodule(weight.rsplit(".", 1)[0])
-    generator = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(labels).reshape(b).tolist()
-    remaining = [list(c) for c in candidates]
-    ids = torch.full((b, width), tokenizer.pad_token_id)
-    # Longest sentences first: the late positions' tokens can only be theirs.
-    for s in sorted(range(b), key=lambda i: -lengths[i]):
-        n = lengths[s]
+
+    def loss_for(s: int, n: int):
         # Two sentences with the same token at a position share one input,
         # whose recovered delta is the sum of theirs: positions with fewer
         # distinct candidates than sentences are left out of the score.
@@ -396,6 +392,51 @@ def assemble(
             cosine = (own * wanted).sum(-1) / (own.norm(dim=-1) * wanted.norm(dim=-1) + 1e-30)
             return (1 - cosine).mean(-1)
 
+        return loss
+
+    ids, _ = _search_sentences(lengths, candidates, tokenizer, loss_for, found=FOUND, restarts=restarts,
+                              max_moves=max_moves, seed=seed)
+    return ids
+
+
+def _search_sentences(lengths: Sequence[int], candidates: Sequence[Sequence[int]], tokenizer, loss_for, *,
+                     found: float, restarts: int = 3, max_moves: int = 200,
+                     seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """Each sentence of a batch, searched on its own among the candidates of its positions.
+
+    A steepest-descent search over single substitutions, from seeded random
+    starts: every step scores all hypotheses one substitution away in one
+    call of the sentence's loss and takes the best, until none improves or
+    the loss falls under ``found``. Sentences are searched longest first (the
+    late positions' tokens can only be theirs); where a position holds as
+    many distinct candidates as sentences, each token is one sentence's, and
+    a certainly found sentence's tokens are withdrawn from the others.
+
+    Args:
+        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
+        candidates: for positions ``1 .. max(lengths) - 2``, candidate token ids.
+        tokenizer: the victim's tokenizer (special tokens).
+        loss_for: ``loss_for(sentence, length)`` returns the sentence's loss,
+            ``(K, n)`` token ids to ``(K,)``, zero for the true sentence.
+        found: loss under which a sentence is certainly found.
+        restarts: seeded starts per sentence.
+        max_moves: substitutions per start at most.
+        seed: seeds the starts.
+
+    Returns:
+        ``(B, T)`` token ids padded with ``[PAD]``, and each sentence's loss.
+    """
+    lengths = [int(n) for n in lengths]
+    b, width = len(lengths), max(lengths)
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    counts = position_counts(lengths)
+    generator = torch.Generator().manual_seed(seed)
+    remaining = [list(c) for c in candidates]
+    ids = torch.full((b, width), tokenizer.pad_token_id)
+    final = [float("inf")] * b
+    for s in sorted(range(b), key=lambda i: -lengths[i]):
+        n = lengths[s]
+        loss = loss_for(s, n)
         options = remaining[: n - 2]
         best, best_loss = None, float("inf")
         for _ in range(restarts):
@@ -404,7 +445,7 @@ def assemble(
             current = float(loss(h[None])[0])
             for _ in range(max_moves):
                 moves = [(p, v) for p in range(1, n - 1) for v in options[p - 1] if v != int(h[p])]
-                if not moves or current < FOUND:
+                if not moves or current < found:
                     break
                 trial = h.repeat(len(moves), 1)
                 for k, (p, v) in enumerate(moves):
@@ -416,17 +457,14 @@ def assemble(
                 h, current = trial[k], float(losses[k])
             if current < best_loss:
                 best, best_loss = h, current
-            if best_loss < FOUND:
+            if best_loss < found:
                 break
-        ids[s, :n] = best
-        # Where a position holds as many distinct tokens as sentences, each
-        # token is one sentence's: once a sentence is certainly found (its
-        # gradients match to round-off), the others may not take its tokens.
-        if best_loss < FOUND:
+        ids[s, :n], final[s] = best, best_loss
+        if best_loss < found:
             for p in range(1, n - 1):
                 if len(candidates[p - 1]) == counts[p - 1] and len(remaining[p - 1]) > 1:
                     remaining[p - 1].remove(int(best[p]))
-    return ids
+    return ids, final
 
 
 def _output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, label: int) -> torch.Tensor:
