@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gilib.results import markdown_table
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "attack_speed.py"
 HEADER = (
@@ -70,3 +72,12 @@ def test_span_speed_quick_prints_table_and_recovers_exactly(tmp_path):
     rows = {row["set"]: row for row in json.loads(out.read_text())["rows"]}
     # The span check is exact on the bundled sentences, alone and in a batch of two.
     assert rows["sample B=1"]["exact"] == "4/4" and rows["sample B=2"]["exact"] == "2/2"
+
+
+def test_the_readme_repeats_the_stored_span_speed_table():
+    stored = json.loads((REPO / "data" / "bench" / "span_speed.json").read_text())
+    header = list(stored["rows"][0])
+    table = markdown_table(header, [[row[k] for k in header] for row in stored["rows"]])
+    assert stored["command"].startswith("python bench/span_speed.py")
+    assert table in (REPO / "README.md").read_text(), "update the README's span-check speed table from " \
+        "data/bench/span_speed.json"
