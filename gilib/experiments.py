@@ -11,7 +11,8 @@ Example::
     split: train
     sentences: 5          # per dataset and cell
     sample_seed: 101      # which sentences
-    clients_per_task: 5   # sentences attacked together in one batched call
+    clients_per_task: 5   # client batches attacked together in one batched call
+    batch_sizes: [1, 2]   # optional: sentences per client batch, one cell each (default [1])
     attack: {steps: 200, init_candidates: 100, swap_candidates: 100}
     seeds: [0]            # attack seeds
     selections:
@@ -24,7 +25,14 @@ Example::
       readings: [raw, privatised]   # attack p.grad before or after the DP optimizer's pre_step()
 
 Each finished sentence appends one line to the output: the cell's settings,
-the dataset and row id, ROUGE-1/2/L, seconds and the git commit. Results
+the dataset and row id, ROUGE-1/2/L, seconds and the git commit. A client
+batch of B > 1 sentences (``batch_sizes``) is attacked as one gradient, as
+LAMP does: the attack returns B sentences in an order of its own, each is
+paired with a true sentence by the Hungarian matching of
+:func:`gilib.metrics.match_batch`, and every true sentence gets the line of
+the reconstruction paired with it (``batch`` lists the batch's row ids,
+``seconds`` is the batch's time over B). The cell records ``batch_size``
+only when it is above 1, so the keys of batch-1 results never change. Results
 keep dataset row ids, never the text of CoLA, SST-2 or Rotten Tomatoes;
 only for the bundled sample (our own sentences) the reconstruction is kept.
 
@@ -60,7 +68,7 @@ from . import results
 from .attack import AttackConfig, attack_clients
 from .client import DPSGD, client_update
 from .data import load_split, sample_batches
-from .metrics import rouge_scores
+from .metrics import match_batch, rouge_scores
 from .models import encode, load_model
 from .slicing import COMPONENTS, select
 
@@ -77,6 +85,8 @@ class Cell:
         component: a :data:`gilib.slicing.COMPONENTS` name.
         layers: a layer index, a tuple of indices, or ``None``.
         attack: :class:`~gilib.attack.AttackConfig` settings, as sorted pairs.
+        dp: the client's DP-SGD settings, as sorted pairs (``None``: plain).
+        batch_size: sentences per client batch.
     """
 
     model: str
@@ -84,6 +94,7 @@ class Cell:
     layers: int | tuple[int, ...] | None
     attack: tuple[tuple[str, Any], ...]
     dp: tuple[tuple[str, Any], ...] | None = None
+    batch_size: int = 1
 
     def key(self) -> str:
         """A canonical string that identifies the cell in a results file."""
@@ -95,6 +106,8 @@ class Cell:
         described = {"model": self.model, "component": self.component, "layers": layers, **dict(self.attack)}
         if self.dp is not None:
             described["dp"] = dict(self.dp)
+        if self.batch_size != 1:
+            described["batch_size"] = self.batch_size
         return described
 
 
@@ -108,7 +121,7 @@ class Grid:
         datasets: ``(dataset, split)`` pairs.
         sentences: sentences per dataset and cell.
         sample_seed: seed of the sentence sample.
-        clients_per_task: sentences attacked together in one task.
+        clients_per_task: client batches attacked together in one task.
         source: the file's text, stored with the results.
     """
 
@@ -140,7 +153,7 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     if not isinstance(spec, dict):
         raise ValueError(f"A grid file holds a mapping of fields (name, model, selections, ...), got {spec!r}.")
     known = {"name", "model", "datasets", "split", "sentences", "sample_seed", "clients_per_task", "attack",
-             "seeds", "selections", "dp"}
+             "seeds", "selections", "dp", "batch_sizes"}
     unknown = set(spec) - known
     if unknown:
         raise ValueError(f"Unknown grid field(s) {sorted(unknown)}; the fields are {sorted(known)}.")
@@ -154,8 +167,12 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     attack.setdefault("objective", "cos")
     attack.setdefault("steps", AttackConfig.steps)
     defences = _dp_settings(spec.get("dp"))
+    sentences = spec.get("sentences", 5)
+    if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
+        raise ValueError(f"'sentences' must be a whole number, at least 1, got {sentences!r}.")
+    batch_sizes = _batch_sizes(spec.get("batch_sizes", [1]), sentences)
     cells = []
-    for seed, defence in itertools.product(spec.get("seeds", [0]), defences):
+    for seed, defence, batch_size in itertools.product(spec.get("seeds", [0]), defences, batch_sizes):
         for entry in spec["selections"]:
             if not isinstance(entry, dict) or set(entry) - {"component", "layers"}:
                 raise ValueError(f"Bad selection {entry!r} in the grid: each is {{component: NAME, layers: ...}} "
@@ -169,12 +186,9 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
                 layers = tuple(layers) if isinstance(layers, list) else layers
                 settings = {**attack, "seed": int(seed)}
                 cells.append(Cell(spec.get("model", "minilm"), component, layers, tuple(sorted(settings.items())),
-                                  defence))
+                                  defence, batch_size))
     split = spec.get("split", "train")
     datasets = [(d, split) if isinstance(d, str) else tuple(d) for d in spec.get("datasets", ["sample"])]
-    sentences = int(spec.get("sentences", 5))
-    if sentences < 1:
-        raise ValueError(f"'sentences' must be at least 1, got {sentences}.")
     return Grid(
         name=spec.get("name", name),
         cells=cells,
@@ -184,6 +198,21 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
         clients_per_task=max(1, int(spec.get("clients_per_task", 1))),
         source=spec,
     )
+
+
+def _batch_sizes(sizes, sentences: int) -> list[int]:
+    """The grid's ``batch_sizes``: whole numbers that each divide ``sentences``."""
+    if not isinstance(sizes, list) or not sizes:
+        raise ValueError(f"'batch_sizes' is a list of sentences per client batch, e.g. [1, 2, 4]; got {sizes!r}.")
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"Each batch size is a whole number, at least 1; got {size!r}.")
+        if sentences % size:
+            raise ValueError(f"'sentences' ({sentences} per dataset) must be a multiple of every batch size, "
+                             f"and {size} does not divide it.")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"'batch_sizes' {sizes} repeats a size; list each once.")
+    return sizes
 
 
 def _dp_settings(spec: dict | None) -> list[tuple[tuple[str, Any], ...] | None]:
@@ -217,7 +246,11 @@ def _line_key(line: dict) -> tuple:
 
 
 def plan(grid: Grid, done: set[tuple] = frozenset()) -> list[tuple[Cell, str, str, list]]:
-    """The tasks still to run: ``(cell, dataset, split, examples)``, examples not yet in ``done``."""
+    """The tasks still to run: ``(cell, dataset, split, batches)``, with a sentence not yet in ``done``.
+
+    Every cell attacks the same sentences of a dataset; a cell of batch size
+    B groups them, in sample order, into client batches of B.
+    """
     tasks = []
     for dataset, split in grid.datasets:
         examples = load_split(dataset, split)
@@ -226,12 +259,13 @@ def plan(grid: Grid, done: set[tuple] = frozenset()) -> list[tuple[Cell, str, st
                 f"{dataset}/{split} has {len(examples)} sentences, fewer than the grid's {grid.sentences}."
             )
         chosen = [b[0] for b in sample_batches(examples, grid.sentences, 1, seed=grid.sample_seed)]
-        # Fixed groups: client i of a group is seeded with seed + i, so a
-        # resumed run must group the sentences exactly as a fresh one does.
-        groups = [chosen[i : i + grid.clients_per_task] for i in range(0, len(chosen), grid.clients_per_task)]
         for cell in grid.cells:
-            for group in groups:
-                if any(_done_key(cell.key(), dataset, split, ex.row_id) not in done for ex in group):
+            size, per_task = cell.batch_size, grid.clients_per_task
+            batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+            # Fixed groups: client i of a group is seeded with seed + i, so a
+            # resumed run must group the batches exactly as a fresh one does.
+            for group in (batches[i : i + per_task] for i in range(0, len(batches), per_task)):
+                if any(key not in done for key in _task_keys(cell, dataset, split, group)):
                     tasks.append((cell, dataset, split, group))
     return tasks
 
@@ -241,55 +275,62 @@ def _victim(name: str, device: str):
     return load_model(name, seed=0, device=device)
 
 
-def run_task(cell: Cell, dataset: str, split: str, examples: list, device: str = "cpu", threads: int = 1) -> list[dict]:
-    """Attack a few sentences of one cell together; one result line per sentence.
+def run_task(cell: Cell, dataset: str, split: str, batches: list[list], device: str = "cpu",
+             threads: int = 1) -> list[dict]:
+    """Attack a few client batches of one cell together; one result line per sentence.
 
-    The client side (the true sentence and its gradient) and the server side
-    (the attack, which gets only the shared update) meet only in the metrics.
+    The client side (the true sentences and their update) and the server
+    side (the attack, which gets only the shared update) meet only in the
+    metrics.
     """
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _victim(cell.model, device)
     selection = select(model, cell.component, list(cell.layers) if isinstance(cell.layers, tuple) else cell.layers)
     updates, extras = [], []
-    for ex in examples:
-        true_batch = encode(tokenizer, ex.text, ex.label, device=device)
+    for batch in batches:
+        true_batch = encode(tokenizer, [ex.text for ex in batch], [ex.label for ex in batch], device=device)
         protocol, extra = None, {}
         if cell.dp is not None:
             settings = dict(cell.dp)
-            # The noise is seeded by the sentence, so it does not depend on how a run was split.
+            # The noise is seeded by the batch's first sentence, so it does not depend on how a run was split.
             protocol = DPSGD(settings["noise_multiplier"], settings["max_grad_norm"],
-                             seed=int(ex.row_id) + 100_003 * dict(cell.attack)["seed"], reading=settings["reading"])
+                             seed=int(batch[0].row_id) + 100_003 * dict(cell.attack)["seed"],
+                             reading=settings["reading"])
         update = client_update(model, selection, true_batch, protocol)
         if update.dp is not None:
-            extra = {"dp_cosine": update.dp.cosine(),
-                     "clip_factor": min(1.0, settings["max_grad_norm"] / float(update.dp.per_example_norms[0]))}
+            clip = (settings["max_grad_norm"] / update.dp.per_example_norms).clamp(max=1.0)
+            extra = {"dp_cosine": update.dp.cosine(), "clip_factor": float(clip.mean())}
         updates.append(update.shared)
         extras.append(extra)
     config = AttackConfig(**dict(cell.attack), progress=False)
     rebuilt = attack_clients(model, tokenizer, updates, selection, config)
     lines = []
-    for ex, update, result, extra in zip(examples, updates, rebuilt, extras):
-        scores = rouge_scores(result.texts[0], ex.text)
-        line = {
-            "cell": cell.describe(),
-            "dataset": dataset,
-            "split": split,
-            "row_id": ex.row_id,
-            "tokens": int(update.lengths[0]),
-            "selection": selection.label,
-            "numel": selection.numel,
-            "fraction": selection.fraction,
-            **{k: scores[k] for k in SCORES},
-            "final_loss": result.final_loss,
-            **extra,
-            "seconds": result.seconds,
-            "device": device,
-        }
-        if dataset in OWN_DATASETS:
-            line["reconstruction"] = result.texts[0]
-            line["reference"] = ex.text
-        lines.append(line)
+    for batch, update, result, extra in zip(batches, updates, rebuilt, extras):
+        references = [ex.text for ex in batch]
+        order = match_batch(result.texts, references) if len(batch) > 1 else [0]
+        for ex, length, j in zip(batch, update.lengths, order):
+            scores = rouge_scores(result.texts[j], ex.text)
+            line = {
+                "cell": cell.describe(),
+                "dataset": dataset,
+                "split": split,
+                "row_id": ex.row_id,
+                **({"batch": [e.row_id for e in batch]} if len(batch) > 1 else {}),
+                "tokens": int(length),
+                "selection": selection.label,
+                "numel": selection.numel,
+                "fraction": selection.fraction,
+                **{k: scores[k] for k in SCORES},
+                "final_loss": result.final_loss,
+                **extra,
+                "seconds": result.seconds / len(batch),
+                "device": device,
+            }
+            if dataset in OWN_DATASETS:
+                line["reconstruction"] = result.texts[j]
+                line["reference"] = ex.text
+            lines.append(line)
     return lines
 
 
@@ -332,8 +373,8 @@ def run_grid(
                        scheduler=scheduler, limit=limit, progress=report if progress else None)
 
 
-def _task_keys(cell: Cell, dataset: str, split: str, examples: list, *_) -> list[tuple]:
-    return [_done_key(cell.key(), dataset, split, ex.row_id) for ex in examples]
+def _task_keys(cell: Cell, dataset: str, split: str, batches: list[list], *_) -> list[tuple]:
+    return [_done_key(cell.key(), dataset, split, ex.row_id) for batch in batches for ex in batch]
 
 
 def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:
@@ -341,8 +382,8 @@ def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
 
     Args:
         rows: result lines, or the path of a results file.
-        by: cell fields (``model``, ``component``, ``layers``, ``seed``, ...)
-            and/or ``dataset`` to group by.
+        by: cell fields (``model``, ``component``, ``layers``, ``seed``,
+            ``batch_size``, ...) and/or ``dataset`` to group by.
 
     Returns:
         One row per group: ``<score>``, ``<score>_std``, ``n``, ``seconds``,
@@ -354,6 +395,7 @@ def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
     for r in rows:
         cell = dict(r["cell"])
         cell.update(cell.pop("dp", None) or {})  # noise_multiplier, max_grad_norm, reading
+        cell.setdefault("batch_size", 1)
         if isinstance(cell.get("layers"), list):
             cell["layers"] = "+".join(str(i) for i in cell["layers"])
         flat.append({**cell, **{k: v for k, v in r.items() if k != "cell"}})

@@ -7,6 +7,7 @@ import pytest
 
 from gilib.data import default_data_dir, load_split
 from gilib.experiments import load_grid, main, markdown_table, parse_grid, run_grid, summarize
+from gilib.metrics import rouge_scores
 from gilib.results import read_lines
 
 SPEC = {
@@ -82,6 +83,11 @@ def test_summarize_gives_mean_spread_and_count():
         ({"dp": {"noise_multipliers": [0.1], "clip": 1.0}}, "Unknown 'dp' field"),
         ({"selections": [{"component": "layer", "layer": 0}]}, "Bad selection"),
         ({"attack": {"lr": -0.01}}, "Bad 'attack' settings"),
+        ({"batch_sizes": [2]}, "multiple of every batch size"),
+        ({"batch_sizes": [0]}, "at least 1"),
+        ({"batch_sizes": 2}, "is a list"),
+        ({"batch_sizes": [1, 1]}, "repeats a size"),
+        ({"sentences": "3"}, "whole number"),
     ],
 )
 def test_bad_grids_are_refused_clearly(change, message):
@@ -148,3 +154,29 @@ def test_dp_cells_attack_the_reading_they_name(tmp_path):
     assert by[(0.5, "privatised")]["dp_cosine"] < by[(0.0, "privatised")]["dp_cosine"] <= 1.0
     table = summarize(rows, by=["noise_multiplier", "reading"])
     assert len(table) == 4 and "dp_cosine" in table.columns
+
+
+def test_a_batch_size_axis_attacks_client_batches_and_matches_each_sentence(tmp_path):
+    spec = {**SPEC, "sentences": 2, "clients_per_task": 1, "batch_sizes": [1, 2],
+            "selections": [{"component": "attention.query", "layers": 0}]}
+    grid = parse_grid(spec)
+    assert [c.batch_size for c in grid.cells] == [1, 2]
+    assert "batch_size" not in grid.cells[0].describe()  # batch-1 keys stay as they were
+    rows = run_grid(grid, tmp_path / "b.jsonl", progress=False)
+    single = [r for r in rows if "batch_size" not in r["cell"]]
+    pairs = [r for r in rows if r["cell"].get("batch_size") == 2]
+    assert len(single) == len(pairs) == 2
+    assert all("batch" not in r for r in single)
+    assert sorted(r["row_id"] for r in pairs) == sorted(pairs[0]["batch"]) == sorted(r["row_id"] for r in single)
+    # Each true sentence got the reconstruction the Hungarian matching pairs it with: no swap scores higher.
+    def fit(rec, ref):
+        scores = rouge_scores(rec, ref)
+        return scores["rouge1"] + scores["rouge2"]
+    a, b = pairs
+    kept = fit(a["reconstruction"], a["reference"]) + fit(b["reconstruction"], b["reference"])
+    assert kept >= fit(b["reconstruction"], a["reference"]) + fit(a["reconstruction"], b["reference"])
+    assert a["rouge1"] == rouge_scores(a["reconstruction"], a["reference"])["rouge1"]
+    assert {r["reference"] for r in pairs} == {r["reference"] for r in single}
+    table = summarize(rows, by=["component", "batch_size"])
+    assert list(table["batch_size"]) == [1, 2] and list(table["n"]) == [2, 2]
+    assert run_grid(grid, tmp_path / "b.jsonl", progress=False) == rows  # resumed: nothing to do
