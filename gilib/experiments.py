@@ -245,8 +245,8 @@ def _line_key(line: dict) -> tuple:
     return _done_key(json.dumps(line["cell"], sort_keys=True), line["dataset"], line["split"], line["row_id"])
 
 
-def plan(grid: Grid, done: set[tuple] = frozenset()) -> list[tuple[Cell, str, str, list]]:
-    """The tasks still to run: ``(cell, dataset, split, batches)``, with a sentence not yet in ``done``.
+def plan(grid: Grid) -> list[tuple[Cell, str, str, list]]:
+    """Every task of a grid: ``(cell, dataset, split, batches)``.
 
     Every cell attacks the same sentences of a dataset; a cell of batch size
     B groups them, in sample order, into client batches of B.
@@ -264,9 +264,7 @@ def plan(grid: Grid, done: set[tuple] = frozenset()) -> list[tuple[Cell, str, st
             batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
             # Fixed groups: client i of a group is seeded with seed + i, so a
             # resumed run must group the batches exactly as a fresh one does.
-            for group in (batches[i : i + per_task] for i in range(0, len(batches), per_task)):
-                if any(key not in done for key in _task_keys(cell, dataset, split, group)):
-                    tasks.append((cell, dataset, split, group))
+            tasks += [(cell, dataset, split, batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
     return tasks
 
 
@@ -364,8 +362,8 @@ def run_grid(
     """
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
-    done = {_line_key(r) for r in results.read_lines(out)}
-    tasks = [(cell, dataset, split, group, device, threads) for cell, dataset, split, group in plan(grid, done)]
+    # Every task; the runner skips those whose lines the file already holds.
+    tasks = [(cell, dataset, split, group, device, threads) for cell, dataset, split, group in plan(grid)]
     report = results.print_progress(
         lambda lines: f"{lines[0]['cell']['component']} {lines[0]['cell']['layers']} {lines[0]['dataset']}: "
                       "ROUGE-1 " + " ".join(f"{line['rouge1']:.2f}" for line in lines))

@@ -268,6 +268,21 @@ class SharedUpdate(NamedTuple):
         return SharedUpdate(shared_grads, labels, lengths)
 
 
+def checked_update(update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
+    """``update.validated(model, selection)``, after checking that it is a :class:`SharedUpdate` at all.
+
+    Raises:
+        TypeError: for anything else (a bare list of gradients, a dict).
+        ValueError: as :meth:`SharedUpdate.validated`.
+    """
+    if not isinstance(update, SharedUpdate):
+        raise TypeError(
+            f"An update must be a gilib.slicing.SharedUpdate (gradients, labels, lengths), got a "
+            f"{type(update).__name__}: build it with gilib.client.client_update(model, selection, batch).shared."
+        )
+    return update.validated(model, selection)
+
+
 def check_labels(model: torch.nn.Module, labels: Sequence[int] | torch.Tensor, count: int) -> torch.Tensor:
     """``labels`` as a ``(count,)`` long tensor on the model's device, checked against its classes.
 

@@ -49,7 +49,7 @@ import torch
 from torch.func import grad_and_value, vmap
 from tqdm import tqdm
 
-from ..slicing import Selection, SharedUpdate
+from ..slicing import Selection, SharedUpdate, checked_update
 from . import ghost
 from .objectives import OBJECTIVES, GradientMatcher, Target
 from .tokens import TokenSpace
@@ -447,12 +447,7 @@ def finish(engine: "Engine", run: Run, start: float) -> list[AttackResult]:
 
 def _validated(update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
     """One client's message, checked and in canonical form, with labels (the attack needs them)."""
-    if not isinstance(update, SharedUpdate):
-        raise TypeError(
-            f"An update must be a gilib.slicing.SharedUpdate (gradients, labels, lengths), got a "
-            f"{type(update).__name__}: build it with gilib.client.client_update(model, selection, batch).shared."
-        )
-    update = update.validated(model, selection)
+    update = checked_update(update, model, selection)
     if update.labels is None:
         raise ValueError(
             "The optimisation attack needs the batch's labels (the candidate's gradient is taken at them); "

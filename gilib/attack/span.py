@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from ..slicing import Selection, SharedUpdate
+from ..slicing import Selection, SharedUpdate, checked_update
 from .objectives import GradientMatcher
 from .optimization import AttackResult
 from .tokens import TokenSpace
@@ -499,12 +499,7 @@ def _checked(model, update: SharedUpdate, selection: Selection, threshold: float
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
             or threshold <= 0:
         raise ValueError(f"threshold must be a finite number greater than 0, got {threshold!r}.")
-    if not isinstance(update, SharedUpdate):
-        raise TypeError(
-            f"The update must be a gilib.slicing.SharedUpdate (gradients, labels, lengths), got a "
-            f"{type(update).__name__}: build it with gilib.client.client_update(model, selection, batch).shared."
-        )
-    update = update.validated(model, selection)
+    update = checked_update(update, model, selection)
     batch = len(update.lengths)
     if batch > 1 and update.labels is None:
         raise ValueError(f"A batch of {batch} sentences needs its {batch} labels (one per length, "
