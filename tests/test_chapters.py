@@ -256,10 +256,14 @@ def test_chapter2_rotten_tomatoes_is_the_hard_case_with_the_same_ranking_of_laye
     assert all(rt[k] < overall[k] for k in single)
 
 
-def test_chapter2_the_truth_enters_run_task_only_through_the_metric():
-    # Solution 3: "`rouge_scores(result.texts[0], ex.text)`: the truth enters
-    # only the metric, after the attack has returned."
-    assert "rouge_scores(result.texts[0], ex.text)" in inspect.getsource(experiments.run_task)
+def test_chapter2_the_truth_enters_run_task_only_through_the_metrics():
+    # Solution 3: "`rouge_scores(result.texts[j], ex.text)`, and for a batch
+    # ... `match_batch(result.texts, references)` just before it ... the truth
+    # enters only the metrics, after the attack has returned."
+    source = inspect.getsource(experiments.run_task)
+    assert "rouge_scores(result.texts[j], ex.text)" in source
+    assert "match_batch(result.texts, references)" in source
+    assert source.index("attack_clients(") < source.index("match_batch(") < source.index("rouge_scores(")
 
 
 # --------------------------------------------------------------------------- #
