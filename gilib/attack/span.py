@@ -213,7 +213,8 @@ class _ClosedForm:
                       emb.token_type_embeddings.weight.detach().double()[0])
         basis = basis.to(self.device, torch.float64)
         self.dim = self.words.shape[1]
-        words, g2, gb = self.words, self.gamma.square(), self.gamma * self.beta
+        self.g2, self.gb = self.gamma.square(), self.gamma * self.beta
+        words, g2, gb = self.words, self.g2, self.gb
         # Per token: sums and dot products with the fixed vectors.
         self.word_sum, self.word_sq = words.sum(1), words.square().sum(1)
         self.word_g2, self.word_g2_sq, self.word_gb = words @ g2, words.square() @ g2, words @ gb
@@ -231,7 +232,7 @@ class _ClosedForm:
 
     def residuals(self, positions: Sequence[int]) -> torch.Tensor:
         """Relative residuals ``(P, V)`` of every token at each position."""
-        g2, gb = self.gamma.square(), self.gamma * self.beta
+        g2, gb = self.g2, self.gb
         q = self.shift[0][list(positions)] + self.shift[1]  # (P, d)
         cross = self.words @ torch.cat([q, g2 * q]).T  # (V, 2P): e.q and e.(gamma^2 q)
         e_q, e_g2q = cross[:, : len(q)], cross[:, len(q):]
@@ -394,14 +395,13 @@ def assemble(
 
         return loss
 
-    ids, _ = _search_sentences(lengths, candidates, tokenizer, loss_for, found=FOUND, restarts=restarts,
-                              max_moves=max_moves, seed=seed)
-    return ids
+    return _search_sentences(lengths, candidates, tokenizer, loss_for, found=FOUND, restarts=restarts,
+                             max_moves=max_moves, seed=seed)
 
 
 def _search_sentences(lengths: Sequence[int], candidates: Sequence[Sequence[int]], tokenizer, loss_for, *,
                      found: float, restarts: int = 3, max_moves: int = 200,
-                     seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+                     seed: int = 0) -> torch.Tensor:
     """Each sentence of a batch, searched on its own among the candidates of its positions.
 
     A steepest-descent search over single substitutions, from seeded random
@@ -424,7 +424,7 @@ def _search_sentences(lengths: Sequence[int], candidates: Sequence[Sequence[int]
         seed: seeds the starts.
 
     Returns:
-        ``(B, T)`` token ids padded with ``[PAD]``, and each sentence's loss.
+        ``(B, T)`` token ids padded with ``[PAD]``.
     """
     lengths = [int(n) for n in lengths]
     b, width = len(lengths), max(lengths)
@@ -433,7 +433,6 @@ def _search_sentences(lengths: Sequence[int], candidates: Sequence[Sequence[int]
     generator = torch.Generator().manual_seed(seed)
     remaining = [list(c) for c in candidates]
     ids = torch.full((b, width), tokenizer.pad_token_id)
-    final = [float("inf")] * b
     for s in sorted(range(b), key=lambda i: -lengths[i]):
         n = lengths[s]
         loss = loss_for(s, n)
@@ -459,12 +458,12 @@ def _search_sentences(lengths: Sequence[int], candidates: Sequence[Sequence[int]
                 best, best_loss = h, current
             if best_loss < found:
                 break
-        ids[s, :n], final[s] = best, best_loss
+        ids[s, :n] = best
         if best_loss < found:
             for p in range(1, n - 1):
                 if len(candidates[p - 1]) == counts[p - 1] and len(remaining[p - 1]) > 1:
                     remaining[p - 1].remove(int(best[p]))
-    return ids, final
+    return ids
 
 
 def _output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, label: int) -> torch.Tensor:
