@@ -7,16 +7,16 @@ Example::
 
     name: layers
     model: minilm
-    datasets: [cola, sst2, rotten_tomatoes]
+    datasets: [cola, [sst2, validation], rotten_tomatoes]   # a [dataset, split] pair overrides split
     split: train
-    sentences: 5          # per dataset and cell
+    sentences: 4          # per dataset and cell; every batch size divides it
     sample_seed: 101      # which sentences
-    clients_per_task: 5   # client batches attacked together in one batched call
+    clients_per_task: 4   # client batches attacked together in one batched call
     batch_sizes: [1, 2]   # optional: sentences per client batch, one cell each (default [1])
     attack: {steps: 200, init_candidates: 100, swap_candidates: 100}
     seeds: [0]            # attack seeds
     selections:
-      - {component: full}
+      - {component: full, batch_sizes: [1, 2, 4]}        # a selection's own batch sizes replace the grid's
       - {component: layer, layers: [0, 1, 2, 3, 4, 5]}   # a list expands to one cell per layer
       - {component: layer, layers: [[0, 1]]}             # a nested list is one combined cell
     dp:                   # optional: the client runs a DP-SGD step (gilib.dp)
@@ -26,8 +26,8 @@ Example::
 
 Each finished sentence appends one line to the output: the cell's settings,
 the dataset and row id, ROUGE-1/2/L, seconds and the git commit. A client
-batch of B > 1 sentences (``batch_sizes``) is attacked as one gradient, as
-LAMP does: the attack returns B sentences in an order of its own, each is
+batch of B > 1 sentences (``batch_sizes``, for the whole grid or for one
+selection) is attacked as one gradient, as LAMP does: the attack returns B sentences in an order of its own, each is
 paired with a true sentence by the Hungarian matching of
 :func:`gilib.metrics.match_batch`, and every true sentence gets the line of
 the reconstruction paired with it (``batch`` lists the batch's row ids,
@@ -171,17 +171,14 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
         raise ValueError(f"'sentences' must be a whole number, at least 1, got {sentences!r}.")
     batch_sizes = _batch_sizes(spec.get("batch_sizes", [1]), sentences)
+    entries = [_selection(entry, batch_sizes, sentences) for entry in spec["selections"]]
+    # Batch sizes in order of first mention: the grid's, then the selections' own.
+    all_sizes = list(dict.fromkeys(batch_sizes + [size for *_, sizes in entries for size in sizes]))
     cells = []
-    for seed, defence, batch_size in itertools.product(spec.get("seeds", [0]), defences, batch_sizes):
-        for entry in spec["selections"]:
-            if not isinstance(entry, dict) or set(entry) - {"component", "layers"}:
-                raise ValueError(f"Bad selection {entry!r} in the grid: each is {{component: NAME, layers: ...}} "
-                                 f"with no other field.")
-            component = entry.get("component")
-            if component not in COMPONENTS:
-                raise ValueError(f"Unknown component {component!r} in the grid; choose one of: {', '.join(COMPONENTS)}.")
-            layer_list = entry.get("layers")
-            options = layer_list if isinstance(layer_list, list) else [layer_list]
+    for seed, defence, batch_size in itertools.product(spec.get("seeds", [0]), defences, all_sizes):
+        for component, options, sizes in entries:
+            if batch_size not in sizes:
+                continue
             for layers in options:
                 layers = tuple(layers) if isinstance(layers, list) else layers
                 settings = {**attack, "seed": int(seed)}
@@ -200,18 +197,45 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     )
 
 
-def _batch_sizes(sizes, sentences: int) -> list[int]:
-    """The grid's ``batch_sizes``: whole numbers that each divide ``sentences``."""
+def _selection(entry, batch_sizes: list[int], sentences: int) -> tuple[str, list, list[int]]:
+    """A grid's selection entry: its component, its layer options and its batch sizes.
+
+    Args:
+        entry: ``{component: NAME, layers: ..., batch_sizes: [...]}``;
+            ``layers`` and ``batch_sizes`` are optional.
+        batch_sizes: the grid's batch sizes, which the entry's own
+            ``batch_sizes`` replace.
+        sentences: sentences per dataset, which every batch size divides.
+
+    Raises:
+        ValueError: for another field, an unknown component or bad batch sizes.
+    """
+    if not isinstance(entry, dict) or set(entry) - {"component", "layers", "batch_sizes"}:
+        raise ValueError(f"Bad selection {entry!r} in the grid: each is {{component: NAME, layers: ...}}, "
+                         f"optionally with batch_sizes: [...], and no other field.")
+    component = entry.get("component")
+    if component not in COMPONENTS:
+        raise ValueError(f"Unknown component {component!r} in the grid; choose one of: {', '.join(COMPONENTS)}.")
+    layer_list = entry.get("layers")
+    options = layer_list if isinstance(layer_list, list) else [layer_list]
+    if "batch_sizes" in entry:
+        batch_sizes = _batch_sizes(entry["batch_sizes"], sentences, where=f" of selection {entry!r}")
+    return component, options, batch_sizes
+
+
+def _batch_sizes(sizes, sentences: int, where: str = "") -> list[int]:
+    """A ``batch_sizes`` list (the grid's, or a selection's: ``where``): whole numbers dividing ``sentences``."""
     if not isinstance(sizes, list) or not sizes:
-        raise ValueError(f"'batch_sizes' is a list of sentences per client batch, e.g. [1, 2, 4]; got {sizes!r}.")
+        raise ValueError(f"'batch_sizes'{where} is a list of sentences per client batch, e.g. [1, 2, 4]; "
+                         f"got {sizes!r}.")
     for size in sizes:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"Each batch size is a whole number, at least 1; got {size!r}.")
+            raise ValueError(f"Each batch size{where} is a whole number, at least 1; got {size!r}.")
         if sentences % size:
             raise ValueError(f"'sentences' ({sentences} per dataset) must be a multiple of every batch size, "
-                             f"and {size} does not divide it.")
+                             f"and {size}{where} does not divide it.")
     if len(set(sizes)) != len(sizes):
-        raise ValueError(f"'batch_sizes' {sizes} repeats a size; list each once.")
+        raise ValueError(f"'batch_sizes' {sizes}{where} repeats a size; list each once.")
     return sizes
 
 

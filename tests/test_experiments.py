@@ -88,6 +88,13 @@ def test_summarize_gives_mean_spread_and_count():
         ({"batch_sizes": 2}, "is a list"),
         ({"batch_sizes": [1, 1]}, "repeats a size"),
         ({"sentences": "3"}, "whole number"),
+        ({"selections": [{"component": "full", "batch_sizes": [2]}]}, "2 of selection .* does not divide"),
+        ({"selections": [{"component": "full", "batch_sizes": [0]}]}, "batch size of selection .* at least 1"),
+        ({"selections": [{"component": "full", "batch_sizes": [True]}]}, "at least 1"),
+        ({"selections": [{"component": "full", "batch_sizes": 3}]}, "'batch_sizes' of selection .* is a list"),
+        ({"selections": [{"component": "full", "batch_sizes": []}]}, "is a list"),
+        ({"selections": [{"component": "full", "batch_sizes": [1, 3, 1]}]}, "repeats a size"),
+        ({"selections": [{"component": "full", "batch_size": [1]}]}, "Bad selection"),
     ],
 )
 def test_bad_grids_are_refused_clearly(change, message):
@@ -180,3 +187,24 @@ def test_a_batch_size_axis_attacks_client_batches_and_matches_each_sentence(tmp_
     table = summarize(rows, by=["component", "batch_size"])
     assert list(table["batch_size"]) == [1, 2] and list(table["n"]) == [2, 2]
     assert run_grid(grid, tmp_path / "b.jsonl", progress=False) == rows  # resumed: nothing to do
+
+def test_a_selection_can_carry_its_own_batch_sizes():
+    # A selection's batch_sizes replace the grid's for that selection only;
+    # the batch-1 cells are those of a grid without the key (same keys).
+    spec = {**SPEC, "sentences": 4, "batch_sizes": [1, 2],
+            "selections": [{"component": "full", "batch_sizes": [1, 2, 4]},
+                           {"component": "attention.query", "layers": [0, 1]},
+                           {"component": "layer", "layers": [0], "batch_sizes": [4]}]}
+    cells = [(c.component, c.layers, c.batch_size) for c in parse_grid(spec).cells]
+    assert cells == [("full", None, 1), ("attention.query", 0, 1), ("attention.query", 1, 1),
+                     ("full", None, 2), ("attention.query", 0, 2), ("attention.query", 1, 2),
+                     ("full", None, 4), ("layer", 0, 4)]
+    plain = {**SPEC, "sentences": 4, "selections": [{"component": "full"},
+                                                    {"component": "attention.query", "layers": [0, 1]}]}
+    batch_one = [c.key() for c in parse_grid(spec).cells if c.batch_size == 1]
+    assert batch_one == [c.key() for c in parse_grid(plain).cells]
+    # Without a grid-level list, a selection's own sizes add to the default [1] of the others.
+    spec = {**SPEC, "sentences": 2, "selections": [{"component": "full", "batch_sizes": [1, 2]},
+                                                   {"component": "encoder"}]}
+    assert [(c.component, c.batch_size) for c in parse_grid(spec).cells] == [("full", 1), ("encoder", 1),
+                                                                              ("full", 2)]
