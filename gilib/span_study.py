@@ -11,10 +11,12 @@ optimisation grids, and writes one JSON line per measurement:
   layer 0's enumerable inputs (layer 0's attention output and FFN input,
   the query weight of deeper layers): rank, residual of the true tokens and
   of the best false ones, token accuracy of the smallest residual.
-* ``batch``: batch sizes 1, 2, 4 and 8 (the full attack: candidate sets
-  and assembly, up to :data:`ASSEMBLE_MAX_TOKENS` tokens), 16, 32 and 64
-  (check only), up to batches with more tokens than the hidden size (rank
-  against hidden size).
+* ``batch``: batches of 2, 4, 8 and 16 held-out sentences
+  (:data:`BATCH_SPLITS`), each attacked by the methods of :data:`METHODS`:
+  peeling checked by layer 1's gradient, peeling from the layer-0 weight
+  alone, and DAGER's enumeration (:func:`gilib.attack.peeling.enumerate_batch`)
+  on the same batches. A batch with at least as many tokens as the hidden
+  size is recorded as refused.
 * ``dp``: the client's DP-SGD step (:class:`gilib.client.DPSGD`), the
   residual gap between true and false tokens as sigma grows.
 
@@ -22,7 +24,7 @@ Every client update comes from :func:`gilib.client.client_update`; the
 truth (``true_batch``) reaches only the measurements, never the attack.
 Lines keep dataset row ids, never dataset text. Command line::
 
-    python -m gilib.span_study run --out data/results/ch5_span.jsonl [--sentences 5] [--jobs 2]
+    python -m gilib.span_study run --out data/results/ch5_span.jsonl [--sentences 4] [--jobs 2]
     python -m gilib.span_study run --out ... --scheduler tcp://host:8786   # on a Dask cluster
 
 A killed run resumes (:func:`gilib.results.run`): tasks already in the
@@ -43,7 +45,8 @@ import torch
 
 from . import results
 from .attack import span_attack
-from .attack.span import DEFAULT_THRESHOLD, candidate_sets, position_counts, row_space, token_residuals
+from .attack.peeling import enumerate_batch
+from .attack.span import DEFAULT_THRESHOLD, row_space, token_residuals
 from .attack.tokens import TokenSpace
 from .client import DPSGD, client_update
 from .data import load_split, sample_batches
@@ -51,17 +54,27 @@ from .metrics import rouge_scores, score_batch, token_accuracy
 from .models import encode, load_model
 from .slicing import select
 
-DATASETS = ("cola", "sst2", "rotten_tomatoes")
+SPLITS = {"cola": "train", "sst2": "validation", "rotten_tomatoes": "train"}
+"""The sentences of the batch-1 studies: those of the cached optimisation
+grids (``data/results/ch3_components.yaml``)."""
+DATASETS = tuple(SPLITS)
 SPAN_WEIGHTS = ("attention.query", "attention.key", "attention.value")
 OTHER_WEIGHTS = (("attention.output", 0), ("ffn.intermediate", 0), ("ffn.output", 0)) + tuple(
     ("attention.query", layer) for layer in range(1, 6)
 )
-BATCH_SIZES = (1, 2, 4, 8)
-CHECK_ONLY_BATCH_SIZES = (16, 32, 64)
-ASSEMBLE_MAX_TOKENS = 160
-"""Larger batches run the check only: assembling 8 Rotten Tomatoes sentences
-(about 250 tokens, polluted candidate sets) took over 15 minutes per batch
-on one thread."""
+BATCH_SPLITS = {"sst2": "validation", "cola": "validation", "rotten_tomatoes": "test"}
+"""Held-out sentences of natural length for the batch study."""
+BATCHES = {2: 2, 4: 2, 8: 1, 16: 1}
+"""Batches per dataset for each batch size."""
+METHODS = {
+    "peel, layer 0+1": (("attention.query", [0, 1]), "peel", (2, 4, 8, 16)),
+    "peel, layer 0": (("attention.query", [0]), "peel", (2,)),
+    "enumerate, layer 0+1": (("attention.query", [0, 1]), "enumerate", (2, 4, 8)),
+}
+"""Each batch method: the client's selection, the search, the batch sizes it
+runs at. Peeling from layer 0 alone scores every move with a backward pass
+per class; past batch size 2 it outruns the study's CPU budget."""
+ENUMERATION_BUDGET = 2000  # sentences DAGER's enumeration scores per length
 NOISE_MULTIPLIERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
 SAMPLE_SEED = 101  # the seed of the cached optimisation grids
 
@@ -71,8 +84,9 @@ def _victim():
     return load_model("minilm", seed=0)
 
 
-def _sentences(dataset: str, n: int, batch_size: int = 1) -> list[list]:
-    return sample_batches(load_split(dataset, "train"), n, batch_size, seed=SAMPLE_SEED)
+def _sentences(dataset: str, n: int, batch_size: int = 1, split: str | None = None) -> list[list]:
+    return sample_batches(load_split(dataset, split or SPLITS.get(dataset, "train")), n, batch_size,
+                          seed=SAMPLE_SEED)
 
 
 def residual_profile(residuals, true_ids) -> dict[str, float]:
@@ -155,33 +169,50 @@ def measure_components(dataset: str, example) -> list[dict]:
     return lines
 
 
-def measure_batch(dataset: str, batch: list) -> list[dict]:
-    """The span attack on a batch (layer 0's query weight); check only for the large sizes."""
+def measure_batch(dataset: str, item) -> list[dict]:
+    """One batch attacked by one method of :data:`METHODS`: ``item = (method, batch)``."""
+    method, batch = item
+    (component, layers), search, _ = METHODS[method]
     model, tokenizer = _victim()
-    selection = select(model, "attention.query", 0)
+    selection = select(model, component, layers)
     true_batch = encode(tokenizer, [e.text for e in batch], [e.label for e in batch])
     update = client_update(model, selection, true_batch).shared
     lengths = update.lengths
     truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
-    line = {"study": "batch", "component": "attention.query", "layers": 0, "dataset": dataset,
+    hidden = model.config.hidden_size
+    line = {"study": "batch", "method": method, "dataset": dataset, "split": BATCH_SPLITS.get(dataset),
             "row_ids": [e.row_id for e in batch], "batch_size": len(batch), "tokens": sum(lengths),
-            "hidden": model.config.hidden_size}
+            "lengths": lengths, "hidden": hidden}
+    if sum(lengths) >= hidden:
+        return [{**line, "refused": True}]
     start = time.perf_counter()
-    space, residuals = _check(model, tokenizer, update.shared_grads[0], lengths)
-    line.update(rank=space.rank, full=space.full, **_batch_residuals(residuals, truth),
-                tokens_under_threshold=float((residuals < DEFAULT_THRESHOLD).double().sum(1).mean()))
-    if len(batch) in CHECK_ONLY_BATCH_SIZES or sum(lengths) > ASSEMBLE_MAX_TOKENS:
-        line.update(assembled=False, **_set_quality(candidate_sets(residuals, position_counts(lengths)), truth))
-        return [{**line, "seconds": time.perf_counter() - start}]
-    result = span_attack(model, tokenizer, update, selection)
-    scores = score_batch(result.texts, [e.text for e in batch])
-    line.update(final_loss=result.final_loss, assembled=True,
-                exact=sum(t in result.token_ids for t in truth) / len(batch),
-                rouge1=statistics.fmean(s["rouge1"] for s in scores),
-                rouge2=statistics.fmean(s["rouge2"] for s in scores),
-                check_seconds=result.timings["check"], assembly_seconds=result.timings["assembly"],
-                **_set_quality(result.config["candidates"], truth))
-    return [{**line, "seconds": result.seconds}]
+    weight = selection.names[0]
+    if search == "peel":
+        # The attacker's message carries no labels: peeling finds them.
+        result = span_attack(model, tokenizer, update._replace(labels=None), selection)
+        token_ids, config = result.token_ids, result.config
+        by_text = {tuple(t): int(y) for t, y in zip(truth, update.labels)}
+        extra = {"found": sum(config["found"]) / len(batch),
+                 "labels_right": sum(by_text.get(tuple(t)) == y for t, y in zip(token_ids, config["labels"])
+                                     if y is not None) / len(batch),
+                 "uncertain_positions": sum(len(u) for u in config["uncertain"]),
+                 "rounds": result.timings["rounds"], "rank": result.timings["rank"],
+                 **_set_quality(config["candidates"], truth),
+                 "set_size": statistics.fmean(len(c) for c in config["candidates"]),
+                 # True tokens against impostors in the whole batch's span check.
+                 **_batch_residuals(_check(model, tokenizer, update.shared_grads[0], lengths)[1], truth)}
+    else:
+        ids = enumerate_batch(model, tokenizer, selection.names, update.shared_grads, weight,
+                              selection.names[-1], lengths, threshold=DEFAULT_THRESHOLD,
+                              budget=ENUMERATION_BUDGET)
+        token_ids = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+        extra = {"budget": ENUMERATION_BUDGET}
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+    scores = score_batch(texts, [e.text for e in batch])
+    return [{**line, "refused": False, "exact": sum(t in token_ids for t in truth) / len(batch),
+             "rouge1": statistics.fmean(s["rouge1"] for s in scores),
+             "rouge2": statistics.fmean(s["rouge2"] for s in scores), **extra,
+             "seconds": time.perf_counter() - start}]
 
 
 def _batch_residuals(residuals, truth) -> dict[str, float]:
@@ -227,18 +258,17 @@ def measure_dp(dataset: str, example) -> list[dict]:
 
 
 def plan(sentences: int) -> list[tuple]:
-    """Every task of the study: ``(function name, dataset, example or batch)``."""
+    """Every task of the study: ``(function name, dataset, example or (method, batch))``."""
     tasks = []
     for dataset in DATASETS:
         for (example,) in _sentences(dataset, sentences):
             tasks += [("measure_comparison", dataset, example), ("measure_components", dataset, example),
                       ("measure_dp", dataset, example)]
-    # Batches of whole sentences: Rotten Tomatoes and CoLA (SST-2's train rows are phrases).
-    for dataset in ("rotten_tomatoes", "cola"):
-        for size in BATCH_SIZES + CHECK_ONLY_BATCH_SIZES:
-            # Batches of 8 take a minute each to assemble on one thread: fewer of them.
-            n = 1 if size in CHECK_ONLY_BATCH_SIZES else sentences if size < 8 else max(1, (sentences + 1) // 2)
-            tasks += [("measure_batch", dataset, batch) for batch in _sentences(dataset, n, size)]
+    for size, count in BATCHES.items():
+        for dataset, split in BATCH_SPLITS.items():
+            for batch in _sentences(dataset, count, size, split):
+                tasks += [("measure_batch", dataset, (method, batch)) for method, (*_, sizes) in METHODS.items()
+                          if size in sizes]
     return tasks
 
 
@@ -256,15 +286,18 @@ def _key(study: str, dataset: str, ids) -> str:
 
 
 def _task_key(name: str, dataset: str, item) -> list[str]:
-    ids = [e.row_id for e in item] if isinstance(item, list) else item.row_id
-    return [_key(name.removeprefix("measure_"), dataset, ids)]
+    if isinstance(item, tuple):  # (method, batch)
+        return [_key("batch", dataset, [item[0], [e.row_id for e in item[1]]])]
+    return [_key(name.removeprefix("measure_"), dataset, item.row_id)]
 
 
 def _line_key(line: dict) -> str:
-    return _key(line["study"], line["dataset"], line.get("row_ids", line.get("row_id")))
+    if line["study"] == "batch":
+        return _key("batch", line["dataset"], [line["method"], line["row_ids"]])
+    return _key(line["study"], line["dataset"], line["row_id"])
 
 
-def run(out: str | Path, sentences: int = 5, jobs: int = 1, scheduler: str | None = None,
+def run(out: str | Path, sentences: int = 4, jobs: int = 1, scheduler: str | None = None,
         progress: bool = True) -> list[dict]:
     """Run (or resume) the whole study, appending its lines to ``out``.
 
@@ -274,7 +307,7 @@ def run(out: str | Path, sentences: int = 5, jobs: int = 1, scheduler: str | Non
 
     Args:
         out: the results file.
-        sentences: sentences per dataset (and batches per size).
+        sentences: sentences per dataset in the batch-1 studies.
         jobs, scheduler: the engine (:func:`gilib.results.run`).
         progress: print a line per finished task.
     """
@@ -310,13 +343,45 @@ def comparison_table(span_path: str | Path, optimisation_path: str | Path) -> pd
           "rouge2": r["rouge2"], "seconds": r["seconds"], "exact": None,
           "attack": f"optimisation ({r['cell']['steps']} steps)"}
          for r in results.read_lines(optimisation_path)
-         if r["cell"]["component"] in SPAN_WEIGHTS and r["cell"]["layers"] == 0]
+         if r["cell"]["component"] in SPAN_WEIGHTS and r["cell"]["layers"] == 0
+         and r["cell"].get("batch_size", 1) == 1]
     )
     both = pd.concat([span, optimisation], ignore_index=True)
     table = both.groupby(["component", "attack"], sort=True).agg(
         rouge1=("rouge1", "mean"), rouge2=("rouge2", "mean"), exact=("exact", "mean"),
         seconds=("seconds", "mean"), sentences=("rouge1", "size")).reset_index()
     return table
+
+
+def batch_table(path: str | Path) -> pd.DataFrame:
+    """The batch study by method and batch size.
+
+    Returns:
+        One row per (method, batch size): batches attacked, sentences, the
+        share recovered exactly, ROUGE-1, median and largest seconds per
+        batch, and batches refused (at least as many tokens as the hidden
+        size; those are not attacked, hence not in the other columns).
+    """
+    lines = load(path, "batch")
+    attacked = lines[~lines["refused"]]
+    table = attacked.groupby(["method", "batch_size"], sort=False).agg(
+        batches=("exact", "size"), exact=("exact", "mean"), rouge1=("rouge1", "mean"),
+        seconds=("seconds", "median"), seconds_max=("seconds", "max")).reset_index()
+    table["sentences"] = table["batches"] * table["batch_size"]
+    refused = lines[lines["refused"]].groupby(["method", "batch_size"]).size().rename("refused")
+    table = table.join(refused, on=["method", "batch_size"]).fillna({"refused": 0})
+    table["refused"] = table["refused"].astype(int)
+    order = {m: i for i, m in enumerate(METHODS)}
+    return table.sort_values(["method", "batch_size"], key=lambda c: c.map(order) if c.name == "method" else c,
+                             ignore_index=True)
+
+
+def batch_markdown(table: pd.DataFrame) -> str:
+    """:func:`batch_table` as Markdown (the README repeats it)."""
+    rows = ([r["method"], r["batch_size"], r["sentences"], f"{r['exact']:.0%}", f"{r['rouge1']:.2f}",
+             f"{r['seconds']:.1f}", f"{r['seconds_max']:.1f}", r["refused"]] for _, r in table.iterrows())
+    return results.markdown_table(["method", "batch size", "sentences", "exact", "ROUGE-1", "s / batch (median)",
+                                   "s / batch (max)", "batches refused"], rows)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -333,17 +398,21 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run every measurement of chapter 5")
     run_p.add_argument("--out", required=True)
-    run_p.add_argument("--sentences", type=int, default=5, help="sentences per dataset (and batches per size)")
+    run_p.add_argument("--sentences", type=int, default=4, help="sentences per dataset (batch-1 studies)")
     run_p.add_argument("--jobs", type=int, default=1, help="worker processes (or Dask workers with --scheduler local)")
     run_p.add_argument("--scheduler", default=None,
                        help="run on a Dask cluster: its scheduler's address (tcp://host:8786) or 'local'")
     table_p = sub.add_parser("table", help="the comparison table, in Markdown")
     table_p.add_argument("span")
     table_p.add_argument("optimisation")
+    batch_p = sub.add_parser("batch-table", help="the batch study's table, in Markdown")
+    batch_p.add_argument("span")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             run(args.out, args.sentences, args.jobs, args.scheduler)
+        elif args.command == "batch-table":
+            print(batch_markdown(batch_table(args.span)))
         else:
             print(markdown(comparison_table(args.span, args.optimisation)))
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from gilib.attack import SharedUpdate
-from gilib.attack.span import _output_gradients, item_gradients, layer0_inputs, row_space, span_attack
+from gilib.attack import span_attack
+from gilib.attack.peeling import output_gradients
+from gilib.attack.span import item_gradients, layer0_inputs, row_space
 from gilib.client import client_update
 from gilib.data import load_split
 from gilib.models import encode
@@ -75,16 +77,18 @@ def test_the_output_gradients_of_known_inputs_are_recovered_exactly(minilm):
     ids = true_batch["input_ids"][0]
     inputs = torch.stack([layer0_inputs(model, p)[int(v)] for p, v in enumerate(ids)])
     module = model.get_submodule(selection.names[0].rsplit(".", 1)[0])
-    own = _output_gradients(model, module, ids[None], 1)[0]
+    own = output_gradients(model, module, ids[None], 1)[0]
     torch.testing.assert_close(item_gradients(gradient, inputs), own.double(), rtol=1e-4, atol=1e-9)
 
 
-def test_a_batch_without_labels_is_refused_clearly(minilm):
+def test_a_batch_needs_no_labels_peeling_finds_them(minilm):
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
     update = _update(model, tokenizer, selection, ["a cat sat", "the dog ran home"], [1, 0])
-    with pytest.raises(ValueError, match="needs its 2 labels"):
-        span_attack(model, tokenizer, update._replace(labels=None), selection)
+    result = span_attack(model, tokenizer, update._replace(labels=None), selection)
+    assert result.texts == ["a cat sat", "the dog ran home"]
+    assert result.config["labels"] == [1, 0] and result.config["found"] == [True, True]
+    assert result.config["verifier"].endswith("(output gradients)")
 
 
 def test_a_batch_with_as_many_tokens_as_input_dimensions_is_refused(minilm):
@@ -119,8 +123,10 @@ def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
     ([8, 9], [0.0, 1.0], {}, "class indices"),
     ([8, 9], [1], {}, "class indices"),
     ([8], [7], {}, "class indices in 0..1"),
-    ([8], None, dict(restarts=0), "restarts must be at least 1"),
-    ([8], None, dict(restarts=1.5), "restarts must be at least 1"),
+    ([8], None, dict(restarts=0), "restarts must be a whole number of at least 1"),
+    ([8], None, dict(restarts=1.5), "restarts must be a whole number of at least 1"),
+    ([8], None, dict(kicks=-1), "kicks must be a whole number of at least 0"),
+    ([8], None, dict(kicks=True), "kicks must be a whole number of at least 0"),
     ([8], None, dict(threshold=0.0), "threshold must be a finite number greater than 0"),
     ([8], None, dict(threshold=math.nan), "threshold must be a finite number greater than 0"),
 ])

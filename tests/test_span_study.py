@@ -56,7 +56,17 @@ def test_the_components_measurement_separates_only_layer_0_input_projections():
     assert lines[("ffn.output", 0)] == {**lines[("ffn.output", 0)], "applicable": False, "input_width": 1536}
 
 
-def test_the_batch_measurement_assembles_two_bundled_sentences_exactly():
-    (line,) = span_study.measure_batch("sample", span_study.load_split("sample")[:2])
-    assert line["assembled"] and line["exact"] == 1.0 and line["rouge1"] == 1.0
-    assert line["set_recall"] == 1.0 and line["rank"] <= line["tokens"] < line["hidden"]
+@pytest.mark.parametrize("method", list(span_study.METHODS))
+def test_the_batch_measurement_recovers_two_bundled_sentences_exactly(method):
+    (line,) = span_study.measure_batch("sample", (method, span_study.load_split("sample")[:2]))
+    assert not line["refused"] and line["exact"] == 1.0 and line["rouge1"] == 1.0
+    assert line["tokens"] < line["hidden"] and line["batch_size"] == 2
+    if method.startswith("peel"):
+        assert line["found"] == 1.0 and line["labels_right"] == 1.0 and line["uncertain_positions"] == 0
+        assert line["set_recall"] == 1.0 and line["rank"] <= line["tokens"]
+
+
+def test_a_batch_wider_than_the_hidden_size_is_recorded_as_refused():
+    examples = span_study.load_split("sample")
+    (line,) = span_study.measure_batch("sample", ("peel, layer 0+1", examples))
+    assert line["refused"] and line["tokens"] >= line["hidden"] and "exact" not in line

@@ -19,7 +19,8 @@ from ..slicing import SharedUpdate
 from .objectives import OBJECTIVES, GradientMatcher, Target, gradient_distance
 from .optimization import AttackConfig, AttackResult, Prior, attack_clients, optimization_attack
 from .priors import GPT2Prior, NgramPrior
-from .span import RowSpace, row_space, span_attack
+from .exact import span_attack
+from .span import RowSpace, row_space
 from .tokens import TokenSpace
 
 __all__ = [

@@ -13,12 +13,14 @@ paper (Li et al., EMNLP 2024) only optimises.
 
 * Batch size 1: each position's token is the candidate with the smallest
   residual.
-* Batch size B > 1: the check gives the set of tokens at each position (up
-  to B of them) but not which sentence each belongs to. With the inputs
-  known, the weight gradient also gives every token's output gradient
-  exactly (:func:`item_gradients`), and a token's output gradient depends
-  on its own sentence only: :func:`assemble` searches each sentence on its
-  own for the candidates whose output gradients match.
+* Batch size B > 1: the check gives the set of tokens at each position but
+  not which sentence each belongs to, and in a large batch not even which
+  position (the sets become the batch's bag of words):
+  :mod:`gilib.attack.peeling` finds the sentences one at a time. With the
+  inputs known, ``G = Delta^T X`` also gives every token's output gradient
+  (:func:`item_gradients`, chapter 5's derivation).
+
+:func:`gilib.attack.exact.span_attack` runs the whole attack.
 
 A key weight's gradient spans the differences of the inputs from the known
 ``[CLS]`` input instead (softmax is shift invariant), which the check
@@ -31,21 +33,13 @@ remaining directions.
 
 from __future__ import annotations
 
-import math
-import numbers
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..slicing import Selection, SharedUpdate, checked_update
-from .objectives import GradientMatcher
-from .optimization import AttackResult
 from .tokens import TokenSpace
 
-FOUND = 1e-6  # assembly loss (1 - cosine of output gradients) below which a sentence is found
-_LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
 DEFAULT_THRESHOLD = 1e-4
 """Relative residual below which a token counts as inside the row space.
 
@@ -89,6 +83,15 @@ class RowSpace:
 def row_space(gradient: torch.Tensor, max_rank: int | None = None) -> RowSpace:
     """The row space of a ``(d_out, d_in)`` weight gradient, by SVD in float64.
 
+    The rank is NumPy's ``matrix_rank`` rule (singular values above
+    ``s_max * max(shape) * eps``), extended down to ten times the noise
+    floor where the caller gives ``max_rank`` below the gradient's size:
+    the rank cannot exceed it, so the singular value at index ``max_rank``
+    measures the round-off. In a batch the weakest real directions fall
+    under NumPy's tolerance (1e-5 relative, against a float32 floor near
+    1e-7), and without them up to a tenth of the true tokens leave the span;
+    after peeling (:mod:`gilib.attack.peeling`) the floor rises.
+
     Args:
         gradient: the weight's gradient.
         max_rank: an upper bound the attacker knows, the batch's token count:
@@ -101,6 +104,9 @@ def row_space(gradient: torch.Tensor, max_rank: int | None = None) -> RowSpace:
     eps = torch.finfo(gradient.dtype).eps
     tolerance = float(s[0]) * max(g.shape) * eps if len(s) else 0.0
     rank = int((s > tolerance).sum())
+    if max_rank is not None and rank <= max_rank < len(s):
+        floor = 10 * float(s[int(max_rank)])
+        rank = max(rank, int((s > floor).sum()))
     if max_rank is not None:
         rank = min(rank, int(max_rank))
     return RowSpace(vh[:rank].T.contiguous(), s, rank, tolerance)
@@ -123,23 +129,6 @@ def layer0_inputs(model: torch.nn.Module, position: int, token_type: int = 0,
             words = words[torch.as_tensor(token_ids, device=words.device)]
         x = words + emb.position_embeddings.weight[position] + emb.token_type_embeddings.weight[token_type]
         return emb.LayerNorm(x)
-
-
-def layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: Sequence[torch.Tensor]):
-    """The first layer-0 query, key or value weight in a selection: ``(name, gradient)``.
-
-    Raises:
-        ValueError: if the selection has none, with what to select instead.
-    """
-    stem = f"{model.base_model_prefix}.encoder.layer.0."
-    wanted = {stem + s for s in _LAYER0_INPUTS}
-    for name, gradient in zip(selection.names, shared_grads):
-        if name in wanted:
-            return name, gradient
-    raise ValueError(
-        f"The span check needs the gradient of layer 0's query, key or value weight, and "
-        f"{selection.label} has none: select e.g. select(model, 'attention.query', 0) or 'layer', 0."
-    )
 
 
 def token_residuals(
@@ -266,7 +255,8 @@ def position_counts(lengths: Sequence[int]) -> list[int]:
     return [sum(p < n - 1 for n in lengths) for p in range(1, max(lengths) - 1)]
 
 
-def candidate_sets(residuals: torch.Tensor, counts: Sequence[int], threshold: float = DEFAULT_THRESHOLD) -> list[list[int]]:
+def candidate_sets(residuals: torch.Tensor, counts: Sequence[int], threshold: float = DEFAULT_THRESHOLD, *,
+                   capped: bool = True) -> list[list[int]]:
     """The tokens each position holds, from its residuals.
 
     Learned position embeddings are smooth, so a token that the batch holds
@@ -283,18 +273,26 @@ def candidate_sets(residuals: torch.Tensor, counts: Sequence[int], threshold: fl
             at most that many distinct tokens.
         threshold: residual below which a token is in the span
             (:data:`DEFAULT_THRESHOLD`).
+        capped: keep at most ``count`` tokens per position. Without the cap
+            (for :func:`gilib.attack.peeling.peel`, whose sentence check
+            sorts true tokens from impostors) every token under the
+            threshold is kept, and at least the ``count`` best.
 
     Returns:
         For each position, token ids by increasing residual: those under the
-        threshold, at most ``count``; the single best one when none passes
-        (noise), so that every position keeps a guess. At batch size 1 that
-        is the smallest residual, whatever the threshold.
+        threshold (at most ``count`` when capped); the best one(s) when none
+        passes (noise), so that every position keeps a guess. At batch size
+        1, capped, that is the smallest residual, whatever the threshold.
     """
     sets = []
     for row, count in zip(residuals, counts):
-        best = row.topk(max(1, int(count)), largest=False)
-        chosen = [int(i) for i, r in zip(best.indices, best.values) if r < threshold]
-        sets.append(chosen or [int(best.indices[0])])
+        if capped:
+            best = row.topk(max(1, int(count)), largest=False)
+            chosen = [int(i) for i, r in zip(best.indices, best.values) if r < threshold]
+            sets.append(chosen or [int(best.indices[0])])
+        else:
+            under = int((row < threshold).sum())
+            sets.append([int(i) for i in row.argsort()[: max(under, int(count), 1)]])
     return sets
 
 
@@ -313,301 +311,3 @@ def item_gradients(gradient: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
         ``(m, d_out)`` output gradients ``delta_i`` (float64).
     """
     return torch.linalg.lstsq(inputs.double().T, gradient.double().T).solution
-
-
-def assemble(
-    model: torch.nn.Module,
-    weight: str,
-    gradient: torch.Tensor,
-    lengths: Sequence[int],
-    labels: torch.Tensor,
-    candidates: Sequence[Sequence[int]],
-    tokenizer,
-    *,
-    restarts: int = 3,
-    max_moves: int = 200,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Assign each position's candidate tokens to the batch's sentences.
-
-    Once the tokens at every position are known, so are the layer's inputs
-    ``x_i``, and :func:`item_gradients` recovers every token's output
-    gradient ``delta_i`` from the shared weight gradient. A token's
-    ``delta_i`` depends only on its own sentence, so each sentence can be
-    searched on its own: a hypothesis (one candidate per position) is right
-    when the output gradients it produces itself match the recovered ones
-    at its tokens. A steepest-descent search over single substitutions, with
-    seeded random starts, minimises one minus their cosine (averaged over
-    positions); every move is a forward and backward pass of one short
-    sentence, all moves of a step in one batch. Sentences are searched
-    longest first, and a token a found sentence took is withdrawn from the
-    others where a position holds one distinct token per sentence.
-
-    Args:
-        model: the victim, as the server holds it.
-        weight: name of the layer-0 query, key or value weight.
-        gradient: its shared gradient ``(d_out, d_in)``.
-        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
-        labels: ``(B,)`` class labels.
-        candidates: for positions ``1 .. max(lengths) - 2``, the candidate
-            token ids (:func:`candidate_sets`).
-        tokenizer: the victim's tokenizer.
-        restarts: seeded starts per sentence.
-        max_moves: substitutions per start at most.
-        seed: seeds the starts.
-
-    Returns:
-        ``(B, T)`` token ids, padded with ``[PAD]``.
-    """
-    lengths = [int(n) for n in lengths]
-    b = len(lengths)
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    # The items: every distinct (position, token) input of the batch.
-    items = [(0, cls_id)] + [(n - 1, sep_id) for n in sorted(set(lengths))]
-    items += [(p, v) for p, cands in enumerate(candidates, start=1) for v in cands]
-    index = {item: i for i, item in enumerate(items)}
-    inputs = torch.stack([layer0_inputs(model, p, token_ids=[v])[0] for p, v in items]).cpu()
-    gradient = gradient.cpu()
-    if weight.endswith("key.weight"):
-        # The key's gradient spans x - x_[CLS]: the [CLS] item drops out.
-        deltas = torch.cat([torch.zeros(1, gradient.shape[0], dtype=torch.float64),
-                            item_gradients(gradient, inputs[1:] - inputs[0])])
-    else:
-        deltas = item_gradients(gradient, inputs)
-    counts = position_counts(lengths)
-    module = model.get_submodule(weight.rsplit(".", 1)[0])
-    labels = torch.as_tensor(labels).reshape(b).tolist()
-
-    def loss_for(s: int, n: int):
-        # Two sentences with the same token at a position share one input,
-        # whose recovered delta is the sum of theirs: positions with fewer
-        # distinct candidates than sentences are left out of the score.
-        positions = [p for p in range(1, n - 1) if len(candidates[p - 1]) >= counts[p - 1]] or list(range(1, n - 1))
-
-        def loss(hypotheses: torch.Tensor) -> torch.Tensor:  # (K, n) ids -> (K,)
-            own = _output_gradients(model, module, hypotheses, labels[s])[:, positions].double()
-            rows = torch.tensor([[index[(p, int(h[p]))] for p in positions] for h in hypotheses])
-            wanted = deltas[rows]
-            # Per position, so that a wrong token costs as much where its
-            # gradient is small as where it is large.
-            cosine = (own * wanted).sum(-1) / (own.norm(dim=-1) * wanted.norm(dim=-1) + 1e-30)
-            return (1 - cosine).mean(-1)
-
-        return loss
-
-    return _search_sentences(lengths, candidates, tokenizer, loss_for, found=FOUND, restarts=restarts,
-                             max_moves=max_moves, seed=seed)
-
-
-def _search_sentences(lengths: Sequence[int], candidates: Sequence[Sequence[int]], tokenizer, loss_for, *,
-                     found: float, restarts: int = 3, max_moves: int = 200,
-                     seed: int = 0) -> torch.Tensor:
-    """Each sentence of a batch, searched on its own among the candidates of its positions.
-
-    A steepest-descent search over single substitutions, from seeded random
-    starts: every step scores all hypotheses one substitution away in one
-    call of the sentence's loss and takes the best, until none improves or
-    the loss falls under ``found``. Sentences are searched longest first (the
-    late positions' tokens can only be theirs); where a position holds as
-    many distinct candidates as sentences, each token is one sentence's, and
-    a certainly found sentence's tokens are withdrawn from the others.
-
-    Args:
-        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
-        candidates: for positions ``1 .. max(lengths) - 2``, candidate token ids.
-        tokenizer: the victim's tokenizer (special tokens).
-        loss_for: ``loss_for(sentence, length)`` returns the sentence's loss,
-            ``(K, n)`` token ids to ``(K,)``, zero for the true sentence.
-        found: loss under which a sentence is certainly found.
-        restarts: seeded starts per sentence.
-        max_moves: substitutions per start at most.
-        seed: seeds the starts.
-
-    Returns:
-        ``(B, T)`` token ids padded with ``[PAD]``.
-    """
-    lengths = [int(n) for n in lengths]
-    b, width = len(lengths), max(lengths)
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    counts = position_counts(lengths)
-    generator = torch.Generator().manual_seed(seed)
-    remaining = [list(c) for c in candidates]
-    ids = torch.full((b, width), tokenizer.pad_token_id)
-    for s in sorted(range(b), key=lambda i: -lengths[i]):
-        n = lengths[s]
-        loss = loss_for(s, n)
-        options = remaining[: n - 2]
-        best, best_loss = None, float("inf")
-        for _ in range(restarts):
-            h = torch.tensor([cls_id] + [c[int(torch.randint(len(c), (1,), generator=generator))]
-                                         for c in options] + [sep_id])
-            current = float(loss(h[None])[0])
-            for _ in range(max_moves):
-                moves = [(p, v) for p in range(1, n - 1) for v in options[p - 1] if v != int(h[p])]
-                if not moves or current < found:
-                    break
-                trial = h.repeat(len(moves), 1)
-                for k, (p, v) in enumerate(moves):
-                    trial[k, p] = v
-                losses = loss(trial)
-                k = int(losses.argmin())
-                if float(losses[k]) >= current - 1e-12:
-                    break
-                h, current = trial[k], float(losses[k])
-            if current < best_loss:
-                best, best_loss = h, current
-            if best_loss < found:
-                break
-        ids[s, :n] = best
-        if best_loss < found:
-            for p in range(1, n - 1):
-                if len(candidates[p - 1]) == counts[p - 1] and len(remaining[p - 1]) > 1:
-                    remaining[p - 1].remove(int(best[p]))
-    return ids
-
-
-def _output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, label: int) -> torch.Tensor:
-    """Gradient of each sentence's loss at ``module``'s output: ``(K, n, d_out)`` for ``(K, n)`` ids."""
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    captured = []
-    handle = module.register_forward_hook(lambda m, args, out: captured.append(out))
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            losses = torch.nn.functional.cross_entropy(logits, torch.full((len(ids),), label, device=device),
-                                                     reduction="sum")
-            (delta,) = torch.autograd.grad(losses, captured[0])
-    finally:
-        handle.remove()
-    return delta.detach().cpu()
-
-
-def _checked(model, update: SharedUpdate, selection: Selection, threshold: float,
-             restarts: int) -> tuple[SharedUpdate, str, torch.Tensor]:
-    """What the server holds, checked before any linear algebra: ``(update, weight name, its gradient)``.
-
-    The message itself is checked by :meth:`~gilib.slicing.SharedUpdate.validated`;
-    here only what the span check adds: a BERT, its settings, labels for a
-    batch, and a batch with fewer tokens than the weight's input dimensions.
-    """
-    if getattr(model.config, "model_type", None) != "bert":
-        raise ValueError(f"The span check enumerates BERT's layer-0 inputs; got a {model.config.model_type!r} model.")
-    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 1:
-        raise ValueError(f"restarts must be at least 1 (a whole number), got {restarts!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
-            or threshold <= 0:
-        raise ValueError(f"threshold must be a finite number greater than 0, got {threshold!r}.")
-    update = checked_update(update, model, selection)
-    batch = len(update.lengths)
-    if batch > 1 and update.labels is None:
-        raise ValueError(f"A batch of {batch} sentences needs its {batch} labels (one per length, "
-                         f"in the same order) to assemble the sentences.")
-    name, gradient = layer0_weight(model, selection, update.shared_grads)
-    tokens, hidden = sum(update.lengths), gradient.shape[1]
-    if tokens >= hidden:
-        raise ValueError(
-            f"The batch has {tokens} tokens, at least the weight's {hidden} input dimensions: its row "
-            f"space can hold every input, so the check cannot tell tokens apart. Attack fewer or shorter "
-            f"sentences, or use the optimisation attack."
-        )
-    return update, name, gradient
-
-
-def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> float:
-    """Cosine gradient distance between a rebuilt ``(B, T)`` batch and the shared gradient."""
-    device = shared_grads[0].device
-    matcher = GradientMatcher(model, selection.names, "cos").matched([shared_grads])
-    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(list(lengths))[:, None]).long().to(device)
-    labels = torch.as_tensor(labels).reshape(len(ids)).to(device)
-    target = matcher.target(shared_grads, selection.names, labels, mask)
-    with torch.no_grad():
-        return float(matcher.loss(model.get_input_embeddings().weight[ids.to(device)], target))
-
-
-def span_attack(
-    model: torch.nn.Module,
-    tokenizer,
-    update: SharedUpdate,
-    selection: Selection,
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    restarts: int = 3,
-    seed: int = 0,
-) -> AttackResult:
-    """Recover a batch from the gradient of a layer-0 query, key or value weight.
-
-    Args:
-        model: the victim, as the server holds it.
-        tokenizer: its tokenizer.
-        update: what the client sent, e.g.
-            ``gilib.client.client_update(...).shared``: one gradient per name
-            of ``selection``, the batch's token counts (``[CLS]`` and
-            ``[SEP]`` included) and its labels, one per length in the same
-            order; as in LAMP's threat model, the server knows both. Labels
-            may be ``None`` at batch size 1.
-        selection: must contain layer 0's query, key or value weight (the
-            first one is used; ``final_loss`` of a batch matches every tensor).
-        threshold: residual under which a token is in the span.
-        restarts: seeded starts of the assembly (batch size > 1).
-        seed: seeds the assembly.
-
-    Returns:
-        An :class:`~gilib.attack.AttackResult` with ``method="span"``.
-        ``final_loss`` is the largest residual among the chosen tokens at
-        batch size 1, the assembled batch's gradient distance otherwise;
-        ``timings`` holds the seconds of the check and of the assembly, the
-        rank, and the smallest gap between the residuals of a position's
-        last chosen and first rejected token; ``config["candidates"]`` the
-        token set of every interior position. The batch's sentences come
-        back in an order of their own: the gradient does not depend on it,
-        so compare them with :func:`gilib.metrics.match_batch`.
-
-    Raises:
-        TypeError: if ``update`` is not a :class:`~gilib.slicing.SharedUpdate`.
-        ValueError: if the model is not a BERT, the update does not fit the
-            model and the selection (:meth:`~gilib.slicing.SharedUpdate.validated`:
-            tensor count, shape, dtype, device, NaN or infinite values, an
-            all-zero gradient, lengths, labels), a batch has no labels, no
-            layer-0 query/key/value weight is selected, the settings are
-            out of range, or the batch has at least as many tokens as the
-            weight has input dimensions (its row space can then hold every
-            input).
-    """
-    start = time.perf_counter()
-    update, name, gradient = _checked(model, update, selection, threshold, restarts)
-    shared_grads, labels, lengths = update
-    batch = len(lengths)
-    shift_invariant = name.endswith("key.weight")
-    # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
-    space = row_space(gradient, max_rank=sum(lengths) - (batch if shift_invariant else 0))
-    tokens = TokenSpace(model, tokenizer)
-    width = max(lengths)
-    residuals = token_residuals(model, tokens, space, range(1, width - 1), shift_invariant=shift_invariant)
-    sets = candidate_sets(residuals, position_counts(lengths), threshold)
-    # How far the split between chosen and rejected tokens sits from the next token.
-    widest = max((len(c) for c in sets), default=0)
-    ordered = residuals.topk(min(widest + 1, residuals.shape[1]), dim=1, largest=False).values
-    gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
-    check_seconds = time.perf_counter() - start
-    if batch == 1:
-        ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
-        final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
-    else:
-        ids = assemble(model, name, gradient, lengths, labels, sets, tokenizer,
-                       restarts=restarts, seed=seed)
-        final_loss = batch_distance(model, shared_grads, selection, ids, lengths, labels)
-    seconds = time.perf_counter() - start
-    token_ids = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
-    return AttackResult(
-        texts=[tokens.decode(t) for t in token_ids],
-        token_ids=token_ids,
-        loss_history=[],
-        final_loss=final_loss,
-        seconds=seconds,
-        seconds_per_step=seconds,
-        method="span",
-        config={"weight": name, "threshold": threshold, "restarts": restarts, "seed": seed, "candidates": sets},
-        timings={"check": check_seconds, "assembly": seconds - check_seconds, "rank": space.rank,
-                 "min_gap": min(gaps)},
-    )

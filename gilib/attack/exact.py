@@ -1,0 +1,203 @@
+"""The exact attack: the span check at batch size 1, peeling for batches.
+
+:func:`span_attack` is the entry point of the optimisation-free attack of
+chapter 5. It checks the server's message, runs the row-space check of
+:mod:`gilib.attack.span` on a layer-0 query, key or value weight (DAGER,
+Petrov et al., NeurIPS 2024), reads a single sentence off directly and
+hands a batch to :func:`gilib.attack.peeling.peel`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from typing import Sequence
+
+import torch
+
+from ..slicing import Selection, SharedUpdate, checked_update
+from .objectives import GradientMatcher
+from .optimization import AttackResult
+from .peeling import peel
+from .span import DEFAULT_THRESHOLD, candidate_sets, position_counts, row_space, token_residuals
+from .tokens import TokenSpace
+
+_LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
+_LAYER1_INPUTS = ("attention.self.query.weight", "attention.self.value.weight")
+
+
+def layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: Sequence[torch.Tensor]):
+    """The first layer-0 query, key or value weight in a selection: ``(name, gradient)``.
+
+    Raises:
+        ValueError: if the selection has none, with what to select instead.
+    """
+    stem = f"{model.base_model_prefix}.encoder.layer.0."
+    wanted = {stem + s for s in _LAYER0_INPUTS}
+    for name, gradient in zip(selection.names, shared_grads):
+        if name in wanted:
+            return name, gradient
+    raise ValueError(
+        f"The span check needs the gradient of layer 0's query, key or value weight, and "
+        f"{selection.label} has none: select e.g. select(model, 'attention.query', 0) or 'layer', 0."
+    )
+
+
+def _checked(model, update: SharedUpdate, selection: Selection, threshold: float,
+             restarts: int, kicks: int) -> tuple[SharedUpdate, str, torch.Tensor]:
+    """What the server holds, checked before any linear algebra: ``(update, weight name, its gradient)``.
+
+    The message itself is checked by :meth:`~gilib.slicing.SharedUpdate.validated`;
+    here only what the span check adds: a BERT, its settings, and a batch
+    with fewer tokens than the weight's input dimensions.
+    """
+    if getattr(model.config, "model_type", None) != "bert":
+        raise ValueError(f"The span check enumerates BERT's layer-0 inputs; got a {model.config.model_type!r} model.")
+    for label, value, least in (("restarts", restarts, 1), ("kicks", kicks, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{label} must be a whole number of at least {least}, got {value!r}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
+            or threshold <= 0:
+        raise ValueError(f"threshold must be a finite number greater than 0, got {threshold!r}.")
+    update = checked_update(update, model, selection)
+    name, gradient = layer0_weight(model, selection, update.shared_grads)
+    tokens, hidden = sum(update.lengths), gradient.shape[1]
+    if tokens >= hidden:
+        raise ValueError(
+            f"The batch has {tokens} tokens, at least the weight's {hidden} input dimensions: its row "
+            f"space can hold every input, so the check cannot tell tokens apart. Attack fewer or shorter "
+            f"sentences, or use the optimisation attack."
+        )
+    return update, name, gradient
+
+
+def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> float:
+    """Cosine gradient distance between a rebuilt ``(B, T)`` batch and the shared gradient."""
+    device = shared_grads[0].device
+    matcher = GradientMatcher(model, selection.names, "cos").matched([shared_grads])
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(list(lengths))[:, None]).long().to(device)
+    labels = torch.as_tensor(labels).reshape(len(ids)).to(device)
+    target = matcher.target(shared_grads, selection.names, labels, mask)
+    with torch.no_grad():
+        return float(matcher.loss(model.get_input_embeddings().weight[ids.to(device)], target))
+
+
+def layer1_weight(model: torch.nn.Module, selection: Selection) -> str | None:
+    """The first layer-1 weight in a selection whose gradient spans the layer's inputs (query or value)."""
+    stem = f"{model.base_model_prefix}.encoder.layer.1."
+    wanted = {stem + s for s in _LAYER1_INPUTS}
+    return next((name for name in selection.names if name in wanted), None)
+
+
+def span_attack(
+    model: torch.nn.Module,
+    tokenizer,
+    update: SharedUpdate,
+    selection: Selection,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    restarts: int = 1,
+    kicks: int = 15,
+    seed: int = 0,
+) -> AttackResult:
+    """Recover a batch from the gradient of a layer-0 query, key or value weight.
+
+    At batch size 1 each position's token is the one with the smallest
+    residual. A batch is recovered sentence by sentence
+    (:func:`gilib.attack.peeling.peel`): candidates from the span check,
+    a search checked by layer 1's gradient when the selection holds layer
+    1's query or value weight (DAGER's check), by the layer-0 weight's own
+    output gradients otherwise, and each found sentence peeled off the
+    shared gradients.
+
+    Args:
+        model: the victim, as the server holds it.
+        tokenizer: its tokenizer.
+        update: what the client sent, e.g.
+            ``gilib.client.client_update(...).shared``: one gradient per name
+            of ``selection`` and the batch's token counts (``[CLS]`` and
+            ``[SEP]`` included), which the server must know, as in LAMP's
+            threat model. The labels are not used: peeling finds each
+            sentence's label (``config["labels"]``).
+        selection: must contain layer 0's query, key or value weight (the
+            first one is used); add layer 1's query or value weight (e.g.
+            ``select(model, "attention.query", [0, 1])``) for the faster,
+            sharper check of batches.
+        threshold: residual under which a token is in the span.
+        restarts: random starts of each sentence search (batch size > 1).
+        kicks: perturbations per start (batch size > 1).
+        seed: seeds the searches.
+
+    Returns:
+        An :class:`~gilib.attack.AttackResult` with ``method="span"``, in
+        the order of ``update.lengths`` (sentences of equal length in an
+        order of their own: compare with :func:`gilib.metrics.match_batch`).
+        ``final_loss`` is the largest residual among the chosen tokens at
+        batch size 1, the rebuilt batch's gradient distance otherwise.
+        ``timings`` holds the seconds of the check and of the assembly, the
+        rank, the smallest gap between a position's last chosen and first
+        rejected residual, and the peeling rounds. ``config`` holds the
+        weight and verifier used, ``candidates`` (each interior position's
+        token set), and for a batch ``found`` (each sentence verified by
+        peeling), ``labels`` (the label each one's peeling showed) and
+        ``uncertain`` (each unverified sentence's positions whose check
+        residual stayed high): where a batch is not fully resolved, the
+        result is the best partial assembly.
+
+    Raises:
+        TypeError: if ``update`` is not a :class:`~gilib.slicing.SharedUpdate`.
+        ValueError: if the model is not a BERT, the update does not fit the
+            model and the selection (:meth:`~gilib.slicing.SharedUpdate.validated`:
+            tensor count, shape, dtype, device, NaN or infinite values, an
+            all-zero gradient, lengths, labels), no layer-0 query/key/value
+            weight is selected, the settings are out of range, or the batch
+            has at least as many tokens as the weight has input dimensions
+            (its row space can then hold every input).
+    """
+    start = time.perf_counter()
+    update, name, gradient = _checked(model, update, selection, threshold, restarts, kicks)
+    shared_grads, labels, lengths = update
+    batch = len(lengths)
+    shift_invariant = name.endswith("key.weight")
+    # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
+    space = row_space(gradient, max_rank=sum(lengths) - (batch if shift_invariant else 0))
+    tokens = TokenSpace(model, tokenizer)
+    width = max(lengths)
+    residuals = token_residuals(model, tokens, space, range(1, width - 1), shift_invariant=shift_invariant)
+    sets = candidate_sets(residuals, position_counts(lengths), threshold, capped=batch == 1)
+    # How far the split between chosen and rejected tokens sits from the next token.
+    widest = max((len(c) for c in sets), default=0)
+    ordered = residuals.topk(min(widest + 1, residuals.shape[1]), dim=1, largest=False).values
+    gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
+    check_seconds = time.perf_counter() - start
+    verifier = layer1_weight(model, selection)
+    config = {"weight": name, "verifier": None, "threshold": threshold, "restarts": restarts, "kicks": kicks,
+              "seed": seed, "candidates": sets}
+    rounds = 0
+    if batch == 1:
+        ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
+        final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
+    else:
+        peeled = peel(model, tokenizer, selection.names, shared_grads, name, verifier, lengths,
+                      threshold=threshold, restarts=restarts, kicks=kicks, seed=seed)
+        ids, rounds = peeled.ids, peeled.rounds
+        guessed = [y if y is not None else (int(labels[i]) if labels is not None else 0)
+                   for i, y in enumerate(peeled.labels)]
+        final_loss = batch_distance(model, shared_grads, selection, ids, lengths, guessed)
+        config.update(verifier=verifier or f"{name} (output gradients)", found=peeled.found,
+                      labels=peeled.labels, uncertain=peeled.uncertain)
+    seconds = time.perf_counter() - start
+    token_ids = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    return AttackResult(
+        texts=[tokens.decode(t) for t in token_ids],
+        token_ids=token_ids,
+        loss_history=[],
+        final_loss=final_loss,
+        seconds=seconds,
+        seconds_per_step=seconds,
+        method="span",
+        config=config,
+        timings={"check": check_seconds, "assembly": seconds - check_seconds, "rank": space.rank,
+                 "min_gap": min(gaps), "rounds": rounds},
+    )

@@ -1,0 +1,541 @@
+"""A batch's sentences, found one at a time and peeled off the shared gradient.
+
+At batch size B > 1 the span check (:mod:`gilib.attack.span`) gives each
+position's candidate tokens. In a large batch those sets stop pinning
+positions: the inputs of the batch's tokens span most of the learned
+position embeddings' directions, so every token of the batch lies in the
+row space at *every* position (measured in ``bench/batch_recovery.py``: the
+sets are exactly the batch's bag of words, true tokens and impostors both at
+1e-7 to 1e-6). Which token sits where must come from a check of whole
+sentences, and there are two:
+
+* :class:`Layer1Check` (DAGER, Petrov et al., "DAGER: Exact Gradient
+  Inversion for Large Language Models", NeurIPS 2024), when the client also
+  shares a weight of layer 1 that reads the layer's input (query or value):
+  a hypothesis is right when its own layer-1 inputs, computed by running it
+  alone through the embeddings and layer 0 (the attention mask keeps the
+  batch's sentences apart), lie in that weight gradient's row space. It
+  needs no labels, and a position's residual can be recomputed for every
+  candidate token at once (:meth:`Layer1Check.local`), which is what makes
+  the search fast.
+* :class:`OutputCheck`, from the layer-0 weight alone: ``G = Delta^T X``, so
+  the *columns* of ``G`` span the output gradients ``delta_i`` of the
+  batch's tokens, and a right hypothesis's own output gradients (one
+  forward and backward pass, for each class) lie in that column space.
+
+The search (:func:`search_sentence`) is an iterated local search over the
+candidate sets. DAGER enumerates the product of the sets instead, which
+grows as (set size)^length; ``bench/batch_recovery.py`` runs both.
+
+A found sentence is then *peeled*: the client's gradient is the mean over
+its batch, so a sentence ``s`` with label ``y`` adds exactly
+``grad CE(s, y) / B`` to every shared weight gradient. Subtracting the right
+sentence with the right label leaves the gradient of the other sentences,
+whose rank is smaller (:func:`peel_test`): this verifies the sentence
+exactly, tells its label (so the client's labels are not needed), and
+shrinks the row space, so that the candidate sets of the remaining
+sentences are cleaner at every round. The attacker must know the batch's
+token counts (``lengths``, as in LAMP's threat model) and the client's loss
+(mean cross-entropy), and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .span import RowSpace, candidate_sets, position_counts, row_space, token_residuals
+from .tokens import TokenSpace
+
+FOUND = 1e-4
+"""Mean residual of a hypothesis under which the search stops. True
+sentences measure 1e-7 to 4e-5 (longer ones higher), a hypothesis with one
+wrong token 1e-3 or more."""
+TRIES = 2
+"""Lengths searched per round, shortest first: short sentences are found
+soonest, and each one peeled makes the others' candidate sets cleaner."""
+MAX_EFFORT = 2
+"""A round that finds no sentence is rerun with twice the restarts and kicks,
+up to this factor, before the sentences left are returned as they stand."""
+PEELED = 1e-5
+"""Relative singular value at the remaining batch's token count, after a
+sentence's gradient is subtracted, under which the sentence (and its label)
+is right. Without noise the right subtraction leaves float32 round-off
+(1e-7 to 1e-6); a wrong sentence or label leaves its own directions, 1e-4
+and more."""
+
+
+@dataclass
+class Layer1Check:
+    """A hypothesis's own layer-1 inputs against the row space of a layer-1 weight's gradient.
+
+    Attributes:
+        model: the victim (a BERT).
+        space: row space of the layer-1 query or value weight's gradient.
+    """
+
+    model: torch.nn.Module
+    space: RowSpace
+
+    def __post_init__(self) -> None:
+        base = self.model.base_model
+        self.embeddings, self.layer = base.embeddings, base.encoder.layer[0]
+        self.basis = self.space.basis.float().to(next(self.model.parameters()).device)
+
+    def _residual(self, vectors: torch.Tensor) -> torch.Tensor:
+        vectors = vectors.double()
+        basis = self.basis.double()
+        inside = (vectors @ basis) @ basis.T
+        return (vectors - inside).norm(dim=-1) / vectors.norm(dim=-1).clamp_min(1e-30)
+
+    def position_residuals(self, hypotheses: torch.Tensor) -> torch.Tensor:
+        """``(K, n)`` ids to ``(K, n - 2)`` relative residuals of the interior positions' layer-1 inputs."""
+        hypotheses = hypotheses.to(self.basis.device)
+        with torch.no_grad():
+            out = self.layer(self.embeddings(input_ids=hypotheses))
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self._residual(hidden[:, 1:-1]).cpu()
+
+    def loss(self, hypotheses: torch.Tensor) -> torch.Tensor:
+        """``(K, n)`` ids to ``(K,)``: the mean residual over interior positions."""
+        return self.position_residuals(hypotheses).mean(-1)
+
+    def local(self, hypothesis: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Each candidate's residual at its own position, the rest of the hypothesis kept: ``(C,)``.
+
+        Layer 0 is rerun for one position per candidate: its query, and its
+        key and value replacing the old token's among the others'. The
+        candidate's effect on the *other* positions is left out, so this
+        only ranks moves; :meth:`loss` decides them.
+
+        Args:
+            hypothesis: ``(n,)`` token ids.
+            token_ids: ``(C,)`` candidate tokens.
+            positions: ``(C,)`` the position each one would take.
+        """
+        device = self.basis.device
+        attention, layer = self.layer.attention, self.layer
+        heads, size = attention.self.num_attention_heads, attention.self.attention_head_size
+        with torch.no_grad():
+            context_in = self.embeddings(input_ids=hypothesis[None].to(device))[0]  # (n, d)
+            x = self._inputs(token_ids.to(device), positions.to(device))  # (C, d)
+            n, c = len(context_in), len(x)
+            keys = attention.self.key(context_in).view(n, heads, size)
+            values = attention.self.value(context_in).view(n, heads, size)
+            query = attention.self.query(x).view(c, heads, size)
+            own_key = attention.self.key(x).view(c, heads, size)
+            own_value = attention.self.value(x).view(c, heads, size)
+            scores = torch.einsum("chd,nhd->chn", query, keys) / math.sqrt(size)
+            at = positions.to(device).view(c, 1, 1).expand(c, heads, 1)
+            scores = scores.scatter(2, at, ((query * own_key).sum(-1) / math.sqrt(size)).unsqueeze(-1))
+            weights = scores.softmax(-1)
+            mixed = torch.einsum("chn,nhd->chd", weights, values)
+            mixed = mixed + weights.gather(2, at) * (own_value - values[positions.to(device)])
+            out = attention.output(mixed.reshape(c, heads * size), x)
+            out = layer.output(layer.intermediate(out), out)
+        return self._residual(out).cpu()
+
+    def _inputs(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        emb = self.embeddings
+        z = emb.word_embeddings.weight[token_ids] + emb.position_embeddings.weight[positions] \
+            + emb.token_type_embeddings.weight[0]
+        return emb.LayerNorm(z)
+
+
+@dataclass
+class OutputCheck:
+    """A hypothesis's own output gradients at a layer-0 weight against that gradient's column space.
+
+    Attributes:
+        model: the victim.
+        module: the layer-0 linear layer whose weight gradient is shared.
+        space: the column space of that gradient (the row space of its transpose).
+        classes: the labels tried; the loss is the smallest over them.
+    """
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    space: RowSpace
+    classes: Sequence[int] = field(default_factory=lambda: (0, 1))
+    local = None  # no cheap per-position score: every move costs a backward pass
+
+    def position_residuals(self, hypotheses: torch.Tensor) -> torch.Tensor:
+        """``(K, n)`` ids to ``(K, n - 2)``: interior positions' residuals, under the best class."""
+        basis = self.space.basis.double()
+        best = None
+        for label in self.classes:
+            delta = output_gradients(self.model, self.module, hypotheses, label)[:, 1:-1].double()
+            inside = (delta @ basis) @ basis.T
+            residual = (delta - inside).norm(dim=-1) / delta.norm(dim=-1).clamp_min(1e-30)
+            best = residual if best is None else torch.where(
+                residual.median(-1, keepdim=True).values < best.median(-1, keepdim=True).values, residual, best)
+        return best
+
+    def loss(self, hypotheses: torch.Tensor) -> torch.Tensor:
+        """``(K, n)`` ids to ``(K,)``: the median residual over interior positions.
+
+        The median, because where two sentences hold the same token at the
+        same position, ``G`` holds only the *sum* of their output gradients
+        (one input, ``(delta_a + delta_b) x^T``): at those positions even the
+        true sentence's own output gradient leaves the column space.
+        """
+        return self.position_residuals(hypotheses).median(-1).values
+
+
+def output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, label: int) -> torch.Tensor:
+    """Gradient of each sentence's loss at ``module``'s output: ``(K, n, d_out)`` for ``(K, n)`` ids."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    captured = []
+    handle = module.register_forward_hook(lambda m, args, out: captured.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            losses = torch.nn.functional.cross_entropy(logits, torch.full((len(ids),), label, device=device),
+                                                     reduction="sum")
+            (delta,) = torch.autograd.grad(losses, captured[0])
+    finally:
+        handle.remove()
+    return delta.detach().cpu()
+
+
+def search_sentence(
+    length: int,
+    candidates: Sequence[Sequence[int]],
+    check,
+    tokenizer,
+    generator: torch.Generator,
+    *,
+    restarts: int = 1,
+    kicks: int = 15,
+    kick_size: int = 2,
+    top: int = 3,
+    found: float = FOUND,
+    avoid: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, float]:
+    """One sentence of ``length`` tokens, by iterated local search over the candidates.
+
+    From a seeded random start, each step scores the moves (one position
+    changed to another candidate) with ``check.loss`` and takes the best,
+    until none improves; then a *kick* redraws ``kick_size`` positions,
+    picked at random in proportion to their check residual (where the
+    hypothesis is wrong), and the descent runs again, kept if it ends lower. Where the
+    check has cheap per-position scores (:meth:`Layer1Check.local`), a step
+    scores only each position's ``top`` candidates by that score, plus the
+    hypothesis that takes every position's best at once; otherwise each
+    position's first ``2 * top`` candidates (by span-check residual).
+
+    Args:
+        length: the sentence's token count, ``[CLS]`` and ``[SEP]`` included.
+        candidates: token ids for positions ``1 ..`` (at least ``length - 2`` of them).
+        check: a :class:`Layer1Check` or :class:`OutputCheck`.
+        tokenizer: the victim's tokenizer (special tokens).
+        generator: seeds the starts and kicks.
+        restarts: random starts.
+        kicks: perturbations per start.
+        kick_size: positions a kick changes.
+        top: moves per position under a local score.
+        found: loss under which the search stops.
+        avoid: sentences already peeled; a search ending on one counts as failed.
+
+    Returns:
+        ``(ids, loss)``: the best ``(length,)`` hypothesis and its loss.
+    """
+    options = [list(c) for c in candidates[: length - 2]]
+    ends = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    token_ids = torch.tensor([v for c in options for v in c])
+    positions = torch.tensor([p for p, c in enumerate(options, start=1) for _ in c])
+    offsets = [0]
+    for c in options:
+        offsets.append(offsets[-1] + len(c))
+
+    def draw(h: torch.Tensor, where: Sequence[int]) -> torch.Tensor:
+        h = h.clone()
+        for p in where:
+            c = options[p - 1]
+            h[p] = c[int(torch.randint(len(c), (1,), generator=generator))]
+        return h
+
+    def descend(h: torch.Tensor, current: float) -> tuple[torch.Tensor, float]:
+        for _ in range(4 * length):
+            if current < found:
+                break
+            trials = []
+            if check.local is not None:
+                scores = check.local(h, token_ids, positions)
+                jump = h.clone()
+                for p in range(1, length - 1):
+                    order = scores[offsets[p - 1]:offsets[p]].argsort()
+                    jump[p] = options[p - 1][int(order[0])]
+                    moves = [options[p - 1][int(i)] for i in order[: top + 1] if options[p - 1][int(i)] != int(h[p])]
+                    trials += [(p, v) for v in moves[:top]]
+                hypotheses = [jump] if not torch.equal(jump, h) else []
+            else:
+                # Every move costs a backward pass: each position's first candidates by span residual.
+                trials = [(p, v) for p in range(1, length - 1) for v in options[p - 1][: 2 * top] if v != int(h[p])]
+                hypotheses = []
+            for p, v in trials:
+                moved = h.clone()
+                moved[p] = v
+                hypotheses.append(moved)
+            if not hypotheses:
+                break
+            stacked = torch.stack(hypotheses)
+            losses = check.loss(stacked)
+            k = int(losses.argmin())
+            if float(losses[k]) >= current - 1e-12:
+                break
+            h, current = stacked[k], float(losses[k])
+        return h, current
+
+    best, best_loss = None, math.inf
+    interior = list(range(1, length - 1))
+    for _ in range(restarts):
+        h = draw(torch.tensor([ends[0]] + [0] * (length - 2) + [ends[1]]), interior)
+        h, current = descend(h, float(check.loss(h[None])[0]))
+        for _ in range(kicks):
+            if current < found and not any(torch.equal(h, a) for a in avoid):
+                break
+            # Kick where the check says the hypothesis is wrong: positions drawn by their residual.
+            weights = check.position_residuals(h[None])[0].clamp_min(1e-12)
+            chosen = torch.multinomial(weights, min(kick_size, length - 2), generator=generator) + 1
+            kicked, kicked_loss = descend(*_scored(draw(h, chosen.tolist()), check))
+            if kicked_loss < current or any(torch.equal(h, a) for a in avoid):
+                h, current = kicked, kicked_loss
+        if current < best_loss and not any(torch.equal(h, a) for a in avoid):
+            best, best_loss = h, current
+        if best_loss < found:
+            break
+    if best is None:
+        best, best_loss = h, current
+    return best, best_loss
+
+
+def _scored(h: torch.Tensor, check) -> tuple[torch.Tensor, float]:
+    return h, float(check.loss(h[None])[0])
+
+
+def sentence_gradients(model: torch.nn.Module, names: Sequence[str], ids: torch.Tensor, label: int,
+                       batch_size: int) -> list[torch.Tensor]:
+    """What one sentence adds to a batch's mean-loss gradient: ``grad CE(ids, label) / batch_size``."""
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    ids = ids.reshape(1, -1).to(device)
+    with torch.enable_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([label], device=device)) / batch_size
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+    return [g.detach() for g in grads]
+
+
+def peel_test(gradient: torch.Tensor, contribution: torch.Tensor, rank: int) -> float:
+    """How far ``gradient - contribution`` is from rank ``rank``: its ``rank``-th singular value, relative.
+
+    Args:
+        gradient: ``(d_out, d_in)`` what is left of the shared weight gradient.
+        contribution: one sentence's part of it (:func:`sentence_gradients`).
+        rank: the remaining sentences' token count (an upper bound of their rank).
+    """
+    values = torch.linalg.svdvals((gradient - contribution).double())
+    if rank >= len(values):
+        raise ValueError(f"Cannot test rank {rank} of a gradient with {len(values)} singular values.")
+    return float(values[rank] / torch.linalg.svdvals(gradient.double())[0])
+
+
+@dataclass
+class Peeled:
+    """The outcome of :func:`peel`.
+
+    Attributes:
+        ids: ``(B, T)`` token ids, padded with ``[PAD]``, in the order of ``lengths``.
+        found: per sentence, whether it was verified by peeling.
+        labels: per sentence, the label its peeling showed (``None`` if not found).
+        uncertain: per sentence, the positions whose check residual stayed
+            above :data:`FOUND` (empty for a found sentence).
+        rounds: the peeling rounds run.
+    """
+
+    ids: torch.Tensor
+    found: list[bool]
+    labels: list[int | None]
+    uncertain: list[list[int]]
+    rounds: int
+
+
+def peel(
+    model: torch.nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    shared_grads: Sequence[torch.Tensor],
+    weight: str,
+    verifier: str | None,
+    lengths: Sequence[int],
+    *,
+    threshold: float,
+    restarts: int = 1,
+    kicks: int = 15,
+    seed: int = 0,
+) -> Peeled:
+    """Recover a batch sentence by sentence, peeling each off the shared gradients.
+
+    Every round: candidate sets from what is left of the layer-0 weight's
+    gradient (:func:`~gilib.attack.span.token_residuals`), a search of the
+    :data:`TRIES` shortest remaining lengths until one sentence passes
+    :func:`peel_test` for some class; its gradient is subtracted from every
+    shared weight gradient. A round that finds none is rerun with more
+    search (up to :data:`MAX_EFFORT` times as much); then the sentences left
+    get the search's best hypotheses, with their uncertain positions.
+
+    Args:
+        model: the victim, as the server holds it.
+        tokenizer: its tokenizer.
+        names: the parameter names of ``shared_grads``.
+        shared_grads: what the client sent, one gradient per name.
+        weight: the layer-0 query, key or value weight to take candidates from.
+        verifier: the layer-1 query or value weight for :class:`Layer1Check`,
+            or ``None`` for :class:`OutputCheck` on ``weight``.
+        lengths: the B token counts.
+        threshold: span-check residual under which a token is a candidate.
+        restarts: random starts per search.
+        kicks: perturbations per start.
+        seed: seeds the searches.
+    """
+    lengths = [int(n) for n in lengths]
+    batch = len(lengths)
+    grads = {n: g.detach().clone() for n, g in zip(names, shared_grads) if n.endswith(".weight")}
+    shift_invariant = weight.endswith("key.weight")
+    tokens = TokenSpace(model, tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    classes = list(range(int(getattr(model.config, "num_labels", 2))))
+    module = model.get_submodule(weight.rsplit(".", 1)[0])
+    remaining = list(range(batch))
+    ids = torch.full((batch, max(lengths)), tokenizer.pad_token_id)
+    found, labels = [False] * batch, [None] * batch
+    uncertain: list[list[int]] = [[] for _ in range(batch)]
+    peeled: list[torch.Tensor] = []
+    last: dict[int, tuple[torch.Tensor, float]] = {}
+    rounds, effort = 0, 1
+    while remaining:
+        rounds += 1
+        left = [lengths[i] for i in remaining]
+        tokens_left = sum(left)
+        space = row_space(grads[weight], max_rank=tokens_left - (len(left) if shift_invariant else 0))
+        residuals = token_residuals(model, tokens, space, range(1, max(left) - 1), shift_invariant=shift_invariant)
+        candidates = candidate_sets(residuals, position_counts(left), threshold, capped=False)
+        if verifier is not None:
+            check = Layer1Check(model, row_space(grads[verifier], max_rank=tokens_left))
+        else:
+            check = OutputCheck(model, module, row_space(grads[weight].T, max_rank=tokens_left), classes)
+        progress = False
+        for n in sorted(set(left))[:TRIES]:
+            h, loss = search_sentence(n, candidates, check, tokenizer, generator, restarts=restarts * effort,
+                                      kicks=kicks * effort, avoid=peeled)
+            last[n] = (h, loss)
+            if loss >= 100 * FOUND:
+                continue
+            label = _peel_label(model, grads, weight, h, classes, batch, tokens_left - n)
+            if label is None:
+                continue
+            for name, part in zip(grads, sentence_gradients(model, list(grads), h, label, batch)):
+                grads[name] = grads[name] - part.to(grads[name].device)
+            i = next(i for i in remaining if lengths[i] == n)
+            remaining.remove(i)
+            ids[i, :n], found[i], labels[i] = h, True, label
+            peeled.append(h)
+            progress = True
+            break
+        if progress:
+            effort = 1
+        elif effort < MAX_EFFORT:
+            effort *= 2  # a round that found nothing is run again, searching longer
+        else:
+            break
+    for i in remaining:
+        n = lengths[i]
+        h, _ = last.get(n) or search_sentence(n, candidates, check, tokenizer, generator, restarts=restarts,
+                                              kicks=kicks, avoid=peeled)
+        ids[i, :n] = h
+        per_position = check.position_residuals(h[None])[0]
+        uncertain[i] = [p + 1 for p, r in enumerate(per_position.tolist()) if r >= FOUND]
+    return Peeled(ids, found, labels, uncertain, rounds)
+
+
+def _peel_label(model, grads, weight, h, classes, batch, rank) -> int | None:
+    """The class for which subtracting ``h`` leaves a gradient of rank ``rank``, or ``None``."""
+    for label in classes:
+        (part,) = sentence_gradients(model, [weight], h, label, batch)
+        if peel_test(grads[weight], part.to(grads[weight].device), rank) < PEELED:
+            return label
+    return None
+
+
+
+def enumerate_batch(
+    model: torch.nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    shared_grads: Sequence[torch.Tensor],
+    weight: str,
+    verifier: str,
+    lengths: Sequence[int],
+    *,
+    threshold: float,
+    budget: int = 5000,
+    seed: int = 0,
+    chunk: int = 500,
+) -> torch.Tensor:
+    """DAGER's search for encoders, as a baseline: enumerate, score with layer 1, keep the best.
+
+    For each length, every sentence in the product of the positions'
+    candidate sets is scored by :class:`Layer1Check` when the product holds
+    at most ``budget`` sentences; otherwise ``budget`` seeded random draws
+    from it are (DAGER's own cap on combinations). The best distinct
+    hypotheses fill the sentences of that length. No peeling: the
+    candidate sets are those of the whole batch.
+
+    Args:
+        model, tokenizer, names, shared_grads, weight, lengths, threshold:
+            as for :func:`peel`.
+        verifier: the layer-1 query or value weight (required).
+        budget: sentences scored per length at most.
+        seed: seeds the random draws.
+        chunk: sentences scored per call.
+
+    Returns:
+        ``(B, T)`` token ids in the order of ``lengths``, padded with ``[PAD]``.
+    """
+    lengths = [int(n) for n in lengths]
+    grads = dict(zip(names, shared_grads))
+    shift_invariant = weight.endswith("key.weight")
+    tokens_in = sum(lengths)
+    space = row_space(grads[weight], max_rank=tokens_in - (len(lengths) if shift_invariant else 0))
+    residuals = token_residuals(model, TokenSpace(model, tokenizer), space, range(1, max(lengths) - 1),
+                                shift_invariant=shift_invariant)
+    candidates = candidate_sets(residuals, position_counts(lengths), threshold, capped=False)
+    check = Layer1Check(model, row_space(grads[verifier], max_rank=tokens_in))
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), tokenizer.pad_token_id)
+    for n in sorted(set(lengths)):
+        options = [torch.tensor(c) for c in candidates[: n - 2]]
+        size = math.prod(len(c) for c in options)
+        if size <= budget:
+            grid = torch.cartesian_prod(*options) if len(options) > 1 else options[0][:, None]
+            grid = grid.reshape(-1, n - 2)
+        else:
+            grid = torch.stack([c[torch.randint(len(c), (budget,), generator=generator)] for c in options], 1)
+        ends = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id])
+        hypotheses = torch.cat([ends[0].expand(len(grid), 1), grid, ends[1].expand(len(grid), 1)], 1)
+        losses = torch.cat([check.loss(part) for part in hypotheses.split(chunk)])
+        slots = [i for i, m in enumerate(lengths) if m == n]
+        chosen: list[torch.Tensor] = []
+        for k in losses.argsort().tolist():
+            if len(chosen) == len(slots):
+                break
+            if not any(torch.equal(hypotheses[k], c) for c in chosen):
+                chosen.append(hypotheses[k])
+        for i, h in zip(slots, chosen):
+            ids[i, :n] = h
+    return ids

@@ -1,0 +1,129 @@
+"""Batches recovered sentence by sentence: the checks, the peel test, the search, the baseline."""
+
+import pytest
+import torch
+
+from gilib.attack import span_attack
+from gilib.attack.peeling import (
+    PEELED,
+    Layer1Check,
+    enumerate_batch,
+    peel_test,
+    sentence_gradients,
+)
+from gilib.attack.span import row_space
+from gilib.client import client_update
+from gilib.data import load_split
+from gilib.models import encode
+from gilib.slicing import select
+
+QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"
+QUERY1 = "bert.encoder.layer.1.attention.self.query.weight"
+
+
+def _batch(tokenizer, examples):
+    return encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+
+
+def _truth(true_batch, lengths):
+    return [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+
+
+def test_a_weak_direction_under_numpys_tolerance_stays_in_the_row_space():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 6))[0]
+    weights = torch.tensor([1.0, 0.5, 0.2, 0.1, 0.05, 3e-6])  # the last under 64 * eps(float32) = 7.6e-6
+    gradient = (torch.randn(32, 6) * weights) @ basis.T
+    gradient = gradient + 1e-9 * torch.randn(32, 64)  # round-off
+    assert row_space(gradient).rank == 5
+    # The caller's bound (6 tokens) says where the noise is: the weak direction is real.
+    assert row_space(gradient, max_rank=6).rank == 6
+
+
+def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", [0, 1])
+    examples = load_split("sample")[:3]
+    true_batch = _batch(tokenizer, examples)
+    update = client_update(model, selection, true_batch).shared
+    check = Layer1Check(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+                                         max_rank=sum(update.lengths)))
+    n = update.lengths[0]
+    h = true_batch["input_ids"][0, :n]
+    positions = torch.arange(1, n - 1)
+    local = check.local(h, h[1:-1], positions)
+    torch.testing.assert_close(local, check.position_residuals(h[None])[0], rtol=0.3, atol=1e-6)
+    # True sentences lie in the span; a shuffled one does not.
+    assert float(check.loss(h[None])[0]) < 1e-5
+    shuffled = h.clone()
+    shuffled[1:-1] = h[1:-1].flip(0)
+    assert float(check.loss(shuffled[None])[0]) > 1e-3
+
+
+def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    examples = load_split("sample")[:3]
+    true_batch = _batch(tokenizer, examples)
+    update = client_update(model, selection, true_batch).shared
+    (gradient,) = update.shared_grads
+    n, label = update.lengths[0], int(update.labels[0])
+    h = true_batch["input_ids"][0, :n]
+    rest = sum(update.lengths) - n
+    (right,) = sentence_gradients(model, [QUERY0], h, label, batch_size=3)
+    (wrong_label,) = sentence_gradients(model, [QUERY0], h, 1 - label, batch_size=3)
+    other = h.clone()
+    other[2] = tokenizer.convert_tokens_to_ids("banana")
+    (wrong_sentence,) = sentence_gradients(model, [QUERY0], other, label, batch_size=3)
+    assert peel_test(gradient, right, rest) < PEELED
+    assert peel_test(gradient, wrong_label, rest) > 100 * PEELED
+    assert peel_test(gradient, wrong_sentence, rest) > 100 * PEELED
+    # What is left is the gradient of the other two sentences.
+    others = client_update(model, selection, _batch(tokenizer, examples[1:])).shared.shared_grads[0]
+    torch.testing.assert_close(gradient - right, others * 2 / 3, rtol=0, atol=1e-5 * float(gradient.abs().max()))
+
+
+@pytest.mark.parametrize("layers, verifier, size", [([0, 1], QUERY1, 4), ([0], None, 2)])
+def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, layers, verifier, size):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", layers)
+    examples = load_split("sample")[4:4 + size]
+    true_batch = _batch(tokenizer, examples)
+    update = client_update(model, selection, true_batch).shared
+    result = span_attack(model, tokenizer, update._replace(labels=None), selection, seed=1)
+    truth = _truth(true_batch, update.lengths)
+    assert sorted(result.token_ids) == sorted(truth)
+    assert result.config["found"] == [True] * size and result.config["uncertain"] == [[]] * size
+    # Peeling told every sentence's label.
+    by_text = {tuple(t): int(y) for t, y in zip(truth, update.labels)}
+    assert [by_text[tuple(t)] for t in result.token_ids] == result.config["labels"]
+    assert result.config["verifier"] == (verifier or f"{QUERY0} (output gradients)")
+
+
+def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", [0, 1])
+    examples = load_split("sample")[4:8]
+    true_batch = _batch(tokenizer, examples)
+    update = client_update(model, selection, true_batch).shared
+    # Noise on layer 1's gradient: its row space is no longer the inputs', no sentence passes.
+    grads = list(update.shared_grads)
+    i = selection.names.index(QUERY1)
+    grads[i] = grads[i] + 1e-2 * grads[i].abs().max() * torch.randn(grads[i].shape,
+                                                                       generator=torch.Generator().manual_seed(0))
+    result = span_attack(model, tokenizer, update._replace(shared_grads=grads), selection, kicks=2)
+    assert result.config["found"] == [False] * 4 and result.config["labels"] == [None] * 4
+    assert all(0 < len(u) <= n - 2 for u, n in zip(result.config["uncertain"], update.lengths))
+    assert [len(t) for t in result.token_ids] == update.lengths
+
+
+def test_the_enumeration_baseline_finds_a_batch_of_two(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", [0, 1])
+    examples = load_split("sample")[:2]
+    true_batch = _batch(tokenizer, examples)
+    update = client_update(model, selection, true_batch).shared
+    ids = enumerate_batch(model, tokenizer, selection.names, update.shared_grads, QUERY0, QUERY1,
+                          update.lengths, threshold=1e-4, budget=1000)
+    assert sorted(ids[i, :n].tolist() for i, n in enumerate(update.lengths)) == sorted(
+        _truth(true_batch, update.lengths))
