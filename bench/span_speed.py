@@ -1,4 +1,4 @@
-"""Seconds per sentence and per batch of the span check (:func:`gilib.attack.span_attack`).
+"""Seconds per sentence of the span check (:func:`gilib.attack.span_attack`) at batch size 1.
 
 What it measures
 ----------------
@@ -10,9 +10,12 @@ torch thread, the offline MiniLM victim, layer 0's query weight:
   Rotten Tomatoes test sentences of at most 64 tokens (the worst case the
   speed target names); seconds per sentence (median, 90th percentile,
   maximum), the share recovered exactly, and the split between the check
-  (row space and residuals) and the rest;
-* **batches** of 2 and 4 sentences (check plus assembly): seconds per batch
-  and the share of sentences recovered exactly.
+  (row space and residuals) and the rest.
+
+Batches are timed by chapter 5's batch study (``gilib.span_study``: seconds
+per batch of 2 to 16 held-out sentences, by method, in
+``data/results/ch5_span.jsonl``); the bundled B=2 batch of ``--quick`` only
+checks that the batch path runs.
 
 Each attack is timed on its own (wall clock around ``span_attack``; the
 client's gradient is computed before the clock starts). Figures for one
@@ -61,11 +64,6 @@ def _sets(tokenizer, quick: bool, per_set: int) -> dict[str, list[list]]:
     lengths = [len(tokenizer(e.text)["input_ids"]) for e in reviews]
     longest = sorted((n, i) for i, n in enumerate(lengths) if n <= 64)[-10:]
     sets["rotten_tomatoes/test longest B=1"] = [[reviews[i]] for _, i in longest]
-    for size in (2, 4):
-        batches = []
-        for dataset, split in HELD_OUT:
-            batches += sample_batches(load_split(dataset, split), 2, size, seed=SEED)
-        sets[f"held-out B={size}"] = batches
     return sets
 
 

@@ -19,7 +19,7 @@ import torch
 from ..slicing import Selection, SharedUpdate, checked_update
 from .objectives import GradientMatcher
 from .optimization import AttackResult
-from .peeling import peel
+from .peeling import MAX_EFFORT, peel
 from .span import DEFAULT_THRESHOLD, candidate_sets, position_counts, row_space, token_residuals
 from .tokens import TokenSpace
 
@@ -45,7 +45,7 @@ def layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: Se
 
 
 def _checked(model, update: SharedUpdate, selection: Selection, threshold: float,
-             restarts: int, kicks: int) -> tuple[SharedUpdate, str, torch.Tensor]:
+             restarts: int, kicks: int, max_effort: int) -> tuple[SharedUpdate, str, torch.Tensor]:
     """What the server holds, checked before any linear algebra: ``(update, weight name, its gradient)``.
 
     The message itself is checked by :meth:`~gilib.slicing.SharedUpdate.validated`;
@@ -54,7 +54,7 @@ def _checked(model, update: SharedUpdate, selection: Selection, threshold: float
     """
     if getattr(model.config, "model_type", None) != "bert":
         raise ValueError(f"The span check enumerates BERT's layer-0 inputs; got a {model.config.model_type!r} model.")
-    for label, value, least in (("restarts", restarts, 1), ("kicks", kicks, 0)):
+    for label, value, least in (("restarts", restarts, 1), ("kicks", kicks, 0), ("max_effort", max_effort, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"{label} must be a whole number of at least {least}, got {value!r}.")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
@@ -99,6 +99,7 @@ def span_attack(
     threshold: float = DEFAULT_THRESHOLD,
     restarts: int = 1,
     kicks: int = 15,
+    max_effort: int = MAX_EFFORT,
     seed: int = 0,
 ) -> AttackResult:
     """Recover a batch from the gradient of a layer-0 query, key or value weight.
@@ -127,6 +128,8 @@ def span_attack(
         threshold: residual under which a token is in the span.
         restarts: random starts of each sentence search (batch size > 1).
         kicks: perturbations per start (batch size > 1).
+        max_effort: a round of peeling that finds no sentence is rerun with
+            twice the restarts and kicks, up to this factor (batch size > 1).
         seed: seeds the searches.
 
     Returns:
@@ -156,7 +159,7 @@ def span_attack(
             (its row space can then hold every input).
     """
     start = time.perf_counter()
-    update, name, gradient = _checked(model, update, selection, threshold, restarts, kicks)
+    update, name, gradient = _checked(model, update, selection, threshold, restarts, kicks, max_effort)
     shared_grads, labels, lengths = update
     batch = len(lengths)
     shift_invariant = name.endswith("key.weight")
@@ -173,14 +176,14 @@ def span_attack(
     check_seconds = time.perf_counter() - start
     verifier = layer1_weight(model, selection)
     config = {"weight": name, "verifier": None, "threshold": threshold, "restarts": restarts, "kicks": kicks,
-              "seed": seed, "candidates": sets}
+              "max_effort": max_effort, "seed": seed, "candidates": sets}
     rounds = 0
     if batch == 1:
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
     else:
         peeled = peel(model, tokenizer, selection.names, shared_grads, name, verifier, lengths,
-                      threshold=threshold, restarts=restarts, kicks=kicks, seed=seed)
+                      threshold=threshold, restarts=restarts, kicks=kicks, max_effort=max_effort, seed=seed)
         ids, rounds = peeled.ids, peeled.rounds
         guessed = [y if y is not None else (int(labels[i]) if labels is not None else 0)
                    for i, y in enumerate(peeled.labels)]

@@ -54,12 +54,10 @@ FOUND = 1e-4
 """Mean residual of a hypothesis under which the search stops. True
 sentences measure 1e-7 to 4e-5 (longer ones higher), a hypothesis with one
 wrong token 1e-3 or more."""
-TRIES = 2
-"""Lengths searched per round, shortest first: short sentences are found
-soonest, and each one peeled makes the others' candidate sets cleaner."""
-MAX_EFFORT = 2
-"""A round that finds no sentence is rerun with twice the restarts and kicks,
-up to this factor, before the sentences left are returned as they stand."""
+MAX_EFFORT = 4
+"""By default, a round that finds no sentence is rerun with twice the
+restarts and kicks, up to this factor, before the sentences left are
+returned as they stand."""
 PEELED = 1e-5
 """Relative singular value at the remaining batch's token count, after a
 sentence's gradient is subtracted, under which the sentence (and its label)
@@ -377,16 +375,18 @@ def peel(
     threshold: float,
     restarts: int = 1,
     kicks: int = 15,
+    max_effort: int = MAX_EFFORT,
     seed: int = 0,
 ) -> Peeled:
     """Recover a batch sentence by sentence, peeling each off the shared gradients.
 
     Every round: candidate sets from what is left of the layer-0 weight's
-    gradient (:func:`~gilib.attack.span.token_residuals`), a search of the
-    :data:`TRIES` shortest remaining lengths until one sentence passes
+    gradient (:func:`~gilib.attack.span.token_residuals`), a search of each
+    remaining length, shortest first (short sentences are found soonest, and
+    each one peeled cleans the others' sets), until one sentence passes
     :func:`peel_test` for some class; its gradient is subtracted from every
     shared weight gradient. A round that finds none is rerun with more
-    search (up to :data:`MAX_EFFORT` times as much); then the sentences left
+    search (up to ``max_effort`` times as much); then the sentences left
     get the search's best hypotheses, with their uncertain positions.
 
     Args:
@@ -401,6 +401,7 @@ def peel(
         threshold: span-check residual under which a token is a candidate.
         restarts: random starts per search.
         kicks: perturbations per start.
+        max_effort: the most a fruitless round's search is multiplied by.
         seed: seeds the searches.
     """
     lengths = [int(n) for n in lengths]
@@ -430,7 +431,7 @@ def peel(
         else:
             check = OutputCheck(model, module, row_space(grads[weight].T, max_rank=tokens_left), classes)
         progress = False
-        for n in sorted(set(left))[:TRIES]:
+        for n in sorted(set(left)):
             h, loss = search_sentence(n, candidates, check, tokenizer, generator, restarts=restarts * effort,
                                       kicks=kicks * effort, avoid=peeled)
             last[n] = (h, loss)
@@ -449,7 +450,7 @@ def peel(
             break
         if progress:
             effort = 1
-        elif effort < MAX_EFFORT:
+        elif effort < max_effort:
             effort *= 2  # a round that found nothing is run again, searching longer
         else:
             break
