@@ -85,9 +85,9 @@ def row_space(gradient: torch.Tensor, max_rank: int | None = None) -> RowSpace:
 
     The rank is NumPy's ``matrix_rank`` rule (singular values above
     ``s_max * max(shape) * eps``), extended down to ten times the noise
-    floor where the caller gives ``max_rank`` below the gradient's size:
-    the rank cannot exceed it, so the singular value at index ``max_rank``
-    measures the round-off. In a batch the weakest real directions fall
+    floor where the caller gives ``max_rank`` below the gradient's size
+    (the rank cannot exceed it, so the singular value at index ``max_rank``
+    measures the round-off), but not below ``s_max * eps``. In a batch the weakest real directions fall
     under NumPy's tolerance (1e-5 relative, against a float32 floor near
     1e-7), and without them up to a tenth of the true tokens leave the span;
     after peeling (:mod:`gilib.attack.peeling`) the floor rises.
@@ -105,7 +105,9 @@ def row_space(gradient: torch.Tensor, max_rank: int | None = None) -> RowSpace:
     tolerance = float(s[0]) * max(g.shape) * eps if len(s) else 0.0
     rank = int((s > tolerance).sum())
     if max_rank is not None and rank <= max_rank < len(s):
-        floor = 10 * float(s[int(max_rank)])
+        # Ten times the noise at index max_rank, and never below float32's
+        # resolution of the largest direction (round-off spreads over a band).
+        floor = max(10 * float(s[int(max_rank)]), float(s[0]) * eps)
         rank = max(rank, int((s > floor).sum()))
     if max_rank is not None:
         rank = min(rank, int(max_rank))
