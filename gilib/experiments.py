@@ -47,7 +47,8 @@ runner (resume, safe appends, local workers or a Dask cluster) from
 
     python -m gilib.experiments run GRID.yaml --out data/results/NAME.jsonl [--jobs 2] [--device cpu]
     python -m gilib.experiments run GRID.yaml --out ... --scheduler tcp://host:8786   # on a Dask cluster
-    python -m gilib.experiments summarize data/results/NAME.jsonl [--by component layers]
+    python -m gilib.experiments summarize data/results/NAME.jsonl [--by component layers] [--where batch_size=1]
+    python -m gilib.experiments batches data/results/NAME.jsonl ...   # the selections run at several batch sizes
 """
 
 from __future__ import annotations
@@ -399,18 +400,8 @@ def _task_keys(cell: Cell, dataset: str, split: str, batches: list[list], *_) ->
     return [_done_key(cell.key(), dataset, split, ex.row_id) for batch in batches for ex in batch]
 
 
-def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:
-    """Mean, standard deviation and count of the scores, per group.
-
-    Args:
-        rows: result lines, or the path of a results file.
-        by: cell fields (``model``, ``component``, ``layers``, ``seed``,
-            ``batch_size``, ...) and/or ``dataset`` to group by.
-
-    Returns:
-        One row per group: ``<score>``, ``<score>_std``, ``n``, ``seconds``,
-        and the selection's share of parameters.
-    """
+def _flat(rows: Iterable[dict] | str | Path) -> pd.DataFrame:
+    """Result lines as one flat table: the cell's fields (DP settings included) beside the line's."""
     if isinstance(rows, (str, Path)):
         rows = results.read_lines(rows)
     flat = []
@@ -420,15 +411,50 @@ def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
         cell.setdefault("batch_size", 1)
         if isinstance(cell.get("layers"), list):
             cell["layers"] = "+".join(str(i) for i in cell["layers"])
+        elif cell.get("layers") is None:
+            cell["layers"] = "all"  # here, not in the frame: a column of None and ints would turn float
         flat.append({**cell, **{k: v for k, v in r.items() if k != "cell"}})
     if not flat:
         raise ValueError("No results to summarize: run the grid first (python -m gilib.experiments run ...).")
-    df = pd.DataFrame(flat)
+    return pd.DataFrame(flat)
+
+
+def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers"),
+              where: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Mean, standard deviation and count of the scores, per group.
+
+    Args:
+        rows: result lines, or the path of a results file.
+        by: cell fields (``model``, ``component``, ``layers``, ``seed``,
+            ``batch_size``, ...) and/or ``dataset`` to group by.
+        where: keep only the lines whose field has this value (compared as
+            text, e.g. ``{"batch_size": 1}`` or ``{"layers": "0"}``), before
+            grouping.
+
+    Returns:
+        One row per group: ``<score>``, ``<score>_std``, ``n``, ``seconds``,
+        and the selection's share of parameters.
+
+    Raises:
+        ValueError: for no results, an unknown field, or lines of several
+            client batch sizes when ``by`` does not hold ``batch_size`` (a
+            mean over batch sizes would mix two experiments).
+    """
+    df = _flat(rows)
     by = list(by)
     missing = [b for b in by if b not in df.columns]
     if missing:
         raise ValueError(f"Cannot group by {missing}; the results have {sorted(df.columns)}.")
-    df["layers"] = df["layers"].astype(object).where(df["layers"].notna(), "all")
+    for name, value in (where or {}).items():
+        if name not in df.columns:
+            raise ValueError(f"Cannot filter on {name!r}; the results have {sorted(df.columns)}.")
+        df = df[df[name].astype(str) == str(value)]
+    if df.empty:
+        raise ValueError(f"No results with {where}.")
+    sizes = sorted(int(b) for b in df["batch_size"].unique())
+    if len(sizes) > 1 and "batch_size" not in by:
+        raise ValueError(f"The results hold client batches of {sizes} sentences: group by batch_size, or keep "
+                         f"one size with where={{'batch_size': 1}} (--where batch_size=1).")
     grouped = df.groupby(by, sort=False, dropna=False)
     table = grouped[list(SCORES)].mean()
     for score in SCORES:
@@ -439,6 +465,52 @@ def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
     if "dp_cosine" in df.columns:  # DP cells: how much of the raw direction survived privatisation
         table["dp_cosine"] = grouped["dp_cosine"].mean()
     return table.reset_index().sort_values(by, key=lambda column: column.map(_natural)).reset_index(drop=True)
+
+
+def batch_axis(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:
+    """The selections attacked at several client batch sizes, summarized per batch size.
+
+    Args:
+        rows: result lines, or the path of a results file.
+        by: the groups within a batch size: ``component`` and ``layers``,
+            and e.g. ``dataset`` for one row per dataset.
+
+    Returns:
+        :func:`summarize` by ``by`` and ``batch_size``, keeping only the
+        selections with more than one batch size.
+    """
+    table = summarize(rows, by=[*by, "batch_size"])
+    sizes = table.groupby(["component", "layers"])["batch_size"].transform("nunique")
+    if not (sizes > 1).any():
+        raise ValueError("No selection of these results was attacked at more than one batch size.")
+    return table[sizes > 1].reset_index(drop=True)
+
+
+def sentence_lengths(rows: Iterable[dict] | str | Path) -> pd.DataFrame:
+    """Each dataset's sample: how many sentences, and how long they are.
+
+    Length is the sentence's word pieces, ``[CLS]`` and ``[SEP]`` not
+    counted (a line's ``tokens`` minus 2). Every sentence counts once,
+    however many cells attacked it.
+
+    Args:
+        rows: result lines, or the path of a results file.
+
+    Returns:
+        One row per dataset and split, in order of first appearance:
+        ``sentences`` and the ``min``, ``median`` and ``max`` length.
+
+    Raises:
+        ValueError: if a sentence has lines of different lengths (results of
+            two tokenizers mixed).
+    """
+    df = _flat(rows)
+    pieces = df.assign(length=df["tokens"] - 2).groupby(["dataset", "split", "row_id"], sort=False)["length"]
+    if (pieces.nunique() > 1).any():
+        raise ValueError("A sentence has lines of different lengths: the results mix tokenizers.")
+    per_sentence = pieces.first().reset_index()
+    return (per_sentence.groupby(["dataset", "split"], sort=False)["length"]
+            .agg(sentences="size", min="min", median="median", max="max").reset_index())
 
 
 def _natural(value: Any) -> str:
@@ -454,6 +526,20 @@ def markdown_table(table: pd.DataFrame, by: Iterable[str] = ("component", "layer
     rows = ([*(row[b] for b in by), f"{100 * row['fraction']:.2f} %", results.mean_sd(row["rouge1"], row["rouge1_std"]),
              results.mean_sd(row["rouge2"], row["rouge2_std"]), int(row["n"])] for _, row in table.iterrows())
     return results.markdown_table([*by, "share of parameters", "ROUGE-1", "ROUGE-2", "sentences"], rows)
+
+
+def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
+    """:func:`batch_axis` as the README's Markdown table: one row per selection and batch size.
+
+    The largest selection comes first; ROUGE is mean ± standard deviation
+    over the sentences, each scored once per batch size.
+    """
+    table = batch_axis(rows).sort_values(["fraction", "batch_size"], ascending=[False, True], kind="stable")
+    rows = ([row["component"], row["layers"], int(row["batch_size"]), f"{100 * row['fraction']:.2f} %",
+             results.mean_sd(row["rouge1"], row["rouge1_std"]), results.mean_sd(row["rouge2"], row["rouge2_std"]),
+             int(row["n"])] for _, row in table.iterrows())
+    return results.markdown_table(["component", "layers", "sentences per client", "share of parameters", "ROUGE-1",
+                                   "ROUGE-2", "sentences"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -472,21 +558,21 @@ def main(argv: list[str] | None = None) -> None:
     summ.add_argument("results", type=Path)
     summ.add_argument("--by", nargs="+", default=["component", "layers"])
     summ.add_argument("--where", nargs="+", default=[], metavar="FIELD=VALUE",
-                      help="keep only groups whose field has this value, e.g. layers=0")
+                      help="keep only the lines whose field has this value, e.g. layers=0 or batch_size=1")
     summ.add_argument("--markdown", action="store_true",
                       help="print the README's table: selection, share of parameters, ROUGE-1, ROUGE-2 (mean ± sd)")
+    batches = sub.add_parser("batches", help="the selections attacked at several batch sizes, as a Markdown table")
+    batches.add_argument("results", type=Path, nargs="+", help="results files (their lines are pooled)")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             run_grid(args.grid, args.out, jobs=args.jobs, device=args.device, threads=args.threads,
                      scheduler=args.scheduler)
+        elif args.command == "batches":
+            print(batch_markdown([line for path in args.results for line in results.read_lines(path)]))
         else:
-            table = summarize(args.results, by=args.by)
-            for condition in args.where:
-                field_name, _, value = condition.partition("=")
-                if field_name not in table.columns:
-                    raise ValueError(f"Cannot filter on {field_name!r}; the summary has {list(table.columns)}.")
-                table = table[table[field_name].astype(str) == value]
+            where = {name: value for name, _, value in (c.partition("=") for c in args.where)}
+            table = summarize(args.results, by=args.by, where=where)
             if args.markdown:
                 print(markdown_table(table, by=args.by))
             else:

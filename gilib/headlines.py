@@ -21,7 +21,7 @@ import pandas as pd
 
 from . import results
 from .data import repo_root
-from .experiments import summarize
+from .experiments import batch_axis, summarize
 
 RESULTS = Path("data") / "results"
 FILES = {
@@ -31,6 +31,9 @@ FILES = {
     "utility": "ch4_utility.jsonl",
 }
 """The cached results each number comes from (chapters 2, 3 and 4)."""
+
+BATCH_ONE = {"batch_size": 1}
+"""The headline rows attack one sentence per client, as chapters 2 and 3's main grids do."""
 
 DP_SIGMA = 0.01
 """The smallest non-zero noise multiplier of chapter 4's grid: the headline DP row."""
@@ -68,20 +71,29 @@ def headline_numbers(root: str | Path | None = None) -> dict:
         A dict of plain values: ``model``, ``full``, ``layer0``,
         ``best_layer`` / ``worst_layer`` (with ``layer``), ``query0``,
         ``best_weight`` (with ``component`` and ``layer``), ``last_layer_weight_max_rouge1``,
+        ``batch`` (``full``, ``layer0``, ``query0``: batch size -> ROUGE-1
+        and ROUGE-2 over the same sentences, client batches of that size),
         ``dp`` (per selection: ``sigma0`` and ``max_noisy`` ROUGE-1, the
         largest over every sigma > 0), ``dp_sigmas``, ``utility``
         (sigma -> accuracy and epsilon) and ``steps`` / ``paper_steps``.
     """
     layer_rows = results.read_lines(_path("layers", root))
-    layers = summarize(layer_rows, by=["component", "layers"])
+    layers = summarize(layer_rows, by=["component", "layers"], where=BATCH_ONE)
     single = layers[(layers["component"] == "layer") & ~layers["layers"].astype(str).str.contains("[+]")]
     best_layer = single.loc[single["rouge1"].idxmax()]
     worst_layer = single.loc[single["rouge1"].idxmin()]
 
-    components = summarize(_path("components", root), by=["component", "layers"])
+    components = summarize(_path("components", root), by=["component", "layers"], where=BATCH_ONE)
     best_weight = components.loc[components["rouge1"].idxmax()]
     last = components["layers"].astype(int).max()
     last_layer = components[components["layers"].astype(int) == last]
+
+    batches = batch_axis([*layer_rows, *results.read_lines(_path("components", root))])
+    batch = {}
+    for key, component in (("full", "full"), ("layer0", "layer"), ("query0", "attention.query")):
+        part = batches[(batches["component"] == component) & batches["layers"].astype(str).isin(["all", "0"])]
+        batch[key] = {str(int(size)): {"rouge1": round(float(r1), 4), "rouge2": round(float(r2), 4)}
+                      for size, r1, r2 in zip(part["batch_size"], part["rouge1"], part["rouge2"])}
 
     dp_table = summarize(_path("dp", root), by=["component", "noise_multiplier"])
     names = {"full": "full", "layer": "layer0", "attention.query": "query0"}
@@ -117,6 +129,7 @@ def headline_numbers(root: str | Path | None = None) -> dict:
                         **_scores(best_weight)},
         "last_layer": int(last),
         "last_layer_weight_max_rouge1": round(float(last_layer["rouge1"].max()), 4),
+        "batch": batch,
         "dp": dp,
         "dp_sigma": DP_SIGMA,
         "dp_sigmas": sorted(float(s) for s in dp_table["noise_multiplier"].unique()),

@@ -29,7 +29,8 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "residual_map", "threat_model"]
+__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "batch_curves",
+           "residual_map", "threat_model"]
 
 PALETTE: list[str] = sns.color_palette("colorblind").as_hex()
 """Series colours, in order: seaborn's ten-colour "colorblind" palette."""
@@ -376,6 +377,57 @@ def noise_curves(
     # Below the axes: the lines start at the top of the plot.
     return _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title,
                    legend="below")
+
+
+def batch_curves(
+    table: pd.DataFrame,
+    *,
+    series: str,
+    value: str = "rouge1",
+    x: str = "batch_size",
+    ax: Axes | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Axes:
+    """One line per series of a score against the client batch size.
+
+    Args:
+        table: long format, one row per (``series``, ``x``) pair, e.g.
+            :func:`gilib.experiments.batch_axis` with a selection column.
+        series: column whose values are the lines (e.g. the selection).
+        value: the score on the y axis (0 to 1).
+        x: the batch-size column; drawn on a log-2 axis with a tick at
+            every size present.
+        ax: Axes to draw on; a new figure is created if None.
+        ylabel: y label (default: the metric's name).
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: if a column is missing, the table is empty or a
+            (series, x) pair repeats.
+    """
+    missing = [c for c in (series, x, value) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("table is empty: nothing to plot")
+    if table.duplicated([series, x]).any():
+        raise ValueError(f"each ({series}, {x}) pair must appear once; summarize by exactly these two")
+    ax = _get_ax(ax)
+    for i, (name, part) in enumerate(table.groupby(series, sort=False)):
+        part = part.sort_values(x)
+        ax.plot(part[x].to_numpy(dtype=float), part[value].to_numpy(dtype=float), marker="o", color=_color(i),
+                label=str(name))
+    sizes = sorted(int(size) for size in table[x].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1)
+    return _finish(ax, xlabel="client batch size (sentences in one gradient)", ylabel=ylabel or _metric_label(value),
+                   title=title, legend=table[series].nunique() > 1)
 
 
 def residual_map(

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from gilib.data import default_data_dir, load_split
-from gilib.experiments import load_grid, main, markdown_table, parse_grid, run_grid, summarize
+from gilib.experiments import (batch_axis, batch_markdown, load_grid, main, markdown_table, parse_grid, run_grid,
+                               sentence_lengths, summarize)
 from gilib.metrics import rouge_scores
 from gilib.results import read_lines
 
@@ -208,3 +209,59 @@ def test_a_selection_can_carry_its_own_batch_sizes():
                                                    {"component": "encoder"}]}
     assert [(c.component, c.batch_size) for c in parse_grid(spec).cells] == [("full", 1), ("encoder", 1),
                                                                               ("full", 2)]
+
+
+def _line(component, layers, row_id, rouge1, batch_size=1, dataset="cola", tokens=10):
+    cell = {"model": "tiny", "component": component, "layers": layers, "seed": 0,
+            **({"batch_size": batch_size} if batch_size > 1 else {})}
+    return {"cell": cell, "dataset": dataset, "split": "train", "row_id": row_id, "tokens": tokens,
+            "rouge1": rouge1, "rouge2": rouge1 / 2, "rougeL": rouge1, "seconds": 1.0, "fraction": 0.1}
+
+
+BATCH_ROWS = ([_line("full", None, i, 0.8) for i in range(4)]
+              + [_line("full", None, i, 0.6, batch_size=2) for i in range(4)]
+              + [_line("full", None, i, 0.4, batch_size=4) for i in range(4)]
+              + [_line("layer", 1, i, 0.5) for i in range(4)])
+
+
+def test_summaries_never_mix_batch_sizes_unasked(capsys):
+    with pytest.raises(ValueError, match=r"batches of \[1, 2, 4\] sentences: group by batch_size"):
+        summarize(BATCH_ROWS)
+    single = summarize(BATCH_ROWS, where={"batch_size": 1})
+    assert list(single["component"]) == ["full", "layer"] and list(single["n"]) == [4, 4]
+    assert summarize(BATCH_ROWS, where={"layers": "1"})["rouge1"].tolist() == [0.5]  # one batch size left
+    with pytest.raises(ValueError, match="Cannot filter on 'colour'"):
+        summarize(BATCH_ROWS, where={"colour": "red"})
+    with pytest.raises(ValueError, match="No results with"):
+        summarize(BATCH_ROWS, where={"batch_size": 8})
+
+
+def test_the_batch_axis_keeps_the_selections_run_at_several_sizes(tmp_path, capsys):
+    table = batch_axis(BATCH_ROWS)
+    assert list(zip(table["component"], table["batch_size"], table["rouge1"].round(2))) == [
+        ("full", 1, 0.8), ("full", 2, 0.6), ("full", 4, 0.4)]
+    assert set(table["n"]) == {4}
+    assert set(batch_axis(BATCH_ROWS, by=["component", "layers", "dataset"])["dataset"]) == {"cola"}
+    with pytest.raises(ValueError, match="more than one batch size"):
+        batch_axis(BATCH_ROWS[:4])
+    markdown = batch_markdown(BATCH_ROWS)
+    assert "| full | all | 2 | 10.00 % | 0.60 ± 0.00 | 0.30 ± 0.00 | 4 |" in markdown
+    assert markdown.splitlines()[0].startswith("| component | layers | sentences per client |")
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in BATCH_ROWS))
+    main(["batches", str(path)])
+    assert capsys.readouterr().out.strip() == markdown
+    main(["summarize", str(path), "--where", "batch_size=1", "--markdown"])
+    assert "| layer | 1 | 10.00 % | 0.50 ± 0.00 | 0.25 ± 0.00 | 4 |" in capsys.readouterr().out
+
+
+def test_sentence_lengths_count_each_sentence_once_without_cls_and_sep():
+    rows = [_line("full", None, i, 0.5, tokens=t) for i, t in enumerate([5, 7, 12])]
+    rows += [_line("layer", 0, i, 0.5, tokens=t) for i, t in enumerate([5, 7, 12])]  # the same sentences again
+    rows += [_line("full", None, 9, 0.5, dataset="sst2", tokens=30)]
+    table = sentence_lengths(rows)
+    assert table.to_dict("records") == [
+        {"dataset": "cola", "split": "train", "sentences": 3, "min": 3, "median": 5.0, "max": 10},
+        {"dataset": "sst2", "split": "train", "sentences": 1, "min": 28, "median": 28.0, "max": 28}]
+    with pytest.raises(ValueError, match="mix tokenizers"):
+        sentence_lengths(rows + [_line("encoder", None, 0, 0.5, tokens=6)])

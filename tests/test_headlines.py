@@ -16,15 +16,27 @@ def numbers():
 
 
 def test_numbers_match_the_summaries(numbers):
-    layers = experiments.summarize(ROOT / "data/results/ch2_layers.jsonl", by=["component", "layers"])
+    layers = experiments.summarize(ROOT / "data/results/ch2_layers.jsonl", by=["component", "layers"],
+                                   where={"batch_size": 1})
     full = layers[layers["component"] == "full"].iloc[0]
     assert numbers["full"]["rouge1"] == pytest.approx(full["rouge1"], abs=1e-4)
-    assert numbers["full"]["n"] == 15
+    assert numbers["full"]["n"] == 12  # one sentence per client: 4 from each dataset
     single = layers[(layers["component"] == "layer") & ~layers["layers"].astype(str).str.contains("[+]")]
     assert numbers["best_layer"]["rouge1"] == pytest.approx(single["rouge1"].max(), abs=1e-4)
     assert numbers["worst_layer"]["rouge1"] == pytest.approx(single["rouge1"].min(), abs=1e-4)
     assert numbers["query0"]["share_pct"] == pytest.approx(0.65, abs=0.01)
     assert numbers["model"] == "minilm" and numbers["steps"] == 200
+
+
+def test_batch_numbers_follow_the_batch_axis(numbers):
+    # The conclusion's batch bullet: full model, layer 0 and layer 0's query
+    # at 1, 2 and 4 sentences per client; batch 1 is the headline row itself.
+    assert {key: sorted(sizes) for key, sizes in numbers["batch"].items()} == {
+        key: ["1", "2", "4"] for key in ("full", "layer0", "query0")}
+    for key in ("full", "layer0", "query0"):
+        assert numbers["batch"][key]["1"]["rouge1"] == numbers[key]["rouge1"]
+    table = experiments.batch_axis(ROOT / "data/results/ch3_components.jsonl")
+    assert numbers["batch"]["query0"]["4"]["rouge1"] == pytest.approx(float(table["rouge1"].iloc[-1]), abs=1e-4)
 
 
 def test_dp_and_utility_numbers(numbers):
@@ -45,3 +57,27 @@ def test_table_and_markdown(numbers):
 
 def test_readme_prints_the_headline_table(numbers):
     assert markdown(numbers) in (ROOT / "README.md").read_text(), "update the README: python -m gilib.headlines"
+
+
+def test_readme_prints_the_grid_tables():
+    # The README's tables of chapters 2 and 3 (one sentence per client) and of
+    # the batch-size axis, printed by the commands it names above them.
+    readme = (ROOT / "README.md").read_text()
+    results = ROOT / "data" / "results"
+    single = {"batch_size": 1}
+    tables = {
+        "summarize data/results/ch2_layers.jsonl --markdown --where batch_size=1":
+            experiments.markdown_table(experiments.summarize(results / "ch2_layers.jsonl", where=single)),
+        "summarize data/results/ch3_components.jsonl --markdown --where batch_size=1 layers=0":
+            experiments.markdown_table(experiments.summarize(results / "ch3_components.jsonl",
+                                                             where={**single, "layers": 0})),
+        "--where batch_size=1 layers=5":
+            experiments.markdown_table(experiments.summarize(results / "ch3_components.jsonl",
+                                                             where={**single, "layers": 5})),
+        "batches data/results/ch2_layers.jsonl data/results/ch3_components.jsonl":
+            experiments.batch_markdown([*experiments.results.read_lines(results / "ch2_layers.jsonl"),
+                                        *experiments.results.read_lines(results / "ch3_components.jsonl")]),
+    }
+    for command, table in tables.items():
+        assert command in readme, command
+        assert table in readme, f"update the README's table under: python -m gilib.experiments {command}"

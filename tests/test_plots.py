@@ -186,6 +186,27 @@ def test_noise_curves_one_line_per_series_with_raw_baselines():
         plots.noise_curves(table, series="component")
 
 
+def test_batch_curves_one_line_per_selection_on_a_log2_axis_of_the_sizes():
+    table = pd.DataFrame({
+        "selection": ["full"] * 3 + ["layer 0"] * 3,
+        "batch_size": [4, 1, 2] * 2,
+        "rouge1": [0.4, 0.8, 0.6, 0.3, 0.5, 0.4],
+    })
+    ax = plots.batch_curves(table, series="selection")
+    _assert_labelled(ax)
+    assert "batch size" in ax.get_xlabel() and ax.get_ylabel() == "ROUGE-1"
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[1, 2, 4]] * 2
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [[0.8, 0.6, 0.4], [0.5, 0.4, 0.3]]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "layer 0"]
+    with pytest.raises(ValueError, match="no column"):
+        plots.batch_curves(table, series="component")
+    with pytest.raises(ValueError, match="must appear once"):
+        plots.batch_curves(pd.concat([table, table]), series="selection")
+    with pytest.raises(ValueError, match="empty"):
+        plots.batch_curves(table.iloc[:0], series="selection")
+
+
 def test_residual_map_colours_by_log_residual_and_labels_cells_with_tokens():
     residuals = np.array([[1e-7, 0.1, 0.2], [1e-6, 1e-3, 0.5]])
     ax = plots.residual_map(residuals, [["the", "a", "cat"], ["dog", "cat", "sat"]])
