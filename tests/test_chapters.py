@@ -39,7 +39,7 @@ COMPONENTS = ["attention.query", "attention.key", "attention.value", "attention.
 LARGE_PART = 0.3    # "a large part of the words"
 CLOSE = 0.1         # "comes close to" / "almost as much as" the full model
 MATCH = 0.02        # "matches" the full model
-NOTHING = 0.02      # "leaks nothing" / "protects": at most a stray word in 15 sentences
+NOTHING = 0.02      # "leaks nothing" / "protects": at most a stray word in 12 sentences
 BARELY = 0.2        # "barely at all" / "almost nothing"
 
 
@@ -66,7 +66,9 @@ def cached(name: str) -> tuple[dict, ...]:
 
 
 def summary(name: str, by: list[str]) -> pd.DataFrame:
-    table = experiments.summarize(list(cached(name)), by=by)
+    """A cached grid's summary; one sentence per client unless ``by`` holds ``batch_size``."""
+    where = None if "batch_size" in by else {"batch_size": 1}
+    table = experiments.summarize(list(cached(name)), by=by, where=where)
     if "layers" in table:
         table["layers"] = table["layers"].astype(str)
     return table
@@ -78,7 +80,7 @@ def sentences(rows) -> set[tuple[str, int]]:
 
 def attack_settings(row: dict) -> dict:
     """A grid line's attack settings: its cell without the selection and the DP protocol."""
-    return {k: v for k, v in row["cell"].items() if k not in ("component", "layers", "dp")}
+    return {k: v for k, v in row["cell"].items() if k not in ("component", "layers", "dp", "batch_size")}
 
 
 # --------------------------------------------------------------------------- #
@@ -181,12 +183,12 @@ def test_chapter2_the_most_leaky_layer_comes_close_to_the_full_model(ch2):
 
 
 @pytest.mark.slow
-def test_chapter2_layers_1_and_2_leak_almost_as_much_as_the_full_model_0_and_3_clearly_less(ch2):
-    # "In the cached grid layers 1 and 2 leak almost as much as the full
-    # model, layers 0 and 3 clearly less".
-    gaps = {layer: round(ch2["full_rouge1"] - ch2["layer_rouge1"][layer], 3) for layer in ("0", "1", "2", "3")}
-    assert gaps["1"] <= CLOSE and gaps["2"] <= CLOSE, gaps
-    assert gaps["0"] > CLOSE and gaps["3"] > CLOSE, gaps
+def test_chapter2_layers_1_to_4_leak_almost_as_much_as_the_full_model_0_clearly_less(ch2):
+    # "In the cached grid layers 1 to 4 leak almost as much as the full model
+    # (within 0.1 ROUGE-1), layer 0 clearly less".
+    gaps = {layer: round(ch2["full_rouge1"] - ch2["layer_rouge1"][layer], 3) for layer in ("0", "1", "2", "3", "4")}
+    assert all(gaps[layer] <= CLOSE for layer in ("1", "2", "3", "4")), gaps
+    assert gaps["0"] > CLOSE, gaps
 
 
 @pytest.mark.slow
@@ -206,23 +208,41 @@ def test_chapter2_the_weakest_layer_is_far_from_the_full_model(ch2):
 
 @pytest.mark.slow
 def test_chapter2_each_value_is_over_the_same_sentences(ch2):
-    # "each over 15 sentences", drawn from "real CoLA, SST-2 and Rotten
-    # Tomatoes sentences" (five per dataset).
+    # "each over 12 sentences": "four sentences from each of three datasets".
     table = summary("ch2_layers.jsonl", ["component", "layers"])
-    assert ch2["n_sentences"] == 15 and set(table["n"]) == {ch2["n_sentences"]}
+    assert ch2["n_sentences"] == 12 and set(table["n"]) == {ch2["n_sentences"]}
     per_dataset = summary("ch2_layers.jsonl", ["component", "layers", "dataset"])
-    assert set(per_dataset["dataset"]) == DATASETS and set(per_dataset["n"]) == {5}
+    assert set(per_dataset["dataset"]) == DATASETS and set(per_dataset["n"]) == {4}
 
 
-def test_chapter2_two_adjacent_layers_match_the_full_model():
-    # "Two adjacent layers (0+1) match the full model."
-    assert abs(ch2_rouge1("0+1") - ch2_rouge1("all", "full")) <= MATCH
+@pytest.mark.slow
+def test_chapter2_states_each_samples_lengths(ch2):
+    # The lengths the prose quotes are those of the cached sample.
+    lengths = experiments.sentence_lengths(list(cached("ch2_layers.jsonl")))
+    for _, row in lengths.iterrows():
+        for stat in ("min", "median", "max"):
+            assert ch2[f"length_{row['dataset']}_{stat}"] == row[stat]
+
+
+@pytest.mark.slow
+def test_chapter2_records_the_batch_axis(ch2):
+    # The batch figure's values, for the full model and layer 0 at B = 1, 2, 4.
+    for key in ("full", "layer0"):
+        for size in (1, 2, 4):
+            assert f"batch{size}_{key}_rouge1" in ch2 and f"batch{size}_{key}_rouge2" in ch2
+    assert ch2["batch1_full_rouge1"] == ch2["full_rouge1"]
+    assert ch2["batch_n"] == 12
+
+
+def test_chapter2_two_adjacent_layers_come_close_to_the_full_model():
+    # "Two adjacent layers (0+1) come close to the full model."
+    assert abs(ch2_rouge1("0+1") - ch2_rouge1("all", "full")) <= CLOSE
 
 
 def test_chapter2_the_whole_encoder_scores_only_a_little_higher_than_two_layers():
-    # Solution 1: "the second layer lifts layer 0 to the level of the full
-    # model, and even the whole encoder scores only a little higher".
-    assert ch2_rouge1("0+1") - ch2_rouge1("0") > CLOSE
+    # Solution 1: "the second layer lifts layer 0 close to the full model,
+    # and even the whole encoder scores only a little higher".
+    assert ch2_rouge1("0") < ch2_rouge1("0+1") and ch2_rouge1("all", "full") - ch2_rouge1("0+1") <= CLOSE
     assert 0 < ch2_rouge1("all", "encoder") - ch2_rouge1("0+1") <= CLOSE
 
 
@@ -231,29 +251,73 @@ def test_chapter2_the_grid_ran_a_tenth_of_the_papers_steps():
     assert {r["cell"]["steps"] for r in cached("ch2_layers.jsonl")} == {200}
 
 
-def test_chapter2_sst2_phrases_are_short_and_every_selection_recovers_most_of_them():
-    # "SST-2's training split holds short phrases, often one to three words,
-    # which every selection recovers for the most part (ROUGE-1 of 0.7 or
-    # more on SST-2 for each selection)".
-    sst2 = [r for r in cached("ch2_layers.jsonl") if r["dataset"] == "sst2"]
-    assert all(r["tokens"] - 2 <= 3 for r in sst2)  # word pieces without [CLS] and [SEP]
-    table = summary("ch2_layers.jsonl", ["component", "layers", "dataset"]).query("dataset == 'sst2'")
-    missed = {f"{c} {l}": round(v, 2) for c, l, v in zip(table["component"], table["layers"], table["rouge1"])
-              if v < 0.7}
-    assert not missed, f"selections that recover less of SST-2's phrases (ROUGE-1): {missed}"
+def test_chapter2_sst2_is_its_validation_split_the_others_their_training_splits():
+    # "CoLA and Rotten Tomatoes from their training splits, SST-2 from its
+    # validation split", in every grid the chapters read (chapters 2 to 4).
+    for name in ("ch2_layers.jsonl", "ch3_components.jsonl", "ch4_dp.jsonl"):
+        assert {(r["dataset"], r["split"]) for r in cached(name)} == {
+            ("cola", "train"), ("sst2", "validation"), ("rotten_tomatoes", "train")}, name
 
 
-def test_chapter2_rotten_tomatoes_is_the_hard_case_with_the_same_ranking_of_layers():
-    # "Rotten Tomatoes' whole review sentences are the hard case, and the
-    # per-dataset table shows the same ranking of layers on them at lower values."
+def test_chapter2_cola_is_short_the_review_sentences_whole():
+    # "CoLA's short sentences (4 to 10 word pieces) ... The whole review
+    # sentences of SST-2 (18 to 28 word pieces) and Rotten Tomatoes (23 to
+    # 30)": no review sentence is as short as CoLA's longest.
+    lengths = experiments.sentence_lengths(list(cached("ch2_layers.jsonl"))).set_index("dataset")
+    assert set(lengths["sentences"]) == {4}
+    assert lengths.loc["cola", "max"] < min(lengths.loc["sst2", "min"], lengths.loc["rotten_tomatoes", "min"])
+
+
+def test_chapter2_review_sentences_are_the_hard_case_for_every_selection():
+    # "CoLA's short sentences ... are recovered best, by every selection ...
+    # every selection recovers at least 0.1 ROUGE-1 less of them than of CoLA's".
     per_dataset = summary("ch2_layers.jsonl", ["component", "layers", "dataset"])
     pivot = per_dataset.pivot_table(index=["component", "layers"], columns="dataset", values="rouge1")
-    assert (pivot.idxmin(axis=1) == "rotten_tomatoes").all()
-    overall = summary("ch2_layers.jsonl", ["component", "layers"]).set_index(["component", "layers"])["rouge1"]
-    single = [("layer", str(i)) for i in range(6)]
-    rt = pivot["rotten_tomatoes"]
-    assert sorted(single, key=lambda k: rt[k]) == sorted(single, key=lambda k: overall[k])
-    assert all(rt[k] < overall[k] for k in single)
+    gap = pivot["cola"] - pivot[["sst2", "rotten_tomatoes"]].max(axis=1)
+    assert (gap >= 0.1).all(), gap.round(2).to_dict()
+
+
+def batch_table(name: str) -> pd.DataFrame:
+    """A cached grid's batch axis: (component, layers) x batch size."""
+    table = experiments.batch_axis(list(cached(name)))
+    table["layers"] = table["layers"].astype(str)
+    return table.set_index(["component", "layers", "batch_size"])
+
+
+def test_chapter2_batches_of_two_cost_little_batches_of_four_more_than_a_tenth():
+    # "With two sentences in one gradient ROUGE-1 drops by at most 0.05 ...,
+    # with four by more than 0.1 ...: still a large part of the words".
+    table = batch_table("ch2_layers.jsonl")
+    assert {(c, l) for c, l, _ in table.index} == {("full", "all"), ("layer", "0")}
+    for component, layers in (("full", "all"), ("layer", "0")):
+        r1 = table.loc[(component, layers), "rouge1"]
+        assert list(r1.index) == [1, 2, 4]
+        assert 0 <= r1[1] - r1[2] <= 0.05, r1.round(3).to_dict()
+        assert r1[1] - r1[4] > 0.1 and r1[4] >= LARGE_PART, r1.round(3).to_dict()
+
+
+def test_chapter2_rouge2_shows_no_trend_with_the_batch_size():
+    # "ROUGE-2 shows no trend at these sizes: its changes are smaller than its
+    # spread over sentences."
+    table = batch_table("ch2_layers.jsonl")
+    for selection in (("full", "all"), ("layer", "0")):
+        part = table.loc[selection]
+        assert ((part["rouge2"] - part.loc[1, "rouge2"]).abs() < part.loc[1, "rouge2_std"]).all()
+
+
+def test_chapter2_every_batch_size_attacks_the_same_sentences_once():
+    # "on the same sentences (each dataset's four form two batches of two, or
+    # one of four)": every sentence has one line per batch size, and a batch
+    # holds sentences of one dataset.
+    rows = cached("ch2_layers.jsonl")
+    single = sentences(r for r in rows if "batch_size" not in r["cell"])
+    for size in (2, 4):
+        lines = [r for r in rows if r["cell"].get("batch_size") == size]
+        for component in ("full", "layer"):
+            mine = [r for r in lines if r["cell"]["component"] == component]
+            assert sorted((r["dataset"], r["row_id"]) for r in mine) == sorted(single)
+            assert all(len(r["batch"]) == size and r["row_id"] in r["batch"] for r in mine)
+    assert batch_table("ch2_layers.jsonl")["n"].eq(12).all()
 
 
 def test_chapter2_the_truth_enters_run_task_only_through_the_metrics():
@@ -315,24 +379,44 @@ def test_chapter3_key_leaks_most_and_value_least(ch3):
 
 @pytest.mark.slow
 def test_chapter3_every_weight_leaks_text_the_worst_in_the_last_layer(ch3):
-    # Summary: "Every one of the six weights leaks text, in every layer";
-    # the least leaky cell is one of the last layer's.
-    assert ch3["worst_cell_rouge1"] > 0.1
+    # Summary: "Every one of the six weights leaks text in the first five
+    # layers"; the least leaky cell is one of the last layer's.
     assert ch3["worst_cell"].endswith("layer 5")
+    assert ch3_pivot()[["0", "1", "2", "3", "4"]].min().min() > 0.1
 
 
 @pytest.mark.slow
-def test_chapter3_over_fifteen_real_sentences(ch3):
-    # "over 15 real sentences" (CoLA, SST-2, Rotten Tomatoes) for every cell.
-    assert ch3["n_sentences"] == 15
-    assert set(summary("ch3_components.jsonl", ["component", "layers"])["n"]) == {15}
+def test_chapter3_records_the_query_weights_batch_axis(ch3):
+    # The batch figure's values for layer 0's query weight at B = 1, 2, 4.
+    table = batch_table("ch3_components.jsonl")
+    for size in (1, 2, 4):
+        assert ch3[f"batch{size}_query0_rouge1"] == round(table.loc[("attention.query", "0", size), "rouge1"], 4)
+    assert ch3["batch1_query0_rouge1"] == ch3["query0_rouge1"]
+
+
+@pytest.mark.slow
+def test_chapter3_over_twelve_real_sentences(ch3):
+    # "over 12 real sentences" (CoLA, SST-2, Rotten Tomatoes) for every cell.
+    assert ch3["n_sentences"] == 12
+    assert set(summary("ch3_components.jsonl", ["component", "layers"])["n"]) == {12}
     assert {r["dataset"] for r in cached("ch3_components.jsonl")} == DATASETS
 
 
-def test_chapter3_every_weight_in_the_first_five_layers_leaks_a_large_part_of_the_words():
-    # "every weight in the first five layers leaks a large part of the words".
+def test_chapter3_the_same_sentences_as_chapter_2():
+    # "The same sentences as chapter 2's grid".
+    assert sentences(cached("ch3_components.jsonl")) == sentences(cached("ch2_layers.jsonl"))
+    lengths = [experiments.sentence_lengths(list(cached(name))) for name in ("ch2_layers.jsonl", "ch3_components.jsonl")]
+    assert lengths[0].equals(lengths[1])
+
+
+def test_chapter3_every_weight_in_the_first_five_layers_but_the_value_leaks_a_large_part_of_the_words():
+    # "every weight in the first five layers but the value weight leaks a
+    # large part of the words (the value weight of layers 1 to 4 less)".
     first_five = ch3_pivot()[["0", "1", "2", "3", "4"]]
-    assert first_five.min().min() >= LARGE_PART, first_five.round(2).to_dict()
+    others = first_five.drop(index="attention.value")
+    assert others.min().min() >= LARGE_PART, others.round(2).to_dict()
+    value = first_five.loc["attention.value"]
+    assert value["0"] >= LARGE_PART and (value[["1", "2", "3", "4"]] < LARGE_PART).all(), value.round(2).to_dict()
 
 
 def test_chapter3_the_last_layer_leaks_least():
@@ -341,10 +425,12 @@ def test_chapter3_the_last_layer_leaks_least():
     assert by_layer.idxmin() == "5"
 
 
-def test_chapter3_last_layer_query_and_first_ffn_barely_leak():
-    # "(its query and first feed-forward weight barely at all)"; solution 2:
-    # "where the query and the first feed-forward weight recover almost nothing".
-    for component in ("attention.query", "ffn.intermediate"):
+def test_chapter3_last_layer_query_output_and_ffn_weights_barely_leak():
+    # "(its query, attention output and feed-forward weights barely at
+    # all)"; solution 2: "where the query and the two feed-forward weights
+    # recover almost nothing"; summary: "in the last, the query and the
+    # feed-forward weights leak almost nothing".
+    for component in ("attention.query", "attention.output", "ffn.intermediate", "ffn.output"):
         assert ch3_pivot().loc[component, "5"] < BARELY
         assert ch3_pivot("rouge2").loc[component, "5"] < NOTHING
 
@@ -356,16 +442,18 @@ def test_chapter3_weights_further_from_the_input_leak_less():
     assert by_layer[["3", "4", "5"]].mean() < by_layer[["0", "1", "2"]].mean()
 
 
-def test_chapter3_layer_0_recovers_the_most_word_pairs():
-    # "Layer 0's weights recover the most word *pairs* (ROUGE-2)".
-    assert ch3_pivot("rouge2").mean().idxmax() == "0"
+def test_chapter3_the_first_three_layers_recover_the_most_word_pairs():
+    # "The first three layers' weights recover the most word *pairs* (ROUGE-2)".
+    by_layer = ch3_pivot("rouge2").mean()
+    assert by_layer[["0", "1", "2"]].min() > by_layer[["3", "4", "5"]].max(), by_layer.round(3).to_dict()
 
 
 def test_chapter3_the_grid_ran_200_steps_with_a_wide_spread():
     # "These are 200-step attacks (a tenth of the paper's budget) ... and the
-    # spread over sentences is wide".
+    # spread over sentences is wide (a standard deviation of 0.15 ROUGE-1 or
+    # more in most cells)".
     assert {r["cell"]["steps"] for r in cached("ch3_components.jsonl")} == {200}
-    assert summary("ch3_components.jsonl", ["component", "layers"])["rouge1_std"].median() >= 0.2
+    assert (summary("ch3_components.jsonl", ["component", "layers"])["rouge1_std"] >= 0.15).mean() > 0.5
 
 
 def test_chapter3_in_layer_0_the_first_ffn_weight_leads():
@@ -373,17 +461,30 @@ def test_chapter3_in_layer_0_the_first_ffn_weight_leads():
     assert ch3_pivot()["0"].idxmax() == "ffn.intermediate"
 
 
-def test_chapter3_layer_5_leaks_less_than_layer_0_for_every_weight_but_the_key():
-    # Solution 2: "Expect lower ROUGE for every weight but the key (whose
-    # ROUGE-1 is the same at layers 0 and 5, within 0.01)".
+def test_chapter3_layer_5_leaks_less_than_layer_0_for_every_weight():
+    # Solution 2: "Expect lower ROUGE for every weight, as in the cached
+    # heatmap's last column".
     for metric in ("rouge1", "rouge2"):
         pivot = ch3_pivot(metric)
-        exempt = {"attention.key"} if metric == "rouge1" else set()
         higher = {c: (round(pivot.loc[c, "0"], 4), round(pivot.loc[c, "5"], 4))
-                  for c in COMPONENTS if c not in exempt and pivot.loc[c, "5"] >= pivot.loc[c, "0"]}
+                  for c in COMPONENTS if pivot.loc[c, "5"] >= pivot.loc[c, "0"]}
         assert not higher, f"{metric} (layer 0, layer 5) where layer 5 is not lower: {higher}"
-    key = ch3_pivot("rouge1").loc["attention.key"]
-    assert abs(key["5"] - key["0"]) <= 0.01
+
+
+def test_chapter3_one_weight_suffers_more_from_batching_than_the_full_model_or_a_layer():
+    # "With two sentences per gradient, layer 0's query weight gives ROUGE-1
+    # ... a loss of more than 0.1, where the full model and layer 0 lose at
+    # most 0.05; with four it stays at ..." (within 0.02 of two); summary:
+    # "Two sentences per client cost one weight's gradient more of its
+    # leakage than they cost the full model's".
+    query = batch_table("ch3_components.jsonl").loc[("attention.query", "0"), "rouge1"]
+    layers = batch_table("ch2_layers.jsonl")
+    assert list(query.index) == [1, 2, 4]
+    assert query[1] - query[2] > 0.1 and abs(query[4] - query[2]) <= 0.02, query.round(3).to_dict()
+    for selection in (("full", "all"), ("layer", "0")):
+        r1 = layers.loc[selection, "rouge1"]
+        assert r1[1] - r1[2] <= 0.05 < query[1] - query[2]
+    assert set(batch_table("ch3_components.jsonl")["n"]) == {12}
 
 
 # --------------------------------------------------------------------------- #
@@ -420,7 +521,7 @@ def test_chapter4_at_sigma_0_1_the_query_gradient_is_almost_all_noise(ch4):
 @pytest.mark.slow
 def test_chapter4_the_raw_gradient_leaks_as_in_chapters_2_and_3(ch4):
     # "the attack recovers as much as in chapters 2 and 3 (the dashed lines;
-    # ROUGE-1 0.80 on the full model)".
+    # ROUGE-1 0.66 on the full model)".
     assert ch4["raw_full"] >= 0.5
     assert all(ch4[f"raw_rouge1_{s}"] >= LARGE_PART for s in SELECTIONS)
 
@@ -475,15 +576,17 @@ def test_chapter4_a_small_selection_loses_its_signal_first():
 def test_chapter4_the_grid_attacks_the_same_sentences_with_the_same_settings_as_chapters_2_and_3():
     # "The cached grid attacks the privatised gradient at every sigma, for the
     # full model, layer 0 and layer 0's query weight, on the same real
-    # sentences and with the same attack settings as chapters 2 and 3."
+    # sentences and with the same attack settings as chapters 2 and 3: four
+    # sentences each ..., one sentence per client."
     dp_rows, ch2_rows, ch3_rows = cached("ch4_dp.jsonl"), cached("ch2_layers.jsonl"), cached("ch3_components.jsonl")
     assert sentences(dp_rows) == sentences(ch2_rows) == sentences(ch3_rows)
     settings = {tuple(sorted(attack_settings(r).items())) for r in dp_rows + ch2_rows + ch3_rows}
     assert len(settings) == 1
     table = summary("ch4_dp.jsonl", ["component", "noise_multiplier"])
     assert sorted(map(str, table["noise_multiplier"].unique())) == sorted(SIGMAS)
-    assert set(table["component"]) == {"full", "layer", "attention.query"} and set(table["n"]) == {15}
+    assert set(table["component"]) == {"full", "layer", "attention.query"} and set(table["n"]) == {12}
     assert {r["cell"]["layers"] for r in dp_rows if r["cell"]["component"] != "full"} == {0}
+    assert not any("batch_size" in r["cell"] for r in dp_rows)
     # "The cached attacks and the utility sweep are MiniLM's."
     assert {r["cell"]["model"] for r in dp_rows} == {"minilm"}
     assert {r["settings"]["model"] for r in cached("ch4_utility.jsonl")} == {"minilm"}
