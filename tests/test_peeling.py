@@ -25,6 +25,13 @@ def _batch(tokenizer, examples):
     return encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
 
 
+def _shared(model, tokenizer, layers, examples):
+    """The client's selection (layer 0's query, or layers 0 and 1), its private batch and its message."""
+    selection = select(model, "attention.query", layers)
+    true_batch = _batch(tokenizer, examples)
+    return selection, true_batch, client_update(model, selection, true_batch).shared
+
+
 def _truth(true_batch, lengths):
     return [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
 
@@ -42,10 +49,7 @@ def test_a_weak_direction_under_numpys_tolerance_stays_in_the_row_space():
 
 def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
     model, tokenizer = minilm
-    selection = select(model, "attention.query", [0, 1])
-    examples = load_split("sample")[:3]
-    true_batch = _batch(tokenizer, examples)
-    update = client_update(model, selection, true_batch).shared
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
     check = Layer1Check(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
                                          max_rank=sum(update.lengths)))
     n = update.lengths[0]
@@ -62,10 +66,8 @@ def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
 
 def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm):
     model, tokenizer = minilm
-    selection = select(model, "attention.query", 0)
     examples = load_split("sample")[:3]
-    true_batch = _batch(tokenizer, examples)
-    update = client_update(model, selection, true_batch).shared
+    selection, true_batch, update = _shared(model, tokenizer, 0, examples)
     (gradient,) = update.shared_grads
     n, label = update.lengths[0], int(update.labels[0])
     h = true_batch["input_ids"][0, :n]
@@ -86,10 +88,7 @@ def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm)
 @pytest.mark.parametrize("layers, verifier, size", [([0, 1], QUERY1, 4), ([0], None, 2)])
 def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, layers, verifier, size):
     model, tokenizer = minilm
-    selection = select(model, "attention.query", layers)
-    examples = load_split("sample")[4:4 + size]
-    true_batch = _batch(tokenizer, examples)
-    update = client_update(model, selection, true_batch).shared
+    selection, true_batch, update = _shared(model, tokenizer, layers, load_split("sample")[4:4 + size])
     result = span_attack(model, tokenizer, update._replace(labels=None), selection, seed=1)
     truth = _truth(true_batch, update.lengths)
     assert sorted(result.token_ids) == sorted(truth)
@@ -102,10 +101,7 @@ def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, layers, ver
 
 def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(minilm):
     model, tokenizer = minilm
-    selection = select(model, "attention.query", [0, 1])
-    examples = load_split("sample")[4:8]
-    true_batch = _batch(tokenizer, examples)
-    update = client_update(model, selection, true_batch).shared
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[4:8])
     # Noise on layer 1's gradient: its row space is no longer the inputs', no sentence passes.
     grads = list(update.shared_grads)
     i = selection.names.index(QUERY1)
@@ -119,10 +115,7 @@ def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(
 
 def test_the_enumeration_baseline_finds_a_batch_of_two(minilm):
     model, tokenizer = minilm
-    selection = select(model, "attention.query", [0, 1])
-    examples = load_split("sample")[:2]
-    true_batch = _batch(tokenizer, examples)
-    update = client_update(model, selection, true_batch).shared
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:2])
     ids = enumerate_batch(model, tokenizer, selection.names, update.shared_grads, QUERY0, QUERY1,
                           update.lengths, threshold=1e-4, budget=1000)
     assert sorted(ids[i, :n].tolist() for i, n in enumerate(update.lengths)) == sorted(

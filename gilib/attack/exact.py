@@ -20,7 +20,7 @@ from ..slicing import Selection, SharedUpdate, checked_update
 from .objectives import GradientMatcher
 from .optimization import AttackResult
 from .peeling import MAX_EFFORT, peel
-from .span import DEFAULT_THRESHOLD, candidate_sets, position_counts, row_space, token_residuals
+from .span import DEFAULT_THRESHOLD, check_positions
 from .tokens import TokenSpace
 
 _LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
@@ -162,13 +162,11 @@ def span_attack(
     update, name, gradient = _checked(model, update, selection, threshold, restarts, kicks, max_effort)
     shared_grads, labels, lengths = update
     batch = len(lengths)
-    shift_invariant = name.endswith("key.weight")
-    # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
-    space = row_space(gradient, max_rank=sum(lengths) - (batch if shift_invariant else 0))
     tokens = TokenSpace(model, tokenizer)
-    width = max(lengths)
-    residuals = token_residuals(model, tokens, space, range(1, width - 1), shift_invariant=shift_invariant)
-    sets = candidate_sets(residuals, position_counts(lengths), threshold, capped=batch == 1)
+    # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
+    space, residuals, sets = check_positions(model, tokens, gradient, lengths,
+                                             shift_invariant=name.endswith("key.weight"), threshold=threshold,
+                                             capped=batch == 1)
     # How far the split between chosen and rejected tokens sits from the next token.
     widest = max((len(c) for c in sets), default=0)
     ordered = residuals.topk(min(widest + 1, residuals.shape[1]), dim=1, largest=False).values

@@ -47,7 +47,7 @@ from typing import Sequence
 
 import torch
 
-from .span import RowSpace, candidate_sets, position_counts, row_space, token_residuals
+from .span import RowSpace, check_positions, row_space
 from .tokens import TokenSpace
 
 FOUND = 1e-4
@@ -423,9 +423,8 @@ def peel(
         rounds += 1
         left = [lengths[i] for i in remaining]
         tokens_left = sum(left)
-        space = row_space(grads[weight], max_rank=tokens_left - (len(left) if shift_invariant else 0))
-        residuals = token_residuals(model, tokens, space, range(1, max(left) - 1), shift_invariant=shift_invariant)
-        candidates = candidate_sets(residuals, position_counts(left), threshold, capped=False)
+        _, _, candidates = check_positions(model, tokens, grads[weight], left, shift_invariant=shift_invariant,
+                                           threshold=threshold, capped=False)
         if verifier is not None:
             check = Layer1Check(model, row_space(grads[verifier], max_rank=tokens_left))
         else:
@@ -437,10 +436,10 @@ def peel(
             last[n] = (h, loss)
             if loss >= 100 * FOUND:
                 continue
-            label = _peel_label(model, grads, weight, h, classes, batch, tokens_left - n)
+            label, parts = _peel_label(model, grads, weight, h, classes, batch, tokens_left - n)
             if label is None:
                 continue
-            for name, part in zip(grads, sentence_gradients(model, list(grads), h, label, batch)):
+            for name, part in zip(grads, parts):
                 grads[name] = grads[name] - part.to(grads[name].device)
             i = next(i for i in remaining if lengths[i] == n)
             remaining.remove(i)
@@ -464,19 +463,25 @@ def peel(
     return Peeled(ids, found, labels, uncertain, rounds)
 
 
-def _peel_label(model, grads, weight, h, classes, batch, rank) -> int | None:
+def _peel_label(model, grads, weight, h, classes, batch, rank) -> tuple[int | None, list[torch.Tensor]]:
     """The class whose subtraction leaves the gradient closest to rank ``rank``, if under :data:`PEELED`.
 
     Every class is tested and the best kept: in a large batch whose words
     repeat, the remaining sentences' rank can sit well below their token
     count, and a wrong label's few extra directions may then pass too.
+
+    Returns:
+        ``(label, parts)``: the class (``None`` if none passes) and the
+        sentence's gradient for it on every weight of ``grads``, in order.
     """
-    scores = {}
+    names = list(grads)
+    scores, parts = {}, {}
     for label in classes:
-        (part,) = sentence_gradients(model, [weight], h, label, batch)
+        parts[label] = sentence_gradients(model, names, h, label, batch)
+        part = parts[label][names.index(weight)]
         scores[label] = peel_test(grads[weight], part.to(grads[weight].device), rank)
     best = min(scores, key=scores.get)
-    return best if scores[best] < PEELED else None
+    return (best, parts[best]) if scores[best] < PEELED else (None, [])
 
 
 
@@ -516,13 +521,10 @@ def enumerate_batch(
     """
     lengths = [int(n) for n in lengths]
     grads = dict(zip(names, shared_grads))
-    shift_invariant = weight.endswith("key.weight")
-    tokens_in = sum(lengths)
-    space = row_space(grads[weight], max_rank=tokens_in - (len(lengths) if shift_invariant else 0))
-    residuals = token_residuals(model, TokenSpace(model, tokenizer), space, range(1, max(lengths) - 1),
-                                shift_invariant=shift_invariant)
-    candidates = candidate_sets(residuals, position_counts(lengths), threshold, capped=False)
-    check = Layer1Check(model, row_space(grads[verifier], max_rank=tokens_in))
+    _, _, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[weight], lengths,
+                                       shift_invariant=weight.endswith("key.weight"), threshold=threshold,
+                                       capped=False)
+    check = Layer1Check(model, row_space(grads[verifier], max_rank=sum(lengths)))
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((len(lengths), max(lengths)), tokenizer.pad_token_id)
     for n in sorted(set(lengths)):

@@ -313,3 +313,22 @@ def item_gradients(gradient: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
         ``(m, d_out)`` output gradients ``delta_i`` (float64).
     """
     return torch.linalg.lstsq(inputs.double().T, gradient.double().T).solution
+
+
+def check_positions(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.Tensor, lengths: Sequence[int], *,
+                    shift_invariant: bool, threshold: float,
+                    capped: bool) -> tuple[RowSpace, torch.Tensor, list[list[int]]]:
+    """The span check of a batch's interior positions: ``(space, residuals, candidate sets)``.
+
+    Args:
+        model: the victim.
+        tokens: its token space.
+        gradient: a layer-0 query, key or value weight's gradient.
+        lengths: the batch's token counts (bound the rank and the positions).
+        shift_invariant: a key weight (one direction fewer per sentence; residuals of ``x - x_[CLS]``).
+        threshold, capped: as for :func:`candidate_sets`.
+    """
+    lengths = [int(n) for n in lengths]
+    space = row_space(gradient, max_rank=sum(lengths) - (len(lengths) if shift_invariant else 0))
+    residuals = token_residuals(model, tokens, space, range(1, max(lengths) - 1), shift_invariant=shift_invariant)
+    return space, residuals, candidate_sets(residuals, position_counts(lengths), threshold, capped=capped)
