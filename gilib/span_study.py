@@ -64,7 +64,7 @@ OTHER_WEIGHTS = (("attention.output", 0), ("ffn.intermediate", 0), ("ffn.output"
 )
 BATCH_SPLITS = {"sst2": "validation", "cola": "validation", "rotten_tomatoes": "test"}
 """Held-out sentences of natural length for the batch study."""
-BATCHES = {2: 2, 4: 2, 8: 1, 16: 1}
+BATCHES = {2: 2, 4: 2, 8: 2, 16: 2}
 """Batches per dataset for each batch size."""
 METHODS = {
     "peel, layer 0+1": (("attention.query", [0, 1]), "peel", (2, 4, 8, 16)),
@@ -75,11 +75,6 @@ METHODS = {
 runs at. Peeling from layer 0 alone scores every move with a backward pass
 per class; past batch size 2 it outruns the study's CPU budget."""
 ENUMERATION_BUDGET = 2000  # sentences DAGER's enumeration scores per length
-LARGE_BATCH_EFFORT = 1
-"""``max_effort`` of peeling from batch size 8 on: a fruitless round is not
-searched again (the default, :data:`~gilib.attack.peeling.MAX_EFFORT`,
-quadruples the search; a batch of 8 SST-2 sentences then takes over ten
-minutes on one thread)."""
 NOISE_MULTIPLIERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
 SAMPLE_SEED = 101  # the seed of the cached optimisation grids
 
@@ -189,14 +184,13 @@ def measure_batch(dataset: str, item) -> list[dict]:
             "row_ids": [e.row_id for e in batch], "batch_size": len(batch), "tokens": sum(lengths),
             "lengths": lengths, "hidden": hidden}
     if search == "peel":
-        line["max_effort"] = LARGE_BATCH_EFFORT if len(batch) >= 8 else MAX_EFFORT
+        line["max_effort"] = MAX_EFFORT
     if sum(lengths) >= hidden:
         return [{**line, "refused": True}]
     start = time.perf_counter()
     weight = selection.names[0]
     if search == "peel":
         # The attacker's message carries no labels: peeling finds them.
-        # The search budget by batch size: LARGE_BATCH_EFFORT from 8 on.
         result = span_attack(model, tokenizer, update._replace(labels=None), selection,
                              max_effort=line["max_effort"])
         token_ids, config = result.token_ids, result.config

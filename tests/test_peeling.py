@@ -7,11 +7,13 @@ from gilib.attack import span_attack
 from gilib.attack.peeling import (
     PEELED,
     Layer1Check,
+    beam_search,
     enumerate_batch,
     peel_test,
     sentence_gradients,
 )
-from gilib.attack.span import row_space
+from gilib.attack.span import check_positions, row_space
+from gilib.attack.tokens import TokenSpace
 from gilib.client import client_update
 from gilib.data import load_split
 from gilib.models import encode
@@ -64,6 +66,36 @@ def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
     assert float(check.loss(shuffled[None])[0]) > 1e-3
 
 
+def test_the_appended_score_is_the_prefix_residual_at_its_new_position(minilm):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
+    check = Layer1Check(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+                                         max_rank=sum(update.lengths)))
+    prefixes = true_batch["input_ids"][:2, :4]
+    options = true_batch["input_ids"][:, 4]
+    cheap = check.appended(prefixes, options)
+    assert cheap.shape == (2, 3)
+    for i in range(2):
+        extended = torch.cat([prefixes[i].expand(3, -1), options[:, None]], 1)
+        torch.testing.assert_close(cheap[i], check.prefix_residuals(extended)[:, -1], rtol=1e-4, atol=1e-9)
+
+
+def test_the_beam_closes_the_true_sentences_of_a_bag(minilm):
+    # Sixteen sentences: the candidate sets hold more tokens than there are sentences.
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:16])
+    grads = dict(zip(selection.names, update.shared_grads))
+    _, layer0, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[QUERY0], update.lengths,
+                                            shift_invariant=False, threshold=1e-4, capped=False)
+    assert min(len(c) for c in candidates[:6]) > 16
+    check = Layer1Check(model, row_space(grads[QUERY1], max_rank=sum(update.lengths)))
+    hits, best = beam_search(check, candidates, update.lengths, tokenizer, layer0=layer0)
+    truth = _truth(true_batch, update.lengths)
+    assert hits and all(list(h) in truth for h in hits)
+    assert set(best) == set(update.lengths)
+    assert all(len(h) == n for n, (h, _) in best.items())
+
+
 def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm):
     model, tokenizer = minilm
     examples = load_split("sample")[:3]
@@ -85,10 +117,11 @@ def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm)
     torch.testing.assert_close(gradient - right, others * 2 / 3, rtol=0, atol=1e-5 * float(gradient.abs().max()))
 
 
-@pytest.mark.parametrize("layers, verifier, size", [([0, 1], QUERY1, 4), ([0], None, 2)])
-def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, layers, verifier, size):
+@pytest.mark.parametrize("layers, verifier, size, first", [([0, 1], QUERY1, 4, 4), ([0, 1], QUERY1, 8, 0),
+                                                          ([0], None, 2, 4)])
+def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, layers, verifier, size, first):
     model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, layers, load_split("sample")[4:4 + size])
+    selection, true_batch, update = _shared(model, tokenizer, layers, load_split("sample")[first:first + size])
     result = span_attack(model, tokenizer, update._replace(labels=None), selection, seed=1)
     truth = _truth(true_batch, update.lengths)
     assert sorted(result.token_ids) == sorted(truth)

@@ -128,6 +128,7 @@ def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
     ([8], None, dict(kicks=-1), "kicks must be a whole number of at least 0"),
     ([8], None, dict(kicks=True), "kicks must be a whole number of at least 0"),
     ([8], None, dict(max_effort=0), "max_effort must be a whole number of at least 1"),
+    ([8], None, dict(beam=0), "beam must be a whole number of at least 1"),
     ([8], None, dict(threshold=0.0), "threshold must be a finite number greater than 0"),
     ([8], None, dict(threshold=math.nan), "threshold must be a finite number greater than 0"),
 ])

@@ -19,7 +19,7 @@ import torch
 from ..slicing import Selection, SharedUpdate, checked_update
 from .objectives import GradientMatcher
 from .optimization import AttackResult
-from .peeling import MAX_EFFORT, peel
+from .peeling import BEAM, MAX_EFFORT, peel
 from .span import DEFAULT_THRESHOLD, check_positions
 from .tokens import TokenSpace
 
@@ -45,7 +45,7 @@ def layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: Se
 
 
 def _checked(model, update: SharedUpdate, selection: Selection, threshold: float,
-             restarts: int, kicks: int, max_effort: int) -> tuple[SharedUpdate, str, torch.Tensor]:
+             restarts: int, kicks: int, max_effort: int, beam: int) -> tuple[SharedUpdate, str, torch.Tensor]:
     """What the server holds, checked before any linear algebra: ``(update, weight name, its gradient)``.
 
     The message itself is checked by :meth:`~gilib.slicing.SharedUpdate.validated`;
@@ -54,7 +54,8 @@ def _checked(model, update: SharedUpdate, selection: Selection, threshold: float
     """
     if getattr(model.config, "model_type", None) != "bert":
         raise ValueError(f"The span check enumerates BERT's layer-0 inputs; got a {model.config.model_type!r} model.")
-    for label, value, least in (("restarts", restarts, 1), ("kicks", kicks, 0), ("max_effort", max_effort, 1)):
+    for label, value, least in (("restarts", restarts, 1), ("kicks", kicks, 0), ("max_effort", max_effort, 1),
+                                ("beam", beam, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"{label} must be a whole number of at least {least}, got {value!r}.")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
@@ -100,6 +101,7 @@ def span_attack(
     restarts: int = 1,
     kicks: int = 15,
     max_effort: int = MAX_EFFORT,
+    beam: int = BEAM,
     seed: int = 0,
 ) -> AttackResult:
     """Recover a batch from the gradient of a layer-0 query, key or value weight.
@@ -129,7 +131,8 @@ def span_attack(
         restarts: random starts of each sentence search (batch size > 1).
         kicks: perturbations per start (batch size > 1).
         max_effort: a round of peeling that finds no sentence is rerun with
-            twice the restarts and kicks, up to this factor (batch size > 1).
+            twice the beam, restarts and kicks, up to this factor (batch size > 1).
+        beam: the width of the beam search that layer 1's check drives (batch size > 1).
         seed: seeds the searches.
 
     Returns:
@@ -159,7 +162,7 @@ def span_attack(
             (its row space can then hold every input).
     """
     start = time.perf_counter()
-    update, name, gradient = _checked(model, update, selection, threshold, restarts, kicks, max_effort)
+    update, name, gradient = _checked(model, update, selection, threshold, restarts, kicks, max_effort, beam)
     shared_grads, labels, lengths = update
     batch = len(lengths)
     tokens = TokenSpace(model, tokenizer)
@@ -174,14 +177,14 @@ def span_attack(
     check_seconds = time.perf_counter() - start
     verifier = layer1_weight(model, selection)
     config = {"weight": name, "verifier": None, "threshold": threshold, "restarts": restarts, "kicks": kicks,
-              "max_effort": max_effort, "seed": seed, "candidates": sets}
+              "max_effort": max_effort, "beam": beam, "seed": seed, "candidates": sets}
     rounds = 0
     if batch == 1:
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
     else:
         peeled = peel(model, tokenizer, selection.names, shared_grads, name, verifier, lengths,
-                      threshold=threshold, restarts=restarts, kicks=kicks, max_effort=max_effort, seed=seed)
+                      threshold=threshold, restarts=restarts, kicks=kicks, max_effort=max_effort, beam=beam, seed=seed)
         ids, rounds = peeled.ids, peeled.rounds
         guessed = [y if y is not None else (int(labels[i]) if labels is not None else 0)
                    for i, y in enumerate(peeled.labels)]
