@@ -4,8 +4,8 @@ At batch size B > 1 the span check (:mod:`gilib.attack.span`) gives each
 position's candidate tokens. In a large batch those sets stop pinning
 positions: the inputs of the batch's tokens span most of the learned
 position embeddings' directions, so every token of the batch lies in the
-row space at *every* position (measured in ``bench/batch_recovery.py``: the
-sets are exactly the batch's bag of words, true tokens and impostors both at
+row space at *every* position (measured in chapter 5's batch study: the
+sets are the batch's bag of words, true tokens and impostors both at
 1e-7 to 1e-6). Which token sits where must come from a check of whole
 sentences, and there are two:
 
@@ -23,9 +23,14 @@ sentences, and there are two:
   batch's tokens, and a right hypothesis's own output gradients (one
   forward and backward pass, for each class) lie in that column space.
 
-The search (:func:`search_sentence`) is an iterated local search over the
-candidate sets. DAGER enumerates the product of the sets instead, which
-grows as (set size)^length; ``bench/batch_recovery.py`` runs both.
+With layer 1, the search is a beam over prefixes (:func:`beam_search`):
+layer 0's attention is mostly local, so a prefix run alone already lies
+close to layer 1's row space, and one left-to-right pass closes sentences
+of every length; :func:`sweep` repairs the beam's typical mistake, two
+sentences joined. Without layer 1 it is an iterated local search
+(:func:`search_sentence`). DAGER enumerates the product of the sets
+instead (:func:`enumerate_batch`), which grows as (set size)^length;
+chapter 5's batch study (:mod:`gilib.span_study`) runs both.
 
 A found sentence is then *peeled*: the client's gradient is the mean over
 its batch, so a sentence ``s`` with label ``y`` adds exactly
