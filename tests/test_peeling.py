@@ -7,6 +7,7 @@ from gilib.attack import span_attack
 from gilib.attack.peeling import (
     PEELED,
     Layer1Check,
+    _diverse,
     beam_search,
     enumerate_batch,
     peel_test,
@@ -94,6 +95,15 @@ def test_the_beam_closes_the_true_sentences_of_a_bag(minilm):
     assert hits and all(list(h) in truth for h in hits)
     assert set(best) == set(update.lengths)
     assert all(len(h) == n for n, (h, _) in best.items())
+
+
+def test_the_beam_keeps_more_than_one_sentence_start():
+    score = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 1.0])
+    starts = torch.tensor([5, 5, 5, 5, 7, 8])
+    # Half the beam at most for one first word: the others' best fill the rest.
+    assert _diverse(score, starts, 4).tolist() == [0, 1, 4, 5]
+    # With one start only, the cap leaves room that the best of the rest fill.
+    assert _diverse(score, torch.full((6,), 5), 4).tolist() == [0, 1, 2, 3]
 
 
 def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm):

@@ -436,7 +436,7 @@ def beam_search(
         # Stage 2: every position of the kept prefixes.
         residuals = check.prefix_residuals(extended)
         score = residuals[:, :-1].sum(-1) + NEW_TOKEN_WEIGHT * residuals[:, -1] + prior[children]
-        order = score.argsort()[:width]
+        order = _diverse(score, extended[:, 1], width)
         beams, past = extended[order], residuals[order].sum(-1)
         if k + 2 in lengths:
             closed = torch.cat([beams, torch.full((len(beams), 1), sep_id)], 1)
@@ -445,6 +445,30 @@ def beam_search(
             best[k + 2] = (closed[i], float(losses[i]))
             hits.update({tuple(h.tolist()): float(v) for h, v in zip(closed, losses) if v < found})
     return hits, best
+
+
+def _diverse(score: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``width`` best indices by ``score``, at most half of them sharing a first word.
+
+    One beam serves every sentence, and the sentence it follows best
+    would otherwise take all of it: the others' prefixes must survive
+    too. The cap keeps at least two sentence starts in the beam (more
+    when the beam is wider than the best start's share); the best of the
+    rest fills what the cap leaves empty.
+    """
+    order = score.argsort().tolist()
+    cap, kept, taken, rest = max(1, width // 2), [], {}, []
+    for i in order:
+        start = int(starts[i])
+        if taken.get(start, 0) < cap:
+            kept.append(i)
+            taken[start] = taken.get(start, 0) + 1
+        else:
+            rest.append(i)
+        if len(kept) == width:
+            break
+    kept += rest[: width - len(kept)]
+    return torch.tensor(sorted(kept, key=lambda i: float(score[i])), dtype=torch.long)
 
 
 def sweep(
