@@ -13,8 +13,9 @@ optimisation grids, and writes one JSON line per measurement:
   of the best false ones, token accuracy of the smallest residual.
 * ``batch``: batches of 2, 4, 8 and 16 held-out sentences
   (:data:`BATCH_SPLITS`), each attacked by the methods of :data:`METHODS`:
-  peeling checked by layer 1's gradient, peeling from the layer-0 weight
-  alone, and DAGER's enumeration (:func:`gilib.attack.peeling.enumerate_batch`)
+  peeling checked by layer 1's gradient, by layer 0's FFN weight (the
+  whole of layer 0 shared), from the layer-0 query weight alone, and
+  DAGER's enumeration (:func:`gilib.attack.peeling.enumerate_batch`)
   on the same batches. A batch with at least as many tokens as the hidden
   size is recorded as refused.
 * ``dp``: the client's DP-SGD step (:class:`gilib.client.DPSGD`), the
@@ -68,12 +69,16 @@ BATCHES = {2: 2, 4: 2, 8: 2, 16: 2}
 """Batches per dataset for each batch size."""
 METHODS = {
     "peel, layer 0+1": (("attention.query", [0, 1]), "peel", (2, 4, 8, 16)),
+    "peel, whole layer 0": (("layer", [0]), "peel", (2, 4, 8, 16)),
     "peel, layer 0": (("attention.query", [0]), "peel", (2,)),
     "enumerate, layer 0+1": (("attention.query", [0, 1]), "enumerate", (2, 4, 8)),
 }
 """Each batch method: the client's selection, the search, the batch sizes it
-runs at. Peeling from layer 0 alone scores every move with a backward pass
-per class; past batch size 2 it outruns the study's CPU budget."""
+runs at. "layer 0+1" shares the query weights of layers 0 and 1 (layer 1's
+checks the search), "whole layer 0" every weight of layer 0 (its FFN
+output weight checks the search: no layer 1), "layer 0" its query weight
+alone: peeling then scores every move with a backward pass per class, and
+past batch size 2 it outruns the study's CPU budget."""
 ENUMERATION_BUDGET = 2000  # sentences DAGER's enumeration scores per length
 NOISE_MULTIPLIERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
 SAMPLE_SEED = 101  # the seed of the cached optimisation grids

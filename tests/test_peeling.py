@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from gilib.attack import span_attack
+from gilib.attack.exact import verifier_weight
 from gilib.attack.peeling import (
     PEELED,
-    Layer1Check,
+    ForwardCheck,
     _diverse,
     beam_search,
+    reads_of,
     enumerate_batch,
     peel_test,
     sentence_gradients,
@@ -28,9 +30,9 @@ def _batch(tokenizer, examples):
     return encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
 
 
-def _shared(model, tokenizer, layers, examples):
+def _shared(model, tokenizer, layers, examples, component="attention.query"):
     """The client's selection (layer 0's query, or layers 0 and 1), its private batch and its message."""
-    selection = select(model, "attention.query", layers)
+    selection = select(model, component, layers)
     true_batch = _batch(tokenizer, examples)
     return selection, true_batch, client_update(model, selection, true_batch).shared
 
@@ -53,7 +55,7 @@ def test_a_weak_direction_under_numpys_tolerance_stays_in_the_row_space():
 def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
     model, tokenizer = minilm
     selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
-    check = Layer1Check(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
                                          max_rank=sum(update.lengths)))
     n = update.lengths[0]
     h = true_batch["input_ids"][0, :n]
@@ -70,7 +72,7 @@ def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
 def test_the_appended_score_is_the_prefix_residual_at_its_new_position(minilm):
     model, tokenizer = minilm
     selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
-    check = Layer1Check(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
                                          max_rank=sum(update.lengths)))
     prefixes = true_batch["input_ids"][:2, :4]
     options = true_batch["input_ids"][:, 4]
@@ -89,12 +91,27 @@ def test_the_beam_closes_the_true_sentences_of_a_bag(minilm):
     _, layer0, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[QUERY0], update.lengths,
                                             shift_invariant=False, threshold=1e-4, capped=False)
     assert min(len(c) for c in candidates[:6]) > 16
-    check = Layer1Check(model, row_space(grads[QUERY1], max_rank=sum(update.lengths)))
+    check = ForwardCheck(model, row_space(grads[QUERY1], max_rank=sum(update.lengths)))
     hits, best = beam_search(check, candidates, update.lengths, tokenizer, layer0=layer0)
     truth = _truth(true_batch, update.lengths)
     assert hits and all(list(h) in truth for h in hits)
     assert set(best) == set(update.lengths)
     assert all(len(h) == n for n, (h, _) in best.items())
+
+
+def test_each_verifier_weight_reads_its_own_activations(minilm):
+    model, _ = minilm
+    stem = "bert.encoder.layer."
+    assert reads_of(QUERY1) == reads_of(stem + "1.attention.self.value.weight") == "layer"
+    assert reads_of(stem + "0.intermediate.dense.weight") == "attention"
+    assert reads_of(stem + "0.output.dense.weight") == "ffn"
+    assert reads_of(stem + "0.attention.output.dense.weight") == "layer"  # not a verifier: never chosen
+    assert verifier_weight(model, select(model, "layer", 0)) == stem + "0.output.dense.weight"
+    assert verifier_weight(model, select(model, "ffn.intermediate", 0)) == stem + "0.intermediate.dense.weight"
+    assert verifier_weight(model, select(model, "layer", [0, 1])) == QUERY1
+    assert verifier_weight(model, select(model, "attention.query", 0)) is None
+    with pytest.raises(ValueError, match="reads must be one of"):
+        ForwardCheck(model, row_space(torch.ones(4, 384)), "ffn.output")
 
 
 def test_the_beam_keeps_more_than_one_sentence_start():
@@ -127,11 +144,16 @@ def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm)
     torch.testing.assert_close(gradient - right, others * 2 / 3, rtol=0, atol=1e-5 * float(gradient.abs().max()))
 
 
-@pytest.mark.parametrize("layers, verifier, size, first", [([0, 1], QUERY1, 4, 4), ([0, 1], QUERY1, 8, 0),
-                                                          ([0], None, 2, 4)])
-def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, layers, verifier, size, first):
+@pytest.mark.parametrize("component, layers, verifier, size, first", [
+    ("attention.query", [0, 1], QUERY1, 4, 4),
+    ("attention.query", [0, 1], QUERY1, 8, 0),
+    ("layer", [0], "bert.encoder.layer.0.output.dense.weight", 8, 8),  # the whole of layer 0, no layer 1
+    ("attention.query", [0], None, 2, 4),
+])
+def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, component, layers, verifier, size, first):
     model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, layers, load_split("sample")[first:first + size])
+    selection, true_batch, update = _shared(model, tokenizer, layers, load_split("sample")[first:first + size],
+                                            component)
     result = span_attack(model, tokenizer, update._replace(labels=None), selection, seed=1)
     truth = _truth(true_batch, update.lengths)
     assert sorted(result.token_ids) == sorted(truth)

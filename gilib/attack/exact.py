@@ -25,6 +25,7 @@ from .tokens import TokenSpace
 
 _LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
 _LAYER1_INPUTS = ("attention.self.query.weight", "attention.self.value.weight")
+_LAYER0_FFN = ("output.dense.weight", "intermediate.dense.weight")
 
 
 def layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: Sequence[torch.Tensor]):
@@ -84,11 +85,16 @@ def batch_distance(model, shared_grads, selection, ids, lengths, labels) -> floa
         return float(matcher.loss(model.get_input_embeddings().weight[ids.to(device)], target))
 
 
-def layer1_weight(model: torch.nn.Module, selection: Selection) -> str | None:
-    """The first layer-1 weight in a selection whose gradient spans the layer's inputs (query or value)."""
-    stem = f"{model.base_model_prefix}.encoder.layer.1."
-    wanted = {stem + s for s in _LAYER1_INPUTS}
-    return next((name for name in selection.names if name in wanted), None)
+def verifier_weight(model: torch.nn.Module, selection: Selection) -> str | None:
+    """The weight whose gradient checks a batch's sentences, if the selection holds one.
+
+    Layer 1's query or value weight (DAGER's check), else layer 0's FFN
+    output or input weight (:func:`gilib.attack.peeling.reads_of`); ``None``
+    leaves peeling the layer-0 weight's own output gradients.
+    """
+    prefix = f"{model.base_model_prefix}.encoder.layer."
+    wanted = [prefix + "1." + s for s in _LAYER1_INPUTS] + [prefix + "0." + s for s in _LAYER0_FFN]
+    return next((name for name in wanted if name in selection.names), None)
 
 
 def span_attack(
@@ -109,10 +115,11 @@ def span_attack(
     At batch size 1 each position's token is the one with the smallest
     residual. A batch is recovered sentence by sentence
     (:func:`gilib.attack.peeling.peel`): candidates from the span check,
-    a search checked by layer 1's gradient when the selection holds layer
-    1's query or value weight (DAGER's check), by the layer-0 weight's own
-    output gradients otherwise, and each found sentence peeled off the
-    shared gradients.
+    a beam search checked by a weight that reads layer 0's activations
+    when the selection holds one (:func:`verifier_weight`: layer 1's query
+    or value weight, DAGER's check, or layer 0's FFN weights), a local
+    search checked by the layer-0 weight's own output gradients otherwise,
+    and each found sentence peeled off the shared gradients.
 
     Args:
         model: the victim, as the server holds it.
@@ -125,14 +132,15 @@ def span_attack(
             sentence's label (``config["labels"]``).
         selection: must contain layer 0's query, key or value weight (the
             first one is used); add layer 1's query or value weight (e.g.
-            ``select(model, "attention.query", [0, 1])``) for the faster,
-            sharper check of batches.
+            ``select(model, "attention.query", [0, 1])``) or share all of
+            layer 0 (``select(model, "layer", 0)``) for the faster, sharper
+            check of batches.
         threshold: residual under which a token is in the span.
         restarts: random starts of each sentence search (batch size > 1).
         kicks: perturbations per start (batch size > 1).
         max_effort: a round of peeling that finds no sentence is rerun with
             twice the beam, restarts and kicks, up to this factor (batch size > 1).
-        beam: the width of the beam search that layer 1's check drives (batch size > 1).
+        beam: the width of the beam search (batch size > 1, with a verifier weight).
         seed: seeds the searches.
 
     Returns:
@@ -175,7 +183,7 @@ def span_attack(
     ordered = residuals.topk(min(widest + 1, residuals.shape[1]), dim=1, largest=False).values
     gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
     check_seconds = time.perf_counter() - start
-    verifier = layer1_weight(model, selection)
+    verifier = verifier_weight(model, selection)
     config = {"weight": name, "verifier": None, "threshold": threshold, "restarts": restarts, "kicks": kicks,
               "max_effort": max_effort, "beam": beam, "seed": seed, "candidates": sets}
     rounds = 0

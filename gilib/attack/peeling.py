@@ -9,14 +9,14 @@ sets are the batch's bag of words, true tokens and impostors both at
 1e-7 to 1e-6). Which token sits where must come from a check of whole
 sentences, and there are two:
 
-* :class:`Layer1Check` (DAGER, Petrov et al., "DAGER: Exact Gradient
+* :class:`ForwardCheck` (DAGER, Petrov et al., "DAGER: Exact Gradient
   Inversion for Large Language Models", NeurIPS 2024), when the client also
   shares a weight of layer 1 that reads the layer's input (query or value):
   a hypothesis is right when its own layer-1 inputs, computed by running it
   alone through the embeddings and layer 0 (the attention mask keeps the
   batch's sentences apart), lie in that weight gradient's row space. It
   needs no labels, and a position's residual can be recomputed for every
-  candidate token at once (:meth:`Layer1Check.local`), which is what makes
+  candidate token at once (:meth:`ForwardCheck.local`), which is what makes
   the search fast.
 * :class:`OutputCheck`, from the layer-0 weight alone: ``G = Delta^T X``, so
   the *columns* of ``G`` span the output gradients ``delta_i`` of the
@@ -82,22 +82,65 @@ is right. Without noise the right subtraction leaves float32 round-off
 and more."""
 
 
+READS = {"layer": "layer 0's output (layer 1's input)", "attention": "layer 0's attention block output",
+         "ffn": "layer 0's FFN activations"}
+"""What a :class:`ForwardCheck` computes, by the weight whose gradient it checks against."""
+
+
+def reads_of(weight: str) -> str:
+    """Which activations a verifier weight reads: a key of :data:`READS`.
+
+    Layer 1's query or value weight reads layer 0's output; layer 0's FFN
+    input weight (``intermediate.dense``) the attention block's output;
+    its FFN output weight (``output.dense``, 1536 wide in MiniLM) the
+    FFN's activations.
+    """
+    if weight.endswith("intermediate.dense.weight"):
+        return "attention"
+    if weight.endswith(".output.dense.weight") and ".attention." not in weight:
+        return "ffn"
+    return "layer"
+
+
 @dataclass
-class Layer1Check:
-    """A hypothesis's own layer-1 inputs against the row space of a layer-1 weight's gradient.
+class ForwardCheck:
+    """A hypothesis's own activations after layer 0's attention against the row space of a weight reading them.
+
+    DAGER's check uses layer 1's query or value weight, whose inputs are
+    layer 0's outputs. Layer 0's own FFN weights read activations that
+    already mix the sentence through attention as well, so a client that
+    shares all of layer 0 (the paper's single-layer setting) gives the
+    same kind of check without layer 1.
 
     Attributes:
         model: the victim (a BERT).
-        space: row space of the layer-1 query or value weight's gradient.
+        space: row space of the verifier weight's gradient.
+        reads: which activations the verifier weight reads (:data:`READS`).
     """
 
     model: torch.nn.Module
     space: RowSpace
+    reads: str = "layer"
 
     def __post_init__(self) -> None:
+        if self.reads not in READS:
+            raise ValueError(f"reads must be one of {sorted(READS)}, got {self.reads!r}.")
         base = self.model.base_model
         self.embeddings, self.layer = base.embeddings, base.encoder.layer[0]
         self.basis = self.space.basis.float().to(next(self.model.parameters()).device)
+
+    def _finish(self, attended: torch.Tensor) -> torch.Tensor:
+        """Layer 0 from its attention block's output on, as far as :attr:`reads`."""
+        if self.reads == "attention":
+            return attended
+        activations = self.layer.intermediate(attended)
+        return activations if self.reads == "ffn" else self.layer.output(activations, attended)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(K, n)`` ids, each sentence alone, to ``(K, n, width)`` activations."""
+        with torch.no_grad():
+            attended = self.layer.attention(self.embeddings(input_ids=ids.to(self.basis.device)))[0]
+            return self._finish(attended)
 
     def _residual(self, vectors: torch.Tensor) -> torch.Tensor:
         vectors = vectors.double()
@@ -106,12 +149,8 @@ class Layer1Check:
         return (vectors - inside).norm(dim=-1) / vectors.norm(dim=-1).clamp_min(1e-30)
 
     def position_residuals(self, hypotheses: torch.Tensor) -> torch.Tensor:
-        """``(K, n)`` ids to ``(K, n - 2)`` relative residuals of the interior positions' layer-1 inputs."""
-        hypotheses = hypotheses.to(self.basis.device)
-        with torch.no_grad():
-            out = self.layer(self.embeddings(input_ids=hypotheses))
-            hidden = out[0] if isinstance(out, tuple) else out
-        return self._residual(hidden[:, 1:-1]).cpu()
+        """``(K, n)`` ids to ``(K, n - 2)`` relative residuals of the interior positions' activations."""
+        return self._residual(self._forward(hypotheses)[:, 1:-1]).cpu()
 
     def loss(self, hypotheses: torch.Tensor) -> torch.Tensor:
         """``(K, n)`` ids to ``(K,)``: the mean residual over interior positions."""
@@ -125,11 +164,7 @@ class Layer1Check:
         tokens, so a true prefix's positions stay close to the row space,
         except the last one or two, which miss their right neighbours.
         """
-        prefixes = prefixes.to(self.basis.device)
-        with torch.no_grad():
-            out = self.layer(self.embeddings(input_ids=prefixes))
-            hidden = out[0] if isinstance(out, tuple) else out
-        return self._residual(hidden[:, 1:]).cpu()
+        return self._residual(self._forward(prefixes)[:, 1:]).cpu()
 
     def appended(self, prefixes: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Each token's residual at the end of each prefix, the prefix's own positions left out: ``(K, C)``.
@@ -143,7 +178,7 @@ class Layer1Check:
             token_ids: ``(C,)`` candidates for position ``k``.
         """
         device = self.basis.device
-        attention, layer = self.layer.attention, self.layer
+        attention = self.layer.attention
         heads, size = attention.self.num_attention_heads, attention.self.attention_head_size
         k_, k = prefixes.shape
         with torch.no_grad():
@@ -160,8 +195,7 @@ class Layer1Check:
             weights = torch.cat([scores, own], -1).softmax(-1)  # (K, C, heads, k + 1)
             mixed = torch.einsum("kchn,knhd->kchd", weights[..., :k], values) + weights[..., k:] * own_value
             x = x.expand(k_, c, -1).reshape(k_ * c, -1)
-            out = attention.output(mixed.reshape(k_ * c, heads * size), x)
-            out = layer.output(layer.intermediate(out), out)
+            out = self._finish(attention.output(mixed.reshape(k_ * c, heads * size), x))
         return self._residual(out).view(k_, c).cpu()
 
     def local(self, hypothesis: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -178,7 +212,7 @@ class Layer1Check:
             positions: ``(C,)`` the position each one would take.
         """
         device = self.basis.device
-        attention, layer = self.layer.attention, self.layer
+        attention = self.layer.attention
         heads, size = attention.self.num_attention_heads, attention.self.attention_head_size
         with torch.no_grad():
             context_in = self.embeddings(input_ids=hypothesis[None].to(device))[0]  # (n, d)
@@ -195,8 +229,7 @@ class Layer1Check:
             weights = scores.softmax(-1)
             mixed = torch.einsum("chn,nhd->chd", weights, values)
             mixed = mixed + weights.gather(2, at) * (own_value - values[positions.to(device)])
-            out = attention.output(mixed.reshape(c, heads * size), x)
-            out = layer.output(layer.intermediate(out), out)
+            out = self._finish(attention.output(mixed.reshape(c, heads * size), x))
         return self._residual(out).cpu()
 
     def _inputs(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -285,7 +318,7 @@ def search_sentence(
     until none improves; then a *kick* redraws ``kick_size`` positions,
     picked at random in proportion to their check residual (where the
     hypothesis is wrong), and the descent runs again, kept if it ends lower. Where the
-    check has cheap per-position scores (:meth:`Layer1Check.local`), a step
+    check has cheap per-position scores (:meth:`ForwardCheck.local`), a step
     scores only each position's ``top`` candidates by that score, plus the
     hypothesis that takes every position's best at once; otherwise each
     position's first ``2 * top`` candidates (by span-check residual).
@@ -293,7 +326,7 @@ def search_sentence(
     Args:
         length: the sentence's token count, ``[CLS]`` and ``[SEP]`` included.
         candidates: token ids for positions ``1 ..`` (at least ``length - 2`` of them).
-        check: a :class:`Layer1Check` or :class:`OutputCheck`.
+        check: a :class:`ForwardCheck` or :class:`OutputCheck`.
         tokenizer: the victim's tokenizer (special tokens).
         generator: seeds the starts and kicks.
         restarts: random starts.
@@ -381,7 +414,7 @@ def search_sentence(
 
 
 def beam_search(
-    check: Layer1Check,
+    check: ForwardCheck,
     candidates: Sequence[Sequence[int]],
     lengths: Sequence[int],
     tokenizer,
@@ -394,9 +427,9 @@ def beam_search(
 
     Layer 0's attention is mostly local, so a prefix cut off from the rest
     of its sentence keeps its positions near the row space of layer 1's
-    gradient (:meth:`Layer1Check.prefix_residuals`), and a wrong token
+    gradient (:meth:`ForwardCheck.prefix_residuals`), and a wrong token
     shows at once. At each position every prefix of the beam is extended
-    by every candidate; a cheap score (:meth:`Layer1Check.appended`, the
+    by every candidate; a cheap score (:meth:`ForwardCheck.appended`, the
     new position only) keeps ``4 * width`` extensions, the prefix's full
     residuals rank them, and ``width`` survive. Whenever the position
     reached is the end of some sentence, the beam closed with ``[SEP]`` is
@@ -472,7 +505,7 @@ def _diverse(score: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Ten
 
 
 def sweep(
-    check: Layer1Check,
+    check: ForwardCheck,
     candidates: Sequence[Sequence[int]],
     start: torch.Tensor,
     *,
@@ -486,7 +519,7 @@ def sweep(
     true sentences joined (one's first half, another's second): every
     position but those near the joint has the right neighbours. The sweep
     keeps ``width`` whole hypotheses and at each position in turn tries
-    every candidate there (ranked cheaply by :meth:`Layer1Check.local`,
+    every candidate there (ranked cheaply by :meth:`ForwardCheck.local`,
     then ``4 * width`` checked whole), so the joint can travel to the
     sentence's end, one position at a time, while the rest stays fixed.
 
@@ -611,7 +644,8 @@ def peel(
         names: the parameter names of ``shared_grads``.
         shared_grads: what the client sent, one gradient per name.
         weight: the layer-0 query, key or value weight to take candidates from.
-        verifier: the layer-1 query or value weight for :class:`Layer1Check`,
+        verifier: the weight for :class:`ForwardCheck` (layer 1's query or
+            value weight, or layer 0's FFN weights: :func:`reads_of`),
             or ``None`` for :class:`OutputCheck` on ``weight``.
         lengths: the B token counts.
         threshold: span-check residual under which a token is a candidate.
@@ -660,7 +694,7 @@ def peel(
         _, layer0, candidates = check_positions(model, tokens, grads[weight], left,
                                                 shift_invariant=shift_invariant, threshold=threshold, capped=False)
         if verifier is not None:
-            check = Layer1Check(model, row_space(grads[verifier], max_rank=tokens_left))
+            check = ForwardCheck(model, row_space(grads[verifier], max_rank=tokens_left), reads_of(verifier))
             hits, best = beam_search(check, candidates, left, tokenizer, width=beam * effort, layer0=layer0)
         else:
             check = OutputCheck(model, module, row_space(grads[weight].T, max_rank=tokens_left), classes)
@@ -754,7 +788,7 @@ def enumerate_batch(
     """DAGER's search for encoders, as a baseline: enumerate, score with layer 1, keep the best.
 
     For each length, every sentence in the product of the positions'
-    candidate sets is scored by :class:`Layer1Check` when the product holds
+    candidate sets is scored by :class:`ForwardCheck` when the product holds
     at most ``budget`` sentences; otherwise ``budget`` seeded random draws
     from it are (DAGER's own cap on combinations). The best distinct
     hypotheses fill the sentences of that length. No peeling: the
@@ -763,7 +797,7 @@ def enumerate_batch(
     Args:
         model, tokenizer, names, shared_grads, weight, lengths, threshold:
             as for :func:`peel`.
-        verifier: the layer-1 query or value weight (required).
+        verifier: the weight for :class:`ForwardCheck` (required).
         budget: sentences scored per length at most.
         seed: seeds the random draws.
         chunk: sentences scored per call.
@@ -776,7 +810,7 @@ def enumerate_batch(
     _, _, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[weight], lengths,
                                        shift_invariant=weight.endswith("key.weight"), threshold=threshold,
                                        capped=False)
-    check = Layer1Check(model, row_space(grads[verifier], max_rank=sum(lengths)))
+    check = ForwardCheck(model, row_space(grads[verifier], max_rank=sum(lengths)), reads_of(verifier))
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((len(lengths), max(lengths)), tokenizer.pad_token_id)
     for n in sorted(set(lengths)):
