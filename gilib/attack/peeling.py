@@ -14,7 +14,9 @@ sentences, and there are two:
   shares a weight of layer 1 that reads the layer's input (query or value):
   a hypothesis is right when its own layer-1 inputs, computed by running it
   alone through the embeddings and layer 0 (the attention mask keeps the
-  batch's sentences apart), lie in that weight gradient's row space. It
+  batch's sentences apart), lie in that weight gradient's row space. Layer
+  0's FFN weights, when the client shares the whole layer, read activations
+  that attention has mixed as well and serve the same way. It
   needs no labels, and a position's residual can be recomputed for every
   candidate token at once (:meth:`ForwardCheck.local`), which is what makes
   the search fast.
@@ -23,12 +25,12 @@ sentences, and there are two:
   batch's tokens, and a right hypothesis's own output gradients (one
   forward and backward pass, for each class) lie in that column space.
 
-With layer 1, the search is a beam over prefixes (:func:`beam_search`):
-layer 0's attention is mostly local, so a prefix run alone already lies
-close to layer 1's row space, and one left-to-right pass closes sentences
-of every length; :func:`sweep` repairs the beam's typical mistake, two
-sentences joined. Without layer 1 it is an iterated local search
-(:func:`search_sentence`). DAGER enumerates the product of the sets
+With a :class:`ForwardCheck`, the search is a beam over prefixes
+(:func:`beam_search`): layer 0's attention is mostly local, so a prefix
+run alone already lies close to the check's row space, and one
+left-to-right pass closes sentences of every length; :func:`sweep`
+repairs the beam's typical mistake, two sentences joined. With the
+:class:`OutputCheck` it is an iterated local search (:func:`search_sentence`). DAGER enumerates the product of the sets
 instead (:func:`enumerate_batch`), which grows as (set size)^length;
 chapter 5's batch study (:mod:`gilib.span_study`) runs both.
 
@@ -61,7 +63,7 @@ sentences measure 1e-7 to 4e-5 (longer ones higher), a hypothesis with one
 wrong token 1e-3 or more."""
 MAX_EFFORT = 4
 """By default, a round that finds no sentence is rerun with twice the
-restarts and kicks, up to this factor, before the sentences left are
+beam, restarts and kicks, up to this factor, before the sentences left are
 returned as they stand."""
 BEAM = 16
 """Default width of :func:`beam_search`: the prefixes kept at each position."""
@@ -75,9 +77,9 @@ LAYER0_WEIGHT = 0.1
 the beam score: weak evidence of its position (true tokens rank 3rd to
 30th in the bag), but independent of the missing right context."""
 PEELED = 1e-5
-"""Relative singular value at the remaining batch's token count, after a
-sentence's gradient is subtracted, under which the sentence (and its label)
-is right. Without noise the right subtraction leaves float32 round-off
+"""Relative singular value at the gradient's numerical rank less one, after
+a sentence's gradient is subtracted, under which the sentence (and its
+label) is right (:func:`_peel_label`). Without noise the right subtraction leaves float32 round-off
 (1e-7 to 1e-6); a wrong sentence or label leaves its own directions, 1e-4
 and more."""
 
@@ -142,6 +144,12 @@ class ForwardCheck:
             attended = self.layer.attention(self.embeddings(input_ids=ids.to(self.basis.device)))[0]
             return self._finish(attended)
 
+    def _heads(self, vectors: torch.Tensor, *projections: str) -> list[torch.Tensor]:
+        """Layer 0's ``query`` / ``key`` / ``value`` of ``(..., d)`` vectors, split by head: ``(..., heads, size)``."""
+        attention = self.layer.attention.self
+        shape = (*vectors.shape[:-1], attention.num_attention_heads, attention.attention_head_size)
+        return [getattr(attention, name)(vectors).view(shape) for name in projections]
+
     def _residual(self, vectors: torch.Tensor) -> torch.Tensor:
         vectors = vectors.double()
         basis = self.basis.double()
@@ -178,24 +186,20 @@ class ForwardCheck:
             token_ids: ``(C,)`` candidates for position ``k``.
         """
         device = self.basis.device
-        attention = self.layer.attention
-        heads, size = attention.self.num_attention_heads, attention.self.attention_head_size
+        size = self.layer.attention.self.attention_head_size
         k_, k = prefixes.shape
         with torch.no_grad():
             context_in = self.embeddings(input_ids=prefixes.to(device))  # (K, k, d)
             x = self._inputs(token_ids.to(device), torch.full_like(token_ids, k).to(device))  # (C, d)
             c = len(x)
-            keys = attention.self.key(context_in).view(k_, k, heads, size)
-            values = attention.self.value(context_in).view(k_, k, heads, size)
-            query = attention.self.query(x).view(c, heads, size)
-            own_key = attention.self.key(x).view(c, heads, size)
-            own_value = attention.self.value(x).view(c, heads, size)
+            keys, values = self._heads(context_in, "key", "value")  # (K, k, heads, size)
+            query, own_key, own_value = self._heads(x, "query", "key", "value")  # (C, heads, size)
             scores = torch.einsum("chd,knhd->kchn", query, keys) / math.sqrt(size)
-            own = ((query * own_key).sum(-1) / math.sqrt(size))[None, :, :, None].expand(k_, c, heads, 1)
+            own = ((query * own_key).sum(-1) / math.sqrt(size))[None, :, :, None].expand(k_, c, query.shape[1], 1)
             weights = torch.cat([scores, own], -1).softmax(-1)  # (K, C, heads, k + 1)
             mixed = torch.einsum("kchn,knhd->kchd", weights[..., :k], values) + weights[..., k:] * own_value
             x = x.expand(k_, c, -1).reshape(k_ * c, -1)
-            out = self._finish(attention.output(mixed.reshape(k_ * c, heads * size), x))
+            out = self._finish(self.layer.attention.output(mixed.reshape(k_ * c, -1), x))
         return self._residual(out).view(k_, c).cpu()
 
     def local(self, hypothesis: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -212,24 +216,20 @@ class ForwardCheck:
             positions: ``(C,)`` the position each one would take.
         """
         device = self.basis.device
-        attention = self.layer.attention
-        heads, size = attention.self.num_attention_heads, attention.self.attention_head_size
+        size = self.layer.attention.self.attention_head_size
         with torch.no_grad():
             context_in = self.embeddings(input_ids=hypothesis[None].to(device))[0]  # (n, d)
             x = self._inputs(token_ids.to(device), positions.to(device))  # (C, d)
-            n, c = len(context_in), len(x)
-            keys = attention.self.key(context_in).view(n, heads, size)
-            values = attention.self.value(context_in).view(n, heads, size)
-            query = attention.self.query(x).view(c, heads, size)
-            own_key = attention.self.key(x).view(c, heads, size)
-            own_value = attention.self.value(x).view(c, heads, size)
+            c = len(x)
+            keys, values = self._heads(context_in, "key", "value")  # (n, heads, size)
+            query, own_key, own_value = self._heads(x, "query", "key", "value")  # (C, heads, size)
+            at = positions.to(device).view(c, 1, 1).expand(c, query.shape[1], 1)
             scores = torch.einsum("chd,nhd->chn", query, keys) / math.sqrt(size)
-            at = positions.to(device).view(c, 1, 1).expand(c, heads, 1)
             scores = scores.scatter(2, at, ((query * own_key).sum(-1) / math.sqrt(size)).unsqueeze(-1))
             weights = scores.softmax(-1)
             mixed = torch.einsum("chn,nhd->chd", weights, values)
             mixed = mixed + weights.gather(2, at) * (own_value - values[positions.to(device)])
-            out = self._finish(attention.output(mixed.reshape(c, heads * size), x))
+            out = self._finish(self.layer.attention.output(mixed.reshape(c, -1), x))
         return self._residual(out).cpu()
 
     def _inputs(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -436,7 +436,7 @@ def beam_search(
     checked whole: a true sentence measures about ``1e-6``.
 
     Args:
-        check: the layer-1 check.
+        check: the forward check (layer 1's weight or layer 0's FFN).
         candidates: token ids for positions ``1 ..`` (at least ``max(lengths) - 2`` of them).
         lengths: the token counts of the sentences sought.
         tokenizer: the victim's tokenizer (special tokens).
@@ -524,7 +524,7 @@ def sweep(
     sentence's end, one position at a time, while the rest stays fixed.
 
     Args:
-        check: the layer-1 check.
+        check: the forward check (layer 1's weight or layer 0's FFN).
         candidates: token ids for positions ``1 ..``.
         start: ``(n,)`` the hypothesis to improve.
         width: hypotheses kept.
@@ -627,13 +627,13 @@ def peel(
     """Recover a batch sentence by sentence, peeling each off the shared gradients.
 
     Every round: candidate sets from what is left of the layer-0 weight's
-    gradient (:func:`~gilib.attack.span.token_residuals`); with layer 1's
-    check, one :func:`beam_search` for every remaining length at once, and
+    gradient (:func:`~gilib.attack.span.token_residuals`); with a
+    :class:`ForwardCheck`, one :func:`beam_search` for every remaining length at once, and
     each sentence it closes that passes :func:`peel_test` for some class
     is subtracted from every shared weight gradient. Where that peels
-    nothing (or without layer 1), :func:`search_sentence` searches each
-    remaining length, shortest first, from the beam's best, until one
-    sentence passes. Each peel cleans the next round's candidate sets and
+    nothing, :func:`sweep` from the beam's best of each length, shortest
+    first, and at full effort (or with the :class:`OutputCheck`, at once)
+    :func:`search_sentence` until one sentence passes. Each peel cleans the next round's candidate sets and
     check. A round that finds none is rerun with more search (up to
     ``max_effort`` times as much); then the sentences left get the
     searches' best hypotheses, with their uncertain positions.
@@ -652,7 +652,7 @@ def peel(
         restarts: random starts per search.
         kicks: perturbations per start.
         max_effort: the most a fruitless round's search is multiplied by.
-        beam: the beam's width (with layer 1's check).
+        beam: the beam's width (with a verifier).
         seed: seeds the searches.
     """
     lengths = [int(n) for n in lengths]
