@@ -70,8 +70,10 @@ BEAM = 16
 NEW_TOKEN_WEIGHT = 3.0
 """Weight of a prefix's newest position in its beam score. That position
 has no right neighbour yet, so its residual is less sure than the earlier
-ones'; still, it decides most steps (the true token is the best of a
-bag of 144 at 9 steps in 10, in an SST-2 batch of eight)."""
+ones'; still, it decides most steps (after the true prefix, the true token
+was among the 4 best of a bag of 144 at 89 % of the steps and among the 16
+best at 93 %, in an SST-2 batch of eight; measured while developing, not
+cached)."""
 LAYER0_WEIGHT = 0.1
 """Weight of the newest token's layer-0 span residual (its logarithm) in
 the beam score: weak evidence of its position (true tokens rank 3rd to
