@@ -1,0 +1,354 @@
+"""Measurements of chapter 6: the attacks against FedAvg clients and secure aggregation.
+
+Every client here shares the whole of layer 0 (the paper's single-layer
+setting, 7.8 % of MiniLM) and every message is attacked twice: by the span
+check (:func:`gilib.attack.span_attack`, peeling for more than one
+sentence) and by LAMP's optimisation attack at chapter 3's settings
+(:func:`gilib.attack.optimization_attack`). One JSON line per attack and
+message, three studies:
+
+* ``protocol``: one sentence per client, FedSGD (the gradient) against
+  FedAvg with ``E`` local SGD steps at learning rate ``lr``
+  (:data:`LOCAL_STEPS` x :data:`LEARNING_RATES`); the client sends
+  ``(theta_0 - theta_E) / (lr * E)`` (:class:`gilib.client.FedAvg`),
+  computed in float32 as a client does, and, as a control, in float64.
+* ``batch``: the client's batch size (:data:`BATCH_SIZES`), FedSGD and
+  FedAvg at :data:`FEDAVG`.
+* ``secure``: 2, 4 and 8 FedSGD clients of one sentence each in a real
+  Flower round with SecAgg+ (:func:`gilib.federated.run_round` with
+  ``secure=True``); the server attacks the only thing it can unmask, the
+  mean update, as one batch of all the clients' sentences. The clients'
+  sentences are those of the batch study's batches, so the two studies
+  compare one client with B sentences and B clients with one.
+
+The FedAvg and batch-size studies call :func:`gilib.client.client_update`,
+the very function each Flower client runs; the secure study runs Flower
+itself (Ray starts once per round, so run it with one job). The truth
+(``true_batch``) reaches only the measurements. Lines keep dataset row ids,
+never dataset text. Command line::
+
+    python -m gilib.fl_study run --out data/results/ch6_federated.jsonl --study protocol batch --jobs 2
+    python -m gilib.fl_study run --out data/results/ch6_federated.jsonl --study secure --jobs 1
+    python -m gilib.fl_study table data/results/ch6_federated.jsonl --study protocol
+
+A killed run resumes (:func:`gilib.results.run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import results
+from .attack import AttackConfig, optimization_attack, span_attack
+from .client import PRECISIONS, FedAvg, client_update
+from .data import load_split, sample_batches
+from .metrics import score_batch
+from .models import encode, load_model
+from .slicing import select
+
+MODEL = "minilm"
+SELECTION = ("layer", 0)
+"""What every client shares: the whole of layer 0."""
+DATASETS = {"cola": "train", "sst2": "validation", "rotten_tomatoes": "train"}
+"""The grids' sentences (chapters 2 to 5 attack the same ones at batch size 1)."""
+SENTENCES = 2  # per dataset, in the protocol study
+SAMPLE_SEED = 101
+LOCAL_STEPS = (1, 2, 5, 10)
+LEARNING_RATES = (1e-5, 1e-4, 1e-3)
+FEDAVG = FedAvg(local_steps=5, lr=1e-3)
+"""The FedAvg client of the batch-size study."""
+BATCH_SIZES = (2, 4, 8)
+"""Batch sizes of the batch study (batch size 1 is the protocol study); one batch per dataset."""
+OPTIMISATION_MAX_BATCH = 4
+"""The optimisation attack runs up to this many sentences per message: at 8 it
+takes about five minutes a batch on one core, and chapters 2 and 3 show its
+decline already at 4. It skips the float64 controls, which test the span
+check's exactness (the optimisation attack matches a cosine, and rounding
+changes it by less than 1 %)."""
+CLIENTS = (2, 4, 8)
+"""Clients of one sentence each in the secure rounds; one round per dataset."""
+ATTACK = AttackConfig(objective="cos", steps=200, init_candidates=100, swap_every=50, swap_candidates=100,
+                      progress=False)
+"""Chapter 3's attack settings (``data/results/ch3_components.yaml``)."""
+
+
+def protocols() -> dict[str, FedAvg | None]:
+    """Every client protocol of the protocol study, by name."""
+    named: dict[str, FedAvg | None] = {"FedSGD": None}
+    for precision in PRECISIONS:
+        for steps in LOCAL_STEPS:
+            for lr in LEARNING_RATES:
+                protocol = FedAvg(steps, lr, precision)
+                named[protocol_name(protocol)] = protocol
+    return named
+
+
+def protocol_name(protocol: FedAvg | None) -> str:
+    """``FedSGD``, ``FedAvg E=5 lr=1e-04`` or ``FedAvg E=5 lr=1e-04 float64``."""
+    if protocol is None:
+        return "FedSGD"
+    name = f"FedAvg E={protocol.local_steps} lr={protocol.lr:.0e}"
+    return name if protocol.precision == "float32" else f"{name} {protocol.precision}"
+
+
+def _protocol(name: str) -> FedAvg | None:
+    if name == "FedSGD":
+        return None
+    settings, _, precision = name.removeprefix("FedAvg E=").partition(" float")
+    steps, lr = settings.split(" lr=")
+    return FedAvg(int(steps), float(lr), f"float{precision}" if precision else "float32")
+
+
+def _settings(protocol: FedAvg | None) -> dict:
+    """The protocol's fields of a line."""
+    if protocol is None:
+        return {"local_steps": 0, "lr": None, "precision": None}
+    return {"local_steps": protocol.local_steps, "lr": protocol.lr, "precision": protocol.precision}
+
+
+@functools.lru_cache(maxsize=1)
+def _victim():
+    return load_model(MODEL, seed=0)
+
+
+def _batches(dataset: str, count: int, size: int, offset: int = 0) -> list[list]:
+    """``count`` batches of ``size`` sentences, the seeded sample from its ``offset``-th sentence on."""
+    examples = sample_batches(load_split(dataset, DATASETS[dataset]), offset + count * size, 1, seed=SAMPLE_SEED)
+    flat = [b[0] for b in examples][offset:]
+    return [flat[i * size:(i + 1) * size] for i in range(count)]
+
+
+def attack_message(update, true_batch, references, *, optimise: bool = True) -> list[dict]:
+    """Both attacks on one message; one measurement per attack.
+
+    Args:
+        update: the server's message (a :class:`~gilib.slicing.SharedUpdate`).
+        true_batch: the client's truth (only the metrics read it).
+        references: the true sentences.
+        optimise: run the optimisation attack too.
+
+    Returns:
+        ``attack``, ``exact`` (share of sentences rebuilt token for token),
+        ROUGE-1/2 (matched within the batch) and seconds, per attack.
+    """
+    model, tokenizer = _victim()
+    selection = select(model, *SELECTION)
+    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(update.lengths)]
+    lines = []
+    # The span check needs no labels: peeling finds them.
+    span = span_attack(model, tokenizer, update._replace(labels=None), selection)
+    attacks = [("span check", span, {"rank": span.timings["rank"], "min_gap": span.timings["min_gap"],
+                                     **({"found": sum(span.config["found"]) / len(truth)}
+                                        if "found" in span.config else {})})]
+    if optimise:
+        attacks.append(("optimisation", optimization_attack(model, tokenizer, update, selection, ATTACK),
+                        {"steps": ATTACK.steps}))
+    for name, result, extra in attacks:
+        scores = score_batch(result.texts, references)
+        lines.append({"attack": name, "exact": sum(t in result.token_ids for t in truth) / len(truth),
+                      "rouge1": statistics.fmean(s["rouge1"] for s in scores),
+                      "rouge2": statistics.fmean(s["rouge2"] for s in scores), "seconds": result.seconds,
+                      **extra})
+    return lines
+
+
+def _drift(model, selection, true_batch, shared) -> float:
+    """Cosine between a message and the batch's plain gradient (1 for FedSGD)."""
+    gradient = client_update(model, selection, true_batch).shared.shared_grads
+    return float(torch.nn.functional.cosine_similarity(_flat(gradient), _flat(shared.shared_grads), dim=0))
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def measure_client(study: str, dataset: str, item) -> list[dict]:
+    """One client's message under one protocol, attacked: ``item = (protocol name, batch)``."""
+    name, batch = item
+    model, tokenizer = _victim()
+    selection = select(model, *SELECTION)
+    true_batch = encode(tokenizer, [e.text for e in batch], [e.label for e in batch])
+    protocol = _protocol(name)
+    shared = client_update(model, selection, true_batch, protocol).shared
+    line = {"study": study, "dataset": dataset, "split": DATASETS[dataset], "row_ids": [e.row_id for e in batch],
+            "batch_size": len(batch), "clients": 1, "protocol": name, **_settings(protocol),
+            "tokens": sum(shared.lengths),
+            "cosine_to_gradient": _drift(model, selection, true_batch, shared)}
+    measured = attack_message(shared, true_batch, [e.text for e in batch], optimise=_optimised(name, len(batch)))
+    return [{**line, **m} for m in measured]
+
+
+def measure_secure(study: str, dataset: str, item) -> list[dict]:
+    """A Flower round with SecAgg+: one sentence per client, the mean attacked as one batch."""
+    from .federated import run_round  # Flower and Ray: only this study needs them
+
+    name, batch = item
+    protocol = _protocol(name)
+    start = time.perf_counter()
+    run = run_round([[e] for e in batch], *SELECTION, model=MODEL, protocol=protocol, secure=True)
+    (reply,) = run.replies
+    model, tokenizer = _victim()
+    selection = select(model, *SELECTION)
+    # The clients' truth, in the order of the lengths the server received (by client).
+    true_batch = encode(tokenizer, [e.text for e in batch], [e.label for e in batch])
+    # With FedSGD the mean is the gradient of all the sentences as one batch.
+    one_batch = client_update(model, selection, true_batch).shared.shared_grads
+    error = float(_flat(reply.update.shared_grads).sub(_flat(one_batch)).norm() / _flat(one_batch).norm())
+    line = {"study": study, "dataset": dataset, "split": DATASETS[dataset], "row_ids": [e.row_id for e in batch],
+            "batch_size": 1, "clients": len(batch), "protocol": name, **_settings(protocol),
+            "tokens": sum(reply.update.lengths),
+            "flower_seconds": time.perf_counter() - start, "skipped": len(run.skipped),
+            "relative_error_to_batch_gradient": error,
+            "cosine_to_gradient": _drift(model, selection, true_batch, reply.update)}
+    measured = attack_message(reply.update, true_batch, [e.text for e in batch],
+                              optimise=_optimised(name, len(batch)))
+    return [{**line, **m} for m in measured]
+
+
+STUDIES = ("protocol", "batch", "secure")
+
+
+def plan(studies=STUDIES) -> list[tuple]:
+    """Every task: ``(function name, study, dataset, (protocol name, batch))``."""
+    tasks = []
+    if "protocol" in studies:
+        for dataset in DATASETS:
+            for batch in _batches(dataset, SENTENCES, 1):
+                tasks += [("measure_client", "protocol", dataset, (name, batch)) for name in protocols()]
+    if "batch" in studies:
+        for size in BATCH_SIZES:
+            for dataset in DATASETS:
+                # The batch study's sentences follow the protocol study's in the seeded sample.
+                (batch,) = _batches(dataset, 1, size, offset=SENTENCES)
+                tasks += [("measure_client", "batch", dataset, (name, batch))
+                          for name in ("FedSGD", protocol_name(FEDAVG))]
+    if "secure" in studies:
+        for clients in CLIENTS:
+            for dataset in DATASETS:
+                (batch,) = _batches(dataset, 1, clients, offset=SENTENCES)
+                tasks.append(("measure_secure", "secure", dataset, ("FedSGD", batch)))
+    return tasks
+
+
+MEASUREMENTS = {f.__name__: f for f in (measure_client, measure_secure)}
+
+
+def run_task(name: str, study: str, dataset: str, item) -> list[dict]:
+    """One task (runs in a worker): one torch thread, then ``measure_<kind>``."""
+    torch.set_num_threads(1)
+    return MEASUREMENTS[name](study, dataset, item)
+
+
+def _key(study: str, dataset: str, protocol: str, row_ids, attack: str) -> str:
+    return json.dumps([study, dataset, protocol, row_ids, attack])
+
+
+def _optimised(protocol: str, sentences: int) -> bool:
+    """Whether a message is also attacked by optimisation: not the float64 controls, at most 4 sentences."""
+    return not protocol.endswith("float64") and sentences <= OPTIMISATION_MAX_BATCH
+
+
+def _task_key(name: str, study: str, dataset: str, item) -> list[str]:
+    protocol, batch = item
+    attacks = ("span check", "optimisation") if _optimised(protocol, len(batch)) else ("span check",)
+    return [_key(study, dataset, protocol, [e.row_id for e in batch], attack) for attack in attacks]
+
+
+def _line_key(line: dict) -> str:
+    return _key(line["study"], line["dataset"], line["protocol"], line["row_ids"], line["attack"])
+
+
+def run(out: str | Path, studies=STUDIES, jobs: int = 1, scheduler: str | None = None,
+        progress: bool = True) -> list[dict]:
+    """Run (or resume) the studies, appending their lines to ``out``.
+
+    Args:
+        out: the results file.
+        studies: any of :data:`STUDIES`; run ``secure`` with one job (each
+            of its tasks starts Ray on every core).
+        jobs, scheduler: the engine (:func:`gilib.results.run`).
+        progress: print a line per finished task.
+    """
+    unknown = sorted(set(studies) - set(STUDIES))
+    if unknown:
+        raise ValueError(f"Unknown study {unknown[0]!r}: choose from {', '.join(STUDIES)}.")
+    report = results.print_progress(
+        lambda lines: f"{lines[0]['study']} {lines[0]['dataset']} {lines[0]['protocol']} "
+                      f"B={lines[0]['batch_size']} clients={lines[0]['clients']}")
+    return results.run(out, plan(studies), run_task, task_keys=_task_key, line_key=_line_key, jobs=jobs,
+                       scheduler=scheduler, progress=report if progress else None)
+
+
+def load(path: str | Path, study: str) -> pd.DataFrame:
+    """The lines of one study, as a table."""
+    rows = [r for r in results.read_lines(path) if r.get("study") == study]
+    if not rows:
+        raise ValueError(f"{path} has no '{study}' lines: run python -m gilib.fl_study run --out {path} "
+                         f"--study {study}")
+    return pd.DataFrame(rows)
+
+
+def table(path: str | Path, study: str) -> pd.DataFrame:
+    """Exact rate, ROUGE-1/2 and median seconds per setting and attack.
+
+    Returns:
+        One row per (protocol, batch size, clients, attack), in the
+        study's order, with ``sentences`` counted.
+    """
+    lines = load(path, study)
+    lines["sentences"] = lines["row_ids"].map(len)
+    keys = ["protocol", "precision", "local_steps", "lr", "batch_size", "clients", "attack"]
+    lines["lr"] = lines["lr"].fillna(0.0)
+    lines["precision"] = lines["precision"].fillna("")
+    grouped = lines.groupby(keys, sort=False).agg(
+        exact=("exact", "mean"), rouge1=("rouge1", "mean"), rouge2=("rouge2", "mean"),
+        cosine=("cosine_to_gradient", "mean"), seconds=("seconds", "median"),
+        sentences=("sentences", "sum")).reset_index()
+    return grouped.sort_values(["attack", "batch_size", "clients", "precision", "local_steps", "lr"],
+                               ignore_index=True)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """:func:`table` as Markdown (the README repeats parts of it)."""
+    rows = ([r["protocol"], r["batch_size"] if r["clients"] == 1 else f"{r['clients']} clients x 1",
+             r["attack"], f"{r['exact']:.0%}", f"{r['rouge1']:.2f}", f"{r['rouge2']:.2f}", f"{r['cosine']:.3f}",
+             f"{r['seconds']:.1f}", r["sentences"]] for _, r in frame.iterrows())
+    return results.markdown_table(["client", "batch", "attack", "exact", "ROUGE-1", "ROUGE-2",
+                                   "cos(update, gradient)", "s / message (median)", "sentences"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gilib.fl_study", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run (or resume) chapter 6's measurements")
+    run_p.add_argument("--out", required=True)
+    run_p.add_argument("--study", nargs="+", default=list(STUDIES), choices=STUDIES)
+    run_p.add_argument("--jobs", type=int, default=1, help="worker processes (use 1 for the secure study)")
+    run_p.add_argument("--scheduler", default=None,
+                       help="run on a Dask cluster: its scheduler's address (tcp://host:8786) or 'local'")
+    table_p = sub.add_parser("table", help="one study's table, in Markdown")
+    table_p.add_argument("path")
+    table_p.add_argument("--study", default="protocol", choices=STUDIES)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            run(args.out, args.study, args.jobs, args.scheduler)
+        else:
+            print(markdown(table(args.path, args.study)))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so that worker processes find run_task under gilib.fl_study.
+    from gilib.fl_study import main as _main
+
+    _main()
