@@ -70,7 +70,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
 
 from .client import FedAvg, Protocol, client_update
 from .models import encode, load_model
-from .slicing import Selection, SharedUpdate, select
+from .slicing import SharedUpdate, select
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ class FederatedRun:
         seconds: wall-clock seconds of the simulation (Ray's start included).
         secure: whether the rounds ran Flower's SecAgg+.
         temp_dir: the folder that held Flower's and Ray's files (removed).
+        log: Flower's warnings and errors of the run, kept when ``quiet``
+            hides them.
     """
 
     replies: list[Reply]
@@ -242,13 +244,39 @@ class _VictimClient(NumPyClient):
         return [g.cpu().numpy().astype(dtype) for g in shared.shared_grads], len(texts), metrics
 
 
-def client_app(spec: _ClientSpec) -> ClientApp:
-    """The ClientApp of a round: client ``i`` (Flower's ``partition-id``) holds ``spec.batches[i]``."""
+def client_app(
+    batches: Sequence[Sequence],
+    component: str = "attention.query",
+    layers=0,
+    *,
+    model: str = "minilm",
+    protocol: Protocol = None,
+    secure: bool = False,
+    seed: int = 0,
+) -> ClientApp:
+    """The ClientApp of a round: client ``i`` (Flower's ``partition-id``) holds ``batches[i]``.
+
+    Each client loads ``model`` (seeded with ``seed``, as the server does),
+    sets the selection's weights to the global ones it receives, and replies
+    with :func:`gilib.client.client_update` under ``protocol``: one array
+    per parameter of the selection, the batch's size, and its labels and
+    token counts as JSON in the reply's metrics. With ``secure`` it runs
+    Flower's SecAgg+ client mod and sends float64 arrays.
+
+    Args:
+        batches, component, layers, model, protocol, secure, seed: as in
+            :func:`run_round`, which builds this app.
+
+    Raises:
+        ValueError: for no clients or a client with an empty batch
+            (:func:`client_batches`).
+    """
+    spec = _ClientSpec(model, component, layers, protocol, client_batches(batches), seed, secure)
 
     def client_fn(context: Context):
         return _VictimClient(spec, int(context.node_config["partition-id"])).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if spec.secure else None)
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secure else None)
 
 
 class CuriousFedAvg(FlowerFedAvg):
@@ -299,7 +327,9 @@ class CuriousFedAvg(FlowerFedAvg):
                 self.on_reply(_reply(server_round, int(metrics["client"]), 1, arrays, json.loads(metrics["labels"]),
                                      json.loads(metrics["lengths"]), n))
         mean, aggregated_metrics = super().aggregate_fit(server_round, results, failures)
-        self.weights = [w - self.server_lr * u for w, u in zip(self.weights, parameters_to_ndarrays(mean))]
+        # Flower averages in float64; the global weights keep the model's dtype.
+        self.weights = [(w - self.server_lr * u).astype(w.dtype)
+                        for w, u in zip(self.weights, parameters_to_ndarrays(mean))]
         return ndarrays_to_parameters(self.weights), aggregated_metrics
 
 
@@ -375,7 +405,6 @@ def run_round(
     selection = select(server_model, component, layers)
     if server_lr is None:
         server_lr = protocol.lr * protocol.local_steps if isinstance(protocol, FedAvg) else SERVER_LR
-    spec = _ClientSpec(model, component, layers, protocol, checked, seed, secure)
     replies: list[Reply] = []
     callback_errors: list[BaseException] = []
 
@@ -399,7 +428,9 @@ def run_round(
                                  "log_to_driver": not quiet}}
         try:
             np.random.seed(seed)  # SecAgg+ rounds stochastically with NumPy's global generator
-            run_simulation(server_app=server, client_app=client_app(spec), num_supernodes=len(checked),
+            clients = client_app(checked, component, layers, model=model, protocol=protocol, secure=secure,
+                                 seed=seed)
+            run_simulation(server_app=server, client_app=clients, num_supernodes=len(checked),
                            backend_config=backend)
         except SystemExit as err:
             raise RuntimeError(
@@ -459,6 +490,11 @@ def _sandbox(quiet: bool):
                       RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", RAY_DEDUP_LOGS="0")
     flwr_log = logging.getLogger("flwr")
     level, propagate = flwr_log.level, flwr_log.propagate
+    # Ray's import logs, in a notebook, that ipywidgets is missing: not the reader's concern.
+    ray_widgets = logging.getLogger("ray.widgets.util")
+    ray_level = ray_widgets.level
+    if quiet:
+        ray_widgets.setLevel(logging.WARNING)
     lines: list[str] = []
     collector = _Collect(lines)
     flwr_log.addHandler(collector)
@@ -481,6 +517,7 @@ def _sandbox(quiet: bool):
                 flwr_log.addHandler(h)
         flwr_log.setLevel(level)
         flwr_log.propagate = propagate
+        ray_widgets.setLevel(ray_level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -30,6 +30,7 @@ never dataset text. Command line::
     python -m gilib.fl_study run --out data/results/ch6_federated.jsonl --study protocol batch --jobs 2
     python -m gilib.fl_study run --out data/results/ch6_federated.jsonl --study secure --jobs 1
     python -m gilib.fl_study table data/results/ch6_federated.jsonl --study protocol
+    python -m gilib.fl_study lr-table data/results/ch6_federated.jsonl   # pooled over E
 
 A killed run resumes (:func:`gilib.results.run`).
 """
@@ -325,6 +326,44 @@ def markdown(frame: pd.DataFrame) -> str:
                                    "cos(update, gradient)", "s / message (median)", "sentences"], rows)
 
 
+def lr_table(path: str | Path) -> pd.DataFrame:
+    """The protocol study by client and learning rate, pooled over the local steps ``E``.
+
+    Returns:
+        One row per client (FedSGD, FedAvg in float32, the float64 control)
+        and learning rate: the span check's exact rate and ROUGE-1, the
+        optimisation attack's ROUGE-1/2 (NaN for the control), the mean
+        cosine between the message and the gradient, and the messages
+        pooled.
+    """
+    lines = load(path, "protocol")
+    lines["client"] = lines["precision"].map(lambda p: f"FedAvg, {p}" if isinstance(p, str) else "FedSGD")
+    lines["lr"] = lines["lr"].fillna(0.0)
+    wide = lines.pivot_table(index=["client", "lr"], columns="attack", values=["exact", "rouge1", "rouge2"],
+                             aggfunc="mean", sort=False)
+    wide.columns = [f"{attack}: {value}" for value, attack in wide.columns]
+    span = lines[lines["attack"] == "span check"].groupby(["client", "lr"], sort=False)
+    wide["cosine"] = span["cosine_to_gradient"].mean()
+    wide["messages"] = span.size()
+    order = {"FedSGD": 0, "FedAvg, float32": 1, "FedAvg, float64": 2}
+    return wide.reset_index().sort_values(["client", "lr"], key=lambda c: c.map(order) if c.name == "client" else c,
+                                          ignore_index=True)
+
+
+def lr_markdown(frame: pd.DataFrame) -> str:
+    """:func:`lr_table` as Markdown (the README prints it)."""
+    def fmt(value, pattern):
+        return "–" if pd.isna(value) else format(value, pattern)
+
+    rows = ([r["client"], "–" if r["lr"] == 0 else f"{r['lr']:.0e}", r["messages"],
+             fmt(r["span check: exact"], ".0%"), fmt(r["span check: rouge1"], ".2f"),
+             fmt(r.get("optimisation: rouge1"), ".2f"), fmt(r.get("optimisation: rouge2"), ".2f"),
+             f"{min(r['cosine'], 1.0):.3f}"] for _, r in frame.iterrows())
+    return results.markdown_table(["client", "local lr", "messages (all E)", "span check: exact",
+                                   "span check: ROUGE-1", "optimisation: ROUGE-1", "optimisation: ROUGE-2",
+                                   "cos(message, gradient)"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gilib.fl_study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,10 +376,14 @@ def main(argv: list[str] | None = None) -> None:
     table_p = sub.add_parser("table", help="one study's table, in Markdown")
     table_p.add_argument("path")
     table_p.add_argument("--study", default="protocol", choices=STUDIES)
+    lr_p = sub.add_parser("lr-table", help="the protocol study by client and learning rate, in Markdown")
+    lr_p.add_argument("path")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             run(args.out, args.study, args.jobs, args.scheduler)
+        elif args.command == "lr-table":
+            print(lr_markdown(lr_table(args.path)))
         else:
             print(markdown(table(args.path, args.study)))
     except (ValueError, FileNotFoundError, RuntimeError) as err:

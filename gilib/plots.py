@@ -388,6 +388,7 @@ def batch_curves(
     ax: Axes | None = None,
     ylabel: str | None = None,
     title: str | None = None,
+    xlabel: str | None = None,
 ) -> Axes:
     """One line per series of a score against the client batch size.
 
@@ -401,6 +402,7 @@ def batch_curves(
         ax: Axes to draw on; a new figure is created if None.
         ylabel: y label (default: the metric's name).
         title: Optional title.
+        xlabel: x label (default: the client batch size).
 
     Returns:
         The Axes drawn on.
@@ -426,7 +428,8 @@ def batch_curves(
     ax.set_xticks(sizes, [str(size) for size in sizes])
     ax.minorticks_off()
     ax.set_ylim(0, 1)
-    return _finish(ax, xlabel="client batch size (sentences in one gradient)", ylabel=ylabel or _metric_label(value),
+    return _finish(ax, xlabel=xlabel or "client batch size (sentences in one gradient)",
+                   ylabel=ylabel or _metric_label(value),
                    title=title, legend=table[series].nunique() > 1)
 
 

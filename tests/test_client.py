@@ -156,3 +156,24 @@ def test_lengths_and_labels_of_a_message_are_checked(client, labels, lengths, me
     update = _message(model, selection, true_batch)
     with pytest.raises(ValueError, match=message):
         SharedUpdate(update.shared_grads, labels, lengths).validated(model, selection)
+
+
+def test_fedavg_in_float32_rounds_small_steps_away_and_the_float64_control_does_not(minilm):
+    # Chapter 6: at lr = 1e-5 most of an SGD step is below float32's spacing near the
+    # weights, so the weight difference is mostly rounding; in float64 it is the gradient.
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    true_batch = encode(tokenizer, "the film was a quiet delight .", 1)
+    (plain,) = client_update(model, selection, true_batch).shared.shared_grads
+    cosine = {}
+    for precision in ("float32", "float64"):
+        (update,) = client_update(model, selection, true_batch, FedAvg(1, 1e-5, precision)).shared.shared_grads
+        assert update.dtype == plain.dtype
+        cosine[precision] = float(torch.nn.functional.cosine_similarity(update.reshape(-1), plain.reshape(-1), dim=0))
+    assert cosine["float32"] < 0.95
+    assert cosine["float64"] > 0.99999
+
+
+def test_fedavg_refuses_an_unknown_precision():
+    with pytest.raises(ValueError, match="Unknown precision 'float16'"):
+        FedAvg(1, 1e-3, "float16")

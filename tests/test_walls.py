@@ -13,7 +13,8 @@ import pytest
 
 GILIB = Path(__file__).resolve().parent.parent / "gilib"
 FORBIDDEN_FOR_ATTACK = {"gilib.data", "gilib.metrics", "gilib.experiments", "gilib.client", "gilib.results",
-                        "gilib.span_study", "gilib.utility", "gilib.headlines", "gilib.book"}
+                        "gilib.span_study", "gilib.utility", "gilib.headlines", "gilib.book",
+                        "gilib.federated", "gilib.fl_study"}
 
 
 def _module_name(path: Path) -> str:
