@@ -911,11 +911,14 @@ def test_chapter6_the_optimisation_attack_does_not_care_about_local_steps():
     assert set(protocol["precision"]) == {"", "float32"}  # the float64 control is the span check's
 
 
-def test_chapter6_the_readme_prints_the_protocol_table():
+def test_chapter6_the_readme_prints_the_studys_tables():
     path = RESULTS / "ch6_federated.jsonl"
     readme = (ROOT / "README.md").read_text()
     assert fl_study.lr_markdown(fl_study.lr_table(path)) in readme, \
         "update the README: python -m gilib.fl_study lr-table data/results/ch6_federated.jsonl"
+    for study in ("batch", "secure"):
+        assert fl_study.markdown(fl_study.table(path, study)) in readme, \
+            f"update the README: python -m gilib.fl_study table data/results/ch6_federated.jsonl --study {study}"
 
 
 def test_chapter6_batches_from_fedsgd_come_back_whole_and_fedavg_loses_them():
