@@ -161,9 +161,8 @@ def attack_message(update, true_batch, references, *, optimise: bool = True) -> 
     return lines
 
 
-def _drift(model, selection, true_batch, shared) -> float:
+def _drift(gradient, shared) -> float:
     """Cosine between a message and the batch's plain gradient (1 for FedSGD)."""
-    gradient = client_update(model, selection, true_batch).shared.shared_grads
     return float(torch.nn.functional.cosine_similarity(_flat(gradient), _flat(shared.shared_grads), dim=0))
 
 
@@ -182,7 +181,7 @@ def measure_client(study: str, dataset: str, item) -> list[dict]:
     line = {"study": study, "dataset": dataset, "split": DATASETS[dataset], "row_ids": [e.row_id for e in batch],
             "batch_size": len(batch), "clients": 1, "protocol": name, **_settings(protocol),
             "tokens": sum(shared.lengths),
-            "cosine_to_gradient": _drift(model, selection, true_batch, shared)}
+            "cosine_to_gradient": _drift(client_update(model, selection, true_batch).shared.shared_grads, shared)}
     measured = attack_message(shared, true_batch, [e.text for e in batch], optimise=_optimised(name, len(batch)))
     return [{**line, **m} for m in measured]
 
@@ -208,7 +207,7 @@ def measure_secure(study: str, dataset: str, item) -> list[dict]:
             "tokens": sum(reply.update.lengths),
             "flower_seconds": time.perf_counter() - start, "skipped": len(run.skipped),
             "relative_error_to_batch_gradient": error,
-            "cosine_to_gradient": _drift(model, selection, true_batch, reply.update)}
+            "cosine_to_gradient": _drift(one_batch, reply.update)}
     measured = attack_message(reply.update, true_batch, [e.text for e in batch],
                               optimise=_optimised(name, len(batch)))
     return [{**line, **m} for m in measured]
