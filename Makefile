@@ -4,7 +4,8 @@
 # Both start from nothing but Python: the first run creates .venv.
 # Also:
 #   make browser-test   the built book in headless Chromium (builds it if absent)
-#   make assignments    student copies of the chapters, without solutions
+#   make assignments    per chapter: student notebook, autograder zip, instructor README
+#   make assignments-test   build the assignments and grade them with otter run
 #   make figures        redraw the README's figure
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ CHROMIUM := /usr/bin/chromium
 # apt-get needs root; elsewhere go through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: book test browser-test chromium assignments figures bench bench-paper venv clean
+.PHONY: book test browser-test chromium assignments assignments-test figures bench bench-paper venv clean
 
 venv: $(STAMP)
 
@@ -55,9 +56,23 @@ chromium:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 	@$(CHROMIUM) --version 2>/dev/null | grep -i chromium
 
-# Student copies of every chapter, exercises kept, solutions removed.
-assignments: $(STAMP)
+# Graded assignments from the chapters' otter questions (gilib.assignments):
+# per chapter a student notebook with its public tests, an autograder zip and
+# an instructor README, in _build/assignments/. otter-grader is installed
+# here only, so that `make book` and `make test` stay as light as they are.
+ASSIGN_STAMP := $(VENV)/.assignments-installed
+
+$(ASSIGN_STAMP): $(STAMP) requirements-assignments.txt
+	$(BIN)/python -m pip install --quiet -r requirements-assignments.txt -c constraints.txt
+	touch $(ASSIGN_STAMP)
+
+assignments: $(ASSIGN_STAMP)
 	$(BIN)/python -m gilib.assignments --out _build/assignments
+
+# Builds every assignment and grades a chapter's solution and student
+# notebooks with `otter run` (tests/test_grading.py; skipped by `make test`).
+assignments-test: $(ASSIGN_STAMP)
+	GILIB_ASSIGNMENTS_TEST=1 $(BIN)/python -m pytest tests/test_grading.py
 
 # The README's figure, drawn by gilib.plots.threat_model.
 figures: $(STAMP)

@@ -109,3 +109,116 @@ def test_the_command_line_checks_the_chapters(capsys):
     assert "every chapter has its Colab badge and install cell" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         notebooks.main(["no-such-command"])
+
+
+OLD, NEW = "gilib-book/partial-gradient-leakage", "New-Owner/moved.book"
+
+
+@pytest.fixture
+def book_copy(tmp_path):
+    """A book root with the files that name the repository: _config.yml, README.md, CITATION.cff, a chapter."""
+    (tmp_path / "chapters").mkdir()
+    for name in ("_config.yml", "README.md", "CITATION.cff", "chapters/01_full_model_inversion.ipynb"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    return tmp_path
+
+
+def _move_repository(root, url, branch="main"):
+    """Point the copy's _config.yml at another repository, as a maintainer would edit it."""
+    config = root / "_config.yml"
+    text = config.read_text()
+    assert f"url: https://github.com/{OLD}\n" in text and "branch: main\n" in text
+    config.write_text(text.replace(f"url: https://github.com/{OLD}\n", f"url: {url}\n")
+                      .replace("branch: main\n", f"branch: {branch}\n"))
+
+
+def test_the_files_that_name_the_repository_are_checked_and_agree():
+    assert notebooks.repository_files() == [ROOT / "README.md", ROOT / "CITATION.cff"]
+    assert [p for path in notebooks.repository_files() for p in notebooks.check_repository_links(path)] == []
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["repository-code"] == notebooks.repository()[0]
+
+
+def test_sync_carries_a_new_repository_url_into_readme_citation_and_chapters(book_copy, capsys):
+    assert notebooks.check(book_copy) == []  # the copy starts as consistent as the repository
+    readme, cff = (book_copy / "README.md").read_text(), (book_copy / "CITATION.cff").read_text()
+    _move_repository(book_copy, f"https://github.com/{NEW}", branch="trunk")
+
+    problems = notebooks.check(book_copy)
+    off = {p.split(":")[0] for p in problems}
+    assert off == {"README.md", "CITATION.cff", "chapters/01_full_model_inversion.ipynb"}
+    # The README's repository line and its BibTeX entry, by line number, and the Colab table.
+    lines = readme.splitlines()
+    for i in (n for n, line in enumerate(lines, 1) if f"https://github.com/{OLD}" in line):
+        assert any(p.startswith(f"README.md:{i}: https://github.com/{OLD} ") for p in problems), i
+    assert sum(p.startswith("README.md:") and "colab.research.google.com" in p for p in problems) == 6
+    assert any("CITATION.cff: repository-code is" in p for p in problems)
+
+    assert notebooks.main(["sync", "--root", str(book_copy)]) == 0
+    assert capsys.readouterr().out.split() == ["updated", "chapters/01_full_model_inversion.ipynb",
+                                               "updated", "README.md", "updated", "CITATION.cff"]
+    # Only the links changed: the rest of both files is the same to the byte.
+    # The Pages address follows too: https://<owner>.github.io/<name>/ (GitHub lowercases the owner).
+    old_owner, old_name = OLD.split("/")
+    new_owner, new_name = NEW.split("/")
+    expected = (readme.replace(OLD, NEW).replace("/blob/main/", "/blob/trunk/")
+                .replace(f"{old_owner}.github.io/{old_name}", f"{new_owner.lower()}.github.io/{new_name}"))
+    assert (book_copy / "README.md").read_text() == expected
+    assert (book_copy / "CITATION.cff").read_text() == cff.replace(OLD, NEW)
+    assert yaml.safe_load((book_copy / "CITATION.cff").read_text())["repository-code"] == f"https://github.com/{NEW}"
+    nb = nbformat.read(str(book_copy / "chapters" / "01_full_model_inversion.ipynb"), as_version=4)
+    colab = f"https://colab.research.google.com/github/{NEW}/blob/trunk/chapters/01_full_model_inversion.ipynb"
+    assert f"]({colab})" in nb.cells[0].source
+    assert f'REPO_URL = "https://github.com/{NEW}"' in nb.cells[notebooks._install_cell_index(nb)].source
+    assert 'CLONE = "/content/moved.book"' in nb.cells[notebooks._install_cell_index(nb)].source
+
+    assert notebooks.check(book_copy) == []
+    assert notebooks.main(["check", "--root", str(book_copy)]) == 0
+    assert notebooks.sync(book_copy) == []  # idempotent
+
+
+def test_check_catches_a_file_that_drifted_on_its_own_and_sync_repairs_it(book_copy):
+    readme = book_copy / "README.md"
+    before = readme.read_text()
+    bibtex = f"\\url{{https://github.com/{OLD}}}"
+    assert before.count(bibtex) == 1
+    readme.write_text(before.replace(bibtex, "\\url{https://github.com/someone/else.git}"))
+    cff = book_copy / "CITATION.cff"
+    cff.write_text(cff.read_text().replace(OLD, "someone/else"))
+    line = before[:before.index(bibtex)].count("\n") + 1
+    problems = notebooks.check(book_copy)
+    assert problems == [
+        f"README.md:{line}: https://github.com/someone/else.git is not the repository of _config.yml "
+        f"(https://github.com/{OLD}.git)",
+        f"CITATION.cff:7: https://github.com/someone/else is not the repository of _config.yml "
+        f"(https://github.com/{OLD})",
+        f"CITATION.cff: repository-code is 'https://github.com/someone/else', not 'https://github.com/{OLD}'",
+    ]
+    assert notebooks.main(["check", "--root", str(book_copy)]) == 1
+    assert notebooks.sync(book_copy) == [readme, cff]
+    # A ".git" suffix is kept: the link still clones.
+    assert readme.read_text() == before.replace(bibtex, f"\\url{{https://github.com/{OLD}.git}}")
+    assert notebooks.check(book_copy) == []
+
+
+def test_every_kind_of_link_is_rewritten_and_what_follows_the_name_kept(book_copy):
+    _move_repository(book_copy, f"https://github.com/{NEW}/", branch="trunk")  # a trailing slash is fine
+    readme = book_copy / "README.md"
+    readme.write_text(
+        "Code: https://github.com/old/repo. Clone https://github.com/old/repo.git; issues at\n"
+        "<https://github.com/old/my.repo/issues>. The book: https://Old.github.io/repo/chapters/intro.html\n"
+        "[open](https://colab.research.google.com/github/old/repo/blob/dev/chapters/x.ipynb).\n"
+        "Not GitHub: https://colab.research.google.com/assets/colab-badge.svg, https://jupyterbook.org/\n"
+    )
+    assert len(notebooks.check_repository_links(readme, book_copy)) == 5
+    assert notebooks.sync_repository_links(readme, book_copy)
+    assert readme.read_text() == (
+        f"Code: https://github.com/{NEW}. Clone https://github.com/{NEW}.git; issues at\n"
+        f"<https://github.com/{NEW}/issues>. The book: https://new-owner.github.io/moved.book/chapters/intro.html\n"
+        f"[open](https://colab.research.google.com/github/{NEW}/blob/trunk/chapters/x.ipynb).\n"
+        "Not GitHub: https://colab.research.google.com/assets/colab-badge.svg, https://jupyterbook.org/\n"
+    )
+    assert notebooks.check_repository_links(readme, book_copy) == []
+    assert notebooks.pages_url(book_copy) == "https://new-owner.github.io/moved.book/"
+    readme.write_text("No link to the repository here.\n")
+    assert notebooks.check_repository_links(readme, book_copy) == ["README.md: names the repository nowhere"]

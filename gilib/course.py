@@ -1,0 +1,139 @@
+"""The book in a course: what each chapter asks of a student and how long it runs.
+
+An instructor planning a course needs, per chapter, the graded questions and
+essays of its assignment (:mod:`gilib.assignments`) and the time the chapter
+takes to execute, in fast mode (the book build, the tests, ``otter run``
+grading a submission) and with the full settings. :func:`run` measures the
+time: each chapter is executed with papermill in a fresh kernel, in the mode
+asked for, and one JSON line per (chapter, mode) is kept through the book's
+resumable runner (:mod:`gilib.results`), stamped with the commit::
+
+    python -m gilib.course run --modes fast --out data/results/chapter_times.jsonl
+    python -m gilib.course run --modes full --chapters 05_span_check --out ...
+    python -m gilib.course table data/results/chapter_times.jsonl
+
+A time is the machine's wall clock for the whole notebook (model loading
+included), so it is a figure for that machine, never a test; the line
+records the CPU count and torch's thread count with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+
+from . import results
+from .assignments import parse_questions
+from .book import FAST_MODE_ENV
+from .data import repo_root
+from .notebooks import chapter_notebooks
+
+MODES = ("fast", "full")
+
+
+def _chapter_path(chapter: str) -> Path:
+    path = repo_root() / "chapters" / f"{chapter}.ipynb"
+    if not path.is_file():
+        names = ", ".join(p.stem for p in chapter_notebooks())
+        raise ValueError(f"Unknown chapter {chapter!r}; the chapters are: {names}.")
+    return path
+
+
+def time_chapter(chapter: str, mode: str) -> list[dict]:
+    """Execute one chapter in ``mode`` and time it (the runner's work function).
+
+    Args:
+        chapter: a chapter's file name without ``.ipynb``.
+        mode: ``"fast"`` or ``"full"`` (``FAST_MODE`` passed to papermill and
+            ``$GILIB_FAST_MODE`` set to match).
+
+    Returns:
+        One line: chapter, mode, seconds, cpus, threads, machine.
+    """
+    import papermill as pm
+    import torch
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+    path = _chapter_path(chapter)
+    previous = os.environ.get(FAST_MODE_ENV)
+    os.environ[FAST_MODE_ENV] = "1" if mode == "fast" else "0"
+    try:
+        with tempfile.TemporaryDirectory(prefix="gilib-time-") as tmp:
+            start = time.perf_counter()
+            pm.execute_notebook(str(path), str(Path(tmp) / path.name), parameters={"FAST_MODE": mode == "fast"},
+                                cwd=str(path.parent), kernel_name="python3", progress_bar=False)
+            seconds = time.perf_counter() - start
+    finally:
+        if previous is None:
+            os.environ.pop(FAST_MODE_ENV, None)
+        else:
+            os.environ[FAST_MODE_ENV] = previous
+    return [{"chapter": chapter, "mode": mode, "seconds": round(seconds, 1), "cpus": os.cpu_count(),
+             "threads": torch.get_num_threads(), "machine": platform.machine()}]
+
+
+def run(out: str | Path, modes=("fast",), chapters: list[str] | None = None) -> list[dict]:
+    """Time every chapter in every mode not yet in ``out`` (one at a time: times must not compete)."""
+    chapters = chapters or [p.stem for p in chapter_notebooks()]
+    for chapter in chapters:
+        _chapter_path(chapter)
+    tasks = [(c, m) for m in modes for c in chapters]
+    return results.run(out, tasks, time_chapter, task_keys=lambda c, m: [(c, m)],
+                       line_key=lambda line: (line["chapter"], line["mode"]),
+                       progress=results.print_progress(lambda lines: f"{lines[0]['chapter']} "
+                                                       f"({lines[0]['mode']}): {lines[0]['seconds']} s"))
+
+
+def questions_table() -> pd.DataFrame:
+    """Per chapter: its otter-graded questions, essays and points."""
+    rows = []
+    for path in chapter_notebooks():
+        questions = parse_questions(nbformat.read(str(path), as_version=4))
+        graded = [q for q in questions if not q.manual]
+        rows.append({"chapter": path.stem, "graded": len(graded), "essays": len(questions) - len(graded),
+                     "points": sum(q.points for q in questions)})
+    return pd.DataFrame(rows)
+
+
+def table(path: str | Path) -> pd.DataFrame:
+    """The course table: questions per chapter and the measured minutes in each mode.
+
+    A mode not measured for a chapter is missing (NaN), never guessed.
+    """
+    lines = results.read_lines(path)
+    times = pd.DataFrame(lines, columns=["chapter", "mode", "seconds"])
+    minutes = (times.pivot_table(index="chapter", columns="mode", values="seconds", aggfunc="last") / 60)
+    minutes = minutes.reindex(columns=list(MODES)).rename(columns=lambda m: f"{m} (min)")
+    return questions_table().merge(minutes.reset_index(), on="chapter", how="left")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gilib.course run [--modes fast full] [--chapters ...] --out FILE`` or ``table FILE``."""
+    parser = argparse.ArgumentParser(prog="python -m gilib.course", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    timing = sub.add_parser("run", help="time the chapters (papermill), resumably")
+    timing.add_argument("--modes", nargs="+", choices=MODES, default=["fast"])
+    timing.add_argument("--chapters", nargs="+", help="chapter names without .ipynb (default: all)")
+    timing.add_argument("--out", type=Path, required=True)
+    show = sub.add_parser("table", help="print the course table")
+    show.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            run(args.out, args.modes, args.chapters)
+        print(table(args.out if args.command == "run" else args.path).round(1).to_string(index=False))
+    except ValueError as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
