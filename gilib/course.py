@@ -98,21 +98,25 @@ def questions_table() -> pd.DataFrame:
     for path in chapter_notebooks():
         questions = parse_questions(nbformat.read(str(path), as_version=4))
         graded = [q for q in questions if not q.manual]
+        points = sum(q.points for q in questions)
         rows.append({"chapter": path.stem, "graded": len(graded), "essays": len(questions) - len(graded),
-                     "points": sum(q.points for q in questions)})
+                     "points": int(points) if float(points).is_integer() else points})
     return pd.DataFrame(rows)
 
 
 def table(path: str | Path) -> pd.DataFrame:
-    """The course table: questions per chapter and the measured minutes in each mode.
+    """The course table: questions per chapter and the measured run time in each mode.
 
-    A mode not measured for a chapter is missing (NaN), never guessed.
+    Fast mode in seconds (``fast (s)``), the full settings in minutes
+    (``full (min)``). A mode not measured for a chapter is missing (NaN),
+    never guessed.
     """
     lines = results.read_lines(path)
     times = pd.DataFrame(lines, columns=["chapter", "mode", "seconds"])
-    minutes = (times.pivot_table(index="chapter", columns="mode", values="seconds", aggfunc="last") / 60)
-    minutes = minutes.reindex(columns=list(MODES)).rename(columns=lambda m: f"{m} (min)")
-    return questions_table().merge(minutes.reset_index(), on="chapter", how="left")
+    seconds = times.pivot_table(index="chapter", columns="mode", values="seconds", aggfunc="last")
+    seconds = seconds.reindex(columns=list(MODES))
+    measured = pd.DataFrame({"fast (s)": seconds["fast"], "full (min)": seconds["full"] / 60})
+    return questions_table().merge(measured.reset_index(), on="chapter", how="left")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,3 +276,29 @@ def test_no_broken_internal_links(visits, server):
 def test_screenshot_saved(visits, page):
     shot = visits[page]["shot"]
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("chapter", [p for p in PAGES if Path(p).name[:2].isdigit()])
+def test_exercises_show_the_prompt_and_hide_the_grading(chapter):
+    # The chapters are otter's master notebooks too: on the page a reader sees
+    # each exercise and its folded explanation, never otter's markers, the
+    # tests or the hidden tests' code (raw cells are not rendered, test cells
+    # are removed). The worked answers' own "# SOLUTION" comments are part of
+    # their code, folded away (hide-input).
+    import html as html_module
+
+    import nbformat
+
+    from gilib.assignments import parse_questions
+
+    page = html_module.unescape((HTML / f"{chapter}.html").read_text())
+    questions = parse_questions(nbformat.read(str(ROOT / f"{chapter}.ipynb"), as_version=4))
+    assert questions
+    for marker in ("BEGIN QUESTION", "END QUESTION", "BEGIN TESTS", "END TESTS", "# HIDDEN",
+                   "grader.check", "ASSIGNMENT CONFIG", "manual: true"):
+        assert marker not in page, (chapter, marker)
+    for q in questions:
+        assert f"Exercise {q.number}." in page and f"Solution to {q.number}" in page, (chapter, q.name)
+        for test in q.public + q.hidden:
+            asserts = [line.strip() for line in test.splitlines() if line.strip().startswith("assert ")]
+            assert not any(line in page for line in asserts), (chapter, q.name, asserts)

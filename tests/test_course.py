@@ -27,7 +27,7 @@ def test_questions_table_counts_each_chapters_questions():
         assert row["points"] == sum(q.points for q in questions)
 
 
-def test_table_gives_minutes_and_leaves_unmeasured_modes_empty(tmp_path):
+def test_table_gives_seconds_and_minutes_and_leaves_unmeasured_modes_empty(tmp_path):
     first, second = (p.stem for p in chapter_notebooks()[:2])
     path = tmp_path / "times.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in [
@@ -36,9 +36,9 @@ def test_table_gives_minutes_and_leaves_unmeasured_modes_empty(tmp_path):
         {"chapter": second, "mode": "fast", "seconds": 30.0},
     ]) + "\n")
     table = course.table(path).set_index("chapter")
-    assert table.loc[first, "fast (min)"] == 1.5 and table.loc[first, "full (min)"] == 10.0
-    assert table.loc[second, "fast (min)"] == 0.5 and math.isnan(table.loc[second, "full (min)"])
-    assert table.loc[:, "fast (min)"].isna().sum() == len(chapter_notebooks()) - 2
+    assert table.loc[first, "fast (s)"] == 90.0 and table.loc[first, "full (min)"] == 10.0
+    assert table.loc[second, "fast (s)"] == 30.0 and math.isnan(table.loc[second, "full (min)"])
+    assert table.loc[:, "fast (s)"].isna().sum() == len(chapter_notebooks()) - 2
 
 
 def test_bad_input_gets_a_clear_error(tmp_path):
@@ -55,5 +55,5 @@ def test_bad_input_gets_a_clear_error(tmp_path):
 def test_the_cached_times_cover_every_chapter_in_fast_mode():
     # The introduction's course table reads this file (python -m gilib.course run).
     table = course.table(CACHED)
-    assert table["fast (min)"].notna().all(), table
-    assert (table["fast (min)"] > 0).all()
+    assert table["fast (s)"].notna().all(), table
+    assert (table["fast (s)"] > 0).all()
