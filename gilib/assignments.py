@@ -63,6 +63,7 @@ from pathlib import Path
 import nbformat
 import yaml
 
+from .data import repo_root
 from .notebooks import INSTALL_TAG, chapter_notebooks, repository
 
 OTTER_REQUIREMENT = "otter-grader[grading]==7.0.0"
@@ -456,8 +457,6 @@ def build_assignment(chapter: str | Path, out: str | Path, root: str | Path | No
             solution or a hidden test.
         RuntimeError: otter-grader is missing or ``otter assign`` failed.
     """
-    from .data import repo_root
-
     root = Path(root or repo_root())
     chapter = Path(chapter)
     name = chapter.stem
@@ -531,8 +530,8 @@ question(s) graded by hand ({sum(q.points for q in manual):g} points).
 `student/`: the notebook without solutions, and `tests/` with the public
 tests that `grader.check("q1")` runs. Students work in Jupyter with gilib
 installed (`make venv` in a clone of the book's repository, or `pip install
--e .` there), or in Colab: the notebook's first cell installs gilib and
-otter-grader there, and the `tests/` folder goes to `/content/tests`.
+-e .` there), or in Colab: the notebook's first two cells install gilib
+and otter-grader there, and the `tests/` folder goes to `/content/tests`.
 Keep `autograder/` to yourself: `{a.name}.ipynb` there holds the solutions,
 and the zip the hidden tests. Mind that the book is public: its page folds
 the worked answers away but shows them on a click, and its repository holds

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import nbformat
 import pandas as pd
+import papermill as pm
+import torch
 
 from . import results
 from .assignments import parse_questions
@@ -57,9 +59,6 @@ def time_chapter(chapter: str, mode: str) -> list[dict]:
     Returns:
         One line: chapter, mode, seconds, cpus, threads, machine.
     """
-    import papermill as pm
-    import torch
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
     path = _chapter_path(chapter)
