@@ -95,6 +95,8 @@ class Question:
         public: public test cells (sources).
         hidden: hidden test cells (sources, ``# HIDDEN`` line included).
         cells: indices of every cell of the question in the notebook.
+        answer_cells: indices of the worked answer's code cells.
+        test_cells: indices of the test cells.
     """
 
     name: str
@@ -107,6 +109,8 @@ class Question:
     public: list[str] = field(default_factory=list)
     hidden: list[str] = field(default_factory=list)
     cells: list[int] = field(default_factory=list)
+    answer_cells: list[int] = field(default_factory=list)
+    test_cells: list[int] = field(default_factory=list)
 
 
 def _boundary(cell) -> tuple[str, str] | None:
@@ -159,11 +163,16 @@ def parse_questions(nb: nbformat.NotebookNode) -> list[Question]:
                 raise ValueError(f"{where}: END {bound[1]} without its BEGIN in {current.name!r}")
             block = None
         elif block == "SOLUTION":
-            (current.solution_code if cell.cell_type == "code" else current.solution_markdown).append(cell.source)
+            if cell.cell_type == "code":
+                current.solution_code.append(cell.source)
+                current.answer_cells.append(i)
+            else:
+                current.solution_markdown.append(cell.source)
         elif block == "TESTS":
             if cell.cell_type == "code":
                 (current.hidden if _HIDDEN.match(cell.source.split("\n", 1)[0]) else current.public).append(
                     cell.source)
+                current.test_cells.append(i)
         elif cell.cell_type == "markdown" and not current.prompt:
             current.prompt = cell.source
             number = _EXERCISE.search(cell.source)
@@ -187,9 +196,8 @@ def question_problems(nb: nbformat.NotebookNode, label: str = "chapter") -> list
     question, numbered 1, 2, ... and named ``qN``; a question graded by
     otter has a worked answer (code tagged :data:`SOLUTION_TAG`), an
     explanation, at least one public and one hidden test (tagged
-    :data:`TEST_TAG`, ``assert`` statements, no line but comments and
-    asserts printing anything); an essay (``manual: true``) has an
-    explanation and neither code nor tests.
+    :data:`TEST_TAG`, each with an ``assert``); an essay (``manual: true``)
+    has an explanation and neither code nor tests.
     """
     try:
         questions = parse_questions(nb)
@@ -222,24 +230,13 @@ def question_problems(nb: nbformat.NotebookNode, label: str = "chapter") -> list
         for source in q.public + q.hidden:
             if "assert" not in source:
                 problems.append(f"{where}: a test without an assert checks nothing: {source[:60]!r}")
-    for i, cell in enumerate(nb.cells):
-        in_tests = _in_block(nb, i, "TESTS")
-        tags = cell.metadata.get("tags", [])
-        if cell.cell_type == "code" and in_tests and TEST_TAG not in tags:
-            problems.append(f"{label}: test cell {i} lacks the tag {TEST_TAG!r}")
-        if cell.cell_type == "code" and _in_block(nb, i, "SOLUTION") and SOLUTION_TAG not in tags:
-            problems.append(f"{label}: worked-answer cell {i} lacks the tag {SOLUTION_TAG!r}")
+    for q in questions:
+        for kind, tag, indices in (("test", TEST_TAG, q.test_cells),
+                                   ("worked-answer", SOLUTION_TAG, q.answer_cells)):
+            for i in indices:
+                if tag not in nb.cells[i].metadata.get("tags", []):
+                    problems.append(f"{label}: {kind} cell {i} lacks the tag {tag!r}")
     return problems
-
-
-def _in_block(nb: nbformat.NotebookNode, index: int, kind: str) -> bool:
-    """Whether cell ``index`` lies inside a ``kind`` block (SOLUTION or TESTS)."""
-    inside = False
-    for cell in nb.cells[:index]:
-        bound = _boundary(cell)
-        if bound and bound[1] == kind:
-            inside = bound[0] == "BEGIN"
-    return inside
 
 
 # --- building the assignment (needs otter-grader) -----------------------------------------------
@@ -361,8 +358,8 @@ def leaks(student_dir: Path, nb: nbformat.NotebookNode) -> list[str]:
     """
     text = "\n".join(p.read_text(errors="replace") for p in sorted(student_dir.rglob("*")) if p.is_file())
     questions = parse_questions(nb)
-    hidden_cells = {i for q in questions for i in q.cells}
-    shown = "\n".join(c.source for i, c in enumerate(nb.cells) if i not in hidden_cells)
+    question_cells = {i for q in questions for i in q.cells}
+    shown = "\n".join(c.source for i, c in enumerate(nb.cells) if i not in question_cells)
     # Prompts, public tests and the unmarked lines of worked answers are
     # handed out by design.
     shown += "\n".join("\n".join([q.prompt, *q.public, *map(_unmarked, q.solution_code)]) for q in questions)
@@ -393,37 +390,42 @@ def syntax_errors(nb: nbformat.NotebookNode) -> list[str]:
     return errors
 
 
-def _solution_lines(q: Question) -> list[str]:
-    """The code lines otter removes from a worked answer (stripped, non-trivial)."""
+def _answer_lines(source: str) -> list[tuple[str, bool]]:
+    """A worked answer's lines, each with whether otter hides it, markers left out.
+
+    Otter hides the lines between ``# BEGIN SOLUTION`` and ``# END
+    SOLUTION`` and the lines ending ``# SOLUTION``.
+    """
     lines, inside = [], False
-    for source in q.solution_code:
-        for line in source.split("\n"):
-            s = line.strip()
-            if s.endswith("# END SOLUTION"):
-                inside = False
-            elif re.match(r"#\s*BEGIN SOLUTION", s):
-                inside = True
-            elif inside or s.endswith("# SOLUTION"):
-                code = re.sub(r"#\s*SOLUTION$", "", s).strip()
-                # The right-hand side of `x = value  # SOLUTION` is what otter hides.
-                code = code.split("=", 1)[1].strip() if re.match(r"^[\w.\[\]'\", ]+=[^=]", code) else code
-                if len(code) > 8:
-                    lines.append(code)
-    return lines
-
-
-def _unmarked(source: str) -> str:
-    """The lines of a worked answer that otter leaves in the student copy."""
-    kept, inside = [], False
     for line in source.split("\n"):
         s = line.strip()
         if s.endswith("# END SOLUTION"):
             inside = False
         elif re.match(r"#\s*BEGIN SOLUTION", s):
             inside = True
-        elif not inside and not s.endswith("# SOLUTION"):
-            kept.append(line)
-    return "\n".join(kept)
+        else:
+            lines.append((line, inside or s.endswith("# SOLUTION")))
+    return lines
+
+
+def _solution_lines(q: Question) -> list[str]:
+    """The code lines otter removes from a worked answer (stripped, non-trivial)."""
+    lines = []
+    for source in q.solution_code:
+        for line, hidden in _answer_lines(source):
+            if not hidden:
+                continue
+            code = re.sub(r"#\s*SOLUTION$", "", line.strip()).strip()
+            # The right-hand side of `x = value  # SOLUTION` is what otter hides.
+            code = code.split("=", 1)[1].strip() if re.match(r"^[\w.\[\]'\", ]+=[^=]", code) else code
+            if len(code) > 8:
+                lines.append(code)
+    return lines
+
+
+def _unmarked(source: str) -> str:
+    """The lines of a worked answer that otter leaves in the student copy."""
+    return "\n".join(line for line, hidden in _answer_lines(source) if not hidden)
 
 
 def _hidden_lines(q: Question) -> list[str]:
