@@ -40,11 +40,11 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The browser test of the built book (tests/test_browser.py): every page in
+# The browser test of the built book (tests/book/test_browser.py): every page in
 # headless Chromium, screenshots into _build/screenshots/. It tests the book
 # as last built; `make book browser-test` rebuilds it first.
 browser-test: $(STAMP) chromium _build/html/chapters/intro.html
-	GILIB_BROWSER_TEST=1 $(BIN)/python -m pytest tests/test_browser.py
+	GILIB_BROWSER_TEST=1 $(BIN)/python -m pytest tests/book/test_browser.py
 
 _build/html/chapters/intro.html:
 	$(MAKE) book
@@ -56,7 +56,7 @@ chromium:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 	@$(CHROMIUM) --version 2>/dev/null | grep -i chromium
 
-# Graded assignments from the chapters' otter questions (gilib.assignments):
+# Graded assignments from the chapters' otter questions (gilib.book.assignments):
 # per chapter a student notebook with its public tests, an autograder zip and
 # an instructor README, in _build/assignments/. otter-grader is installed
 # here only, so that `make book` and `make test` stay as light as they are.
@@ -67,16 +67,16 @@ $(ASSIGN_STAMP): $(STAMP) requirements-assignments.txt
 	touch $(ASSIGN_STAMP)
 
 assignments: $(ASSIGN_STAMP)
-	$(BIN)/python -m gilib.assignments --out _build/assignments
+	$(BIN)/python -m gilib.book.assignments build --out _build/assignments
 
 # Builds every assignment and grades a chapter's solution and student
-# notebooks with `otter run` (tests/test_grading.py; skipped by `make test`).
+# notebooks with `otter run` (tests/book/test_grading.py; skipped by `make test`).
 assignments-test: $(ASSIGN_STAMP)
-	GILIB_ASSIGNMENTS_TEST=1 $(BIN)/python -m pytest tests/test_grading.py
+	GILIB_ASSIGNMENTS_TEST=1 $(BIN)/python -m pytest tests/book/test_grading.py
 
-# The README's figure, drawn by gilib.plots.threat_model.
+# The README's figure, drawn by gilib.book.plots.threat_model.
 figures: $(STAMP)
-	$(BIN)/python -m gilib.notebooks threat-model docs/threat_model.png
+	$(BIN)/python -m gilib.book.upkeep threat-model docs/threat_model.png
 
 # Figures, never assertions. The comparison runs the reference's setting
 # (500 steps, 500 starts) on five CoLA sentences: about half an hour on 2 cores.

@@ -74,7 +74,7 @@ SELECTIONS: dict[str, tuple[str, int | None]] = {
     "layer0": ("layer", 0),
     "query0": ("attention.query", 0),
 }
-"""Benchmark name -> ``(component, layers)`` for :func:`gilib.slicing.select`."""
+"""Benchmark name -> ``(component, layers)`` for :func:`gilib.selection.select`."""
 
 SENTENCE_ROW = 8
 """Row of the bundled sample that is attacked: "It seems unlikely that the
@@ -185,7 +185,7 @@ def measure(case: Case) -> Row:
     from gilib.attack import AttackConfig, optimization_attack
     from gilib.client import client_update
     from gilib.models import encode, load_model
-    from gilib.slicing import select
+    from gilib.selection import select
 
     if case.threads is not None:
         torch.set_num_threads(case.threads)

@@ -45,13 +45,14 @@ import pandas as pd
 import torch
 from joblib import Parallel, delayed
 
-from gilib.attack import AttackConfig, AttackResult, GPT2Prior, NgramPrior, SharedUpdate, attack_clients
-from gilib.attack.optimization import PlainEngine, finish, optimise, prepare
+from gilib.attack import AttackConfig, AttackResult, GPT2Prior, NgramPrior, attack_clients
+from gilib.attack.engines import PlainEngine
 from gilib.client import client_update
 from gilib.data import default_data_dir, load_split, prior_texts, sample_batches
 from gilib.metrics import aggregate, rouge_scores
 from gilib.models import encode, load_model
-from gilib.slicing import Selection, select
+from gilib.selection import Selection, select
+from gilib.update import SharedUpdate
 
 SELECTIONS = {
     "query0": ("attention.query", 0),
@@ -84,10 +85,7 @@ class ReferenceEngine(PlainEngine):
 def reference_attack(model, tokenizer, update: SharedUpdate, selection: Selection, config: AttackConfig,
                      prior=None) -> AttackResult:
     """:func:`gilib.attack.optimization_attack` on the plain path, with the :class:`ReferenceEngine`."""
-    start = time.perf_counter()
-    problem = prepare(model, tokenizer, [update], selection, config)
-    engine = ReferenceEngine(problem, config, prior)
-    return finish(engine, optimise(engine), start)[0]
+    return attack_clients(model, tokenizer, [update], selection, config, prior=prior, engine=ReferenceEngine)[0]
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -178,7 +176,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> pd.DataFrame:
                 "path": path,
                 "s/sentence": round(row["s_per_sentence"], 1),
                 "init / optimisation / reordering / polish": " / ".join(
-                    f"{row[c]:.1f}" for c in ("s_init", "s_optimisation", "s_reordering", "s_polish")
+                    f"{row[c]:.1f}" for c in ("s_init", "s_optimization", "s_reordering", "s_polish")
                 ),
                 "ROUGE-1": round(row["rouge1"], 1),
                 "ROUGE-2": round(row["rouge2"], 1),

@@ -12,7 +12,7 @@ torch thread, the offline MiniLM victim, layer 0's query weight:
   maximum), the share recovered exactly, and the split between the check
   (row space and residuals) and the rest.
 
-Batches are timed by chapter 5's batch study (``gilib.span_study``: seconds
+Batches are timed by chapter 5's batch study (``gilib.studies.span``: seconds
 per batch of 2 to 16 held-out sentences, by method, in
 ``data/results/ch5_span.jsonl``); the bundled B=2 batch of ``--quick`` only
 checks that the batch path runs.
@@ -45,8 +45,9 @@ import torch
 from gilib.attack import span_attack
 from gilib.client import client_update
 from gilib.data import default_data_dir, load_split, sample_batches
+from gilib.metrics import exact_rate, true_token_ids
 from gilib.models import encode, load_model
-from gilib.slicing import select
+from gilib.selection import select
 
 HELD_OUT = (("sst2", "validation"), ("cola", "validation"), ("rotten_tomatoes", "test"))
 SEED = 101
@@ -75,12 +76,12 @@ def measure(model, tokenizer, batch: list) -> dict:
     start = time.perf_counter()
     result = span_attack(model, tokenizer, update, selection)
     seconds = time.perf_counter() - start
-    truth = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(update.lengths)]
+    exact = exact_rate(result.token_ids, true_token_ids(true_batch))
     return {"seconds": seconds, "check_seconds": result.timings["check"], "tokens": sum(update.lengths),
-            "longest": max(update.lengths), "exact": sum(t in result.token_ids for t in truth), "sentences": len(batch)}
+            "longest": max(update.lengths), "exact": round(exact * len(batch)), "sentences": len(batch)}
 
 
-def summarise(name: str, runs: list[dict]) -> dict:
+def summarize(name: str, runs: list[dict]) -> dict:
     seconds = sorted(r["seconds"] for r in runs)
     return {
         "set": name,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     measure(model, tokenizer, [load_split("sample")[0]])  # warm-up: first-call costs are not the attack's
     rows = []
     for name, batches in _sets(tokenizer, args.quick, args.per_set).items():
-        rows.append(summarise(name, [measure(model, tokenizer, batch) for batch in batches]))
+        rows.append(summarize(name, [measure(model, tokenizer, batch) for batch in batches]))
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), file=sys.stderr, flush=True)
     header = list(rows[0])
     print("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |")

@@ -3,8 +3,8 @@
 A client holds a private batch (``true_batch``: token ids, attention mask,
 labels) and the current model. One round of training turns them into an
 update, and that update, restricted to a selection of parameters
-(:mod:`gilib.slicing`), is all the server receives: a
-:class:`~gilib.slicing.SharedUpdate` of gradients, labels and lengths, as in
+(:mod:`gilib.selection`), is all the server receives: a
+:class:`~gilib.update.SharedUpdate` of gradients, labels and lengths, as in
 LAMP's threat model (Balunovic et al., NeurIPS 2022) and the
 partial-gradient paper (Li, Xu and Dras, EMNLP 2024). Three protocols:
 
@@ -33,7 +33,8 @@ from typing import Union
 import torch
 
 from .dp import DPGradients, check_dp_settings, dp_sgd_step
-from .slicing import Selection, SharedUpdate, check_labels
+from .selection import Selection
+from .update import SharedUpdate, check_labels
 
 READINGS = ("privatised", "raw")
 PRECISIONS = ("float32", "float64")

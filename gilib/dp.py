@@ -16,7 +16,7 @@ the privatised gradient. :func:`dp_sgd_step` returns both, read at the two
 points, restricted to a selection; :class:`gilib.client.DPSGD` is how a
 client runs it. :func:`epsilon` is the privacy budget of a run, from
 Opacus's RDP accountant. The cost in model quality is measured by
-:mod:`gilib.utility`.
+:mod:`gilib.studies.dp_cost`.
 
 BERT under Opacus needs explicit ``position_ids`` and ``token_type_ids`` of
 the batch's shape: the model otherwise broadcasts one ``(1, T)`` lookup over
@@ -34,7 +34,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 
-from .slicing import Selection
+from .selection import Selection
 
 
 @dataclass
@@ -184,6 +184,24 @@ def dp_sgd_step(
     privatised = [p.grad.detach().clone() for p in selected]
     return DPGradients(list(selection.names), raw, privatised, norms.detach(), float(noise_multiplier),
                        float(max_grad_norm))
+
+
+def clip_factors(per_example_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """The factor DP-SGD scales each example's gradient by: ``min(1, C / (norm + 1e-6))``.
+
+    Opacus clips this way (its ``1e-6`` keeps a zero gradient finite), so
+    the privatised gradient of one example without noise is exactly its raw
+    gradient times this factor.
+
+    Args:
+        per_example_norms: ``(B,)`` gradient norms over all trainable
+            parameters, before clipping (:attr:`DPGradients.per_example_norms`).
+        max_grad_norm: ``C``.
+
+    Returns:
+        ``(B,)`` factors in ``(0, 1]``.
+    """
+    return (max_grad_norm / (per_example_norms + 1e-6)).clamp(max=1.0)
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float = 1e-5) -> float:

@@ -8,7 +8,7 @@ calling process. This module plugs the book's threat model into it:
 * :func:`client_app`: every client holds one private batch (``true_batch``)
   and answers the server's training request with
   :func:`gilib.client.client_update` on a selection of parameters
-  (:func:`gilib.slicing.select`): the gradient (FedSGD) or, for a
+  (:func:`gilib.selection.select`): the gradient (FedSGD) or, for a
   :class:`gilib.client.FedAvg` client, the weight difference after ``E``
   local steps divided by ``lr * E`` (McMahan et al., AISTATS 2017). Its
   reply carries those arrays and, in the clear, the batch's labels and
@@ -16,7 +16,7 @@ calling process. This module plugs the book's threat model into it:
 * :class:`CuriousFedAvg`: Flower's ``FedAvg`` strategy, honest but curious.
   It aggregates as usual (the weighted mean of the replies, applied to the
   global weights) and hands what it received, as a
-  :class:`~gilib.slicing.SharedUpdate`, to a callback: that is where the
+  :class:`~gilib.update.SharedUpdate`, to a callback: that is where the
   server runs gilib's attacks.
 * secure aggregation: with ``secure=True`` the round runs Flower's SecAgg+
   workflow and client mod (Bell et al., CCS 2020): each client masks its
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import logging
 import math
@@ -69,8 +68,9 @@ except ImportError as err:  # pragma: no cover - the message is the point
     ) from err
 
 from .client import FedAvg, Protocol, client_update
-from .models import encode, load_model
-from .slicing import SharedUpdate, select
+from .models import cached_model, encode
+from .selection import select
+from .update import SharedUpdate
 
 log = logging.getLogger(__name__)
 
@@ -213,11 +213,6 @@ def client_batches(batches: Sequence[Sequence]) -> tuple[tuple[tuple[str, int], 
     return tuple(checked)
 
 
-@functools.lru_cache(maxsize=2)
-def _victim(name: str, seed: int):
-    return load_model(name, seed=seed)
-
-
 class _VictimClient(NumPyClient):
     """One client: loads the global weights of the selection, trains on its batch, replies with its update."""
 
@@ -227,7 +222,7 @@ class _VictimClient(NumPyClient):
 
     def fit(self, parameters, config):
         torch.set_num_threads(1)
-        pristine, tokenizer = _victim(self.spec.model, self.spec.seed)
+        pristine, tokenizer = cached_model(self.spec.model, self.spec.seed)
         model = copy.deepcopy(pristine)
         selection = select(model, self.spec.component, self.spec.layers)
         with torch.no_grad():
@@ -366,7 +361,7 @@ def run_round(
     Args:
         batches: one private batch per client (:func:`client_batches`).
         component, layers: the selection the clients share
-            (:func:`gilib.slicing.select`), e.g. ``"attention.query", 0``
+            (:func:`gilib.selection.select`), e.g. ``"attention.query", 0``
             or ``"layer", 0``.
         model: the victim every client and the server load (seed ``seed``).
         protocol: ``None`` (FedSGD: the gradient) or
@@ -401,7 +396,7 @@ def run_round(
     checked = client_batches(batches)
     if secure and len(checked) < 2:
         raise ValueError("Secure aggregation needs at least 2 clients: with one, the mean is its own reply.")
-    server_model, _ = _victim(model, seed)
+    server_model, _ = cached_model(model, seed)
     selection = select(server_model, component, layers)
     if server_lr is None:
         server_lr = protocol.lr * protocol.local_steps if isinstance(protocol, FedAvg) else SERVER_LR

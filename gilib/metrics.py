@@ -46,6 +46,8 @@ __all__ = [
     "score_batch",
     "aggregate",
     "token_accuracy",
+    "true_token_ids",
+    "exact_rate",
     "matthews",
 ]
 
@@ -249,3 +251,38 @@ def matthews(predictions: Sequence[int], labels: Sequence[int]) -> float:
     fp, fn = float(((p == 1) & (y == 0)).sum()), float(((p == 0) & (y == 1)).sum())
     denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+
+
+def true_token_ids(true_batch: dict[str, "torch.Tensor"]) -> list[list[int]]:
+    """The client's sentences as token ids: one list per sentence, ``[CLS]`` to ``[SEP]``, no padding.
+
+    This reads the client's truth (its private batch), so only the metrics
+    call it, never an attack.
+
+    Args:
+        true_batch: ``input_ids`` and ``attention_mask`` ``(B, T)``, as
+            :func:`gilib.models.encode` returns them.
+    """
+    lengths = true_batch["attention_mask"].sum(dim=1).tolist()
+    return [row[:n] for row, n in zip(true_batch["input_ids"].tolist(), lengths)]
+
+
+def exact_rate(token_ids: Sequence[Sequence[int]], true_ids: Sequence[Sequence[int]]) -> float:
+    """Share of the true sentences that a reconstruction holds token for token, in any order.
+
+    Args:
+        token_ids: the attack's sentences, e.g. ``AttackResult.token_ids``.
+        true_ids: the client's sentences (:func:`true_token_ids`).
+
+    Returns:
+        A number in ``[0, 1]``: an attack returns a batch in an order of its
+        own, so each true sentence counts when any reconstruction equals it.
+
+    Example:
+        >>> exact_rate([[101, 7, 102], [101, 9, 102]], [[101, 9, 102], [101, 8, 102]])
+        0.5
+    """
+    if not true_ids:
+        raise ValueError("exact_rate needs at least one true sentence.")
+    found = {tuple(int(t) for t in ids) for ids in token_ids}
+    return sum(tuple(int(t) for t in ids) in found for ids in true_ids) / len(true_ids)

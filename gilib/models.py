@@ -23,6 +23,7 @@ model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 from pathlib import Path
@@ -129,6 +130,25 @@ def load_model(
         _reinit_head(model, seed)
     model.config.name_or_path = name
     return model.to(device).eval(), tokenizer
+
+
+def cached_model(
+    name: str = "minilm", seed: int = 0, device: str = "cpu"
+) -> tuple[BertForSequenceClassification, BertTokenizerFast]:
+    """:func:`load_model` once per process and setting: the victim the studies share.
+
+    Every study task, worker process and Flower client of a run attacks
+    the same victim; loading it once saves seconds per task. The model is
+    shared, so treat it as read-only: a client that trains works on a copy
+    (as :func:`gilib.client.client_update` does).
+    """
+    return _cached(name, int(seed), str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(name: str, seed: int, device: str):
+    # One key per setting, however the caller spelt it (defaults or not).
+    return load_model(name, seed=seed, device=device)
 
 
 def hub_available(timeout: float = 3.0) -> bool:

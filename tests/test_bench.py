@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gilib.results import markdown_table
+from gilib.studies.study import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "attack_speed.py"

@@ -24,8 +24,9 @@ import papermill as pm
 import pytest
 import yaml
 
-from gilib import dp, experiments, fl_study, results, span_study
-from gilib.attack.peeling import MAX_EFFORT
+from gilib import dp
+from gilib.studies import federated as federated_study, grids, sample, span as span_study, store
+from gilib.attack.config import MAX_EFFORT
 from gilib.book import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ def run_chapter(name: str, tmp_path_factory, **parameters) -> dict:
 @functools.lru_cache(maxsize=None)
 def cached(name: str) -> tuple[dict, ...]:
     """The lines of a cached results file (a tuple: shared between tests, never mutated)."""
-    rows = results.read_lines(RESULTS / name)
+    rows = store.read_lines(RESULTS / name)
     assert rows, f"data/results/{name} is empty"
     return tuple(rows)
 
@@ -70,7 +71,7 @@ def cached(name: str) -> tuple[dict, ...]:
 def summary(name: str, by: list[str]) -> pd.DataFrame:
     """A cached grid's summary; one sentence per client unless ``by`` holds ``batch_size``."""
     where = None if "batch_size" in by else {"batch_size": 1}
-    table = experiments.summarize(list(cached(name)), by=by, where=where)
+    table = grids.summarize(list(cached(name)), by=by, where=where)
     if "layers" in table:
         table["layers"] = table["layers"].astype(str)
     return table
@@ -220,7 +221,7 @@ def test_chapter2_each_value_is_over_the_same_sentences(ch2):
 @pytest.mark.slow
 def test_chapter2_states_each_samples_lengths(ch2):
     # The lengths the prose quotes are those of the cached sample.
-    lengths = experiments.sentence_lengths(list(cached("ch2_layers.jsonl")))
+    lengths = grids.sentence_lengths(list(cached("ch2_layers.jsonl")))
     for _, row in lengths.iterrows():
         for stat in ("min", "median", "max"):
             assert ch2[f"length_{row['dataset']}_{stat}"] == row[stat]
@@ -265,7 +266,7 @@ def test_chapter2_cola_is_short_the_review_sentences_whole():
     # "CoLA's short sentences (4 to 10 word pieces) ... The whole review
     # sentences of SST-2 (18 to 28 word pieces) and Rotten Tomatoes (23 to
     # 30)": no review sentence is as short as CoLA's longest.
-    lengths = experiments.sentence_lengths(list(cached("ch2_layers.jsonl"))).set_index("dataset")
+    lengths = grids.sentence_lengths(list(cached("ch2_layers.jsonl"))).set_index("dataset")
     assert set(lengths["sentences"]) == {4}
     assert lengths.loc["cola", "max"] < min(lengths.loc["sst2", "min"], lengths.loc["rotten_tomatoes", "min"])
 
@@ -281,7 +282,7 @@ def test_chapter2_review_sentences_are_the_hard_case_for_every_selection():
 
 def batch_table(name: str) -> pd.DataFrame:
     """A cached grid's batch axis: (component, layers) x batch size."""
-    table = experiments.batch_axis(list(cached(name)))
+    table = grids.batch_axis(list(cached(name)))
     table["layers"] = table["layers"].astype(str)
     return table.set_index(["component", "layers", "batch_size"])
 
@@ -326,7 +327,7 @@ def test_chapter2_the_truth_enters_run_task_only_through_the_metrics():
     # Solution 3: "`rouge_scores(result.texts[j], ex.text)`, and for a batch
     # ... `match_batch(result.texts, references)` just before it ... the truth
     # enters only the metrics, after the attack has returned."
-    source = inspect.getsource(experiments.run_task)
+    source = inspect.getsource(grids.run_task)
     assert "rouge_scores(result.texts[j], ex.text)" in source
     assert "match_batch(result.texts, references)" in source
     assert source.index("attack_clients(") < source.index("match_batch(") < source.index("rouge_scores(")
@@ -407,7 +408,7 @@ def test_chapter3_over_twelve_real_sentences(ch3):
 def test_chapter3_the_same_sentences_as_chapter_2():
     # "The same sentences as chapter 2's grid".
     assert sentences(cached("ch3_components.jsonl")) == sentences(cached("ch2_layers.jsonl"))
-    lengths = [experiments.sentence_lengths(list(cached(name))) for name in ("ch2_layers.jsonl", "ch3_components.jsonl")]
+    lengths = [grids.sentence_lengths(list(cached(name))) for name in ("ch2_layers.jsonl", "ch3_components.jsonl")]
     assert lengths[0].equals(lengths[1])
 
 
@@ -667,7 +668,7 @@ def test_chapter5_the_live_batch_comes_back_verified_without_labels(ch5):
 
 
 @pytest.mark.slow
-def test_chapter5_the_span_check_beats_optimisation_on_every_weight(ch5):
+def test_chapter5_the_span_check_beats_optimization_on_every_weight(ch5):
     # "On every weight the span check reaches ROUGE-1 of at least 1.00 and
     # recovers at least 100% of the sentences exactly ... The optimisation
     # attack on the same gradients reaches at most 0.56", and the introduction:
@@ -769,9 +770,9 @@ def test_chapter5_compares_on_chapter_3s_sentences():
     span = {(d, i) for d, i in zip(comparison["dataset"], comparison["row_id"])}
     assert span == sentences(cached("ch3_components.jsonl"))
     assert len(span) == 12 and comparison.groupby("dataset")["row_id"].nunique().to_dict() == dict.fromkeys(DATASETS, 4)
-    assert span_study.SPLITS == {"cola": "train", "sst2": "validation", "rotten_tomatoes": "train"}
-    assert yaml.safe_load((RESULTS / "ch3_components.yaml").read_text())["sample_seed"] == 101
-    assert span_study.SAMPLE_SEED == 101
+    grid = yaml.safe_load((RESULTS / "ch3_components.yaml").read_text())
+    assert sample.GRID_SPLITS == dict(map(tuple, grid["datasets"]))
+    assert sample.SAMPLE_SEED == grid["sample_seed"] == 101
     assert set(comparison["component"]) == {"attention.query", "attention.key", "attention.value"}
     assert set(comparison["layers"]) == {0}
 
@@ -874,9 +875,9 @@ def test_chapter6_float32_rounds_most_small_steps_away(ch6):
 
 
 def test_chapter6_the_cached_study_is_the_plan_complete():
-    # Every task of gilib.fl_study's plan has its lines, and nothing else is there.
-    keys = sorted(k for task in fl_study.plan() for k in fl_study._task_key(*task))
-    assert sorted(fl_study._line_key(line) for line in cached("ch6_federated.jsonl")) == keys
+    # Every task of gilib.studies.federated's plan has its lines, and nothing else is there.
+    keys = sorted(k for task in federated_study.plan() for k in federated_study._task_key(*task))
+    assert sorted(federated_study._line_key(line) for line in cached("ch6_federated.jsonl")) == keys
 
 
 def test_chapter6_local_steps_do_not_protect_the_float64_control_is_exact():
@@ -901,10 +902,10 @@ def test_chapter6_float32_rounding_breaks_the_span_check_by_learning_rate_whatev
     assert cosine.is_monotonic_increasing and cosine.loc[1e-5] < 0.95
 
 
-def test_chapter6_the_optimisation_attack_does_not_care_about_local_steps():
+def test_chapter6_the_optimization_attack_does_not_care_about_local_steps():
     # "reaches ROUGE-1 between 0.40 and 0.54 in every float32 cell, about as
     # much as from the plain gradient" (within 0.1 of FedSGD's).
-    protocol = fl_study.table(RESULTS / "ch6_federated.jsonl", "protocol").query("attack == 'optimisation'")
+    protocol = federated_study.table(RESULTS / "ch6_federated.jsonl", "protocol").query("attack == 'optimisation'")
     fedsgd = float(protocol.loc[protocol["protocol"] == "FedSGD", "rouge1"].iloc[0])
     fedavg = protocol.loc[protocol["protocol"] != "FedSGD", "rouge1"]
     assert len(fedavg) == 12 and (abs(fedavg - fedsgd) <= CLOSE).all()
@@ -914,11 +915,11 @@ def test_chapter6_the_optimisation_attack_does_not_care_about_local_steps():
 def test_chapter6_the_readme_prints_the_studys_tables():
     path = RESULTS / "ch6_federated.jsonl"
     readme = (ROOT / "README.md").read_text()
-    assert fl_study.lr_markdown(fl_study.lr_table(path)) in readme, \
-        "update the README: python -m gilib.fl_study lr-table data/results/ch6_federated.jsonl"
+    assert federated_study.lr_markdown(federated_study.lr_table(path)) in readme, \
+        "update the README: python -m gilib.studies federated lr data/results/ch6_federated.jsonl"
     for study in ("batch", "secure"):
-        assert fl_study.markdown(fl_study.table(path, study)) in readme, \
-            f"update the README: python -m gilib.fl_study table data/results/ch6_federated.jsonl --study {study}"
+        assert federated_study.markdown(federated_study.table(path, study)) in readme, \
+            f"update the README: python -m gilib.studies federated table data/results/ch6_federated.jsonl --part {study}"
 
 
 def test_chapter6_batches_from_fedsgd_come_back_whole_and_fedavg_loses_them():
@@ -926,11 +927,11 @@ def test_chapter6_batches_from_fedsgd_come_back_whole_and_fedavg_loses_them():
     # the sentences at batch sizes 2, 4 and 8. From the FedAvg client it
     # recovers" less at every size; the optimisation attack "drops at 4
     # sentences ... for both protocols alike".
-    table = pd.concat([fl_study.table(RESULTS / "ch6_federated.jsonl", "batch"),
-                       fl_study.table(RESULTS / "ch6_federated.jsonl", "protocol")])
+    table = pd.concat([federated_study.table(RESULTS / "ch6_federated.jsonl", "batch"),
+                       federated_study.table(RESULTS / "ch6_federated.jsonl", "protocol")])
     pick = table.set_index(["attack", "protocol", "batch_size"])
-    fedavg = fl_study.protocol_name(fl_study.FEDAVG)
-    for size in fl_study.BATCH_SIZES:
+    fedavg = federated_study.protocol_name(federated_study.FEDAVG)
+    for size in federated_study.BATCH_SIZES:
         assert pick.loc[("span check", "FedSGD", size), "exact"] == 1
         assert pick.loc[("span check", fedavg, size), "exact"] < 1
     for name in ("FedSGD", fedavg):
@@ -955,5 +956,5 @@ def test_chapter6_secure_aggregation_is_one_batch_up_to_its_quantisation():
     assert set(differ["attack"]) <= {"span check"}
     assert (differ["exact"] < differ["exact_alone"]).all() and (differ["tokens"] >= 100).all()
     assert (paired.query("tokens < 100 and attack == 'span check'")["exact"] == 1).all()
-    optimised = paired[paired["attack"] == "optimisation"]
-    assert (abs(optimised["rouge1"] - optimised["rouge1_alone"]) <= CLOSE).all()
+    optimized = paired[paired["attack"] == "optimisation"]
+    assert (abs(optimized["rouge1"] - optimized["rouge1_alone"]) <= CLOSE).all()

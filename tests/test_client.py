@@ -6,7 +6,8 @@ import torch
 from gilib.client import DPSGD, FedAvg, client_update
 from gilib.dp import dp_sgd_step
 from gilib.models import encode
-from gilib.slicing import SharedUpdate, select
+from gilib.selection import select
+from gilib.update import SharedUpdate
 
 TEXTS = ["the film was a quiet delight .", "a cat sat on the mat"]
 
@@ -145,7 +146,7 @@ def test_a_malformed_message_is_refused_before_any_attack_math(client, corrupt, 
     ([1, 0], [2, 8], "between 3 and"),
     ([1, 0], [9, 10_000], "between 3 and"),
     ([1, 7], [9, 8], "class indices in 0..1"),
-    ([1], [9, 8], "2 class indices"),
+    ([1], [9, 8], "has 2 sentence length\\(s\\) but 1 label\\(s\\)"),
     ([True, False], [9, 8], "class indices"),
     ([1, 0], [9.5, 8], "whole number"),
     ([1, 0], [True, 8], "whole number"),

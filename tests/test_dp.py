@@ -1,18 +1,16 @@
-"""Which gradient a DP-SGD client sends, and what its privacy costs (gilib.dp, gilib.utility)."""
+"""Which gradient a DP-SGD client sends, and its privacy budget (gilib.dp)."""
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 
-from gilib import dp, utility
+from gilib import dp
 from gilib.client import DPSGD, client_update
-from gilib.data import load_split
 from gilib.models import encode
-from gilib.slicing import select
+from gilib.selection import select
 
 TEXTS = ["the film was a quiet delight .", "a cat sat on the mat", "rain fell on the old town all night"]
 
@@ -88,7 +86,8 @@ def test_the_callers_model_is_untouched(client):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dp.dp_sgd_step(model, select(model, "full"), batch, noise_multiplier=1.0)
     for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) and not hasattr(p, "grad_sample") or p.grad_sample is None
+        assert torch.equal(p, before[n]), n
+        assert getattr(p, "grad_sample", None) is None, n  # no Opacus hook left behind
 
 
 def test_epsilon_falls_with_noise_and_matches_opacus():
@@ -112,37 +111,15 @@ def test_bad_dp_settings_are_refused(client, sigma, clip, message):
         dp.dp_sgd_step(model, select(model, "full"), batch, noise_multiplier=sigma, max_grad_norm=clip)
     with pytest.raises(ValueError, match=message):
         DPSGD(sigma, clip)
-    with pytest.raises(ValueError, match=message):
-        utility.utility_sweep("sample", [sigma], "unused.jsonl", max_grad_norm=clip)
 
 
-def test_dp_finetune_runs_the_steps_it_is_asked_for(tiny):
-    model, tokenizer = tiny
-    examples = load_split("sample")
-    result = utility.dp_finetune(model, tokenizer, examples[:40], examples[40:], noise_multiplier=1.0, steps=3,
-                            batch_size=8, max_tokens=16)
-    assert result.steps == 3 and 0.0 <= result.accuracy <= 1.0 and -1.0 <= result.mcc <= 1.0
-    assert 0 < result.epsilon < math.inf
-
-
-def test_dp_finetune_refuses_an_unknown_trainable_part(tiny):
-    model, tokenizer = tiny
-    examples = load_split("sample")
-    with pytest.raises(ValueError, match="trainable must be 'all' or 'top'"):
-        utility.dp_finetune(model, tokenizer, examples[:40], examples[40:], noise_multiplier=1.0, steps=1,
-                       batch_size=8, trainable="middle")
-
-
-def test_utility_sweep_writes_one_line_per_sigma_and_resumes(tmp_path):
-    out = tmp_path / "utility.jsonl"
-    kwargs = dict(model_name="tiny", train_split="train", eval_split="train", train_size=24, eval_size=8, steps=2,
-                  batch_size=8)
-    first = utility.utility_sweep("sample", [0.5], out, **kwargs)
-    with out.open("a") as f:
-        f.write('{"settings": {"model": "ti')  # a sweep killed mid-write: the next append must not fuse with it
-    both = utility.utility_sweep("sample", [0.5, 1.0], out, **kwargs)  # sigma 0.5 is not run again
-    assert len(first) == 1 and [r["noise_multiplier"] for r in both] == [0.5, 1.0]
-    assert all(r["steps"] == 2 and r["epsilon"] > 0 for r in both)
-    assert json.loads(out.read_text().splitlines()[0])["settings"]["train_size"] == 24
-    assert len(out.read_text().splitlines()) == 2 and all(r["commit"] for r in both)
-
+def test_the_clip_factor_is_opacus_s(client):
+    # One sentence without noise: the privatised gradient is the raw one times the clip factor, exactly.
+    model, _, batch = client
+    one = {k: v[:1] for k, v in batch.items()}
+    selection = select(model, "attention.query", 0)
+    for clip in (1.0, 1e-3):
+        step = dp.dp_sgd_step(model, selection, one, noise_multiplier=0.0, max_grad_norm=clip)
+        factor = dp.clip_factors(step.per_example_norms, clip)
+        torch.testing.assert_close(step.privatised[0], step.raw[0] * factor[0], rtol=1e-6, atol=0)
+    assert dp.clip_factors(torch.tensor([0.5, 4.0, 0.0]), 2.0).tolist() == pytest.approx([1.0, 0.5, 1.0])

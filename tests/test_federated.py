@@ -20,7 +20,7 @@ from gilib import federated
 from gilib.attack import span_attack
 from gilib.client import DPSGD, FedAvg, client_update
 from gilib.models import encode
-from gilib.slicing import select
+from gilib.selection import select
 
 CLIENTS = [[("the cat sat on the mat", 1)], [("a dog barked at night", 0)],
            [("rain fell on the quiet town", 1), ("we walked home", 0)]]

@@ -1,43 +1,49 @@
 """Attacks that rebuild a client's text from the gradient it shares.
 
-Every attack takes the server's message for one client, a
-:class:`~gilib.slicing.SharedUpdate` (gradients of a selection, labels,
-lengths; :func:`gilib.client.client_update` builds it), and checks it first.
+Two attacks, one shape: each takes the server's message for one client, a
+:class:`~gilib.update.SharedUpdate` (gradients of a selection, labels,
+lengths; :func:`gilib.client.client_update` builds it), checks it first,
+runs with a validated config and returns an :class:`AttackResult` whose
+``diagnostics`` are the attack's own:
 
-* :func:`optimization_attack`: LAMP-style gradient matching (cos / L2 / TAG),
-  for any selection of parameters; :func:`attack_clients` runs it for
-  several clients at once.
-* :mod:`~gilib.attack.priors`: language-model priors for its reordering
-  rounds (an n-gram model counted from texts the caller chooses, or GPT-2).
+==========================  =======================  ===========================
+entry point                 settings                 diagnostics
+==========================  =======================  ===========================
+:func:`optimization_attack` :class:`AttackConfig`    :class:`OptimizationDiagnostics`
+:func:`span_attack`         :class:`SpanConfig`      :class:`SpanDiagnostics`
+==========================  =======================  ===========================
+
+* :func:`optimization_attack`: LAMP-style gradient matching (cos / L2 /
+  TAG) for any selection of parameters; :func:`attack_clients` runs it for
+  several clients at once; a language-model prior (:class:`NgramPrior`,
+  :class:`GPT2Prior`) can steer its reordering rounds.
 * :func:`span_attack`: exact recovery from a layer-0 query, key or value
-  weight gradient (the row-space check).
-* :mod:`~gilib.attack.ghost`: the fast path's gradient distances from
-  per-token activations.
+  weight gradient (the row-space check), peeling for batches.
+
+The white-box pieces, for a reader who wants to see inside:
+:mod:`~gilib.attack.rowspace` (the row-space check, chapter 5 teaches from
+it), :mod:`~gilib.attack.checks`, :mod:`~gilib.attack.searches` and
+:mod:`~gilib.attack.peeling` (batches), :mod:`~gilib.attack.objectives`,
+:mod:`~gilib.attack.engines` and :mod:`~gilib.attack.ghost` (the
+optimisation attack's loss and where it is computed).
 """
 
-from ..slicing import SharedUpdate
-from .objectives import OBJECTIVES, GradientMatcher, Target, gradient_distance
-from .optimization import AttackConfig, AttackResult, Prior, attack_clients, optimization_attack
-from .priors import GPT2Prior, NgramPrior
-from .exact import span_attack
-from .span import RowSpace, row_space
-from .tokens import TokenSpace
+from .config import AttackConfig, SpanConfig
+from .optimization import attack_clients, optimization_attack
+from .priors import GPT2Prior, NgramPrior, Prior
+from .result import AttackResult, OptimizationDiagnostics, SpanDiagnostics
+from .span import span_attack
 
 __all__ = [
-    "OBJECTIVES",
-    "GPT2Prior",
-    "NgramPrior",
     "AttackConfig",
     "AttackResult",
-    "GradientMatcher",
+    "GPT2Prior",
+    "NgramPrior",
+    "OptimizationDiagnostics",
     "Prior",
-    "SharedUpdate",
-    "Target",
+    "SpanConfig",
+    "SpanDiagnostics",
     "attack_clients",
-    "TokenSpace",
-    "gradient_distance",
     "optimization_attack",
-    "RowSpace",
-    "row_space",
     "span_attack",
 ]

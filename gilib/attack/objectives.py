@@ -59,7 +59,7 @@ def gradient_distance(
     return total
 
 
-def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ``(B, 1, T, T)`` additive attention mask BERT's eager attention adds to its scores.
 
     Handing the model this prepared mask, rather than the ``(B, T)`` 0/1
@@ -79,7 +79,7 @@ class Target(NamedTuple):
     Attributes:
         shared_grads: one tensor per matched parameter.
         labels: ``(B,)`` class labels.
-        mask: ``(B, 1, T, T)`` additive attention mask (:func:`additive_mask`).
+        mask: ``(B, 1, T, T)`` additive attention mask (:func:`_additive_mask`).
     """
 
     shared_grads: tuple[torch.Tensor, ...]
@@ -157,7 +157,7 @@ class GradientMatcher:
             attention_mask: ``(B, T)``, 1 on real tokens.
         """
         by_name = dict(zip(names, shared_grads))
-        return Target(tuple(by_name[n].detach() for n in self.names), labels, additive_mask(attention_mask))
+        return Target(tuple(by_name[n].detach() for n in self.names), labels, _additive_mask(attention_mask))
 
     def _client_loss(self, selected: dict[str, torch.Tensor], embeds: torch.Tensor, target: Target) -> torch.Tensor:
         out = functional_call(

@@ -26,12 +26,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..models import hub_available
+
+Prior = Callable[[Sequence[int]], float]
+"""A language-model prior: token ids of one sentence (no special tokens) to a
+score, lower meaning more natural (e.g. mean negative log-likelihood)."""
 
 
 class NgramPrior:

@@ -1,0 +1,535 @@
+"""One house style for every figure of the book.
+
+Call :func:`set_style` once at the top of a chapter; then every plotting
+function here draws with the same colour-blind-friendly palette
+(:data:`PALETTE`), labels both axes, adds a legend whenever there is more than
+one series, and returns the :class:`~matplotlib.axes.Axes` it drew on. No
+function calls ``plt.show()``: Jupyter renders the figure, and scripts save it.
+
+Every plotting function takes an optional ``ax`` so that figures can be
+composed into panels::
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss_curves(histories, ax=left)
+    rouge_bars(table, group="layer", ax=right)
+
+Adding a figure type: draw on ``_get_ax(ax)``, colour series with
+``_color(i)``, and finish with ``_finish(ax, xlabel=..., ylabel=...)`` so the
+labelling rules stay in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "batch_curves",
+           "residual_map", "threat_model"]
+
+PALETTE: list[str] = sns.color_palette("colorblind").as_hex()
+"""Series colours, in order: seaborn's ten-colour "colorblind" palette."""
+
+FIGSIZE: tuple[float, float] = (6.4, 4.0)
+"""Default size of a single-panel figure, in inches."""
+
+DPI: int = 110
+"""Resolution of figures, in dots per inch."""
+
+METRIC_LABELS: dict[str, str] = {
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+}
+"""Display names of the metric columns produced by :mod:`gilib.metrics`."""
+
+
+def set_style() -> None:
+    """Apply the book's matplotlib/seaborn theme.
+
+    A white grid, readable font sizes, :data:`PALETTE` as the colour cycle,
+    ``dpi=110`` and a default figure size of :data:`FIGSIZE`. Calling it again
+    has no further effect.
+    """
+    sns.set_theme(
+        context="notebook",
+        style="whitegrid",
+        palette=PALETTE,
+        rc={
+            "figure.figsize": FIGSIZE,
+            "figure.dpi": DPI,
+            "savefig.dpi": DPI,
+            "savefig.bbox": "tight",
+            "font.size": 11,
+            "axes.titlesize": 12,
+            "axes.labelsize": 11,
+            "xtick.labelsize": 10,
+            "ytick.labelsize": 10,
+            "legend.fontsize": 10,
+            "legend.title_fontsize": 10,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "lines.linewidth": 1.8,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Private helpers shared by every figure type.
+# --------------------------------------------------------------------------- #
+
+
+def _get_ax(ax: Axes | None = None, figsize: tuple[float, float] | None = None) -> Axes:
+    """Return ``ax``, or the Axes of a new figure if ``ax`` is None."""
+    if ax is not None:
+        return ax
+    _, new_ax = plt.subplots(figsize=figsize or FIGSIZE)
+    return new_ax
+
+
+def _color(i: int) -> str:
+    """Colour of the ``i``-th series, cycling through :data:`PALETTE`."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def _metric_label(name: str) -> str:
+    """Display name of a metric column, e.g. ``"rouge1"`` -> ``"ROUGE-1"``."""
+    return METRIC_LABELS.get(name, name)
+
+
+def _finish(
+    ax: Axes,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    legend: bool | str = False,
+    legend_title: str | None = None,
+) -> Axes:
+    """Label the axes, add the title and (optionally) the legend.
+
+    ``legend="below"`` puts it under the axes, in two columns, for figures
+    whose data reach the top of the plot.
+    """
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    if legend == "below":
+        ax.legend(title=legend_title, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    elif legend:
+        ax.legend(title=legend_title, frameon=False)
+    return ax
+
+
+# --------------------------------------------------------------------------- #
+# Figure types.
+# --------------------------------------------------------------------------- #
+
+
+def loss_curves(
+    histories: Mapping[str, Sequence[float]],
+    ax: Axes | None = None,
+    *,
+    ylabel: str = "reconstruction loss",
+    logy: bool = False,
+    title: str | None = None,
+) -> Axes:
+    """Plot one loss curve per run against the attack step.
+
+    Args:
+        histories: Maps a series label (e.g. ``"layer 6"``) to the loss at
+            each attack step, starting from step 0.
+        ax: Axes to draw on; a new figure is created if None.
+        ylabel: Label of the y axis.
+        logy: Use a logarithmic y axis (losses must then be positive).
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: If ``histories`` is empty.
+    """
+    if not histories:
+        raise ValueError("histories is empty: nothing to plot")
+    ax = _get_ax(ax)
+    for i, (label, history) in enumerate(histories.items()):
+        y = np.asarray(history, dtype=float)
+        ax.plot(np.arange(len(y)), y, label=label, color=_color(i))
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlim(left=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _finish(ax, xlabel="attack step", ylabel=ylabel, title=title, legend=len(histories) > 1)
+
+
+def rouge_bars(
+    table: pd.DataFrame,
+    *,
+    group: str,
+    metrics: Sequence[str] = ("rouge1", "rouge2"),
+    ax: Axes | None = None,
+    title: str | None = None,
+    errors: str | None = None,
+) -> Axes:
+    """Grouped bar chart of ROUGE F-measures.
+
+    One group of bars per row of ``table`` (labelled by its ``group``
+    column), one bar per metric within a group.
+
+    Args:
+        table: One row per group, with a column ``group`` and one column per
+            metric, e.g. the output of :func:`gilib.metrics.aggregate` for
+            each setting, collected into a DataFrame.
+        group: Column whose values label the groups (and the x axis).
+        metrics: Metric columns to draw, in order.
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+        errors: Suffix of the error columns, e.g. ``"_std"``: the bar of
+            metric ``m`` gets an error bar of half-length ``table[m + errors]``.
+            No error bars if None.
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: If ``table`` is empty, a needed column is missing, the
+            ``group`` column has repeated values, or ``metrics`` is empty.
+    """
+    metrics = list(metrics)
+    if not metrics:
+        raise ValueError("metrics is empty: nothing to plot")
+    needed = [group, *metrics, *(m + errors for m in metrics if errors is not None)]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("table is empty: nothing to plot")
+    if table[group].duplicated().any():
+        raise ValueError(f"column {group!r} must have one row per group, found repeated values")
+
+    ax = _get_ax(ax)
+    x = np.arange(len(table))
+    width = 0.8 / len(metrics)
+    for k, metric in enumerate(metrics):
+        offset = (k - (len(metrics) - 1) / 2) * width
+        ax.bar(
+            x + offset,
+            table[metric].to_numpy(dtype=float),
+            width,
+            yerr=None if errors is None else table[metric + errors].to_numpy(dtype=float),
+            capsize=3 if errors is not None else 0,
+            label=_metric_label(metric),
+            color=_color(k),
+        )
+    ax.set_xticks(x, [str(v) for v in table[group]])
+    ax.set_ylim(0, 1)
+    ax.grid(axis="x", visible=False)
+    return _finish(ax, xlabel=group, ylabel="ROUGE F1", title=title, legend=len(metrics) > 1)
+
+
+def layer_bars(
+    table: pd.DataFrame,
+    *,
+    layer: str = "layers",
+    metrics: Sequence[str] = ("rouge1", "rouge2"),
+    baseline: Mapping[str, float] | None = None,
+    baseline_label: str = "full model",
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """Per-layer ROUGE bars with the spread over sentences, against a baseline.
+
+    Args:
+        table: one row per layer (e.g. :func:`gilib.studies.grids.summarize`
+            of a per-layer grid), with columns ``layer``, each metric and
+            ``<metric>_std``.
+        layer: column holding the layer (or layer-combination) label.
+        metrics: metric columns to draw.
+        baseline: metric -> value drawn as a dashed line per metric (e.g. the
+            full-model attack); None: no line.
+        baseline_label: legend text of the baseline.
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on (error bars: one standard deviation).
+    """
+    ax = rouge_bars(table, group=layer, metrics=metrics, ax=ax, title=title, errors="_std")
+    if baseline:
+        for k, metric in enumerate(metrics):
+            if metric in baseline:
+                ax.axhline(float(baseline[metric]), color=_color(k), linestyle="--", linewidth=1.2,
+                           label=f"{baseline_label}, {_metric_label(metric)}")
+    # Below the axes: error bars reach the top of the plot.
+    return _finish(ax, xlabel="encoder layer attacked", ylabel="ROUGE F1", title=title, legend="below")
+
+
+def heatmap(
+    table: pd.DataFrame,
+    *,
+    rows: str,
+    cols: str,
+    value: str = "rouge1",
+    ax: Axes | None = None,
+    title: str | None = None,
+    row_order: Sequence | None = None,
+    col_order: Sequence | None = None,
+    fmt: str = ".2f",
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+) -> Axes:
+    """A ``rows`` x ``cols`` grid of one score, annotated with its values.
+
+    Args:
+        table: long format, one row per (``rows``, ``cols``) pair, e.g.
+            :func:`gilib.studies.grids.summarize` by component and layer.
+        rows: column whose values label the heatmap's rows.
+        cols: column whose values label its columns.
+        value: the score to colour by (0 to 1).
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+        row_order: order of the rows (default: first appearance).
+        col_order: order of the columns (default: first appearance).
+        fmt: number format of the annotations.
+        xlabel: x label (default: ``cols``).
+        ylabel: y label (default: ``rows``).
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: if a column is missing or a (row, col) pair repeats.
+    """
+    missing = [c for c in (rows, cols, value) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.duplicated([rows, cols]).any():
+        raise ValueError(f"each ({rows}, {cols}) pair must appear once; summarize by exactly these two")
+    grid = table.pivot(index=rows, columns=cols, values=value)
+    grid = grid.reindex(index=list(row_order or pd.unique(table[rows])),
+                        columns=list(col_order or pd.unique(table[cols])))
+    ax = _get_ax(ax, figsize=(1.0 + 0.9 * grid.shape[1], 0.8 + 0.5 * grid.shape[0]))
+    sns.heatmap(grid.astype(float), ax=ax, annot=True, fmt=fmt, vmin=0, vmax=1, cmap="viridis",
+                cbar_kws={"label": _metric_label(value)}, linewidths=0.5)
+    ax.tick_params(axis="y", rotation=0)
+    ax.grid(False)
+    return _finish(ax, xlabel=xlabel or cols, ylabel=ylabel or rows, title=title)
+
+
+def noise_curves(
+    table: pd.DataFrame,
+    *,
+    series: str,
+    value: str = "rouge1",
+    x: str = "noise_multiplier",
+    baselines: Mapping[str, float] | None = None,
+    baseline_label: str = "raw gradient",
+    ax: Axes | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Axes:
+    """One line per series of a score against the DP noise multiplier.
+
+    Args:
+        table: long format: columns ``series``, ``x``, ``value`` and,
+            when present, ``<value>_std`` (drawn as a band).
+        series: column whose values are the lines (e.g. the selection).
+        value: the score on the y axis.
+        x: the noise column; sigma = 0 is drawn at the left edge of a
+            symmetric-log axis.
+        baselines: series value -> a level drawn as a dashed line of the
+            series' colour (e.g. the attack on the raw gradient).
+        baseline_label: legend suffix of the dashed lines.
+        ax: Axes to draw on; a new figure is created if None.
+        ylabel: y label (default: the metric's name).
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+    """
+    missing = [c for c in (series, x, value) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("table is empty: nothing to plot")
+    ax = _get_ax(ax)
+    for i, (name, part) in enumerate(table.groupby(series, sort=False)):
+        part = part.sort_values(x)
+        xs, ys = part[x].to_numpy(dtype=float), part[value].to_numpy(dtype=float)
+        ax.plot(xs, ys, marker="o", color=_color(i), label=str(name))
+        if f"{value}_std" in part.columns:
+            spread = part[f"{value}_std"].to_numpy(dtype=float)
+            ax.fill_between(xs, ys - spread, ys + spread, color=_color(i), alpha=0.15, linewidth=0)
+        if baselines and name in baselines:
+            ax.axhline(float(baselines[name]), color=_color(i), linestyle="--", linewidth=1.2,
+                       label=f"{name}, {baseline_label}")
+    positive = table[x][table[x] > 0]
+    if len(positive):
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+    ax.set_xlim(left=0)
+    # Below the axes: the lines start at the top of the plot.
+    return _finish(ax, xlabel="noise multiplier $\\sigma$", ylabel=ylabel or _metric_label(value), title=title,
+                   legend="below")
+
+
+def batch_curves(
+    table: pd.DataFrame,
+    *,
+    series: str,
+    value: str = "rouge1",
+    x: str = "batch_size",
+    ax: Axes | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+) -> Axes:
+    """One line per series of a score against the client batch size.
+
+    Args:
+        table: long format, one row per (``series``, ``x``) pair, e.g.
+            :func:`gilib.studies.grids.batch_axis` with a selection column.
+        series: column whose values are the lines (e.g. the selection).
+        value: the score on the y axis (0 to 1).
+        x: the batch-size column; drawn on a log-2 axis with a tick at
+            every size present.
+        ax: Axes to draw on; a new figure is created if None.
+        ylabel: y label (default: the metric's name).
+        title: Optional title.
+        xlabel: x label (default: the client batch size).
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: if a column is missing, the table is empty or a
+            (series, x) pair repeats.
+    """
+    missing = [c for c in (series, x, value) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("table is empty: nothing to plot")
+    if table.duplicated([series, x]).any():
+        raise ValueError(f"each ({series}, {x}) pair must appear once; summarize by exactly these two")
+    ax = _get_ax(ax)
+    for i, (name, part) in enumerate(table.groupby(series, sort=False)):
+        part = part.sort_values(x)
+        ax.plot(part[x].to_numpy(dtype=float), part[value].to_numpy(dtype=float), marker="o", color=_color(i),
+                label=str(name))
+    sizes = sorted(int(size) for size in table[x].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
+    ax.set_ylim(0, 1)
+    return _finish(ax, xlabel=xlabel or "client batch size (sentences in one gradient)",
+                   ylabel=ylabel or _metric_label(value),
+                   title=title, legend=table[series].nunique() > 1)
+
+
+def residual_map(
+    residuals: np.ndarray,
+    tokens: Sequence[Sequence[str]],
+    *,
+    positions: Sequence[int] | None = None,
+    row_labels: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """The span check's view of a sentence: positions x best candidates, by residual.
+
+    Args:
+        residuals: ``(P, k)`` residuals of each position's ``k`` best
+            candidates, smallest first (:func:`gilib.attack.rowspace.token_residuals`
+            then a ``topk``).
+        tokens: ``P`` lists of the ``k`` candidates' strings, the cell labels.
+        positions: the positions (default ``1..P``).
+        row_labels: labels of the rows (default: ``position p``).
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on. Colour is ``log10`` of the residual (round-off
+        sits near -6, a false token above -2).
+    """
+    residuals = np.asarray(residuals, dtype=float)
+    if residuals.ndim != 2 or len(tokens) != residuals.shape[0]:
+        raise ValueError(f"residuals must be (P, k) with one token list per row; got {residuals.shape} "
+                         f"and {len(tokens)} token lists")
+    positions = list(positions or range(1, residuals.shape[0] + 1))
+    labels = list(row_labels or [f"position {p}" for p in positions])
+    ax = _get_ax(ax, figsize=(1.6 + 1.25 * residuals.shape[1], 0.8 + 0.42 * residuals.shape[0]))
+    sns.heatmap(np.log10(np.clip(residuals, 1e-12, None)), ax=ax, annot=np.asarray(tokens, dtype=object),
+                fmt="", cmap="viridis_r", vmin=-8, vmax=0, linewidths=0.5,
+                cbar_kws={"label": "log$_{10}$ residual"}, yticklabels=labels,
+                xticklabels=[f"#{i + 1}" for i in range(residuals.shape[1])])
+    ax.tick_params(axis="y", rotation=0)
+    ax.grid(False)
+    return _finish(ax, xlabel="candidate rank at the position (smallest residual first)", ylabel="position",
+                   title=title)
+
+
+def threat_model(ax: Axes | None = None, *, title: str | None = None) -> Axes:
+    """The book's threat model as a diagram: what the client sends, what the server rebuilds.
+
+    A client computes the gradient of its loss on a private sentence and
+    shares part of it (every parameter, one layer, one linear weight;
+    optionally privatised by DP-SGD); an honest-but-curious server that
+    knows the model searches for a sentence with the same gradient. The
+    one figure of the book without data axes: its axes are switched off.
+
+    Args:
+        ax: Axes to draw on; a new 10 x 3.9 inch figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+    """
+    ax = _get_ax(ax, figsize=(10.0, 3.9))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0.3, 4.2)
+    ax.axis("off")
+    client, server, channel, neutral = _color(0), _color(1), _color(2), "#555555"
+
+    def box(x, y, text, color, *, weight="normal"):
+        ax.text(x, y, text, ha="center", va="center", fontsize=10, fontweight=weight, linespacing=1.5,
+                bbox=dict(boxstyle="round,pad=0.5", facecolor=color + "22", edgecolor=color, linewidth=1.4))
+
+    def arrow(start, end, color, style="-|>"):
+        ax.annotate("", xy=end, xytext=start,
+                    arrowprops=dict(arrowstyle=style, color=color, linewidth=1.6, shrinkA=0, shrinkB=0))
+
+    ax.text(1.6, 4.0, "client (victim)", ha="center", fontsize=11, fontweight="bold", color=client)
+    ax.text(8.4, 4.0, "server (attacker)", ha="center", fontsize=11, fontweight="bold", color=server)
+    # Client: private data and its gradient.
+    box(1.6, 3.25, "private sentence $x$, label $y$", client)
+    arrow((1.6, 2.95), (1.6, 2.45), client)
+    ax.text(1.7, 2.7, "shared model $\\theta$", fontsize=9, color=client, va="center")
+    box(1.6, 2.0, "gradient of its loss\n$g = \\nabla_\\theta\\, \\mathcal{L}(f_\\theta(x), y)$", client)
+    # Channel: what leaves the client, and the defence on the way.
+    arrow((2.65, 2.0), (3.8, 2.0), channel)
+    box(5.0, 2.0, "part of $g$ is sent:\nall parameters (ch. 1)\none layer (ch. 2)\none linear weight (ch. 3)",
+        channel)
+    box(5.0, 3.45, "defence: DP-SGD clips $g$ and\nadds noise before sending (ch. 4)", neutral)
+    arrow((5.0, 3.05), (5.0, 2.82), neutral)
+    arrow((6.2, 2.0), (7.3, 2.0), channel)
+    # Server: what it knows, the search, the result.
+    box(8.4, 3.25, "knows $\\theta$, the label, the length", server)
+    arrow((8.4, 2.95), (8.4, 2.45), server)
+    box(8.4, 2.0, "searches for $\\hat x$ with\n$\\nabla_\\theta\\, \\mathcal{L}(f_\\theta(\\hat x), y) \\approx g$", server)
+    arrow((8.4, 1.55), (8.4, 1.0), server)
+    box(8.4, 0.7, "reconstruction $\\hat x$", server, weight="bold")
+    # Only the book, never the attacker, compares the two.
+    ax.plot([1.6, 1.6, 7.2], [1.6, 0.7, 0.7], color=neutral, linewidth=1.2, linestyle="--")
+    arrow((7.15, 0.7), (7.35, 0.7), neutral)
+    ax.text(4.4, 0.82, "the book scores $\\hat x$ against $x$ (ROUGE); the attacker never sees $x$",
+            ha="center", va="bottom", fontsize=9, color=neutral)
+    if title is not None:
+        ax.set_title(title)
+    return ax

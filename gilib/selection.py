@@ -1,0 +1,214 @@
+"""What the attacker sees: named selections of a BERT's parameters.
+
+Li, Xu and Dras (EMNLP 2024) show that the gradient of a *part* of a
+Transformer leaks the training text: one encoder layer, or one linear weight
+inside it (layer 0's attention query in BERT-base is 768 x 768 = 0.54 % of
+the parameters). A :class:`Selection` names such a part and maps it to exact
+parameter names; what the server receives for that part is a
+:class:`~gilib.update.SharedUpdate` (:func:`gilib.client.client_update`
+computes it).
+
+Components, each for one layer, a list of layers or ``"all"``:
+
+============================  ==============================================
+name                          parameters of ``encoder.layer.L``
+============================  ==============================================
+``layer``                     every parameter of the layer
+``attention.query``           ``attention.self.query.weight``
+``attention.key``             ``attention.self.key.weight``
+``attention.value``           ``attention.self.value.weight``
+``attention.qkv``             the three weights above
+``attention.output``          ``attention.output.dense.weight``
+``ffn.intermediate``          ``intermediate.dense.weight``
+``ffn.output``                ``output.dense.weight``
+============================  ==============================================
+
+and two that take no layer: ``encoder`` (every encoder layer) and ``full``.
+
+``full`` is every parameter except the word-embedding table, as in LAMP and
+the paper. The table's gradient is non-zero exactly in the rows of the
+tokens the sentence uses, so sharing it hands over the bag of words with no
+attack at all; an optimisation attack, which works on continuous embeddings,
+has no way to match it.
+
+Names are matched exactly, never by substring: ``ffn.output`` is
+``layer.L.output.dense.weight`` and must not pick up
+``layer.L.attention.output.dense.weight``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+_LINEAR = {
+    "attention.query": ("attention.self.query.weight",),
+    "attention.key": ("attention.self.key.weight",),
+    "attention.value": ("attention.self.value.weight",),
+    "attention.qkv": (
+        "attention.self.query.weight",
+        "attention.self.key.weight",
+        "attention.self.value.weight",
+    ),
+    "attention.output": ("attention.output.dense.weight",),
+    "ffn.intermediate": ("intermediate.dense.weight",),
+    "ffn.output": ("output.dense.weight",),
+}
+PER_LAYER = ("layer", *_LINEAR)
+"""Components that take a layer index, a list of indices or ``"all"``."""
+WHOLE = ("full", "encoder")
+"""Components that take no layer."""
+COMPONENTS = WHOLE + PER_LAYER
+
+_WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A named part of a model's parameters.
+
+    Attributes:
+        component: one of :data:`COMPONENTS`.
+        layers: the encoder layers it covers (empty for ``full``).
+        names: exact parameter names, in the model's order.
+        numel: number of selected parameters.
+        total: number of parameters of the whole model (word embeddings
+            included), the denominator of :attr:`fraction`.
+    """
+
+    component: str
+    layers: tuple[int, ...]
+    names: tuple[str, ...]
+    numel: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError(
+                f"The selection {self.component} {self.layers or ''} names no parameter: the attacker would see "
+                f"nothing. Build it with select(model, component, layers)."
+            )
+
+    @property
+    def fraction(self) -> float:
+        """Share of the model's parameters that the attacker sees."""
+        return self.numel / self.total
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and plots, e.g. ``attention.query L0``."""
+        if self.component in WHOLE:
+            return self.component
+        return f"{self.component} L{','.join(map(str, self.layers))}"
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The selected parameter tensors of ``model``, in :attr:`names` order."""
+        params = dict(model.named_parameters())
+        missing = [name for name in self.names if name not in params]
+        if missing:
+            raise ValueError(
+                f"This model has no parameter {missing[0]}: the selection {self.label} was made for another "
+                f"model. Build it with select(model, ...) on the model you attack."
+            )
+        return [params[name] for name in self.names]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.label}: {len(self.names)} tensor(s), {self.numel:,} parameters "
+            f"({100 * self.fraction:.4g} % of {self.total:,})"
+        )
+
+
+def select(
+    model: torch.nn.Module,
+    component: str = "full",
+    layers: int | Sequence[int] | str | None = None,
+) -> Selection:
+    """Name the part of ``model`` whose gradient the attacker receives.
+
+    Args:
+        model: a BERT-family model (``BertForSequenceClassification``).
+        component: one of :data:`COMPONENTS`.
+        layers: for a per-layer component, an index, a list of indices or
+            ``"all"``; must be ``None`` for ``full`` and ``encoder``.
+            Negative indices count from the last layer.
+
+    Returns:
+        The :class:`Selection`.
+
+    Raises:
+        ValueError: for an unknown component, a missing or out-of-range
+            layer, or a layer given to ``full`` / ``encoder``; the message
+            lists the valid choices.
+    """
+    if component not in COMPONENTS:
+        raise ValueError(
+            f"Unknown component '{component}'. Choose one of: {', '.join(COMPONENTS)}."
+        )
+    named = dict(model.named_parameters())
+    prefix = f"{model.base_model_prefix}."
+    n_layers = model.config.num_hidden_layers
+
+    if component in WHOLE:
+        if layers is not None:
+            raise ValueError(
+                f"'{component}' covers the whole model and takes no layers; "
+                f"use one of {', '.join(PER_LAYER)} to select a layer."
+            )
+        if component == "full":
+            names = [n for n in named if n != prefix + _WORD_EMBEDDINGS]
+        else:
+            names = [n for n in named if n.startswith(prefix + "encoder.layer.")]
+        layer_ids: tuple[int, ...] = tuple(range(n_layers)) if component == "encoder" else ()
+    else:
+        layer_ids = _layer_indices(layers, n_layers, component)
+        names = []
+        for layer in layer_ids:
+            stem = f"{prefix}encoder.layer.{layer}."
+            if component == "layer":
+                names += [n for n in named if n.startswith(stem)]
+            else:
+                names += [stem + suffix for suffix in _LINEAR[component]]
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(
+                f"This model has no parameter {missing[0]}: selections expect a BERT-family model."
+            )
+    return Selection(
+        component=component,
+        layers=layer_ids,
+        names=tuple(names),
+        numel=sum(named[n].numel() for n in names),
+        total=sum(p.numel() for p in named.values()),
+    )
+
+
+def _layer_indices(layers, n_layers: int, component: str) -> tuple[int, ...]:
+    valid = f"0..{n_layers - 1} (or -{n_layers}..-1), a list of them, or 'all'"
+    if layers is None:
+        raise ValueError(f"'{component}' needs layers: pass an index {valid}.")
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"Unknown layers '{layers}': pass an index {valid}.")
+        return tuple(range(n_layers))
+    indices = list(layers) if isinstance(layers, (list, tuple, range)) else [layers]
+    if not indices:
+        raise ValueError(f"The list of layers is empty: pass an index {valid}.")
+    resolved = []
+    for layer in indices:
+        try:
+            layer = operator.index(layer)  # accepts numpy integers too
+        except TypeError:
+            raise ValueError(f"Layer {layer!r} is not an integer: pass an index {valid}.") from None
+        if not -n_layers <= layer < n_layers:
+            raise ValueError(
+                f"Layer {layer} is out of range: this model has {n_layers} layers, "
+                f"so pass an index {valid}."
+            )
+        resolved.append(layer % n_layers)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"Layers {indices} repeat a layer; list each layer once.")
+    return tuple(sorted(resolved))

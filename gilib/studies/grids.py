@@ -1,0 +1,641 @@
+"""Grids of attack runs: one JSON line per attacked sentence, resumable, parallel.
+
+A grid file (YAML) names a model, datasets, selections and attack settings;
+every combination is a *cell*, and every cell attacks the same seeded sample
+of sentences from each dataset (LAMP's protocol, :func:`gilib.data.sample_batches`).
+Example::
+
+    name: layers
+    model: minilm
+    datasets: [cola, [sst2, validation], rotten_tomatoes]   # a [dataset, split] pair overrides split
+    split: train
+    sentences: 4          # per dataset and cell; every batch size divides it
+    sample_seed: 101      # which sentences
+    clients_per_task: 4   # client batches attacked together in one batched call
+    batch_sizes: [1, 2]   # optional: sentences per client batch, one cell each (default [1])
+    attack: {steps: 200, init_candidates: 100, swap_candidates: 100}
+    seeds: [0]            # attack seeds
+    selections:
+      - {component: full, batch_sizes: [1, 2, 4]}        # a selection's own batch sizes replace the grid's
+      - {component: layer, layers: [0, 1, 2, 3, 4, 5]}   # a list expands to one cell per layer
+      - {component: layer, layers: [[0, 1]]}             # a nested list is one combined cell
+    dp:                   # optional: the client runs a DP-SGD step (gilib.dp)
+      noise_multipliers: [0, 0.1, 0.5]
+      max_grad_norm: 1.0
+      readings: [raw, privatised]   # attack p.grad before or after the DP optimizer's pre_step()
+
+Each finished sentence appends one line to the output: the cell's settings,
+the dataset and row id, ROUGE-1/2/L, seconds and the git commit. A client
+batch of B > 1 sentences (``batch_sizes``, for the whole grid or for one
+selection) is attacked as one gradient, as LAMP does: the attack returns B sentences in an order of its own, each is
+paired with a true sentence by the Hungarian matching of
+:func:`gilib.metrics.match_batch`, and every true sentence gets the line of
+the reconstruction paired with it (``batch`` lists the batch's row ids,
+``seconds`` is the batch's time over B). The cell records ``batch_size``
+only when it is above 1, so the keys of batch-1 results never change. Results
+keep dataset row ids, never the text of CoLA, SST-2 or Rotten Tomatoes;
+only for the bundled sample (our own sentences) the reconstruction is kept.
+
+A run skips every (cell, dataset, row) already in the output, so a killed
+run resumes where it stopped and loses only the tasks in flight (at most
+``clients_per_task`` sentences per worker). Tasks run in worker processes
+through joblib, one torch thread each, and the parent alone writes the file.
+
+The client's update comes from :func:`gilib.client.client_update`, the
+runner (resume, safe appends, local workers or a Dask cluster) from
+:func:`gilib.studies.runner.run`. Command line::
+
+    python -m gilib.studies grids run GRID.yaml --out data/results/NAME.jsonl [--jobs 2] [--device cpu]
+    python -m gilib.studies grids run GRID.yaml --out ... --scheduler tcp://host:8786   # on a Dask cluster
+    python -m gilib.studies grids table data/results/NAME.jsonl [--by component layers] [--where batch_size=1]
+    python -m gilib.studies grids batches data/results/NAME.jsonl ...   # the selections run at several batch sizes
+
+A grid is checked whole before its first task runs (:func:`check_grid`):
+its datasets and splits, their files, and every selection against the
+victim, so that a typo fails at once rather than after hours of attacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+import yaml
+
+from ..attack import AttackConfig, attack_clients
+from ..client import DPSGD, client_update
+from ..data import DATASETS, load_split, local_splits, sample_batches
+from ..dp import clip_factors
+from ..metrics import match_batch, rouge_scores
+from ..models import cached_model, encode
+from ..selection import COMPONENTS, select
+from .store import read_lines
+from .study import Study, Table, markdown_table, mean_sd, option
+
+SCORES = ("rouge1", "rouge2", "rougeL")
+OWN_DATASETS = ("sample",)  # text we wrote: reconstructions may be stored
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: a model, a selection and attack settings.
+
+    Attributes:
+        model: a :func:`gilib.models.load_model` name.
+        component: a :data:`gilib.selection.COMPONENTS` name.
+        layers: a layer index, a tuple of indices, or ``None``.
+        attack: :class:`~gilib.attack.AttackConfig` settings, as sorted pairs.
+        dp: the client's DP-SGD settings, as sorted pairs (``None``: plain).
+        batch_size: sentences per client batch.
+    """
+
+    model: str
+    component: str
+    layers: int | tuple[int, ...] | None
+    attack: tuple[tuple[str, Any], ...]
+    dp: tuple[tuple[str, Any], ...] | None = None
+    batch_size: int = 1
+
+    def key(self) -> str:
+        """A canonical string that identifies the cell in a results file."""
+        return json.dumps(self.describe(), sort_keys=True)
+
+    def describe(self) -> dict:
+        """The cell as plain JSON values."""
+        layers = list(self.layers) if isinstance(self.layers, tuple) else self.layers
+        described = {"model": self.model, "component": self.component, "layers": layers, **dict(self.attack)}
+        if self.dp is not None:
+            described["dp"] = dict(self.dp)
+        if self.batch_size != 1:
+            described["batch_size"] = self.batch_size
+        return described
+
+
+@dataclass
+class Grid:
+    """A parsed grid file.
+
+    Attributes:
+        name: the grid's name.
+        cells: every combination of selection and attack seed.
+        datasets: ``(dataset, split)`` pairs.
+        sentences: sentences per dataset and cell.
+        sample_seed: seed of the sentence sample.
+        clients_per_task: client batches attacked together in one task.
+        source: the file's text, stored with the results.
+    """
+
+    name: str
+    cells: list[Cell]
+    datasets: list[tuple[str, str]]
+    sentences: int
+    sample_seed: int = 101
+    clients_per_task: int = 1
+    source: dict = field(default_factory=dict)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if a field is missing or malformed, naming the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No grid file at {path}; the grids of the book are in data/results/*.yaml.")
+    spec = yaml.safe_load(path.read_text()) or {}
+    return parse_grid(spec, name=path.stem)
+
+
+def parse_grid(spec: dict, name: str = "grid") -> Grid:
+    """Build a :class:`Grid` from a grid file's content (see the module docstring)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"A grid file holds a mapping of fields (name, model, selections, ...), got {spec!r}.")
+    known = {"name", "model", "datasets", "split", "sentences", "sample_seed", "clients_per_task", "attack",
+             "seeds", "selections", "dp", "batch_sizes"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"Unknown grid field(s) {sorted(unknown)}; the fields are {sorted(known)}.")
+    if not spec.get("selections"):
+        raise ValueError("The grid has no 'selections': list at least one, e.g. {component: full}.")
+    attack = dict(spec.get("attack") or {})
+    try:
+        AttackConfig(**attack)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Bad 'attack' settings in the grid: {err}") from None
+    attack.setdefault("objective", "cos")
+    attack.setdefault("steps", AttackConfig.steps)
+    defences = _dp_settings(spec.get("dp"))
+    sentences = spec.get("sentences", 5)
+    if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
+        raise ValueError(f"'sentences' must be a whole number, at least 1, got {sentences!r}.")
+    batch_sizes = _batch_sizes(spec.get("batch_sizes", [1]), sentences)
+    entries = [_selection(entry, batch_sizes, sentences) for entry in spec["selections"]]
+    # Batch sizes in order of first mention: the grid's, then the selections' own.
+    all_sizes = list(dict.fromkeys(batch_sizes + [size for *_, sizes in entries for size in sizes]))
+    cells = []
+    for seed, defence, batch_size in itertools.product(spec.get("seeds", [0]), defences, all_sizes):
+        for component, options, sizes in entries:
+            if batch_size not in sizes:
+                continue
+            for layers in options:
+                layers = tuple(layers) if isinstance(layers, list) else layers
+                settings = {**attack, "seed": int(seed)}
+                cells.append(Cell(spec.get("model", "minilm"), component, layers, tuple(sorted(settings.items())),
+                                  defence, batch_size))
+    datasets = _datasets(spec.get("datasets", ["sample"]), spec.get("split", "train"))
+    return Grid(
+        name=spec.get("name", name),
+        cells=cells,
+        datasets=datasets,
+        sentences=sentences,
+        sample_seed=int(spec.get("sample_seed", 101)),
+        clients_per_task=max(1, int(spec.get("clients_per_task", 1))),
+        source=spec,
+    )
+
+
+def _datasets(entries, split) -> list[tuple[str, str]]:
+    """A grid's ``datasets``: names or ``[dataset, split]`` pairs, each a split this machine can read.
+
+    Raises:
+        ValueError: for an entry that is neither, an unknown dataset or a
+            split the dataset does not have, naming the choices.
+    """
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"'datasets' is a list of dataset names or [dataset, split] pairs, e.g. "
+                         f"[cola, [sst2, validation]]; got {entries!r}.")
+    pairs = []
+    for entry in entries:
+        pair = (entry, split) if isinstance(entry, str) else entry
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ValueError(f"Bad dataset {entry!r} in the grid: give a name or a [dataset, split] pair.")
+        dataset, part = pair
+        if dataset not in DATASETS:
+            raise ValueError(f"Unknown dataset {dataset!r} in the grid; choose one of: {', '.join(DATASETS)}.")
+        if part not in local_splits(dataset):
+            raise ValueError(f"Unknown split {part!r} of {dataset} in the grid; {dataset} has "
+                             f"{', '.join(local_splits(dataset))}.")
+        pairs.append((dataset, part))
+    return pairs
+
+
+def _selection(entry, batch_sizes: list[int], sentences: int) -> tuple[str, list, list[int]]:
+    """A grid's selection entry: its component, its layer options and its batch sizes.
+
+    Args:
+        entry: ``{component: NAME, layers: ..., batch_sizes: [...]}``;
+            ``layers`` and ``batch_sizes`` are optional.
+        batch_sizes: the grid's batch sizes, which the entry's own
+            ``batch_sizes`` replace.
+        sentences: sentences per dataset, which every batch size divides.
+
+    Raises:
+        ValueError: for another field, an unknown component or bad batch sizes.
+    """
+    if not isinstance(entry, dict) or set(entry) - {"component", "layers", "batch_sizes"}:
+        raise ValueError(f"Bad selection {entry!r} in the grid: each is {{component: NAME, layers: ...}}, "
+                         f"optionally with batch_sizes: [...], and no other field.")
+    component = entry.get("component")
+    if component not in COMPONENTS:
+        raise ValueError(f"Unknown component {component!r} in the grid; choose one of: {', '.join(COMPONENTS)}.")
+    layer_list = entry.get("layers")
+    options = layer_list if isinstance(layer_list, list) else [layer_list]
+    if "batch_sizes" in entry:
+        batch_sizes = _batch_sizes(entry["batch_sizes"], sentences, where=f" of selection {entry!r}")
+    return component, options, batch_sizes
+
+
+def _batch_sizes(sizes, sentences: int, where: str = "") -> list[int]:
+    """A ``batch_sizes`` list (the grid's, or a selection's: ``where``): whole numbers dividing ``sentences``."""
+    if not isinstance(sizes, list) or not sizes:
+        raise ValueError(f"'batch_sizes'{where} is a list of sentences per client batch, e.g. [1, 2, 4]; "
+                         f"got {sizes!r}.")
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"Each batch size{where} is a whole number, at least 1; got {size!r}.")
+        if sentences % size:
+            raise ValueError(f"'sentences' ({sentences} per dataset) must be a multiple of every batch size, "
+                             f"and {size}{where} does not divide it.")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"'batch_sizes' {sizes}{where} repeats a size; list each once.")
+    return sizes
+
+
+def _dp_settings(spec: dict | None) -> list[tuple[tuple[str, Any], ...] | None]:
+    """The DP settings of a grid's ``dp`` field, one per (noise, reading); ``[None]`` without it."""
+    if spec is None:
+        return [None]
+    unknown = set(spec) - {"noise_multipliers", "max_grad_norm", "readings"}
+    if unknown:
+        raise ValueError(f"Unknown 'dp' field(s) {sorted(unknown)}; use noise_multipliers, max_grad_norm, readings.")
+    readings = spec.get("readings", ["privatised"])
+    bad = [r for r in readings if r not in ("raw", "privatised")]
+    if bad:
+        raise ValueError(f"Unknown dp reading(s) {bad}: use 'raw' (p.grad after backward) or 'privatised'.")
+    noises = spec.get("noise_multipliers", [])
+    if not noises or any(float(n) < 0 for n in noises):
+        raise ValueError("'dp' needs noise_multipliers: a list of sigmas, each 0 or more.")
+    clip = float(spec.get("max_grad_norm", 1.0))
+    if clip <= 0:
+        raise ValueError(f"dp max_grad_norm must be positive, got {clip}.")
+    return [(("max_grad_norm", clip), ("noise_multiplier", float(n)), ("reading", r))
+            for n in noises for r in readings]
+
+
+def _done_key(cell_key: str, dataset: str, split: str, row_id: int) -> tuple:
+    return (cell_key, dataset, split, int(row_id))
+
+
+def _line_key(line: dict) -> tuple:
+    """The :func:`_done_key` of a result line."""
+    return _done_key(json.dumps(line["cell"], sort_keys=True), line["dataset"], line["split"], line["row_id"])
+
+
+def plan(grid: Grid) -> list[tuple[Cell, str, str, list]]:
+    """Every task of a grid: ``(cell, dataset, split, batches)``.
+
+    Every cell attacks the same sentences of a dataset; a cell of batch size
+    B groups them, in sample order, into client batches of B.
+    """
+    tasks = []
+    for dataset, split in grid.datasets:
+        examples = load_split(dataset, split)
+        if len(examples) < grid.sentences:
+            raise ValueError(
+                f"{dataset}/{split} has {len(examples)} sentences, fewer than the grid's {grid.sentences}."
+            )
+        chosen = [b[0] for b in sample_batches(examples, grid.sentences, 1, seed=grid.sample_seed)]
+        for cell in grid.cells:
+            size, per_task = cell.batch_size, grid.clients_per_task
+            batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+            # Fixed groups: client i of a group is seeded with seed + i, so a
+            # resumed run must group the batches exactly as a fresh one does.
+            tasks += [(cell, dataset, split, batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
+    return tasks
+
+
+def check_grid(grid: Grid, device: str = "cpu") -> None:
+    """Check a whole grid before its first task runs.
+
+    Every dataset's split is read (a missing file fails here) and holds
+    enough sentences, and every cell's selection exists on the victim (a
+    layer the model does not have fails here), so that no task fails after
+    the ones before it have run.
+
+    Raises:
+        ValueError, FileNotFoundError, RuntimeError: naming what to fix.
+    """
+    for dataset, split in grid.datasets:
+        examples = load_split(dataset, split)
+        if len(examples) < grid.sentences:
+            raise ValueError(
+                f"{dataset}/{split} has {len(examples)} sentences, fewer than the grid's {grid.sentences}."
+            )
+    models = {cell.model for cell in grid.cells}
+    for name in sorted(models):
+        model, _ = cached_model(name, 0, device)
+        for cell in grid.cells:
+            if cell.model == name:
+                try:
+                    select(model, cell.component, _layers(cell))
+                except ValueError as err:
+                    raise ValueError(f"Bad selection in the grid: {err}") from None
+
+
+def _layers(cell: Cell):
+    return list(cell.layers) if isinstance(cell.layers, tuple) else cell.layers
+
+
+def run_task(cell: Cell, dataset: str, split: str, batches: list[list], device: str = "cpu",
+             threads: int = 1) -> list[dict]:
+    """Attack a few client batches of one cell together; one result line per sentence.
+
+    The client side (the true sentences and their update) and the server
+    side (the attack, which gets only the shared update) meet only in the
+    metrics.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = cached_model(cell.model, 0, device)
+    selection = select(model, cell.component, _layers(cell))
+    updates, extras = [], []
+    for batch in batches:
+        true_batch = encode(tokenizer, [ex.text for ex in batch], [ex.label for ex in batch], device=device)
+        protocol, extra = None, {}
+        if cell.dp is not None:
+            settings = dict(cell.dp)
+            # The noise is seeded by the batch's first sentence, so it does not depend on how a run was split.
+            protocol = DPSGD(settings["noise_multiplier"], settings["max_grad_norm"],
+                             seed=int(batch[0].row_id) + 100_003 * dict(cell.attack)["seed"],
+                             reading=settings["reading"])
+        update = client_update(model, selection, true_batch, protocol)
+        if update.dp is not None:
+            clip = clip_factors(update.dp.per_example_norms, settings["max_grad_norm"])
+            extra = {"dp_cosine": update.dp.cosine(), "clip_factor": float(clip.mean())}
+        updates.append(update.shared)
+        extras.append(extra)
+    config = AttackConfig(**dict(cell.attack), progress=False)
+    rebuilt = attack_clients(model, tokenizer, updates, selection, config)
+    lines = []
+    for batch, update, result, extra in zip(batches, updates, rebuilt, extras):
+        references = [ex.text for ex in batch]
+        order = match_batch(result.texts, references) if len(batch) > 1 else [0]
+        for ex, length, j in zip(batch, update.lengths, order):
+            scores = rouge_scores(result.texts[j], ex.text)
+            line = {
+                "cell": cell.describe(),
+                "dataset": dataset,
+                "split": split,
+                "row_id": ex.row_id,
+                **({"batch": [e.row_id for e in batch]} if len(batch) > 1 else {}),
+                "tokens": int(length),
+                "selection": selection.label,
+                "numel": selection.numel,
+                "fraction": selection.fraction,
+                **{k: scores[k] for k in SCORES},
+                "final_loss": result.final_loss,
+                **extra,
+                "seconds": result.seconds / len(batch),
+                "device": device,
+            }
+            if dataset in OWN_DATASETS:
+                line["reconstruction"] = result.texts[j]
+                line["reference"] = ex.text
+            lines.append(line)
+    return lines
+
+
+def run_grid(
+    grid: Grid | str | Path,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    device: str = "cpu",
+    threads: int = 1,
+    scheduler: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) a grid, appending one JSON line per attacked sentence to ``out``.
+
+    Args:
+        grid: a :class:`Grid` or the path of a grid file.
+        out: the results file (JSON lines); created with its folders.
+        jobs: worker processes (joblib), or Dask workers with
+            ``scheduler="local"``; 1 runs in this process.
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: torch threads per worker (0: torch's default).
+        scheduler: a Dask scheduler's address, or ``"local"`` (see
+            :func:`gilib.studies.runner.run`); ``None`` runs on this machine.
+        limit: stop after this many tasks (tests use it to simulate a kill).
+        progress: print one line per finished task.
+
+    Returns:
+        Every line of ``out`` after the run, old and new.
+    """
+    return STUDY.run(out, tasks(grid, device=device, threads=threads), jobs=jobs, scheduler=scheduler, limit=limit,
+                     progress=progress)
+
+
+def tasks(grid: Grid | str | Path, *, device: str = "cpu", threads: int = 1) -> list[tuple]:
+    """Every task of a grid, checked whole first (:func:`check_grid`): the runner skips those already done."""
+    if not isinstance(grid, Grid):
+        grid = load_grid(grid)
+    check_grid(grid, device)
+    return [(cell, dataset, split, group, device, threads) for cell, dataset, split, group in plan(grid)]
+
+
+def _task_keys(cell: Cell, dataset: str, split: str, batches: list[list], *_) -> list[tuple]:
+    return [_done_key(cell.key(), dataset, split, ex.row_id) for batch in batches for ex in batch]
+
+
+def _flat(rows: Iterable[dict] | str | Path) -> pd.DataFrame:
+    """Result lines as one flat table: the cell's fields (DP settings included) beside the line's."""
+    if isinstance(rows, (str, Path)):
+        rows = read_lines(rows)
+    flat = []
+    for r in rows:
+        cell = dict(r["cell"])
+        cell.update(cell.pop("dp", None) or {})  # noise_multiplier, max_grad_norm, reading
+        cell.setdefault("batch_size", 1)
+        if isinstance(cell.get("layers"), list):
+            cell["layers"] = "+".join(str(i) for i in cell["layers"])
+        elif cell.get("layers") is None:
+            cell["layers"] = "all"  # here, not in the frame: a column of None and ints would turn float
+        flat.append({**cell, **{k: v for k, v in r.items() if k != "cell"}})
+    if not flat:
+        raise ValueError("No results to summarize: run the grid first (python -m gilib.studies grids run ...).")
+    return pd.DataFrame(flat)
+
+
+def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers"),
+              where: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Mean, standard deviation and count of the scores, per group.
+
+    Args:
+        rows: result lines, or the path of a results file.
+        by: cell fields (``model``, ``component``, ``layers``, ``seed``,
+            ``batch_size``, ...) and/or ``dataset`` to group by.
+        where: keep only the lines whose field has this value (compared as
+            text, e.g. ``{"batch_size": 1}`` or ``{"layers": "0"}``), before
+            grouping.
+
+    Returns:
+        One row per group: ``<score>``, ``<score>_std``, ``n``, ``seconds``,
+        and the selection's share of parameters.
+
+    Raises:
+        ValueError: for no results, an unknown field, or lines of several
+            client batch sizes when ``by`` does not hold ``batch_size`` (a
+            mean over batch sizes would mix two experiments).
+    """
+    df = _flat(rows)
+    by = list(by)
+    missing = [b for b in by if b not in df.columns]
+    if missing:
+        raise ValueError(f"Cannot group by {missing}; the results have {sorted(df.columns)}.")
+    for name, value in (where or {}).items():
+        if name not in df.columns:
+            raise ValueError(f"Cannot filter on {name!r}; the results have {sorted(df.columns)}.")
+        df = df[df[name].astype(str) == str(value)]
+    if df.empty:
+        raise ValueError(f"No results with {where}.")
+    sizes = sorted(int(b) for b in df["batch_size"].unique())
+    if len(sizes) > 1 and "batch_size" not in by:
+        raise ValueError(f"The results hold client batches of {sizes} sentences: group by batch_size, or keep "
+                         f"one size with where={{'batch_size': 1}} (--where batch_size=1).")
+    grouped = df.groupby(by, sort=False, dropna=False)
+    table = grouped[list(SCORES)].mean()
+    for score in SCORES:
+        table[f"{score}_std"] = grouped[score].std(ddof=1).fillna(0.0)
+    table["n"] = grouped.size()
+    table["seconds"] = grouped["seconds"].mean()
+    table["fraction"] = grouped["fraction"].mean()
+    if "dp_cosine" in df.columns:  # DP cells: how much of the raw direction survived privatisation
+        table["dp_cosine"] = grouped["dp_cosine"].mean()
+    return table.reset_index().sort_values(by, key=lambda column: column.map(_natural)).reset_index(drop=True)
+
+
+def batch_axis(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:
+    """The selections attacked at several client batch sizes, summarized per batch size.
+
+    Args:
+        rows: result lines, or the path of a results file.
+        by: the groups within a batch size: ``component`` and ``layers``,
+            and e.g. ``dataset`` for one row per dataset.
+
+    Returns:
+        :func:`summarize` by ``by`` and ``batch_size``, keeping only the
+        selections with more than one batch size.
+    """
+    table = summarize(rows, by=[*by, "batch_size"])
+    sizes = table.groupby(["component", "layers"])["batch_size"].transform("nunique")
+    if not (sizes > 1).any():
+        raise ValueError("No selection of these results was attacked at more than one batch size.")
+    return table[sizes > 1].reset_index(drop=True)
+
+
+def sentence_lengths(rows: Iterable[dict] | str | Path) -> pd.DataFrame:
+    """Each dataset's sample: how many sentences, and how long they are.
+
+    Length is the sentence's word pieces, ``[CLS]`` and ``[SEP]`` not
+    counted (a line's ``tokens`` minus 2). Every sentence counts once,
+    however many cells attacked it.
+
+    Args:
+        rows: result lines, or the path of a results file.
+
+    Returns:
+        One row per dataset and split, in order of first appearance:
+        ``sentences`` and the ``min``, ``median`` and ``max`` length.
+
+    Raises:
+        ValueError: if a sentence has lines of different lengths (results of
+            two tokenizers mixed).
+    """
+    df = _flat(rows)
+    pieces = df.assign(length=df["tokens"] - 2).groupby(["dataset", "split", "row_id"], sort=False)["length"]
+    if (pieces.nunique() > 1).any():
+        raise ValueError("A sentence has lines of different lengths: the results mix tokenizers.")
+    per_sentence = pieces.first().reset_index()
+    return (per_sentence.groupby(["dataset", "split"], sort=False)["length"]
+            .agg(sentences="size", min="min", median="median", max="max").reset_index())
+
+
+def _natural(value: Any) -> str:
+    """A sort key that puts layer 2 before layer 10 and single layers before combinations."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"0{float(value):012.4f}"
+    return f"1{value}"
+
+
+def markdown(table: pd.DataFrame, by: Iterable[str] = ("component", "layers")) -> str:
+    """A :func:`summarize` table as Markdown: the groups, share of parameters, ROUGE-1/2 (mean ± sd), n."""
+    by = list(by)
+    rows = ([*(row[b] for b in by), f"{100 * row['fraction']:.2f} %", mean_sd(row["rouge1"], row["rouge1_std"]),
+             mean_sd(row["rouge2"], row["rouge2_std"]), int(row["n"])] for _, row in table.iterrows())
+    return markdown_table([*by, "share of parameters", "ROUGE-1", "ROUGE-2", "sentences"], rows)
+
+
+def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
+    """:func:`batch_axis` as the README's Markdown table: one row per selection and batch size.
+
+    The largest selection comes first; ROUGE is mean ± standard deviation
+    over the sentences, each scored once per batch size.
+    """
+    table = batch_axis(rows).sort_values(["fraction", "batch_size"], ascending=[False, True], kind="stable")
+    rows = ([row["component"], row["layers"], int(row["batch_size"]), f"{100 * row['fraction']:.2f} %",
+             mean_sd(row["rouge1"], row["rouge1_std"]), mean_sd(row["rouge2"], row["rouge2_std"]),
+             int(row["n"])] for _, row in table.iterrows())
+    return markdown_table(["component", "layers", "sentences per client", "share of parameters", "ROUGE-1",
+                                   "ROUGE-2", "sentences"], rows)
+
+
+def _where(pairs: list[str]) -> dict[str, str]:
+    """``["batch_size=1", ...]`` from the command line, as :func:`summarize`'s ``where``."""
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ValueError(f"--where takes FIELD=VALUE pairs, e.g. batch_size=1; got {bad[0]!r}.")
+    return {name: value for name, _, value in (p.partition("=") for p in pairs)}
+
+
+def _label(lines: list[dict]) -> str:
+    cell = lines[0]["cell"]
+    return (f"{cell['component']} {cell['layers']} {lines[0]['dataset']}: ROUGE-1 "
+            + " ".join(f"{line['rouge1']:.2f}" for line in lines))
+
+
+STUDY = Study(
+    name="grids",
+    description="attack grids of chapters 2 to 4: one line per attacked sentence (data/results/ch*_*.yaml)",
+    plan=lambda args: tasks(args.grid, device=args.device, threads=args.threads),
+    work=run_task,
+    task_keys=_task_keys,
+    line_key=_line_key,
+    label=_label,
+    run_options=(
+        option("grid", type=Path, help="the grid file (YAML), e.g. data/results/ch2_layers.yaml"),
+        option("--device", default="cpu"),
+        option("--threads", type=int, default=1, help="torch threads per worker (0: torch's default)"),
+    ),
+    tables=(
+        Table("table", "mean and spread of ROUGE per group, as Markdown",
+              lambda args: markdown(summarize([line for path in args.results for line in read_lines(path)],
+                                              by=args.by, where=_where(args.where)), by=args.by),
+              (option("results", type=Path, nargs="+", help="results files (their lines are pooled)"),
+               option("--by", nargs="+", default=["component", "layers"], help="cell fields or dataset"),
+               option("--where", nargs="+", default=[], metavar="FIELD=VALUE",
+                      help="keep only the lines whose field has this value, e.g. layers=0 or batch_size=1"))),
+        Table("batches", "the selections attacked at several client batch sizes, as Markdown",
+              lambda args: batch_markdown([line for path in args.results for line in read_lines(path)]),
+              (option("results", type=Path, nargs="+", help="results files (their lines are pooled)"),)),
+    ),
+)
+"""The attack grids as a study (``python -m gilib.studies grids ...``)."""

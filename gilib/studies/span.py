@@ -1,0 +1,411 @@
+"""Measurements of the span check (chapter 5): where it works, and where it breaks.
+
+The attack itself is :func:`gilib.attack.span_attack`. This module runs it
+(and its building blocks) on the same seeded sentences as the cached
+optimisation grids, and writes one JSON line per measurement:
+
+* ``comparison``: the span check at batch size 1 on layer 0's query, key
+  and value weights, on the sentences of ``ch3_components.jsonl``, for the
+  comparison table against the optimisation attack (:func:`comparison_table`).
+* ``components``: the same check applied to weights whose inputs are *not*
+  layer 0's enumerable inputs (layer 0's attention output and FFN input,
+  the query weight of deeper layers): rank, residual of the true tokens and
+  of the best false ones, token accuracy of the smallest residual.
+* ``batch``: batches of 2, 4, 8 and 16 held-out sentences
+  (:data:`BATCH_SPLITS`), each attacked by the methods of :data:`METHODS`:
+  peeling checked by layer 1's gradient, by layer 0's FFN weight (the
+  whole of layer 0 shared), from the layer-0 query weight alone, and
+  DAGER's enumeration (:func:`gilib.attack.peeling.enumerate_batch`)
+  on the same batches. A batch with at least as many tokens as the hidden
+  size is recorded as refused.
+* ``dp``: the client's DP-SGD step (:class:`gilib.client.DPSGD`), the
+  residual gap between true and false tokens as sigma grows.
+
+Every client update comes from :func:`gilib.client.client_update`; the
+truth (``true_batch``) reaches only the measurements, never the attack.
+Lines keep dataset row ids, never dataset text. Command line::
+
+    python -m gilib.studies span run --out data/results/ch5_span.jsonl [--sentences 4] [--jobs 2]
+    python -m gilib.studies span run --out ... --scheduler tcp://host:8786   # on a Dask cluster
+    python -m gilib.studies span table data/results/ch5_span.jsonl data/results/ch3_components.jsonl
+    python -m gilib.studies span batches data/results/ch5_span.jsonl
+
+A killed run resumes (:func:`gilib.studies.runner.run`): tasks already in the
+output are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..attack import SpanConfig, span_attack
+from ..attack.config import MAX_EFFORT
+from ..attack.rowspace import DEFAULT_THRESHOLD, row_space, token_residuals
+from ..attack.searches import enumerate_batch
+from ..attack.tokens import TokenSpace
+from ..client import DPSGD, client_update
+from ..dp import clip_factors
+from ..metrics import exact_rate, rouge_scores, score_batch, token_accuracy, true_token_ids
+from ..models import cached_model, encode
+from ..selection import select
+from .sample import GRID_SPLITS, sample
+from .store import read_lines, study_frame
+from .study import Study, Table, markdown_table, option
+
+DATASETS = tuple(GRID_SPLITS)
+"""The batch-1 studies attack the cached optimisation grids' sentences
+(``data/results/ch3_components.yaml``, :mod:`gilib.studies.sample`)."""
+SPAN_WEIGHTS = ("attention.query", "attention.key", "attention.value")
+OTHER_WEIGHTS = (("attention.output", 0), ("ffn.intermediate", 0), ("ffn.output", 0)) + tuple(
+    ("attention.query", layer) for layer in range(1, 6)
+)
+BATCH_SPLITS = {"sst2": "validation", "cola": "validation", "rotten_tomatoes": "test"}
+"""Held-out sentences of natural length for the batch study."""
+BATCHES = {2: 2, 4: 2, 8: 2, 16: 2}
+"""Batches per dataset for each batch size."""
+METHODS = {
+    "peel, layer 0+1": (("attention.query", [0, 1]), "peel", (2, 4, 8, 16)),
+    "peel, whole layer 0": (("layer", [0]), "peel", (2, 4, 8, 16)),
+    "peel, layer 0": (("attention.query", [0]), "peel", (2,)),
+    "enumerate, layer 0+1": (("attention.query", [0, 1]), "enumerate", (2, 4, 8)),
+}
+"""Each batch method: the client's selection, the search, the batch sizes it
+runs at. "layer 0+1" shares the query weights of layers 0 and 1 (layer 1's
+checks the search), "whole layer 0" every weight of layer 0 (its FFN
+output weight checks the search: no layer 1), "layer 0" its query weight
+alone: peeling then scores every move with a backward pass per class, and
+past batch size 2 it outruns the study's CPU budget."""
+ENUMERATION_BUDGET = 2000  # sentences DAGER's enumeration scores per length
+NOISE_MULTIPLIERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
+MODEL = "minilm"
+
+
+def residual_profile(residuals, true_ids) -> dict[str, float]:
+    """How the true tokens' residuals compare with the best false ones.
+
+    Args:
+        residuals: ``(P, V)`` residuals of positions ``1..P`` (batch size 1).
+        true_ids: the P true token ids at those positions.
+
+    Returns:
+        ``true_max`` (the worst true token), ``false_min`` (the best false
+        token anywhere), their medians over positions, ``gap`` =
+        ``false_min - true_max`` (> 0: the smallest residual is right at every
+        position) and ``token_accuracy`` of the smallest residual.
+    """
+    true_ids = torch.as_tensor(true_ids)
+    rows = torch.arange(len(true_ids))
+    true = residuals[rows, true_ids]
+    others = residuals.clone()
+    others[rows, true_ids] = float("inf")
+    false = others.min(dim=1).values
+    return {
+        "true_max": float(true.max()),
+        "true_median": float(true.median()),
+        "false_min": float(false.min()),
+        "false_median": float(false.median()),
+        "gap": float(false.min() - true.max()),
+        "token_accuracy": token_accuracy(residuals.argmin(dim=1), true_ids),
+    }
+
+
+def _check(model, tokenizer, gradient, lengths):
+    """Row space and residuals of positions 1..max-2 for a weight gradient (any input width = hidden)."""
+    space = row_space(gradient, max_rank=sum(lengths))
+    residuals = token_residuals(model, TokenSpace(model, tokenizer), space, range(1, max(lengths) - 1))
+    return space, residuals
+
+
+def measure_comparison(dataset: str, example) -> list[dict]:
+    """The span attack at batch size 1 on each layer-0 input projection."""
+    model, tokenizer = cached_model(MODEL)
+    true_batch = encode(tokenizer, example.text, example.label)
+    lines = []
+    for component in SPAN_WEIGHTS:
+        selection = select(model, component, 0)
+        update = client_update(model, selection, true_batch).shared
+        result = span_attack(model, tokenizer, update, selection)
+        scores = rouge_scores(result.texts[0], example.text)
+        lines.append({"study": "comparison", "component": component, "layers": 0, "dataset": dataset,
+                      "row_id": example.row_id, "tokens": update.lengths[0], **scores,
+                      "exact": result.token_ids[0] == true_batch["input_ids"][0].tolist(),
+                      "rank": result.diagnostics.rank, "min_gap": result.diagnostics.min_gap,
+                      "seconds": result.seconds})
+    return lines
+
+
+def measure_components(dataset: str, example) -> list[dict]:
+    """The check's premise, tested on weights whose inputs are not enumerable."""
+    model, tokenizer = cached_model(MODEL)
+    hidden = model.config.hidden_size
+    true_batch = encode(tokenizer, example.text, example.label)
+    true_ids = true_batch["input_ids"][0, 1:-1]
+    lines = []
+    for component, layer in (("attention.query", 0),) + OTHER_WEIGHTS:
+        selection = select(model, component, layer)
+        update = client_update(model, selection, true_batch).shared
+        lengths = update.lengths
+        weight = next(n for n in selection.names if n.endswith(".weight"))
+        (gradient,) = [g for n, g in zip(selection.names, update.shared_grads) if n == weight]
+        line = {"study": "components", "component": component, "layers": layer, "dataset": dataset,
+                "row_id": example.row_id, "tokens": lengths[0], "input_width": gradient.shape[1]}
+        if gradient.shape[1] != hidden:
+            # ffn.output reads the 1536-wide FFN activation: nothing to compare the embeddings with.
+            lines.append({**line, "applicable": False})
+            continue
+        start = time.perf_counter()
+        space, residuals = _check(model, tokenizer, gradient, lengths)
+        lines.append({**line, "applicable": True, "rank": space.rank, **residual_profile(residuals, true_ids),
+                      "seconds": time.perf_counter() - start})
+    return lines
+
+
+def measure_batch(dataset: str, item) -> list[dict]:
+    """One batch attacked by one method of :data:`METHODS`: ``item = (method, batch)``."""
+    method, batch = item
+    (component, layers), search, _ = METHODS[method]
+    model, tokenizer = cached_model(MODEL)
+    selection = select(model, component, layers)
+    true_batch = encode(tokenizer, [e.text for e in batch], [e.label for e in batch])
+    update = client_update(model, selection, true_batch).shared
+    lengths = update.lengths
+    truth = true_token_ids(true_batch)
+    hidden = model.config.hidden_size
+    line = {"study": "batch", "method": method, "dataset": dataset, "split": BATCH_SPLITS.get(dataset),
+            "row_ids": [e.row_id for e in batch], "batch_size": len(batch), "tokens": sum(lengths),
+            "lengths": lengths, "hidden": hidden}
+    if search == "peel":
+        line["max_effort"] = MAX_EFFORT
+    if sum(lengths) >= hidden:
+        return [{**line, "refused": True}]
+    start = time.perf_counter()
+    weight = selection.names[0]
+    if search == "peel":
+        # The attacker's message carries no labels: peeling finds them.
+        result = span_attack(model, tokenizer, update._replace(labels=None), selection,
+                             SpanConfig(max_effort=line["max_effort"]))
+        token_ids, found = result.token_ids, result.diagnostics
+        by_text = {tuple(t): int(y) for t, y in zip(truth, update.labels)}
+        extra = {"found": sum(found.found) / len(batch),
+                 "labels_right": sum(by_text.get(tuple(t)) == y for t, y in zip(token_ids, found.labels)
+                                     if y is not None) / len(batch),
+                 "uncertain_positions": sum(len(u) for u in found.uncertain),
+                 "rounds": found.rounds, "rank": found.rank,
+                 **_set_quality(found.candidates, truth),
+                 "set_size": statistics.fmean(len(c) for c in found.candidates),
+                 # True tokens against impostors in the whole batch's span check.
+                 **_batch_residuals(_check(model, tokenizer, update.shared_grads[0], lengths)[1], truth)}
+    else:
+        ids = enumerate_batch(model, tokenizer, selection.names, update.shared_grads, weight,
+                              selection.names[-1], lengths, threshold=DEFAULT_THRESHOLD,
+                              budget=ENUMERATION_BUDGET)
+        token_ids = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+        extra = {"budget": ENUMERATION_BUDGET}
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+    scores = score_batch(texts, [e.text for e in batch])
+    return [{**line, "refused": False, "exact": exact_rate(token_ids, truth),
+             "rouge1": statistics.fmean(s["rouge1"] for s in scores),
+             "rouge2": statistics.fmean(s["rouge2"] for s in scores), **extra,
+             "seconds": time.perf_counter() - start}]
+
+
+def _batch_residuals(residuals, truth) -> dict[str, float]:
+    """The worst true token's residual and the best impostor's (a token no sentence has there)."""
+    true_max, impostor_min = 0.0, float("inf")
+    for p, row in enumerate(residuals, start=1):
+        true = sorted({t[p] for t in truth if p < len(t) - 1})
+        true_max = max(true_max, float(row[true].max()))
+        others = row.clone()
+        others[true] = float("inf")
+        impostor_min = min(impostor_min, float(others.min()))
+    return {"true_max": true_max, "impostor_min": impostor_min}
+
+
+def _set_quality(sets, truth) -> dict[str, float]:
+    """Recall and precision of the candidate sets against the true tokens per position."""
+    true_items = {(p, t[p]) for t in truth for p in range(1, len(t) - 1)}
+    found = {(p, v) for p, s in enumerate(sets, start=1) for v in s}
+    hits = len(true_items & found)
+    return {"set_recall": hits / len(true_items), "set_precision": hits / max(1, len(found))}
+
+
+def measure_dp(dataset: str, example) -> list[dict]:
+    """The residuals under the client's DP-SGD step, for each noise multiplier (layer 0's query)."""
+    model, tokenizer = cached_model(MODEL)
+    selection = select(model, "attention.query", 0)
+    weight = selection.names.index(next(n for n in selection.names if n.endswith("query.weight")))
+    true_batch = encode(tokenizer, example.text, example.label)
+    lines = []
+    for sigma in NOISE_MULTIPLIERS:
+        update = client_update(model, selection, true_batch, DPSGD(sigma, 1.0, seed=int(example.row_id)))
+        step, lengths = update.dp, update.shared.lengths
+        gradient = update.shared.shared_grads[weight]
+        space, residuals = _check(model, tokenizer, gradient, lengths)
+        # Batch size 1: the privatised gradient is the clipped one plus the noise.
+        clipped = step.raw[weight] * float(clip_factors(step.per_example_norms, step.max_grad_norm)[0])
+        lines.append({"study": "dp", "component": "attention.query", "layers": 0, "dataset": dataset,
+                      "row_id": example.row_id, "tokens": lengths[0], "noise_multiplier": sigma,
+                      "max_grad_norm": 1.0, "rank": space.rank, "signal_norm": float(clipped.norm()),
+                      "noise_norm": float((gradient - clipped).norm()),
+                      **residual_profile(residuals, true_batch["input_ids"][0, 1:-1])})
+    return lines
+
+
+def plan(sentences: int) -> list[tuple]:
+    """Every task of the study: ``(function name, dataset, example or (method, batch))``."""
+    tasks = []
+    for dataset in DATASETS:
+        for (example,) in sample(dataset, sentences):
+            tasks += [("measure_comparison", dataset, example), ("measure_components", dataset, example),
+                      ("measure_dp", dataset, example)]
+    for size, count in BATCHES.items():
+        for dataset, split in BATCH_SPLITS.items():
+            for batch in sample(dataset, count, size, split=split):
+                tasks += [("measure_batch", dataset, (method, batch)) for method, (*_, sizes) in METHODS.items()
+                          if size in sizes]
+    return tasks
+
+
+def run_task(name: str, dataset: str, item) -> list[dict]:
+    """One task of the study (runs in a worker): ``measure_<study>(dataset, item)``."""
+    torch.set_num_threads(1)
+    return MEASUREMENTS[name](dataset, item)
+
+
+MEASUREMENTS = {f.__name__: f for f in (measure_comparison, measure_components, measure_batch, measure_dp)}
+
+
+def _key(study: str, dataset: str, ids) -> str:
+    return json.dumps([study, dataset, ids])
+
+
+def _task_key(name: str, dataset: str, item) -> list[str]:
+    if isinstance(item, tuple):  # (method, batch)
+        return [_key("batch", dataset, [item[0], [e.row_id for e in item[1]]])]
+    return [_key(name.removeprefix("measure_"), dataset, item.row_id)]
+
+
+def _line_key(line: dict) -> str:
+    if line["study"] == "batch":
+        return _key("batch", line["dataset"], [line["method"], line["row_ids"]])
+    return _key(line["study"], line["dataset"], line["row_id"])
+
+
+def run(out: str | Path, sentences: int = 4, jobs: int = 1, scheduler: str | None = None,
+        progress: bool = True) -> list[dict]:
+    """Run (or resume) the whole study, appending its lines to ``out``.
+
+    A task whose lines are already in ``out`` is skipped, so a killed run
+    resumes where it stopped. Lines keep the commit that wrote them; delete
+    the file to regenerate every line at one commit.
+
+    Args:
+        out: the results file.
+        sentences: sentences per dataset in the batch-1 studies.
+        jobs, scheduler: the engine (:func:`gilib.studies.runner.run`).
+        progress: print a line per finished task.
+    """
+    return STUDY.run(out, plan(sentences), jobs=jobs, scheduler=scheduler, progress=progress)
+
+
+def load(path: str | Path, study: str) -> pd.DataFrame:
+    """The lines of one part of the study (``comparison``, ``components``, ``batch``, ``dp``), as a table."""
+    return study_frame(path, study, f"python -m gilib.studies span run --out {path}")
+
+
+def comparison_table(span_path: str | Path, optimization_path: str | Path) -> pd.DataFrame:
+    """Span check against the optimisation attack on the same sentences and weights.
+
+    Args:
+        span_path: a results file with ``comparison`` lines (this module).
+        optimisation_path: the optimisation grid of the same sentences
+            (``ch3_components.jsonl``, :mod:`gilib.studies.grids`).
+
+    Returns:
+        One row per weight and attack: ROUGE-1, ROUGE-2, share of sentences
+        recovered exactly (span check), seconds per sentence, sentences.
+    """
+    span = load(span_path, "comparison")
+    span = span.assign(attack="span check (batch 1)")
+    optimization = pd.DataFrame(
+        [{"component": r["cell"]["component"], "layers": r["cell"]["layers"], "rouge1": r["rouge1"],
+          "rouge2": r["rouge2"], "seconds": r["seconds"], "exact": None,
+          "attack": f"optimisation ({r['cell']['steps']} steps)"}
+         for r in read_lines(optimization_path)
+         if r["cell"]["component"] in SPAN_WEIGHTS and r["cell"]["layers"] == 0
+         and r["cell"].get("batch_size", 1) == 1]
+    )
+    both = pd.concat([span, optimization], ignore_index=True)
+    table = both.groupby(["component", "attack"], sort=True).agg(
+        rouge1=("rouge1", "mean"), rouge2=("rouge2", "mean"), exact=("exact", "mean"),
+        seconds=("seconds", "mean"), sentences=("rouge1", "size")).reset_index()
+    return table
+
+
+def batch_table(path: str | Path) -> pd.DataFrame:
+    """The batch study by method and batch size.
+
+    Returns:
+        One row per (method, batch size): batches attacked, sentences, the
+        share recovered exactly, ROUGE-1, median and largest seconds per
+        batch, and batches refused (at least as many tokens as the hidden
+        size; those are not attacked, hence not in the other columns).
+    """
+    lines = load(path, "batch")
+    attacked = lines[~lines["refused"]]
+    table = attacked.groupby(["method", "batch_size"], sort=False).agg(
+        batches=("exact", "size"), exact=("exact", "mean"), rouge1=("rouge1", "mean"),
+        seconds=("seconds", "median"), seconds_max=("seconds", "max")).reset_index()
+    table["sentences"] = table["batches"] * table["batch_size"]
+    refused = lines[lines["refused"]].groupby(["method", "batch_size"]).size().rename("refused")
+    table = table.join(refused, on=["method", "batch_size"]).fillna({"refused": 0})
+    table["refused"] = table["refused"].astype(int)
+    order = {m: i for i, m in enumerate(METHODS)}
+    return table.sort_values(["method", "batch_size"], key=lambda c: c.map(order) if c.name == "method" else c,
+                             ignore_index=True)
+
+
+def batch_markdown(table: pd.DataFrame) -> str:
+    """:func:`batch_table` as Markdown (the README repeats it)."""
+    rows = ([r["method"], r["batch_size"], r["sentences"], f"{r['exact']:.0%}", f"{r['rouge1']:.2f}",
+             f"{r['seconds']:.1f}", f"{r['seconds_max']:.1f}", r["refused"]] for _, r in table.iterrows())
+    return markdown_table(["method", "batch size", "sentences", "exact", "ROUGE-1", "s / batch (median)",
+                                   "s / batch (max)", "batches refused"], rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """:func:`comparison_table` as Markdown (the README repeats it)."""
+    rows = ([r["component"], r["attack"], f"{r['rouge1']:.2f}", f"{r['rouge2']:.2f}",
+             "–" if pd.isna(r["exact"]) else f"{r['exact']:.0%}", f"{r['seconds']:.1f}", r["sentences"]]
+            for _, r in table.iterrows())
+    return markdown_table(["weight (layer 0)", "attack", "ROUGE-1", "ROUGE-2", "exact", "s / sentence",
+                                   "sentences"], rows)
+
+
+STUDY = Study(
+    name="span",
+    description="the span check of chapter 5: batch size 1, other weights, batches, DP noise",
+    plan=lambda args: plan(args.sentences),
+    work=run_task,
+    task_keys=_task_key,
+    line_key=_line_key,
+    label=lambda lines: f"{lines[0]['study']} {lines[0]['dataset']}",
+    run_options=(option("--sentences", type=int, default=4, help="sentences per dataset (batch-1 studies)"),),
+    tables=(
+        Table("table", "the span check against the optimisation attack on the same sentences, as Markdown",
+              lambda args: markdown(comparison_table(args.span, args.optimization)),
+              (option("span", type=Path, help="this study's results (data/results/ch5_span.jsonl)"),
+               option("optimization", type=Path, help="the optimisation grid of the same sentences "
+                                                      "(data/results/ch3_components.jsonl)"))),
+        Table("batches", "the batch study by method and batch size, as Markdown",
+              lambda args: batch_markdown(batch_table(args.span)),
+              (option("span", type=Path, help="this study's results (data/results/ch5_span.jsonl)"),)),
+    ),
+)
+"""Chapter 5's measurements as a study (``python -m gilib.studies span ...``)."""

@@ -1,0 +1,181 @@
+"""Batches recovered sentence by sentence: the checks, the peel test, the search, the baseline."""
+
+import pytest
+import torch
+
+from gilib.attack import SpanConfig, span_attack
+from gilib.attack.span import verifier_weight
+from gilib.attack.checks import ForwardCheck, reads_of
+from gilib.attack.searches import _diverse, beam_search, enumerate_batch
+from gilib.attack.peeling import (
+    PEELED,
+    peel_test,
+    sentence_gradients,
+)
+from gilib.attack.rowspace import check_positions, row_space
+from gilib.attack.tokens import TokenSpace
+from gilib.client import client_update
+from gilib.data import load_split
+from gilib.metrics import true_token_ids
+from gilib.models import encode
+from gilib.selection import select
+
+QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"
+QUERY1 = "bert.encoder.layer.1.attention.self.query.weight"
+
+
+def _batch(tokenizer, examples):
+    return encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+
+
+def _shared(model, tokenizer, layers, examples, component="attention.query"):
+    """The client's selection (layer 0's query, or layers 0 and 1), its private batch and its message."""
+    selection = select(model, component, layers)
+    true_batch = _batch(tokenizer, examples)
+    return selection, true_batch, client_update(model, selection, true_batch).shared
+
+
+def test_a_weak_direction_under_numpys_tolerance_stays_in_the_row_space():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 6))[0]
+    weights = torch.tensor([1.0, 0.5, 0.2, 0.1, 0.05, 3e-6])  # the last under 64 * eps(float32) = 7.6e-6
+    gradient = (torch.randn(32, 6) * weights) @ basis.T
+    gradient = gradient + 1e-9 * torch.randn(32, 64)  # round-off
+    assert row_space(gradient).rank == 5
+    # The caller's bound (6 tokens) says where the noise is: the weak direction is real.
+    assert row_space(gradient, max_rank=6).rank == 6
+
+
+def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
+    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+                                         max_rank=sum(update.lengths)))
+    n = update.lengths[0]
+    h = true_batch["input_ids"][0, :n]
+    positions = torch.arange(1, n - 1)
+    local = check.local(h, h[1:-1], positions)
+    torch.testing.assert_close(local, check.position_residuals(h[None])[0], rtol=0.3, atol=1e-6)
+    # True sentences lie in the span; a shuffled one does not.
+    assert float(check.loss(h[None])[0]) < 1e-5
+    shuffled = h.clone()
+    shuffled[1:-1] = h[1:-1].flip(0)
+    assert float(check.loss(shuffled[None])[0]) > 1e-3
+
+
+def test_the_appended_score_is_the_prefix_residual_at_its_new_position(minilm):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
+    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+                                         max_rank=sum(update.lengths)))
+    prefixes = true_batch["input_ids"][:2, :4]
+    options = true_batch["input_ids"][:, 4]
+    cheap = check.appended(prefixes, options)
+    assert cheap.shape == (2, 3)
+    for i in range(2):
+        extended = torch.cat([prefixes[i].expand(3, -1), options[:, None]], 1)
+        torch.testing.assert_close(cheap[i], check.prefix_residuals(extended)[:, -1], rtol=1e-4, atol=1e-9)
+
+
+def test_the_beam_closes_the_true_sentences_of_a_bag(minilm):
+    # Sixteen sentences: the candidate sets hold more tokens than there are sentences.
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:16])
+    grads = dict(zip(selection.names, update.shared_grads))
+    _, layer0, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[QUERY0], update.lengths,
+                                            shift_invariant=False, threshold=1e-4, capped=False)
+    assert min(len(c) for c in candidates[:6]) > 16
+    check = ForwardCheck(model, row_space(grads[QUERY1], max_rank=sum(update.lengths)))
+    hits, best = beam_search(check, candidates, update.lengths, tokenizer, layer0=layer0)
+    truth = true_token_ids(true_batch)
+    assert hits and all(list(h) in truth for h in hits)
+    assert set(best) == set(update.lengths)
+    assert all(len(h) == n for n, (h, _) in best.items())
+
+
+def test_each_verifier_weight_reads_its_own_activations(minilm):
+    model, _ = minilm
+    stem = "bert.encoder.layer."
+    assert reads_of(QUERY1) == reads_of(stem + "1.attention.self.value.weight") == "layer"
+    assert reads_of(stem + "0.intermediate.dense.weight") == "attention"
+    assert reads_of(stem + "0.output.dense.weight") == "ffn"
+    assert reads_of(stem + "0.attention.output.dense.weight") == "layer"  # not a verifier: never chosen
+    assert verifier_weight(model, select(model, "layer", 0)) == stem + "0.output.dense.weight"
+    assert verifier_weight(model, select(model, "ffn.intermediate", 0)) == stem + "0.intermediate.dense.weight"
+    assert verifier_weight(model, select(model, "layer", [0, 1])) == QUERY1
+    assert verifier_weight(model, select(model, "attention.query", 0)) is None
+    with pytest.raises(ValueError, match="reads must be one of"):
+        ForwardCheck(model, row_space(torch.ones(4, 384)), "ffn.output")
+
+
+def test_the_beam_keeps_more_than_one_sentence_start():
+    score = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 1.0])
+    starts = torch.tensor([5, 5, 5, 5, 7, 8])
+    # Half the beam at most for one first word: the others' best fill the rest.
+    assert _diverse(score, starts, 4).tolist() == [0, 1, 4, 5]
+    # With one start only, the cap leaves room that the best of the rest fill.
+    assert _diverse(score, torch.full((6,), 5), 4).tolist() == [0, 1, 2, 3]
+
+
+def test_peeling_the_right_sentence_with_the_right_label_lowers_the_rank(minilm):
+    model, tokenizer = minilm
+    examples = load_split("sample")[:3]
+    selection, true_batch, update = _shared(model, tokenizer, 0, examples)
+    (gradient,) = update.shared_grads
+    n, label = update.lengths[0], int(update.labels[0])
+    h = true_batch["input_ids"][0, :n]
+    rest = sum(update.lengths) - n
+    (right,) = sentence_gradients(model, [QUERY0], h, label, batch_size=3)
+    (wrong_label,) = sentence_gradients(model, [QUERY0], h, 1 - label, batch_size=3)
+    other = h.clone()
+    other[2] = tokenizer.convert_tokens_to_ids("banana")
+    (wrong_sentence,) = sentence_gradients(model, [QUERY0], other, label, batch_size=3)
+    assert peel_test(gradient, right, rest) < PEELED
+    assert peel_test(gradient, wrong_label, rest) > 100 * PEELED
+    assert peel_test(gradient, wrong_sentence, rest) > 100 * PEELED
+    # What is left is the gradient of the other two sentences.
+    others = client_update(model, selection, _batch(tokenizer, examples[1:])).shared.shared_grads[0]
+    torch.testing.assert_close(gradient - right, others * 2 / 3, rtol=0, atol=1e-5 * float(gradient.abs().max()))
+
+
+@pytest.mark.parametrize("component, layers, verifier, size, first", [
+    ("attention.query", [0, 1], QUERY1, 4, 4),
+    ("attention.query", [0, 1], QUERY1, 8, 0),
+    ("layer", [0], "bert.encoder.layer.0.output.dense.weight", 8, 8),  # the whole of layer 0, no layer 1
+    ("attention.query", [0], None, 2, 4),
+])
+def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, component, layers, verifier, size, first):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, layers, load_split("sample")[first:first + size],
+                                            component)
+    result = span_attack(model, tokenizer, update._replace(labels=None), selection, SpanConfig(seed=1))
+    truth = true_token_ids(true_batch)
+    assert sorted(result.token_ids) == sorted(truth)
+    assert result.diagnostics.found == [True] * size and result.diagnostics.uncertain == [[]] * size
+    # Peeling told every sentence's label.
+    by_text = {tuple(t): int(y) for t, y in zip(truth, update.labels)}
+    assert [by_text[tuple(t)] for t in result.token_ids] == result.diagnostics.labels
+    assert result.diagnostics.verifier == (verifier or f"{QUERY0} (output gradients)")
+
+
+def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(minilm):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[4:8])
+    # Noise on layer 1's gradient: its row space is no longer the inputs', no sentence passes.
+    grads = list(update.shared_grads)
+    i = selection.names.index(QUERY1)
+    grads[i] = grads[i] + 1e-2 * grads[i].abs().max() * torch.randn(grads[i].shape,
+                                                                       generator=torch.Generator().manual_seed(0))
+    result = span_attack(model, tokenizer, update._replace(shared_grads=grads), selection, SpanConfig(kicks=2))
+    assert result.diagnostics.found == [False] * 4 and result.diagnostics.labels == [None] * 4
+    assert all(0 < len(u) <= n - 2 for u, n in zip(result.diagnostics.uncertain, update.lengths))
+    assert [len(t) for t in result.token_ids] == update.lengths
+
+
+def test_the_enumeration_baseline_finds_a_batch_of_two(minilm):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:2])
+    ids = enumerate_batch(model, tokenizer, selection.names, update.shared_grads, QUERY0, QUERY1,
+                          update.lengths, threshold=1e-4, budget=1000)
+    assert sorted(ids[i, :n].tolist() for i, n in enumerate(update.lengths)) == sorted(
+        true_token_ids(true_batch))

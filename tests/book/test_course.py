@@ -1,0 +1,59 @@
+"""The course table: questions per chapter and measured run times."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from gilib.book import course
+from gilib.book.assignments import parse_questions
+from gilib.book.upkeep import chapter_notebooks
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHED = ROOT / "data" / "results" / "chapter_times.jsonl"
+
+
+def test_questions_table_counts_each_chapters_questions():
+    table = course.questions_table().set_index("chapter")
+    assert list(table.index) == [p.stem for p in chapter_notebooks()]
+    for path in chapter_notebooks():
+        questions = parse_questions(nbformat.read(str(path), as_version=4))
+        row = table.loc[path.stem]
+        assert row["graded"] + row["essays"] == len(questions) and row["graded"] >= 1
+        assert row["points"] == sum(q.points for q in questions)
+
+
+def test_table_gives_seconds_and_minutes_and_leaves_unmeasured_modes_empty(tmp_path):
+    first, second = (p.stem for p in chapter_notebooks()[:2])
+    path = tmp_path / "times.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [
+        {"chapter": first, "mode": "fast", "seconds": 90.0},
+        {"chapter": first, "mode": "full", "seconds": 600.0},
+        {"chapter": second, "mode": "fast", "seconds": 30.0},
+    ]) + "\n")
+    table = course.table(path).set_index("chapter")
+    assert table.loc[first, "fast (s)"] == 90.0 and table.loc[first, "full (min)"] == 10.0
+    assert table.loc[second, "fast (s)"] == 30.0 and math.isnan(table.loc[second, "full (min)"])
+    assert table.loc[:, "fast (s)"].isna().sum() == len(chapter_notebooks()) - 2
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Unknown chapter 'ch9'; the chapters are: 01_full_model_inversion"):
+        course.run(tmp_path / "t.jsonl", chapters=["ch9"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        course.time_chapter(chapter_notebooks()[0].stem, "slow")
+    done = subprocess.run([sys.executable, "-m", "gilib.book.course", "run", "--chapters", "ch9", "--out",
+                           str(tmp_path / "t.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "Unknown chapter 'ch9'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_the_cached_times_cover_every_chapter_in_fast_mode():
+    # The introduction's course table reads this file (python -m gilib.book.course run).
+    table = course.table(CACHED)
+    assert table["fast (s)"].notna().all(), table
+    assert (table["fast (s)"] > 0).all()

@@ -1,0 +1,218 @@
+"""Tests for gilib.book.plots (headless: Agg backend)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.container import BarContainer  # noqa: E402
+
+from gilib.book import plots  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def table():
+    return pd.DataFrame(
+        {
+            "layer": [1, 6, 12],
+            "rouge1": [0.8, 0.6, 0.4],
+            "rouge2": [0.5, 0.3, 0.1],
+            "rougeL": [0.7, 0.5, 0.3],
+            "rouge1_std": [0.05, 0.10, 0.08],
+            "rouge2_std": [0.04, 0.06, 0.02],
+        }
+    )
+
+
+def _bar_containers(ax):
+    return [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def _assert_labelled(ax):
+    assert isinstance(ax, Axes)
+    assert ax.get_xlabel()
+    assert ax.get_ylabel()
+
+
+def test_palette_is_fixed_and_colour_blind_safe():
+    assert len(plots.PALETTE) >= 8
+    assert plots.PALETTE[:3] == ["#0173b2", "#de8f05", "#029e73"]
+
+
+def test_set_style_is_idempotent():
+    plots.set_style()
+    first = dict(matplotlib.rcParams)
+    plots.set_style()
+    assert dict(matplotlib.rcParams) == first
+    assert matplotlib.rcParams["figure.dpi"] == 110
+
+
+def test_loss_curves_single_series():
+    ax = plots.loss_curves({"layer 6": [3.0, 2.0, 1.5, 1.2]})
+    _assert_labelled(ax)
+    assert ax.get_xlabel() == "attack step"
+    assert ax.get_ylabel() == "reconstruction loss"
+    assert len(ax.get_lines()) == 1
+    assert ax.get_legend() is None
+
+
+def test_loss_curves_several_series_get_legend_and_logy():
+    histories = {"layer 1": [1.0, 0.5, 0.1], "layer 12": [2.0, 1.0, 0.7]}
+    ax = plots.loss_curves(histories, logy=True, ylabel="gradient distance", title="t")
+    _assert_labelled(ax)
+    assert ax.get_ylabel() == "gradient distance"
+    assert ax.get_yscale() == "log"
+    assert ax.get_title() == "t"
+    assert len(ax.get_lines()) == 2
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == list(histories)
+
+
+def test_loss_curves_draws_on_given_axes():
+    _, given = plt.subplots()
+    assert plots.loss_curves({"a": [1.0, 0.5]}, ax=given) is given
+
+
+def test_loss_curves_empty_raises():
+    with pytest.raises(ValueError, match="empty"):
+        plots.loss_curves({})
+
+
+def test_rouge_bars_draws_one_bar_per_group_and_metric(table):
+    ax = plots.rouge_bars(table, group="layer")
+    _assert_labelled(ax)
+    assert ax.get_xlabel() == "layer"
+    assert ax.get_ylabel() == "ROUGE F1"
+    assert ax.get_ylim() == (0.0, 1.0)
+    assert len(ax.patches) == len(table) * 2
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "6", "12"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ROUGE-1", "ROUGE-2"]
+    assert all(c.errorbar is None for c in _bar_containers(ax))
+
+
+def test_rouge_bars_three_metrics(table):
+    metrics = ("rouge1", "rouge2", "rougeL")
+    ax = plots.rouge_bars(table, group="layer", metrics=metrics, title="by layer")
+    assert len(ax.patches) == len(table) * len(metrics)
+    assert ax.get_title() == "by layer"
+
+
+def test_rouge_bars_single_metric_has_no_legend(table):
+    ax = plots.rouge_bars(table, group="layer", metrics=["rouge1"])
+    assert len(ax.patches) == len(table)
+    assert ax.get_legend() is None
+
+
+def test_rouge_bars_error_bars(table):
+    ax = plots.rouge_bars(table, group="layer", errors="_std")
+    containers = _bar_containers(ax)
+    assert len(containers) == 2
+    assert all(c.errorbar is not None for c in containers)
+
+
+def test_rouge_bars_draws_on_given_axes(table):
+    _, given = plt.subplots()
+    assert plots.rouge_bars(table, group="layer", ax=given) is given
+
+
+def test_rouge_bars_missing_column_raises(table):
+    with pytest.raises(ValueError, match="no column"):
+        plots.rouge_bars(table, group="layer", metrics=["rouge3"])
+    with pytest.raises(ValueError, match="no column"):
+        plots.rouge_bars(table, group="layer", metrics=["rougeL"], errors="_std")
+
+
+def test_rouge_bars_repeated_group_raises(table):
+    with pytest.raises(ValueError, match="one row per group"):
+        plots.rouge_bars(pd.concat([table, table]), group="layer")
+
+
+def test_rouge_bars_empty_table_raises(table):
+    with pytest.raises(ValueError, match="empty"):
+        plots.rouge_bars(table.iloc[:0], group="layer")
+
+
+def test_layer_bars_draw_spread_and_baseline(table):
+    ax = plots.layer_bars(table, layer="layer", baseline={"rouge1": 0.9, "rouge2": 0.7})
+    _assert_labelled(ax)
+    assert ax.get_xlabel() == "encoder layer attacked"
+    bars = _bar_containers(ax)
+    assert [round(b.get_height(), 2) for b in bars[0]] == [0.8, 0.6, 0.4]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(round(line.get_ydata()[0], 2) for line in dashed) == [0.7, 0.9]
+    assert any("full model" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_heatmap_places_each_value_in_its_cell():
+    table = pd.DataFrame({
+        "component": ["attention.query", "attention.query", "ffn.output", "ffn.output"],
+        "layers": [0, 1, 0, 1],
+        "rouge1": [0.9, 0.5, 0.25, 0.1],
+    })
+    ax = plots.heatmap(table, rows="component", cols="layers", value="rouge1",
+                       row_order=["ffn.output", "attention.query"])
+    _assert_labelled(ax)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ffn.output", "attention.query"]
+    assert [t.get_text() for t in ax.texts] == ["0.25", "0.10", "0.90", "0.50"]
+    with pytest.raises(ValueError, match="appear once"):
+        plots.heatmap(pd.concat([table, table]), rows="component", cols="layers")
+    with pytest.raises(ValueError, match="no column"):
+        plots.heatmap(table, rows="component", cols="depth")
+
+
+def test_noise_curves_one_line_per_series_with_raw_baselines():
+    table = pd.DataFrame({
+        "selection": ["full"] * 3 + ["query0"] * 3,
+        "noise_multiplier": [0.0, 0.1, 0.5] * 2,
+        "rouge1": [0.9, 0.5, 0.1, 0.6, 0.2, 0.05],
+    })
+    ax = plots.noise_curves(table, series="selection", baselines={"full": 0.95})
+    _assert_labelled(ax)
+    solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    assert [list(line.get_ydata()) for line in solid] == [[0.9, 0.5, 0.1], [0.6, 0.2, 0.05]]
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [0.95]
+    assert ax.get_xscale() == "symlog"
+    with pytest.raises(ValueError, match="no column"):
+        plots.noise_curves(table, series="component")
+
+
+def test_batch_curves_one_line_per_selection_on_a_log2_axis_of_the_sizes():
+    table = pd.DataFrame({
+        "selection": ["full"] * 3 + ["layer 0"] * 3,
+        "batch_size": [4, 1, 2] * 2,
+        "rouge1": [0.4, 0.8, 0.6, 0.3, 0.5, 0.4],
+    })
+    ax = plots.batch_curves(table, series="selection")
+    _assert_labelled(ax)
+    assert "batch size" in ax.get_xlabel() and ax.get_ylabel() == "ROUGE-1"
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[1, 2, 4]] * 2
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [[0.8, 0.6, 0.4], [0.5, 0.4, 0.3]]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "layer 0"]
+    with pytest.raises(ValueError, match="no column"):
+        plots.batch_curves(table, series="component")
+    with pytest.raises(ValueError, match="must appear once"):
+        plots.batch_curves(pd.concat([table, table]), series="selection")
+    with pytest.raises(ValueError, match="empty"):
+        plots.batch_curves(table.iloc[:0], series="selection")
+
+
+def test_residual_map_colours_by_log_residual_and_labels_cells_with_tokens():
+    residuals = np.array([[1e-7, 0.1, 0.2], [1e-6, 1e-3, 0.5]])
+    ax = plots.residual_map(residuals, [["the", "a", "cat"], ["dog", "cat", "sat"]])
+    _assert_labelled(ax)
+    assert [t.get_text() for t in ax.texts] == ["the", "a", "cat", "dog", "cat", "sat"]
+    np.testing.assert_allclose(ax.collections[0].get_array().reshape(2, 3), np.log10(residuals))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["position 1", "position 2"]
+    with pytest.raises(ValueError, match="one token list per row"):
+        plots.residual_map(residuals, [["the", "a", "cat"]])
