@@ -1,8 +1,11 @@
 # The two commands of the README:
 #   make book   build the HTML book on the offline default (fast mode)
-#   make test   run the test suite
+#   make test   run the test suite (every test; chapters the book build
+#               executed are not executed again: gilib.book.executed)
 # Both start from nothing but Python: the first run creates .venv.
 # Also:
+#   make test-fast      the contributor's tier: every test but the slow ones
+#                       (no chapter execution, no Flower round), a few minutes
 #   make browser-test   the built book in headless Chromium (builds it if absent)
 #   make assignments    per chapter: student notebook, autograder zip, instructor README
 #   make assignments-test   build the assignments and grade them with otter run
@@ -19,7 +22,7 @@ CHROMIUM := /usr/bin/chromium
 # apt-get needs root; elsewhere go through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: book test browser-test chromium assignments assignments-test figures bench bench-paper venv clean
+.PHONY: book test test-fast browser-test chromium assignments assignments-test figures bench bench-paper venv clean
 
 venv: $(STAMP)
 
@@ -36,9 +39,17 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 book: $(STAMP)
 	# --all: re-execute every chapter even when only gilib changed.
 	$(BIN)/jupyter-book build . --all -W -n --keep-going
+	# Record the executed chapters, so that the chapter tests read them
+	# instead of executing every chapter a second time.
+	$(BIN)/python -m gilib.book.executed stamp
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Every test not marked slow (tests/conftest.py says what is): for a
+# contributor's edit-test loop; `make test` still runs the whole suite.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 # The browser test of the built book (tests/book/test_browser.py): every page in
 # headless Chromium, screenshots into _build/screenshots/. It tests the book

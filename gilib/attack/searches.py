@@ -47,7 +47,7 @@ the beam score: weak evidence of its position (true tokens rank 3rd to
 def search_sentence(
     length: int,
     candidates: Sequence[Sequence[int]],
-    check,
+    check: SentenceCheck,
     tokenizer,
     generator: torch.Generator,
     *,

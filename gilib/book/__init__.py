@@ -27,6 +27,7 @@ from .chapter import (
     pick,
     read_records,
     record,
+    record_all,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "pick",
     "read_records",
     "record",
+    "record_all",
 ]

@@ -1,7 +1,7 @@
 """What a chapter notebook imports at run time, around the science.
 
 A chapter imports ``from gilib.book import choose_setup, fast_mode,
-load_sentences, pick, record``:
+load_sentences, pick, record`` (and ``record_all``):
 
 * :func:`fast_mode` and :func:`pick`: every chapter has a papermill
   ``parameters`` cell whose settings default to ``None``; :func:`pick`
@@ -10,7 +10,8 @@ load_sentences, pick, record``:
 * :func:`choose_setup` and :func:`load_sentences`: the online branch
   (bert-base-uncased and the hub datasets) or the offline default (the
   bundled model and sample), as a :class:`Setup` the chapter prints.
-* :func:`record`: a chapter records the numbers it reports. In the book
+* :func:`record` and :func:`record_all`: a chapter records the numbers it
+  reports (a study's summary returns the facts its table shows). In the book
   build they are glued into the page (``{glue:text}`` in markdown, through
   myst-nb); the tests read them back from the executed notebook with
   :func:`read_records` and check them.
@@ -22,6 +23,7 @@ README's figure) is :mod:`gilib.book.upkeep`, which the chapters never import.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -77,6 +79,12 @@ def record(name: str, value: Any) -> None:
     glue(name, _plain(value), display=False)
 
 
+def record_all(facts: dict[str, Any]) -> None:
+    """:func:`record` every entry of ``facts``, e.g. the facts a study's summary returns with its table."""
+    for name, value in facts.items():
+        record(name, value)
+
+
 def _plain(value: Any) -> Any:
     """Python scalars in place of numpy / torch ones, so that ``repr`` round-trips."""
     if isinstance(value, dict):
@@ -91,6 +99,10 @@ def _plain(value: Any) -> Any:
 def read_records(notebook: str | Path | nbformat.NotebookNode) -> dict[str, Any]:
     """The values an executed notebook recorded with :func:`record`.
 
+    papermill keeps every record in the notebook's outputs; jupyter-book
+    moves them out, into a ``<name>.glue.json`` beside the executed copy it
+    writes to ``_build/jupyter_execute/``. Both are read.
+
     Args:
         notebook: path of an executed ``.ipynb``, or the notebook itself.
 
@@ -98,17 +110,22 @@ def read_records(notebook: str | Path | nbformat.NotebookNode) -> dict[str, Any]
         ``{name: value}``, values parsed back from their ``repr``.
     """
     nb = notebook if isinstance(notebook, nbformat.NotebookNode) else nbformat.read(str(notebook), as_version=4)
+    outputs = [output for cell in nb.cells for output in cell.get("outputs", [])]
+    if not isinstance(notebook, nbformat.NotebookNode):
+        glued = Path(notebook).with_suffix(".glue.json")
+        if glued.is_file():
+            outputs += list(json.loads(glued.read_text()).values())
     records: dict[str, Any] = {}
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            name = output.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name is None:
-                continue
-            text = output["data"][_RECORD_MIME]
-            try:
-                records[name] = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                records[name] = text
+    for output in outputs:
+        name = output.get("metadata", {}).get("scrapbook", {}).get("name")
+        if name is None:
+            continue
+        data = output["data"]
+        text = data.get(_RECORD_MIME, data.get("text/plain"))
+        try:
+            records[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            records[name] = text
     return records
 
 

@@ -30,7 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 __all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "batch_curves",
-           "residual_map", "threat_model"]
+           "batch_panels", "residual_curves", "residual_map", "threat_model"]
 
 PALETTE: list[str] = sns.color_palette("colorblind").as_hex()
 """Series colours, in order: seaborn's ten-colour "colorblind" palette."""
@@ -431,6 +431,77 @@ def batch_curves(
     return _finish(ax, xlabel=xlabel or "client batch size (sentences in one gradient)",
                    ylabel=ylabel or _metric_label(value),
                    title=title, legend=table[series].nunique() > 1)
+
+
+def batch_panels(
+    table: pd.DataFrame,
+    *,
+    series: str,
+    values: Sequence[str] = ("exact", "seconds"),
+    ylabels: Sequence[str | None] | None = None,
+    titles: Sequence[str | None] | None = None,
+    log: Sequence[str] = ("seconds",),
+    x: str = "batch_size",
+    xlabel: str | None = None,
+    figsize: tuple[float, float] = (12, 4.2),
+) -> plt.Figure:
+    """Side-by-side :func:`batch_curves`, one panel per value, against the batch size.
+
+    Args:
+        table: as for :func:`batch_curves`.
+        series: the column whose values are the lines.
+        values: one panel per column (a share in [0, 1], or seconds).
+        ylabels, titles: one per panel (``None``: the defaults).
+        log: the values drawn on a log scale (times span decades).
+        x, xlabel: as for :func:`batch_curves`.
+        figsize: the figure's size, in inches.
+
+    Returns:
+        The Figure, its panels in ``fig.axes``.
+    """
+    fig, axes = plt.subplots(1, len(values), figsize=figsize, squeeze=False)
+    ylabels = list(ylabels or [None] * len(values))
+    titles = list(titles or [None] * len(values))
+    for ax, value, ylabel, title in zip(axes[0], values, ylabels, titles):
+        batch_curves(table, series=series, value=value, x=x, ax=ax, ylabel=ylabel, title=title, xlabel=xlabel)
+        if value in log:
+            ax.set_yscale("log")
+            ax.autoscale(axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def residual_curves(
+    table: pd.DataFrame,
+    *,
+    true: str = "true",
+    false: str = "false",
+    x: str = "noise_multiplier",
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """The true tokens' residual and the best false token's against the noise, on a log scale.
+
+    Where the two lines meet, one threshold no longer separates the tokens
+    of the sentence from the rest of the vocabulary.
+
+    Args:
+        table: one row per noise level, with the columns ``x``, ``true``
+            and ``false`` (e.g. :func:`gilib.studies.span.dp_summary`'s).
+        true, false: the residual columns.
+        x: the noise column.
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+    """
+    long = pd.concat([table.assign(tokens="true token (median over positions)", residual=table[true]),
+                      table.assign(tokens="best false token (median over positions)", residual=table[false])])
+    ax = noise_curves(long, series="tokens", value="residual", x=x, ax=ax,
+                      ylabel="residual (median over sentences)", title=title)
+    ax.set_yscale("log")
+    return ax
 
 
 def residual_map(

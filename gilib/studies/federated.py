@@ -52,7 +52,7 @@ from ..models import cached_model, encode
 from ..selection import select
 from .sample import GRID_SPLITS, sample
 from .store import study_frame
-from .study import Study, Table, markdown_table, option
+from .study import Measurements, Study, Table, markdown_table, option
 
 MODEL = "minilm"
 SELECTION = ("layer", 0)
@@ -225,13 +225,8 @@ def plan(parts=PARTS) -> list[tuple]:
     return tasks
 
 
-MEASUREMENTS = {f.__name__: f for f in (measure_client, measure_secure)}
-
-
-def run_task(name: str, study: str, dataset: str, item) -> list[dict]:
-    """One task (runs in a worker): one torch thread, then ``measure_<kind>``."""
-    torch.set_num_threads(1)
-    return MEASUREMENTS[name](study, dataset, item)
+run_task = Measurements(measure_client, measure_secure)
+"""One task (runs in a worker): ``run_task("measure_client", part, dataset, (protocol name, batch))``."""
 
 
 def _key(study: str, dataset: str, protocol: str, row_ids, attack: str) -> str:
@@ -340,6 +335,180 @@ def lr_markdown(frame: pd.DataFrame) -> str:
     return markdown_table(["client", "local lr", "messages (all E)", "span check: exact",
                                    "span check: ROUGE-1", "optimisation: ROUGE-1", "optimisation: ROUGE-2",
                                    "cos(message, gradient)"], rows)
+
+
+# --------------------------------------------------------------------------
+# Chapter 6's tables, each with the facts its prose quotes (the chapter
+# records them; tests/chapters read them back)
+# --------------------------------------------------------------------------
+
+
+def round_table(run, rebuilt: dict, batches, tokenizer) -> pd.DataFrame:
+    """A live round's clients: each one's private sentence beside the server's rebuild of it.
+
+    Args:
+        run: the :class:`~gilib.federated.FederatedRun` of the round.
+        rebuilt: client index to the :class:`~gilib.attack.AttackResult`
+            the curious server's hook computed from its reply.
+        batches: the clients' private batches (one sentence each), the
+            truth that only this table reads.
+        tokenizer: the victim's tokenizer.
+
+    Returns:
+        One row per client that replied: ``client``, ``private sentence``,
+        ``server's reconstruction`` and ``exact`` (token for token).
+    """
+    rows = []
+    for reply in sorted(run.replies, key=lambda r: r.client):
+        (truth,) = batches[reply.client]
+        result = rebuilt[reply.client]
+        true_batch = encode(tokenizer, truth.text, truth.label)
+        rows.append({"client": reply.client, "private sentence": truth.text,
+                     "server's reconstruction": result.texts[0],
+                     "exact": exact_rate(result.token_ids, true_token_ids(true_batch)) == 1.0})
+    return pd.DataFrame(rows)
+
+
+def rounding_table(model, selection, true_batch, lrs=LEARNING_RATES) -> tuple[pd.DataFrame, dict]:
+    """How much of one FedAvg step float32 rounds away, at each learning rate.
+
+    An SGD step ``lr * g`` smaller than half the spacing of float32
+    numbers at a weight leaves that weight unchanged. For one local step
+    (``E = 1``) the message should be the gradient itself.
+
+    Args:
+        model: the victim; ``selection`` must be one weight.
+        selection: the weight a client shares.
+        true_batch: the client's batch.
+        lrs: the learning rates.
+
+    Returns:
+        ``(table, facts)``: per learning rate the share of the weight's
+        steps below half a float32 spacing and the cosine between the
+        message (in float32 and in the float64 control) and the gradient;
+        the facts quote the share at the smallest and largest rate and the
+        float32 cosine at the smallest.
+    """
+    (gradient,) = client_update(model, selection, true_batch).shared.shared_grads
+    (weight,) = [p.detach() for p in selection.parameters(model)]
+    spacing = torch.nextafter(weight, torch.full_like(weight, 1.0)) - weight
+    rows = []
+    for lr in lrs:
+        row = {"lr": lr, "steps rounded away": float((lr * gradient.abs() < spacing / 2).float().mean())}
+        for precision in PRECISIONS:
+            (sent,) = client_update(model, selection, true_batch, FedAvg(1, lr, precision)).shared.shared_grads
+            row[f"cos, {precision}"] = float(torch.nn.functional.cosine_similarity(sent.flatten(),
+                                                                                   gradient.flatten(), dim=0))
+        rows.append(row)
+    facts = {f"rounded_away_{lrs[0]:.0e}": round(rows[0]["steps rounded away"], 4),
+             f"rounded_away_{lrs[-1]:.0e}": round(rows[-1]["steps rounded away"], 4),
+             f"cos32_{lrs[0]:.0e}": round(rows[0]["cos, float32"], 3)}
+    return pd.DataFrame(rows), facts
+
+
+def protocol_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The protocol part's :func:`table` and the facts the chapter quotes.
+
+    Returns:
+        ``(table, facts)``: FedSGD's exact share and ROUGE-1, the float64
+        control's lowest exact share and cosine, the float32 span check's
+        exact share and cosine per learning rate, which datasets survive the
+        largest rate (and the token counts either side), and the range of
+        the optimisation attack's ROUGE-1 over every FedAvg client.
+    """
+    protocol = table(path, "protocol")
+    fedsgd = protocol.query("protocol == 'FedSGD'").set_index("attack")
+    fedavg = protocol.query("protocol != 'FedSGD'")
+    span32 = fedavg.query("attack == 'span check' and precision == 'float32'")
+    span64 = fedavg.query("attack == 'span check' and precision == 'float64'")
+    optimized = fedavg.query("attack == 'optimisation'")
+    facts = {
+        "protocol_sentences": int(fedsgd.loc["span check", "sentences"]),
+        "fedsgd_span_exact": round(float(fedsgd.loc["span check", "exact"]), 4),
+        "fedsgd_opt_rouge1": round(float(fedsgd.loc["optimisation", "rouge1"]), 2),
+        "span64_exact_min": round(float(span64["exact"].min()), 4),
+        "span64_cos_min": round(float(span64["cosine"].min()), 4),
+    }
+    for lr in LEARNING_RATES:
+        facts[f"span32_exact_{lr:.0e}"] = round(float(span32.query("lr == @lr")["exact"].mean()), 4)
+        facts[f"cos32_mean_{lr:.0e}"] = round(float(span32.query("lr == @lr")["cosine"].mean()), 3)
+    lines = load(path, "protocol")
+    largest = lines.query("attack == 'span check' and precision == 'float32' and lr == @LEARNING_RATES[-1]")
+    by_dataset = largest.groupby("dataset")[["exact", "tokens"]].mean()
+    kept = by_dataset["exact"] > 0
+    facts.update({
+        f"survivors_{LEARNING_RATES[-1]:.0e}": ", ".join(by_dataset.index[kept]),
+        "survivor_tokens": round(float(by_dataset.loc[kept, "tokens"].max())),
+        "failed_tokens": round(float(by_dataset.loc[~kept, "tokens"].min())),
+        "opt_rouge1_min": round(float(optimized["rouge1"].min()), 2),
+        "opt_rouge1_max": round(float(optimized["rouge1"].max()), 2),
+    })
+    return protocol, facts
+
+
+def batch_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """One client's batch size, FedSGD against FedAvg at :data:`FEDAVG`, with batch size 1 from the protocol part.
+
+    Returns:
+        ``(table, facts)``: one row per attack, client and batch size
+        (1 from the protocol part, 2 to 8 from the batch part) with a
+        ``series`` column for the figure; the facts give each one's exact
+        share and ROUGE-1 (``span_sgd2_exact``, ``opt_avg4_rouge1``, ...)
+        and the FedAvg client's name.
+    """
+    fedavg = protocol_name(FEDAVG)
+    single = table(path, "protocol").query("protocol in ['FedSGD', @fedavg]")
+    by_size = pd.concat([single, table(path, "batch")], ignore_index=True)
+    by_size["series"] = by_size["attack"] + ", " + by_size["protocol"]
+    facts = {"fedavg_name": fedavg}
+    for (attack, name), part in by_size.groupby(["attack", "protocol"]):
+        key = ("span" if attack == "span check" else "opt") + ("_sgd" if name == "FedSGD" else "_avg")
+        for _, row in part.iterrows():
+            facts[f"{key}{row['batch_size']}_exact"] = round(float(row["exact"]), 4)
+            facts[f"{key}{row['batch_size']}_rouge1"] = round(float(row["rouge1"]), 2)
+    return by_size, facts
+
+
+def secure_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """SecAgg+ of N one-sentence clients against one client holding the same N sentences.
+
+    Returns:
+        ``(table, facts)``: one row per attack and N for each of the two
+        (``who``, ``sentences_in_message``); the facts give the secure
+        rounds' exact share and ROUGE-1 per N (``sec_span4_exact``, ...),
+        how many (attack, N) pairs the two agree on, where the span check
+        did worse behind SecAgg+ (datasets, exact share, fewest tokens,
+        median seconds), the largest error of the unmasked mean against the
+        batch gradient and the median Flower round's seconds.
+    """
+    secure = table(path, "secure")
+    secure = secure.assign(sentences_in_message=secure["clients"],
+                           who=secure["attack"] + ", SecAgg+ of N clients")
+    one = table(path, "batch").query("protocol == 'FedSGD'")
+    one = one.assign(sentences_in_message=one["batch_size"], who=one["attack"] + ", one client with N sentences")
+    both = pd.concat([secure, one], ignore_index=True)
+    facts = {}
+    for _, row in secure.iterrows():
+        key = "sec_span" if row["attack"] == "span check" else "sec_opt"
+        facts[f"{key}{row['clients']}_exact"] = round(float(row["exact"]), 4)
+        facts[f"{key}{row['clients']}_rouge1"] = round(float(row["rouge1"]), 2)
+    paired = secure.merge(one, on=["attack", "sentences_in_message"], suffixes=("_secure", "_batch"))
+    lines = load(path, "secure")
+    alone = load(path, "batch").query("protocol == 'FedSGD' and attack == 'span check'")
+    span = lines.query("attack == 'span check'").merge(alone, left_on=["dataset", "clients"],
+                                                         right_on=["dataset", "batch_size"], suffixes=("", "_alone"))
+    worse = span.query("exact < exact_alone")
+    facts.update({
+        "secure_same": int((paired["exact_secure"] == paired["exact_batch"]).sum()),
+        "secure_pairs": len(paired),
+        "secure_worse": ", ".join(f"{r.dataset} at {r.clients}" for r in worse.itertuples()),
+        "secure_worse_exact": round(float(worse["exact"].mean()), 4),
+        "secure_worse_tokens": int(worse["tokens"].min()),
+        "secure_worse_seconds": round(float(worse["seconds"].median())),
+        "secure_error_max": float(lines["relative_error_to_batch_gradient"].max()),
+        "secure_flower_seconds": round(float(lines["flower_seconds"].median()), 1),
+    })
+    return both, facts
 
 
 def _label(lines: list[dict]) -> str:

@@ -56,7 +56,7 @@ from ..models import cached_model, encode
 from ..selection import select
 from .sample import GRID_SPLITS, sample
 from .store import read_lines, study_frame
-from .study import Study, Table, markdown_table, option
+from .study import Measurements, Study, Table, markdown_table, option
 
 DATASETS = tuple(GRID_SPLITS)
 """The batch-1 studies attack the cached optimisation grids' sentences
@@ -272,13 +272,8 @@ def plan(sentences: int) -> list[tuple]:
     return tasks
 
 
-def run_task(name: str, dataset: str, item) -> list[dict]:
-    """One task of the study (runs in a worker): ``measure_<study>(dataset, item)``."""
-    torch.set_num_threads(1)
-    return MEASUREMENTS[name](dataset, item)
-
-
-MEASUREMENTS = {f.__name__: f for f in (measure_comparison, measure_components, measure_batch, measure_dp)}
+run_task = Measurements(measure_comparison, measure_components, measure_batch, measure_dp)
+"""One task of the study (runs in a worker): ``run_task("measure_dp", dataset, example)``."""
 
 
 def _key(study: str, dataset: str, ids) -> str:
@@ -386,6 +381,140 @@ def markdown(table: pd.DataFrame) -> str:
             for _, r in table.iterrows())
     return markdown_table(["weight (layer 0)", "attack", "ROUGE-1", "ROUGE-2", "exact", "s / sentence",
                                    "sentences"], rows)
+
+
+# --------------------------------------------------------------------------
+# Chapter 5's tables, each with the facts its prose quotes (the chapter
+# records them; tests/chapters read them back)
+# --------------------------------------------------------------------------
+
+
+def comparison_summary(span_path: str | Path, optimization_path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """:func:`comparison_table` and the facts the chapter quotes from it.
+
+    Returns:
+        ``(table, facts)``: the lowest ROUGE-1 and exact share and the
+        largest seconds of the span check over the three weights, the
+        highest ROUGE-1 and lowest seconds of the optimisation attack, and
+        the table as Markdown (``comparison_markdown``).
+    """
+    table = comparison_table(span_path, optimization_path)
+    span = table[table["attack"].str.startswith("span")]
+    other = table[~table["attack"].str.startswith("span")]
+    facts = {
+        "span_rouge1_min": round(float(span["rouge1"].min()), 4),
+        "span_exact_min": round(float(span["exact"].min()), 4),
+        "span_seconds_max": round(float(span["seconds"].max()), 1),
+        "opt_rouge1_max": round(float(other["rouge1"].max()), 4),
+        "opt_seconds_min": round(float(other["seconds"].min()), 1),
+        "comparison_markdown": markdown(table),
+    }
+    return table, facts
+
+
+def components_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The ``components`` lines per weight: does the check still name the tokens outside layer 0's inputs?
+
+    Returns:
+        ``(table, facts)``: one row per (layer, weight) the check applies
+        to, with its mean token accuracy, the shares of sentences named
+        exactly and separated by one threshold, the median rank, tokens
+        and residuals; the facts name the best weight other than layer 0's
+        query and quote layers 1, 4 and 5.
+    """
+    lines = load(path, "components")
+    usable = lines[lines["applicable"]].assign(exact=lambda t: t["token_accuracy"] == 1,
+                                               separated=lambda t: t["gap"] > 0)
+    table = (usable.groupby(["layers", "component"], sort=True)
+             .agg(token_accuracy=("token_accuracy", "mean"), exact_share=("exact", "mean"),
+                  separated_share=("separated", "mean"), rank=("rank", "median"), tokens=("tokens", "median"),
+                  true_residual=("true_median", "median"), best_false_residual=("false_median", "median"),
+                  sentences=("row_id", "size"))
+             .reset_index())
+    others = table.query("not (layers == 0 and component == 'attention.query')")
+    best = others.loc[others["token_accuracy"].idxmax()]
+    facts = {
+        "best_other": f"layer {best['layers']}'s {best['component']}",
+        "best_other_accuracy": round(float(best["token_accuracy"]), 2),
+        "best_other_exact": round(float(best["exact_share"]), 4),
+        "layer1_query_accuracy": round(float(table.query("layers == 1")["token_accuracy"].iloc[0]), 2),
+        "layer4_query_accuracy": round(float(table.query("layers == 4")["token_accuracy"].iloc[0]), 2),
+        "layer5_query_rank": int(table.query("layers == 5")["rank"].iloc[0]),
+    }
+    return table, facts
+
+
+METHOD_KEYS = {"peel, layer 0+1": "peel", "peel, whole layer 0": "whole", "peel, layer 0": "peel0",
+               "enumerate, layer 0+1": "enum"}
+"""The short name of each batch method in the facts (``peel8_exact``, ``whole16_seconds``, ...)."""
+
+
+def batch_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """:func:`batch_table` and the facts the chapter quotes about batches.
+
+    Returns:
+        ``(table, facts)``: per method and batch size its exact share and
+        median seconds (``{method key}{batch size}_exact`` and
+        ``_seconds``, keys of :data:`METHOD_KEYS`), the enumeration's
+        budget, the hidden size, what peeling with layer 1 found at 8 and
+        its slowest batches, the bag of words' size and residuals, the
+        datasets whose batches were refused, the mean sentence lengths, and
+        the table as Markdown (``batch_markdown``).
+    """
+    lines = load(path, "batch")
+    table = batch_table(path)
+    facts = {}
+    for _, row in table.iterrows():
+        key = METHOD_KEYS[row["method"]]
+        facts[f"{key}{row['batch_size']}_exact"] = round(float(row["exact"]), 4)
+        facts[f"{key}{row['batch_size']}_seconds"] = round(float(row["seconds"]), 1)
+    peeled = lines.query("method == 'peel, layer 0+1' and not refused")
+    large = peeled.query("batch_size >= 8")
+    with_layer1 = table[table["method"] == "peel, layer 0+1"].set_index("batch_size")
+    refused = lines[lines["refused"]]
+    tokens = lines.assign(mean=lines["tokens"] / lines["batch_size"]).groupby("dataset")["mean"].mean().round()
+    facts.update({
+        "enumeration_budget": ENUMERATION_BUDGET,
+        "hidden": int(lines["hidden"].iloc[0]),
+        "peel8_found": round(float(peeled.query("batch_size == 8")["found"].mean()), 4),
+        "peel16_seconds_max": round(float(with_layer1.loc[16, "seconds_max"]), 1),
+        "peel8_seconds_max": round(float(with_layer1.loc[8, "seconds_max"]), 1),
+        "bag_set_size": round(float(large["set_size"].mean())),
+        "bag_true_max": float(peeled["true_max"].max()),
+        "bag_impostor_min": float(peeled["impostor_min"].min()),
+        "refused_datasets": ", ".join(sorted(refused["dataset"].unique())),
+        "cola_tokens": int(tokens["cola"]),
+        "long_tokens": f"{int(tokens['sst2'])} and {int(tokens['rotten_tomatoes'])}",
+        "batch_markdown": batch_markdown(table),
+    })
+    return table, facts
+
+
+def dp_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The ``dp`` lines per noise multiplier: where DP-SGD's noise breaks the check.
+
+    Returns:
+        ``(table, facts)``: per sigma the median residual of the true and
+        of the best false token, the mean token accuracy, the share of
+        sentences one threshold still separates, and the median norms of
+        the clipped signal and of the noise; the facts give the smallest
+        sigma at which the accuracy falls below one half, the share
+        separated at sigma 0, the signal's norm and the accuracy at 1e-6.
+    """
+    lines = load(path, "dp")
+    table = lines.groupby("noise_multiplier").agg(
+        true=("true_median", "median"), false=("false_median", "median"), accuracy=("token_accuracy", "mean"),
+        separated=("gap", lambda g: float((g > 0).mean())), signal=("signal_norm", "median"),
+        noise=("noise_norm", "median")).reset_index()
+    by_sigma = table.set_index("noise_multiplier")
+    broken = table[table["accuracy"] < 0.5]["noise_multiplier"]
+    facts = {
+        "dp_half_sigma": float(broken.min()) if len(broken) else None,
+        "dp_exact_sigma0": round(float(by_sigma.loc[0.0, "separated"]), 4),
+        "dp_signal": float(table["signal"].median()),
+        "dp_accuracy_1e-06": round(float(by_sigma.loc[1e-6, "accuracy"]), 4),
+    }
+    return table, facts
 
 
 STUDY = Study(

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
+import torch
+
 from . import runner
 
 
@@ -57,6 +59,26 @@ class Table:
     help: str
     show: Callable[[argparse.Namespace], str]
     options: tuple[Option, ...] = ()
+
+
+class Measurements:
+    """A study's work when each task names its measurement: ``work(name, *arguments)``.
+
+    ``Measurements(measure_a, measure_b)("measure_a", x, y)`` runs
+    ``measure_a(x, y)`` on one torch thread, so that a task's lines do not
+    depend on how many workers share the machine (nor does their round-off).
+    The functions must be module-level (worker processes import them by
+    name); the object pickles as the table of their names.
+    """
+
+    def __init__(self, *functions: Callable[..., list[dict]]) -> None:
+        self.functions = {f.__name__: f for f in functions}
+
+    def __call__(self, name: str, *arguments) -> list[dict]:
+        if name not in self.functions:
+            raise ValueError(f"Unknown measurement {name!r}: this study has {', '.join(self.functions)}.")
+        torch.set_num_threads(1)
+        return self.functions[name](*arguments)
 
 
 @dataclass(frozen=True)

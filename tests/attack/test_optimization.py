@@ -1,3 +1,4 @@
+import dataclasses
 import inspect
 import math
 
@@ -5,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gilib.attack import AttackConfig, attack_clients, optimization_attack, span_attack
+from gilib.attack import AttackConfig, OptimizationDiagnostics, attack_clients, optimization_attack, span_attack
 from gilib.attack.engines import _random_reorder
 from gilib.attack.objectives import gradient_distance
 from gilib.attack.tokens import TokenSpace
@@ -35,6 +36,20 @@ def test_tiny_model_recovers_a_short_sentence_exactly(tiny):
     # The right tokens have the client's gradient: the distance is round-off.
     assert result.final_loss == pytest.approx(0.0, abs=1e-5)
     assert result.diagnostics.loss_history[0] > 0.05
+
+
+def test_the_result_keeps_settings_timings_and_diagnostics_apart(tiny):
+    model, tokenizer = tiny
+    sel, update = _client(model, tokenizer, [SENTENCE], [1], "attention.query", 0)
+    config = AttackConfig(steps=6, init_candidates=2, swap_every=3, progress=False)
+    result = optimization_attack(model, tokenizer, update, sel, config)
+    assert result.config == dataclasses.asdict(config)  # settings only
+    assert set(result.timings) == {"init", "optimization", "reordering", "polish"}
+    assert sum(result.timings.values()) <= result.seconds
+    assert isinstance(result.diagnostics, OptimizationDiagnostics) and len(result.diagnostics.loss_history) == 6
+    assert result.diagnostics.seconds_per_step == pytest.approx(result.seconds / 6)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 7  # a config is a value: the result's copy cannot drift from it
 
 
 def test_same_seed_same_result_and_other_seed_differs(tiny):

@@ -1,12 +1,13 @@
 """The span check: exact recovery from one layer-0 linear weight, and clear refusals."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from gilib.update import SharedUpdate
-from gilib.attack import SpanConfig, span_attack
+from gilib.attack import SpanConfig, SpanDiagnostics, span_attack
 from gilib.attack.checks import output_gradients
 from gilib.attack.rowspace import item_gradients, layer0_inputs, row_space
 from gilib.client import client_update
@@ -21,6 +22,15 @@ def _update(model, tokenizer, selection, texts, labels) -> SharedUpdate:
     return client_update(model, selection, encode(tokenizer, texts, labels)).shared
 
 
+def _attack_batch(victim, component, examples):
+    """The span check on a client's batch of ``examples`` sharing layer 0's ``component``: ``(truth, result)``."""
+    model, tokenizer = victim
+    selection = select(model, component, 0)
+    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+    update = client_update(model, selection, true_batch).shared
+    return true_token_ids(true_batch), span_attack(model, tokenizer, update, selection)
+
+
 @pytest.mark.parametrize("component", ["attention.query", "attention.key", "attention.value"])
 def test_exact_recovery_of_bundled_sentences_at_batch_size_one(minilm, component):
     model, tokenizer = minilm
@@ -32,6 +42,22 @@ def test_exact_recovery_of_bundled_sentences_at_batch_size_one(minilm, component
         result = span_attack(model, tokenizer, update._replace(labels=None), selection)
         assert result.token_ids[0] == true_batch["input_ids"][0].tolist()
         assert result.method == "span" and result.diagnostics.min_gap > 0.01
+
+
+def test_the_result_keeps_settings_timings_and_diagnostics_apart(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    update = _update(model, tokenizer, selection, "a cat sat on the mat", 1)
+    result = span_attack(model, tokenizer, update, selection, SpanConfig(threshold=1e-3))
+    assert result.config == dataclasses.asdict(SpanConfig(threshold=1e-3))  # settings only
+    assert set(result.timings) == {"check", "assembly"} and all(v >= 0 for v in result.timings.values())
+    assert result.seconds == pytest.approx(sum(result.timings.values()))
+    d = result.diagnostics
+    assert isinstance(d, SpanDiagnostics) and d.weight.endswith("query.weight") and d.verifier is None
+    assert d.rank == update.lengths[0] and len(d.candidates) == update.lengths[0] - 2 and d.rounds == 0
+    assert d.found is None and d.labels is None and d.uncertain is None  # no peeling at batch size 1
+    with pytest.raises(TypeError, match="config must be a SpanConfig"):
+        span_attack(model, tokenizer, update, selection, {"threshold": 1e-3})
 
 
 def test_the_rank_is_the_number_of_tokens(minilm):
@@ -53,15 +79,10 @@ def test_a_selection_without_a_layer0_input_projection_is_refused(minilm, compon
         span_attack(model, tokenizer, update, selection)
 
 
-@pytest.mark.parametrize("component", ["attention.query", "attention.value"])
-def test_a_batch_of_four_bundled_sentences_is_recovered_exactly(minilm, component):
-    model, tokenizer = minilm
-    selection = select(model, component, 0)
-    examples = load_split("sample")[:4]
-    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
-    update = client_update(model, selection, true_batch).shared
-    result = span_attack(model, tokenizer, update, selection)
-    truth = true_token_ids(true_batch)
+@pytest.mark.slow
+def test_a_batch_of_four_bundled_sentences_is_recovered_exactly(minilm):
+    # From the value weight alone: peeling's output-gradient check (the query weight's: tests/attack/test_peeling.py).
+    truth, result = _attack_batch(minilm, "attention.value", load_split("sample")[:4])
     # The gradient does not depend on the order of the batch's sentences.
     assert sorted(result.token_ids) == sorted(truth)
     assert result.diagnostics.rank < 384 and result.final_loss < 1e-4
@@ -103,13 +124,7 @@ def test_a_batch_with_as_many_tokens_as_input_dimensions_is_refused(minilm):
 
 
 def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
-    model, tokenizer = minilm
-    selection = select(model, "attention.key", 0)
-    examples = load_split("sample")[:2]
-    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
-    update = client_update(model, selection, true_batch).shared
-    result = span_attack(model, tokenizer, update, selection)
-    truth = true_token_ids(true_batch)
+    truth, result = _attack_batch(minilm, "attention.key", load_split("sample")[:2])
     assert sorted(result.token_ids) == sorted(truth)
     # One direction per distinct (position, token) input but [CLS]: x - x_[CLS] spans the key's gradient.
     assert result.diagnostics.rank == len({(p, t[p]) for t in truth for p in range(1, len(t))})

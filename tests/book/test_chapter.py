@@ -3,6 +3,8 @@
 Also the book's own files: its configuration, bibliography and table of contents.
 """
 
+import json
+import socket
 import subprocess
 import sys
 import types
@@ -47,6 +49,17 @@ def test_records_round_trip_through_an_executed_notebook():
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     assert read_records(nb) == {"score": 0.25, "texts": {"a/0": "the film"}, "curve": [1.5, 2]}
+
+
+def test_records_that_jupyter_book_moved_beside_the_notebook_are_read(tmp_path):
+    # jupyter-book writes the executed chapter without its glue outputs and keeps them in <name>.glue.json.
+    path = tmp_path / "05_span_check.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), str(path))
+    glued = {name: {"output_type": "display_data", "data": {"text/plain": text},
+                    "metadata": {"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}}}
+             for name, text in (("live_exact", "3"), ("best_other", "\"layer 0's attention.key\""))}
+    path.with_suffix(".glue.json").write_text(json.dumps(glued))
+    assert read_records(path) == {"live_exact": 3, "best_other": "layer 0's attention.key"}
 
 
 # --------------------------------------------------------------------------- #
@@ -99,11 +112,30 @@ def test_explicit_choices_win(outside_colab, monkeypatch):
     assert choose_setup(reachable=lambda: True, device="cpu").online
 
 
-def test_the_real_hub_check_respects_offline_mode(monkeypatch):
+def test_the_real_hub_check_respects_offline_mode_and_the_network(monkeypatch):
+    connections = []
+
+    class Answered:  # a connection that opened
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    def answering(address, timeout):
+        connections.append((address, timeout))
+        return Answered()
+
+    def refusing(address, timeout):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", answering)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert chapter.hub_reachable() is False
+    assert chapter.hub_reachable() is False and connections == []  # offline mode: no connection even tried
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert isinstance(chapter.hub_reachable(timeout=1.0), bool)
+    assert chapter.hub_reachable(timeout=1.0) is True and connections == [(("huggingface.co", 443), 1.0)]
+    monkeypatch.setattr(socket, "create_connection", refusing)
+    assert chapter.hub_reachable(timeout=1.0) is False
 
 
 def test_load_sentences_offline_reads_local_files():

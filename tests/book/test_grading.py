@@ -42,7 +42,7 @@ def built(tmp_path_factory) -> Path:
         pytest.fail("otter-grader is missing: `make assignments-test` installs it")
 
     out = tmp_path_factory.mktemp("assignments")
-    done = subprocess.run([sys.executable, "-m", "gilib.book.assignments", "--out", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "gilib.book.assignments", "build", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("question(s)") == len(chapter_notebooks())

@@ -1,10 +1,18 @@
 """Chapter 6's study (gilib.studies.federated): its plan, its keys, and one measurement each way."""
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from gilib.studies import federated as federated_study
 from gilib.studies.sample import sample
 from gilib.client import FedAvg
+from gilib.data import load_split
+from gilib.models import encode
+from gilib.selection import select
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_protocol_name_reads_back_as_its_protocol():
@@ -59,3 +67,46 @@ def test_float32_rounding_breaks_the_span_check_and_the_float64_control_restores
 def test_unknown_parts_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown part 'secur'"):
         federated_study.run(tmp_path / "out.jsonl", ["secur"])
+
+
+def test_the_summaries_give_chapter_6_its_tables_and_facts():
+    path = ROOT / "data" / "results" / "ch6_federated.jsonl"
+    protocol, facts = federated_study.protocol_summary(path)
+    span32 = protocol.query("attack == 'span check' and precision == 'float32'")
+    for lr in federated_study.LEARNING_RATES:
+        assert facts[f"span32_exact_{lr:.0e}"] == round(float(span32.query("lr == @lr")["exact"].mean()), 4)
+    assert facts["fedsgd_span_exact"] == 1.0 and 0 < facts["opt_rouge1_min"] <= facts["opt_rouge1_max"] < 1
+    by_size, facts = federated_study.batch_summary(path)
+    assert set(by_size["batch_size"]) == {1, *federated_study.BATCH_SIZES}
+    assert facts["fedavg_name"] == federated_study.protocol_name(federated_study.FEDAVG)
+    assert {f"span_sgd{b}_exact" for b in (1, 2, 4, 8)} <= set(facts)
+    both, facts = federated_study.secure_summary(path)
+    assert set(both["sentences_in_message"]) == set(federated_study.CLIENTS)
+    assert facts["secure_pairs"] == 2 * len(federated_study.CLIENTS) - 1  # no optimisation attack at 8
+    assert facts["secure_same"] <= facts["secure_pairs"] and facts["secure_error_max"] < 1e-4
+
+
+def test_the_round_table_pairs_each_reply_with_its_clients_truth(tiny):
+    model, tokenizer = tiny
+    batches = [[e] for e in load_split("sample")[:2]]
+    truth = [tokenizer(b[0].text)["input_ids"] for b in batches]
+    rebuilt = {0: SimpleNamespace(texts=["x"], token_ids=[truth[0]]),
+               1: SimpleNamespace(texts=["y"], token_ids=[truth[0]])}  # client 1 got client 0's sentence
+    run = SimpleNamespace(replies=[SimpleNamespace(client=1), SimpleNamespace(client=0)])
+    table = federated_study.round_table(run, rebuilt, batches, tokenizer)
+    assert table["client"].tolist() == [0, 1] and table["exact"].tolist() == [True, False]
+    assert table["private sentence"].tolist() == [b[0].text for b in batches]
+
+
+def test_float32_rounds_small_steps_away_and_the_float64_control_keeps_them(tiny):
+    model, tokenizer = tiny
+    selection = select(model, "attention.query", 0)
+    example = load_split("sample")[0]
+    table, facts = federated_study.rounding_table(model, selection, encode(tokenizer, example.text, example.label),
+                                                  lrs=(1e-9, 1e-2))
+    small, large = table.to_dict("records")
+    assert small["steps rounded away"] > large["steps rounded away"]
+    assert small["cos, float64"] > 0.999 and small["cos, float32"] < small["cos, float64"]
+    assert facts == {"rounded_away_1e-09": round(small["steps rounded away"], 4),
+                     "rounded_away_1e-02": round(large["steps rounded away"], 4),
+                     "cos32_1e-09": round(small["cos, float32"], 3)}

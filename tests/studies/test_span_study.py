@@ -1,5 +1,6 @@
 """Chapter 5's measurements: the profile of residuals, the candidate-set scores, the cached table."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,6 @@ def test_a_study_missing_from_a_results_file_says_how_to_make_it(tmp_path):
         span_study.load(path, "batch")
 
 
-def test_the_readme_repeats_the_cached_comparison_table():
-    table = span_study.comparison_table(RESULTS / "ch5_span.jsonl", RESULTS / "ch3_components.jsonl")
-    assert len(table) == 6 and set(table["sentences"]) == {12}
-    text = (ROOT / "README.md").read_text()
-    assert span_study.markdown(table) in text, (
-        "update the README: python -m gilib.studies span table data/results/ch5_span.jsonl "
-        "data/results/ch3_components.jsonl")
-
-
 def test_the_components_measurement_separates_only_layer_0_input_projections():
     example = load_split("sample")[0]
     lines = {(line["component"], line["layers"]): line for line in span_study.measure_components("sample", example)}
@@ -71,3 +63,39 @@ def test_a_batch_wider_than_the_hidden_size_is_recorded_as_refused():
     examples = load_split("sample")
     (line,) = span_study.measure_batch("sample", ("peel, layer 0+1", examples))
     assert line["refused"] and line["tokens"] >= line["hidden"] and "exact" not in line
+
+
+def _lines_file(tmp_path, lines):
+    path = tmp_path / "span.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_the_summaries_give_chapter_5_its_tables_and_facts():
+    # Every fact the chapter records comes with the table it is read from.
+    comparison, facts = span_study.comparison_summary(RESULTS / "ch5_span.jsonl", RESULTS / "ch3_components.jsonl")
+    span = comparison[comparison["attack"].str.startswith("span")]
+    assert facts["span_exact_min"] == round(float(span["exact"].min()), 4)
+    assert facts["comparison_markdown"] == span_study.markdown(comparison)
+    by_weight, facts = span_study.components_summary(RESULTS / "ch5_span.jsonl")
+    assert set(facts) == {"best_other", "best_other_accuracy", "best_other_exact", "layer1_query_accuracy",
+                          "layer4_query_accuracy", "layer5_query_rank"}
+    assert (0, "attention.query") in set(zip(by_weight["layers"], by_weight["component"]))
+    assert "layer 0's attention.query" != facts["best_other"]
+    by_method, facts = span_study.batch_summary(RESULTS / "ch5_span.jsonl")
+    for _, row in by_method.iterrows():
+        key = span_study.METHOD_KEYS[row["method"]]
+        assert facts[f"{key}{row['batch_size']}_exact"] == round(float(row["exact"]), 4)
+    assert facts["batch_markdown"] == span_study.batch_markdown(by_method)
+    levels, facts = span_study.dp_summary(RESULTS / "ch5_span.jsonl")
+    assert list(levels["noise_multiplier"]) == sorted(span_study.NOISE_MULTIPLIERS)
+    assert facts["dp_half_sigma"] == min(s for s, a in zip(levels["noise_multiplier"], levels["accuracy"]) if a < 0.5)
+
+
+def test_the_dp_summary_handles_a_check_that_never_breaks(tmp_path):
+    base = {"study": "dp", "dataset": "cola", "row_id": 1, "true_median": 1e-7, "false_median": 0.1,
+            "signal_norm": 0.01}
+    lines = [{**base, "noise_multiplier": s, "token_accuracy": 1.0, "gap": 0.1, "noise_norm": s}
+             for s in (0.0, 1e-6)]
+    levels, facts = span_study.dp_summary(_lines_file(tmp_path, lines))
+    assert facts == {"dp_half_sigma": None, "dp_exact_sigma0": 1.0, "dp_signal": 0.01, "dp_accuracy_1e-06": 1.0}

@@ -1,10 +1,13 @@
 """A study's description and the one command line: every study has the same shape, and errors exit cleanly."""
 
+import pickle
+
 import pytest
+import torch
 
 from gilib.studies import all_studies
 from gilib.studies.store import read_lines
-from gilib.studies.study import Study, Table, main, main_for, markdown_table, mean_sd, option
+from gilib.studies.study import Measurements, Study, Table, main, main_for, markdown_table, mean_sd, option
 
 
 def _square(n: int) -> list[dict]:
@@ -45,7 +48,8 @@ def test_every_book_study_has_a_name_a_description_and_one_command_shape(capsys)
     for study in studies:
         assert study.description and study.tables, study.name
         if study.plan is not None:
-            assert study.work.__module__ == f"gilib.studies.{study.name.replace('-', '_')}", study.name
+            works = study.work.functions.values() if isinstance(study.work, Measurements) else [study.work]
+            assert {f.__module__ for f in works} == {f"gilib.studies.{study.name.replace('-', '_')}"}, study.name
             assert study.task_keys and study.line_key
     main(studies, [])  # no study named: the list
     listing = capsys.readouterr().out
@@ -65,3 +69,13 @@ def test_errors_exit_with_status_2_and_a_message_not_a_traceback(tmp_path, capsy
     assert "is not a results file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="only reads other studies' results"):
         Study("reader", "reads").run(tmp_path / "x.jsonl", [])
+
+
+def test_measurements_run_the_named_one_on_one_thread_and_pickle_by_name(monkeypatch):
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    work = Measurements(_square)
+    assert work("_square", 3) == [{"n": 3, "square": 9}] and threads == [1]
+    assert pickle.loads(pickle.dumps(work))("_square", 4) == [{"n": 4, "square": 16}]
+    with pytest.raises(ValueError, match="Unknown measurement 'cube': this study has _square"):
+        work("cube", 2)

@@ -1,0 +1,89 @@
+"""Chapter 2 (one Transformer layer), executed once: its records against its prose (see tests/chapters)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gilib.studies import grids
+
+from tests.claims.cached import DATASETS, LARGE_PART, CLOSE, cached, summary
+from tests.chapters import executed_chapter
+
+pytestmark = pytest.mark.slow
+
+
+ch2 = executed_chapter("02_single_layer")
+
+
+def test_chapter2_runs_end_to_end(ch2):
+    # The live sweep ran the full model and the first and last layer (fast
+    # mode), and the cached grid's summary was recorded for every layer of MiniLM.
+    assert {key.split("/")[0] for key in ch2["live_rouge1"]} == {"full", "layer L0", "layer L5"}
+    assert sorted(ch2["layer_rouge1"]) == [str(i) for i in range(6)]
+
+
+def test_chapter2_a_layer_is_a_sixth_of_the_encoder(ch2):
+    # "One layer's gradient, 7.81 % of the model's parameters" and "about a
+    # sixth of the encoder of our offline model".
+    assert ch2["layer_share_pct"] == pytest.approx(7.8, abs=0.1)
+    encoder = summary("ch2_layers.jsonl", ["component", "layers"]).query("component == 'encoder'")
+    assert ch2["layer_share_pct"] / (100 * float(encoder["fraction"].iloc[0])) == pytest.approx(1 / 6, rel=0.01)
+
+
+def test_chapter2_every_single_layer_leaks_a_large_part_of_the_words(ch2):
+    # "One layer's gradient ... gives back a large part of the words" and
+    # (summary) "every single layer leaks text": the least leaky layer too.
+    assert ch2["worst_layer_rouge1"] >= LARGE_PART
+    assert min(ch2["layer_rouge1"].values()) >= LARGE_PART
+
+
+def test_chapter2_the_most_leaky_layer_comes_close_to_the_full_model(ch2):
+    # "a single layer is enough to rebuild much of the text": the most leaky
+    # single layer is within 0.1 ROUGE-1 of the full model.
+    assert ch2["full_rouge1"] - ch2["best_layer_rouge1"] <= CLOSE
+
+
+def test_chapter2_layers_1_to_4_leak_almost_as_much_as_the_full_model_0_clearly_less(ch2):
+    # "In the cached grid layers 1 to 4 leak almost as much as the full model
+    # (within 0.1 ROUGE-1), layer 0 clearly less".
+    gaps = {layer: round(ch2["full_rouge1"] - ch2["layer_rouge1"][layer], 3) for layer in ("0", "1", "2", "3", "4")}
+    assert all(gaps[layer] <= CLOSE for layer in ("1", "2", "3", "4")), gaps
+    assert gaps["0"] > CLOSE, gaps
+
+
+def test_chapter2_the_last_layer_leaks_least(ch2):
+    # "... and the last layer leaks least".
+    last = str(len(ch2["layer_rouge1"]) - 1)
+    assert ch2["worst_layer"] == last
+    assert ch2["layer_rouge1"][last] < min(v for k, v in ch2["layer_rouge1"].items() if k != last)
+
+
+def test_chapter2_the_weakest_layer_is_far_from_the_full_model(ch2):
+    # Solution 2: "The cached grid's weakest layers (the last one above all)
+    # are far from the full model" (0.2 ROUGE-1 or more).
+    assert ch2["full_rouge1"] - ch2["worst_layer_rouge1"] >= 0.2
+
+
+def test_chapter2_each_value_is_over_the_same_sentences(ch2):
+    # "each over 12 sentences": "four sentences from each of three datasets".
+    table = summary("ch2_layers.jsonl", ["component", "layers"])
+    assert ch2["n_sentences"] == 12 and set(table["n"]) == {ch2["n_sentences"]}
+    per_dataset = summary("ch2_layers.jsonl", ["component", "layers", "dataset"])
+    assert set(per_dataset["dataset"]) == DATASETS and set(per_dataset["n"]) == {4}
+
+
+def test_chapter2_states_each_samples_lengths(ch2):
+    # The lengths the prose quotes are those of the cached sample.
+    lengths = grids.sentence_lengths(list(cached("ch2_layers.jsonl")))
+    for _, row in lengths.iterrows():
+        for stat in ("min", "median", "max"):
+            assert ch2[f"length_{row['dataset']}_{stat}"] == row[stat]
+
+
+def test_chapter2_records_the_batch_axis(ch2):
+    # The batch figure's values, for the full model and layer 0 at B = 1, 2, 4.
+    for key in ("full", "layer0"):
+        for size in (1, 2, 4):
+            assert f"batch{size}_{key}_rouge1" in ch2 and f"batch{size}_{key}_rouge2" in ch2
+    assert ch2["batch1_full_rouge1"] == ch2["full_rouge1"]
+    assert ch2["batch_n"] == 12

@@ -1,0 +1,62 @@
+"""Chapter 3 (one linear weight), executed once: its records against its prose (see tests/chapters)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.claims.cached import DATASETS, COMPONENTS, cached, summary, batch_table, ch3_pivot
+from tests.chapters import executed_chapter
+
+pytestmark = pytest.mark.slow
+
+
+ch3 = executed_chapter("03_single_linear_component")
+
+
+def test_chapter3_runs_end_to_end(ch3):
+    # The live sweep attacked all six weights of layer 0; the cached grid's
+    # summary was recorded for all six.
+    assert sorted(ch3["live_rouge1"]) == sorted(COMPONENTS)
+    assert sorted(ch3["component_rouge1"]) == sorted(COMPONENTS)
+
+
+def test_chapter3_bert_base_query_is_the_papers_share(ch3):
+    # "BERT-base's query weight is 0.54 % of the model: the paper's 0.54 %."
+    assert ch3["bert_base_query_share_pct"] == 0.54
+
+
+def test_chapter3_an_attention_projection_is_a_twelfth_of_a_layer(ch3):
+    # "one attention projection is 1/12 of a layer": layer 0's query share
+    # against a layer's share (chapter 2's grid, the same model).
+    layer = summary("ch2_layers.jsonl", ["component", "layers"]).query("component == 'layer' and layers == '0'")
+    assert ch3["query0_share_pct"] / (100 * float(layer["fraction"].iloc[0])) == pytest.approx(1 / 12, rel=0.02)
+
+
+def test_chapter3_key_leaks_most_and_value_least(ch3):
+    # "Of the six, the attention key weight leaked most on average and the
+    # value weight least."
+    by_component = ch3["component_rouge1"]
+    assert max(by_component, key=by_component.get) == "attention.key"
+    assert min(by_component, key=by_component.get) == "attention.value"
+
+
+def test_chapter3_every_weight_leaks_text_the_worst_in_the_last_layer(ch3):
+    # Summary: "Every one of the six weights leaks text in the first five
+    # layers"; the least leaky cell is one of the last layer's.
+    assert ch3["worst_cell"].endswith("layer 5")
+    assert ch3_pivot()[["0", "1", "2", "3", "4"]].min().min() > 0.1
+
+
+def test_chapter3_records_the_query_weights_batch_axis(ch3):
+    # The batch figure's values for layer 0's query weight at B = 1, 2, 4.
+    table = batch_table("ch3_components.jsonl")
+    for size in (1, 2, 4):
+        assert ch3[f"batch{size}_query0_rouge1"] == round(table.loc[("attention.query", "0", size), "rouge1"], 4)
+    assert ch3["batch1_query0_rouge1"] == ch3["query0_rouge1"]
+
+
+def test_chapter3_over_twelve_real_sentences(ch3):
+    # "over 12 real sentences" (CoLA, SST-2, Rotten Tomatoes) for every cell.
+    assert ch3["n_sentences"] == 12
+    assert set(summary("ch3_components.jsonl", ["component", "layers"])["n"]) == {12}
+    assert {r["dataset"] for r in cached("ch3_components.jsonl")} == DATASETS

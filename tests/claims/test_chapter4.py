@@ -1,0 +1,62 @@
+"""Chapter 4 (DP-SGD as a defence): its prose claims, checked against the cached results it draws on.
+
+Each test quotes a sentence of the chapter and checks it against
+``data/results``; a test fails when its sentence is false of those
+numbers, and then the prose or the numbers need fixing, not the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gilib import dp
+
+from tests.claims.cached import SIGMAS, cached, summary, sentences, attack_settings
+
+
+def test_chapter4_a_small_selection_loses_its_signal_first():
+    # "Clipping is over all parameters, noise is per coordinate: a small
+    # selection loses its signal first": at sigma = 0.01 the privatised
+    # gradient's cosine with the raw one falls from the full model to layer 0
+    # to layer 0's query weight.
+    table = summary("ch4_dp.jsonl", ["component", "noise_multiplier"]).set_index(["component", "noise_multiplier"])
+    cosine = table["dp_cosine"]
+    assert cosine["full", 0.01] > cosine["layer", 0.01] > cosine["attention.query", 0.01]
+    assert all(cosine[c, 0.0] == pytest.approx(1.0, abs=1e-3) for c in ("full", "layer", "attention.query"))
+
+
+def test_chapter4_the_grid_attacks_the_same_sentences_with_the_same_settings_as_chapters_2_and_3():
+    # "The cached grid attacks the privatised gradient at every sigma, for the
+    # full model, layer 0 and layer 0's query weight, on the same real
+    # sentences and with the same attack settings as chapters 2 and 3: four
+    # sentences each ..., one sentence per client."
+    dp_rows, ch2_rows, ch3_rows = cached("ch4_dp.jsonl"), cached("ch2_layers.jsonl"), cached("ch3_components.jsonl")
+    assert sentences(dp_rows) == sentences(ch2_rows) == sentences(ch3_rows)
+    settings = {tuple(sorted(attack_settings(r).items())) for r in dp_rows + ch2_rows + ch3_rows}
+    assert len(settings) == 1
+    table = summary("ch4_dp.jsonl", ["component", "noise_multiplier"])
+    assert sorted(map(str, table["noise_multiplier"].unique())) == sorted(SIGMAS)
+    assert set(table["component"]) == {"full", "layer", "attention.query"} and set(table["n"]) == {12}
+    assert {r["cell"]["layers"] for r in dp_rows if r["cell"]["component"] != "full"} == {0}
+    assert not any("batch_size" in r["cell"] for r in dp_rows)
+    # "The cached attacks and the utility sweep are MiniLM's."
+    assert {r["cell"]["model"] for r in dp_rows} == {"minilm"}
+    assert {r["settings"]["model"] for r in cached("ch4_utility.jsonl")} == {"minilm"}
+
+
+def test_chapter4_sigma_0_41_is_the_epsilon_8_noise_level():
+    # Solution 2: "gives sigma ~ 0.41 (check: dp.epsilon(0.411, 32 / n,
+    # 3 * n // 32, 1 / n) is just under 8)".
+    n = 67_349
+    assert 7 < dp.epsilon(0.411, 32 / n, 3 * n // 32, 1 / n) < 8
+
+
+def test_chapter4_the_utility_sweep_keeps_accuracy_only_up_to_sigma_0_1():
+    # Solution 2: sigma ~ 0.41 is "past the point where the utility sweep
+    # above falls to chance accuracy (sigma = 0.2): this sweep keeps its
+    # accuracy only up to sigma = 0.1, where epsilon is void".
+    utility = {r["noise_multiplier"]: r["accuracy"] for r in cached("ch4_utility.jsonl")}
+    assert all(utility[s] > 0.7 for s in utility if s <= 0.1), utility
+    assert all(utility[s] < 0.55 for s in utility if s >= 0.2), utility
+    n = 67_349
+    assert dp.epsilon(0.1, 32 / n, 3 * n // 32, 1 / n) > 1000  # void
