@@ -142,7 +142,7 @@ def in_colab() -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers within ``timeout`` seconds (and is not disabled)."""
     # Imported here, not at the top: gilib.models loads torch and transformers,
-    # which readers of the records (tests/test_chapters.py) do not need.
+    # which readers of the records (tests/chapters) do not need.
     from ..models import hub_available
 
     return hub_available(timeout=timeout)

@@ -28,25 +28,15 @@ from pathlib import Path
 
 import nbformat
 import pandas as pd
-import papermill as pm
 import torch
 
-from ..data import repo_root
 from ..studies.store import read_lines
 from ..studies.study import Study, Table, main_for, option
 from .assignments import parse_questions
-from .chapter import FAST_MODE_ENV
-from .upkeep import chapter_notebooks
+from .executed import execute_chapter
+from .upkeep import chapter_notebooks, chapter_path
 
 MODES = ("fast", "full")
-
-
-def _chapter_path(chapter: str) -> Path:
-    path = repo_root() / "chapters" / f"{chapter}.ipynb"
-    if not path.is_file():
-        names = ", ".join(p.stem for p in chapter_notebooks())
-        raise ValueError(f"Unknown chapter {chapter!r}; the chapters are: {names}.")
-    return path
 
 
 def time_chapter(chapter: str, mode: str) -> list[dict]:
@@ -62,20 +52,11 @@ def time_chapter(chapter: str, mode: str) -> list[dict]:
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
-    path = _chapter_path(chapter)
-    previous = os.environ.get(FAST_MODE_ENV)
-    os.environ[FAST_MODE_ENV] = "1" if mode == "fast" else "0"
-    try:
-        with tempfile.TemporaryDirectory(prefix="gilib-time-") as tmp:
-            start = time.perf_counter()
-            pm.execute_notebook(str(path), str(Path(tmp) / path.name), parameters={"FAST_MODE": mode == "fast"},
-                                cwd=str(path.parent), kernel_name="python3", progress_bar=False)
-            seconds = time.perf_counter() - start
-    finally:
-        if previous is None:
-            os.environ.pop(FAST_MODE_ENV, None)
-        else:
-            os.environ[FAST_MODE_ENV] = previous
+    path = chapter_path(chapter)
+    with tempfile.TemporaryDirectory(prefix="gilib-time-") as tmp:
+        start = time.perf_counter()
+        execute_chapter(path, Path(tmp) / path.name, fast=mode == "fast")
+        seconds = time.perf_counter() - start
     return [{"chapter": chapter, "mode": mode, "seconds": round(seconds, 1), "cpus": os.cpu_count(),
              "threads": torch.get_num_threads(), "machine": platform.machine()}]
 
@@ -89,7 +70,7 @@ def tasks(modes=("fast",), chapters: list[str] | None = None) -> list[tuple[str,
     """``(chapter, mode)`` for every chapter and mode, the chapters checked first."""
     chapters = chapters or [p.stem for p in chapter_notebooks()]
     for chapter in chapters:
-        _chapter_path(chapter)
+        chapter_path(chapter)
     return [(c, m) for m in modes for c in chapters]
 
 

@@ -37,7 +37,7 @@ import papermill as pm
 
 from ..data import repo_root
 from .chapter import FAST_MODE_ENV, fast_mode
-from .upkeep import chapter_notebooks
+from .upkeep import chapter_notebooks, chapter_path
 
 BUILD = Path("_build")
 BOOK_COPIES = BUILD / "jupyter_execute" / "chapters"
@@ -56,7 +56,7 @@ def fingerprint(chapter: str | Path, root: str | Path | None = None) -> str:
     """
     root = Path(root or repo_root())
     digest = hashlib.sha256()
-    files = [_chapter_path(chapter, root)]
+    files = [chapter_path(chapter, root)]
     for name in INPUTS:
         path = root / name
         files += sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
@@ -105,26 +105,38 @@ def executed(chapter: str | Path, root: str | Path | None = None) -> Path:
         ValueError: for an unknown chapter.
     """
     root = Path(root or repo_root())
-    path = _chapter_path(chapter, root)
+    path = chapter_path(chapter, root)
     entry = _manifest(root).get(path.stem)
     if entry is not None and _fresh(entry, path, root):
         return root / entry["copy"]
     out = root / OWN_COPIES / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
+    execute_chapter(path, out, fast=True)
+    manifest = _manifest(root)
+    manifest[path.stem] = _entry(path, out, root, "fast", "papermill")
+    _write_manifest(root, manifest)
+    return out
+
+
+def execute_chapter(path: Path, out: Path, *, fast: bool) -> None:
+    """Execute a chapter with papermill into ``out``, in fast mode or with the full settings.
+
+    ``FAST_MODE`` is passed as the parameter and ``$GILIB_FAST_MODE`` set to
+    match for the run (and restored after), as the book build does.
+
+    Raises:
+        papermill.PapermillExecutionError: if a cell fails.
+    """
     previous = os.environ.get(FAST_MODE_ENV)
-    os.environ[FAST_MODE_ENV] = "1"
+    os.environ[FAST_MODE_ENV] = "1" if fast else "0"
     try:
-        pm.execute_notebook(str(path), str(out), parameters={"FAST_MODE": True}, cwd=str(path.parent),
+        pm.execute_notebook(str(path), str(out), parameters={"FAST_MODE": fast}, cwd=str(path.parent),
                             kernel_name="python3", progress_bar=False)
     finally:
         if previous is None:
             os.environ.pop(FAST_MODE_ENV, None)
         else:
             os.environ[FAST_MODE_ENV] = previous
-    manifest = _manifest(root)
-    manifest[path.stem] = _entry(path, out, root, "fast", "papermill")
-    _write_manifest(root, manifest)
-    return out
 
 
 def status(root: str | Path | None = None) -> dict[str, str]:
@@ -137,18 +149,6 @@ def status(root: str | Path | None = None) -> dict[str, str]:
         result[chapter.stem] = "none" if entry is None else (entry["made_by"] if _fresh(entry, chapter, root)
                                                              else "stale")
     return result
-
-
-def _chapter_path(chapter: str | Path, root: Path) -> Path:
-    path = Path(chapter)
-    if path.suffix != ".ipynb":
-        path = path.with_suffix(".ipynb")
-    if not path.is_absolute():
-        path = root / "chapters" / path.name
-    if not path.is_file():
-        names = ", ".join(p.stem for p in chapter_notebooks(root))
-        raise ValueError(f"Unknown chapter {str(chapter)!r}; the chapters are: {names}.")
-    return path
 
 
 def _entry(chapter: Path, copy: Path, root: Path, mode: str, made_by: str) -> dict:

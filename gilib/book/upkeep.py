@@ -160,6 +160,24 @@ def chapter_notebooks(root: str | Path | None = None) -> list[Path]:
     return sorted((Path(root or repo_root()) / "chapters").glob("*.ipynb"))
 
 
+def chapter_path(chapter: str | Path, root: str | Path | None = None) -> Path:
+    """A chapter's notebook from its name (``"05_span_check"``, with or without ``.ipynb``) or path.
+
+    Raises:
+        ValueError: for a chapter that is not there, naming the chapters.
+    """
+    root = Path(root or repo_root())
+    path = Path(chapter)
+    if path.suffix != ".ipynb":
+        path = path.with_suffix(".ipynb")
+    if not path.is_absolute():
+        path = root / "chapters" / path.name
+    if not path.is_file():
+        names = ", ".join(p.stem for p in chapter_notebooks(root))
+        raise ValueError(f"Unknown chapter {str(chapter)!r}; the chapters are: {names}.")
+    return path
+
+
 def _relative(path: Path, root: Path) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
 

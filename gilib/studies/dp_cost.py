@@ -185,21 +185,20 @@ def sweep(
     Returns:
         Every line of ``out`` after the run.
     """
-    settings = _settings(dataset, noise_multipliers, model_name=model_name, train_split=train_split,
-                         eval_split=eval_split, train_size=train_size, eval_size=eval_size, steps=steps,
-                         batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm, trainable=trainable, seed=seed)
-    tasks = [(settings, float(sigma)) for sigma in noise_multipliers]
+    tasks = _tasks(dataset, noise_multipliers, model_name=model_name, train_split=train_split,
+                   eval_split=eval_split, train_size=train_size, eval_size=eval_size, steps=steps,
+                   batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm, trainable=trainable, seed=seed)
     return STUDY.run(out, tasks, jobs=jobs, scheduler=scheduler)
 
 
-def _settings(dataset: str, noise_multipliers: Sequence[float], *, model_name: str = "minilm",
-              train_split: str = "train", eval_split: str = "validation", **others) -> dict:
-    """A sweep's settings, checked whole (every sigma, the data files) before any worker starts."""
+def _tasks(dataset: str, noise_multipliers: Sequence[float], *, model_name: str = "minilm",
+           train_split: str = "train", eval_split: str = "validation", **others) -> list[tuple[dict, float]]:
+    """A sweep's tasks, ``(settings, sigma)`` each, checked whole (every sigma, the data files) first."""
     for sigma in noise_multipliers:
         check_dp_settings(sigma, others.get("max_grad_norm", 1.0))
     settings = dict(model=model_name, dataset=dataset, train_split=train_split, eval_split=eval_split, **others)
-    _examples(settings)  # a missing data file fails here
-    return settings
+    _examples(settings)  # a missing data file fails here, before any worker starts
+    return [(settings, float(sigma)) for sigma in noise_multipliers]
 
 
 def _key(settings: dict, sigma: float) -> tuple[str, float]:
@@ -233,7 +232,7 @@ def finetune_line(settings: dict, sigma: float) -> list[dict]:
              "seconds": result.seconds}]
 
 
-def table(path: str | Path) -> "pd.DataFrame":
+def table(path: str | Path) -> pd.DataFrame:
     """Accuracy, MCC and epsilon per noise multiplier, one row per line of a sweep's results."""
     lines = read_lines(path)
     if not lines:
@@ -243,7 +242,7 @@ def table(path: str | Path) -> "pd.DataFrame":
                   "seconds"]]
 
 
-def markdown(frame: "pd.DataFrame") -> str:
+def markdown(frame: pd.DataFrame) -> str:
     """:func:`table` as Markdown."""
     rows = ([f"{r['noise_multiplier']:g}", f"{r['accuracy']:.3f}", f"{r['mcc']:.3f}",
              "∞" if r["epsilon"] is None or not np.isfinite(r["epsilon"]) else f"{r['epsilon']:.3g}", r["steps"],
@@ -258,11 +257,10 @@ def _label(lines: list[dict]) -> str:
 
 
 def _plan(args) -> list[tuple[dict, float]]:
-    """The sweep's tasks from the command line: ``(settings, sigma)`` each."""
-    settings = _settings(args.dataset, args.sigmas, model_name=args.model, train_size=args.train_size,
-                         eval_size=args.eval_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         max_grad_norm=args.clip, trainable=args.trainable, seed=args.seed)
-    return [(settings, float(sigma)) for sigma in args.sigmas]
+    """The sweep's tasks from the command line."""
+    return _tasks(args.dataset, args.sigmas, model_name=args.model, train_size=args.train_size,
+                  eval_size=args.eval_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  max_grad_norm=args.clip, trainable=args.trainable, seed=args.seed)
 
 
 STUDY = Study(

@@ -120,7 +120,7 @@ def attack_message(update, true_batch, references, *, optimize: bool = True) -> 
         update: the server's message (a :class:`~gilib.update.SharedUpdate`).
         true_batch: the client's truth (only the metrics read it).
         references: the true sentences.
-        optimise: run the optimisation attack too.
+        optimize: run the optimisation attack too.
 
     Returns:
         ``attack``, ``exact`` (share of sentences rebuilt token for token),
@@ -296,7 +296,7 @@ def markdown(frame: pd.DataFrame) -> str:
              r["attack"], f"{r['exact']:.0%}", f"{r['rouge1']:.2f}", f"{r['rouge2']:.2f}", f"{r['cosine']:.3f}",
              f"{r['seconds']:.1f}", r["sentences"]] for _, r in frame.iterrows())
     return markdown_table(["client", "batch", "attack", "exact", "ROUGE-1", "ROUGE-2",
-                                   "cos(update, gradient)", "s / message (median)", "sentences"], rows)
+                          "cos(update, gradient)", "s / message (median)", "sentences"], rows)
 
 
 def lr_table(path: str | Path) -> pd.DataFrame:
@@ -333,8 +333,8 @@ def lr_markdown(frame: pd.DataFrame) -> str:
              fmt(r.get("optimisation: rouge1"), ".2f"), fmt(r.get("optimisation: rouge2"), ".2f"),
              f"{min(r['cosine'], 1.0):.3f}"] for _, r in frame.iterrows())
     return markdown_table(["client", "local lr", "messages (all E)", "span check: exact",
-                                   "span check: ROUGE-1", "optimisation: ROUGE-1", "optimisation: ROUGE-2",
-                                   "cos(message, gradient)"], rows)
+                          "span check: ROUGE-1", "optimisation: ROUGE-1", "optimisation: ROUGE-2",
+                          "cos(message, gradient)"], rows)
 
 
 # --------------------------------------------------------------------------
@@ -396,9 +396,8 @@ def rounding_table(model, selection, true_batch, lrs=LEARNING_RATES) -> tuple[pd
     for lr in lrs:
         row = {"lr": lr, "steps rounded away": float((lr * gradient.abs() < spacing / 2).float().mean())}
         for precision in PRECISIONS:
-            (sent,) = client_update(model, selection, true_batch, FedAvg(1, lr, precision)).shared.shared_grads
-            row[f"cos, {precision}"] = float(torch.nn.functional.cosine_similarity(sent.flatten(),
-                                                                                   gradient.flatten(), dim=0))
+            sent = client_update(model, selection, true_batch, FedAvg(1, lr, precision)).shared
+            row[f"cos, {precision}"] = _drift([gradient], sent)
         rows.append(row)
     facts = {f"rounded_away_{lrs[0]:.0e}": round(rows[0]["steps rounded away"], 4),
              f"rounded_away_{lrs[-1]:.0e}": round(rows[-1]["steps rounded away"], 4),

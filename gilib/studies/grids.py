@@ -50,9 +50,10 @@ runner (resume, safe appends, local workers or a Dask cluster) from
     python -m gilib.studies grids table data/results/NAME.jsonl [--by component layers] [--where batch_size=1]
     python -m gilib.studies grids batches data/results/NAME.jsonl ...   # the selections run at several batch sizes
 
-A grid is checked whole before its first task runs (:func:`check_grid`):
-its datasets and splits, their files, and every selection against the
-victim, so that a typo fails at once rather than after hours of attacks.
+A grid is checked whole before its first task runs (:func:`tasks`): its
+datasets and splits when it is parsed, their files and sizes by
+:func:`plan`, every selection against the victim by :func:`check_grid`, so
+that a typo fails at once rather than after hours of attacks.
 """
 
 from __future__ import annotations
@@ -322,24 +323,17 @@ def plan(grid: Grid) -> list[tuple[Cell, str, str, list]]:
 
 
 def check_grid(grid: Grid, device: str = "cpu") -> None:
-    """Check a whole grid before its first task runs.
+    """Check every cell's selection on the victim before the first task runs.
 
-    Every dataset's split is read (a missing file fails here) and holds
-    enough sentences, and every cell's selection exists on the victim (a
-    layer the model does not have fails here), so that no task fails after
-    the ones before it have run.
+    :func:`tasks` calls it after :func:`plan`, which reads every split (a
+    missing file, or fewer sentences than the grid asks for, fails there),
+    so that no task fails after the ones before it have run (a layer the
+    model does not have fails here).
 
     Raises:
-        ValueError, FileNotFoundError, RuntimeError: naming what to fix.
+        ValueError: naming the selection and what to fix.
     """
-    for dataset, split in grid.datasets:
-        examples = load_split(dataset, split)
-        if len(examples) < grid.sentences:
-            raise ValueError(
-                f"{dataset}/{split} has {len(examples)} sentences, fewer than the grid's {grid.sentences}."
-            )
-    models = {cell.model for cell in grid.cells}
-    for name in sorted(models):
+    for name in sorted({cell.model for cell in grid.cells}):
         model, _ = cached_model(name, 0, device)
         for cell in grid.cells:
             if cell.model == name:
@@ -448,8 +442,9 @@ def tasks(grid: Grid | str | Path, *, device: str = "cpu", threads: int = 1) -> 
     """Every task of a grid, checked whole first (:func:`check_grid`): the runner skips those already done."""
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
+    planned = plan(grid)  # reads every split first
     check_grid(grid, device)
-    return [(cell, dataset, split, group, device, threads) for cell, dataset, split, group in plan(grid)]
+    return [(cell, dataset, split, group, device, threads) for cell, dataset, split, group in planned]
 
 
 def _task_keys(cell: Cell, dataset: str, split: str, batches: list[list], *_) -> list[tuple]:
@@ -595,7 +590,7 @@ def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
              mean_sd(row["rouge1"], row["rouge1_std"]), mean_sd(row["rouge2"], row["rouge2_std"]),
              int(row["n"])] for _, row in table.iterrows())
     return markdown_table(["component", "layers", "sentences per client", "share of parameters", "ROUGE-1",
-                                   "ROUGE-2", "sentences"], rows)
+                          "ROUGE-2", "sentences"], rows)
 
 
 def _where(pairs: list[str]) -> dict[str, str]:

@@ -371,7 +371,7 @@ def batch_markdown(table: pd.DataFrame) -> str:
     rows = ([r["method"], r["batch_size"], r["sentences"], f"{r['exact']:.0%}", f"{r['rouge1']:.2f}",
              f"{r['seconds']:.1f}", f"{r['seconds_max']:.1f}", r["refused"]] for _, r in table.iterrows())
     return markdown_table(["method", "batch size", "sentences", "exact", "ROUGE-1", "s / batch (median)",
-                                   "s / batch (max)", "batches refused"], rows)
+                          "s / batch (max)", "batches refused"], rows)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -380,7 +380,7 @@ def markdown(table: pd.DataFrame) -> str:
              "–" if pd.isna(r["exact"]) else f"{r['exact']:.0%}", f"{r['seconds']:.1f}", r["sentences"]]
             for _, r in table.iterrows())
     return markdown_table(["weight (layer 0)", "attack", "ROUGE-1", "ROUGE-2", "exact", "s / sentence",
-                                   "sentences"], rows)
+                          "sentences"], rows)
 
 
 # --------------------------------------------------------------------------
