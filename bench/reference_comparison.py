@@ -1,30 +1,44 @@
-"""Fast path against plain path: seconds per sentence and ROUGE, on the reference's setting.
+"""Our paths against the paper's reference code, side by side: seconds per sentence and ROUGE.
 
-The paper's reference code (LAMP's attack as Li et al., EMNLP 2024, ran it)
-was measured on this project's CPU machine on MiniLM with one thread: 500
-steps, best of 500 random starts, reordering rounds of 200 candidates every
-75 steps, no language-model prior, on the first five CoLA training rows of
-LAMP's seed-101 shuffle (rows 2310, 5604, 5827, 6564, 943). This script
-runs the same setting through gilib twice:
+The setting is the one the paper's reference code (LAMP's attack as Li et
+al., EMNLP 2024, ran it) is measured in: MiniLM, one thread per process,
+500 steps, best of 500 random starts, reordering rounds of 200 candidates
+every 75 steps, no language-model prior, on the first five CoLA training
+rows of LAMP's seed-101 shuffle (rows 2310, 5604, 5827, 6564, 943). It runs
+through gilib on up to three paths:
 
 * **plain**: the reference's algorithm written in our code: sequential
   random starts, sequential reordering candidates, one sentence at a time
-  (the library's :class:`~gilib.attack.optimization.PlainEngine`), plus
-  the reference's nearest-token lookup at every step, whose result it
-  discards: :class:`ReferenceEngine` adds that cost here, so that the
-  library does no discarded work;
-* **fast**: starts and reordering candidates scored in batched ``vmap``
-  calls, lookups only where needed, the five sentences optimised together.
+  (the library's :class:`~gilib.attack.engines.PlainEngine`), plus the
+  reference's nearest-token lookup at every step, whose result it discards
+  (:class:`ReferenceEngine` adds that cost here, so that the library does
+  no discarded work);
+* **fast**: the same algorithm, float32: starts and reordering candidates
+  scored in batched calls from per-token activations
+  (:mod:`gilib.attack.ghost`), the five sentences packed into one row and
+  optimised together, lookups only where needed;
+* **fast-bf16**: the fast path with ``AttackConfig(precision="bfloat16")``:
+  the model's matrix products in bfloat16 (a change of arithmetic, not of
+  algorithm).
 
-Both paths use the same seeds and return the same tokens (the table counts
-the sentences where they agree). ROUGE is scored on text without
-``[CLS]``/``[SEP]``. Seconds are per sentence, wall clock. These are
-figures, never assertions.
+With ``--reference SCRATCH`` the paper's own code (built in SCRATCH by
+``../shared/reference/setup.sh``) runs at the same time in a second
+process, on the same rows and settings, one thread, and the table divides
+seconds measured in this run only. Without it, the script prints how to
+build it and leaves the ratio out: seconds measured on another machine or
+another day do not divide.
+
+Plain and fast use the same seeds and return the same tokens on the seeded
+tests (over 500 steps float rounding lets some trajectories part ways; the
+table counts the sentences where they agree). ROUGE is scored on text
+without ``[CLS]``/``[SEP]``, F-measure x 100, with a 95 % bootstrap interval
+over the sentences (five sentences: wide). Seconds are per sentence, wall
+clock. These are figures, never assertions.
 
 Usage::
 
-    python bench/reference_comparison.py                 # the reference's setting (about 30 min on 2 cores)
-    python bench/reference_comparison.py --jobs 2        # cases in two processes, one thread each
+    python bench/reference_comparison.py --reference /tmp/ref    # side by side (about 40 min on 2 cores)
+    python bench/reference_comparison.py --paths fast fast-bf16  # our paths only
     python bench/reference_comparison.py --paper         # the paper's full setting: long-running, not in make test
     python bench/reference_comparison.py --quick         # a few steps on the bundled sample (the test)
     python bench/reference_comparison.py --prior ngram   # with the offline n-gram prior
@@ -36,7 +50,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +65,7 @@ from gilib.attack import AttackConfig, AttackResult, GPT2Prior, NgramPrior, atta
 from gilib.attack.engines import PlainEngine
 from gilib.client import client_update
 from gilib.data import default_data_dir, load_split, prior_texts, sample_batches
-from gilib.metrics import aggregate, rouge_scores
+from gilib.metrics import bootstrap_interval, rouge_scores
 from gilib.models import encode, load_model
 from gilib.selection import Selection, select
 from gilib.update import SharedUpdate
@@ -59,13 +75,14 @@ SELECTIONS = {
     "layer0": ("layer", 0),
     "full": ("full", None),
 }
-# The reference code on this machine (issue 3 of this project): seconds per
-# sentence and ROUGE-1/2 (%), same rows and settings, one thread.
-REFERENCE = {
-    "query0": (116.0, 58.8, 24.4),
-    "layer0": (132.0, 60.6, 20.9),
-    "full": (195.0, 81.1, 29.0),
-}
+PATHS = ("plain", "fast", "fast-bf16")
+REFERENCE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
+SETUP_HINT = (
+    "To run the paper's reference code beside this benchmark: fetch a snapshot of "
+    "weijun-l/partial-gradients-leakage (commit ac6da10), then\n"
+    "  bash ../shared/reference/setup.sh MIRROR_GIT_DIR /tmp/ref\n"
+    "and pass --reference /tmp/ref (../shared/reference/README.md says more)."
+)
 
 
 class ReferenceEngine(PlainEngine):
@@ -125,7 +142,7 @@ def make_prior(name: str, tokenizer, args: argparse.Namespace):
 def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
     """Attack every sentence on one selection with one path; one result row.
 
-    ``path`` is ``fast`` or ``plain``, optionally with ``+PRIOR``.
+    ``path`` is one of :data:`PATHS`, optionally with ``+PRIOR``.
     """
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,16 +157,18 @@ def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
     kind, _, prior_name = path.partition("+")
     prior = make_prior(prior_name or "none", tokenizer, args)
     start = time.perf_counter()
-    if kind == "fast":
-        results = attack_clients(model, tokenizer, updates, selection, AttackConfig(batched=True, **base), prior=prior)
-    else:
+    if kind == "plain":
         results = [
             reference_attack(model, tokenizer, u, selection,
                              AttackConfig(batched=False, **{**base, "seed": args.seed + i}), prior=prior)
             for i, u in enumerate(updates)
         ]
+    else:
+        precision = "bfloat16" if kind == "fast-bf16" else "float32"
+        config = AttackConfig(batched=True, precision=precision, **base)
+        results = attack_clients(model, tokenizer, updates, selection, config, prior=prior)
     seconds = (time.perf_counter() - start) / len(examples)
-    scores = aggregate([rouge_scores(r.texts[0], ex.text) for r, ex in zip(results, examples)])
+    scores = [rouge_scores(r.texts[0], ex.text) for r, ex in zip(results, examples)]
     timings = {k: sum(r.timings[k] for r in results) / len(results) for k in results[0].timings}
     return {
         "selection": selection_key,
@@ -158,14 +177,68 @@ def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
         "rows": " ".join(str(ex.row_id) for ex in examples),
         "s_per_sentence": seconds,
         **{f"s_{k}": v for k, v in timings.items()},
-        "rouge1": 100 * scores["rouge1"],
-        "rouge2": 100 * scores["rouge2"],
+        "rouge1_each": [100 * sc["rouge1"] for sc in scores],
+        "rouge2_each": [100 * sc["rouge2"] for sc in scores],
         "token_ids": [r.token_ids for r in results],
     }
 
 
-def table(rows: list[dict], args: argparse.Namespace) -> pd.DataFrame:
-    """One line per selection and path, with the speed-up over the plain path."""
+# --------------------------------------------------------------------------
+# The reference code, in a second process
+# --------------------------------------------------------------------------
+
+
+class ReferenceRun:
+    """The paper's code on the chosen selections, one after the other, in a background process.
+
+    Its ``run.sh`` (``../shared/reference``) prints one ``PATCH-TIMING`` and
+    one ``PATCH-ROUGE`` line per sentence; :meth:`rows` reads them.
+    """
+
+    def __init__(self, scratch: Path, selections: list[str], logs: Path) -> None:
+        script = REFERENCE_DIR / "run.sh"
+        if not (scratch / "partial_attack.py").is_file() or not script.is_file():
+            raise SystemExit(f"No reference code in {scratch} (or no {script}).\n{SETUP_HINT}")
+        logs.mkdir(parents=True, exist_ok=True)
+        self.logs = {key: logs / f"reference_{key}.log" for key in selections}
+        command = " && ".join(
+            f"bash {shlex.quote(str(script))} {shlex.quote(str(scratch))} {shlex.quote(sys.executable)} "
+            f"{key} {shlex.quote(str(log))} > /dev/null" for key, log in self.logs.items()
+        )
+        self.process = subprocess.Popen(["bash", "-c", command])
+
+    def rows(self) -> list[dict]:
+        """Wait for the reference to finish; one row per selection, like :func:`run_case`'s."""
+        if self.process.wait() != 0:
+            raise SystemExit(f"The reference code failed: see {', '.join(map(str, self.logs.values()))}.")
+        out = []
+        for key, log in self.logs.items():
+            text = log.read_text()
+            seconds = [float(v) for v in re.findall(r"PATCH-TIMING sentence=\d+ seconds=([\d.]+)", text)]
+            rouge = re.findall(r"PATCH-ROUGE sentence=\d+ r1=([\d.]+) r2=([\d.]+)", text)
+            rows = re.search(r"PATCH-DATA chosen row indices = \[([\d, ]+)\]", text)
+            out.append({
+                "selection": key, "path": "reference", "sentences": len(seconds),
+                "rows": rows.group(1).replace(",", "") if rows else "",
+                "s_per_sentence": sum(seconds) / len(seconds),
+                "rouge1_each": [float(a) for a, _ in rouge], "rouge2_each": [float(b) for _, b in rouge],
+                "token_ids": None,
+            })
+        return out
+
+
+# --------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------
+
+
+def _with_interval(values: list[float]) -> str:
+    low, high = bootstrap_interval(values)
+    return f"{sum(values) / len(values):.1f} [{low:.0f}, {high:.0f}]"
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    """One line per selection and path; ratios only between seconds measured in this run."""
     df = pd.DataFrame(rows)
     out = []
     for key in df["selection"].unique():
@@ -175,21 +248,23 @@ def table(rows: list[dict], args: argparse.Namespace) -> pd.DataFrame:
                 "selection": key,
                 "path": path,
                 "s/sentence": round(row["s_per_sentence"], 1),
-                "init / optimisation / reordering / polish": " / ".join(
-                    f"{row[c]:.1f}" for c in ("s_init", "s_optimization", "s_reordering", "s_polish")
-                ),
-                "ROUGE-1": round(row["rouge1"], 1),
-                "ROUGE-2": round(row["rouge2"], 1),
             }
-            plain = path.replace("fast", "plain")
-            if path.startswith("fast") and plain in part.index:
+            if path != "reference":
+                line["init / optimisation / reordering / polish"] = " / ".join(
+                    f"{row[c]:.1f}" for c in ("s_init", "s_optimization", "s_reordering", "s_polish"))
+            line["ROUGE-1 [95% CI]"] = _with_interval(row["rouge1_each"])
+            line["ROUGE-2 [95% CI]"] = _with_interval(row["rouge2_each"])
+            if "reference" in part.index and path != "reference":
+                line["x reference"] = round(part.loc["reference", "s_per_sentence"] / row["s_per_sentence"], 1)
+            kind, plus, prior = path.partition("+")
+            plain = "plain" + plus + prior
+            if kind.startswith("fast") and plain in part.index:
                 line["x plain"] = round(part.loc[plain, "s_per_sentence"] / row["s_per_sentence"], 2)
+            if kind == "fast" and plain in part.index:  # the same arithmetic: the same tokens expected
                 same = sum(a == b for a, b in zip(row["token_ids"], part.loc[plain, "token_ids"]))
-                line["same tokens"] = f"{same}/{row['sentences']}"
-            if not (args.quick or args.paper) and args.model == "minilm" and key in REFERENCE:
-                line["x reference"] = round(REFERENCE[key][0] / row["s_per_sentence"], 2)
+                line["same tokens as plain"] = f"{same}/{row['sentences']}"
             out.append(line)
-    return pd.DataFrame(out)
+    return pd.DataFrame(out).astype(object).fillna("")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -199,7 +274,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     mode.add_argument("--paper", action="store_true", help="the paper's 2000 steps (long-running)")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=list(SELECTIONS))
-    parser.add_argument("--paths", nargs="+", default=["fast", "plain"], choices=["fast", "plain"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--reference", type=Path, metavar="SCRATCH",
+                        help="the reference code built by ../shared/reference/setup.sh: run it beside ours")
     parser.add_argument("--prior", choices=["none", "ngram", "gpt2"], default="none",
                         help="LM prior of the reordering rounds (weight 0.2): ngram is built offline "
                              "from every split but the attacked one; gpt2 needs the hub")
@@ -214,17 +291,30 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     if args.quick:
         args.sentences = min(args.sentences, 2)
+    if args.reference and (args.quick or args.paper or args.model != "minilm" or args.sentences != 5
+                           or args.seed != 101 or args.prior != "none" or args.polish):
+        parser.error("--reference runs the reference setting only: no --quick/--paper/--model/--sentences/"
+                     "--seed/--prior/--polish")
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"device {args.device}, {args.threads or torch.get_num_threads()} thread(s) per process, {args.jobs} job(s)")
     print(f"model {args.model}, settings {settings(args)}, {args.sentences} sentences, seed {args.seed}")
     suffix = "" if args.prior == "none" else f"+{args.prior}"
     cases = [(s, p + suffix) for s in args.selections for p in args.paths]
-    # Longest cases first, so that parallel jobs finish together.
-    cases.sort(key=lambda c: (not c[1].startswith("plain"), -list(SELECTIONS).index(c[0])))
+    # Cheapest first: with the reference beside them, the fast paths run
+    # while it does, not after it has finished.
+    cases.sort(key=lambda c: (PATHS.index(c[1].partition("+")[0]) == 0, list(SELECTIONS).index(c[0])))
+    reference = None
+    if args.reference:
+        logs = (args.out.parent if args.out else Path("/tmp")) / "reference_logs"
+        reference = ReferenceRun(args.reference.resolve(), list(args.selections), logs)
+    elif not (args.quick or args.paper):
+        print(SETUP_HINT)
     rows = Parallel(n_jobs=args.jobs)(delayed(run_case)(s, p, args) for s, p in cases)
-    result = table(rows, args)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
+    if reference is not None:
+        rows += reference.rows()
+    result = table(rows)
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
         print(result.to_string(index=False))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,10 +324,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "settings": {**settings(args), "prior": args.prior, "prior_weight": 0.2, "polish_rounds": args.polish},
             "rows": rows[0]["rows"],
             "torch": torch.__version__,
-            "reference": REFERENCE,
+            "cpu": _cpu_name(),
+            "per_sentence": [{k: r[k] for k in ("selection", "path", "rouge1_each", "rouge2_each", "s_per_sentence")}
+                             for r in rows],
         }
         args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return result
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

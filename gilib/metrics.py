@@ -286,3 +286,43 @@ def exact_rate(token_ids: Sequence[Sequence[int]], true_ids: Sequence[Sequence[i
         raise ValueError("exact_rate needs at least one true sentence.")
     found = {tuple(int(t) for t in ids) for ids in token_ids}
     return sum(tuple(int(t) for t in ids) in found for ids in true_ids) / len(true_ids)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples of :func:`bootstrap_interval`."""
+
+
+def bootstrap_interval(
+    values: Sequence[float], *, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """The percentile bootstrap interval of a mean, seeded (the same interval at every call).
+
+    Resample the unit that is independent: one value per sentence attacked
+    alone, one per batch when a batch's sentences share a gradient. For a
+    paired comparison (two methods on the same sentences), pass the
+    per-sentence differences: an interval that excludes 0 ranks them.
+
+    Args:
+        values: the n values whose mean is reported.
+        level: the interval's coverage, in (0, 1).
+        resamples: bootstrap resamples.
+        seed: the resampling seed.
+
+    Returns:
+        ``(low, high)``; a single value gives ``(value, value)``.
+
+    Raises:
+        ValueError: for no values, a value that is not finite, or a level
+            outside (0, 1).
+    """
+    data = np.asarray(list(values), dtype=float)
+    if data.size == 0:
+        raise ValueError("A bootstrap interval needs at least one value.")
+    if not np.isfinite(data).all():
+        raise ValueError("Bootstrap values must be finite numbers (drop or fix NaN/inf lines first).")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    means = np.random.default_rng(seed).choice(data, size=(resamples, data.size)).mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)

@@ -55,10 +55,12 @@ def test_reference_comparison_quick_prints_table(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "s/sentence" in done.stdout and "x plain" in done.stdout, done.stdout
+    # Without the reference code beside it, no ratio to it, and a hint how to get one.
+    assert "x reference" not in done.stdout
     table = out.read_text().splitlines()
-    assert len(table) == 1 + 3 * 2  # header, then fast and plain for three selections
-    # The fast path is a pure speed-up: it returns the plain path's tokens.
-    assert all(line.endswith(",2/2") for line in table[1:] if ",fast," in line), table
+    assert len(table) == 1 + 3 * 3  # header, then fast, fast-bf16 and plain for three selections
+    # The float32 fast path is a pure speed-up: it returns the plain path's tokens.
+    assert sum(line.endswith(",2/2") for line in table[1:] if ",fast," in line) == 3, table
     assert "command" in out.with_suffix(".json").read_text()
 
 

@@ -196,3 +196,21 @@ def test_matthews_correlation():
     assert matthews([1, 0, 1, 0], [1, 0, 0, 0]) == pytest.approx(1 / math.sqrt(3))
     with pytest.raises(ValueError, match="one length"):
         matthews([1, 0], [1, 0, 1])
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_values():
+    from gilib.metrics import bootstrap_interval
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(0.5, 0.2, 12), rng.normal(0.5, 0.2, 120)
+    low, high = bootstrap_interval(few)
+    assert low < few.mean() < high
+    assert bootstrap_interval(few) == (low, high)  # seeded: the same interval twice
+    m_low, m_high = bootstrap_interval(many)
+    assert (m_high - m_low) < 0.5 * (high - low)  # ~ 1/sqrt(10) as wide
+    assert bootstrap_interval([0.3]) == (0.3, 0.3)
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_interval([])
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_interval([0.1, float("nan")])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval([0.1, 0.2], level=1.5)

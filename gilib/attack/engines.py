@@ -255,7 +255,7 @@ class FastEngine(Engine):
         super().__init__(problem, cfg, prior)
         batch, width = problem.layouts[0].free.shape
         if cfg.ghost and ghost.supports(problem.model, self.matcher.names, cfg.objective):
-            self.ghost_matcher = ghost.GhostMatcher(problem.model, self.matcher.names, cfg.objective)
+            self.ghost_matcher = ghost.GhostMatcher(problem.model, self.matcher.names, cfg.objective, cfg.precision)
             self.chunk = cfg.chunk_size or _ghost_chunk(problem.model.config, batch, width)
         else:
             self.ghost_matcher = None

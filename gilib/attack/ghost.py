@@ -40,9 +40,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from transformers import BertForSequenceClassification
+from transformers.activations import ACT2FN
+
 from .objectives import Target
 
 GHOST_OBJECTIVES = ("cos", "l2")
+PRECISIONS = ("float32", "bfloat16")
+PACK_TOKENS = 128
+"""Tokens per packed row, at least (a longer sentence gets a row of its own):
+short enough that a row's attention scores, quadratic in its length, stay a
+small part of the work."""
 
 
 def _owners(model: torch.nn.Module, names: Sequence[str]) -> dict[str, tuple[torch.nn.Module, str]]:
@@ -63,12 +71,15 @@ def supports(model: torch.nn.Module, names: Sequence[str], objective: str) -> bo
         objective: the gradient distance.
 
     Returns:
-        True for ``"cos"``/``"l2"`` on a single-label classifier whose
-        selected parameters all belong to ``Linear``, ``LayerNorm`` or
-        ``Embedding`` modules, with absolute position embeddings.
+        True for ``"cos"``/``"l2"`` on a single-label BERT sequence
+        classifier (``BertForSequenceClassification`` with its pooler)
+        whose selected parameters all belong to ``Linear``, ``LayerNorm``
+        or ``Embedding`` modules, with absolute position embeddings.
     """
     config = getattr(model, "config", None)
-    if objective not in GHOST_OBJECTIVES or config is None:
+    if objective not in GHOST_OBJECTIVES or not isinstance(model, BertForSequenceClassification):
+        return False  # the packed forward is BERT's (_packed_logits)
+    if getattr(model.bert, "pooler", None) is None or config.hidden_act not in ACT2FN:
         return False
     if getattr(config, "num_labels", 0) < 2 or getattr(config, "problem_type", None) not in (
         None,
@@ -97,15 +108,31 @@ class GhostMatcher:
         objective: ``"cos"`` or ``"l2"``.
     """
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str], objective: str = "cos") -> None:
+    def __init__(
+        self, model: torch.nn.Module, names: Sequence[str], objective: str = "cos", precision: str = "float32"
+    ) -> None:
         if not supports(model, names, objective):
             raise ValueError(
                 "Ghost scoring covers cos/L2 on BERT-style classifiers (Linear, LayerNorm and Embedding "
                 "parameters); use GradientMatcher for this selection."
             )
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
         self.model = model
         self.names = list(names)
         self.objective = objective
+        self.bfloat16 = precision == "bfloat16"
+        self._device = next(model.parameters()).device
+        self._packings: dict = {}
+        self._shared_cache: dict = {}
+        # Modules the packed forward runs at each sentence's [CLS] only
+        # (_packed_logits): their tensors are (S, .), one row per sentence.
+        last = model.bert.encoder.layer[-1]
+        self._per_sentence = {
+            id(m) for m in (model.bert.pooler.dense, model.classifier, last.attention.self.query,
+                             last.attention.output.dense, last.attention.output.LayerNorm,
+                             last.intermediate.dense, last.output.dense, last.output.LayerNorm)
+        }
         owners = _owners(model, self.names)
         # Each module is hooked once, whatever number of its parameters is selected.
         self._modules: dict[int, torch.nn.Module] = {}
@@ -118,35 +145,39 @@ class GhostMatcher:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-        """Run ``(K, B, T, d)`` candidates; returns the summed loss and each hooked module's tensors."""
+        """Run ``(K, B, T, d)`` candidates packed; the summed loss and each hooked module's tensors.
+
+        Only each sentence's real tokens are run (:class:`Packing`); the
+        captured token-level tensors are laid back out as ``(K, B * T, .)``
+        with zeros at the padding, which adds nothing to any inner product.
+        """
         k, b, t, d = embeds.shape
+        packing = self._packing(_lengths(mask, k, b), t)
         captured: dict[int, list] = {}
 
         def hook(module, args, output):
-            inp = args[0]
-            if isinstance(module, torch.nn.Embedding) and output.shape[0] != k * b:
-                # Position embeddings are looked up once, (1, T, d), and broadcast
-                # over the batch: expand them so that each sentence gets its own
-                # output gradient instead of the batch's sum.
-                output = output.expand(k * b, *output.shape[1:])
-                inp = inp.expand(k * b, *inp.shape[1:])
-            captured[id(module)] = [inp, output]
-            return output
+            captured[id(module)] = [args[0], output]
 
         handles = [m.register_forward_hook(hook) for m in self._modules.values()]
         try:
-            logits = self.model(
-                inputs_embeds=embeds.reshape(k * b, t, d),
-                attention_mask=mask.reshape(k * b, *mask.shape[-3:]),
-            ).logits
+            logits = _packed_logits(self.model, packing.pack(embeds.reshape(k * b * t, d)), packing)
         finally:
             for h in handles:
                 h.remove()
         # The client's loss is the mean over its batch; candidates are
         # independent, so the sum of their losses has each candidate's
         # gradient at its own activations.
-        per_sentence = F.cross_entropy(logits, labels.reshape(-1), reduction="none")
-        return per_sentence.view(k, b).mean(dim=1).sum(), captured
+        per_sentence = F.cross_entropy(logits.float(), labels.reshape(-1), reduction="none")
+        return per_sentence.view(k, b).mean(dim=1).sum(), captured, packing
+
+    def _packing(self, lengths: tuple[int, ...], width: int) -> "Packing":
+        """The (cached) :class:`Packing` of sentences of these lengths, padded to ``width``."""
+        key = (lengths, width)
+        if key not in self._packings:
+            if len(self._packings) > 64:
+                self._packings.clear()
+            self._packings[key] = Packing(lengths, width, self._device)
+        return self._packings[key]
 
     # ------------------------------------------------------------------ losses
 
@@ -174,42 +205,76 @@ class GhostMatcher:
         with torch.enable_grad():
             if not embeds.requires_grad:
                 embeds = embeds.detach().requires_grad_(True)
-            loss, captured = self._forward(embeds, labels, mask)
-            keys = list(captured)
-            outputs = [captured[key][1] for key in keys]
-            deltas = torch.autograd.grad(loss, outputs, create_graph=create_graph, allow_unused=True)
+            with torch.autocast(embeds.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
+                loss, captured, packing = self._forward(embeds, labels, mask)
+                keys = list(captured)
+                outputs = [captured[key][1] for key in keys]
+                deltas = torch.autograd.grad(loss, outputs, create_graph=create_graph, allow_unused=True)
             delta = {key: d if d is not None else torch.zeros_like(o) for key, d, o in zip(keys, deltas, outputs)}
+            # Token-level tensors back in the candidates' layout (the modules
+            # run at [CLS] only give one row per sentence already).
+            def layout(key, tensor):
+                return tensor if key in self._per_sentence else packing.unpack(tensor)
+
+            inputs = {key: layout(key, inp) for key, (inp, _) in captured.items()}
+            delta = {key: layout(key, d) for key, d in delta.items()}
 
             total = embeds.new_zeros(k)
             for (key, attr), shared in zip(self._params, target.shared_grads):
                 module = self._modules[key]
-                inp, out_delta = captured[key][0], delta[key]
-                dot, norm2 = self._dot_and_norm(module, attr, inp, out_delta, shared, k, per_candidate_target)
+                low, s_norm, s_sq = self._constants(shared, per_candidate_target)
+                dot, norm2 = self._dot_and_norm(module, attr, inputs[key], delta[key], shared, low, k,
+                                                per_candidate_target)
                 if self.objective == "cos":
-                    s_norm = shared.flatten(int(per_candidate_target)).norm(dim=-1)
                     total = total + 1.0 - dot / (norm2.clamp_min(0).sqrt() * s_norm + 1e-12)
                 else:
-                    s_sq = shared.flatten(int(per_candidate_target)).square().sum(dim=-1)
                     total = total + norm2 - 2 * dot + s_sq
             if self.objective == "cos":
                 total = total / len(self._params)
         return total
 
+    def _constants(self, shared: torch.Tensor, per_candidate: bool):
+        """What the losses need of one shared tensor, computed once per tensor.
+
+        Returns:
+            ``shared`` in the dtype of the matrix products (bfloat16 with
+            :attr:`bfloat16`), its norm and its squared norm (per client
+            with ``per_candidate``).
+        """
+        key = id(shared)
+        hit = self._shared_cache.get(key)
+        if hit is None or hit[0] is not shared:
+            if len(self._shared_cache) > 4096:
+                self._shared_cache.clear()
+            flat = shared.flatten(int(per_candidate))
+            sq = flat.square().sum(dim=-1)
+            low = shared.to(torch.bfloat16) if self.bfloat16 else shared
+            hit = self._shared_cache[key] = (shared, low, sq.sqrt(), sq)
+        return hit[1:]
+
     @staticmethod
-    def _dot_and_norm(module, attr, inp, delta, shared, k, per_candidate):
-        """``<G_k, S_k>`` and ``||G_k||^2`` for one parameter, each ``(K,)``."""
+    def _dot_and_norm(module, attr, inp, delta, shared, low, k, per_candidate):
+        """``<G_k, S_k>`` and ``||G_k||^2`` for one parameter, each ``(K,)``.
+
+        ``low`` is ``shared`` in the dtype of the forward's matrix products:
+        with bfloat16 a linear weight's products run as the forward's do
+        (bfloat16 in, float32 accumulation); every elementwise product and
+        sum is in float32.
+        """
         if isinstance(module, torch.nn.Linear) and attr == "weight":
             x = inp.reshape(k, -1, inp.shape[-1])  # (K, M, d_in)
             dl = delta.reshape(k, -1, delta.shape[-1])  # (K, M, d_out)
             tokens, d_in, d_out = x.shape[1], x.shape[2], dl.shape[2]
+            if low.dtype != x.dtype or low.dtype != dl.dtype:
+                x, dl = x.to(low.dtype), dl.to(low.dtype)
             if tokens * (d_in + d_out) >= d_in * d_out:
                 # Many tokens: forming the gradient is cheaper than Gram matrices.
-                g = dl.transpose(1, 2) @ x  # (K, d_out, d_in)
+                g = torch.matmul(dl.transpose(1, 2), x).float()  # (K, d_out, d_in)
                 return (g * shared).flatten(1).sum(1), g.flatten(1).square().sum(1)
-            xs = x @ (shared.transpose(-1, -2))  # (K, M, d_out)
-            dot = (dl * xs).flatten(1).sum(1)
-            norm2 = ((dl @ dl.transpose(1, 2)) * (x @ x.transpose(1, 2))).flatten(1).sum(1)
-            return dot, norm2
+            xs = torch.matmul(x, low.transpose(-1, -2))  # (K, M, d_out)
+            grams = torch.matmul(dl, dl.transpose(1, 2)).float() * torch.matmul(x, x.transpose(1, 2)).float()
+            return (dl.float() * xs.float()).flatten(1).sum(1), grams.flatten(1).sum(1)
+        delta = delta.float()
         if isinstance(module, torch.nn.Embedding):
             ids = inp.reshape(k, -1)  # (K, M)
             dl = delta.reshape(k, -1, delta.shape[-1])  # (K, M, d)
@@ -218,6 +283,7 @@ class GhostMatcher:
             same = (ids[:, :, None] == ids[:, None, :]).to(dl.dtype)
             norm2 = ((dl @ dl.transpose(1, 2)) * same).flatten(1).sum(1)
             return dot, norm2
+        inp = inp.float()
         # Biases and LayerNorm scales: small, so form each candidate's gradient.
         dl = delta.reshape(k, -1, delta.shape[-1])
         if isinstance(module, torch.nn.LayerNorm) and attr == "weight":
@@ -239,3 +305,166 @@ class GhostMatcher:
         return torch.cat(
             [self.losses(c, target).detach() for c in candidates.split(chunk)]
         )
+
+
+# ---------------------------------------------------------------------- packing
+
+
+def _lengths(mask: torch.Tensor, k: int, b: int) -> tuple[int, ...]:
+    """Each sentence's length from the additive ``(..., B, 1, T, T)`` mask, ``K * B`` of them."""
+    allowed = mask[..., 0, 0, :] == 0  # (B, T) or (K, B, T)
+    lengths = allowed.sum(-1).expand(k, b) if allowed.dim() == 2 else allowed.sum(-1)
+    return tuple(lengths.reshape(-1).tolist())
+
+
+class Packing:
+    """Sentences of different lengths laid end to end in rows, with no padding between them.
+
+    A batch of sentences padded to a common width ``T`` wastes the padded
+    positions' arithmetic (they change no real token's output: the mask
+    hides them). Packing puts the real tokens of several sentences into one
+    row, first-fit by decreasing length into rows of :data:`PACK_TOKENS`
+    (or the longest sentence), gives each token its position within its own
+    sentence, and lets a token attend only to its own sentence, so every
+    sentence's outputs are those of the padded batch. Sentences that all
+    have the same length are one row each, with no mask at all.
+
+    Args:
+        lengths: the real length of each of the ``S`` sentences, in order.
+        width: ``T``, the padded width of the unpacked layout.
+        device: where the index tensors live.
+
+    Attributes:
+        mask: ``(R, 1, C, C)`` additive mask, or ``None`` when no row holds
+            two sentences.
+        position_ids: ``(R, C)`` each token's position in its sentence.
+        cls: ``(S,)`` flat index of each sentence's first token.
+    """
+
+    def __init__(self, lengths: Sequence[int], width: int, device) -> None:
+        lengths = [int(n) for n in lengths]
+        self.sentences, self.width = len(lengths), width
+        capacity = max(lengths) if len(set(lengths)) == 1 else max(PACK_TOKENS, max(lengths))
+        rows: list[list[int]] = []  # sentence indices per row
+        room: list[int] = []
+        for s in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            row = next((r for r, free in enumerate(room) if free >= lengths[s]), None)
+            if row is None:
+                rows.append([])
+                room.append(capacity)
+                row = len(rows) - 1
+            rows[row].append(s)
+            room[row] -= lengths[s]
+        self.rows, self.cols = len(rows), max(capacity - free for free in room)
+        blank = self.sentences * width  # the zero slot of the unpacked layout
+        source = torch.full((self.rows, self.cols), blank, dtype=torch.long)
+        segment = torch.arange(self.rows * self.cols).view(self.rows, self.cols).neg() - 1
+        positions = torch.zeros(self.rows, self.cols, dtype=torch.long)
+        cls = torch.zeros(self.sentences, dtype=torch.long)
+        for r, members in enumerate(rows):
+            col = 0
+            for s in members:
+                n = lengths[s]
+                source[r, col : col + n] = s * width + torch.arange(n)
+                segment[r, col : col + n] = s
+                positions[r, col : col + n] = torch.arange(n)
+                cls[s] = r * self.cols + col
+                col += n
+        # target[i] = where unpacked slot i sits in the packed rows (or the zero slot).
+        target = torch.full((self.sentences * width,), self.rows * self.cols, dtype=torch.long)
+        flat = source.view(-1)
+        real = flat < blank
+        target[flat[real]] = torch.arange(flat.numel())[real]
+        self._source, self._target = source.view(-1).to(device), target.to(device)
+        self.position_ids, self.cls = positions.to(device), cls.to(device)
+        shared = max(len(m) for m in rows) > 1
+        self._allowed = (segment[:, :, None] == segment[:, None, :]).to(device) if shared else None
+        self.row = (cls // self.cols).to(device)  # (S,) each sentence's row
+        own = segment[cls // self.cols] == torch.arange(self.sentences)[:, None]  # (S, C)
+        self._cls_allowed = own.to(device) if shared else None
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``(R, 1, C, C)`` additive mask: a token sees its own sentence only (``None``: no mask needed)."""
+        if self._allowed is None:
+            return None
+        zero = torch.zeros((), dtype=dtype, device=self._allowed.device)
+        return torch.where(self._allowed, zero, torch.finfo(dtype).min)[:, None]
+
+    def cls_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``(S, 1, 1, C)`` additive mask of each ``[CLS]`` over its row (``None``: no mask needed)."""
+        if self._cls_allowed is None:
+            return None
+        zero = torch.zeros((), dtype=dtype, device=self._cls_allowed.device)
+        return torch.where(self._cls_allowed, zero, torch.finfo(dtype).min)[:, None, None]
+
+    def pack(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(S * T, d)`` padded-layout rows to ``(R, C, d)`` packed rows."""
+        padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+        return padded[self._source].view(self.rows, self.cols, *flat.shape[1:])
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """A module's ``(R, C, .)`` packed tensor to the padded layout ``(S * T, .)``, zeros at the padding."""
+        flat = packed.reshape(self.rows * self.cols, *packed.shape[2:])
+        return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[self._target]
+
+
+def _packed_logits(model: torch.nn.Module, embeds: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """A BERT sequence classifier's logits for packed ``(R, C, d)`` word embeddings: ``(S, labels)``.
+
+    The forward of ``transformers``' ``BertForSequenceClassification`` in
+    ``eval()`` mode, written out so that sentences can share a row: each
+    token gets its own sentence's position, attends to its own sentence,
+    and each sentence is pooled at its own ``[CLS]``. The model's modules
+    are called as they are (so hooks see them); ``tests/attack`` checks the
+    logits against the model's own.
+    """
+    bert, config = model.bert, model.config
+    emb = bert.embeddings
+    h = embeds + emb.position_embeddings(packing.position_ids)
+    h = h + emb.token_type_embeddings(torch.zeros_like(packing.position_ids))
+    h = emb.LayerNorm(h)
+    mask = packing.mask(h.dtype)
+    rows, cols = packing.rows, packing.cols
+    heads = config.num_attention_heads
+    act = ACT2FN[config.hidden_act]
+    *inner, last = bert.encoder.layer
+    for layer in inner:
+        att = layer.attention.self
+        size = att.attention_head_size
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(rows, cols, heads, size).transpose(1, 2)
+
+        q, key, v = split(att.query(h)), split(att.key(h)), split(att.value(h))
+        scores = torch.matmul(q, key.transpose(2, 3)) * att.scaling
+        if mask is not None:
+            scores = scores + mask
+        ctx = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(rows, cols, heads * size)
+        out = layer.attention.output
+        h = out.LayerNorm(out.dense(ctx) + h)
+        ffn = layer.output
+        h = ffn.LayerNorm(ffn.dense(act(layer.intermediate.dense(h))) + h)
+    # The loss reads each sentence's [CLS] only, so the last layer needs
+    # every token's keys and values but the rest at [CLS] alone: the same
+    # outputs, with most of the last layer's arithmetic skipped.
+    att = last.attention.self
+    size = att.attention_head_size
+    n = packing.sentences
+    first = h.reshape(rows * cols, -1)[packing.cls]  # (S, d)
+
+    def rows_of(t: torch.Tensor) -> torch.Tensor:  # (R, C, d) -> each sentence's row, (S, heads, C, size)
+        return t.view(rows, cols, heads, size).transpose(1, 2)[packing.row]
+
+    q = att.query(first).view(n, heads, 1, size)
+    key, v = rows_of(att.key(h)), rows_of(att.value(h))
+    scores = torch.matmul(q, key.transpose(2, 3)) * att.scaling  # (S, heads, 1, C)
+    cls_mask = packing.cls_mask(scores.dtype)
+    if cls_mask is not None:
+        scores = scores + cls_mask
+    ctx = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(n, heads * size)
+    out = last.attention.output
+    first = out.LayerNorm(out.dense(ctx) + first)
+    ffn = last.output
+    first = ffn.LayerNorm(ffn.dense(act(last.intermediate.dense(first))) + first)
+    pooled = torch.tanh(bert.pooler.dense(first))
+    return model.classifier(pooled)

@@ -115,3 +115,48 @@ def test_polishing_only_lowers_the_loss_and_is_the_same_on_both_paths(tiny):
     assert polished.token_ids == polished_plain.token_ids
     with pytest.raises(ValueError, match="polish_rounds"):
         AttackConfig(polish_rounds=-1)
+
+
+@pytest.mark.parametrize("pack_tokens", [128, 16])
+def test_packed_forward_gives_the_models_logits(tiny, monkeypatch, pack_tokens):
+    """Sentences laid end to end (one row, or several when rows are short) get the padded batch's logits."""
+    from gilib.attack import ghost
+    monkeypatch.setattr(ghost, "PACK_TOKENS", pack_tokens)
+    model, tokenizer = tiny
+    batch = encode(tokenizer, TEXTS, [1, 0, 1])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    want = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) > 1
+    packing = ghost.Packing(lengths, embeds.shape[1], "cpu")
+    assert packing.rows == (1 if pack_tokens == 128 else 2)  # lengths 9, 8, 8
+    got = ghost._packed_logits(model, packing.pack(embeds.reshape(-1, embeds.shape[-1])), packing)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The padding is dropped and comes back as zeros.
+    flat = packing.pack(embeds.reshape(-1, embeds.shape[-1]))
+    assert flat.shape[0] * flat.shape[1] < embeds.shape[0] * embeds.shape[1] or packing.rows > 1
+    back = packing.unpack(flat).view_as(embeds)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(back[real], embeds[real])
+    assert back[~real].abs().sum() == 0
+
+
+def test_bfloat16_scores_track_float32(tiny):
+    """bfloat16 autocast changes losses in the third digit and keeps the step's direction."""
+    model, tokenizer = tiny
+    selection = select(model, "attention.query", 0)
+    batch = encode(tokenizer, TEXTS[:2], [1, 0])
+    shared_grads = client_update(model, selection, batch).shared.shared_grads
+    matcher = GradientMatcher(model, selection.names, "cos").matched([shared_grads])
+    target = matcher.target(shared_grads, selection.names, batch["labels"], batch["attention_mask"])
+    candidates = 0.1 * torch.randn((6, *batch["input_ids"].shape, model.config.hidden_size),
+                                   generator=torch.Generator().manual_seed(2))
+    exact, fast = (GhostMatcher(model, matcher.names, "cos", p) for p in ("float32", "bfloat16"))
+    diff = (fast.score(candidates, target) - exact.score(candidates, target)).abs()
+    assert 0 < diff.max() < 0.02
+    x = candidates[0].clone().requires_grad_(True)
+    (g32,) = torch.autograd.grad(exact.loss(x, target), x)
+    (g16,) = torch.autograd.grad(fast.loss(x, target), x)
+    assert torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.95
+    with pytest.raises(ValueError, match="precision"):
+        AttackConfig(precision="float16")
