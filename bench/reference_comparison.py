@@ -49,11 +49,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=list(SELECTIONS))
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--plain-for", nargs="+", choices=list(SELECTIONS), metavar="SELECTION",
+                        help="run the (slow) plain path on these selections only (default: every selection)")
     parser.add_argument("--reference", type=Path, metavar="SCRATCH",
                         help="the reference code built by ../shared/reference/setup.sh: run it beside ours")
     parser.add_argument("--prior", choices=["none", "ngram", "gpt2"], default="none",
@@ -300,19 +304,26 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
           f"device {args.device}, {args.threads or torch.get_num_threads()} thread(s) per process, {args.jobs} job(s)")
     print(f"model {args.model}, settings {settings(args)}, {args.sentences} sentences, seed {args.seed}")
     suffix = "" if args.prior == "none" else f"+{args.prior}"
-    cases = [(s, p + suffix) for s in args.selections for p in args.paths]
-    # Cheapest first: with the reference beside them, the fast paths run
-    # while it does, not after it has finished.
+    cases = [(s, p + suffix) for s in args.selections for p in args.paths
+             if p != "plain" or args.plain_for is None or s in args.plain_for]
+    # Outside the repository: the reference's log prints the dataset's sentences.
+    logs = Path(tempfile.gettempdir()) / "gilib_reference_logs"
     cases.sort(key=lambda c: (PATHS.index(c[1].partition("+")[0]) == 0, list(SELECTIONS).index(c[0])))
-    reference = None
+    load = [os.getloadavg()[0]]
     if args.reference:
-        logs = (args.out.parent if args.out else Path("/tmp")) / "reference_logs"
-        reference = ReferenceRun(args.reference.resolve(), list(args.selections), logs)
-    elif not (args.quick or args.paper):
-        print(SETUP_HINT)
-    rows = Parallel(n_jobs=args.jobs)(delayed(run_case)(s, p, args) for s, p in cases)
-    if reference is not None:
-        rows += reference.rows()
+        # One selection at a time, the reference and our paths on it at the
+        # same time: whatever else loads the machine loads both alike.
+        rows = []
+        for key in args.selections:
+            reference = ReferenceRun(args.reference.resolve(), [key], logs)
+            rows += [run_case(s, p, args) for s, p in cases if s == key]
+            rows += reference.rows()
+            load.append(os.getloadavg()[0])
+    else:
+        if not (args.quick or args.paper):
+            print(SETUP_HINT)
+        rows = Parallel(n_jobs=args.jobs)(delayed(run_case)(s, p, args) for s, p in cases)
+        load.append(os.getloadavg()[0])
     result = table(rows)
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         print(result.to_string(index=False))
@@ -325,6 +336,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "rows": rows[0]["rows"],
             "torch": torch.__version__,
             "cpu": _cpu_name(),
+            "load_average_1min": {"start": load[0], "after_each_selection": load[1:]},
             "per_sentence": [{k: r[k] for k in ("selection", "path", "rouge1_each", "rouge2_each", "s_per_sentence")}
                              for r in rows],
         }

@@ -7,8 +7,9 @@ The package behind the book, in three layers:
   (:mod:`~gilib.selection`) and its message (:mod:`~gilib.update`), what a
   client sends (:mod:`~gilib.client`, with DP-SGD in :mod:`~gilib.dp`),
   the attacks (:mod:`~gilib.attack`), the scores against the truth
-  (:mod:`~gilib.metrics`), and federated rounds in Flower
-  (:mod:`~gilib.federated`);
+  (:mod:`~gilib.metrics`), federated rounds in Flower
+  (:mod:`~gilib.federated`), and victims fine-tuned offline, cached
+  (:mod:`~gilib.finetune`);
 * **the studies** (:mod:`gilib.studies`): the measurement campaigns that
   write ``data/results/``, one runner, one command line;
 * **the book's tooling** (:mod:`gilib.book`): what a chapter imports, the
@@ -47,6 +48,7 @@ _FLOW = {
     "SharedUpdate": "update",
     "client_update": "client",
     "DPSGD": "client",
+    "CentralDP": "client",
     "FedAvg": "client",
     "optimization_attack": "attack",
     "AttackConfig": "attack",

@@ -6,13 +6,17 @@ update, and that update, restricted to a selection of parameters
 (:mod:`gilib.selection`), is all the server receives: a
 :class:`~gilib.update.SharedUpdate` of gradients, labels and lengths, as in
 LAMP's threat model (Balunovic et al., NeurIPS 2022) and the
-partial-gradient paper (Li, Xu and Dras, EMNLP 2024). Three protocols:
+partial-gradient paper (Li, Xu and Dras, EMNLP 2024). Four protocols:
 
 * plain (FedSGD): the gradient of the batch's mean cross-entropy;
 * :class:`DPSGD`: DP-SGD's privatised gradient (Abadi et al., CCS 2016),
   per-example clipping and Gaussian noise through Opacus
   (:func:`gilib.dp.dp_sgd_step`), or the raw gradient read before
-  privatisation;
+  privatisation (local DP: the client adds the noise);
+* :class:`CentralDP`: the client clips each example's gradient and sends
+  their clipped mean *without* noise; the server adds the noise to the
+  aggregate (:meth:`CentralDP.aggregate`), as DP-FedAvg (McMahan et al.,
+  ICLR 2018) and Flower's server-side DP do;
 * :class:`FedAvg`: ``E`` local SGD steps on the batch (McMahan et al.,
   AISTATS 2017); the client sends the weight difference, which the server
   divides by the public ``lr * E`` (the mean local gradient; the gradient
@@ -28,11 +32,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 
-from .dp import DPGradients, check_dp_settings, dp_sgd_step
+from .dp import DPGradients, central_aggregate, check_dp_settings, dp_sgd_step
 from .selection import Selection
 from .update import SharedUpdate, check_labels
 
@@ -68,6 +72,43 @@ class DPSGD:
 
 
 @dataclass(frozen=True)
+class CentralDP:
+    """Central DP: the client clips, the server adds the noise.
+
+    The client runs DP-SGD's clipping (per example, at ``C`` over every
+    parameter) and sends the clipped mean ``(1 / B) sum_i clip_C(g_i)`` with
+    no noise; the server adds ``N(0, sigma^2 C^2 I)`` to the sum over its
+    clients (:meth:`aggregate`, :func:`gilib.dp.central_aggregate`). This is
+    central (trusted-server) DP, as in DP-FedAvg (McMahan et al., ICLR 2018)
+    and Flower's server-side DP. DP-FedAvg clips a client's whole update
+    (user-level DP); clipping each example, as here, protects each
+    sentence (example-level DP), and the two coincide for a client with one
+    sentence. The server, which receives the message before its own noise,
+    sees the clipped gradient: at one sentence, the raw gradient times
+    ``min(1, C / ||g||)``.
+
+    Attributes:
+        noise_multiplier: ``sigma``, the noise the *server* adds (the
+            client's message does not depend on it).
+        max_grad_norm: ``C``, the per-example clipping norm.
+        seed: seeds the server's noise.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_dp_settings(self.noise_multiplier, self.max_grad_norm)
+
+    def aggregate(self, updates: Sequence[SharedUpdate]) -> list[torch.Tensor]:
+        """The server's noisy mean of its clients' messages (each weighted by its batch size)."""
+        return central_aggregate([u.shared_grads for u in updates], [len(u.lengths) for u in updates],
+                                 noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                                 seed=self.seed)
+
+
+@dataclass(frozen=True)
 class FedAvg:
     """FedAvg's client update: ``local_steps`` SGD steps on the private batch.
 
@@ -95,8 +136,8 @@ class FedAvg:
             raise ValueError(f"Unknown precision {self.precision!r}: use 'float32' or 'float64'.")
 
 
-Protocol = Union[None, DPSGD, FedAvg]
-"""``None`` for the plain gradient, else a :class:`DPSGD` or :class:`FedAvg`."""
+Protocol = Union[None, DPSGD, CentralDP, FedAvg]
+"""``None`` for the plain gradient, else a :class:`DPSGD`, :class:`CentralDP` or :class:`FedAvg`."""
 
 
 @dataclass
@@ -105,8 +146,10 @@ class ClientUpdate:
 
     Attributes:
         shared: what the server receives (gradients, labels, lengths).
-        dp: for a :class:`DPSGD` client, both readings of its step and the
-            per-example norms; the client's measurements, never sent.
+        dp: for a :class:`DPSGD` or :class:`CentralDP` client, both
+            readings of its step (for central DP the "privatised" one is the
+            clipped, un-noised message) and the per-example norms; the
+            client's measurements, never sent.
     """
 
     shared: SharedUpdate
@@ -127,8 +170,8 @@ def client_update(
         selection: which parameters' update the client shares.
         true_batch: ``input_ids``, ``attention_mask`` ``(B, T)`` and
             ``labels`` ``(B,)``, as :func:`gilib.models.encode` returns them.
-        protocol: ``None`` (the plain gradient), :class:`DPSGD` or
-            :class:`FedAvg`.
+        protocol: ``None`` (the plain gradient), :class:`DPSGD`,
+            :class:`CentralDP` or :class:`FedAvg`.
 
     Returns:
         A :class:`ClientUpdate`; its ``shared`` is the server's message.
@@ -148,9 +191,15 @@ def client_update(
                            max_grad_norm=protocol.max_grad_norm, seed=protocol.seed)
         grads = step.privatised if protocol.reading == "privatised" else step.raw
         return ClientUpdate(SharedUpdate(grads, labels, lengths), dp=step)
+    if isinstance(protocol, CentralDP):
+        # The client's half of central DP: DP-SGD's clipping, no noise (the server adds it).
+        step = dp_sgd_step(model, selection, true_batch, noise_multiplier=0.0,
+                           max_grad_norm=protocol.max_grad_norm, seed=protocol.seed)
+        return ClientUpdate(SharedUpdate(step.privatised, labels, lengths), dp=step)
     if isinstance(protocol, FedAvg):
         return ClientUpdate(SharedUpdate(_local_training(model, selection, true_batch, protocol), labels, lengths))
-    raise ValueError(f"Unknown protocol {protocol!r}: pass None (plain gradient), DPSGD(...) or FedAvg(...).")
+    raise ValueError(f"Unknown protocol {protocol!r}: pass None (plain gradient), DPSGD(...), CentralDP(...) "
+                     f"or FedAvg(...).")
 
 
 def _local_training(model: torch.nn.Module, selection: Selection, true_batch: dict, protocol: FedAvg) -> list:

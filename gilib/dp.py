@@ -18,6 +18,14 @@ client runs it. :func:`epsilon` is the privacy budget of a run, from
 Opacus's RDP accountant. The cost in model quality is measured by
 :mod:`gilib.studies.dp_cost`.
 
+Central DP moves the noise to the server, as DP-FedAvg (McMahan et al.,
+"Learning Differentially Private Recurrent Language Models", ICLR 2018)
+and Flower's server-side DP do: the client sends its clipped, un-noised
+update (:class:`gilib.client.CentralDP`), and :func:`central_aggregate`
+adds the Gaussian noise ``sigma * C`` once, to the sum of the clients'
+clipped updates. A server that attacks what it receives sees no noise at
+all; that is where the "raw gradient" reading is the right one.
+
 BERT under Opacus needs explicit ``position_ids`` and ``token_type_ids`` of
 the batch's shape: the model otherwise broadcasts one ``(1, T)`` lookup over
 the batch, and the position table gets no per-example gradient.
@@ -29,6 +37,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from opacus import PrivacyEngine
@@ -108,9 +117,28 @@ def check_dp_settings(noise_multiplier: float, max_grad_norm: float) -> None:
         raise ValueError(f"max_grad_norm (C) must be positive, got {max_grad_norm}.")
 
 
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, noise_multiplier: float,
-                  max_grad_norm: float, seed: int, poisson: bool):
-    """Opacus's ``make_private`` with seeded noise: ``(wrapped module, DP optimizer, loader)``."""
+                  max_grad_norm: float, seed: int, poisson: bool, grad_sample_mode: str = "hooks"):
+    """Opacus's ``make_private`` with seeded noise.
+
+    Args:
+        grad_sample_mode: ``"hooks"`` (per-example gradients, Opacus's
+            default) or ``"ghost"`` (ghost clipping, Li et al., ICLR 2022:
+            per-example norms without per-example gradients, then a second
+            backward pass; much less memory, the same clipped sum).
+
+    Returns:
+        ``(wrapped module, DP optimizer, loader)``; with ``"ghost"``,
+        ``(wrapped module, DP optimizer, criterion, loader)``, where the
+        loss must come from ``criterion(logits, labels)``, as in Opacus.
+    """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
+    extra = {"criterion": torch.nn.CrossEntropyLoss(), "grad_sample_mode": "ghost"} if grad_sample_mode == "ghost" \
+        else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the secure-RNG notice: seeded noise is what reproducibility needs
         engine = PrivacyEngine(accountant="rdp")
@@ -122,6 +150,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
             max_grad_norm=max_grad_norm,
             poisson_sampling=poisson,
             noise_generator=torch.Generator().manual_seed(seed),
+            **extra,
         )
 
 
@@ -202,6 +231,67 @@ def clip_factors(per_example_norms: torch.Tensor, max_grad_norm: float) -> torch
         ``(B,)`` factors in ``(0, 1]``.
     """
     return (max_grad_norm / (per_example_norms + 1e-6)).clamp(max=1.0)
+
+
+def central_aggregate(
+    updates: Sequence[Sequence[torch.Tensor]],
+    batch_sizes: Sequence[int],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """The server's side of central DP: the noisy mean of the clients' clipped updates.
+
+    Client ``k`` sends ``u_k = (1 / B_k) sum_i clip_C(g_ki)``, its clipped,
+    un-noised update (:class:`gilib.client.CentralDP`, in the batch-mean
+    form of every message in gilib). The server adds Gaussian noise of
+    standard deviation ``sigma * C`` once, to the sum of the clipped
+    per-example gradients, and divides by the number of examples::
+
+        (sum_k B_k u_k + N(0, sigma^2 C^2 I)) / sum_k B_k
+
+    With one client this has the distribution of a DP-SGD client's
+    privatised gradient (:func:`dp_sgd_step`); the difference is who
+    adds the noise, so who sees the update without it: here the server.
+
+    Args:
+        updates: per client, one tensor per selected parameter (the same
+            shapes for every client).
+        batch_sizes: per client, the examples behind its update (at least 1).
+        noise_multiplier: ``sigma``; 0 adds no noise.
+        max_grad_norm: ``C``, the clients' per-example clipping norm.
+        seed: seeds the server's noise.
+
+    Returns:
+        The noisy aggregate, one tensor per selected parameter.
+
+    Raises:
+        ValueError: for bad DP settings, no clients, a batch size below 1,
+            or updates of different lengths or shapes.
+    """
+    check_dp_settings(noise_multiplier, max_grad_norm)
+    if len(updates) == 0:
+        raise ValueError("No client updates to aggregate: pass one list of tensors per client.")
+    if len(batch_sizes) != len(updates):
+        raise ValueError(f"{len(updates)} client updates but {len(batch_sizes)} batch sizes: give one per client.")
+    for size in batch_sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"Each client's batch size is a whole number, at least 1; got {size!r}.")
+    shapes = [tuple(t.shape) for t in updates[0]]
+    for k, update in enumerate(updates):
+        if [tuple(t.shape) for t in update] != shapes:
+            raise ValueError(f"Client {k}'s update has shapes {[tuple(t.shape) for t in update]}, "
+                             f"client 0's {shapes}: every client must send the same selection.")
+    total = sum(batch_sizes)
+    generator = torch.Generator().manual_seed(seed)
+    std = float(noise_multiplier) * float(max_grad_norm)
+    out = []
+    for i, reference in enumerate(updates[0]):
+        summed = sum(update[i].detach() * size for update, size in zip(updates, batch_sizes))
+        noise = torch.normal(0.0, std, size=reference.shape, generator=generator, dtype=reference.dtype)
+        out.append((summed + noise.to(reference.device)) / total)
+    return out
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float = 1e-5) -> float:

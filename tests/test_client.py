@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gilib.client import DPSGD, FedAvg, client_update
-from gilib.dp import dp_sgd_step
+from gilib.client import DPSGD, CentralDP, FedAvg, client_update
+from gilib.dp import batch_inputs, dp_sgd_step
 from gilib.models import encode
 from gilib.selection import select
 from gilib.update import SharedUpdate
@@ -44,6 +44,85 @@ def test_dp_sgd_sends_the_reading_it_names(client):
     assert torch.equal(private.shared.shared_grads[0], step.privatised[0])
     assert not torch.allclose(private.shared.shared_grads[0], plain)
     assert private.dp.cosine() < 0.5  # the client's own view of what the noise left
+
+
+def _clipped_sum_by_hand(model, batch, names, clip):
+    """sum_i clip_C(g_i) over the batch, one example at a time, clipped over every parameter (as DP-SGD does)."""
+    params = dict(model.named_parameters())
+    total = None
+    for i in range(batch["labels"].shape[0]):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(model(**batch_inputs(one), labels=one["labels"]).loss, list(params.values()))
+        factor = min(1.0, clip / (float(torch.sqrt(sum(g.square().sum() for g in grads))) + 1e-6))
+        picked = [g * factor for n, g in zip(params, grads) if n in names]
+        total = picked if total is None else [a + b for a, b in zip(total, picked)]
+    return total
+
+
+def test_central_dp_sends_the_clipped_per_example_sum_without_noise(client):
+    model, tokenizer, _ = client
+    true_batch = encode(tokenizer, TEXTS + ["rain fell on the old town all night"], [1, 0, 1])
+    selection = select(model, "layer", 0)
+    update = client_update(model, selection, true_batch, CentralDP(0.7, max_grad_norm=0.5, seed=3))
+    expected = _clipped_sum_by_hand(model, true_batch, set(selection.names), 0.5)
+    for got, want in zip(update.shared.shared_grads, expected):
+        # The message is the batch mean of the clipped gradients: B times it is the clipped sum.
+        torch.testing.assert_close(got * 3, want, rtol=1e-4, atol=1e-7)
+    assert (update.dp.per_example_norms > 0.5).all()  # clipping acted on every sentence
+    # No noise on the client: the message does not depend on the server's sigma, nor on the seed.
+    quiet = client_update(model, selection, true_batch, CentralDP(0.0, max_grad_norm=0.5, seed=9))
+    assert all(torch.equal(a, b) for a, b in zip(update.shared.shared_grads, quiet.shared.shared_grads))
+    # Local DP at the same sigma sends something else: its own noise.
+    local = client_update(model, selection, true_batch, DPSGD(0.7, 0.5, seed=3))
+    assert not torch.allclose(local.shared.shared_grads[0], update.shared.shared_grads[0], atol=1e-3)
+    assert update.shared.labels.tolist() == [1, 0, 1] and len(update.shared.lengths) == 3
+
+
+def test_central_dp_at_one_sentence_is_the_raw_gradient_times_its_clip_factor(client):
+    # Why the paper's "raw gradient" reading is the right one for a server under central DP.
+    model, tokenizer, _ = client
+    one = encode(tokenizer, TEXTS[0], 1)
+    selection = select(model, "attention.query", 0)
+    raw = client_update(model, selection, one).shared.shared_grads[0]
+    sent = client_update(model, selection, one, CentralDP(0.5, max_grad_norm=1e-3))
+    factor = 1e-3 / (float(sent.dp.per_example_norms[0]) + 1e-6)
+    torch.testing.assert_close(sent.shared.shared_grads[0], raw * factor, rtol=1e-4, atol=1e-10)
+    assert torch.nn.functional.cosine_similarity(sent.shared.shared_grads[0].flatten(), raw.flatten(), dim=0) \
+        > 0.9999
+
+
+def test_the_central_dp_server_adds_noise_of_sigma_c_to_the_clients_sum(client):
+    model, tokenizer, _ = client
+    selection = select(model, "ffn.intermediate", 0)
+    batches = [encode(tokenizer, TEXTS, [1, 0]), encode(tokenizer, ["a long road home"], [0])]
+    protocol = CentralDP(0.6, max_grad_norm=0.5, seed=11)
+    updates = [client_update(model, selection, b, protocol).shared for b in batches]
+    noisy = protocol.aggregate(updates)
+    quiet = CentralDP(0.0, max_grad_norm=0.5).aggregate(updates)
+    # Without noise: the clipped sums of the two clients over their 3 sentences.
+    for q, a, b in zip(quiet, updates[0].shared_grads, updates[1].shared_grads):
+        torch.testing.assert_close(q, (2 * a + b) / 3, rtol=1e-6, atol=1e-9)
+    noise = (noisy[0] - quiet[0]) * 3  # the noise on the sum
+    assert noise.numel() > 5_000 and noise.std().item() == pytest.approx(0.6 * 0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: CentralDP(-0.1), "noise_multiplier"),
+    (lambda: CentralDP(0.1, max_grad_norm=0.0), "max_grad_norm"),
+    (lambda: CentralDP(0.1, max_grad_norm=-2.0), "max_grad_norm"),
+    (lambda: CentralDP(float("nan")), "noise_multiplier"),
+])
+def test_bad_central_dp_settings_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_dp_client_with_no_sentences_is_refused(client):
+    model, tokenizer, true_batch = client
+    empty = {k: v[:0] for k, v in true_batch.items()}
+    for protocol in (CentralDP(0.5), DPSGD(0.5)):
+        with pytest.raises(ValueError, match="at least one sentence"):
+            client_update(model, select(model, "full"), empty, protocol)
 
 
 def test_fedavg_one_step_is_the_gradient_and_more_steps_follow_sgd(client):

@@ -22,8 +22,8 @@ def client(tiny):
 
 
 def _per_example_clipped_mean(model, batch, names, clip):
-    """DP-SGD's clipped mean, computed by hand: one example at a time."""
-    params = dict(model.named_parameters())
+    """DP-SGD's clipped mean, computed by hand: one example at a time, clipped over the trainable parameters."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = None
     for i in range(batch["labels"].shape[0]):
         one = {k: v[i : i + 1] for k, v in batch.items()}
@@ -123,3 +123,37 @@ def test_the_clip_factor_is_opacus_s(client):
         factor = dp.clip_factors(step.per_example_norms, clip)
         torch.testing.assert_close(step.privatised[0], step.raw[0] * factor[0], rtol=1e-6, atol=0)
     assert dp.clip_factors(torch.tensor([0.5, 4.0, 0.0]), 2.0).tolist() == pytest.approx([1.0, 0.5, 1.0])
+
+
+def test_central_aggregate_is_the_batch_weighted_mean_plus_noise_of_sigma_c_on_the_sum():
+    generator = torch.Generator().manual_seed(0)
+    a = [torch.randn(40, 50, generator=generator), torch.randn(7, generator=generator)]
+    b = [torch.randn(40, 50, generator=generator), torch.randn(7, generator=generator)]
+    # Without noise: the clipped sums added and divided by the examples, (2 a + 3 b) / 5.
+    quiet = dp.central_aggregate([a, b], [2, 3], noise_multiplier=0.0, max_grad_norm=0.5)
+    for got, x, y in zip(quiet, a, b):
+        torch.testing.assert_close(got, (2 * x + 3 * y) / 5, rtol=1e-6, atol=1e-7)
+    # With noise: N(0, sigma^2 C^2) on the sum, so (aggregate - quiet) * 5 has std sigma * C.
+    noisy = dp.central_aggregate([a, b], [2, 3], noise_multiplier=0.8, max_grad_norm=0.5, seed=4)
+    noise = torch.cat([(n - q).flatten() * 5 for n, q in zip(noisy, quiet)])
+    assert noise.std().item() == pytest.approx(0.8 * 0.5, rel=0.05)
+    assert abs(noise.mean().item()) < 0.05
+    again = dp.central_aggregate([a, b], [2, 3], noise_multiplier=0.8, max_grad_norm=0.5, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(again, noisy))  # seeded
+    other = dp.central_aggregate([a, b], [2, 3], noise_multiplier=0.8, max_grad_norm=0.5, seed=5)
+    assert not torch.equal(other[0], noisy[0])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda u: dp.central_aggregate([u], [1], noise_multiplier=-0.1), "noise_multiplier"),
+    (lambda u: dp.central_aggregate([u], [1], noise_multiplier=0.1, max_grad_norm=0.0), "max_grad_norm"),
+    (lambda u: dp.central_aggregate([u], [0], noise_multiplier=0.1), "batch size is a whole number, at least 1"),
+    (lambda u: dp.central_aggregate([u], [1.5], noise_multiplier=0.1), "batch size is a whole number"),
+    (lambda u: dp.central_aggregate([u, u], [1], noise_multiplier=0.1), "2 client updates but 1 batch sizes"),
+    (lambda u: dp.central_aggregate([], [], noise_multiplier=0.1), "No client updates"),
+    (lambda u: dp.central_aggregate([u, [torch.zeros(3)]], [1, 1], noise_multiplier=0.1), "same selection"),
+])
+def test_central_aggregate_refuses_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call([torch.zeros(4, 4)])
+

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gilib.models import OFFLINE_MODELS, encode, load_model, model_facts
+from gilib.models import HUB_MODELS, OFFLINE_MODELS, encode, load_model, model_facts
 
 
 def test_minilm_is_the_pretrained_offline_default(minilm):
@@ -51,9 +51,64 @@ def test_tiny_random_weights_are_seeded(tiny):
 
 def test_hub_name_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="offline models: minilm, bert-base-shape, tiny"):
+    with pytest.raises(RuntimeError, match="offline models: minilm, bert-base-shape, tinybert-4-shape, "
+                                           "tinybert-6-shape, minilm-shape, tiny"):
         load_model("bert-base-uncased")
-    assert OFFLINE_MODELS == ("minilm", "bert-base-shape", "tiny")
+    assert OFFLINE_MODELS[:6] == ("minilm", "bert-base-shape", "tinybert-4-shape", "tinybert-6-shape",
+                                  "minilm-shape", "tiny")
+
+
+def _bert_params(layers, hidden, intermediate, vocab=30522, positions=512, labels=2):
+    """BertForSequenceClassification's parameter count, from its shape alone."""
+    embeddings = (vocab + positions + 2) * hidden + 2 * hidden  # word, position, type; LayerNorm
+    layer = 4 * (hidden * hidden + hidden) + 2 * hidden * intermediate + intermediate + hidden + 4 * hidden
+    return embeddings + layers * layer + (hidden * hidden + hidden) + (hidden * labels + labels)
+
+
+@pytest.mark.parametrize(
+    "name, layers, hidden, intermediate",
+    [("tinybert-4-shape", 4, 312, 1200), ("tinybert-6-shape", 6, 768, 3072), ("minilm-shape", 6, 384, 1536)],
+)
+def test_paper_shapes_load_offline_with_their_checkpoints_dims(name, layers, hidden, intermediate):
+    model, tokenizer = load_model(name)
+    facts = model_facts(model)
+    assert (facts["layers"], facts["hidden"], facts["heads"], facts["vocab"]) == (layers, hidden, 12, 30522)
+    assert model.config.intermediate_size == intermediate
+    assert facts["params"] == _bert_params(layers, hidden, intermediate)
+    assert model.config._attn_implementation == "eager" and not model.training
+    # bert-base-uncased's tokenizer, as the paper's checkpoints use.
+    assert tokenizer("The film")["input_ids"] == [101, 1996, 2143, 102]
+
+
+def test_bert_base_shape_count_matches_the_formula_and_minilm_shape_matches_minilm(minilm):
+    assert _bert_params(12, 768, 3072) == 109_482_240 + 768 * 2 + 2
+    assert _bert_params(6, 384, 1536) == model_facts(minilm[0])["params"]
+
+
+def test_a_shapes_random_weights_are_seeded():
+    model, _ = load_model("tinybert-4-shape", seed=0)
+    again, _ = load_model("tinybert-4-shape", seed=0)
+    other, _ = load_model("tinybert-4-shape", seed=1)
+    for (name, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(dict(model.named_parameters())[query], dict(other.named_parameters())[query])
+
+
+def test_an_unknown_name_lists_the_offline_ones(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError) as info:
+        load_model("tinybert-5-shape")
+    assert all(f"{name}" in str(info.value) for name in OFFLINE_MODELS)
+    assert "has its shape" not in str(info.value)
+
+
+@pytest.mark.parametrize("checkpoint", sorted(HUB_MODELS))
+def test_the_papers_checkpoints_are_online_only_and_name_their_offline_shape(monkeypatch, checkpoint):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert HUB_MODELS[checkpoint] in OFFLINE_MODELS
+    with pytest.raises(RuntimeError, match=f"'{HUB_MODELS[checkpoint]}' has its shape with random weights"):
+        load_model(checkpoint)
 
 
 def test_encode_pads_and_labels(tiny):

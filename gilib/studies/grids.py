@@ -23,6 +23,10 @@ Example::
       noise_multipliers: [0, 0.1, 0.5]
       max_grad_norm: 1.0
       readings: [raw, privatised]   # attack p.grad before or after the DP optimizer's pre_step()
+      protocol: local       # optional: local (the client adds the noise, gilib.client.DPSGD; the default)
+                            # or central (gilib.client.CentralDP: the client sends its clipped, un-noised
+                            # update and the server adds the noise; its one reading, clipped, is what the
+                            # server receives)
 
 Each finished sentence appends one line to the output: the cell's settings,
 the dataset and row id, ROUGE-1/2/L, seconds and the git commit. A client
@@ -69,10 +73,10 @@ import torch
 import yaml
 
 from ..attack import AttackConfig, attack_clients
-from ..client import DPSGD, client_update
+from ..client import DPSGD, CentralDP, client_update
 from ..data import DATASETS, load_split, local_splits, sample_batches
 from ..dp import clip_factors
-from ..metrics import match_batch, rouge_scores
+from ..metrics import bootstrap_interval, match_batch, rouge_scores
 from ..models import cached_model, encode
 from ..selection import COMPONENTS, select
 from .store import read_lines
@@ -269,24 +273,47 @@ def _batch_sizes(sizes, sentences: int, where: str = "") -> list[int]:
     return sizes
 
 
+DP_PROTOCOLS = ("local", "central")
+
+
 def _dp_settings(spec: dict | None) -> list[tuple[tuple[str, Any], ...] | None]:
-    """The DP settings of a grid's ``dp`` field, one per (noise, reading); ``[None]`` without it."""
+    """The DP settings of a grid's ``dp`` field, one per (noise, reading); ``[None]`` without it.
+
+    A local-DP cell's settings are ``max_grad_norm``, ``noise_multiplier``
+    and ``reading``, as they always were; a central-DP cell adds
+    ``protocol: central``, and its one reading is ``clipped`` (what the
+    server receives).
+    """
     if spec is None:
         return [None]
-    unknown = set(spec) - {"noise_multipliers", "max_grad_norm", "readings"}
+    if not isinstance(spec, dict):
+        raise ValueError(f"'dp' is a mapping (noise_multipliers, max_grad_norm, readings, protocol), got {spec!r}.")
+    unknown = set(spec) - {"noise_multipliers", "max_grad_norm", "readings", "protocol"}
     if unknown:
-        raise ValueError(f"Unknown 'dp' field(s) {sorted(unknown)}; use noise_multipliers, max_grad_norm, readings.")
-    readings = spec.get("readings", ["privatised"])
-    bad = [r for r in readings if r not in ("raw", "privatised")]
-    if bad:
-        raise ValueError(f"Unknown dp reading(s) {bad}: use 'raw' (p.grad after backward) or 'privatised'.")
+        raise ValueError(f"Unknown 'dp' field(s) {sorted(unknown)}; use noise_multipliers, max_grad_norm, readings, "
+                         f"protocol.")
+    protocol = spec.get("protocol", "local")
+    if protocol not in DP_PROTOCOLS:
+        raise ValueError(f"Unknown dp protocol {protocol!r}: use 'local' (the client adds the noise, DP-SGD) or "
+                         f"'central' (the server adds it to the aggregate).")
+    if protocol == "central":
+        readings = spec.get("readings", ["clipped"])
+        if readings != ["clipped"]:
+            raise ValueError(f"Central DP has one reading, 'clipped' (the client's clipped, un-noised update, what "
+                             f"the server receives); got {readings}.")
+    else:
+        readings = spec.get("readings", ["privatised"])
+        bad = [r for r in readings if r not in ("raw", "privatised")]
+        if bad:
+            raise ValueError(f"Unknown dp reading(s) {bad}: use 'raw' (p.grad after backward) or 'privatised'.")
     noises = spec.get("noise_multipliers", [])
     if not noises or any(float(n) < 0 for n in noises):
         raise ValueError("'dp' needs noise_multipliers: a list of sigmas, each 0 or more.")
     clip = float(spec.get("max_grad_norm", 1.0))
     if clip <= 0:
         raise ValueError(f"dp max_grad_norm must be positive, got {clip}.")
-    return [(("max_grad_norm", clip), ("noise_multiplier", float(n)), ("reading", r))
+    central = (("protocol", "central"),) if protocol == "central" else ()
+    return [tuple(sorted((("max_grad_norm", clip), ("noise_multiplier", float(n)), ("reading", r)) + central))
             for n in noises for r in readings]
 
 
@@ -366,9 +393,12 @@ def run_task(cell: Cell, dataset: str, split: str, batches: list[list], device: 
         if cell.dp is not None:
             settings = dict(cell.dp)
             # The noise is seeded by the batch's first sentence, so it does not depend on how a run was split.
-            protocol = DPSGD(settings["noise_multiplier"], settings["max_grad_norm"],
-                             seed=int(batch[0].row_id) + 100_003 * dict(cell.attack)["seed"],
-                             reading=settings["reading"])
+            seed = int(batch[0].row_id) + 100_003 * dict(cell.attack)["seed"]
+            if settings.get("protocol") == "central":  # the server's view: the clipped, un-noised update
+                protocol = CentralDP(settings["noise_multiplier"], settings["max_grad_norm"], seed=seed)
+            else:
+                protocol = DPSGD(settings["noise_multiplier"], settings["max_grad_norm"], seed=seed,
+                                 reading=settings["reading"])
         update = client_update(model, selection, true_batch, protocol)
         if update.dp is not None:
             clip = clip_factors(update.dp.per_example_norms, settings["max_grad_norm"])
@@ -458,7 +488,9 @@ def _flat(rows: Iterable[dict] | str | Path) -> pd.DataFrame:
     flat = []
     for r in rows:
         cell = dict(r["cell"])
-        cell.update(cell.pop("dp", None) or {})  # noise_multiplier, max_grad_norm, reading
+        dp = cell.pop("dp", None)
+        if dp:  # noise_multiplier, max_grad_norm, reading, and protocol (local unless the cell says central)
+            cell.update({"protocol": "local", **dp})
         cell.setdefault("batch_size", 1)
         if isinstance(cell.get("layers"), list):
             cell["layers"] = "+".join(str(i) for i in cell["layers"])
@@ -516,6 +548,54 @@ def summarize(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
     if "dp_cosine" in df.columns:  # DP cells: how much of the raw direction survived privatisation
         table["dp_cosine"] = grouped["dp_cosine"].mean()
     return table.reset_index().sort_values(by, key=lambda column: column.map(_natural)).reset_index(drop=True)
+
+
+def intervals(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers"),
+              where: dict[str, Any] | None = None, score: str = "rouge1") -> pd.DataFrame:
+    """Mean of a score per group with its 95 % bootstrap interval, resampling the independent unit.
+
+    A sentence attacked alone is its own unit; the sentences of one client
+    batch share a gradient, so a batch is one unit (the mean of its
+    sentences) and the interval resamples batches
+    (:func:`gilib.metrics.bootstrap_interval`).
+
+    Args:
+        rows: result lines, or the path of a results file.
+        by: the groups, as in :func:`summarize` (``batch_size`` among them
+            when the lines hold several batch sizes).
+        where: keep only the lines whose field has this value, as in :func:`summarize`.
+        score: ``rouge1``, ``rouge2`` or ``rougeL``.
+
+    Returns:
+        One row per group: ``<score>``, ``low``, ``high``, ``n`` (sentences),
+        ``units`` (client batches), and ``dp_cosine`` when the lines have it.
+    """
+    df = _flat(rows)
+    by = list(by)
+    for name, value in (where or {}).items():
+        if name not in df.columns:
+            raise ValueError(f"Cannot filter on {name!r}; the results have {sorted(df.columns)}.")
+        df = df[df[name].astype(str) == str(value)]
+    missing = [b for b in by if b not in df.columns]
+    if missing or df.empty:
+        raise ValueError(f"Cannot group by {missing}; the results have {sorted(df.columns)}." if missing
+                         else f"No results with {where}.")
+    if df["batch_size"].nunique() > 1 and "batch_size" not in by:
+        raise ValueError("The results hold several client batch sizes: group by batch_size.")
+    unit = [tuple(b) if isinstance(b, list) else (r,) for b, r in
+            zip(df["batch"] if "batch" in df else [None] * len(df), df["row_id"])]
+    df = df.assign(_unit=[f"{d}/{u}" for d, u in zip(df["dataset"], unit)])
+    out = []
+    for key, part in df.groupby(by, sort=False, dropna=False):
+        per_unit = part.groupby("_unit", sort=False)[score].mean()
+        low, high = bootstrap_interval(per_unit.to_numpy())
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row.update({score: float(part[score].mean()), "low": low, "high": high, "n": len(part),
+                    "units": len(per_unit), "fraction": float(part["fraction"].mean())})
+        if "dp_cosine" in part:
+            row["dp_cosine"] = float(part["dp_cosine"].mean())
+        out.append(row)
+    return pd.DataFrame(out).sort_values(by, key=lambda column: column.map(_natural)).reset_index(drop=True)
 
 
 def batch_axis(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:

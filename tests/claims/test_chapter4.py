@@ -60,3 +60,47 @@ def test_chapter4_the_utility_sweep_keeps_accuracy_only_up_to_sigma_0_1():
     assert all(utility[s] < 0.55 for s in utility if s >= 0.2), utility
     n = 67_349
     assert dp.epsilon(0.1, 32 / n, 3 * n // 32, 1 / n) > 1000  # void
+
+
+def test_chapter4_the_first_utility_sweep_trains_only_the_last_layer_and_head():
+    # "it fine-tunes only the last encoder layer, the pooler and the classifier ... on SST-2, with Adam at
+    # a learning rate of 5e-4 on Poisson batches of 32, for 300 steps."
+    settings = [r["settings"] for r in cached("ch4_utility.jsonl")]
+    assert all((s["trainable"], s["batch_size"], s["steps"], s["lr"], s["dataset"]) ==
+               ("top", 32, 300, 5e-4, "sst2") for s in settings)
+
+
+def test_chapter4_the_deployed_recipe_trains_the_full_selection_and_accounts_its_own_epsilon():
+    # "The deployed recipe fine-tunes every parameter but the word embeddings (... exactly the full
+    # selection) on SST-2 with DP-SGD at C = 1: Poisson batches of 256 ..., Adam at 5e-4, 30 steps ...
+    # Each epsilon is that run's own, from its sigma, sampling rate, steps and delta = 1/n."
+    lines = cached("ch4_utility_deployed.jsonl")
+    full_numel = {r["numel"] for r in cached("ch4_dp.jsonl") if r["cell"]["component"] == "full"}
+    assert {r["trained_parameters"] for r in lines} == full_numel
+    for r in lines:
+        s = r["settings"]
+        assert (s["recipe"], s["trainable"], s["batch_size"], s["lr"], s["max_grad_norm"], s["dataset"]) == \
+            ("deployed", "all", 256, 5e-4, 1.0, "sst2")
+        assert r["steps"] == s["steps"] == 30 and r["delta"] == pytest.approx(1 / r["train_examples"])
+        assert r["sample_rate"] == pytest.approx(1 / -(-r["train_examples"] // 256))  # Opacus's 1 / len(loader)
+        if r["noise_multiplier"] > 0:
+            assert r["epsilon"] == pytest.approx(dp.epsilon(r["noise_multiplier"], r["sample_rate"], r["steps"],
+                                                            r["delta"]))
+    assert 0.0 in {r["noise_multiplier"] for r in lines}  # the non-private baseline of the same recipe
+    # "as many as about N CPU minutes allow": every run took at most about five minutes.
+    assert max(r["seconds"] for r in lines) < 330
+
+
+def test_chapter4_the_batch_cells_attack_the_full_model_at_sigma_0_01_on_the_stated_sentences():
+    # "At 4 per client they are the 12 sentences above in 3 client batches; at 8, 16 sentences of CoLA
+    # and SST-2 in 2 batches."
+    rows = cached("ch4_dp_batches.jsonl")
+    assert {(r["cell"]["component"], r["cell"]["dp"]["noise_multiplier"], r["cell"]["dp"]["reading"])
+            for r in rows} == {("full", 0.01, "privatised")}
+    four = [r for r in rows if r["cell"]["batch_size"] == 4]
+    eight = [r for r in rows if r["cell"]["batch_size"] == 8]
+    assert sentences(four) == sentences(cached("ch4_dp.jsonl")) and len({tuple(r["batch"]) for r in four}) == 3
+    assert len(eight) == 16 and {r["dataset"] for r in eight} == {"cola", "sst2"}
+    assert len({tuple(r["batch"]) for r in eight}) == 2
+    settings = {tuple(sorted(attack_settings(r).items())) for r in rows + list(cached("ch4_dp.jsonl"))}
+    assert len(settings) == 1

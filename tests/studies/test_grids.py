@@ -89,6 +89,10 @@ def test_summarize_gives_mean_spread_and_count():
         ({"dp": {"noise_multipliers": [-0.1]}}, "each 0 or more"),
         ({"dp": {"noise_multipliers": [0.1], "max_grad_norm": 0}}, "must be positive"),
         ({"dp": {"noise_multipliers": [0.1], "clip": 1.0}}, "Unknown 'dp' field"),
+        ({"dp": {"noise_multipliers": [0.1], "protocol": "global"}}, "Unknown dp protocol 'global'"),
+        ({"dp": {"noise_multipliers": [0.1], "protocol": "central", "readings": ["privatised"]}},
+         "Central DP has one reading, 'clipped'"),
+        ({"dp": [{"noise_multipliers": [0.1]}]}, "'dp' is a mapping"),
         ({"selections": [{"component": "layer", "layer": 0}]}, "Bad selection"),
         ({"attack": {"lr": -0.01}}, "Bad 'attack' settings"),
         ({"batch_sizes": [2]}, "multiple of every batch size"),
@@ -185,6 +189,21 @@ def test_dp_cells_attack_the_reading_they_name(tmp_path):
     assert by[(0.5, "privatised")]["dp_cosine"] < by[(0.0, "privatised")]["dp_cosine"] <= 1.0
     table = summarize(rows, by=["noise_multiplier", "reading"])
     assert len(table) == 4 and "dp_cosine" in table.columns
+
+
+def test_a_central_dp_cell_attacks_the_clipped_un_noised_update_the_server_receives(tmp_path):
+    spec = {**SPEC, "sentences": 1, "selections": [{"component": "attention.query", "layers": 0}],
+            "dp": {"noise_multipliers": [0.5], "max_grad_norm": 1e-3, "protocol": "central"}}
+    (cell,) = parse_grid(spec).cells
+    assert cell.describe()["dp"] == {"max_grad_norm": 1e-3, "noise_multiplier": 0.5, "protocol": "central",
+                                     "reading": "clipped"}
+    local = parse_grid({**spec, "dp": {"noise_multipliers": [0.5]}}).cells[0]
+    assert "protocol" not in local.describe()["dp"]  # local-DP keys stay as they were
+    (row,) = run_grid(parse_grid(spec), tmp_path / "central.jsonl", progress=False)
+    # One sentence, clipped at 1e-3 and no noise: the raw gradient's direction, however large sigma is.
+    assert row["dp_cosine"] == pytest.approx(1.0, abs=1e-4) and row["clip_factor"] < 1.0
+    table = summarize([row], by=["protocol", "reading", "noise_multiplier"])
+    assert list(table["protocol"]) == ["central"] and list(table["reading"]) == ["clipped"]
 
 
 def test_a_batch_size_axis_attacks_client_batches_and_matches_each_sentence(tmp_path):
