@@ -68,7 +68,7 @@ from scipy.optimize import linear_sum_assignment
 from ..attack import SpanConfig, span_attack
 from ..attack.config import MAX_EFFORT
 from ..client import client_update
-from ..metrics import exact_rate, true_token_ids
+from ..metrics import bootstrap_interval, exact_rate, true_token_ids
 from ..models import HUB_MODELS, cached_model, encode, model_facts
 from ..selection import select
 from .sample import sample
@@ -94,8 +94,6 @@ sentences ``k B`` to ``(k + 1) B - 1`` of the seeded held-out sample)."""
 SELECTIONS = {1: ("attention.query", 0), 2: ("attention.query", [0, 1])}
 """What the client shares: chapter 5's selections, layer 0's query at batch size 1,
 the query weights of layers 0 and 1 for a batch (layer 1's checks the search)."""
-RESAMPLES = 10_000
-"""Bootstrap resamples of each interval."""
 
 
 def selection_for(model: torch.nn.Module, batch_size: int):
@@ -250,32 +248,20 @@ def load(path: str | Path, part: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------
 
 
-def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = RESAMPLES,
-                       seed: int = 0) -> tuple[float, float]:
-    """The percentile bootstrap interval of a mean (seeded: the same interval at every call).
-
-    Args:
-        values: the n per-batch values (a batch's sentences are not
-            independent, so the batch is the unit resampled).
-
-    Returns:
-        ``(low, high)``; a single value gives ``(value, value)``.
-    """
-    data = np.asarray(values, dtype=float)
-    if data.size == 0:
-        raise ValueError("A bootstrap interval needs at least one value.")
-    means = np.random.default_rng(seed).choice(data, size=(resamples, data.size)).mean(axis=1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
-
-
 def _mean_interval(values: Sequence[float], digits: int = 2) -> dict:
+    # A batch's sentences share one gradient: the batch is the unit resampled.
     low, high = bootstrap_interval(values)
     return {"mean": round(float(np.mean(values)), digits), "low": round(low, digits), "high": round(high, digits)}
 
 
+def _missing(value) -> bool:
+    """No value: ``None``, or the NaN pandas puts in its place in a numeric column."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _cell(stat: dict, percent: bool = False) -> str:
+    if _missing(stat):
+        return "–"
     if percent:
         return f"{stat['mean']:.0%} [{stat['low']:.0%}, {stat['high']:.0%}]"
     return f"{stat['mean']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
@@ -350,10 +336,9 @@ def batch_markdown(table: pd.DataFrame) -> str:
     """:func:`batch_table` as Markdown."""
     by = [c for c in ("shape", "dataset", "batch_size") if c in table]
     rows = ([*[r[c] for c in by], r["attacked"], r["refused"], r["tokens"],
-             "–" if r["exact"] is None else _cell(r["exact"], percent=True),
-             "–" if r["token_accuracy"] is None else _cell(r["token_accuracy"]),
-             "–" if r["seconds"] is None else f"{r['seconds']:.1f}",
-             "–" if r["seconds_max"] is None else f"{r['seconds_max']:.1f}"] for _, r in table.iterrows())
+             _cell(r["exact"], percent=True), _cell(r["token_accuracy"]),
+             "–" if _missing(r["seconds"]) else f"{r['seconds']:.1f}",
+             "–" if _missing(r["seconds_max"]) else f"{r['seconds_max']:.1f}"] for _, r in table.iterrows())
     names = {"shape": "shape", "dataset": "dataset", "batch_size": "batch size"}
     return markdown_table([*[names[c] for c in by], "batches attacked", "batches refused", "tokens / batch",
                            "exact [95 % CI]", "token accuracy [95 % CI]", "s / batch (median)", "s / batch (max)"],
@@ -389,8 +374,7 @@ def largest_table(path: str | Path) -> pd.DataFrame:
 def largest_markdown(table: pd.DataFrame) -> str:
     """:func:`largest_table` as Markdown."""
     rows = ([r["shape"], r["dataset"], r["width"], r["resolved"], r["attacked"],
-             "–" if r["first_refused"] is None or (isinstance(r["first_refused"], float)
-                                                   and math.isnan(r["first_refused"])) else int(r["first_refused"]),
+             "–" if _missing(r["first_refused"]) else int(r["first_refused"]),
              ", ".join(map(str, r["sizes"]))] for _, r in table.iterrows())
     return markdown_table(["shape", "dataset", "width", "largest batch resolved", "largest batch attacked",
                            "first batch size refused", "sizes measured"], rows)
@@ -435,7 +419,7 @@ def weights_table(path: str | Path, control: dict[str, str] = CONTROL) -> pd.Dat
 def weights_markdown(table: pd.DataFrame) -> str:
     """:func:`weights_table` as Markdown."""
     def show(value, fmt):
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+        return "–" if _missing(value) else format(value, fmt)
 
     rows = ([f"{r['shape']} / {r['trained']}", r["batch_size"], r["batches"], show(r["same_refusal"], ".0%"),
              f"{show(r['exact_random'], '.0%')} / {show(r['exact_trained'], '.0%')}",

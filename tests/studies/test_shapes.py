@@ -74,14 +74,6 @@ def test_the_plan_attacks_every_shape_on_the_same_batches():
         shapes.plan(sizes=[3])
 
 
-def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
-    values = [1.0, 1.0, 0.5, 0.0, 1.0, 0.75]
-    low, high = shapes.bootstrap_interval(values)
-    assert (low, high) == shapes.bootstrap_interval(values)
-    assert low < sum(values) / len(values) < high and 0.0 <= low and high <= 1.0
-    assert shapes.bootstrap_interval([1.0, 1.0]) == (1.0, 1.0)
-
-
 def _batch(shape, dataset, ids, size, tokens, width, exact=None, accuracy=None, seconds=None):
     line = {"study": "batch", "shape": shape, "checkpoint": shape, "dataset": dataset, "row_ids": ids,
             "batch_size": size, "tokens": tokens, "width": width, "refused": tokens >= width}
@@ -136,6 +128,9 @@ def test_the_tables_read_a_results_file(results, capsys):
     assert main(all_studies(), ["shapes", "batches", str(results)]) == 0
     printed = capsys.readouterr().out
     assert "| minilm | 2 | 2 | 1 | 152.0 | 75% [50%, 100%] | 0.88 [0.75, 1.00] | 5.5 | 9.0 |" in printed
+    # A group whose every batch was refused has nothing to average: dashes, not NaN.
+    assert main(all_studies(), ["shapes", "batches", str(results), "--by", "shape", "dataset", "batch_size"]) == 0
+    assert "| minilm | sst2 | 2 | 0 | 1 | 400.0 | – | – | – | – |" in capsys.readouterr().out
     for name in ("shares", "largest", "weights"):
         assert main(all_studies(), ["shapes", name, str(results)]) == 0
         assert capsys.readouterr().out.startswith("| ")
