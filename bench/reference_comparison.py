@@ -66,7 +66,7 @@ from joblib import Parallel, delayed
 from gilib.attack import AttackConfig, AttackResult, GPT2Prior, NgramPrior, attack_clients
 from gilib.attack.engines import PlainEngine
 from gilib.client import client_update
-from gilib.data import default_data_dir, load_split, prior_texts, sample_batches
+from gilib.data import cpu_model, default_data_dir, load_split, prior_texts, sample_batches
 from gilib.metrics import bootstrap_interval, rouge_scores
 from gilib.models import encode, load_model
 from gilib.selection import Selection, select
@@ -335,24 +335,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "settings": {**settings(args), "prior": args.prior, "prior_weight": 0.2, "polish_rounds": args.polish},
             "rows": rows[0]["rows"],
             "torch": torch.__version__,
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "load_average_1min": {"start": load[0], "after_each_selection": load[1:]},
             "per_sentence": [{k: r[k] for k in ("selection", "path", "rouge1_each", "rouge2_each", "s_per_sentence")}
                              for r in rows],
         }
         args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return result
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import platform
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +120,30 @@ class Example:
 def repo_root() -> Path:
     """Return the directory that holds the ``gilib`` package (the repository root)."""
     return Path(__file__).resolve().parent.parent
+
+
+
+def git_commit() -> str:
+    """The repository's commit (``-dirty`` when the tree has changes), or ``unknown``: stamped on results."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=repo_root(), capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    """The processor's name as the kernel reports it (Linux), else what ``platform`` says: stamped on timings."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def default_data_dir() -> Path | None:

@@ -16,36 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-from ..data import repo_root
+from ..data import cpu_model, git_commit
 from ..models import load_model
 from . import DATASETS, Recipe, load
-
-
-def cpu_model() -> str:
-    """The processor's name, as the kernel reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    # The studies' git_commit is out of the library's reach (tests/test_walls.py): the same call.
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=repo_root(),
-                             capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def line(dataset: str, recipe: Recipe, rebuild: bool, argv: list[str]) -> dict:
@@ -59,7 +36,7 @@ def line(dataset: str, recipe: Recipe, rebuild: bool, argv: list[str]) -> dict:
         "trained_now": victim.built, "created": meta["created"],
         "hardware": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": meta["threads"]},
         "versions": meta["versions"], "path": str(victim.path),
-        "command": shlex.join(["python", "-m", "gilib.finetune", *argv]), "commit": _commit(),
+        "command": shlex.join(["python", "-m", "gilib.finetune", *argv]), "commit": git_commit(),
     }
 
 

@@ -27,7 +27,8 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 from joblib import Parallel, delayed, parallel_backend
 
-from .store import append_lines, git_commit, read_lines
+from ..data import git_commit
+from .store import append_lines, read_lines
 
 Task = Sequence[Any]
 """The arguments of one call of a work function."""

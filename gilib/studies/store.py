@@ -10,33 +10,18 @@ the caller names) through :func:`append_lines` and reads them back with
 * **strict reads**: a cut last line is skipped (the next append removes it),
   anything else that is not a JSON object on its own line, or a file that is
   not UTF-8 text at all, is an error that names the file and the line;
-* **provenance**: :func:`git_commit` is the commit the runner stamps on
-  every line it writes.
+* **provenance**: the runner stamps every line it writes with
+  :func:`gilib.data.git_commit`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
-
-from ..data import repo_root
-
-
-def git_commit() -> str:
-    """The repository's commit (``-dirty`` when the tree has changes), or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=repo_root(), capture_output=True, text=True, timeout=10, check=True,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def read_lines(path: str | Path) -> list[dict]:
