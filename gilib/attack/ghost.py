@@ -382,20 +382,29 @@ class Packing:
         self.row = (cls // self.cols).to(device)  # (S,) each sentence's row
         own = segment[cls // self.cols] == torch.arange(self.sentences)[:, None]  # (S, C)
         self._cls_allowed = own.to(device) if shared else None
+        self._masks: dict = {}
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``(R, 1, C, C)`` additive mask: a token sees its own sentence only (``None``: no mask needed)."""
-        if self._allowed is None:
-            return None
-        zero = torch.zeros((), dtype=dtype, device=self._allowed.device)
-        return torch.where(self._allowed, zero, torch.finfo(dtype).min)[:, None]
+        return self._additive("rows", self._allowed, dtype)
 
     def cls_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``(S, 1, 1, C)`` additive mask of each ``[CLS]`` over its row (``None``: no mask needed)."""
-        if self._cls_allowed is None:
+        return self._additive("cls", self._cls_allowed, dtype)
+
+    def _additive(self, name: str, allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """0 where ``allowed``, the dtype's minimum elsewhere, with a head axis (and for ``cls`` a query axis).
+
+        Built once per dtype: a packing is reused for every step of an attack.
+        """
+        if allowed is None:
             return None
-        zero = torch.zeros((), dtype=dtype, device=self._cls_allowed.device)
-        return torch.where(self._cls_allowed, zero, torch.finfo(dtype).min)[:, None, None]
+        key = (name, dtype)
+        if key not in self._masks:
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            additive = torch.where(allowed, zero, torch.finfo(dtype).min)
+            self._masks[key] = additive[:, None] if name == "rows" else additive[:, None, None]
+        return self._masks[key]
 
     def pack(self, flat: torch.Tensor) -> torch.Tensor:
         """``(S * T, d)`` padded-layout rows to ``(R, C, d)`` packed rows."""
