@@ -547,7 +547,7 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
                   "deployed_lr": first["settings"]["lr"], "deployed_train_examples": first["train_examples"],
                   "deployed_minutes": round(max(line["seconds"] for line in lines) / 60, 1),
                   "deployed_delta": float(first["delta"])})
-    for _, cell in leak[leak["batch_size"] > 1].iterrows():
+    for _, cell in leak.iterrows():
         tag = f"b{int(cell['batch_size'])}_sigma{cell['noise_multiplier']:g}"
         facts.update({f"rouge1_{tag}": round(float(cell["rouge1"]), 4), f"rouge1_high_{tag}": round(cell["high"], 4),
                       f"cosine_{tag}": round(float(cell["dp_cosine"]), 4), f"sentences_{tag}": int(cell["n"]),
@@ -590,9 +590,13 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
 def _paired(first: Sequence[dict], second: Sequence[dict], component: str, layers) -> list[float]:
     """ROUGE-1 of ``first`` minus ``second`` on each sentence both attacked alone with this selection."""
     def scores(rows):
-        return {(r["dataset"], r["split"], r["row_id"]): r["rouge1"] for r in rows
-                if r["cell"]["component"] == component and str(r["cell"]["layers"]) == str(layers)
-                and r["cell"].get("batch_size", 1) == 1}
+        kept = [r for r in rows if r["cell"]["component"] == component and str(r["cell"]["layers"]) == str(layers)
+                and r["cell"].get("batch_size", 1) == 1]
+        found = {(r["dataset"], r["split"], r["row_id"]): r["rouge1"] for r in kept}
+        if len(found) != len(kept):
+            raise ValueError(f"The results hold a sentence of {component} {layers} more than once (several "
+                             f"cells): pass the lines of one cell.")
+        return found
     a, b = scores(first), scores(second)
     common = sorted(set(a) & set(b))
     if not common:

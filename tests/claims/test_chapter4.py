@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 
 from gilib import dp
+from gilib.data import load_split
 
-from tests.claims.cached import SIGMAS, cached, summary, sentences, attack_settings
+from tests.claims.cached import NOTHING, SIGMAS, attack_settings, cached, sentences, summary
 
 
 def test_chapter4_a_small_selection_loses_its_signal_first():
@@ -102,5 +103,50 @@ def test_chapter4_the_batch_cells_attack_the_full_model_at_sigma_0_01_on_the_sta
     assert sentences(four) == sentences(cached("ch4_dp.jsonl")) and len({tuple(r["batch"]) for r in four}) == 3
     assert len(eight) == 16 and {r["dataset"] for r in eight} == {"cola", "sst2"}
     assert len({tuple(r["batch"]) for r in eight}) == 2
-    settings = {tuple(sorted(attack_settings(r).items())) for r in rows + list(cached("ch4_dp.jsonl"))}
+    settings = {tuple(sorted(attack_settings(r).items())) for r in list(rows) + list(cached("ch4_dp.jsonl"))}
     assert len(settings) == 1
+
+
+def _deployed():
+    from gilib.studies import dp_cost
+
+    privatised = list(cached("ch4_dp.jsonl")) + list(cached("ch4_dp_batches.jsonl"))
+    return dp_cost.deployed_summary(list(cached("ch4_utility_deployed.jsonl")), privatised,
+                                    list(cached("ch4_dp_central.jsonl")), list(cached("ch3_components.jsonl")))
+
+
+def test_chapter4_in_the_deployed_setting_noise_that_stops_the_attack_leaves_epsilon_void_or_the_model_at_chance():
+    # "At sigma = 0.01 the accuracy ... stays inside the baseline's interval and the attack recovers at most a
+    # stray word at 1, 4 or 8 sentences per client, but epsilon is ...: no guarantee at all. At sigma = 0.5
+    # the same 30 steps give epsilon = 4.5, and the model falls to 0.51, chance on SST-2's balanced
+    # validation split."
+    from gilib.studies import dp_cost
+
+    lines = {r["noise_multiplier"]: r for r in cached("ch4_utility_deployed.jsonl")}
+    low, high = dp_cost.accuracy_interval(lines[0.0]["accuracy"], lines[0.0]["eval_examples"])
+    assert low <= lines[0.01]["accuracy"] <= high
+    assert lines[0.01]["epsilon"] > 1e4 and lines[0.5]["epsilon"] < 10
+    labels = [e.label for e in load_split("sst2", "validation")]
+    majority = max(sum(labels), len(labels) - sum(labels)) / len(labels)
+    assert majority < 0.52 and abs(lines[0.5]["accuracy"] - majority) < 0.02
+    _, _, facts = _deployed()
+    for size in (1, 4, 8):
+        assert facts[f"rouge1_b{size}_sigma0.01"] <= NOTHING  # a stray word at most
+        assert facts[f"rouge1_high_b{size}_sigma0.01"] <= 0.05
+    # Only sigma = 0.01 was run at 4 and 8 per client: the table says "not run" elsewhere.
+    one, _, _ = _deployed()
+    assert set(one.loc[one["sigma"] != 0.01, "ROUGE-1, 4 per client"]) == {"not run"}
+
+
+def test_chapter4_central_dp_leaks_as_the_raw_gradient_and_local_dp_at_the_same_sigma_does_not():
+    # "The server's view leaks as the raw gradient does ...; their paired difference ... is a rerun's spread
+    # ... The server's noise protects the sentence from whoever sees the aggregate, as local DP's identical
+    # noise does (the last row)."
+    _, server, facts = _deployed()
+    assert facts["central_minus_raw_low_attention_query_0"] <= 0 <= facts["central_minus_raw_high_attention_query_0"]
+    assert facts["central_pairs_attention_query_0"] == 12 and facts["central_rouge1_attention_query_0"] >= 0.3
+    assert server["the attack reads"].iloc[-1].startswith("local DP") and \
+        float(server["ROUGE-1 [95 %]"].iloc[-1].split()[0]) <= NOTHING
+    rows = cached("ch4_dp_central.jsonl")
+    assert {r["cell"]["dp"]["protocol"] for r in rows} == {"central"} and len(rows) == 12
+    assert all(r["dp_cosine"] > 0.9999 for r in rows)  # one sentence: the raw direction, clipped
