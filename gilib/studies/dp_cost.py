@@ -50,7 +50,7 @@ from ..data import load_split
 from ..dp import GRAD_SAMPLE_MODES, batch_inputs, check_dp_settings, epsilon, make_private
 from ..metrics import bootstrap_interval, matthews
 from ..models import load_model
-from .grids import intervals
+from .grids import intervals, paired_differences
 from .store import read_lines
 from .study import Study, Table, markdown_table, option
 
@@ -556,7 +556,11 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
     server_rows = []
     views = intervals(list(central), by=["component", "layers", "noise_multiplier"])
     local = intervals(list(privatised), by=["component", "layers", "batch_size", "noise_multiplier"])
-    plain = intervals(list(raw), by=["component", "layers", "batch_size"])
+    # The raw gradient on the central cells' sentences only: the grids it
+    # comes from may hold more (a longer prefix of the same sample).
+    attacked = {(r["dataset"], r["split"], r["row_id"]) for r in central}
+    plain = intervals([r for r in raw if (r["dataset"], r["split"], r["row_id"]) in attacked],
+                      by=["component", "layers", "batch_size"])
     for _, view in views.iterrows():
         same = (lambda t: (t["component"] == view["component"]) & (t["layers"].astype(str) == str(view["layers"]))
                 & (t["batch_size"] == 1))
@@ -575,33 +579,16 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
         tag = f"{view['component']}_{view['layers']}".replace(".", "_")
         facts.update({f"central_rouge1_{tag}": round(float(view["rouge1"]), 4),
                       f"central_low_{tag}": round(view["low"], 4), f"central_high_{tag}": round(view["high"], 4),
-                      f"central_sigma": float(view["noise_multiplier"])})
+                      "central_sigma": float(view["noise_multiplier"])})
         if not plain[same(plain)].empty:
             facts[f"raw_rouge1_{tag}"] = round(float(plain[same(plain)]["rouge1"].iloc[0]), 4)
             # Paired over the same sentences: the server's view minus the raw gradient, per sentence.
-            diffs = _paired(central, raw, view["component"], view["layers"])
+            diffs = paired_differences(central, raw, view["component"], view["layers"])
             low, high = bootstrap_interval(diffs)
             facts.update({f"central_minus_raw_{tag}": round(float(np.mean(diffs)), 4),
                           f"central_minus_raw_low_{tag}": round(low, 4),
                           f"central_minus_raw_high_{tag}": round(high, 4), f"central_pairs_{tag}": len(diffs)})
     return pd.DataFrame(rows), pd.DataFrame(server_rows), facts
-
-
-def _paired(first: Sequence[dict], second: Sequence[dict], component: str, layers) -> list[float]:
-    """ROUGE-1 of ``first`` minus ``second`` on each sentence both attacked alone with this selection."""
-    def scores(rows):
-        kept = [r for r in rows if r["cell"]["component"] == component and str(r["cell"]["layers"]) == str(layers)
-                and r["cell"].get("batch_size", 1) == 1]
-        found = {(r["dataset"], r["split"], r["row_id"]): r["rouge1"] for r in kept}
-        if len(found) != len(kept):
-            raise ValueError(f"The results hold a sentence of {component} {layers} more than once (several "
-                             f"cells): pass the lines of one cell.")
-        return found
-    a, b = scores(first), scores(second)
-    common = sorted(set(a) & set(b))
-    if not common:
-        raise ValueError(f"No sentence of {component} {layers} was attacked in both sets of results.")
-    return [a[k] - b[k] for k in common]
 
 
 def _label(lines: list[dict]) -> str:

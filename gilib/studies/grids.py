@@ -6,7 +6,7 @@ of sentences from each dataset (LAMP's protocol, :func:`gilib.data.sample_batche
 Example::
 
     name: layers
-    model: minilm
+    model: minilm         # or one victim per dataset: {cola: minilm-cola, sst2: minilm-sst2, ...}
     datasets: [cola, [sst2, validation], rotten_tomatoes]   # a [dataset, split] pair overrides split
     split: train
     sentences: 4          # per dataset and cell; every batch size divides it
@@ -19,6 +19,8 @@ Example::
       - {component: full, batch_sizes: [1, 2, 4]}        # a selection's own batch sizes replace the grid's
       - {component: layer, layers: [0, 1, 2, 3, 4, 5]}   # a list expands to one cell per layer
       - {component: layer, layers: [[0, 1]]}             # a nested list is one combined cell
+      - {component: layer, layers: [4], sentences: 10}   # more sentences for this selection (a longer
+                                                         # prefix of the same seeded sample)
     dp:                   # optional: the client runs a DP-SGD step (gilib.dp)
       noise_multipliers: [0, 0.1, 0.5]
       max_grad_norm: 1.0
@@ -64,10 +66,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -80,7 +83,7 @@ from ..metrics import bootstrap_interval, match_batch, rouge_scores
 from ..models import cached_model, encode
 from ..selection import COMPONENTS, select
 from .store import read_lines
-from .study import Study, Table, markdown_table, mean_sd, option
+from .study import Study, Table, markdown_table, option
 
 SCORES = ("rouge1", "rouge2", "rougeL")
 OWN_DATASETS = ("sample",)  # text we wrote: reconstructions may be stored
@@ -97,6 +100,9 @@ class Cell:
         attack: :class:`~gilib.attack.AttackConfig` settings, as sorted pairs.
         dp: the client's DP-SGD settings, as sorted pairs (``None``: plain).
         batch_size: sentences per client batch.
+        sentences: sentences per dataset for this cell (``None``: the
+            grid's); not part of the cell's key, so that a cell given more
+            sentences keeps the lines it has.
     """
 
     model: str
@@ -105,6 +111,7 @@ class Cell:
     attack: tuple[tuple[str, Any], ...]
     dp: tuple[tuple[str, Any], ...] | None = None
     batch_size: int = 1
+    sentences: int | None = field(default=None, compare=False)
 
     def key(self) -> str:
         """A canonical string that identifies the cell in a results file."""
@@ -129,7 +136,8 @@ class Grid:
         name: the grid's name.
         cells: every combination of selection and attack seed.
         datasets: ``(dataset, split)`` pairs.
-        sentences: sentences per dataset and cell.
+        sentences: sentences per dataset and cell (a cell's own
+            ``sentences`` overrides it).
         sample_seed: seed of the sentence sample.
         clients_per_task: client batches attacked together in one task.
         source: the file's text, stored with the results.
@@ -142,6 +150,17 @@ class Grid:
     sample_seed: int = 101
     clients_per_task: int = 1
     source: dict = field(default_factory=dict)
+    victims: dict[str, str] | None = None
+
+    def victim(self, cell: Cell, dataset: str) -> Cell:
+        """The cell as it attacks ``dataset``: with that dataset's own victim when the grid names one per dataset."""
+        if self.victims is None:
+            return cell
+        return replace(cell, model=self.victims[dataset])
+
+    def largest_sample(self) -> int:
+        """The most sentences any cell attacks per dataset."""
+        return max([self.sentences] + [cell.sentences or 0 for cell in self.cells])
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -182,19 +201,25 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
         raise ValueError(f"'sentences' must be a whole number, at least 1, got {sentences!r}.")
     batch_sizes = _batch_sizes(spec.get("batch_sizes", [1]), sentences)
     entries = [_selection(entry, batch_sizes, sentences) for entry in spec["selections"]]
+    datasets = _datasets(spec.get("datasets", ["sample"]), spec.get("split", "train"))
+    model, victims = _victims(spec.get("model", "minilm"), datasets)
     # Batch sizes in order of first mention: the grid's, then the selections' own.
-    all_sizes = list(dict.fromkeys(batch_sizes + [size for *_, sizes in entries for size in sizes]))
-    cells = []
+    all_sizes = list(dict.fromkeys(batch_sizes + [size for _, _, sizes, _ in entries for size in sizes]))
+    cells, seen = [], {}
     for seed, defence, batch_size in itertools.product(spec.get("seeds", [0]), defences, all_sizes):
-        for component, options, sizes in entries:
+        for (component, options, sizes, own), entry in zip(entries, spec["selections"]):
             if batch_size not in sizes:
                 continue
             for layers in options:
                 layers = tuple(layers) if isinstance(layers, list) else layers
                 settings = {**attack, "seed": int(seed)}
-                cells.append(Cell(spec.get("model", "minilm"), component, layers, tuple(sorted(settings.items())),
-                                  defence, batch_size))
-    datasets = _datasets(spec.get("datasets", ["sample"]), spec.get("split", "train"))
+                cell = Cell(model, component, layers, tuple(sorted(settings.items())), defence, batch_size,
+                            own if own != sentences else None)
+                if cell.key() in seen:
+                    raise ValueError(f"Selections {seen[cell.key()]!r} and {entry!r} both hold the cell "
+                                     f"{cell.describe()}: list each selection, layer and batch size once.")
+                seen[cell.key()] = entry
+                cells.append(cell)
     return Grid(
         name=spec.get("name", name),
         cells=cells,
@@ -203,7 +228,31 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
         sample_seed=int(spec.get("sample_seed", 101)),
         clients_per_task=max(1, int(spec.get("clients_per_task", 1))),
         source=spec,
+        victims=victims,
     )
+
+
+def _victims(model, datasets: list[tuple[str, str]]) -> tuple[str, dict[str, str] | None]:
+    """A grid's ``model``: one name, or a mapping from each dataset to its own victim.
+
+    Returns:
+        The name the cells carry (for a mapping, ``"per-dataset"``, replaced
+        by :meth:`Grid.victim` when a dataset is attacked) and the mapping.
+
+    Raises:
+        ValueError: for anything else, or a mapping that misses a dataset of
+            the grid or names one it does not attack.
+    """
+    if isinstance(model, str) and model:
+        return model, None
+    if not isinstance(model, dict) or not all(isinstance(v, str) and v for v in model.values()):
+        raise ValueError(f"'model' is a victim name (e.g. minilm) or a mapping from each dataset to its victim "
+                         f"(e.g. {{cola: minilm-cola, sst2: minilm-sst2}}); got {model!r}.")
+    names = {dataset for dataset, _ in datasets}
+    if set(model) != names:
+        raise ValueError(f"'model' names a victim for {sorted(model)}, but the grid attacks {sorted(names)}: "
+                         f"give one victim for each dataset of the grid, and no other.")
+    return "per-dataset", dict(model)
 
 
 def _datasets(entries, split) -> list[tuple[str, str]]:
@@ -231,30 +280,37 @@ def _datasets(entries, split) -> list[tuple[str, str]]:
     return pairs
 
 
-def _selection(entry, batch_sizes: list[int], sentences: int) -> tuple[str, list, list[int]]:
-    """A grid's selection entry: its component, its layer options and its batch sizes.
+def _selection(entry, batch_sizes: list[int], sentences: int) -> tuple[str, list, list[int], int]:
+    """A grid's selection entry: its component, its layer options, its batch sizes and its sentences.
 
     Args:
-        entry: ``{component: NAME, layers: ..., batch_sizes: [...]}``;
-            ``layers`` and ``batch_sizes`` are optional.
+        entry: ``{component: NAME, layers: ..., batch_sizes: [...],
+            sentences: N}``; ``layers``, ``batch_sizes`` and ``sentences``
+            are optional.
         batch_sizes: the grid's batch sizes, which the entry's own
             ``batch_sizes`` replace.
-        sentences: sentences per dataset, which every batch size divides.
+        sentences: sentences per dataset, which the entry's own
+            ``sentences`` replaces; every batch size divides it.
 
     Raises:
-        ValueError: for another field, an unknown component or bad batch sizes.
+        ValueError: for another field, an unknown component, bad batch sizes
+            or a bad number of sentences.
     """
-    if not isinstance(entry, dict) or set(entry) - {"component", "layers", "batch_sizes"}:
+    fields = {"component", "layers", "batch_sizes", "sentences"}
+    if not isinstance(entry, dict) or set(entry) - fields:
         raise ValueError(f"Bad selection {entry!r} in the grid: each is {{component: NAME, layers: ...}}, "
-                         f"optionally with batch_sizes: [...], and no other field.")
+                         f"optionally with batch_sizes: [...] and sentences: N, and no other field.")
     component = entry.get("component")
     if component not in COMPONENTS:
         raise ValueError(f"Unknown component {component!r} in the grid; choose one of: {', '.join(COMPONENTS)}.")
     layer_list = entry.get("layers")
     options = layer_list if isinstance(layer_list, list) else [layer_list]
-    if "batch_sizes" in entry:
-        batch_sizes = _batch_sizes(entry["batch_sizes"], sentences, where=f" of selection {entry!r}")
-    return component, options, batch_sizes
+    own = entry.get("sentences", sentences)
+    if isinstance(own, bool) or not isinstance(own, int) or own < 1:
+        raise ValueError(f"'sentences' of selection {entry!r} must be a whole number, at least 1, got {own!r}.")
+    where = f" of selection {entry!r}"
+    batch_sizes = _batch_sizes(entry.get("batch_sizes", batch_sizes), own, where=where)
+    return component, options, batch_sizes, own
 
 
 def _batch_sizes(sizes, sentences: int, where: str = "") -> list[int]:
@@ -335,14 +391,19 @@ def plan(grid: Grid) -> list[tuple[Cell, str, str, list]]:
     tasks = []
     for dataset, split in grid.datasets:
         examples = load_split(dataset, split)
-        if len(examples) < grid.sentences:
+        largest = grid.largest_sample()
+        if len(examples) < largest:
             raise ValueError(
-                f"{dataset}/{split} has {len(examples)} sentences, fewer than the grid's {grid.sentences}."
+                f"{dataset}/{split} has {len(examples)} sentences, fewer than the grid's {largest}."
             )
-        chosen = [b[0] for b in sample_batches(examples, grid.sentences, 1, seed=grid.sample_seed)]
+        # LAMP's sample is a seeded shuffle's prefix: a cell of n sentences
+        # attacks the first n, the same as a grid of n would.
+        sample = [b[0] for b in sample_batches(examples, largest, 1, seed=grid.sample_seed)]
         for cell in grid.cells:
+            chosen = sample[: cell.sentences or grid.sentences]
             size, per_task = cell.batch_size, grid.clients_per_task
             batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+            cell = grid.victim(cell, dataset)
             # Fixed groups: client i of a group is seeded with seed + i, so a
             # resumed run must group the batches exactly as a fresh one does.
             tasks += [(cell, dataset, split, batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
@@ -360,9 +421,10 @@ def check_grid(grid: Grid, device: str = "cpu") -> None:
     Raises:
         ValueError: naming the selection and what to fix.
     """
-    for name in sorted({cell.model for cell in grid.cells}):
+    cells = [grid.victim(cell, dataset) for dataset, _ in grid.datasets for cell in grid.cells]
+    for name in sorted({cell.model for cell in cells}):
         model, _ = cached_model(name, 0, device)
-        for cell in grid.cells:
+        for cell in cells:
             if cell.model == name:
                 try:
                     select(model, cell.component, _layers(cell))
@@ -598,6 +660,76 @@ def intervals(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
     return pd.DataFrame(out).sort_values(by, key=lambda column: column.map(_natural)).reset_index(drop=True)
 
 
+def paired_differences(first: Iterable[dict], second: Iterable[dict], component: str, layers,
+                       score: str = "rouge1") -> list[float]:
+    """``score`` of ``first`` minus ``second`` on each sentence both attacked alone with this selection.
+
+    A paired comparison (two victims, two readings of a gradient) on the
+    same sentences: the interval of these differences
+    (:func:`gilib.metrics.bootstrap_interval`) ranks the two where it
+    excludes 0.
+
+    Args:
+        first, second: result lines, each holding one cell of the selection
+            at batch size 1 (other cells are ignored).
+        component, layers: the selection, as a cell describes it.
+        score: ``rouge1``, ``rouge2`` or ``rougeL``.
+
+    Returns:
+        One difference per common sentence, in (dataset, split, row id) order.
+
+    Raises:
+        ValueError: if a sentence appears twice in one set (several cells of
+            the selection: pass the lines of one), or none is in both.
+    """
+    return [a - b for a, b in _pairs(first, second, component, layers, score)]
+
+
+def _pairs(first, second, component: str, layers, score: str) -> list[tuple[float, float]]:
+    """``(first's score, second's score)`` of each sentence both attacked alone with this selection."""
+    def scores(rows):
+        kept = [r for r in rows if r["cell"]["component"] == component and str(r["cell"]["layers"]) == str(layers)
+                and r["cell"].get("batch_size", 1) == 1]
+        found = {(r["dataset"], r["split"], r["row_id"]): r[score] for r in kept}
+        if len(found) != len(kept):
+            raise ValueError(f"The results hold a sentence of {component} {layers} more than once (several "
+                             f"cells): pass the lines of one cell.")
+        return found
+    a, b = scores(first), scores(second)
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError(f"No sentence of {component} {layers} was attacked in both sets of results.")
+    return [(a[k], b[k]) for k in common]
+
+
+def paired(first: Iterable[dict] | str | Path, second: Iterable[dict] | str | Path,
+           selections: Iterable[tuple[str, Any]], score: str = "rouge1") -> pd.DataFrame:
+    """Two sets of results on the same sentences, per selection: both means and their paired difference.
+
+    Args:
+        first, second: result lines (or their files), e.g. a fine-tuned
+            victim's and the pretrained one's, with the same attack settings.
+        selections: ``(component, layers)`` pairs, as cells describe them
+            (``layers`` ``None`` for the full model).
+        score: ``rouge1``, ``rouge2`` or ``rougeL``.
+
+    Returns:
+        One row per selection: ``first``, ``second`` (means over the common
+        sentences), ``difference`` (first minus second) with its 95 %
+        bootstrap interval ``low``, ``high``, and ``n`` (common sentences).
+    """
+    first = list(read_lines(first) if isinstance(first, (str, Path)) else first)
+    second = list(read_lines(second) if isinstance(second, (str, Path)) else second)
+    out = []
+    for component, layers in selections:
+        pairs = np.asarray(_pairs(first, second, component, layers, score))
+        low, high = bootstrap_interval(pairs[:, 0] - pairs[:, 1])
+        out.append({"component": component, "layers": layers, "first": float(pairs[:, 0].mean()),
+                    "second": float(pairs[:, 1].mean()), "difference": float((pairs[:, 0] - pairs[:, 1]).mean()),
+                    "low": low, "high": high, "n": len(pairs)})
+    return pd.DataFrame(out)
+
+
 def batch_axis(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers")) -> pd.DataFrame:
     """The selections attacked at several client batch sizes, summarized per batch size.
 
@@ -608,13 +740,28 @@ def batch_axis(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("componen
 
     Returns:
         :func:`summarize` by ``by`` and ``batch_size``, keeping only the
-        selections with more than one batch size.
+        selections with more than one batch size, each over the sentences
+        it attacked at every one of its batch sizes (a headline cell may
+        hold more sentences at batch size 1).
     """
-    table = summarize(rows, by=[*by, "batch_size"])
+    table = summarize(_batch_rows(rows), by=[*by, "batch_size"])
     sizes = table.groupby(["component", "layers"])["batch_size"].transform("nunique")
     if not (sizes > 1).any():
         raise ValueError("No selection of these results was attacked at more than one batch size.")
     return table[sizes > 1].reset_index(drop=True)
+
+
+def _batch_rows(rows: Iterable[dict] | str | Path) -> list[dict]:
+    """The lines of each selection on the sentences it attacked at every one of its batch sizes."""
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    seen: dict[tuple, dict[int, set]] = {}
+    for r in rows:
+        selection = (r["cell"]["component"], json.dumps(r["cell"]["layers"]))
+        seen.setdefault(selection, {}).setdefault(r["cell"].get("batch_size", 1), set()).add(
+            (r["dataset"], r["split"], r["row_id"]))
+    common = {selection: set.intersection(*sizes.values()) for selection, sizes in seen.items()}
+    return [r for r in rows if (r["dataset"], r["split"], r["row_id"])
+            in common[(r["cell"]["component"], json.dumps(r["cell"]["layers"]))]]
 
 
 def sentence_lengths(rows: Iterable[dict] | str | Path) -> pd.DataFrame:
@@ -651,26 +798,57 @@ def _natural(value: Any) -> str:
     return f"1{value}"
 
 
-def markdown(table: pd.DataFrame, by: Iterable[str] = ("component", "layers")) -> str:
-    """A :func:`summarize` table as Markdown: the groups, share of parameters, ROUGE-1/2 (mean ± sd), n."""
-    by = list(by)
-    rows = ([*(row[b] for b in by), f"{100 * row['fraction']:.2f} %", mean_sd(row["rouge1"], row["rouge1_std"]),
-             mean_sd(row["rouge2"], row["rouge2_std"]), int(row["n"])] for _, row in table.iterrows())
-    return markdown_table([*by, "share of parameters", "ROUGE-1", "ROUGE-2", "sentences"], rows)
+def markdown(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers"),
+             where: dict[str, Any] | None = None) -> str:
+    """Result lines as a Markdown table: the groups, share of parameters, ROUGE-1/2 with 95 % intervals, n.
+
+    Each mean comes with its bootstrap interval (:func:`intervals`, which
+    resamples the independent unit: a sentence, or a client batch).
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    return _interval_markdown(rows, list(by), where, [])
+
+
+def _interval_markdown(rows: list[dict], by: list[str], where, first: list[str]) -> str:
+    spans = [intervals(rows, by=by, where=where, score=score) for score in ("rouge1", "rouge2")]
+    columns = [*first, *[b for b in by if b not in first]]
+    lines = ([*(row[b] for b in columns), f"{100 * row['fraction']:.2f} %",
+              *(_span(span.iloc[i], score) for span, score in zip(spans, ("rouge1", "rouge2"))), int(row["n"])]
+             for i, (_, row) in enumerate(spans[0].iterrows()))
+    names = {"batch_size": "sentences per client"}
+    return markdown_table([*(names.get(b, b) for b in columns), "share of parameters", "ROUGE-1 [95 %]",
+                           "ROUGE-2 [95 %]", "sentences"], lines)
+
+
+def _span(row: pd.Series, score: str) -> str:
+    return f"{row[score]:.2f} [{row['low']:.2f}, {row['high']:.2f}]"
 
 
 def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
     """:func:`batch_axis` as the README's Markdown table: one row per selection and batch size.
 
-    The largest selection comes first; ROUGE is mean ± standard deviation
-    over the sentences, each scored once per batch size.
+    The largest selection comes first; ROUGE is the mean over the sentences
+    (each scored once per batch size) with its 95 % interval, which
+    resamples client batches.
     """
-    table = batch_axis(rows).sort_values(["fraction", "batch_size"], ascending=[False, True], kind="stable")
-    rows = ([row["component"], row["layers"], int(row["batch_size"]), f"{100 * row['fraction']:.2f} %",
-             mean_sd(row["rouge1"], row["rouge1_std"]), mean_sd(row["rouge2"], row["rouge2_std"]),
-             int(row["n"])] for _, row in table.iterrows())
-    return markdown_table(["component", "layers", "sentences per client", "share of parameters", "ROUGE-1",
-                          "ROUGE-2", "sentences"], rows)
+    table = batch_axis(rows)
+    kept = {(c, str(l)) for c, l in zip(table["component"], table["layers"])}
+    lines = [r for r in _batch_rows(rows) if (r["cell"]["component"], _layers_text(r["cell"]["layers"])) in kept]
+    order = table.groupby(["component", "layers"], sort=False)["fraction"].first().sort_values(
+        ascending=False, kind="stable")
+    parts = []
+    for component, layers in order.index:
+        mine = [r for r in lines
+                if (r["cell"]["component"], _layers_text(r["cell"]["layers"])) == (component, str(layers))]
+        parts.append(_interval_markdown(mine, ["component", "layers", "batch_size"], None, []).splitlines())
+    return "\n".join(parts[0][:2] + [line for part in parts for line in part[2:]])
+
+
+def _layers_text(layers) -> str:
+    """A cell's ``layers`` as :func:`summarize` writes them: ``all``, ``0`` or ``0+1``."""
+    if layers is None:
+        return "all"
+    return "+".join(map(str, layers)) if isinstance(layers, list) else str(layers)
 
 
 def _where(pairs: list[str]) -> dict[str, str]:
@@ -701,9 +879,9 @@ STUDY = Study(
         option("--threads", type=int, default=1, help="torch threads per worker (0: torch's default)"),
     ),
     tables=(
-        Table("table", "mean and spread of ROUGE per group, as Markdown",
-              lambda args: markdown(summarize([line for path in args.results for line in read_lines(path)],
-                                              by=args.by, where=_where(args.where)), by=args.by),
+        Table("table", "mean ROUGE per group with its 95 % bootstrap interval, as Markdown",
+              lambda args: markdown([line for path in args.results for line in read_lines(path)],
+                                    by=args.by, where=_where(args.where)),
               (option("results", type=Path, nargs="+", help="results files (their lines are pooled)"),
                option("--by", nargs="+", default=["component", "layers"], help="cell fields or dataset"),
                option("--where", nargs="+", default=[], metavar="FIELD=VALUE",

@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..data import repo_root
-from .grids import batch_axis, summarize
+from .grids import batch_axis, intervals, paired, summarize
 from .store import read_lines
-from .study import Study, Table, markdown_table, mean_sd, option
+from .study import Study, Table, markdown_table, option
 
 RESULTS = Path("data") / "results"
 FILES = {
@@ -29,6 +29,7 @@ FILES = {
     "components": "ch3_components.jsonl",
     "dp": "ch4_dp.jsonl",
     "utility": "ch4_utility.jsonl",
+    "finetuned": "ch2_finetuned.jsonl",
 }
 """The cached results each number comes from (chapters 2, 3 and 4)."""
 
@@ -53,15 +54,44 @@ def _row(table: pd.DataFrame, **where) -> pd.Series:
     return hits.iloc[0]
 
 
-def _scores(row: pd.Series) -> dict:
-    return {
-        "share_pct": round(100 * float(row["fraction"]), 2),
-        "rouge1": round(float(row["rouge1"]), 4),
-        "rouge1_std": round(float(row["rouge1_std"]), 4),
-        "rouge2": round(float(row["rouge2"]), 4),
-        "rouge2_std": round(float(row["rouge2_std"]), 4),
-        "n": int(row["n"]),
-    }
+def _scores(row: pd.Series, spans: dict[str, pd.DataFrame]) -> dict:
+    """A summary row's scores, with the 95 % bootstrap interval of each mean (``spans``: score -> intervals)."""
+    scores = {"share_pct": round(100 * float(row["fraction"]), 2)}
+    for score in ("rouge1", "rouge2"):
+        span = _row(spans[score], component=row["component"], layers=row["layers"])
+        scores.update({score: round(float(row[score]), 4), f"{score}_std": round(float(row[f"{score}_std"]), 4),
+                       f"{score}_low": round(float(span["low"]), 4), f"{score}_high": round(float(span["high"]), 4)})
+    scores["n"] = int(row["n"])
+    return scores
+
+
+def _most_leaky(rows: list[dict], table: pd.DataFrame, keep: pd.Series, lowest: bool = False) -> pd.Series:
+    """The row of ``table[keep]`` with the highest (``lowest``: lowest) mean ROUGE-1 on the sentences all its cells share.
+
+    Cells may hold different numbers of sentences (a headline cell a longer
+    prefix of the same sample): ranking them on their common sentences
+    keeps a cell from winning on its extra ones.
+    """
+    candidates = table[keep]
+    chosen = {(c, str(l)) for c, l in zip(candidates["component"], candidates["layers"])}
+    lines = [r for r in rows if r["cell"].get("batch_size", 1) == 1
+             and (r["cell"]["component"], _layers_text(r["cell"]["layers"])) in chosen]
+    per_cell: dict[tuple, set] = {}
+    for r in lines:
+        per_cell.setdefault((r["cell"]["component"], _layers_text(r["cell"]["layers"])), set()).add(
+            (r["dataset"], r["split"], r["row_id"]))
+    common = set.intersection(*per_cell.values())
+    shared = summarize([r for r in lines if (r["dataset"], r["split"], r["row_id"]) in common],
+                       by=["component", "layers"], where=BATCH_ONE)
+    pick = shared.loc[shared["rouge1"].idxmin() if lowest else shared["rouge1"].idxmax()]
+    return _row(candidates, component=pick["component"], layers=pick["layers"])
+
+
+def _layers_text(layers) -> str:
+    """A cell's ``layers`` as :func:`gilib.studies.grids.summarize` writes them."""
+    if layers is None:
+        return "all"
+    return "+".join(map(str, layers)) if isinstance(layers, list) else str(layers)
 
 
 def headline_numbers(root: str | Path | None = None) -> dict:
@@ -78,17 +108,21 @@ def headline_numbers(root: str | Path | None = None) -> dict:
         (sigma -> accuracy and epsilon) and ``steps`` / ``paper_steps``.
     """
     layer_rows = read_lines(_path("layers", root))
+    component_rows = read_lines(_path("components", root))
     layers = summarize(layer_rows, by=["component", "layers"], where=BATCH_ONE)
-    single = layers[(layers["component"] == "layer") & ~layers["layers"].astype(str).str.contains("[+]")]
-    best_layer = single.loc[single["rouge1"].idxmax()]
-    worst_layer = single.loc[single["rouge1"].idxmin()]
+    single = (layers["component"] == "layer") & ~layers["layers"].astype(str).str.contains("[+]")
+    best_layer = _most_leaky(layer_rows, layers, single)
+    worst_layer = _most_leaky(layer_rows, layers, single, lowest=True)
+    layer_spans = {score: intervals(layer_rows, where=BATCH_ONE, score=score) for score in ("rouge1", "rouge2")}
 
-    components = summarize(_path("components", root), by=["component", "layers"], where=BATCH_ONE)
-    best_weight = components.loc[components["rouge1"].idxmax()]
+    components = summarize(component_rows, by=["component", "layers"], where=BATCH_ONE)
+    component_spans = {score: intervals(component_rows, where=BATCH_ONE, score=score)
+                       for score in ("rouge1", "rouge2")}
+    best_weight = _most_leaky(component_rows, components, components["rouge1"].notna())
     last = components["layers"].astype(int).max()
     last_layer = components[components["layers"].astype(int) == last]
 
-    batches = batch_axis([*layer_rows, *read_lines(_path("components", root))])
+    batches = batch_axis([*layer_rows, *component_rows])
     batch = {}
     for key, component in (("full", "full"), ("layer0", "layer"), ("query0", "attention.query")):
         part = batches[(batches["component"] == component) & batches["layers"].astype(str).isin(["all", "0"])]
@@ -116,17 +150,20 @@ def headline_numbers(root: str | Path | None = None) -> dict:
             "epsilon": None if eps is None or math.isinf(eps) else round(float(eps), 1),
         }
     attack = layer_rows[0]["cell"]
+    headline = {
+        "full": _scores(_row(layers, component="full"), layer_spans),
+        "layer0": _scores(_row(layers, component="layer", layers=0), layer_spans),
+        "best_layer": {"layer": str(best_layer["layers"]), **_scores(best_layer, layer_spans)},
+        "query0": _scores(_row(components, component="attention.query", layers=0), component_spans),
+        "best_weight": {"component": best_weight["component"], "layer": str(best_weight["layers"]),
+                        **_scores(best_weight, component_spans)},
+    }
     return {
         "model": attack["model"],
         "steps": attack["steps"],
         "paper_steps": 2000,
-        "full": _scores(_row(layers, component="full")),
-        "layer0": _scores(_row(layers, component="layer", layers=0)),
-        "best_layer": {"layer": str(best_layer["layers"]), **_scores(best_layer)},
-        "worst_layer": {"layer": str(worst_layer["layers"]), **_scores(worst_layer)},
-        "query0": _scores(_row(components, component="attention.query", layers=0)),
-        "best_weight": {"component": best_weight["component"], "layer": str(best_weight["layers"]),
-                        **_scores(best_weight)},
+        **headline,
+        "worst_layer": {"layer": str(worst_layer["layers"]), **_scores(worst_layer, layer_spans)},
         "last_layer": int(last),
         "last_layer_weight_max_rouge1": round(float(last_layer["rouge1"].max()), 4),
         "batch": batch,
@@ -134,7 +171,57 @@ def headline_numbers(root: str | Path | None = None) -> dict:
         "dp_sigma": DP_SIGMA,
         "dp_sigmas": sorted(float(s) for s in dp_table["noise_multiplier"].unique()),
         "utility": utility,
+        "finetuned": _finetuned(headline, layer_rows + component_rows, root),
     }
+
+
+HEADLINE_KEYS = ("full", "layer0", "best_layer", "query0", "best_weight")
+"""The headline rows, in the table's order."""
+
+
+def _selection(key: str, scores: dict) -> tuple[str, object]:
+    """A headline row's selection as a cell describes it: ``(component, layers)``."""
+    if key == "full":
+        return "full", None
+    if key in ("layer0", "best_layer"):
+        return "layer", int(scores.get("layer", 0))
+    if key == "query0":
+        return "attention.query", 0
+    return scores["component"], int(scores["layer"])
+
+
+def _finetuned(headline: dict, pretrained: list[dict], root) -> dict:
+    """Each headline selection on the fine-tuned victims, paired with the pretrained victim on the same sentences.
+
+    Returns:
+        headline key -> ``rouge1``/``rouge2`` on the fine-tuned victims,
+        ``pretrained_rouge1``/``pretrained_rouge2`` on the same sentences,
+        ``diff_rouge1``/``diff_rouge2`` (fine-tuned minus pretrained) with
+        95 % bootstrap intervals, and ``n``; a selection the fine-tuned
+        grid has not run is left out, and so is everything without
+        ``ch2_finetuned.jsonl``.
+    """
+    path = _path("finetuned", root)
+    if not path.is_file():
+        return {}
+    tuned = read_lines(path)
+    ran = {(r["cell"]["component"], r["cell"]["layers"]) for r in tuned}
+    out = {}
+    for key in HEADLINE_KEYS:
+        selection = _selection(key, headline[key])
+        if selection not in ran:
+            continue
+        row = {}
+        for score in ("rouge1", "rouge2"):
+            both = paired(tuned, pretrained, [selection], score=score).iloc[0]
+            row.update({score: round(float(both["first"]), 4), f"pretrained_{score}": round(float(both["second"]), 4),
+                        f"diff_{score}": round(float(both["difference"]), 4),
+                        f"diff_{score}_low": round(float(both["low"]), 4),
+                        f"diff_{score}_high": round(float(both["high"]), 4)})
+            row["n"] = int(both["n"])
+        row["victims"] = sorted({r["cell"]["model"] for r in tuned})
+        out[key] = row
+    return out
 
 
 def headline_table(numbers: dict | None = None) -> pd.DataFrame:
@@ -152,11 +239,16 @@ def headline_table(numbers: dict | None = None) -> pd.DataFrame:
     return table
 
 
+def _interval(mean: float, low: float, high: float) -> str:
+    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def markdown(numbers: dict | None = None) -> str:
     """The headline table as Markdown, as the README prints it."""
     h = numbers or headline_numbers()
-    rows = [[row["the server sees"], f"{row['share_pct']:.2f} %", mean_sd(row["rouge1"], row["rouge1_std"]),
-             mean_sd(row["rouge2"], row["rouge2_std"]), int(row["n"])]
+    rows = [[row["the server sees"], f"{row['share_pct']:.2f} %",
+             _interval(row["rouge1"], row["rouge1_low"], row["rouge1_high"]),
+             _interval(row["rouge2"], row["rouge2_low"], row["rouge2_high"]), int(row["n"])]
             for _, row in headline_table(h).iterrows()]
     key = f"sigma{h['dp_sigma']}"
     query, full = h["dp"]["query0"], h["dp"]["full"]
@@ -164,7 +256,25 @@ def markdown(numbers: dict | None = None) -> str:
                  f"{h['query0']['share_pct']:.2f} % / {h['full']['share_pct']:.2f} %",
                  f"{query[key]:.2f} / {full[key]:.2f}", f"{query[key + '_rouge2']:.2f} / {full[key + '_rouge2']:.2f}",
                  query["n"]])
-    return markdown_table(["the server sees", "share of parameters", "ROUGE-1", "ROUGE-2", "sentences"], rows)
+    return markdown_table(["the server sees", "share of parameters", "ROUGE-1 [95 %]", "ROUGE-2 [95 %]",
+                           "sentences"], rows)
+
+
+def finetuned_markdown(numbers: dict | None = None) -> str:
+    """The headline selections on the fine-tuned victims beside the pretrained one, as Markdown."""
+    h = numbers or headline_numbers()
+    if not h["finetuned"]:
+        raise ValueError("No fine-tuned results: run python -m gilib.studies grids run "
+                         "data/results/ch2_finetuned.yaml --out data/results/ch2_finetuned.jsonl --jobs 2")
+    names = dict(zip(HEADLINE_KEYS, headline_table(h)["the server sees"]))
+    rows = []
+    for key, row in h["finetuned"].items():
+        rows.append([names[key], f"{row['pretrained_rouge1']:.2f} / {row['pretrained_rouge2']:.2f}",
+                     f"{row['rouge1']:.2f} / {row['rouge2']:.2f}",
+                     _interval(row["diff_rouge1"], row["diff_rouge1_low"], row["diff_rouge1_high"]),
+                     _interval(row["diff_rouge2"], row["diff_rouge2_low"], row["diff_rouge2_high"]), row["n"]])
+    return markdown_table(["the server sees", "pretrained ROUGE-1 / 2", "fine-tuned ROUGE-1 / 2",
+                           "ROUGE-1 difference [95 %]", "ROUGE-2 difference [95 %]", "sentences"], rows)
 
 
 STUDY = Study(
@@ -175,6 +285,10 @@ STUDY = Study(
                   else markdown(headline_numbers(args.root)),
                   (option("--json", action="store_true", help="every number as JSON instead of the table"),
                    option("--root", type=Path, default=None,
-                          help="the repository whose data/results to read (default: this one)"))),),
+                          help="the repository whose data/results to read (default: this one)"))),
+            Table("finetuned", "the headline selections on the fine-tuned victims, paired with the pretrained one",
+                  lambda args: finetuned_markdown(headline_numbers(args.root)),
+                  (option("--root", type=Path, default=None,
+                          help="the repository whose data/results to read (default: this one)"),))),
 )
-"""The headline numbers as a study with tables only (``python -m gilib.studies headlines table``)."""
+"""The headline numbers as a study with tables only (``python -m gilib.studies headlines table|finetuned``)."""

@@ -328,13 +328,16 @@ def comparison_table(span_path: str | Path, optimization_path: str | Path) -> pd
     """
     span = load(span_path, "comparison")
     span = span.assign(attack="span check (batch 1)")
+    # Only the sentences the span check measured: the optimisation grid may
+    # hold more (a longer prefix of the same sample).
+    measured = set(zip(span["dataset"], span["row_id"]))
     optimization = pd.DataFrame(
         [{"component": r["cell"]["component"], "layers": r["cell"]["layers"], "rouge1": r["rouge1"],
           "rouge2": r["rouge2"], "seconds": r["seconds"], "exact": None,
           "attack": f"optimisation ({r['cell']['steps']} steps)"}
          for r in read_lines(optimization_path)
          if r["cell"]["component"] in SPAN_WEIGHTS and r["cell"]["layers"] == 0
-         and r["cell"].get("batch_size", 1) == 1]
+         and r["cell"].get("batch_size", 1) == 1 and (r["dataset"], r["row_id"]) in measured]
     )
     both = pd.concat([span, optimization], ignore_index=True)
     table = both.groupby(["component", "attack"], sort=True).agg(

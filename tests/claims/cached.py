@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gilib.studies import grids, store
+from gilib.studies import grids, sample, store
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAPTERS = ROOT / "chapters"
@@ -48,6 +48,12 @@ def summary(name: str, by: list[str]) -> pd.DataFrame:
 
 def sentences(rows) -> set[tuple[str, int]]:
     return {(r["dataset"], r["row_id"]) for r in rows}
+
+
+def first_sentences(count: int) -> set[tuple[str, int]]:
+    """The first ``count`` sentences of each dataset's seeded sample (:mod:`gilib.studies.sample`)."""
+    return {(dataset, example.row_id) for dataset in sample.GRID_SPLITS
+            for (example,) in sample.sample(dataset, count)}
 
 
 def attack_settings(row: dict) -> dict:

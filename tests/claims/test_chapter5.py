@@ -13,7 +13,7 @@ import yaml
 from gilib.attack.config import MAX_EFFORT
 from gilib.studies import sample, span as span_study
 
-from tests.claims.cached import RESULTS, DATASETS, cached, sentences, span_lines
+from tests.claims.cached import RESULTS, DATASETS, cached, first_sentences, sentences, span_lines
 
 
 def test_chapter5_peeling_with_layer_1_meets_the_issues_targets_where_the_batch_fits():
@@ -71,7 +71,7 @@ def test_chapter5_compares_on_chapter_3s_sentences():
     # the same three weights."
     comparison = span_lines("comparison")
     span = {(d, i) for d, i in zip(comparison["dataset"], comparison["row_id"])}
-    assert span == sentences(cached("ch3_components.jsonl"))
+    assert span == first_sentences(4) and span <= sentences(cached("ch3_components.jsonl"))
     assert len(span) == 12 and comparison.groupby("dataset")["row_id"].nunique().to_dict() == dict.fromkeys(DATASETS, 4)
     grid = yaml.safe_load((RESULTS / "ch3_components.yaml").read_text())
     assert sample.GRID_SPLITS == dict(map(tuple, grid["datasets"]))

@@ -6,9 +6,9 @@ import math
 import pytest
 
 from gilib.data import default_data_dir, load_split
-from gilib.metrics import rouge_scores
-from gilib.studies import all_studies
-from gilib.studies.grids import (batch_axis, batch_markdown, load_grid, markdown, parse_grid, run_grid,
+from gilib.metrics import bootstrap_interval, rouge_scores
+from gilib.studies import all_studies, grids
+from gilib.studies.grids import (batch_axis, batch_markdown, load_grid, markdown, parse_grid, plan, run_grid,
                                  sentence_lengths, summarize)
 from gilib.studies.store import read_lines
 from gilib.studies.study import main
@@ -69,7 +69,9 @@ def test_summarize_gives_mean_spread_and_count():
     assert table.loc[0, "rouge1_std"] == pytest.approx(math.sqrt(((0.3**2) + (0.1**2) + (0.4**2)) / 2))
     assert table.loc[0, "n"] == 3 and table.loc[0, "rouge2_std"] == 0.0
     assert table.loc["0+1", "n"] == 1 and table.loc["0+1", "rouge1"] == 1.0
-    assert "| attention.query | 0 | 1.00 % | 0.50 ± 0.36 | 0.50 ± 0.00 | 3 |" in markdown(summarize(rows))
+    low, high = bootstrap_interval([0.2, 0.4, 0.9])  # each sentence its own unit
+    assert (f"| attention.query | 0 | 1.00 % | 0.50 [{low:.2f}, {high:.2f}] | 0.50 [0.50, 0.50] | 3 |"
+            in markdown(rows))
     with pytest.raises(ValueError, match="Cannot group by"):
         summarize(rows, by=["colour"])
     with pytest.raises(ValueError, match="No results"):
@@ -287,14 +289,14 @@ def test_the_batch_axis_keeps_the_selections_run_at_several_sizes(tmp_path, caps
     with pytest.raises(ValueError, match="more than one batch size"):
         batch_axis(BATCH_ROWS[:4])
     markdown = batch_markdown(BATCH_ROWS)
-    assert "| full | all | 2 | 10.00 % | 0.60 ± 0.00 | 0.30 ± 0.00 | 4 |" in markdown
+    assert "| full | all | 2 | 10.00 % | 0.60 [0.60, 0.60] | 0.30 [0.30, 0.30] | 4 |" in markdown
     assert markdown.splitlines()[0].startswith("| component | layers | sentences per client |")
     path = tmp_path / "b.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in BATCH_ROWS))
     cli("grids", "batches", str(path))
     assert capsys.readouterr().out.strip() == markdown
     cli("grids", "table", str(path), "--where", "batch_size=1")
-    assert "| layer | 1 | 10.00 % | 0.50 ± 0.00 | 0.25 ± 0.00 | 4 |" in capsys.readouterr().out
+    assert "| layer | 1 | 10.00 % | 0.50 [0.50, 0.50] | 0.25 [0.25, 0.25] | 4 |" in capsys.readouterr().out
 
 
 def test_sentence_lengths_count_each_sentence_once_without_cls_and_sep():
@@ -307,3 +309,79 @@ def test_sentence_lengths_count_each_sentence_once_without_cls_and_sep():
         {"dataset": "sst2", "split": "train", "sentences": 1, "min": 28, "median": 28.0, "max": 28}]
     with pytest.raises(ValueError, match="mix tokenizers"):
         sentence_lengths(rows + [_line("encoder", None, 0, 0.5, tokens=6)])
+
+
+def test_a_selection_given_more_sentences_extends_the_same_sample_and_keeps_its_lines(tmp_path):
+    # A selection's own `sentences` attacks a longer prefix of the same seeded
+    # sample; its cell key is unchanged, so the lines a run at the grid's
+    # count wrote are kept and only the new sentences run.
+    few = {**SPEC, "sentences": 2, "selections": [{"component": "attention.query", "layers": 0}]}
+    more = {**few, "selections": [{"component": "attention.query", "layers": 0, "sentences": 4},
+                                  {"component": "attention.query", "layers": 1}]}
+    grid = parse_grid(more)
+    assert [c.key() for c in grid.cells][:1] == [c.key() for c in parse_grid(few).cells]
+    assert grid.largest_sample() == 4 and [c.sentences for c in grid.cells] == [4, None]
+    out = tmp_path / "r.jsonl"
+    before = run_grid(parse_grid(few), out, progress=False)
+    after = run_grid(grid, out, progress=False)
+    assert after[: len(before)] == before  # kept, not rerun
+    query0 = [r["row_id"] for r in after if r["cell"]["layers"] == 0]
+    query1 = [r["row_id"] for r in after if r["cell"]["layers"] == 1]
+    assert len(query0) == 4 and len(query1) == 2 and query0[:2] == query1 == [r["row_id"] for r in before]
+    fresh = run_grid(parse_grid({**few, "sentences": 4}), tmp_path / "fresh.jsonl", progress=False)
+    assert [r["row_id"] for r in fresh] == query0  # the first 4 of the sample, as a grid of 4 picks
+    assert [r["rouge1"] for r in fresh] == [r["rouge1"] for r in after if r["cell"]["layers"] == 0]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"selections": [{"component": "full", "sentences": 0}]}, "'sentences' of selection .* at least 1"),
+        ({"selections": [{"component": "full", "sentences": 3, "batch_sizes": [2]}]}, "does not divide"),
+        ({"selections": [{"component": "full"}, {"component": "full", "sentences": 6}]}, "both hold the cell"),
+        ({"model": {"cola": "tiny"}}, "give one victim for each dataset"),
+        ({"model": ["tiny"]}, "'model' is a victim name"),
+    ],
+)
+def test_bad_sentence_counts_and_victim_maps_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        parse_grid({**SPEC, **change})
+
+
+def test_a_grid_can_attack_each_dataset_with_its_own_victim(tmp_path):
+    # model: {dataset: victim}: each dataset's sentences are attacked on its
+    # own victim (fine-tuned on it, in the book), and the lines say which.
+    spec = {**SPEC, "sentences": 1, "datasets": ["sample", ["cola", "train"]],
+            "model": {"sample": "tiny", "cola": "minilm-shape"},
+            "selections": [{"component": "attention.query", "layers": 0}]}
+    planned = {(dataset, cell.model) for cell, dataset, _, _ in plan(parse_grid(spec))}
+    assert planned == {("sample", "tiny"), ("cola", "minilm-shape")}
+    one = {**spec, "datasets": ["sample"], "model": {"sample": "tiny"}}
+    rows = run_grid(parse_grid(one), tmp_path / "r.jsonl", progress=False)
+    assert [r["cell"]["model"] for r in rows] == ["tiny"]
+    with pytest.raises(RuntimeError, match="Could not load 'bert-huge'.*offline models: minilm"):
+        run_grid(parse_grid({**one, "model": {"sample": "bert-huge"}}), tmp_path / "x.jsonl", progress=False)
+
+
+def test_paired_compares_two_sets_of_results_on_their_common_sentences():
+    # Victim A beats B by 0.1 on sentences 0-3; B also has sentence 4, which A lacks (not paired).
+    first = [_line("full", None, i, 0.5 + 0.1 * (i % 2)) for i in range(4)]
+    second = [_line("full", None, i, 0.4 + 0.1 * (i % 2)) for i in range(5)]
+    table = grids.paired(first, second, [("full", None)])
+    row = table.iloc[0]
+    assert row["n"] == 4 and row["first"] == pytest.approx(0.55) and row["second"] == pytest.approx(0.45)
+    assert row["difference"] == pytest.approx(0.1) and row["low"] == pytest.approx(0.1)
+    assert row["high"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="more than once"):
+        grids.paired(first + first, second, [("full", None)])
+    with pytest.raises(ValueError, match="No sentence of layer 0"):
+        grids.paired(first, second, [("layer", 0)])
+
+
+def test_the_batch_axis_compares_batch_sizes_on_the_same_sentences():
+    # Batch 1 holds two more sentences (a headline cell's longer prefix), which
+    # score 0: the batch-1 point is over the 4 sentences batch 2 also holds.
+    rows = ([_line("full", None, i, 0.8 if i < 4 else 0.0) for i in range(6)]
+            + [_line("full", None, i, 0.6, batch_size=2) for i in range(4)])
+    table = batch_axis(rows)
+    assert list(table["n"]) == [4, 4] and list(table["rouge1"]) == pytest.approx([0.8, 0.6])
