@@ -751,6 +751,53 @@ def batch_axis(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("componen
     return table[sizes > 1].reset_index(drop=True)
 
 
+def on_shared_sentences(rows: Iterable[dict] | str | Path) -> list[dict]:
+    """The lines on the sentences every cell attacked alone (batch size 1).
+
+    A grid whose headline cells hold a longer prefix of the sample than the
+    others compares its cells on the sentences they all hold: a heatmap of
+    means over different sentences would rank the sentences, not the cells.
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    per_cell: dict[str, set] = {}
+    for r in rows:
+        if r["cell"].get("batch_size", 1) == 1:
+            per_cell.setdefault(json.dumps(r["cell"], sort_keys=True), set()).add(
+                (r["dataset"], r["split"], r["row_id"]))
+    if not per_cell:
+        raise ValueError("No lines of one sentence per client: nothing to compare.")
+    shared = set.intersection(*per_cell.values())
+    return [r for r in rows if (r["dataset"], r["split"], r["row_id"]) in shared]
+
+
+def batch_cost(rows: Iterable[dict] | str | Path, component: str, layers, size: int,
+               score: str = "rouge1") -> dict:
+    """What batching costs a selection: its score alone minus in client batches of ``size``, sentence by sentence.
+
+    Paired over the sentences attacked both ways; the sentences of one
+    client batch share a gradient, so the interval resamples batches (each
+    batch's mean difference), as :func:`intervals` does.
+
+    Returns:
+        ``{"cost", "low", "high", "n", "batches"}``: the mean difference,
+        its 95 % bootstrap interval, sentences and client batches.
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    mine = [r for r in rows if r["cell"]["component"] == component and str(r["cell"]["layers"]) == str(layers)]
+    alone = {(r["dataset"], r["row_id"]): r[score] for r in mine if r["cell"].get("batch_size", 1) == 1}
+    costs: dict[tuple, list[float]] = {}
+    for r in mine:
+        if r["cell"].get("batch_size", 1) == size and (r["dataset"], r["row_id"]) in alone:
+            costs.setdefault((r["dataset"], tuple(r["batch"])), []).append(alone[(r["dataset"], r["row_id"])]
+                                                                          - r[score])
+    if not costs:
+        raise ValueError(f"No sentence of {component} {layers} was attacked both alone and in batches of {size}.")
+    per_batch = [float(np.mean(v)) for v in costs.values()]
+    flat = [c for v in costs.values() for c in v]
+    low, high = bootstrap_interval(per_batch)
+    return {"cost": float(np.mean(flat)), "low": low, "high": high, "n": len(flat), "batches": len(per_batch)}
+
+
 def _batch_rows(rows: Iterable[dict] | str | Path) -> list[dict]:
     """The lines of each selection on the sentences it attacked at every one of its batch sizes."""
     rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)

@@ -6,7 +6,7 @@ import pytest
 
 from gilib.studies import grids
 
-from tests.claims.cached import DATASETS, LARGE_PART, CLOSE, cached, summary
+from tests.claims.cached import DATASETS, LARGE_PART, CLOSE, cached, first_sentences, sentences, summary
 from tests.chapters import executed_chapter
 
 pytestmark = pytest.mark.slow
@@ -43,14 +43,6 @@ def test_chapter2_the_most_leaky_layer_comes_close_to_the_full_model(ch2):
     assert ch2["full_rouge1"] - ch2["best_layer_rouge1"] <= CLOSE
 
 
-def test_chapter2_layers_1_to_4_leak_almost_as_much_as_the_full_model_0_clearly_less(ch2):
-    # "In the cached grid layers 1 to 4 leak almost as much as the full model
-    # (within 0.1 ROUGE-1), layer 0 clearly less".
-    gaps = {layer: round(ch2["full_rouge1"] - ch2["layer_rouge1"][layer], 3) for layer in ("0", "1", "2", "3", "4")}
-    assert all(gaps[layer] <= CLOSE for layer in ("1", "2", "3", "4")), gaps
-    assert gaps["0"] > CLOSE, gaps
-
-
 def test_chapter2_the_last_layer_leaks_least(ch2):
     # "... and the last layer leaks least".
     last = str(len(ch2["layer_rouge1"]) - 1)
@@ -64,12 +56,16 @@ def test_chapter2_the_weakest_layer_is_far_from_the_full_model(ch2):
     assert ch2["full_rouge1"] - ch2["worst_layer_rouge1"] >= 0.2
 
 
-def test_chapter2_each_value_is_over_the_same_sentences(ch2):
-    # "each over 12 sentences": "four sentences from each of three datasets".
-    table = summary("ch2_layers.jsonl", ["component", "layers"])
-    assert ch2["n_sentences"] == 12 and set(table["n"]) == {ch2["n_sentences"]}
+def test_chapter2_each_value_is_over_the_stated_sentences(ch2):
+    # "The full model and every single layer attack the first ten sentences of
+    # each dataset's sample (30 in all), the other cells the first eight (24)."
+    table = summary("ch2_layers.jsonl", ["component", "layers"]).set_index(["component", "layers"])
+    single = [("layer", str(i)) for i in range(6)]
+    assert ch2["n_sentences"] == 30 and table.loc[[("full", "all"), *single], "n"].eq(30).all()
+    assert table.drop([("full", "all"), *single])["n"].eq(24).all()
     per_dataset = summary("ch2_layers.jsonl", ["component", "layers", "dataset"])
-    assert set(per_dataset["dataset"]) == DATASETS and set(per_dataset["n"]) == {4}
+    assert set(per_dataset["dataset"]) == DATASETS and set(per_dataset["n"]) == {8, 10}
+    assert sentences(cached("ch2_layers.jsonl")) == first_sentences(10)
 
 
 def test_chapter2_states_each_samples_lengths(ch2):
@@ -81,9 +77,34 @@ def test_chapter2_states_each_samples_lengths(ch2):
 
 
 def test_chapter2_records_the_batch_axis(ch2):
-    # The batch figure's values, for the full model and layer 0 at B = 1, 2, 4.
+    # The batch figure's values, for the full model and layer 0 at B = 1, 2, 4,
+    # over the 24 sentences attacked at every batch size.
     for key in ("full", "layer0"):
         for size in (1, 2, 4):
             assert f"batch{size}_{key}_rouge1" in ch2 and f"batch{size}_{key}_rouge2" in ch2
-    assert ch2["batch1_full_rouge1"] == ch2["full_rouge1"]
-    assert ch2["batch_n"] == 12
+    assert ch2["batch_n"] == 24
+
+
+def test_chapter2_batching_costs_words_and_leaves_a_large_part(ch2):
+    # "two sentences in one gradient cost the full model ... and layer 0 ...;
+    # four cost ...": paired costs whose intervals exclude 0, larger at four;
+    # "At four per client the full model still recovers ... and layer 0 ...".
+    for key in ("full", "layer0"):
+        for size in (2, 4):
+            assert 0 < ch2[f"batch{size}_{key}_low"] <= ch2[f"batch{size}_{key}_cost"] <= ch2[f"batch{size}_{key}_high"]
+        assert ch2[f"batch4_{key}_cost"] > ch2[f"batch2_{key}_cost"]
+        assert ch2[f"batch4_{key}_rouge1"] >= LARGE_PART
+
+
+def test_chapter2_a_fine_tuned_victim_leaks_about_as_much(ch2):
+    # "intervals that hold 0 for layer 0, layer 0's query and the
+    # ffn.intermediate weight of layer 1. For the full model and layer 1 the
+    # fine-tuned victim gives back slightly fewer words. Every selection still
+    # recovers a large part of the words"; summary: "a few hundredths".
+    assert ch2["tuned_n"] == 30 and ch2["tuned_steps"] > 0
+    for tag in ("layer_0", "attention_query_0", "ffn_intermediate_1"):
+        assert ch2[f"tuned_low_{tag}"] <= 0 <= ch2[f"tuned_high_{tag}"], tag
+    for tag in ("full_None", "layer_1"):
+        assert ch2[f"tuned_high_{tag}"] <= 0 and ch2[f"tuned_difference_{tag}"] < 0, tag
+    for tag in ("full_None", "layer_0", "layer_1", "attention_query_0", "ffn_intermediate_1"):
+        assert ch2[f"tuned_{tag}"] >= LARGE_PART and abs(ch2[f"tuned_difference_{tag}"]) < 0.1, tag

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gilib.studies import grids
+
 from tests.claims.cached import DATASETS, COMPONENTS, cached, summary, batch_table, ch3_pivot
 from tests.chapters import executed_chapter
 
@@ -56,7 +58,13 @@ def test_chapter3_records_the_query_weights_batch_axis(ch3):
 
 
 def test_chapter3_over_twelve_real_sentences(ch3):
-    # "over 12 real sentences" (CoLA, SST-2, Rotten Tomatoes) for every cell.
+    # "over 12 real sentences" (CoLA, SST-2, Rotten Tomatoes) for every cell:
+    # the heatmap compares the cells on the sentences all of them attacked
+    # (the two headline weights hold 30).
     assert ch3["n_sentences"] == 12
-    assert set(summary("ch3_components.jsonl", ["component", "layers"])["n"]) == {12}
+    table = summary("ch3_components.jsonl", ["component", "layers"]).set_index(["component", "layers"])
+    headline = [("attention.query", "0"), ("ffn.intermediate", "1")]
+    assert table.loc[headline, "n"].eq(30).all() and table.drop(headline)["n"].eq(12).all()
+    shared = grids.on_shared_sentences(list(cached("ch3_components.jsonl")))
+    assert len({(r["dataset"], r["row_id"]) for r in shared}) == 12
     assert {r["dataset"] for r in cached("ch3_components.jsonl")} == DATASETS

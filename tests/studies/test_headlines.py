@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gilib.studies import grids
-from gilib.studies.headlines import headline_numbers, headline_table, markdown
+from gilib.studies.headlines import HEADLINE_KEYS, finetuned_markdown, headline_numbers, headline_table, markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,12 @@ def test_numbers_match_the_summaries(numbers):
                                    where={"batch_size": 1})
     full = layers[layers["component"] == "full"].iloc[0]
     assert numbers["full"]["rouge1"] == pytest.approx(full["rouge1"], abs=1e-4)
-    assert numbers["full"]["n"] == 12  # one sentence per client: 4 from each dataset
+    # The headline rows: one sentence per client, 10 from each dataset.
+    assert [numbers[key]["n"] for key in HEADLINE_KEYS] == [30] * 5
+    for key in HEADLINE_KEYS:  # each mean inside its interval, the interval inside [0, 1]
+        for score in ("rouge1", "rouge2"):
+            row = numbers[key]
+            assert 0 <= row[f"{score}_low"] <= row[score] <= row[f"{score}_high"] <= 1
     # The most and least leaky *single* layer, each summarized on its own (the grid also holds pairs: 0+1, 4+5).
     per_layer = {str(i): float(grids.summarize(ROOT / "data/results/ch2_layers.jsonl",
                                                where={"batch_size": 1, "component": "layer", "layers": i})
@@ -38,8 +43,14 @@ def test_batch_numbers_follow_the_batch_axis(numbers):
     # at 1, 2 and 4 sentences per client; batch 1 is the headline row itself.
     assert {key: sorted(sizes) for key, sizes in numbers["batch"].items()} == {
         key: ["1", "2", "4"] for key in ("full", "layer0", "query0")}
-    for key in ("full", "layer0", "query0"):
-        assert numbers["batch"][key]["1"]["rouge1"] == numbers[key]["rouge1"]
+    # Batch 1 over the 24 sentences also attacked in batches (the headline row holds 30).
+    layer_rows = grids.read_lines(ROOT / "data/results/ch2_layers.jsonl")
+    in_batches = {(r["dataset"], r["row_id"]) for r in layer_rows if r["cell"].get("batch_size") == 4
+                  and r["cell"]["component"] == "full"}
+    full_one = [r["rouge1"] for r in layer_rows if r["cell"]["component"] == "full" and "batch_size" not in r["cell"]
+                and (r["dataset"], r["row_id"]) in in_batches]
+    assert len(full_one) == 24 and numbers["full"]["n"] == 30
+    assert numbers["batch"]["full"]["1"]["rouge1"] == pytest.approx(sum(full_one) / 24, abs=1e-4)
     table = grids.batch_axis(ROOT / "data/results/ch3_components.jsonl")
     assert numbers["batch"]["query0"]["4"]["rouge1"] == pytest.approx(float(table["rouge1"].iloc[-1]), abs=1e-4)
 
@@ -58,3 +69,30 @@ def test_table_and_markdown(numbers):
     assert list(table["share_pct"])[0] > list(table["share_pct"])[1] > list(table["share_pct"])[3]
     lines = markdown(numbers).splitlines()
     assert len(lines) == 2 + len(table) + 1 and all(line.startswith("| ") for line in lines)
+
+
+def test_the_most_leaky_weight_is_ranked_on_the_sentences_every_weight_shares():
+    # Layer 0's query and the best weight hold 30 sentences, the others 12: the best
+    # weight is the highest mean over the 12 all of them attacked.
+    rows = [r for r in grids.read_lines(ROOT / "data/results/ch3_components.jsonl")
+            if r["cell"].get("batch_size", 1) == 1]
+    per_cell = {}
+    for r in rows:
+        per_cell.setdefault((r["cell"]["component"], r["cell"]["layers"]), {})[(r["dataset"], r["row_id"])] = r["rouge1"]
+    common = set.intersection(*(set(v) for v in per_cell.values()))
+    assert len(common) == 12
+    means = {cell: sum(v[k] for k in common) / len(common) for cell, v in per_cell.items()}
+    best = max(means, key=means.get)
+    numbers = headline_numbers()
+    assert (numbers["best_weight"]["component"], int(numbers["best_weight"]["layer"])) == best
+
+
+def test_the_fine_tuned_victims_pair_with_the_pretrained_one_on_the_same_sentences(numbers):
+    tuned = numbers["finetuned"]
+    assert list(tuned) == list(HEADLINE_KEYS)
+    for key, row in tuned.items():
+        assert row["n"] == 30 and row["victims"] == ["minilm-cola", "minilm-rotten_tomatoes", "minilm-sst2"]
+        assert row["pretrained_rouge1"] == pytest.approx(numbers[key]["rouge1"], abs=1e-4)  # the same 30
+        assert row["diff_rouge1"] == pytest.approx(row["rouge1"] - row["pretrained_rouge1"], abs=2e-4)
+        assert row["diff_rouge1_low"] <= row["diff_rouge1"] <= row["diff_rouge1_high"]
+    assert len(finetuned_markdown(numbers).splitlines()) == 2 + len(tuned)
