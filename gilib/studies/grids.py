@@ -554,10 +554,9 @@ def _flat(rows: Iterable[dict] | str | Path) -> pd.DataFrame:
         if dp:  # noise_multiplier, max_grad_norm, reading, and protocol (local unless the cell says central)
             cell.update({"protocol": "local", **dp})
         cell.setdefault("batch_size", 1)
-        if isinstance(cell.get("layers"), list):
-            cell["layers"] = "+".join(str(i) for i in cell["layers"])
-        elif cell.get("layers") is None:
-            cell["layers"] = "all"  # here, not in the frame: a column of None and ints would turn float
+        if not isinstance(cell.get("layers"), int):
+            # here, not in the frame: a column of None and ints would turn float
+            cell["layers"] = layers_text(cell.get("layers"))
         flat.append({**cell, **{k: v for k, v in r.items() if k != "cell"}})
     if not flat:
         raise ValueError("No results to summarize: run the grid first (python -m gilib.studies grids run ...).")
@@ -853,17 +852,16 @@ def markdown(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component"
     resamples the independent unit: a sentence, or a client batch).
     """
     rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
-    return _interval_markdown(rows, list(by), where, [])
+    return _interval_markdown(rows, list(by), where)
 
 
-def _interval_markdown(rows: list[dict], by: list[str], where, first: list[str]) -> str:
+def _interval_markdown(rows: list[dict], by: list[str], where) -> str:
     spans = [intervals(rows, by=by, where=where, score=score) for score in ("rouge1", "rouge2")]
-    columns = [*first, *[b for b in by if b not in first]]
-    lines = ([*(row[b] for b in columns), f"{100 * row['fraction']:.2f} %",
+    lines = ([*(row[b] for b in by), f"{100 * row['fraction']:.2f} %",
               *(_span(span.iloc[i], score) for span, score in zip(spans, ("rouge1", "rouge2"))), int(row["n"])]
              for i, (_, row) in enumerate(spans[0].iterrows()))
     names = {"batch_size": "sentences per client"}
-    return markdown_table([*(names.get(b, b) for b in columns), "share of parameters", "ROUGE-1 [95 %]",
+    return markdown_table([*(names.get(b, b) for b in by), "share of parameters", "ROUGE-1 [95 %]",
                            "ROUGE-2 [95 %]", "sentences"], lines)
 
 
@@ -880,18 +878,18 @@ def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
     """
     table = batch_axis(rows)
     kept = {(c, str(l)) for c, l in zip(table["component"], table["layers"])}
-    lines = [r for r in _batch_rows(rows) if (r["cell"]["component"], _layers_text(r["cell"]["layers"])) in kept]
+    lines = [r for r in _batch_rows(rows) if (r["cell"]["component"], layers_text(r["cell"]["layers"])) in kept]
     order = table.groupby(["component", "layers"], sort=False)["fraction"].first().sort_values(
         ascending=False, kind="stable")
     parts = []
     for component, layers in order.index:
         mine = [r for r in lines
-                if (r["cell"]["component"], _layers_text(r["cell"]["layers"])) == (component, str(layers))]
-        parts.append(_interval_markdown(mine, ["component", "layers", "batch_size"], None, []).splitlines())
+                if (r["cell"]["component"], layers_text(r["cell"]["layers"])) == (component, str(layers))]
+        parts.append(_interval_markdown(mine, ["component", "layers", "batch_size"], None).splitlines())
     return "\n".join(parts[0][:2] + [line for part in parts for line in part[2:]])
 
 
-def _layers_text(layers) -> str:
+def layers_text(layers) -> str:
     """A cell's ``layers`` as :func:`summarize` writes them: ``all``, ``0`` or ``0+1``."""
     if layers is None:
         return "all"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..data import repo_root
-from .grids import batch_axis, intervals, paired, summarize
+from .grids import batch_axis, intervals, layers_text, on_shared_sentences, paired, summarize
 from .store import read_lines
 from .study import Study, Table, markdown_table, option
 
@@ -70,28 +70,16 @@ def _most_leaky(rows: list[dict], table: pd.DataFrame, keep: pd.Series, lowest: 
 
     Cells may hold different numbers of sentences (a headline cell a longer
     prefix of the same sample): ranking them on their common sentences
-    keeps a cell from winning on its extra ones.
+    (:func:`gilib.studies.grids.on_shared_sentences`) keeps a cell from
+    winning on its extra ones.
     """
     candidates = table[keep]
     chosen = {(c, str(l)) for c, l in zip(candidates["component"], candidates["layers"])}
     lines = [r for r in rows if r["cell"].get("batch_size", 1) == 1
-             and (r["cell"]["component"], _layers_text(r["cell"]["layers"])) in chosen]
-    per_cell: dict[tuple, set] = {}
-    for r in lines:
-        per_cell.setdefault((r["cell"]["component"], _layers_text(r["cell"]["layers"])), set()).add(
-            (r["dataset"], r["split"], r["row_id"]))
-    common = set.intersection(*per_cell.values())
-    shared = summarize([r for r in lines if (r["dataset"], r["split"], r["row_id"]) in common],
-                       by=["component", "layers"], where=BATCH_ONE)
+             and (r["cell"]["component"], layers_text(r["cell"]["layers"])) in chosen]
+    shared = summarize(on_shared_sentences(lines), by=["component", "layers"], where=BATCH_ONE)
     pick = shared.loc[shared["rouge1"].idxmin() if lowest else shared["rouge1"].idxmax()]
     return _row(candidates, component=pick["component"], layers=pick["layers"])
-
-
-def _layers_text(layers) -> str:
-    """A cell's ``layers`` as :func:`gilib.studies.grids.summarize` writes them."""
-    if layers is None:
-        return "all"
-    return "+".join(map(str, layers)) if isinstance(layers, list) else str(layers)
 
 
 def headline_numbers(root: str | Path | None = None) -> dict:
