@@ -769,6 +769,72 @@ def on_shared_sentences(rows: Iterable[dict] | str | Path) -> list[dict]:
     return [r for r in rows if (r["dataset"], r["split"], r["row_id"]) in shared]
 
 
+def _per_sentence_marginals(rows, over: str, score: str) -> pd.DataFrame:
+    """``(sentence x level of over)``: each sentence's mean score over the grid's other axis."""
+    if over not in ("component", "layers"):
+        raise ValueError(f"over must be 'component' or 'layers', got {over!r}.")
+    df = _flat(on_shared_sentences(rows))
+    df = df[df["batch_size"] == 1]
+    if df.empty:
+        raise ValueError("No lines of one sentence per client: nothing to compare.")
+    df = df.assign(_sentence=[f"{d}/{s}/{r}" for d, s, r in zip(df["dataset"], df["split"], df["row_id"])],
+                   layers=df["layers"].astype(str))
+    return df.pivot_table(index="_sentence", columns=over, values=score, aggfunc="mean", sort=False)
+
+
+def marginal(rows: Iterable[dict] | str | Path, over: str = "component", score: str = "rouge1") -> pd.DataFrame:
+    """A heatmap's row or column means, each with a 95 % bootstrap interval over sentences.
+
+    Each sentence attacked alone by every cell gets, per level of ``over``
+    (a component, or a layer), its mean score over the other axis (the
+    layers, or the components); the interval resamples sentences. Cells
+    holding extra sentences are compared on the shared ones
+    (:func:`on_shared_sentences`).
+
+    Args:
+        rows: a component x layer grid's result lines, or their file.
+        over: ``"component"`` (means over layers) or ``"layers"`` (means
+            over components).
+        score: ``rouge1``, ``rouge2`` or ``rougeL``.
+
+    Returns:
+        One row per level, highest mean first: ``over``, ``<score>``,
+        ``low``, ``high``, ``n`` (sentences).
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    table = _per_sentence_marginals(rows, over, score)
+    out = []
+    for level in table.columns:
+        values = table[level].dropna().to_numpy()
+        low, high = bootstrap_interval(values)
+        out.append({over: str(level), score: float(values.mean()), "low": low, "high": high, "n": len(values)})
+    return pd.DataFrame(out).sort_values(score, ascending=False, kind="stable").reset_index(drop=True)
+
+
+def marginal_difference(rows: Iterable[dict] | str | Path, over: str, first, second,
+                        score: str = "rouge1") -> dict:
+    """Two levels of a grid's axis compared sentence by sentence: ``first`` minus ``second``.
+
+    The per-sentence means of :func:`marginal`, paired: the interval ranks
+    the two where it excludes 0.
+
+    Returns:
+        ``{"difference", "low", "high", "n"}``.
+
+    Raises:
+        ValueError: for a level the grid does not hold.
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    table = _per_sentence_marginals(rows, over, score)
+    for level in (first, second):
+        if str(level) not in table.columns:
+            raise ValueError(f"No {over} {level!r} in these results: they hold {', '.join(map(str, table.columns))}.")
+    both = table[[str(first), str(second)]].dropna()
+    differences = (both[str(first)] - both[str(second)]).to_numpy()
+    low, high = bootstrap_interval(differences)
+    return {"difference": float(differences.mean()), "low": low, "high": high, "n": len(differences)}
+
+
 def batch_cost(rows: Iterable[dict] | str | Path, component: str, layers, size: int,
                score: str = "rouge1") -> dict:
     """What batching costs a selection: its score alone minus in client batches of ``size``, sentence by sentence.
@@ -889,6 +955,55 @@ def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
     return "\n".join(parts[0][:2] + [line for part in parts for line in part[2:]])
 
 
+def cost_markdown(rows: Iterable[dict] | str | Path) -> str:
+    """What batching costs each selection attacked at several batch sizes (:func:`batch_cost`), as Markdown.
+
+    One row per selection and batch size above 1: the paired ROUGE-1 and
+    ROUGE-2 costs (alone minus in client batches, on the same sentences)
+    with their 95 % intervals over client batches.
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    table = batch_axis(rows)
+    order = table.groupby(["component", "layers"], sort=False)["fraction"].first().sort_values(
+        ascending=False, kind="stable")
+    lines = []
+    for component, layers in order.index:
+        cell_layers = None if layers == "all" else layers
+        sizes = sorted(int(b) for b in table[(table["component"] == component)
+                                             & (table["layers"].astype(str) == str(layers))]["batch_size"])
+        for size in sizes[1:]:
+            costs = [batch_cost(rows, component, cell_layers, size, score) for score in ("rouge1", "rouge2")]
+            lines.append([component, layers, size,
+                          *(f"{c['cost']:.2f} [{c['low']:.2f}, {c['high']:.2f}]" for c in costs),
+                          costs[0]["n"], costs[0]["batches"]])
+    return markdown_table(["component", "layers", "sentences per client", "ROUGE-1 cost [95 %]",
+                           "ROUGE-2 cost [95 %]", "sentences", "client batches"], lines)
+
+
+def marginal_markdown(rows: Iterable[dict] | str | Path, over: str = "component") -> str:
+    """A component x layer grid's means over one axis (:func:`marginal`), as Markdown.
+
+    Each level with its ROUGE-1 and ROUGE-2 means and 95 % intervals over
+    the sentences every cell attacked, highest ROUGE-1 first, and each
+    level's paired ROUGE-1 difference to the next one down
+    (:func:`marginal_difference`): an interval that excludes 0 ranks the two.
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    first, second = marginal(rows, over, "rouge1"), marginal(rows, over, "rouge2").set_index(over)
+    lines = []
+    for i, row in first.iterrows():
+        two = second.loc[row[over]]
+        step = ""
+        if i + 1 < len(first):
+            d = marginal_difference(rows, over, row[over], first.loc[i + 1, over])
+            step = f"{d['difference']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        lines.append([row[over], f"{row['rouge1']:.2f} [{row['low']:.2f}, {row['high']:.2f}]",
+                      f"{two['rouge2']:.2f} [{two['low']:.2f}, {two['high']:.2f}]", step, int(row["n"])])
+    names = {"component": "weight (mean over layers)", "layers": "layer (mean over weights)"}
+    return markdown_table([names[over], "ROUGE-1 [95 %]", "ROUGE-2 [95 %]", "ROUGE-1 minus the next [95 %]",
+                           "sentences"], lines)
+
+
 def layers_text(layers) -> str:
     """A cell's ``layers`` as :func:`summarize` writes them: ``all``, ``0`` or ``0+1``."""
     if layers is None:
@@ -934,6 +1049,14 @@ STUDY = Study(
         Table("batches", "the selections attacked at several client batch sizes, as Markdown",
               lambda args: batch_markdown([line for path in args.results for line in read_lines(path)]),
               (option("results", type=Path, nargs="+", help="results files (their lines are pooled)"),)),
+        Table("costs", "what batching costs each selection, paired over the same sentences, as Markdown",
+              lambda args: cost_markdown([line for path in args.results for line in read_lines(path)]),
+              (option("results", type=Path, nargs="+", help="results files (their lines are pooled)"),)),
+        Table("marginals", "a component x layer grid's means over layers (or weights), ranked, as Markdown",
+              lambda args: marginal_markdown(args.results, over=args.over),
+              (option("results", type=Path, help="a component x layer grid's results file"),
+               option("--over", default="component", choices=["component", "layers"],
+                      help="component: each weight's mean over the layers; layers: each layer's over the weights"))),
     ),
 )
 """The attack grids as a study (``python -m gilib.studies grids ...``)."""

@@ -385,3 +385,55 @@ def test_the_batch_axis_compares_batch_sizes_on_the_same_sentences():
             + [_line("full", None, i, 0.6, batch_size=2) for i in range(4)])
     table = batch_axis(rows)
     assert list(table["n"]) == [4, 4] and list(table["rouge1"]) == pytest.approx([0.8, 0.6])
+
+
+def test_a_heatmaps_row_and_column_means_carry_intervals_over_shared_sentences():
+    # Two weights in two layers on sentences 0-3; the key beats the query by
+    # 0.2 on every sentence in layer 0 and by 0.1 in layer 1 (a mean of 0.15).
+    # The query of layer 0 also holds sentence 4 (a longer prefix), left out.
+    rows = []
+    for i in range(4):
+        base = 0.1 * i
+        rows += [_line("attention.query", 0, i, base + 0.3), _line("attention.key", 0, i, base + 0.5),
+                 _line("attention.query", 1, i, base + 0.2), _line("attention.key", 1, i, base + 0.3)]
+    rows.append(_line("attention.query", 0, 4, 1.0))
+    rows.append(_line("attention.query", 0, 0, 0.0, batch_size=2))  # batches are not a heatmap's
+    by_component = grids.marginal(rows, "component")
+    assert list(by_component["component"]) == ["attention.key", "attention.query"]
+    assert list(by_component["n"]) == [4, 4]
+    assert by_component["rouge1"].tolist() == pytest.approx([0.55, 0.4])  # means over layers, then sentences
+    low, high = by_component.loc[0, ["low", "high"]]
+    assert 0.4 <= low < 0.55 < high <= 0.7  # spread over the four sentences
+    by_layer = grids.marginal(rows, "layers", "rouge2")
+    assert list(by_layer["layers"]) == ["0", "1"]
+    assert by_layer["rouge2"].tolist() == pytest.approx([0.275, 0.2])
+    difference = grids.marginal_difference(rows, "component", "attention.key", "attention.query")
+    assert difference["difference"] == pytest.approx(0.15) and difference["n"] == 4
+    assert difference["low"] == pytest.approx(0.15) and difference["high"] == pytest.approx(0.15)
+    assert grids.marginal_difference(rows, "layers", 1, 0)["difference"] == pytest.approx(-0.15)
+    with pytest.raises(ValueError, match="No component 'ffn.output' in these results"):
+        grids.marginal_difference(rows, "component", "ffn.output", "attention.key")
+    with pytest.raises(ValueError, match="over must be 'component' or 'layers'"):
+        grids.marginal(rows, "dataset")
+    table = grids.marginal_markdown(rows, "component").splitlines()
+    assert table[0] == ("| weight (mean over layers) | ROUGE-1 [95 %] | ROUGE-2 [95 %] "
+                        "| ROUGE-1 minus the next [95 %] | sentences |")
+    assert table[2].startswith("| attention.key | 0.55 [") and "| +0.15 [+0.15, +0.15] | 4 |" in table[2]
+    assert table[3].startswith("| attention.query | 0.40 [") and table[3].endswith("|  | 4 |")
+
+
+def test_the_cost_of_batching_is_paired_per_selection_and_size(tmp_path, capsys):
+    # Alone 0.8; in batches of 2, sentences 0-1 score 0.6 and 2-3 score 0.4
+    # (batch costs 0.2 and 0.4); in the batch of 4, 0.4 each (cost 0.4).
+    rows = ([_line("full", None, i, 0.8) for i in range(4)]
+            + [dict(_line("full", None, i, 0.6 if i < 2 else 0.4, batch_size=2), batch=[2 * (i // 2), 2 * (i // 2) + 1])
+               for i in range(4)]
+            + [dict(_line("full", None, i, 0.4, batch_size=4), batch=[0, 1, 2, 3]) for i in range(4)])
+    table = grids.cost_markdown(rows).splitlines()
+    assert table[0].startswith("| component | layers | sentences per client | ROUGE-1 cost [95 %] |")
+    assert table[2] == "| full | all | 2 | 0.30 [0.20, 0.40] | 0.15 [0.10, 0.20] | 4 | 2 |"
+    assert table[3] == "| full | all | 4 | 0.40 [0.40, 0.40] | 0.20 [0.20, 0.20] | 4 | 1 |"
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli("grids", "costs", str(path))
+    assert capsys.readouterr().out.strip() == "\n".join(table)
