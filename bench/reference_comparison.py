@@ -19,7 +19,13 @@ through gilib on up to three paths:
   optimised together, lookups only where needed;
 * **fast-bf16**: the fast path with ``AttackConfig(precision="bfloat16")``:
   the model's matrix products in bfloat16 (a change of arithmetic, not of
-  algorithm).
+  algorithm);
+* **fast-short**: fast-bf16 stopped at half the steps (:data:`SHORT`):
+  the same starts, learning-rate schedule and reordering rounds up to
+  there (three rounds instead of six), so its tokens are those fast-bf16
+  holds at that step. A change of algorithm: its ROUGE is set against
+  fast-bf16's, which spends about twice the seconds, on the same
+  sentences.
 
 With ``--reference SCRATCH`` the paper's own code (built in SCRATCH by
 ``../shared/reference/setup.sh``) runs at the same time in a second
@@ -43,6 +49,7 @@ Usage::
     python bench/reference_comparison.py --quick         # a few steps on the bundled sample (the test)
     python bench/reference_comparison.py --prior ngram   # with the offline n-gram prior
     python bench/reference_comparison.py --device cuda   # on a GPU
+    python bench/reference_comparison.py --paths fast-bf16 --selections query0 --profile  # where the time goes
 """
 
 from __future__ import annotations
@@ -77,7 +84,9 @@ SELECTIONS = {
     "layer0": ("layer", 0),
     "full": ("full", None),
 }
-PATHS = ("plain", "fast", "fast-bf16")
+PATHS = ("plain", "fast", "fast-bf16", "fast-short")
+SHORT = {"steps": 0.5}
+"""fast-short's search: these settings of the mode scaled by these factors, the rest as they are."""
 REFERENCE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 SETUP_HINT = (
     "To run the paper's reference code beside this benchmark: fetch a snapshot of "
@@ -166,7 +175,9 @@ def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
             for i, u in enumerate(updates)
         ]
     else:
-        precision = "bfloat16" if kind == "fast-bf16" else "float32"
+        precision = "float32" if kind == "fast" else "bfloat16"
+        if kind == "fast-short":
+            base.update({k: max(1, int(base[k] * factor)) for k, factor in SHORT.items()})
         config = AttackConfig(batched=True, precision=precision, **base)
         results = attack_clients(model, tokenizer, updates, selection, config, prior=prior)
     seconds = (time.perf_counter() - start) / len(examples)
@@ -183,6 +194,34 @@ def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
         "rouge2_each": [100 * sc["rouge2"] for sc in scores],
         "token_ids": [r.token_ids for r in results],
     }
+
+
+GROUPS = {
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul"),
+    "dtype casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"),
+}
+"""How :func:`profile_case` groups torch's operators (by self CPU time); the rest is "other"."""
+
+
+def profile_case(selection_key: str, path: str, args: argparse.Namespace) -> str:
+    """:func:`run_case` under torch's profiler: where one path's time goes, by operator group and operator.
+
+    Returns:
+        Text: each group's share of the self CPU time, then torch's table
+        of the 15 operators with the most self CPU time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_case(selection_key, path, args)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {name: sum(e.self_cpu_time_total for e in events if e.key in ops) / total
+              for name, ops in GROUPS.items()}
+    shares["other"] = 1 - sum(shares.values())
+    head = f"{selection_key} / {path}: {total / 1e6:.1f} s of self CPU time (profiler overhead included)\n"
+    head += "\n".join(f"  {name}: {100 * share:.1f} %" for name, share in shares.items())
+    return head + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=36)
 
 
 # --------------------------------------------------------------------------
@@ -257,7 +296,13 @@ def table(rows: list[dict]) -> pd.DataFrame:
             line["ROUGE-1 [95% CI]"] = _with_interval(row["rouge1_each"])
             line["ROUGE-2 [95% CI]"] = _with_interval(row["rouge2_each"])
             if "reference" in part.index and path != "reference":
-                line["x reference"] = round(part.loc["reference", "s_per_sentence"] / row["s_per_sentence"], 1)
+                reference = part.loc["reference"]
+                line["x reference"] = round(reference["s_per_sentence"] / row["s_per_sentence"], 1)
+                if reference["rows"] == row["rows"]:  # the same sentences in the same order: paired
+                    for score in ("rouge1", "rouge2"):
+                        name = score.replace("rouge", "ROUGE-")
+                        line[f"{name} minus reference [95% CI]"] = _with_interval(
+                            [a - b for a, b in zip(row[f"{score}_each"], reference[f"{score}_each"])])
             kind, plus, prior = path.partition("+")
             plain = "plain" + plus + prior
             if kind.startswith("fast") and plain in part.index:
@@ -292,6 +337,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--jobs", type=int, default=1, help="cases run in parallel processes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="write the table (CSV) and the run's settings (JSON) here")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each case under torch's profiler and print where its time goes "
+                             "(with --out, also to OUT.profile.txt); no table")
     args = parser.parse_args(argv)
     if args.quick:
         args.sentences = min(args.sentences, 2)
@@ -309,6 +357,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     # Outside the repository: the reference's log prints the dataset's sentences.
     logs = Path(tempfile.gettempdir()) / "gilib_reference_logs"
     cases.sort(key=lambda c: (PATHS.index(c[1].partition("+")[0]) == 0, list(SELECTIONS).index(c[0])))
+    if args.profile:
+        if args.reference:
+            parser.error("--profile runs our paths only: no --reference")
+        text = "\n\n".join(profile_case(s, p, args) for s, p in cases)
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            command = "python bench/reference_comparison.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+            args.out.with_suffix(".profile.txt").write_text(
+                f"{command}\ntorch {torch.__version__}, {cpu_model()}, settings {settings(args)}\n\n{text}\n")
+        return pd.DataFrame()
     load = [os.getloadavg()[0]]
     if args.reference:
         # One selection at a time, the reference and our paths on it at the
@@ -333,6 +392,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         meta = {
             "command": "python bench/reference_comparison.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "settings": {**settings(args), "prior": args.prior, "prior_weight": 0.2, "polish_rounds": args.polish},
+            "fast-short": SHORT,
             "rows": rows[0]["rows"],
             "torch": torch.__version__,
             "cpu": cpu_model(),

@@ -35,6 +35,7 @@ LayerNorm and embedding parameters, single-label cross-entropy) with the
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -118,10 +119,14 @@ class GhostMatcher:
             )
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-        self.model = model
+        self.bfloat16 = precision == "bfloat16"
+        # Autocast would cast every linear weight to bfloat16 at every call
+        # (its cache lasts one autocast region, here one scoring or step):
+        # cast them once instead, into a copy, for the same arithmetic.
+        self.model = _with_bfloat16_linears(model) if self.bfloat16 else model
+        model = self.model
         self.names = list(names)
         self.objective = objective
-        self.bfloat16 = precision == "bfloat16"
         self._device = next(model.parameters()).device
         self._packings: dict = {}
         self._shared_cache: dict = {}
@@ -305,6 +310,26 @@ class GhostMatcher:
         return torch.cat(
             [self.losses(c, target).detach() for c in candidates.split(chunk)]
         )
+
+
+def _with_bfloat16_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose linear layers hold bfloat16 weights and biases, frozen.
+
+    Under bfloat16 autocast a linear layer casts its weight and bias to
+    bfloat16 (round to nearest even) before the product; casting them once
+    here gives the same products without the casts. Every other parameter
+    (embeddings, LayerNorm) is shared with ``model``, not copied, and stays
+    float32, as autocast keeps it. The copy is in ``eval()`` mode.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    own = {id(p) for m in linears for p in m.parameters(recurse=False)}
+    memo = {id(p): p for p in model.parameters() if id(p) not in own}  # shared, not copied
+    copy_ = copy.deepcopy(model, memo)
+    for module in copy_.modules():
+        if isinstance(module, torch.nn.Linear):
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
+    return copy_.eval()
 
 
 # ---------------------------------------------------------------------- packing

@@ -160,3 +160,36 @@ def test_bfloat16_scores_track_float32(tiny):
     assert torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.95
     with pytest.raises(ValueError, match="precision"):
         AttackConfig(precision="float16")
+
+
+def test_bfloat16_linears_cast_once_give_autocasts_losses_and_steps(tiny, monkeypatch):
+    """The bfloat16 path casts the linear weights once, into a copy: the victim is untouched, and
+    losses and step gradients equal those of autocast casting them at every call."""
+    from gilib.attack import ghost
+
+    model, tokenizer = tiny
+    selection = select(model, "full", None)
+    batch = encode(tokenizer, TEXTS[:2], [1, 0])
+    shared_grads = client_update(model, selection, batch).shared.shared_grads
+    matcher = GradientMatcher(model, selection.names, "cos").matched([shared_grads])
+    target = matcher.target(shared_grads, selection.names, batch["labels"], batch["attention_mask"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    once = GhostMatcher(model, matcher.names, "cos", "bfloat16")
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[name]) for name, p in model.named_parameters())
+    copy_ = dict(once.model.named_parameters())
+    for name, p in model.named_parameters():
+        linear = isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.Linear)
+        assert (copy_[name].dtype == torch.bfloat16) == linear, name
+        assert (copy_[name] is p) == (not linear), name  # everything else shared, not copied
+        if linear:
+            assert torch.equal(copy_[name], p.detach().to(torch.bfloat16))
+    monkeypatch.setattr(ghost, "_with_bfloat16_linears", lambda m: m)
+    every_call = GhostMatcher(model, matcher.names, "cos", "bfloat16")
+    assert every_call.model is model
+    candidates = 0.1 * torch.randn((5, *batch["input_ids"].shape, model.config.hidden_size),
+                                   generator=torch.Generator().manual_seed(3))
+    assert torch.equal(once.score(candidates, target), every_call.score(candidates, target))
+    x = candidates[0].clone().requires_grad_(True)
+    (a,) = torch.autograd.grad(once.loss(x, target), x)
+    (b,) = torch.autograd.grad(every_call.loss(x, target), x)
+    assert torch.equal(a, b)
