@@ -4,6 +4,7 @@ Timings and memory are figures for the reader, never checked here.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,26 @@ def test_reference_comparison_quick_prints_table(tmp_path):
     # Without the reference code beside it, no ratio to it, and a hint how to get one.
     assert "x reference" not in done.stdout
     table = out.read_text().splitlines()
-    assert len(table) == 1 + 3 * 3  # header, then fast, fast-bf16 and plain for three selections
+    assert len(table) == 1 + 3 * 4  # header, then fast, fast-bf16, fast-short and plain for three selections
     # The float32 fast path is a pure speed-up: it returns the plain path's tokens.
     assert sum(line.endswith(",2/2") for line in table[1:] if ",fast," in line) == 3, table
     assert "command" in out.with_suffix(".json").read_text()
+
+
+@pytest.mark.slow
+def test_reference_comparison_profiles_where_the_time_goes(tmp_path):
+    out = tmp_path / "profile.csv"
+    done = subprocess.run(
+        [sys.executable, "bench/reference_comparison.py", "--quick", "--paths", "fast-bf16", "--selections",
+         "query0", "--profile", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.with_suffix(".profile.txt").read_text()
+    assert text.startswith("python bench/reference_comparison.py --quick")
+    shares = [float(v) for v in re.findall(r"^  [a-z ]+: ([\d.]+) %$", text, flags=re.M)]
+    assert len(shares) == 3 and abs(sum(shares) - 100) < 0.2 and shares[0] > 10  # matrix products, casts, other
+    assert "aten::mm" in text
 
 
 @pytest.mark.slow
