@@ -92,12 +92,13 @@ figures: $(STAMP)
 # Figures, never assertions. The comparison runs the reference's setting
 # (500 steps, 500 starts) on five CoLA sentences. With REF=SCRATCH (the
 # reference code built by ../shared/reference/setup.sh) the paper's own code
-# runs beside ours, one core each, and the table gives the ratio measured in
-# that run (about 45 minutes); without it, our paths on two cores.
+# runs beside our three fast paths, one core each, and the table gives the
+# ratio measured in that run (about 45 minutes); without it, all our paths
+# (the slow plain one too) on two cores.
 REF ?=
 bench: $(STAMP)
 	$(BIN)/python bench/attack_speed.py
-	$(BIN)/python bench/reference_comparison.py $(if $(REF),--reference $(REF) --out data/bench/reference_comparison.csv,--jobs 2)
+	$(BIN)/python bench/reference_comparison.py $(if $(REF),--reference $(REF) --paths fast fast-bf16 fast-short --out data/bench/reference_comparison.csv,--jobs 2)
 
 # The paper's full setting (2000 steps): long-running, not part of make test.
 bench-paper: $(STAMP)

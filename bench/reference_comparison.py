@@ -273,9 +273,17 @@ class ReferenceRun:
 # --------------------------------------------------------------------------
 
 
-def _with_interval(values: list[float]) -> str:
+def _with_interval(values: list[float], digits: int = 0) -> str:
     low, high = bootstrap_interval(values)
-    return f"{sum(values) / len(values):.1f} [{low:.0f}, {high:.0f}]"
+    return f"{sum(values) / len(values):.1f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _paired(row: pd.Series, other: pd.Series, name: str) -> dict:
+    """ROUGE-1/2 of ``row`` minus ``other``'s, sentence by sentence, with 95 % intervals (same sentences only)."""
+    if row["rows"] != other["rows"]:
+        return {}
+    return {f"{score.replace('rouge', 'ROUGE-')} minus {name} [95% CI]": _with_interval(
+        [a - b for a, b in zip(row[f"{score}_each"], other[f"{score}_each"])], 1) for score in ("rouge1", "rouge2")}
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
@@ -296,13 +304,12 @@ def table(rows: list[dict]) -> pd.DataFrame:
             line["ROUGE-1 [95% CI]"] = _with_interval(row["rouge1_each"])
             line["ROUGE-2 [95% CI]"] = _with_interval(row["rouge2_each"])
             if "reference" in part.index and path != "reference":
-                reference = part.loc["reference"]
-                line["x reference"] = round(reference["s_per_sentence"] / row["s_per_sentence"], 1)
-                if reference["rows"] == row["rows"]:  # the same sentences in the same order: paired
-                    for score in ("rouge1", "rouge2"):
-                        name = score.replace("rouge", "ROUGE-")
-                        line[f"{name} minus reference [95% CI]"] = _with_interval(
-                            [a - b for a, b in zip(row[f"{score}_each"], reference[f"{score}_each"])])
+                line["x reference"] = round(part.loc["reference", "s_per_sentence"] / row["s_per_sentence"], 1)
+            # Paired, sentence by sentence: against the reference, and
+            # fast-short against the fast-bf16 run it stops halfway.
+            for other in ("reference", "fast-bf16"):
+                if other in part.index and path != other and (other == "reference" or path == "fast-short"):
+                    line.update(_paired(row, part.loc[other], other))
             kind, plus, prior = path.partition("+")
             plain = "plain" + plus + prior
             if kind.startswith("fast") and plain in part.index:
