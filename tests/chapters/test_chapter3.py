@@ -6,7 +6,7 @@ import pytest
 
 from gilib.studies import grids
 
-from tests.claims.cached import DATASETS, COMPONENTS, cached, summary, batch_table, ch3_pivot
+from tests.claims.cached import DATASETS, COMPONENTS, cached, summary, batch_table, ch3_marginal, ch3_pivot
 from tests.chapters import executed_chapter
 
 pytestmark = pytest.mark.slow
@@ -34,12 +34,21 @@ def test_chapter3_an_attention_projection_is_a_twelfth_of_a_layer(ch3):
     assert ch3["query0_share_pct"] / (100 * float(layer["fraction"].iloc[0])) == pytest.approx(1 / 12, rel=0.02)
 
 
-def test_chapter3_key_leaks_most_and_value_least(ch3):
-    # "Of the six, the attention key weight leaked most on average and the
-    # value weight least."
+def test_chapter3_records_the_lead_and_the_last_layers_gap(ch3):
+    # "the attention key leaked most, ahead of the runner-up, the
+    # {lead_second} weight, by {lead_difference} ([{lead_low}, {lead_high}])";
+    # "the last layer leaks least, {last_gap_difference} below the next".
     by_component = ch3["component_rouge1"]
     assert max(by_component, key=by_component.get) == "attention.key"
     assert min(by_component, key=by_component.get) == "attention.value"
+    assert ch3["lead_second"] == sorted(by_component, key=by_component.get)[-2]
+    lead = ch3_marginal("component", "attention.key", ch3["lead_second"])
+    assert [ch3[f"lead_{p}"] for p in ("difference", "low", "high")] == [round(lead[p], 4) for p in
+                                                                          ("difference", "low", "high")]
+    assert 0 < ch3["lead_low"] < ch3["lead_difference"] < 0.05
+    by_layer = ch3["layer_rouge1"]
+    assert min(by_layer, key=by_layer.get) == "5"
+    assert ch3["last_gap_low"] > 0.15
 
 
 def test_chapter3_every_weight_leaks_text_the_worst_in_the_last_layer(ch3):
@@ -57,14 +66,14 @@ def test_chapter3_records_the_query_weights_batch_axis(ch3):
     assert ch3["batch1_query0_rouge1"] == ch3["query0_rouge1"]
 
 
-def test_chapter3_over_twelve_real_sentences(ch3):
-    # "over 12 real sentences" (CoLA, SST-2, Rotten Tomatoes) for every cell:
-    # the heatmap compares the cells on the sentences all of them attacked
-    # (the two headline weights hold 30).
-    assert ch3["n_sentences"] == 12
+def test_chapter3_over_24_real_sentences(ch3):
+    # "over 24 real sentences" (CoLA, SST-2, Rotten Tomatoes, eight each) for
+    # every cell: the heatmap compares the cells on the sentences all of them
+    # attacked (the two headline weights hold 30).
+    assert ch3["n_sentences"] == 24
     table = summary("ch3_components.jsonl", ["component", "layers"]).set_index(["component", "layers"])
     headline = [("attention.query", "0"), ("ffn.intermediate", "1")]
-    assert table.loc[headline, "n"].eq(30).all() and table.drop(headline)["n"].eq(12).all()
+    assert table.loc[headline, "n"].eq(30).all() and table.drop(headline)["n"].eq(24).all()
     shared = grids.on_shared_sentences(list(cached("ch3_components.jsonl")))
-    assert len({(r["dataset"], r["row_id"]) for r in shared}) == 12
+    assert len({(r["dataset"], r["row_id"]) for r in shared}) == 24
     assert {r["dataset"] for r in cached("ch3_components.jsonl")} == DATASETS

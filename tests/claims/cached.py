@@ -74,9 +74,16 @@ def batch_table(name: str) -> pd.DataFrame:
 
 
 def ch3_pivot(metric: str = "rouge1") -> pd.DataFrame:
-    """The heatmap: one row per weight, one column per layer ("0" to "5")."""
-    return summary("ch3_components.jsonl", ["component", "layers"]).pivot_table(
-        index="component", columns="layers", values=metric)
+    """The heatmap: one row per weight, one column per layer ("0" to "5"), on the sentences every cell holds."""
+    table = grids.summarize(grids.on_shared_sentences(list(cached("ch3_components.jsonl"))),
+                            by=["component", "layers"], where={"batch_size": 1})
+    table["layers"] = table["layers"].astype(str)
+    return table.pivot_table(index="component", columns="layers", values=metric)
+
+
+def ch3_marginal(over: str, first, second, metric: str = "rouge1") -> dict:
+    """Two rows (weights) or columns (layers) of the heatmap, paired sentence by sentence."""
+    return grids.marginal_difference(list(cached("ch3_components.jsonl")), over, first, second, metric)
 
 
 def span_lines(study: str) -> pd.DataFrame:
