@@ -802,7 +802,11 @@ def marginal(rows: Iterable[dict] | str | Path, over: str = "component", score: 
         ``low``, ``high``, ``n`` (sentences).
     """
     rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
-    table = _per_sentence_marginals(rows, over, score)
+    return _levels(_per_sentence_marginals(rows, over, score), over, score)
+
+
+def _levels(table: pd.DataFrame, over: str, score: str) -> pd.DataFrame:
+    """:func:`marginal`'s rows from the ``(sentence x level)`` means."""
     out = []
     for level in table.columns:
         values = table[level].dropna().to_numpy()
@@ -825,7 +829,11 @@ def marginal_difference(rows: Iterable[dict] | str | Path, over: str, first, sec
         ValueError: for a level the grid does not hold.
     """
     rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
-    table = _per_sentence_marginals(rows, over, score)
+    return _difference(_per_sentence_marginals(rows, over, score), over, first, second)
+
+
+def _difference(table: pd.DataFrame, over: str, first, second) -> dict:
+    """:func:`marginal_difference` from the ``(sentence x level)`` means."""
     for level in (first, second):
         if str(level) not in table.columns:
             raise ValueError(f"No {over} {level!r} in these results: they hold {', '.join(map(str, table.columns))}.")
@@ -989,13 +997,15 @@ def marginal_markdown(rows: Iterable[dict] | str | Path, over: str = "component"
     (:func:`marginal_difference`): an interval that excludes 0 ranks the two.
     """
     rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
-    first, second = marginal(rows, over, "rouge1"), marginal(rows, over, "rouge2").set_index(over)
+    means = _per_sentence_marginals(rows, over, "rouge1")
+    first = _levels(means, over, "rouge1")
+    second = _levels(_per_sentence_marginals(rows, over, "rouge2"), over, "rouge2").set_index(over)
     lines = []
     for i, row in first.iterrows():
         two = second.loc[row[over]]
         step = ""
         if i + 1 < len(first):
-            d = marginal_difference(rows, over, row[over], first.loc[i + 1, over])
+            d = _difference(means, over, row[over], first.loc[i + 1, over])
             step = f"{d['difference']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
         lines.append([row[over], f"{row['rouge1']:.2f} [{row['low']:.2f}, {row['high']:.2f}]",
                       f"{two['rouge2']:.2f} [{two['low']:.2f}, {two['high']:.2f}]", step, int(row["n"])])
