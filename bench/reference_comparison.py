@@ -150,10 +150,11 @@ def make_prior(name: str, tokenizer, args: argparse.Namespace):
     return NgramPrior.from_texts(tokenizer, texts)
 
 
-def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
+def run_case(selection_key: str, path: str, args: argparse.Namespace, attack: dict | None = None) -> dict:
     """Attack every sentence on one selection with one path; one result row.
 
-    ``path`` is one of :data:`PATHS`, optionally with ``+PRIOR``.
+    ``path`` is one of :data:`PATHS`, optionally with ``+PRIOR``; ``attack``
+    replaces the mode's settings (:func:`settings`).
     """
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +165,8 @@ def run_case(selection_key: str, path: str, args: argparse.Namespace) -> dict:
     updates = []
     for ex in examples:  # the clients: the truth stays on this side
         updates.append(client_update(model, selection, encode(tokenizer, ex.text, ex.label, device=args.device)).shared)
-    base = dict(objective="cos", seed=args.seed, progress=False, polish_rounds=args.polish, **settings(args))
+    base = dict(objective="cos", seed=args.seed, progress=False, polish_rounds=args.polish,
+                **(attack or settings(args)))
     kind, _, prior_name = path.partition("+")
     prior = make_prior(prior_name or "none", tokenizer, args)
     start = time.perf_counter()
@@ -203,8 +205,19 @@ GROUPS = {
 """How :func:`profile_case` groups torch's operators (by self CPU time); the rest is "other"."""
 
 
+PROFILE_SCALE = 0.1
+"""--profile runs the mode's steps, starts, reordering interval and candidates scaled by this factor:
+every phase gets a tenth of its work, so the shares stay, and the profiler's record of every operator
+call (millions over the full setting, gigabytes of memory) stays small."""
+
+
+def profile_settings(args: argparse.Namespace) -> dict:
+    """The mode's attack settings scaled by :data:`PROFILE_SCALE` (each at least 1)."""
+    return {k: max(1, int(v * PROFILE_SCALE)) for k, v in settings(args).items()}
+
+
 def profile_case(selection_key: str, path: str, args: argparse.Namespace) -> str:
-    """:func:`run_case` under torch's profiler: where one path's time goes, by operator group and operator.
+    """:func:`run_case` under torch's profiler, at :data:`PROFILE_SCALE`: where one path's time goes.
 
     Returns:
         Text: each group's share of the self CPU time, then torch's table
@@ -213,7 +226,7 @@ def profile_case(selection_key: str, path: str, args: argparse.Namespace) -> str
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run_case(selection_key, path, args)
+        run_case(selection_key, path, args, profile_settings(args))
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     shares = {name: sum(e.self_cpu_time_total for e in events if e.key in ops) / total
@@ -373,7 +386,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             command = "python bench/reference_comparison.py " + shlex.join(argv if argv is not None else sys.argv[1:])
             args.out.with_suffix(".profile.txt").write_text(
-                f"{command}\ntorch {torch.__version__}, {cpu_model()}, settings {settings(args)}\n\n{text}\n")
+                f"{command}\ntorch {torch.__version__}, {cpu_model()}, settings {profile_settings(args)} "
+                f"(the mode's, scaled by {PROFILE_SCALE})\n\n{text}\n")
         return pd.DataFrame()
     load = [os.getloadavg()[0]]
     if args.reference:
