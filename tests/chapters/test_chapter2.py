@@ -96,15 +96,18 @@ def test_chapter2_batching_costs_words_and_leaves_a_large_part(ch2):
         assert ch2[f"batch4_{key}_rouge1"] >= LARGE_PART
 
 
-def test_chapter2_a_fine_tuned_victim_leaks_about_as_much(ch2):
+def test_chapter2_a_fine_tuned_victim_still_leaks_a_large_part(ch2):
     # "intervals that hold 0 for layer 0, layer 0's query and the
     # ffn.intermediate weight of layer 1. For the full model and layer 1 the
-    # fine-tuned victim gives back slightly fewer words. Every selection still
-    # recovers a large part of the words"; summary: "a few hundredths".
+    # fine-tuned victim gives back slightly fewer words, and for the
+    # ffn.intermediate weight of layer 2 ... clearly fewer. Every selection
+    # still recovers a large part of the words"; summary: "a few hundredths
+    # of ROUGE-1, a tenth or so for one weight".
     assert ch2["tuned_n"] == 30 and ch2["tuned_steps"] > 0
     for tag in ("layer_0", "attention_query_0", "ffn_intermediate_1"):
         assert ch2[f"tuned_low_{tag}"] <= 0 <= ch2[f"tuned_high_{tag}"], tag
-    for tag in ("full_None", "layer_1"):
+    for tag in ("full_None", "layer_1", "ffn_intermediate_2"):
         assert ch2[f"tuned_high_{tag}"] <= 0 and ch2[f"tuned_difference_{tag}"] < 0, tag
-    for tag in ("full_None", "layer_0", "layer_1", "attention_query_0", "ffn_intermediate_1"):
-        assert ch2[f"tuned_{tag}"] >= LARGE_PART and abs(ch2[f"tuned_difference_{tag}"]) < 0.1, tag
+    for tag in ("full_None", "layer_0", "layer_1", "attention_query_0", "ffn_intermediate_1", "ffn_intermediate_2"):
+        limit = 0.15 if tag == "ffn_intermediate_2" else 0.1
+        assert ch2[f"tuned_{tag}"] >= LARGE_PART and abs(ch2[f"tuned_difference_{tag}"]) < limit, tag
