@@ -5,7 +5,7 @@ al., EMNLP 2024, ran it) is measured in: MiniLM, one thread per process,
 500 steps, best of 500 random starts, reordering rounds of 200 candidates
 every 75 steps, no language-model prior, on the first five CoLA training
 rows of LAMP's seed-101 shuffle (rows 2310, 5604, 5827, 6564, 943). It runs
-through gilib on up to three paths:
+through gilib on up to four paths:
 
 * **plain**: the reference's algorithm written in our code: sequential
   random starts, sequential reordering candidates, one sentence at a time
