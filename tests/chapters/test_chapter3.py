@@ -69,10 +69,10 @@ def test_chapter3_records_the_query_weights_batch_axis(ch3):
 def test_chapter3_over_24_real_sentences(ch3):
     # "over 24 real sentences" (CoLA, SST-2, Rotten Tomatoes, eight each) for
     # every cell: the heatmap compares the cells on the sentences all of them
-    # attacked (the two headline weights hold 30).
+    # attacked (the headline weights hold 30).
     assert ch3["n_sentences"] == 24
     table = summary("ch3_components.jsonl", ["component", "layers"]).set_index(["component", "layers"])
-    headline = [("attention.query", "0"), ("ffn.intermediate", "1")]
+    headline = [("attention.query", "0"), ("ffn.intermediate", "1"), ("ffn.intermediate", "2")]
     assert table.loc[headline, "n"].eq(30).all() and table.drop(headline)["n"].eq(24).all()
     shared = grids.on_shared_sentences(list(cached("ch3_components.jsonl")))
     assert len({(r["dataset"], r["row_id"]) for r in shared}) == 24
