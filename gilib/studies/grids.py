@@ -953,14 +953,19 @@ def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
     table = batch_axis(rows)
     kept = {(c, str(l)) for c, l in zip(table["component"], table["layers"])}
     lines = [r for r in _batch_rows(rows) if (r["cell"]["component"], layers_text(r["cell"]["layers"])) in kept]
-    order = table.groupby(["component", "layers"], sort=False)["fraction"].first().sort_values(
-        ascending=False, kind="stable")
     parts = []
-    for component, layers in order.index:
+    for component, layers in _largest_first(table):
         mine = [r for r in lines
                 if (r["cell"]["component"], layers_text(r["cell"]["layers"])) == (component, str(layers))]
         parts.append(_interval_markdown(mine, ["component", "layers", "batch_size"], None).splitlines())
     return "\n".join(parts[0][:2] + [line for part in parts for line in part[2:]])
+
+
+def _largest_first(table: pd.DataFrame) -> list[tuple]:
+    """The ``(component, layers)`` selections of a :func:`batch_axis` table, largest share of parameters first."""
+    order = table.groupby(["component", "layers"], sort=False)["fraction"].first().sort_values(
+        ascending=False, kind="stable")
+    return list(order.index)
 
 
 def cost_markdown(rows: Iterable[dict] | str | Path) -> str:
@@ -972,10 +977,8 @@ def cost_markdown(rows: Iterable[dict] | str | Path) -> str:
     """
     rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
     table = batch_axis(rows)
-    order = table.groupby(["component", "layers"], sort=False)["fraction"].first().sort_values(
-        ascending=False, kind="stable")
     lines = []
-    for component, layers in order.index:
+    for component, layers in _largest_first(table):
         cell_layers = None if layers == "all" else layers
         sizes = sorted(int(b) for b in table[(table["component"] == component)
                                              & (table["layers"].astype(str) == str(layers))]["batch_size"])
