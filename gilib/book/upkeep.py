@@ -2,8 +2,9 @@
 
 Every chapter notebook opens the same way: a markdown title cell with one
 Open-in-Colab badge that points at the notebook itself in the book's
-repository, then a first code cell, tagged :data:`INSTALL_TAG`, that in
-Colab clones that repository and installs gilib from it. Both are written
+repository, then a first code cell, tagged :data:`INSTALL_TAG` (and
+:data:`HIDE_TAG`, which keeps it out of the HTML book), that in Colab
+clones that repository and installs gilib from it. Both are written
 from the ``repository`` entry of ``_config.yml``, the one place that names
 the repository. The files of :data:`REPOSITORY_FILES` (``README.md``,
 ``CITATION.cff``) name it too, and are kept in step with it:
@@ -56,7 +57,13 @@ from ..data import repo_root
 INSTALL_TAG = "colab-install"
 """Tag of each chapter's first code cell, the one that installs gilib in Colab."""
 
-COLAB_BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
+HIDE_TAG = "remove-cell"
+"""Tag that keeps a cell in the notebook (and in Colab) but out of the HTML book:
+the install cell carries it, since a reader of the page has nothing to install."""
+
+COLAB_BADGE_IMAGE = "images/colab-badge.svg"
+"""The badge image, shipped with the book (``chapters/images/``), so that an
+offline build and a reader without access to Colab's site see it."""
 
 _BADGE = re.compile(r"\[!\[Open in Colab\]\([^)]*\)\]\([^)]*\)")
 """An Open-in-Colab badge in markdown, wherever it points."""
@@ -196,7 +203,7 @@ def check_chapter(path: str | Path, root: str | Path | None = None) -> list[str]
     A chapter opens with a markdown title cell holding exactly one
     Open-in-Colab badge that points at this notebook in the repository of
     ``_config.yml``; its first code cell is :func:`colab_install_source`,
-    tagged :data:`INSTALL_TAG`; and it has a ``parameters`` cell.
+    tagged :data:`INSTALL_TAG` and :data:`HIDE_TAG`; and it has a ``parameters`` cell.
     """
     root = Path(root or repo_root())
     path = Path(path)
@@ -215,8 +222,10 @@ def check_chapter(path: str | Path, root: str | Path | None = None) -> list[str]
     first = _install_cell_index(nb)
     if first is None or nb.cells[first].source != colab_install_source(root):
         problems.append(f"{rel}: the first code cell is not the Colab install cell")
-    elif INSTALL_TAG not in nb.cells[first].metadata.get("tags", []):
-        problems.append(f"{rel}: the Colab install cell lacks the tag {INSTALL_TAG!r}")
+    else:
+        for tag in (INSTALL_TAG, HIDE_TAG):
+            if tag not in nb.cells[first].metadata.get("tags", []):
+                problems.append(f"{rel}: the Colab install cell lacks the tag {tag!r}")
     if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
         problems.append(f"{rel}: no papermill parameters cell")
     return problems
@@ -243,11 +252,14 @@ def sync_chapter(path: str | Path, root: str | Path | None = None) -> bool:
     first = _install_cell_index(nb)
     source = colab_install_source(root)
     if first is not None and INSTALL_TAG in nb.cells[first].metadata.get("tags", []):
-        nb.cells[first].source = source
+        cell = nb.cells[first]
+        cell.source = source
     else:
         cell = nbformat.v4.new_code_cell(source)
         cell.metadata["tags"] = [INSTALL_TAG]
         nb.cells.insert(1, cell)
+    if HIDE_TAG not in cell.metadata["tags"]:
+        cell.metadata["tags"].append(HIDE_TAG)
     after = nbformat.writes(nb)
     if after == before:
         return False
