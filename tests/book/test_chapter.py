@@ -182,10 +182,15 @@ def test_bibliography_holds_the_papers_the_book_builds_on():
         assert f"{{{key}," in bib, key
 
 
-def test_toc_orders_intro_chapters_conclusion_references_and_run_times():
+def test_toc_orders_intro_primer_chapters_conclusion_references_and_run_times():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [c["file"] for c in toc["chapters"]]
     assert toc["root"] == "chapters/intro"
+    # The way in comes before the first chapter; the paper comparison and
+    # the course page after the last one.
+    assert files[0] == "chapters/primer" and files[1] == "chapters/01_full_model_inversion"
+    assert files.index("chapters/06_federated_rounds") < files.index("chapters/paper")
+    assert "chapters/course" in files
     assert files.index("chapters/04_dp_defence") < files.index("chapters/conclusion") < files.index("chapters/references")
     assert "chapters/runtimes" in files
     assert "{nb-exec-table}" in (ROOT / "chapters" / "runtimes.md").read_text()

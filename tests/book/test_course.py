@@ -53,7 +53,7 @@ def test_bad_input_gets_a_clear_error(tmp_path):
 
 
 def test_the_cached_times_cover_every_chapter_in_fast_mode():
-    # The introduction's course table reads this file (python -m gilib.book.course run).
+    # The course page's table reads this file (python -m gilib.book.course run).
     table = course.table(CACHED)
     assert table["fast (s)"].notna().all(), table
     assert (table["fast (s)"] > 0).all()
