@@ -547,59 +547,75 @@ def residual_map(
 
 
 def threat_model(ax: Axes | None = None, *, title: str | None = None) -> Axes:
-    """The book's threat model as a diagram: what the client sends, what the server rebuilds.
+    """The book's threat model as one diagram that covers every chapter.
 
-    A client computes the gradient of its loss on a private sentence and
-    shares part of it (every parameter, one layer, one linear weight;
-    optionally privatised by DP-SGD); an honest-but-curious server that
-    knows the model searches for a sentence with the same gradient. The
-    one figure of the book without data axes: its axes are switched off.
+    Left to right: the client's private sentence and label and its gradient;
+    what leaves the client (every parameter, one layer, one linear weight,
+    adapters); the optional DP-SGD clipping and noise; the federated round
+    that carries it (FedSGD, FedAvg's local steps, a secure-aggregation
+    sum); the honest-but-curious server, what it knows and how it learns
+    it, and its search for a sentence with the same gradient. Each box
+    names the chapter that varies it. The one figure of the book without
+    data axes: its axes are switched off.
 
     Args:
-        ax: Axes to draw on; a new 10 x 3.9 inch figure is created if None.
+        ax: Axes to draw on; a new 12 x 4.3 inch figure is created if None.
         title: Optional title.
 
     Returns:
         The Axes drawn on.
     """
-    ax = _get_ax(ax, figsize=(10.0, 3.9))
-    ax.set_xlim(0, 10)
-    ax.set_ylim(0.3, 4.2)
+    ax = _get_ax(ax, figsize=(12.0, 4.3))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0.3, 4.6)
     ax.axis("off")
-    client, server, channel, neutral = _color(0), _color(1), _color(2), "#555555"
+    client, shared, server, neutral, fl = _color(0), _color(2), _color(1), "#555555", _color(4)
 
     def box(x, y, text, color, *, weight="normal"):
-        ax.text(x, y, text, ha="center", va="center", fontsize=10, fontweight=weight, linespacing=1.5,
-                bbox=dict(boxstyle="round,pad=0.5", facecolor=color + "22", edgecolor=color, linewidth=1.4))
+        ax.text(x, y, text, ha="center", va="center", fontsize=9, fontweight=weight, linespacing=1.45,
+                bbox=dict(boxstyle="round,pad=0.45", facecolor=color + "22", edgecolor=color, linewidth=1.3))
 
     def arrow(start, end, color, style="-|>"):
         ax.annotate("", xy=end, xytext=start,
-                    arrowprops=dict(arrowstyle=style, color=color, linewidth=1.6, shrinkA=0, shrinkB=0))
+                    arrowprops=dict(arrowstyle=style, color=color, linewidth=1.5, shrinkA=0, shrinkB=0))
 
-    ax.text(1.6, 4.0, "client (victim)", ha="center", fontsize=11, fontweight="bold", color=client)
-    ax.text(8.4, 4.0, "server (attacker)", ha="center", fontsize=11, fontweight="bold", color=server)
-    # Client: private data and its gradient.
-    box(1.6, 3.25, "private sentence $x$, label $y$", client)
-    arrow((1.6, 2.95), (1.6, 2.45), client)
-    ax.text(1.7, 2.7, "shared model $\\theta$", fontsize=9, color=client, va="center")
-    box(1.6, 2.0, "gradient of its loss\n$g = \\nabla_\\theta\\, \\mathcal{L}(f_\\theta(x), y)$", client)
-    # Channel: what leaves the client, and the defence on the way.
-    arrow((2.65, 2.0), (3.8, 2.0), channel)
-    box(5.0, 2.0, "part of $g$ is sent:\nall parameters (ch. 1)\none layer (ch. 2)\none linear weight (ch. 3)",
-        channel)
-    box(5.0, 3.45, "defence: DP-SGD clips $g$ and\nadds noise before sending (ch. 4)", neutral)
-    arrow((5.0, 3.05), (5.0, 2.82), neutral)
-    arrow((6.2, 2.0), (7.3, 2.0), channel)
-    # Server: what it knows, the search, the result.
-    box(8.4, 3.25, "knows $\\theta$, the label, the length", server)
-    arrow((8.4, 2.95), (8.4, 2.45), server)
-    box(8.4, 2.0, "searches for $\\hat x$ with\n$\\nabla_\\theta\\, \\mathcal{L}(f_\\theta(\\hat x), y) \\approx g$", server)
-    arrow((8.4, 1.55), (8.4, 1.0), server)
-    box(8.4, 0.7, "reconstruction $\\hat x$", server, weight="bold")
+    def heading(x, text, color):
+        ax.text(x, 4.35, text, ha="center", fontsize=10.5, fontweight="bold", color=color)
+
+    heading(1.2, "client (victim)", client)
+    heading(3.65, "what is shared", shared)
+    heading(6.0, "defence (optional)", neutral)
+    heading(8.3, "federated round", fl)
+    heading(10.75, "server (attacker)", server)
+    # 1. The client: private data and its gradient.
+    box(1.2, 3.45, "private sentence\n$x = (x_1, \\dots, x_n)$,\nlabel $y$", client)
+    arrow((1.2, 2.85), (1.2, 2.5), client)
+    box(1.2, 2.0, "gradient of its loss\n$g = \\nabla_\\theta \\mathcal{L}$", client)
+    # 2. What leaves the client.
+    arrow((2.15, 2.0), (2.55, 2.0), shared)
+    box(3.65, 2.0, "part of $g$:\nall parameters (ch. 1)\none layer (ch. 2)\none linear weight $W$\n"
+                   "(ch. 3, 5)\nadapters (LoRA, later)", shared)
+    # 3. DP-SGD, on the client (local DP) or on the server's sum (central DP).
+    arrow((4.75, 2.0), (5.0, 2.0), shared)
+    box(6.0, 2.0, "DP-SGD (ch. 4):\nclip each example\nto norm $C$, add\n"
+                  "$\\mathcal{N}(0, \\sigma^2 C^2)$;\nlocal or central DP", neutral)
+    # 4. The federated round that carries it.
+    arrow((7.0, 2.0), (7.25, 2.0), shared)
+    box(8.3, 2.0, "FedSGD: $g$ itself\nFedAvg: $E$ local steps,\nlearning rate $\\eta$\n"
+                  "SecAgg: only the sum\nover clients (ch. 6)", fl)
+    # 5. The server: what it knows, the search, the result.
+    arrow((9.4, 2.0), (9.65, 2.0), shared)
+    box(10.75, 3.5, "knows $\\theta$, the loss,\nlabel $y$ (bias gradient),\n"
+                    "token count $n$ (rank)", server)
+    arrow((10.75, 2.95), (10.75, 2.62), server)
+    box(10.75, 2.0, "searches for $\\hat x$ with\n$\\nabla_\\theta \\mathcal{L}(\\hat x, y)"
+                    " \\approx g$", server)
+    arrow((10.75, 1.55), (10.75, 1.0), server)
+    box(10.75, 0.7, "reconstruction $\\hat x$", server, weight="bold")
     # Only the book, never the attacker, compares the two.
-    ax.plot([1.6, 1.6, 7.2], [1.6, 0.7, 0.7], color=neutral, linewidth=1.2, linestyle="--")
-    arrow((7.15, 0.7), (7.35, 0.7), neutral)
-    ax.text(4.4, 0.82, "the book scores $\\hat x$ against $x$ (ROUGE); the attacker never sees $x$",
+    ax.plot([1.2, 1.2, 9.5], [1.55, 0.7, 0.7], color=neutral, linewidth=1.1, linestyle="--")
+    arrow((9.45, 0.7), (9.65, 0.7), neutral)
+    ax.text(5.4, 0.8, "the book scores $\\hat x$ against $x$ (ROUGE); the attacker never sees $x$",
             ha="center", va="bottom", fontsize=9, color=neutral)
     if title is not None:
         ax.set_title(title)

@@ -100,6 +100,10 @@ def test_threat_model_figure_is_what_the_code_draws(tmp_path):
     ax = plots.threat_model()
     texts = " ".join(t.get_text() for t in ax.texts)
     assert "client (victim)" in texts and "server (attacker)" in texts and "DP-SGD" in texts
+    # One picture for every chapter: what is shared, the defence, the round, what the server knows.
+    for shown in ("all parameters (ch. 1)", "one layer (ch. 2)", "one linear weight", "adapters",
+                  "FedAvg", "SecAgg", "local or central DP", "label $y$", "token count $n$"):
+        assert shown in texts, shown
     assert not ax.axison
     plt.close("all")
 
