@@ -30,7 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 __all__ = ["PALETTE", "set_style", "loss_curves", "rouge_bars", "layer_bars", "heatmap", "noise_curves", "batch_curves",
-           "batch_panels", "residual_curves", "residual_map", "threat_model"]
+           "batch_panels", "residual_curves", "residual_map", "threat_model", "leakage_summary"]
 
 PALETTE: list[str] = sns.color_palette("colorblind").as_hex()
 """Series colours, in order: seaborn's ten-colour "colorblind" palette."""
@@ -544,6 +544,58 @@ def residual_map(
     ax.grid(False)
     return _finish(ax, xlabel="candidate rank at the position (smallest residual first)", ylabel="position",
                    title=title)
+
+
+def leakage_summary(
+    table: pd.DataFrame,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """The book on one page: ROUGE-1 per (what is shared, attack), with interval whiskers and exact rates.
+
+    One horizontal bar per row of ``table``, top to bottom in the table's
+    order, labelled by what the server receives and coloured by the attack;
+    the whisker is the row's 95 % bootstrap interval, and the text at its
+    right end gives the mean and the share of sentences recovered exactly.
+
+    Args:
+        table: :func:`gilib.book.summary.leakage_table`'s rows: ``shared``,
+            ``attack``, ``rouge1``, ``low``, ``high``, ``exact``,
+            ``sentences``.
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: If ``table`` is empty or lacks a column.
+    """
+    needed = ["shared", "attack", "rouge1", "low", "high", "exact", "sentences"]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("table is empty: nothing to plot")
+    ax = _get_ax(ax, figsize=(9.0, 0.55 * len(table) + 1.6))
+    y = np.arange(len(table))[::-1]
+    attacks = list(dict.fromkeys(table["attack"]))
+    mean = table["rouge1"].to_numpy(dtype=float)
+    whiskers = np.vstack([mean - table["low"].to_numpy(dtype=float), table["high"].to_numpy(dtype=float) - mean])
+    for k, attack in enumerate(attacks):
+        rows = (table["attack"] == attack).to_numpy()
+        ax.barh(y[rows], mean[rows], height=0.6, color=_color(k), label=attack,
+                xerr=whiskers[:, rows], capsize=3, error_kw=dict(linewidth=1.1))
+    for yi, (_, row) in zip(y, table.iterrows()):
+        note = f"{row['rouge1']:.2f}, exact {100 * row['exact']:.0f} % (n = {row['sentences']})"
+        ax.text(float(row["high"]) + 0.02, yi, note, va="center", fontsize=8.5)
+    ax.set_yticks(y, [str(s) for s in table["shared"]])
+    ax.set_xlim(0, 1.4)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.grid(axis="y", visible=False)
+    return _finish(ax, xlabel="ROUGE-1 (mean and 95 % bootstrap interval)", ylabel="what the server receives",
+                   title=title, legend="below", legend_title="attack")
 
 
 def threat_model(ax: Axes | None = None, *, title: str | None = None) -> Axes:

@@ -216,3 +216,42 @@ def test_residual_map_colours_by_log_residual_and_labels_cells_with_tokens():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["position 1", "position 2"]
     with pytest.raises(ValueError, match="one token list per row"):
         plots.residual_map(residuals, [["the", "a", "cat"]])
+
+
+def _summary_table():
+    return pd.DataFrame({
+        "shared": ["every parameter", "layer 0's query", "layer 0's query"],
+        "attack": ["cosine", "cosine", "span check"],
+        "rouge1": [0.69, 0.39, 1.0], "low": [0.62, 0.34, 1.0], "high": [0.76, 0.46, 1.0],
+        "exact": [1 / 30, 0.0, 1.0], "sentences": [30, 30, 12],
+    })
+
+
+def test_leakage_summary_draws_one_bar_per_row_with_whiskers_and_exact_rates():
+    ax = plots.leakage_summary(_summary_table())
+    _assert_labelled(ax)
+    bars = [bar for container in _bar_containers(ax) for bar in container]
+    assert sorted(round(bar.get_width(), 2) for bar in bars) == [0.39, 0.69, 1.0]
+    # One colour (legend entry) per attack; rows top to bottom in the table's order.
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cosine", "span check"]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["every parameter", "layer 0's query", "layer 0's query"]
+    texts = [t.get_text() for t in ax.texts]
+    assert "0.69, exact 3 % (n = 30)" in texts and "1.00, exact 100 % (n = 12)" in texts
+    assert all(len(c.errorbar.lines[2]) for c in _bar_containers(ax))  # interval whiskers
+
+
+def test_leakage_summary_draws_the_cached_table():
+    from gilib.book import summary
+
+    table = summary.leakage_table()
+    ax = plots.leakage_summary(table)
+    assert len([bar for c in _bar_containers(ax) for bar in c]) == len(table)
+    assert "span check" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_leakage_summary_rejects_an_empty_or_incomplete_table():
+    with pytest.raises(ValueError, match="column"):
+        plots.leakage_summary(_summary_table().drop(columns="exact"))
+    with pytest.raises(ValueError, match="empty"):
+        plots.leakage_summary(_summary_table().iloc[:0])
