@@ -94,3 +94,33 @@ def test_the_readme_most_leaky_layer_and_weight_lead_their_runners_up_within_the
         assert len(scores[best]) == count
         low, high = bootstrap_interval([scores[best][k] - scores[runner_up][k] for k in scores[best]])
         assert low < 0 < high, (name, low, high)
+
+
+# The conclusion (chapters/conclusion.md) reads the same cached numbers as
+# the README; its rankings are checked here.
+
+def test_the_conclusion_last_layer_leaks_least_by_a_wide_margin():
+    # "The last layer's weights leak least, by a wide margin (chapter 3)."
+    from gilib.studies import grids
+    from tests.claims.cached import cached
+
+    ch3 = list(cached("ch3_components.jsonl"))
+    layers = grids.marginal(ch3, "layers")
+    assert int(layers["layers"].iloc[-1]) == 5
+    gap = grids.marginal_difference(ch3, "layers", int(layers["layers"].iloc[-2]), 5)
+    assert gap["low"] > 0.1
+
+
+def test_the_conclusion_fine_tuning_raises_no_selection_and_the_optimisation_attack_is_rarely_exact():
+    # "moves by at most ... and never below ...: fine-tuning does not close
+    # the leak"; the summary figure: "part of the words ... but almost never
+    # a whole sentence".
+    from gilib.book.summary import COSINE, leakage_table
+    from gilib.studies.headlines import headline_numbers
+
+    tuned = headline_numbers()["finetuned"]
+    assert all(row["diff_rouge1_low"] < 0 for row in tuned.values())
+    assert min(row["rouge1"] for row in tuned.values()) > 0.4
+    table = leakage_table()
+    clear = table[(table["attack"] == COSINE) & ~table["shared"].str.startswith("DP")]
+    assert len(clear) == 3 and (clear["exact"] <= 0.05).all() and (clear["low"] > 0.3).all()
