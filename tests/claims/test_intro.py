@@ -1,0 +1,46 @@
+"""The introduction's and the primer's claims against the cached results and the code they describe."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gilib.book import summary
+
+CHAPTERS = Path(__file__).resolve().parents[2] / "chapters"
+INTRO = (CHAPTERS / "intro.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def table():
+    return summary.leakage_table()
+
+
+def _prose(text: str) -> str:
+    """The page without its code cells and with line breaks folded."""
+    return " ".join(re.sub(r"```.*?```", "", text, flags=re.S).split())
+
+
+def test_the_summary_paragraph_quotes_the_summary_table(table):
+    prose = _prose(INTRO)
+    query, span = table.iloc[2], table.iloc[3]
+    assert f"{query['share (%)']:.2f} % of the model" in prose
+    assert f"mean {{term}}`ROUGE-1` of {query['rouge1']:.2f}" in prose
+    # "every one of its 12 sentences exactly": all of them, and that many.
+    assert span["exact"] == 1.0
+    assert f"every one of its {span['sentences']} sentences exactly" in prose
+    # "What a DP-SGD client sends leaves the optimisation attack nothing."
+    dp = table[table["shared"].str.startswith("DP-SGD's message")]
+    assert len(dp) == 2 and (dp["rouge1"].round(2) == 0).all() and (dp["exact"] == 0).all()
+
+
+def test_the_figures_have_names_captions_and_alt_text():
+    for page in ("intro.md", "primer.md"):
+        text = (CHAPTERS / page).read_text()
+        cells = re.findall(r"```\{code-cell\} ipython3\n(.*?)```", text, flags=re.S)
+        drawing = [c for c in cells if re.search(r"plots\.(?!set_style)\w+\(", c)]
+        assert drawing, page
+        for cell in drawing:
+            assert re.search(r"name: fig-\w+", cell) and "caption:" in cell and "alt:" in cell, (page, cell)
