@@ -6,7 +6,8 @@ format), so one source gives the book page, the student copy and the
 autograder. A question is a run of cells::
 
     [raw]       # BEGIN QUESTION        name: q1, points: 2 (manual: true for an essay)
-    [markdown]  **Exercise 1.** ...     the prompt, which names the variables to set
+    [markdown]  **Exercise 1.** (★★, predict) ...
+                                        the prompt, which names the variables to set
     [raw]       # BEGIN SOLUTION
     [code]      worked answer           tag hide-input; lines ending "# SOLUTION"
                                         (or "# BEGIN/END SOLUTION" blocks) become "..."
@@ -18,8 +19,14 @@ autograder. A question is a run of cells::
     [raw]       # END TESTS
     [raw]       # END QUESTION
 
-An essay question (``manual: true``) has no code and no tests: its solution is
-the dropdown alone, and it is graded by hand. The book does not render raw
+The prompt opens with its number, then in brackets a difficulty (★ warm-up,
+★★ core, ★★★ stretch) and one kind (:data:`KINDS`): *predict* (the
+student commits to a guess before the cell that reveals the answer runs),
+*compute*, *explain* (a short answer graded by hand) or *choose* (multiple
+choice, the letter set in a variable). An essay question (``manual:
+true``) has no code and no tests: its solution is the dropdown alone,
+ending in a rubric (``**Rubric (N points).**`` and one bullet per point),
+and it is graded by hand. The book does not render raw
 cells, hides the tests (``remove-cell``) and folds the worked answers
 (``hide-input``), so a reader sees the prompt, the answer's output and the
 explanation in its dropdown; the tests run on every execution of the
@@ -79,6 +86,14 @@ _BOUNDARY = re.compile(r"^#\s*(BEGIN|END)\s+(QUESTION|SOLUTION|TESTS|PROMPT)\b",
 _HIDDEN = re.compile(r"^\s*#.*\bhidden\b", re.IGNORECASE)
 _EXERCISE = re.compile(r"^\*\*Exercise (\d+)\.\*\*", re.MULTILINE)
 
+KINDS = ("predict", "compute", "explain", "choose")
+"""What a question asks of the student, named in its prompt."""
+DIFFICULTIES = {1: "warm-up", 2: "core", 3: "stretch"}
+"""The prompt's stars: their number and its meaning."""
+_PROMPT = re.compile(r"^\*\*Exercise \d+\.\*\* \((★{1,3}), (" + "|".join(KINDS) + r")\) \S")
+_RUBRIC = re.compile(r"^\*\*Rubric \((\d+(?:\.\d+)?) points?\)\.\*\*", re.MULTILINE)
+_BULLET = re.compile(r"^\s*[*-] \S")
+
 
 @dataclass
 class Question:
@@ -87,6 +102,9 @@ class Question:
     Attributes:
         name: otter's name (``q1``, ``q2``, ...).
         number: the exercise's number in the chapter.
+        difficulty: the prompt's stars (1 to 3; ``None`` when the prompt
+            does not give them in the book's format).
+        kind: the prompt's kind, one of :data:`KINDS` (``None`` likewise).
         manual: graded by hand (an essay).
         points: the question's points.
         prompt: the prompt's markdown.
@@ -104,6 +122,8 @@ class Question:
     manual: bool
     points: float
     prompt: str
+    difficulty: int | None = None
+    kind: str | None = None
     solution_code: list[str] = field(default_factory=list)
     solution_markdown: list[str] = field(default_factory=list)
     public: list[str] = field(default_factory=list)
@@ -177,6 +197,9 @@ def parse_questions(nb: nbformat.NotebookNode) -> list[Question]:
             current.prompt = cell.source
             number = _EXERCISE.search(cell.source)
             current.number = int(number.group(1)) if number else None
+            marks = _PROMPT.match(cell.source.strip())
+            if marks:
+                current.difficulty, current.kind = len(marks.group(1)), marks.group(2)
     if current is not None:
         raise ValueError(f"question {current.name!r} is never closed (END QUESTION)")
     return questions
@@ -189,7 +212,7 @@ def _exercise_numbers(nb: nbformat.NotebookNode, questions: list[Question]) -> l
             if c.cell_type == "markdown" and i not in inside for n in _EXERCISE.findall(c.source)]
 
 
-def question_problems(nb: nbformat.NotebookNode, label: str = "chapter") -> list[str]:
+def question_problems(nb: nbformat.NotebookNode, label: str = "chapter", formats: bool = True) -> list[str]:
     """What keeps a chapter's exercises from being a gradeable assignment; empty when nothing does.
 
     Every exercise (a markdown cell starting ``**Exercise N.**``) is a
@@ -197,7 +220,9 @@ def question_problems(nb: nbformat.NotebookNode, label: str = "chapter") -> list
     otter has a worked answer (code tagged :data:`SOLUTION_TAG`), an
     explanation, at least one public and one hidden test (tagged
     :data:`TEST_TAG`, each with an ``assert``); an essay (``manual: true``)
-    has an explanation and neither code nor tests.
+    has an explanation and neither code nor tests. With ``formats`` (the
+    default), the book's conventions too (:func:`format_problems`): the
+    prompt's difficulty and kind, and an essay's rubric.
     """
     try:
         questions = parse_questions(nb)
@@ -236,6 +261,39 @@ def question_problems(nb: nbformat.NotebookNode, label: str = "chapter") -> list
             for i in indices:
                 if tag not in nb.cells[i].metadata.get("tags", []):
                     problems.append(f"{label}: {kind} cell {i} lacks the tag {tag!r}")
+    if formats:
+        problems += format_problems(questions, label)
+    return problems
+
+
+def format_problems(questions: list[Question], label: str = "chapter") -> list[str]:
+    """Where questions break the book's exercise conventions; empty when none does.
+
+    A prompt opens ``**Exercise N.** (★★, predict) ...``: one to three stars
+    (:data:`DIFFICULTIES`) and a kind of :data:`KINDS`. An essay
+    (``manual: true``) ends its explanation with ``**Rubric (N points).**``,
+    where N is the question's points, and one bullet per point.
+    """
+    problems = []
+    for q in questions:
+        where = f"{label}, {q.name}"
+        if q.difficulty is None:
+            problems.append(f"{where}: the prompt should open '**Exercise {q.number}.** (★★, predict) ...': "
+                            f"1-3 stars and one of {', '.join(KINDS)}; it opens {q.prompt.strip()[:50]!r}")
+        if not q.manual:
+            continue
+        rubric = [(md, m) for md in q.solution_markdown for m in [_RUBRIC.search(md)] if m]
+        if not rubric:
+            problems.append(f"{where}: an essay question's solution needs a '**Rubric (N points).**' line "
+                            "and one bullet per point")
+            continue
+        md, match = rubric[0]
+        points = float(match.group(1))
+        if points != q.points:
+            problems.append(f"{where}: the rubric gives {points:g} points, the question {q.points:g}")
+        bullets = [line for line in md[match.end():].splitlines() if _BULLET.match(line)]
+        if len(bullets) != round(points):
+            problems.append(f"{where}: the rubric has {len(bullets)} bullet(s) for {points:g} points")
     return problems
 
 
@@ -463,7 +521,9 @@ def build_assignment(chapter: str | Path, out: str | Path, root: str | Path | No
     chapter = Path(chapter)
     name = chapter.stem
     nb = nbformat.read(str(chapter), as_version=4)
-    problems = question_problems(nb, chapter.name)
+    # Only what otter needs: the prompt format and rubrics are the book's
+    # conventions, checked by the tests (tests/book/test_assignments.py).
+    problems = question_problems(nb, chapter.name, formats=False)
     if problems:
         raise ValueError("\n".join(problems))
     questions = parse_questions(nb)
@@ -507,12 +567,18 @@ def build_assignment(chapter: str | Path, out: str | Path, root: str | Path | No
     return assignment
 
 
+def difficulty_text(q: Question) -> str:
+    """The question's stars and their meaning, e.g. ``★★ core`` (empty when the prompt gives none)."""
+    return f"{'★' * q.difficulty} {DIFFICULTIES[q.difficulty]}" if q.difficulty else ""
+
+
 def _instructor_readme(a: Assignment) -> str:
     """The short README beside each chapter's assignment."""
     auto = [q for q in a.questions if not q.manual]
     manual = [q for q in a.questions if q.manual]
     rows = "\n".join(
-        f"| {q.name} | {q.number} | {'by hand' if q.manual else 'otter'} | {q.points:g} | "
+        f"| {q.name} | {q.number} | {difficulty_text(q)} | {q.kind or ''} | "
+        f"{'by hand' if q.manual else 'otter'} | {q.points:g} | "
         f"{'' if q.manual else f'{len(q.public)} public, {len(q.hidden)} hidden'} |" for q in a.questions)
     zip_ = f"autograder/{a.autograder_zip.name}"
     return f"""# Assignment: {a.name}
@@ -520,9 +586,15 @@ def _instructor_readme(a: Assignment) -> str:
 Built by `make assignments` from `chapters/{a.name}.ipynb`, the book's
 chapter itself: the exercises are its otter-grader questions.
 
-| question | exercise | graded | points | tests |
-| --- | --- | --- | --- | --- |
+| question | exercise | difficulty | kind | graded | points | tests |
+| --- | --- | --- | --- | --- | --- | --- |
 {rows}
+
+Difficulty: ★ warm-up, ★★ core, ★★★ stretch. Kind: *predict* (the student
+commits to a guess before the cell that reveals the answer), *compute*,
+*explain* (a short answer), *choose* (multiple choice). Essay questions
+carry a rubric, one bullet per point, at the end of their worked answer in
+`autograder/{a.name}.ipynb`.
 
 {len(auto)} question(s) graded by otter ({sum(q.points for q in auto):g} points), {len(manual)} essay
 question(s) graded by hand ({sum(q.points for q in manual):g} points).

@@ -34,16 +34,22 @@ def _tagged(cell, tag):
     return cell
 
 
+RUBRIC = "**Rubric (2 points).**\n\n* names the square\n* says why it is 9\n"
+
+
 def question(n=1, *, public=("assert answer == 9, 'square X'",), hidden=("# HIDDEN\nassert answer - X * X == 0",),
-             code="answer = X * X  # SOLUTION", manual=False, explanation=True):
-    """The cells of one question in the chapters' format."""
+             code="answer = X * X  # SOLUTION", manual=False, explanation=True, marks="(★★, compute)",
+             rubric=None):
+    """The cells of one question in the chapters' format (an essay gets :data:`RUBRIC` unless given one)."""
+    rubric = (RUBRIC if manual else "") if rubric is None else rubric
     cells = [new_raw_cell(f"# BEGIN QUESTION\nname: q{n}\npoints: 2" + ("\nmanual: true" if manual else "")),
-             new_markdown_cell(f"**Exercise {n}.** Square X into `answer`."),
+             new_markdown_cell(f"**Exercise {n}.** {marks} Square X into `answer`."),
              new_raw_cell("# BEGIN SOLUTION")]
     if code:
         cells.append(_tagged(new_code_cell(code), "hide-input"))
     if explanation:
-        cells.append(new_markdown_cell(f"```{{admonition}} Solution to {n}\n:class: dropdown\n\nSquare it.\n```"))
+        cells.append(new_markdown_cell(
+            f"```{{admonition}} Solution to {n}\n:class: dropdown\n\nSquare it.\n\n{rubric}```"))
     cells.append(new_raw_cell("# END SOLUTION"))
     if public or hidden:
         cells.append(new_raw_cell("# BEGIN TESTS"))
@@ -59,9 +65,10 @@ def notebook(*questions):
 
 
 def test_a_well_formed_chapter_parses_and_passes():
-    nb = notebook(question(1), question(2, code=None, public=(), hidden=(), manual=True))
+    nb = notebook(question(1), question(2, code=None, public=(), hidden=(), manual=True, marks="(★★★, explain)"))
     q1, q2 = parse_questions(nb)
     assert (q1.name, q1.number, q1.manual, q1.points) == ("q1", 1, False, 2.0)
+    assert (q1.difficulty, q1.kind, q2.difficulty, q2.kind) == (2, "compute", 3, "explain")
     assert q1.solution_code == ["answer = X * X  # SOLUTION"]
     assert len(q1.public) == 1 and q1.hidden == ["# HIDDEN\nassert answer - X * X == 0"]
     assert q2.manual and q2.solution_code == [] and "Solution to 2" in q2.solution_markdown[0]
@@ -84,6 +91,38 @@ def test_what_keeps_a_chapter_from_being_gradeable(broken, problem):
     broken = nbformat.from_dict(broken)
     problems = question_problems(broken)
     assert any(problem in p for p in problems), problems
+
+
+def _essay(**kwargs):
+    return question(1, code=None, public=(), hidden=(), manual=True, marks="(★★, explain)", **kwargs)
+
+
+@pytest.mark.parametrize("broken, problem", [
+    (notebook(question(1, marks="")), "the prompt should open '**Exercise 1.** (★★, predict)"),
+    (notebook(question(1, marks="(★★★★, compute)")), "1-3 stars"),
+    (notebook(question(1, marks="(★★, guess)")), "one of predict, compute, explain, choose"),
+    (notebook(question(1, marks="(compute, ★★)")), "the prompt should open"),
+    (notebook(question(1, marks="(**, compute)")), "the prompt should open"),
+    (notebook(_essay(rubric="Points for the square.\n")), "needs a '**Rubric (N points).**' line"),
+    (notebook(_essay(rubric="**Rubric (3 points).**\n\n* a\n* b\n* c\n")), "rubric gives 3 points, the question 2"),
+    (notebook(_essay(rubric="**Rubric (2 points).**\n\n* a\n")), "1 bullet(s) for 2 points"),
+])
+def test_prompts_follow_the_books_exercise_format(broken, problem):
+    problems = question_problems(nbformat.from_dict(broken))
+    assert any(problem in p for p in problems), problems
+    # The structure alone is fine: without formats, nothing is reported.
+    assert question_problems(nbformat.from_dict(broken), formats=False) == []
+
+
+@pytest.mark.parametrize("kind", ["predict", "compute", "explain", "choose"])
+@pytest.mark.parametrize("stars", ["★", "★★", "★★★"])
+def test_every_difficulty_and_kind_is_accepted(stars, kind):
+    nb = notebook(question(1, marks=f"({stars}, {kind})"),
+                  question(2, code=None, public=(), hidden=(), manual=True, marks=f"({stars}, explain)"))
+    assert question_problems(nb) == []
+    q1 = parse_questions(nb)[0]
+    assert (q1.difficulty, q1.kind) == (len(stars), kind)
+    assert assignments.difficulty_text(q1) == f"{stars} {assignments.DIFFICULTIES[len(stars)]}"
 
 
 def test_the_book_tags_are_required():
@@ -110,7 +149,7 @@ def test_malformed_blocks_are_errors(cells, message):
 def test_every_chapter_is_a_gradeable_assignment():
     for path in chapter_notebooks():
         nb = nbformat.read(str(path), as_version=4)
-        assert question_problems(nb, path.name) == []
+        assert question_problems(nb, path.name, formats=False) == []
         questions = parse_questions(nb)
         # Most exercises are graded by otter; essays are the exception.
         graded = [q for q in questions if not q.manual]
@@ -119,6 +158,27 @@ def test_every_chapter_is_a_gradeable_assignment():
         inside = {i for q in questions for i in q.cells}
         outside = "\n".join(c.source for i, c in enumerate(nb.cells) if i not in inside)
         assert "Solution to" not in outside, path.name
+
+
+# Not strict yet: the chapters are being converted to the prompt format
+# (issue 24). Once every chapter passes, drop the mark (the lead flips it).
+@pytest.mark.xfail(strict=False, reason="chapters still converting to the exercise format of issue 24")
+def test_every_chapter_follows_the_exercise_format():
+    problems = [p for path in chapter_notebooks()
+                for p in assignments.format_problems(
+                    parse_questions(nbformat.read(str(path), as_version=4)), path.name)]
+    assert problems == []
+
+
+def test_the_instructor_readme_lists_difficulty_and_kind(tmp_path):
+    nb = notebook(question(1, marks="(★, predict)"),
+                  question(2, code=None, public=(), hidden=(), manual=True, marks="(★★★, explain)"))
+    a = assignments.Assignment("ch", tmp_path, tmp_path / "s.ipynb", tmp_path / "ch-autograder.zip",
+                               tmp_path / "ch.ipynb", parse_questions(nb))
+    readme = assignments._instructor_readme(a)
+    assert "| question | exercise | difficulty | kind | graded | points | tests |" in readme
+    assert "| q1 | 1 | ★ warm-up | predict | otter | 2 |" in readme
+    assert "| q2 | 2 | ★★★ stretch | explain | by hand | 2 |" in readme
 
 
 def test_the_master_notebook_carries_otters_config():

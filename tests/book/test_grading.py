@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from gilib.book.assignments import grade, leaks, parse_questions
+from gilib.book.assignments import difficulty_text, grade, leaks, parse_questions
 from gilib.book.upkeep import chapter_notebooks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +78,10 @@ def test_each_chapter_gets_a_student_notebook_an_autograder_and_a_readme(built, 
     assert all("'hidden': True" in tests[q.name] and "'hidden': False" in tests[q.name] for q in graded)
     readme = (folder / "README.md").read_text()
     assert f"otter run -a autograder/{name}-autograder.zip" in readme and "Gradescope" in readme
+    # Each question's difficulty and kind, as its prompt gives them.
+    assert "| question | exercise | difficulty | kind | graded | points | tests |" in readme
+    for q in questions:
+        assert f"| {q.name} | {q.number} | {difficulty_text(q)} | {q.kind or ''} |" in readme
 
 
 @pytest.mark.parametrize("name", chapters())
