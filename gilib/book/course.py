@@ -12,6 +12,12 @@ command line of every study), stamped with the commit::
     python -m gilib.book.course run --modes fast --out data/results/chapter_times.jsonl
     python -m gilib.book.course run --modes full --chapters 05_span_check --out ...
     python -m gilib.book.course table data/results/chapter_times.jsonl
+    python -m gilib.book.course workload data/results/chapter_times.jsonl
+
+:func:`workload` turns the table into a student's time per assignment: the
+chapter's measured fast-mode run time, times the runs a student makes
+(:data:`RUNS`), plus a working time per question set by its difficulty
+(:data:`WORK_MINUTES`, a planning figure, not a measurement).
 
 A time is the machine's wall clock for the whole notebook (model loading
 included), so it is a figure for that machine, never a test; the line
@@ -37,6 +43,13 @@ from .executed import execute_chapter
 from .upkeep import chapter_notebooks, chapter_path
 
 MODES = ("fast", "full")
+
+WORK_MINUTES = {1: 10, 2: 25, 3: 45}
+"""Planning minutes a student spends on a question of 1, 2 or 3 stars (★ warm-up, ★★ core,
+★★★ stretch), running included only as far as the question's own cells; a question whose
+prompt gives no stars counts as ★★."""
+RUNS = 3
+"""Times a student executes a whole chapter: reading it, working the exercises, before handing in."""
 
 
 def time_chapter(chapter: str, mode: str) -> list[dict]:
@@ -81,8 +94,11 @@ def questions_table() -> pd.DataFrame:
         questions = parse_questions(nbformat.read(str(path), as_version=4))
         graded = [q for q in questions if not q.manual]
         points = sum(q.points for q in questions)
+        stars = [sum(1 for q in questions if (q.difficulty or 2) == d) for d in (1, 2, 3)]
         rows.append({"chapter": path.stem, "graded": len(graded), "essays": len(questions) - len(graded),
-                     "points": int(points) if float(points).is_integer() else points})
+                     "points": int(points) if float(points).is_integer() else points,
+                     "★ / ★★ / ★★★": " / ".join(map(str, stars)),
+                     "work (min)": sum(WORK_MINUTES[q.difficulty or 2] for q in questions)})
     return pd.DataFrame(rows)
 
 
@@ -101,6 +117,24 @@ def table(path: str | Path) -> pd.DataFrame:
     return questions_table().merge(measured.reset_index(), on="chapter", how="left")
 
 
+def workload(path: str | Path) -> pd.DataFrame:
+    """A student's time per assignment: the chapter run :data:`RUNS` times in fast mode plus the questions' work.
+
+    Returns:
+        One row per chapter: ``questions``, ``★ / ★★ / ★★★`` (questions per
+        difficulty), ``runs (min)`` (RUNS x the measured fast-mode time),
+        ``work (min)`` (:data:`WORK_MINUTES` summed over the questions) and
+        ``total (h)``. A chapter without a measured fast-mode time is missing
+        (NaN), never guessed.
+    """
+    course = table(path)
+    runs = RUNS * course["fast (s)"] / 60
+    return pd.DataFrame({
+        "chapter": course["chapter"], "questions": course["graded"] + course["essays"],
+        "★ / ★★ / ★★★": course["★ / ★★ / ★★★"], "runs (min)": runs,
+        "work (min)": course["work (min)"], "total (h)": (runs + course["work (min)"]) / 60})
+
+
 STUDY = Study(
     name="course",
     description="run times of every chapter in fast and full mode, for the course table",
@@ -113,6 +147,9 @@ STUDY = Study(
                  option("--chapters", nargs="+", help="chapter names without .ipynb (default: all)")),
     tables=(Table("table", "the course table: questions per chapter and run times",
                   lambda args: table(args.results).round(1).to_string(index=False),
+                  (option("results", type=Path, help="the times (data/results/chapter_times.jsonl)"),)),
+            Table("workload", "a student's time per assignment: runs plus work per question",
+                  lambda args: workload(args.results).round(1).to_string(index=False),
                   (option("results", type=Path, help="the times (data/results/chapter_times.jsonl)"),)),),
     parallel=False,
 )

@@ -57,3 +57,31 @@ def test_the_cached_times_cover_every_chapter_in_fast_mode():
     table = course.table(CACHED)
     assert table["fast (s)"].notna().all(), table
     assert (table["fast (s)"] > 0).all()
+
+
+def test_questions_table_counts_difficulties_and_work():
+    table = course.questions_table().set_index("chapter")
+    for path in chapter_notebooks():
+        questions = parse_questions(nbformat.read(str(path), as_version=4))
+        row = table.loc[path.stem]
+        stars = [int(n) for n in row["★ / ★★ / ★★★"].split(" / ")]
+        assert sum(stars) == len(questions)
+        assert row["work (min)"] == sum(course.WORK_MINUTES[q.difficulty or 2] for q in questions)
+
+
+def test_workload_adds_the_runs_to_the_work_and_leaves_unmeasured_chapters_empty(tmp_path):
+    first = chapter_notebooks()[0].stem
+    path = tmp_path / "times.jsonl"
+    path.write_text(json.dumps({"chapter": first, "mode": "fast", "seconds": 60.0}) + "\n")
+    load = course.workload(path).set_index("chapter")
+    row = load.loc[first]
+    assert row["runs (min)"] == course.RUNS * 1.0
+    assert row["total (h)"] == pytest.approx((course.RUNS + row["work (min)"]) / 60)
+    assert load["total (h)"].isna().sum() == len(chapter_notebooks()) - 1
+
+
+def test_the_workload_command_prints_every_chapter():
+    done = subprocess.run([sys.executable, "-m", "gilib.book.course", "workload", str(CACHED)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert all(p.stem in done.stdout for p in chapter_notebooks()) and "total (h)" in done.stdout
