@@ -90,3 +90,31 @@ def test_the_page_names_the_papers_dp_function_and_no_bare_lamp_attack():
     text = PAGE.read_text()
     assert "dpsgd_defense.py" in text and "`main()`" in text and "extract_grads" in text
     assert "cosine (LAMP's objective, no prior)" in text
+
+
+def test_the_headline_rows_took_about_39_minutes_of_attack_time():
+    # README and paper page: "the five rows took about 39 minutes of attack
+    # time on one core without the prior".
+    headline = {("full", "None"), ("layer", "0"), ("layer", "1"), ("attention.query", "0"),
+                ("ffn.intermediate", "2")}
+    seconds = sum(r["seconds"] for name in ("ch2_layers.jsonl", "ch3_components.jsonl") for r in cached(name)
+                  if r["cell"].get("batch_size", 1) == 1
+                  and (r["cell"]["component"], str(r["cell"]["layers"])) in headline)
+    assert round(seconds / 60) == 39
+    assert "about 39 minutes of attack\ntime on one core" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_chapter_4_utility_numbers_are_the_cached_ones():
+    # "kept 0.80 / 0.80 / 0.78 / 0.77 accuracy at sigma 0 / 0.01 / 0.05 / 0.1
+    # and fell to chance (0.51, 0.51) at 0.2 and 0.5, where epsilon is 40 and
+    # 3.1"; "300 steps of batch 32, about a seventh of an epoch".
+    runs = {str(r["noise_multiplier"]): r for r in cached("ch4_utility.jsonl")}
+    accuracy = [f"{runs[s]['accuracy']:.2f}" for s in ("0.0", "0.01", "0.05", "0.1", "0.2", "0.5")]
+    assert accuracy == ["0.80", "0.80", "0.78", "0.77", "0.51", "0.51"]
+    assert (round(runs["0.2"]["epsilon"]), round(runs["0.5"]["epsilon"], 1)) == (40, 3.1)
+    settings = runs["0.0"]["settings"]
+    assert (settings["steps"], settings["batch_size"]) == (300, 32)
+    assert round(1 / (settings["steps"] * runs["0.0"]["sample_rate"])) == 7
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "kept 0.80 / 0.80 / 0.78 / 0.77 accuracy" in text and "fell to chance (0.51, 0.51)" in text
+    assert "300 steps of batch 32, about a seventh of an epoch" in text
