@@ -124,3 +124,19 @@ def test_the_conclusion_fine_tuning_raises_no_selection_and_the_optimisation_att
     table = leakage_table()
     clear = table[(table["attack"] == COSINE) & ~table["shared"].str.startswith("DP")]
     assert len(clear) == 3 and (clear["exact"] <= 0.05).all() and (clear["low"] > 0.3).all()
+
+
+def test_the_readme_last_layer_leaks_least_of_chapter_2s_layers():
+    # "The gradient of any one of layers 0 to 4 ... gives back about half of
+    # the words or more; the last layer leaks least (0.14 below layer 4,
+    # paired interval [0.09, 0.19] over the 30 sentences)".
+    from gilib.studies import grids
+    from tests.claims.cached import cached
+
+    lines = [r for r in cached("ch2_layers.jsonl") if r["cell"].get("batch_size", 1) == 1
+             and r["cell"]["component"] == "layer" and isinstance(r["cell"]["layers"], int)]
+    means = grids.summarize(lines, by=["component", "layers"]).set_index("layers")["rouge1"]
+    assert means.idxmin() == 5 and all(means[layer] >= 0.5 for layer in range(5))
+    gap = grids.marginal_difference(lines, "layers", 4, 5)
+    assert gap["n"] == 30 and (round(gap["difference"], 2), round(gap["low"], 2), round(gap["high"], 2)) == (
+        0.14, 0.09, 0.19)
