@@ -140,3 +140,24 @@ def test_the_readme_last_layer_leaks_least_of_chapter_2s_layers():
     gap = grids.marginal_difference(lines, "layers", 4, 5)
     assert gap["n"] == 30 and (round(gap["difference"], 2), round(gap["low"], 2), round(gap["high"], 2)) == (
         0.14, 0.09, 0.19)
+
+
+def test_the_readme_larger_learning_rate_restores_only_the_cola_sentences():
+    # "A larger learning rate removes it only in part: at lr = 1e-3 the CoLA
+    # sentences' messages give them back exactly, the SST-2 and Rotten
+    # Tomatoes sentences' do not. The optimisation attack keeps ROUGE-1
+    # between 0.41 and 0.49 on every float32 FedAvg row."
+    from tests.claims.cached import cached
+
+    exact = {}
+    for r in cached("ch6_federated.jsonl"):
+        if (r["study"], r["attack"], r["precision"], r["lr"]) == ("protocol", "span check", "float32", 1e-3):
+            exact.setdefault(r["dataset"], []).append(bool(r["exact"]))
+    assert all(exact["cola"]) and not any(exact["sst2"] + exact["rotten_tomatoes"])
+    scores = {}
+    for r in cached("ch6_federated.jsonl"):
+        if (r["study"], r["attack"], r["precision"]) == ("protocol", "optimisation", "float32") \
+                and r["protocol"].startswith("FedAvg"):
+            scores.setdefault(r["lr"], []).append(r["rouge1"])
+    means = [sum(v) / len(v) for v in scores.values()]
+    assert len(means) == 3 and (f"{min(means):.2f}", f"{max(means):.2f}") == ("0.41", "0.49")
