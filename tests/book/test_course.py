@@ -85,3 +85,14 @@ def test_the_workload_command_prints_every_chapter():
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert all(p.stem in done.stdout for p in chapter_notebooks()) and "total (h)" in done.stdout
+
+
+def test_the_course_pages_cpu_claims_hold_for_the_cached_times():
+    # chapters/course.md: "Fast mode ... runs each chapter in about a minute
+    # on two cores"; "With the full settings, chapters 2 to 6 still run on a
+    # CPU ...; chapter 1's full run is the longest."
+    table = course.table(CACHED).set_index("chapter")
+    assert (table["fast (s)"] <= 90).all()
+    full = table["full (min)"]
+    assert full.notna().all() and full.idxmax() == "01_full_model_inversion"
+    assert (full.drop("01_full_model_inversion") < 10).all()
