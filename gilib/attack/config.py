@@ -201,10 +201,17 @@ class SpanConfig:
         beam: the width of the beam search over prefixes (with a verifier
             weight: layer 1's query or value, or layer 0's FFN).
         seed: seeds the searches.
+        time_budget: seconds the whole attack may take, or ``None`` for no
+            limit. Once spent, peeling stops where it is and the attack
+            returns its best partial result, with
+            ``diagnostics.timed_out`` set: every study stays bounded,
+            however hard the batch.
 
     Raises:
         ValueError: for a count that is not a whole number or is below its
-            minimum, or a threshold that is not a finite number above 0.
+            minimum, a threshold that is not a finite number above 0, or a
+            time budget that is not ``None`` or a finite number of seconds
+            above 0.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -213,9 +220,13 @@ class SpanConfig:
     max_effort: int = MAX_EFFORT
     beam: int = BEAM
     seed: int = 0
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         _real(self, "threshold", "greater than 0", lambda v: v > 0)
+        if self.time_budget is not None:
+            _real(self, "time_budget", "of seconds above 0 (or None for no limit)", lambda v: v > 0)
+            object.__setattr__(self, "time_budget", float(self.time_budget))
         for name, least in (("restarts", 1), ("kicks", 0), ("max_effort", 1), ("beam", 1)):
             _whole(self, name, least)
         _whole(self, "seed", 0, maximum=2**63 - 1)  # torch.Generator's seeds are 64-bit

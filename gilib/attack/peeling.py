@@ -16,6 +16,7 @@ cross-entropy), and nothing else.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,6 +74,7 @@ class Peeled:
         uncertain: per sentence, the positions whose check residual stayed
             above :data:`FOUND` (empty for a found sentence).
         rounds: the peeling rounds run.
+        timed_out: whether the time budget ended the peeling early.
     """
 
     ids: torch.Tensor
@@ -80,6 +82,7 @@ class Peeled:
     labels: list[int | None]
     uncertain: list[list[int]]
     rounds: int
+    timed_out: bool = False
 
 
 def peel(
@@ -91,6 +94,8 @@ def peel(
     verifier: str | None,
     lengths: Sequence[int],
     config: SpanConfig = SpanConfig(),
+    *,
+    deadline: float | None = None,
 ) -> Peeled:
     """Recover a batch sentence by sentence, peeling each off the shared gradients.
 
@@ -122,8 +127,11 @@ def peel(
         lengths: the B token counts.
         config: the span check's settings (threshold, restarts, kicks,
             max_effort, beam, seed).
+        deadline: a :func:`time.perf_counter` reading after which the
+            searches stop and the sentences left get their best guesses
+            (``Peeled.timed_out``); ``None`` for no limit.
     """
-    return _Peeler(model, tokenizer, names, shared_grads, weight, verifier, lengths, config).run()
+    return _Peeler(model, tokenizer, names, shared_grads, weight, verifier, lengths, config, deadline).run()
 
 
 class _Peeler:
@@ -138,7 +146,8 @@ class _Peeler:
     (:meth:`_fill_remaining`).
     """
 
-    def __init__(self, model, tokenizer, names, shared_grads, weight, verifier, lengths, config: SpanConfig):
+    def __init__(self, model, tokenizer, names, shared_grads, weight, verifier, lengths, config: SpanConfig,
+                 deadline: float | None = None):
         self.model, self.tokenizer, self.weight, self.verifier, self.config = model, tokenizer, weight, verifier, config
         self.lengths = [int(n) for n in lengths]
         self.batch = len(self.lengths)
@@ -154,24 +163,36 @@ class _Peeler:
         self.peeled: list[torch.Tensor] = []
         self.last: dict[int, tuple[torch.Tensor, float]] = {}  # per length, the best hypothesis met
         self.rounds, self.effort = 0, 1
+        self.deadline, self.timed_out = deadline, False
+
+    def _out_of_time(self) -> bool:
+        """Whether the time budget is spent (and, once it is, say so in the result)."""
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.timed_out = True
+        return self.timed_out
 
     def run(self) -> Peeled:
         check = candidates = None
-        while self.remaining:
+        while self.remaining and not self._out_of_time():
             self.rounds += 1
             left, candidates, layer0, check = self._start_round()
             hits, best = self._beam(check, candidates, left, layer0)
             progress = False
             for h in sorted(hits, key=hits.get):  # every sentence the beam closed, best first
                 progress |= self._take(torch.tensor(h))
-            if not progress and self.verifier is not None:
+            if not progress and self.verifier is not None and not self._out_of_time():
                 progress = self._sweep(check, candidates, left, best)
-            if not progress and (self.verifier is None or self.effort == self.config.max_effort):
+            if not progress and (self.verifier is None or self.effort == self.config.max_effort) \
+                    and not self._out_of_time():
                 progress = self._local_search(check, candidates, left, best)
             if not self._next_effort(progress):
                 break
+        if check is None:  # out of time before the first round: candidates and a check for the guesses
+            left, candidates, _, check = self._start_round()
         self._fill_remaining(check, candidates)
-        return Peeled(self.ids, self.found, self.labels, self.uncertain, self.rounds)
+        # Out of time only counts if it left sentences unfound.
+        return Peeled(self.ids, self.found, self.labels, self.uncertain, self.rounds,
+                      self.timed_out and bool(self.remaining))
 
     def _start_round(self):
         """``(lengths left, candidate sets, layer-0 residuals, check)`` from what is left of the gradients."""
@@ -193,7 +214,7 @@ class _Peeler:
         if self.verifier is None:
             return {}, {}
         hits, best = beam_search(check, candidates, left, self.tokenizer, width=self.config.beam * self.effort,
-                                 layer0=layer0)
+                                 layer0=layer0, stop=self._out_of_time)
         for n, (h, loss) in best.items():
             self.last[n] = (h, loss)
         return hits, best
@@ -201,9 +222,12 @@ class _Peeler:
     def _sweep(self, check, candidates, left, best) -> bool:
         """Sweeps, forth and back, from the beam's best of each length, shortest first."""
         for n in sorted(set(left)):
+            if n not in best:  # the beam ran out of time before this length
+                continue
             h, loss = best[n]
             for reverse in (False, True):
-                h, loss = sweep(check, candidates, h, width=self.config.beam * self.effort, reverse=reverse)
+                h, loss = sweep(check, candidates, h, width=self.config.beam * self.effort, reverse=reverse,
+                                stop=self._out_of_time)
                 if loss < self.last[n][1]:
                     self.last[n] = (h, loss)
                 if loss < FOUND:
@@ -218,7 +242,7 @@ class _Peeler:
         for n in sorted(set(left)):
             h, loss = search_sentence(n, candidates, check, self.tokenizer, self.generator,
                                       restarts=cfg.restarts * self.effort, kicks=cfg.kicks * self.effort,
-                                      avoid=self.peeled, start=best.get(n, (None,))[0])
+                                      avoid=self.peeled, start=best.get(n, (None,))[0], stop=self._out_of_time)
             if loss < self.last.get(n, (None, math.inf))[1]:
                 self.last[n] = (h, loss)
             if loss < 100 * FOUND and self._take(h):
@@ -258,7 +282,7 @@ class _Peeler:
             n = self.lengths[i]
             h, _ = self.last.get(n) or search_sentence(n, candidates, check, self.tokenizer, self.generator,
                                                        restarts=self.config.restarts, kicks=self.config.kicks,
-                                                       avoid=self.peeled)
+                                                       avoid=self.peeled, stop=self._out_of_time)
             self.ids[i, :n] = h
             per_position = check.position_residuals(h[None])[0]
             self.uncertain[i] = [p + 1 for p, r in enumerate(per_position.tolist()) if r >= FOUND]

@@ -48,6 +48,9 @@ class SpanDiagnostics:
             (``None`` where it was not found; the list is ``None`` at batch size 1).
         uncertain: per sentence of a batch, the positions whose check
             residual stayed high (empty for a verified one; ``None`` at batch size 1).
+        timed_out: whether the attack's time budget
+            (:attr:`SpanConfig.time_budget <gilib.attack.SpanConfig>`) ended
+            peeling before every sentence was found.
     """
 
     weight: str
@@ -59,6 +62,7 @@ class SpanDiagnostics:
     found: list[bool] | None = None
     labels: list[int | None] | None = None
     uncertain: list[list[int]] | None = None
+    timed_out: bool = False
 
 
 @dataclass

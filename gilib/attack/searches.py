@@ -22,7 +22,7 @@ Every search scores hypotheses with a :class:`~gilib.attack.checks.SentenceCheck
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -58,6 +58,7 @@ def search_sentence(
     found: float = FOUND,
     avoid: Sequence[torch.Tensor] = (),
     start: torch.Tensor | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One sentence of ``length`` tokens, by iterated local search over the candidates.
 
@@ -84,10 +85,13 @@ def search_sentence(
         found: loss under which the search stops.
         avoid: sentences already peeled; a search ending on one counts as failed.
         start: the first start's hypothesis (e.g. the beam's best); random when ``None``.
+        stop: called between steps; once it returns ``True`` the search
+            ends with the best hypothesis so far (a time budget).
 
     Returns:
         ``(ids, loss)``: the best ``(length,)`` hypothesis and its loss.
     """
+    stopped = stop if stop is not None else (lambda: False)
     options = [list(c) for c in candidates[: length - 2]]
     ends = (tokenizer.cls_token_id, tokenizer.sep_token_id)
     token_ids = torch.tensor([v for c in options for v in c])
@@ -105,7 +109,7 @@ def search_sentence(
 
     def descend(h: torch.Tensor, current: float) -> tuple[torch.Tensor, float]:
         for _ in range(4 * length):
-            if current < found:
+            if current < found or stopped():
                 break
             trials = []
             if check.local is not None:
@@ -144,7 +148,7 @@ def search_sentence(
             h = draw(torch.tensor([ends[0]] + [0] * (length - 2) + [ends[1]]), interior)
         h, current = descend(h, float(check.loss(h[None])[0]))
         for _ in range(kicks):
-            if current < found and not any(torch.equal(h, a) for a in avoid):
+            if current < found and not any(torch.equal(h, a) for a in avoid) or stopped():
                 break
             # Kick where the check says the hypothesis is wrong: positions drawn by their residual.
             weights = check.position_residuals(h[None])[0].clamp_min(1e-12)
@@ -154,7 +158,7 @@ def search_sentence(
                 h, current = kicked, kicked_loss
         if current < best_loss and not any(torch.equal(h, a) for a in avoid):
             best, best_loss = h, current
-        if best_loss < found:
+        if best_loss < found or stopped():
             break
     if best is None:
         best, best_loss = h, current
@@ -170,6 +174,7 @@ def beam_search(
     width: int = BEAM,
     layer0: torch.Tensor | None = None,
     found: float = FOUND,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[tuple[int, ...], float], dict[int, tuple[torch.Tensor, float]]]:
     """Sentences of every length at once, left to right, from one beam of prefixes.
 
@@ -193,6 +198,8 @@ def beam_search(
             (:func:`~gilib.attack.rowspace.check_positions`): the newest token's
             adds :data:`LAYER0_WEIGHT` times its logarithm to the score.
         found: mean residual under which a closed prefix is a sentence.
+        stop: called before each position; once it returns ``True`` the
+            search ends (``best`` then lacks the lengths not reached).
 
     Returns:
         ``(hits, best)``: every closed prefix under ``found`` with its loss,
@@ -205,6 +212,8 @@ def beam_search(
     hits: dict[tuple[int, ...], float] = {}
     best: dict[int, tuple[torch.Tensor, float]] = {}
     for k in range(1, lengths[-1] - 1):
+        if stop is not None and stop():
+            break
         options = torch.tensor(list(candidates[k - 1]))
         prior = torch.zeros(len(options), dtype=torch.float64)
         if layer0 is not None:
@@ -260,6 +269,7 @@ def sweep(
     width: int = BEAM,
     reverse: bool = False,
     found: float = FOUND,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """A beam over one whole sentence, position by position, from a start hypothesis.
 
@@ -278,6 +288,8 @@ def sweep(
         width: hypotheses kept.
         reverse: sweep from the last position to the first.
         found: loss under which the sweep stops.
+        stop: called before each position; once it returns ``True`` the
+            sweep ends with the best hypothesis met.
 
     Returns:
         ``(ids, loss)``: the best ``(n,)`` hypothesis met and its loss.
@@ -288,7 +300,7 @@ def sweep(
     best, best_loss = beams[0], float(residuals.mean())
     positions = range(n - 2, 0, -1) if reverse else range(1, n - 1)
     for p in positions:
-        if best_loss < found:
+        if best_loss < found or (stop is not None and stop()):
             break
         options = torch.tensor(list(candidates[p - 1]))
         cheap = torch.stack([r.sum() - r[p - 1] + check.local(h, options, torch.full_like(options, p))

@@ -137,9 +137,10 @@ def span_attack(
         chosen and first rejected residual, each interior position's
         candidate tokens, and for a batch the peeling rounds, ``found``
         (each sentence verified by peeling), ``labels`` (the label each
-        one's peeling showed) and ``uncertain`` (each unverified sentence's
-        positions whose check residual stayed high): where a batch is not
-        fully resolved, the result is the best partial assembly.
+        one's peeling showed), ``uncertain`` (each unverified sentence's
+        positions whose check residual stayed high) and ``timed_out``
+        (``config.time_budget`` ran out): where a batch is not fully
+        resolved, the result is the best partial assembly.
 
     Raises:
         TypeError: if ``update`` is not a :class:`~gilib.update.SharedUpdate`
@@ -175,7 +176,9 @@ def span_attack(
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
     else:
         verifier = verifier_weight(model, selection)
-        peeled = peel(model, tokenizer, selection.names, shared_grads, name, verifier, lengths, cfg)
+        deadline = None if cfg.time_budget is None else start + cfg.time_budget
+        peeled = peel(model, tokenizer, selection.names, shared_grads, name, verifier, lengths, cfg,
+                      deadline=deadline)
         ids = peeled.ids
         guessed = [y if y is not None else (int(labels[i]) if labels is not None else 0)
                    for i, y in enumerate(peeled.labels)]
@@ -183,6 +186,7 @@ def span_attack(
         diagnostics.verifier = verifier or f"{name} (output gradients)"
         diagnostics.rounds, diagnostics.found = peeled.rounds, peeled.found
         diagnostics.labels, diagnostics.uncertain = peeled.labels, peeled.uncertain
+        diagnostics.timed_out = peeled.timed_out
     seconds = time.perf_counter() - start
     token_ids = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
     return AttackResult(

@@ -175,6 +175,27 @@ def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(
     assert [len(t) for t in result.token_ids] == update.lengths
 
 
+def test_a_spent_time_budget_returns_the_best_partial_batch_and_says_so(minilm):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:8])
+    # A budget the candidate check alone exceeds: peeling stops before its first sentence.
+    result = span_attack(model, tokenizer, update, selection, SpanConfig(seed=1, time_budget=1e-6))
+    assert result.diagnostics.timed_out and result.diagnostics.rounds == 0
+    assert result.diagnostics.found == [False] * 8 and result.diagnostics.labels == [None] * 8
+    assert [len(t) for t in result.token_ids] == update.lengths  # a whole guess per sentence
+    assert result.config["time_budget"] == 1e-6
+    # Unlimited, the same batch comes back whole and the flag stays down.
+    full = span_attack(model, tokenizer, update, selection, SpanConfig(seed=1))
+    assert not full.diagnostics.timed_out and full.diagnostics.found == [True] * 8
+    assert sorted(full.token_ids) == sorted(true_token_ids(true_batch))
+    # A budget that ends mid-peeling keeps what it verified: found sentences are true ones.
+    partial = span_attack(model, tokenizer, update, selection,
+                          SpanConfig(seed=1, time_budget=0.6 * full.seconds))
+    truth = {tuple(t) for t in true_token_ids(true_batch)}
+    assert all(tuple(t) in truth for t, ok in zip(partial.token_ids, partial.diagnostics.found) if ok)
+    assert partial.diagnostics.timed_out == (not all(partial.diagnostics.found))
+
+
 def test_the_enumeration_baseline_finds_a_batch_of_two(minilm):
     model, tokenizer = minilm
     selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:2])

@@ -148,6 +148,11 @@ def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
     ([8], None, dict(seed=-1), "seed must be at least 0"),
     ([8], None, dict(threshold=0.0), "threshold must be a finite number greater than 0"),
     ([8], None, dict(threshold=math.nan), "threshold must be a finite number greater than 0"),
+    ([8], None, dict(time_budget=0), "time_budget must be a finite number of seconds above 0"),
+    ([8], None, dict(time_budget=-5.0), "time_budget must be a finite number of seconds above 0"),
+    ([8], None, dict(time_budget=math.nan), "time_budget must be a finite number of seconds above 0"),
+    ([8], None, dict(time_budget=True), "time_budget must be a finite number of seconds above 0"),
+    ([8], None, dict(time_budget="60"), "time_budget must be a finite number of seconds above 0"),
 ])
 def test_bad_lengths_labels_and_settings_are_refused_clearly(minilm, lengths, labels, settings, message):
     model, tokenizer = minilm
