@@ -119,3 +119,82 @@ def test_chapter5_chapter_4s_noise_levels_leave_nothing_of_the_span():
     assert (noisy["noise"] / (384 * noisy.index * noisy["clip"])).tolist() == pytest.approx([1.0] * len(noisy), rel=0.01)
     assert (levels.loc[levels.index >= 0.01, "accuracy"] == 0).all()
     assert (dp.loc[dp["noise_multiplier"] >= 0.01, "gap"] <= 0).all()
+
+
+# --- Rankings the prose states, each on a paired bootstrap over the same sentences or batches ---
+
+
+def _paired_low(differences) -> float:
+    from gilib.metrics import bootstrap_interval
+
+    return bootstrap_interval(list(differences))[0]
+
+
+def test_chapter5_the_span_check_beats_optimisation_on_every_weight_paired():
+    # "The gain in ROUGE-1 (span check minus optimisation, sentence by
+    # sentence; the table gives its 95 % bootstrap interval) excludes zero on
+    # every weight."
+    span = span_lines("comparison")
+    optimisation = {(r["cell"]["component"], r["dataset"], r["row_id"]): r["rouge1"]
+                    for r in cached("ch3_components.jsonl")
+                    if r["cell"]["layers"] == 0 and r["cell"].get("batch_size", 1) == 1}
+    for weight, part in span.groupby("component"):
+        gains = [row.rouge1 - optimisation[(weight, row.dataset, row.row_id)] for row in part.itertuples()]
+        assert len(gains) == 12
+        assert _paired_low(gains) > 0, weight
+
+
+def _accuracy_by_sentence():
+    components = span_lines("components")
+    usable = components[components["applicable"]]
+    return usable.pivot_table(index=["dataset", "row_id"], columns=["layers", "component"],
+                              values="token_accuracy")
+
+
+def test_chapter5_layer_0s_first_ffn_weight_is_the_closest_other_weight():
+    # "The closest is layer 0's ffn.intermediate": above every other weight
+    # but layer 0's query, paired over the same sentences.
+    table = _accuracy_by_sentence()
+    best = table[(0, "ffn.intermediate")]
+    for column in table.columns:
+        if column not in ((0, "ffn.intermediate"), (0, "attention.query")):
+            assert _paired_low(best - table[column]) > 0, column
+
+
+def test_chapter5_the_smallest_residual_fades_with_depth_layer_by_layer():
+    # "it fades with depth: each layer's accuracy lies below the one before,
+    # a paired interval over the same sentences excluding zero each time".
+    table = _accuracy_by_sentence()
+    queries = [table[(layer, "attention.query")] for layer in (1, 2, 3, 4)]
+    for upper, lower in zip(queries, queries[1:]):
+        assert _paired_low(upper - lower) > 0
+
+
+def test_chapter5_peeling_beats_enumeration_at_every_size_both_ran():
+    # "Over the same batches, the paired gain of peeling over enumeration
+    # excludes zero at every size both ran"; "DAGER's enumeration ... none
+    # from 4 on".
+    batches = span_lines("batch")
+    batches = batches[~batches["refused"]].assign(batch=lambda t: t["dataset"] + t["row_ids"].astype(str))
+    peel = batches[batches["method"] == "peel, layer 0+1"].set_index(["batch_size", "batch"])["exact"]
+    enum = batches[batches["method"] == "enumerate, layer 0+1"].set_index(["batch_size", "batch"])["exact"]
+    assert set(enum.index.get_level_values(0)) == {2, 4, 8}
+    for size in (2, 4, 8):
+        gains = peel.loc[size] - enum.loc[size].reindex(peel.loc[size].index)
+        assert gains.notna().all() and len(gains) == 6
+        assert _paired_low(gains) > 0, size
+    assert (enum.loc[[4, 8]] == 0).all()
+
+
+def test_chapter5_dp_noise_breaks_the_check_interval_and_all():
+    # "Already at sigma = 1e-6 it names only 85% of the tokens, and token
+    # accuracy falls below one half from sigma = 1e-05 on, the whole
+    # interval with it."
+    from gilib.metrics import bootstrap_interval
+
+    dp = span_lines("dp")
+    bounds = {s: bootstrap_interval(g["token_accuracy"]) for s, g in dp.groupby("noise_multiplier")}
+    assert bounds[0.0] == (1.0, 1.0)
+    assert bounds[1e-6][1] < 1.0
+    half = min(s for s, g in dp.groupby("noise_multiplier") if g["token_accuracy"].mean() < 0.5)
+    assert all(high < 0.5 for s, (low, high) in bounds.items() if s >= half)
