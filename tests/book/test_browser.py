@@ -12,6 +12,11 @@ For every page of ``_toc.yml`` it checks that
   non-empty, and the math is typeset;
 * every internal link resolves, to a file that exists and, for a link with
   a ``#fragment``, to an element with that id;
+* every image has alt text that says something (never empty, never a file
+  name such as myst-nb's hashed ``<sha>.png``), and every image a notebook
+  cell drew sits in a ``<figure>`` with a caption;
+* no page shows the Colab install cell (it is tagged ``remove-cell``);
+* the way-in, paper-comparison and course pages are among the pages visited;
 
 and it saves a full-page screenshot of each page to ``_build/screenshots/``
 (not committed), the test's artifact.
@@ -23,6 +28,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -127,12 +133,20 @@ _COLLECT = """() => {
     src: img.currentSrc || img.src, complete: img.complete,
     width: img.naturalWidth, height: img.naturalHeight,
     figure: !!img.closest('.cell_output, figure'),
+    alt: img.getAttribute('alt'),
+    output: !!img.closest('.cell_output'),
+    captioned: (() => {
+      const fig = img.closest('figure');
+      const caption = fig && fig.querySelector('figcaption');
+      return !!(caption && caption.textContent.trim());
+    })(),
   }));
+  const text = document.body ? document.body.textContent : '';
   const links = Array.from(document.querySelectorAll('a[href]')).map(a => a.href);
   const ids = Array.from(document.querySelectorAll('[id]')).map(e => e.id);
   const math = document.querySelectorAll('.math').length;
   const typeset = document.querySelectorAll('mjx-container').length;
-  return {images, links, ids, math, typeset};
+  return {images, links, ids, math, typeset, text};
 }"""
 
 
@@ -179,7 +193,7 @@ def visits(server, browser):
         seen = _watch(page, server)
         shot = SCREENSHOTS / f"{page_name.replace('/', '__')}.png"
         visit = {"status": None, "load_error": None, "shot": shot, "images": [], "links": [], "ids": [],
-                 "math": 0, "typeset": 0}
+                 "math": 0, "typeset": 0, "text": ""}
         try:
             response = page.goto(f"{server}/{page_name}.html", wait_until="load", timeout=60_000)
             visit["status"] = response.status if response else None
@@ -294,3 +308,65 @@ def test_exercises_show_the_prompt_and_hide_the_grading(chapter):
         for test in q.public + q.hidden:
             asserts = [line.strip() for line in test.splitlines() if line.strip().startswith("assert ")]
             assert not any(line in page for line in asserts), (chapter, q.name, asserts)
+
+
+NEW_PAGES = ("chapters/primer", "chapters/paper", "chapters/course")
+"""The pages issue 24 added: a way in, the paper comparison, the course."""
+
+FILE_NAME_ALT = re.compile(r"^[0-9a-f]{16,}\.(png|svg|jpe?g|gif)$", re.IGNORECASE)
+"""myst-nb's default alt text for a cell's image: the hashed file name."""
+
+INSTALL_CELL_TEXT = "clone the book's repository and install gilib"
+"""A phrase of the Colab install cell (gilib.book.upkeep.colab_install_source), never on a page."""
+
+
+def test_the_new_pages_are_visited(visits):
+    for page in NEW_PAGES:
+        assert page in PAGES, f"{page} is not in _toc.yml"
+        assert visits[page]["status"] == 200 and visits[page]["load_error"] is None, page
+
+
+def _alt_problem(alt: str | None) -> str | None:
+    """Why an image's alt text tells a reader nothing, or None when it is fine."""
+    text = (alt or "").strip()
+    if not text:
+        return "empty alt"
+    if FILE_NAME_ALT.match(text) or text.lower().endswith((".png", ".svg", ".jpg", ".jpeg", ".gif")):
+        return "a file name"
+    return None
+
+
+def test_alt_problem_recognises_file_names():
+    # A guard on the guard below: myst-nb's hashed names and plain file names are refused.
+    assert _alt_problem("3e5ec46cdc336e486ae30bd420755a626d27daebc33510c70b23d9f6079d94c8.png") == "a file name"
+    assert _alt_problem("../docs/threat_model.png") == "a file name"
+    assert _alt_problem("  ") == "empty alt" and _alt_problem(None) == "empty alt"
+    assert _alt_problem("Horizontal bars of mean ROUGE-1 per row.") is None
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_image_has_alt_text_that_says_what_it_shows(visits, page):
+    bad = [(img["src"].rsplit("/", 1)[-1], img["alt"], _alt_problem(img["alt"]))
+           for img in visits[page]["images"] if _alt_problem(img["alt"])]
+    assert bad == [], f"{page}: images whose alt text is empty or a file name"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_notebook_figure_is_a_captioned_figure(visits, page):
+    uncaptioned = [img["src"].rsplit("/", 1)[-1] for img in visits[page]["images"]
+                   if img["output"] and not img["captioned"]]
+    assert uncaptioned == [], (
+        f"{page}: cell outputs drawn without a numbered, captioned figure "
+        "(give the cell mystnb figure metadata: name and caption)"
+    )
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_page_shows_the_install_cell(visits, page):
+    from gilib.book.upkeep import colab_install_source
+
+    assert INSTALL_CELL_TEXT in colab_install_source(), "the install cell's wording changed: update INSTALL_CELL_TEXT"
+    text = " ".join(visits[page]["text"].replace("\u2019", "'").split())
+    assert visits[page]["load_error"] is None, page
+    assert INSTALL_CELL_TEXT not in text, f"{page} shows the Colab install cell"
+    assert "REPO_URL =" not in text, f"{page} shows the Colab install cell's code"
