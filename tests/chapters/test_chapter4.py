@@ -69,21 +69,68 @@ def test_chapter4_only_the_top_of_the_range_gives_a_single_digit_epsilon(ch4):
 
 
 def test_chapter4_the_deployed_setting_is_one_setting_for_privacy_utility_and_leakage(ch4):
-    # "Without noise the recipe reaches 0.81 accuracy ... At sigma = 0.01 the accuracy ... stays inside the
-    # baseline's interval and the attack recovers at most a stray word at 1, 4 or 8 sentences per client,
-    # but epsilon is 1.63e+05 ... At sigma = 0.5 ... epsilon = 4.5, and the model falls to 0.51, chance."
+    # "At sigma = 0.01 the accuracy stays inside the no-noise baseline's interval and the attack recovers
+    # at most a stray word at every batch size, but epsilon is 1.63e+05 ... At sigma = 0.5 the same 30
+    # steps give epsilon = 4.5, and the model falls to chance" (the no-noise recipe is above 0.75).
     assert ch4["deployed_accuracy_sigma0"] > 0.75 and ch4["deployed_epsilon_sigma0"] is None
     assert ch4["deployed_epsilon_sigma0.01"] > 1e4 and ch4["deployed_epsilon_sigma0.5"] < 10
     assert ch4["deployed_accuracy_sigma0.5"] < 0.55
     for size in (1, 4, 8):
         assert ch4[f"rouge1_b{size}_sigma0.01"] <= NOTHING
-    # "the privatised gradient's cosine with the raw one rises from ... at one sentence to ... at 4 and ... at 8"
-    assert ch4["cosine_b1_sigma0.01"] < ch4["cosine_b4_sigma0.01"] < ch4["cosine_b8_sigma0.01"] < 0.2
+    # "the privatised gradient's mean cosine with the raw one rises from ... at one sentence to ... at 4
+    # ... and ... at 8 (two batches, too few to rank against 4), still far below what the attack needs"
+    assert ch4["cosine_b1_sigma0.01"] < min(ch4["cosine_b4_sigma0.01"], ch4["cosine_b8_sigma0.01"])
+    assert max(ch4["cosine_b4_sigma0.01"], ch4["cosine_b8_sigma0.01"]) < 0.2
     assert ch4["deployed_trained_millions"] == ch4["full_numel_millions"]
 
 
 def test_chapter4_a_central_dp_server_sees_what_the_raw_gradient_shows(ch4):
-    # "The server's view leaks as the raw gradient does: ROUGE-1 ... against ... for chapter 3's attack ...;
-    # their paired difference ... is a rerun's spread."
+    # "The server's view leaks as the raw gradient does: ROUGE-1 ... against ... for chapter 3's attack ...,
+    # and the paired bootstrap interval of their difference contains zero".
     assert ch4["central_rouge1_attention_query_0"] >= LARGE_PART
     assert ch4["central_minus_raw_low_attention_query_0"] <= 0 <= ch4["central_minus_raw_high_attention_query_0"]
+
+
+def page_problems(name: str) -> list[str]:
+    """What breaks the book's page rules in a chapter's source (no execution needed).
+
+    Markdown cells of at most 250 words; code lines under 80 characters in
+    every visible cell; record(...) only in cells tagged remove-cell; every
+    cell that draws a figure has a named, captioned figure with alt text,
+    and the prose refers to it with {numref} after it.
+    """
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    nb = nbformat.read(str(Path(__file__).resolve().parents[2] / "chapters" / f"{name}.ipynb"), 4)
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        tags = cell.metadata.get("tags", [])
+        if cell.cell_type == "markdown" and len(cell.source.split()) > 250:
+            problems.append(f"cell {i}: {len(cell.source.split())} words")
+        if cell.cell_type != "code":
+            continue
+        hidden = "remove-cell" in tags
+        if not hidden:
+            problems += [f"cell {i}: a line of {len(line)} characters" for line in cell.source.split("\n")
+                         if len(line) >= 80]
+        if re.search(r"^\s*record(_all)?\(", cell.source, re.MULTILINE) and not hidden:
+            problems.append(f"cell {i}: record(...) in a visible cell")
+        draws = re.search(r"plt\.subplots|plots\.(noise_curves|batch_curves|batch_panels|heatmap)", cell.source)
+        figure = cell.metadata.get("mystnb", {}).get("figure", {})
+        alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
+        if draws:
+            if not (figure.get("name") and figure.get("caption") and len(alt.split()) >= 10):
+                problems.append(f"cell {i}: a figure without name, caption or alt text")
+            later = "\n".join(c.source for c in nb.cells[i + 1:] if c.cell_type == "markdown")
+            if f"{{numref}}`{figure.get('name')}`" not in later:
+                problems.append(f"cell {i}: no {{numref}} to {figure.get('name')} after the figure")
+    return problems
+
+
+def test_chapter4_page_rules():
+    # Issue 24: short cells, code that fits the page, record plumbing hidden, numbered captioned figures
+    # with alt text, each explained after it.
+    assert page_problems("04_dp_defence") == []
