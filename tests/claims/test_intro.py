@@ -31,7 +31,14 @@ def test_the_summary_paragraph_quotes_the_summary_table(table):
     # "every one of its 12 sentences exactly": all of them, and that many.
     assert span["exact"] == 1.0
     assert f"every one of its {span['sentences']} sentences exactly" in prose
-    # "What a DP-SGD client sends leaves the optimisation attack nothing."
+    # "What a DP-SGD client sends, even at the smallest noise of chapter 4's grid, leaves the
+    # optimisation attack next to nothing."
+    from gilib.book.summary import DP_SIGMA
+    from gilib.data import repo_root
+    from gilib.studies.store import read_lines
+
+    sigmas = {l["cell"]["dp"]["noise_multiplier"] for l in read_lines(repo_root() / "data/results/ch4_dp.jsonl")}
+    assert DP_SIGMA == min(s for s in sigmas if s > 0)
     dp = table[table["shared"].str.startswith("DP-SGD's message")]
     assert len(dp) == 2 and (dp["rouge1"].round(2) == 0).all() and (dp["exact"] == 0).all()
 
