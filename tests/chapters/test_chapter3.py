@@ -77,3 +77,15 @@ def test_chapter3_over_24_real_sentences(ch3):
     shared = grids.on_shared_sentences(list(cached("ch3_components.jsonl")))
     assert len({(r["dataset"], r["row_id"]) for r in shared}) == 24
     assert {r["dataset"] for r in cached("ch3_components.jsonl")} == DATASETS
+
+
+def test_chapter3_records_the_paired_comparisons_with_layer_0s_query(ch3):
+    # "its key, its value and both feed-forward weights give back more words,
+    # and its attention output cannot be told apart from it ... its key [of
+    # the last layer] cannot be told apart from layer 0's query"; exercise
+    # 6's reveal lies above zero (answer "a").
+    for tag in ("attention_key_0", "attention_value_0", "ffn_intermediate_0", "ffn_output_0"):
+        assert ch3[f"vs_query0_{tag}_low"] > 0, tag
+    for tag in ("attention_output_0", "attention_key_5", "attention_value_5"):
+        assert ch3[f"vs_query0_{tag}_low"] <= 0 <= ch3[f"vs_query0_{tag}_high"], tag
+    assert 0 < ch3["q6_low"] < ch3["q6_difference"]
