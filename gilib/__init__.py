@@ -50,6 +50,7 @@ _FLOW = {
     "DPSGD": "client",
     "CentralDP": "client",
     "FedAvg": "client",
+    "AdamW": "client",
     "optimization_attack": "attack",
     "AttackConfig": "attack",
     "span_attack": "attack",

@@ -20,7 +20,12 @@ partial-gradient paper (Li, Xu and Dras, EMNLP 2024). Four protocols:
 * :class:`FedAvg`: ``E`` local SGD steps on the batch (McMahan et al.,
   AISTATS 2017); the client sends the weight difference, which the server
   divides by the public ``lr * E`` (the mean local gradient; the gradient
-  itself at ``E = 1``).
+  itself at ``E = 1``);
+* :class:`AdamW`: ``E`` local AdamW steps (Loshchilov and Hutter, ICLR
+  2019), how transformers are fine-tuned; the client sends the weight
+  difference over ``lr * E`` as for FedAvg. One step is an elementwise,
+  invertible map of the gradient, which the server undoes with
+  :meth:`AdamW.gradient` (weight decay and every setting are public).
 
 Every chapter, study, benchmark and test computes a client's update here.
 The client's truth stays with the caller: it reaches the metrics, never an
@@ -42,6 +47,8 @@ from .update import SharedUpdate, check_labels
 
 READINGS = ("privatised", "raw")
 PRECISIONS = ("float32", "float64")
+ADAMW_PRECISIONS = ("float32", "bfloat16", "float64")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,100 @@ class FedAvg:
             raise ValueError(f"Unknown precision {self.precision!r}: use 'float32' or 'float64'.")
 
 
-Protocol = Union[None, DPSGD, CentralDP, FedAvg]
-"""``None`` for the plain gradient, else a :class:`DPSGD`, :class:`CentralDP` or :class:`FedAvg`."""
+def _positive_number(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive number, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """A client that fine-tunes with ``local_steps`` full-batch AdamW steps.
+
+    The message is ``(theta_0 - theta_E) / (lr * E)`` on the selection, as
+    for :class:`FedAvg`. Torch's AdamW step from ``theta`` with gradient
+    ``g`` is ``theta - lr * weight_decay * theta - lr * m_hat / (sqrt(v_hat)
+    + eps)``; after one step ``m_hat = g`` and ``v_hat = g^2``, so the
+    message is ``weight_decay * theta_0 + g / (|g| + eps)``, elementwise and
+    invertible (:meth:`gradient`). After several steps the moments mix the
+    steps' gradients and no elementwise map undoes them.
+
+    Attributes:
+        local_steps: ``E``, full-batch AdamW steps (at least 1).
+        lr: the local learning rate (transformers are fine-tuned at 2e-5
+            to 5e-5).
+        betas: AdamW's moment decays, each in ``[0, 1)``.
+        eps: the term added to the root of the second moment (positive).
+        weight_decay: decoupled weight decay (0 or more), public like the
+            other settings.
+        precision: the local model's and optimizer's dtype: ``"float32"``,
+            ``"bfloat16"`` (as LLM fine-tuning recipes train: 8 bits of
+            mantissa) or ``"float64"`` (a control without rounding). The
+            message is sent in the model's dtype.
+    """
+
+    local_steps: int = 1
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
+            raise ValueError(f"AdamW needs local_steps >= 1 (a whole number), got {self.local_steps!r}.")
+        _positive_number(self.lr, "AdamW's learning rate")
+        _positive_number(self.eps, "AdamW's eps")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
+        if betas is None or len(betas) != 2 or not all(
+                not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"AdamW's betas must be two numbers in [0, 1), got {self.betas!r}.")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+            raise ValueError(f"AdamW's weight_decay must be a number of at least 0, got {wd!r}.")
+        if self.precision not in ADAMW_PRECISIONS:
+            raise ValueError(f"Unknown precision {self.precision!r}: use one of {', '.join(ADAMW_PRECISIONS)}.")
+
+    def gradient(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
+        """The server's inversion of one AdamW step: the client's gradient, from its message.
+
+        ``u = message - weight_decay * theta_0 = g / (|g| + eps)``, so
+        ``g = sign(u) * eps * |u| / (1 - |u|)``. Only entries with ``|u| <
+        1`` are invertible: where rounding pushed ``|u|`` to 1 or past it
+        (a gradient much larger than ``eps``, whose step rounds to the
+        learning rate itself), the magnitude is lost and the entry is set
+        to the largest magnitude the others show, with its sign. Computed in
+        float64 and returned in the model's dtype.
+
+        Args:
+            update: the client's message (``client_update(..., AdamW(...)).shared``).
+            model: the model the round started from (``theta_0``), as the server holds it.
+            selection: the selection the message covers.
+
+        Returns:
+            The update with its tensors replaced by the gradients.
+
+        Raises:
+            ValueError: for a message of several local steps (the moments
+                then mix the steps' gradients).
+        """
+        if self.local_steps != 1:
+            raise ValueError(f"Only one AdamW step is invertible elementwise; this client took "
+                             f"{self.local_steps}. Attack the message itself, or use local_steps=1.")
+        grads = []
+        for message, start in zip(update.shared_grads, selection.parameters(model)):
+            u = message.double() - self.weight_decay * start.detach().double()
+            inside = u.abs() < 1
+            magnitude = torch.where(inside, self.eps * u.abs() / (1 - u.abs().clamp(max=1 - 1e-16)),
+                                    torch.zeros_like(u))
+            ceiling = magnitude.max() if inside.any() else torch.tensor(1.0, dtype=u.dtype)
+            magnitude = torch.where(inside, magnitude, ceiling)
+            grads.append((u.sign() * magnitude).to(message.dtype))
+        return update._replace(shared_grads=grads)
+
+
+Protocol = Union[None, DPSGD, CentralDP, FedAvg, AdamW]
+"""``None`` for the plain gradient, else a :class:`DPSGD`, :class:`CentralDP`, :class:`FedAvg` or :class:`AdamW`."""
 
 
 @dataclass
@@ -171,7 +270,7 @@ def client_update(
         true_batch: ``input_ids``, ``attention_mask`` ``(B, T)`` and
             ``labels`` ``(B,)``, as :func:`gilib.models.encode` returns them.
         protocol: ``None`` (the plain gradient), :class:`DPSGD`,
-            :class:`CentralDP` or :class:`FedAvg`.
+            :class:`CentralDP`, :class:`FedAvg` or :class:`AdamW`.
 
     Returns:
         A :class:`ClientUpdate`; its ``shared`` is the server's message.
@@ -196,25 +295,34 @@ def client_update(
         step = dp_sgd_step(model, selection, true_batch, noise_multiplier=0.0,
                            max_grad_norm=protocol.max_grad_norm, seed=protocol.seed)
         return ClientUpdate(SharedUpdate(step.privatised, labels, lengths), dp=step)
-    if isinstance(protocol, FedAvg):
+    if isinstance(protocol, (FedAvg, AdamW)):
         return ClientUpdate(SharedUpdate(_local_training(model, selection, true_batch, protocol), labels, lengths))
-    raise ValueError(f"Unknown protocol {protocol!r}: pass None (plain gradient), DPSGD(...), CentralDP(...) "
-                     f"or FedAvg(...).")
+    raise ValueError(f"Unknown protocol {protocol!r}: pass None (plain gradient), DPSGD(...), CentralDP(...), "
+                     f"FedAvg(...) or AdamW(...).")
 
 
-def _local_training(model: torch.nn.Module, selection: Selection, true_batch: dict, protocol: FedAvg) -> list:
-    """``(theta_0 - theta_E) / (lr * E)`` on the selection, after E full-batch SGD steps on a copy."""
+def _local_training(model: torch.nn.Module, selection: Selection, true_batch: dict,
+                    protocol: FedAvg | AdamW) -> list:
+    """``(theta_0 - theta_E) / (lr * E)`` on the selection, after E full-batch SGD or AdamW steps on a copy."""
     local = copy.deepcopy(model)
-    if protocol.precision == "float64":
-        local = local.double()
+    if protocol.precision != "float32":
+        local = local.to(_DTYPES[protocol.precision])
     params = [p for p in local.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in selection.parameters(local)]
+    if isinstance(protocol, AdamW):
+        optimizer = torch.optim.AdamW(params, lr=protocol.lr, betas=protocol.betas, eps=protocol.eps,
+                                      weight_decay=protocol.weight_decay, foreach=False)
     for _ in range(protocol.local_steps):
         loss = local(**true_batch).loss
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= protocol.lr * g
+            if isinstance(protocol, AdamW):
+                for p, g in zip(params, grads):
+                    p.grad = g
+                optimizer.step()
+            else:
+                for p, g in zip(params, grads):
+                    p -= protocol.lr * g
     scale = protocol.lr * protocol.local_steps
     return [((before - after.detach()) / scale).to(p.dtype)
             for before, after, p in zip(start, selection.parameters(local), selection.parameters(model))]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gilib.client import DPSGD, CentralDP, FedAvg, client_update
+from gilib.client import DPSGD, AdamW, CentralDP, FedAvg, client_update
 from gilib.dp import batch_inputs, dp_sgd_step
 from gilib.models import encode
 from gilib.selection import select
@@ -173,6 +173,15 @@ def test_float_labels_and_a_batch_without_labels_are_refused(client):
     (lambda: FedAvg(lr=0.0), "positive number"),
     (lambda: FedAvg(lr=float("nan")), "positive number"),
     (lambda: DPSGD(0.1, reading="cooked"), "Unknown DP reading"),
+    (lambda: AdamW(local_steps=0), "local_steps >= 1"),
+    (lambda: AdamW(lr=-1e-5), "learning rate must be a positive number"),
+    (lambda: AdamW(eps=0.0), "eps must be a positive number"),
+    (lambda: AdamW(eps=float("nan")), "eps must be a positive number"),
+    (lambda: AdamW(betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\)"),
+    (lambda: AdamW(betas=(-0.1, 0.999)), r"betas must be two numbers in \[0, 1\)"),
+    (lambda: AdamW(betas=(0.9,)), r"betas must be two numbers"),
+    (lambda: AdamW(weight_decay=-0.01), "weight_decay must be a number of at least 0"),
+    (lambda: AdamW(precision="float16"), "Unknown precision 'float16'"),
 ])
 def test_bad_protocol_settings_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
@@ -257,3 +266,48 @@ def test_fedavg_in_float32_rounds_small_steps_away_and_the_float64_control_does_
 def test_fedavg_refuses_an_unknown_precision():
     with pytest.raises(ValueError, match="Unknown precision 'float16'"):
         FedAvg(1, 1e-3, "float16")
+
+
+def test_adamw_follows_torchs_optimizer_and_one_step_inverts_to_the_gradient(client):
+    model, _, true_batch = client
+    selection = select(model, "layer", 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = client_update(model, selection, true_batch).shared
+    # Two steps by hand with torch's AdamW on a twin: the message is the weight difference over lr * E.
+    protocol = AdamW(local_steps=2, lr=1e-3, weight_decay=0.1)
+    twin = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(twin.values(), lr=1e-3, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        torch.func.functional_call(model, twin, args=(), kwargs=true_batch).loss.backward()
+        optimizer.step()
+    two = client_update(model, selection, true_batch, protocol).shared.shared_grads
+    for got, name in zip(two, selection.names):
+        torch.testing.assert_close(got, (before[name] - twin[name].detach()) / 2e-3, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():  # the caller's model is untouched
+        assert torch.equal(p, before[n])
+    # One step is g / (|g| + eps) plus the public weight decay: the server undoes it.
+    one = AdamW(lr=1e-3, eps=1e-3, weight_decay=0.1, precision="float64")
+    message = client_update(model, selection, true_batch, one).shared
+    recovered = one.gradient(message, model, selection)
+    for got, want in zip(recovered.shared_grads, plain.shared_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="Only one AdamW step is invertible"):
+        protocol.gradient(message, model, selection)
+
+
+def test_adamw_in_float32_keeps_the_gradients_sign_and_loses_large_magnitudes(minilm):
+    # At a fine-tuning learning rate a float32 AdamW step is lr * sign(g) for every entry far
+    # above eps: the message still carries the sign of every entry that moved.
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    true_batch = encode(tokenizer, "the film was a quiet delight .", 1)
+    (plain,) = client_update(model, selection, true_batch).shared.shared_grads
+    protocol = AdamW(lr=5e-5, weight_decay=0.0)
+    message = client_update(model, selection, true_batch, protocol).shared
+    (step,) = message.shared_grads
+    moved = step != 0
+    assert moved.float().mean() > 0.5
+    assert torch.equal(step[moved].sign(), plain[moved].sign())
+    (recovered,) = protocol.gradient(message, model, selection).shared_grads
+    assert torch.equal(recovered[moved].sign(), plain[moved].sign())
