@@ -128,12 +128,21 @@ class Study:
                           scheduler=scheduler, limit=limit, progress=report)
 
 
+def _help(text: str | None) -> str | None:
+    """A help text as argparse wants it: a literal ``%`` (as in "95 %") doubled, since argparse formats help."""
+    return None if text is None else text.replace("%", "%%")
+
+
+def _settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {**settings, "help": _help(settings["help"])} if "help" in settings else settings
+
+
 def _add_commands(parser: argparse.ArgumentParser, study: Study) -> None:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if study.plan is not None:
         run = commands.add_parser("run", help="run or resume the study", description=study.description)
         for o in study.run_options:
-            run.add_argument(*o.flags, **o.settings)
+            run.add_argument(*o.flags, **_settings(o.settings))
         run.add_argument("--out", type=Path, required=True, help="results file (JSON lines)")
         if study.parallel:
             run.add_argument("--jobs", type=int, default=1, help="worker processes (or Dask workers with "
@@ -142,9 +151,9 @@ def _add_commands(parser: argparse.ArgumentParser, study: Study) -> None:
                              help="run on a Dask cluster: its scheduler's address (tcp://host:8786), or 'local' "
                                   "for a LocalCluster of --jobs workers on this machine")
     for table in study.tables:
-        shown = commands.add_parser(table.name, help=table.help, description=table.help)
+        shown = commands.add_parser(table.name, help=_help(table.help), description=table.help)
         for o in table.options:
-            shown.add_argument(*o.flags, **o.settings)
+            shown.add_argument(*o.flags, **_settings(o.settings))
 
 
 def _execute(study: Study, args: argparse.Namespace) -> None:
@@ -163,7 +172,7 @@ def main(studies: Sequence[Study], argv: Sequence[str] | None = None, prog: str 
     by_name = {}
     for study in studies:
         by_name[study.name] = study
-        _add_commands(sub.add_parser(study.name, help=study.description, description=study.description), study)
+        _add_commands(sub.add_parser(study.name, help=_help(study.description), description=study.description), study)
     args = parser.parse_args(argv)
     if args.study is None:
         print(markdown_table(["study", "what it measures", "commands"],

@@ -56,6 +56,19 @@ def test_every_book_study_has_a_name_a_description_and_one_command_shape(capsys)
     assert all(f"| {s.name} |" in listing for s in studies)
 
 
+def test_every_help_page_prints_even_with_a_percent_sign_in_its_text(capsys):
+    # argparse formats help with %: "95 %" in a table's help crashed `grids --help`.
+    studies = all_studies()
+    assert any("%" in t.help for s in studies for t in s.tables)
+    for study in studies:
+        commands = (["run"] if study.plan else []) + [t.name for t in study.tables]
+        for argv in [[study.name, "--help"]] + [[study.name, c, "--help"] for c in commands]:
+            with pytest.raises(SystemExit) as info:
+                main(studies, argv)
+            assert info.value.code == 0, argv
+    assert "95 %" in capsys.readouterr().out
+
+
 def test_errors_exit_with_status_2_and_a_message_not_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(all_studies(), ["span", "batches", str(tmp_path / "none.jsonl")])
