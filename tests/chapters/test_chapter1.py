@@ -44,10 +44,11 @@ def test_chapter1_the_gradient_is_enough_to_rebuild_the_text(ch1):
 
 
 def test_chapter1_means_come_with_intervals_and_no_ranking(ch1):
-    # "on N sentences the intervals overlap, and the paired interval of
-    # cosine minus L2 ... comes from too few sentences to rank the attacks":
-    # each mean lies in its bootstrap interval, the prose ranks nothing, and
-    # in fast mode the sentences are a handful.
+    # "the paired interval of cosine minus DLG's L2 runs from ... These come
+    # from the few sentences of fast mode: ... the intervals understate the
+    # uncertainty and rank nothing here": each mean lies in its bootstrap
+    # interval, every paired interval is recorded, and the sentences are a
+    # handful.
     for a in ATTACKS:
         low, high = ch1[f"rouge1_{a}_ci"]
         assert low - 1e-9 <= ch1[f"rouge1_{a}"] <= high + 1e-9, a
