@@ -684,21 +684,65 @@ def paired_differences(first: Iterable[dict], second: Iterable[dict], component:
     return [a - b for a, b in _pairs(first, second, component, layers, score)]
 
 
-def _pairs(first, second, component: str, layers, score: str) -> list[tuple[float, float]]:
-    """``(first's score, second's score)`` of each sentence both attacked alone with this selection."""
-    def scores(rows):
-        kept = [r for r in rows if r["cell"]["component"] == component and str(r["cell"]["layers"]) == str(layers)
-                and r["cell"].get("batch_size", 1) == 1]
-        found = {(r["dataset"], r["split"], r["row_id"]): r[score] for r in kept}
-        if len(found) != len(kept):
-            raise ValueError(f"The results hold a sentence of {component} {layers} more than once (several "
-                             f"cells): pass the lines of one cell.")
-        return found
-    a, b = scores(first), scores(second)
+def _cell_scores(rows, component: str, layers, score: str) -> dict[tuple, float]:
+    """``score`` per sentence ``(dataset, split, row id)`` attacked alone with this selection.
+
+    ``layers`` as a cell holds them (``None``, ``0``, ``[0, 1]``) or as
+    :func:`layers_text` writes them (``"all"``, ``"0"``, ``"0+1"``).
+    """
+    wanted = layers if isinstance(layers, str) else layers_text(layers)
+    kept = [r for r in rows if r["cell"]["component"] == component and layers_text(r["cell"]["layers"]) == wanted
+            and r["cell"].get("batch_size", 1) == 1]
+    found = {(r["dataset"], r["split"], r["row_id"]): r[score] for r in kept}
+    if len(found) != len(kept):
+        raise ValueError(f"The results hold a sentence of {component} {layers} more than once (several "
+                         f"cells): pass the lines of one cell.")
+    return found
+
+
+def _pairs(first, second, component: str, layers, score: str,
+           other: tuple[str, Any] | None = None) -> list[tuple[float, float]]:
+    """``(first's score, second's score)`` of each sentence both attacked alone.
+
+    With ``other``, ``second``'s lines are read for that selection
+    ``(component, layers)`` instead of the same one.
+    """
+    a = _cell_scores(first, component, layers, score)
+    b = _cell_scores(second, *(other or (component, layers)), score)
     common = sorted(set(a) & set(b))
     if not common:
-        raise ValueError(f"No sentence of {component} {layers} was attacked in both sets of results.")
+        what = f"{component} {layers}" + (f" and {other[0]} {other[1]}" if other else "")
+        raise ValueError(f"No sentence of {what} was attacked in both sets of results.")
     return [(a[k], b[k]) for k in common]
+
+
+def cell_difference(rows: Iterable[dict] | str | Path, first: tuple[str, Any], second: tuple[str, Any],
+                    score: str = "rouge1") -> dict:
+    """Two cells of one grid, paired over the sentences both attacked: ``first`` minus ``second``.
+
+    Where two cells' intervals overlap, the paired difference can still
+    rank them (the sentence's own difficulty cancels); the prose ranks two
+    cells only where this interval excludes 0.
+
+    Args:
+        rows: the grid's result lines (or their file).
+        first, second: ``(component, layers)``, ``layers`` as cells hold
+            them (``None`` for the full model, a list for several) or as
+            :func:`layers_text` writes them (``"all"``, ``"0+1"``).
+        score: ``rouge1``, ``rouge2`` or ``rougeL``.
+
+    Returns:
+        ``difference`` (the mean of the per-sentence differences), its 95 %
+        bootstrap interval ``low``, ``high``, and ``n`` (common sentences).
+
+    Raises:
+        ValueError: if no sentence was attacked with both selections.
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    pairs = np.asarray(_pairs(rows, rows, *first, score, other=second))
+    differences = pairs[:, 0] - pairs[:, 1]
+    low, high = bootstrap_interval(differences)
+    return {"difference": float(differences.mean()), "low": low, "high": high, "n": len(differences)}
 
 
 def paired(first: Iterable[dict] | str | Path, second: Iterable[dict] | str | Path,

@@ -97,18 +97,7 @@ def fl_lines(study: str) -> pd.DataFrame:
 def ch2_paired(first: tuple[str, str], second: tuple[str, str], metric: str = "rouge1") -> dict:
     """Two cells of chapter 2's grid, ``(component, layers text)``, paired over the sentences both attacked alone.
 
-    ``first`` minus ``second``, with the 95 % bootstrap interval of the
-    per-sentence differences in (dataset, split, row id) order, as the
-    chapter's ``paired_gap`` computes it.
+    ``first`` minus ``second`` with its 95 % bootstrap interval
+    (:func:`gilib.studies.grids.cell_difference`, as the chapter's ``paired_gap``).
     """
-    from gilib.metrics import bootstrap_interval
-
-    def scores(component, layers):
-        return {(r["dataset"], r["split"], r["row_id"]): r[metric] for r in cached("ch2_layers.jsonl")
-                if r["cell"]["component"] == component and r["cell"].get("batch_size", 1) == 1
-                and grids.layers_text(r["cell"]["layers"]) == layers}
-
-    a, b = scores(*first), scores(*second)
-    differences = [a[k] - b[k] for k in sorted(a.keys() & b.keys())]
-    low, high = bootstrap_interval(differences)
-    return {"difference": sum(differences) / len(differences), "low": low, "high": high, "n": len(differences)}
+    return grids.cell_difference(list(cached("ch2_layers.jsonl")), first, second, metric)

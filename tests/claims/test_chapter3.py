@@ -7,7 +7,6 @@ numbers, and then the prose or the numbers need fixing, not the test.
 
 from __future__ import annotations
 
-from gilib.metrics import bootstrap_interval
 from gilib.studies import grids
 
 from tests.claims.cached import (BARELY, COMPONENTS, LARGE_PART, NOTHING, batch_table, cached, ch3_marginal,
@@ -81,17 +80,7 @@ def test_chapter3_the_grid_ran_200_steps_with_a_wide_spread():
 
 def _paired(first: tuple[str, str], second: tuple[str, str]) -> dict:
     """Two heatmap cells, (component, layer), paired over the sentences both attacked, as the chapter's paired_gap."""
-    rows = grids.on_shared_sentences(list(cached("ch3_components.jsonl")))
-
-    def scores(component, layer):
-        return {(r["dataset"], r["split"], r["row_id"]): r["rouge1"] for r in rows
-                if r["cell"]["component"] == component and r["cell"].get("batch_size", 1) == 1
-                and str(r["cell"]["layers"]) == layer}
-
-    a, b = scores(*first), scores(*second)
-    differences = [a[k] - b[k] for k in sorted(a.keys() & b.keys())]
-    low, high = bootstrap_interval(differences)
-    return {"difference": sum(differences) / len(differences), "low": low, "high": high, "n": len(differences)}
+    return grids.cell_difference(grids.on_shared_sentences(list(cached("ch3_components.jsonl"))), first, second)
 
 
 def test_chapter3_layer_5_leaks_less_than_layer_0_for_every_weight():

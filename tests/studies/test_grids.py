@@ -378,6 +378,21 @@ def test_paired_compares_two_sets_of_results_on_their_common_sentences():
         grids.paired(first, second, [("layer", 0)])
 
 
+def test_two_cells_of_one_grid_are_paired_over_the_sentences_both_hold():
+    # Layer 0 beats layers 0+1 by 0.2 on sentences 0-2 and by 0 on sentence 3; only layer 0
+    # holds sentence 4, and a batch line of layer 0 is not a sentence attacked alone.
+    rows = ([_line("layer", 0, i, 0.6 if i < 3 else 0.4) for i in range(5)]
+            + [_line("layer", [0, 1], i, 0.4) for i in range(4)]
+            + [_line("layer", 0, 0, 0.0, batch_size=2)])
+    gap = grids.cell_difference(rows, ("layer", 0), ("layer", [0, 1]))
+    assert gap["n"] == 4 and gap["difference"] == pytest.approx(0.15)
+    assert 0 <= gap["low"] <= 0.15 <= gap["high"] <= 0.2
+    # The layers as layers_text writes them name the same cells.
+    assert grids.cell_difference(rows, ("layer", "0"), ("layer", "0+1")) == gap
+    with pytest.raises(ValueError, match="No sentence of layer 0 and layer 2"):
+        grids.cell_difference(rows, ("layer", 0), ("layer", 2))
+
+
 def test_the_batch_axis_compares_batch_sizes_on_the_same_sentences():
     # Batch 1 holds two more sentences (a headline cell's longer prefix), which
     # score 0: the batch-1 point is over the 4 sentences batch 2 also holds.
