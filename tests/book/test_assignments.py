@@ -160,9 +160,6 @@ def test_every_chapter_is_a_gradeable_assignment():
         assert "Solution to" not in outside, path.name
 
 
-# Not strict yet: the chapters are being converted to the prompt format
-# (issue 24). Once every chapter passes, drop the mark (the lead flips it).
-@pytest.mark.xfail(strict=False, reason="chapters still converting to the exercise format of issue 24")
 def test_every_chapter_follows_the_exercise_format():
     problems = [p for path in chapter_notebooks()
                 for p in assignments.format_problems(

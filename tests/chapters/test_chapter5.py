@@ -124,21 +124,6 @@ def test_chapter5_reads_in_short_cells_with_few_numbers():
         assert len([g for g in glued if g != "best_other"]) <= 3, (i, glued)
 
 
-def test_chapter5_visible_code_fits_and_records_are_hidden():
-    # Code lines under 80 characters in every visible cell; record(...) calls
-    # live in their own cells tagged remove-cell.
-    for i, cell in enumerate(_source().cells):
-        if cell.cell_type != "code":
-            continue
-        tags = cell.metadata.get("tags", [])
-        if re.search(r"\brecord(_all)?\(", cell.source):
-            assert "remove-cell" in tags, i
-            assert all(line.startswith("record") or line.startswith(" ")
-                       for line in cell.source.splitlines()), i
-        if "remove-cell" not in tags:
-            assert max(map(len, cell.source.splitlines())) < 80, i
-
-
 def test_chapter5_every_figure_is_numbered_captioned_described_and_explained_after():
     cells = _source().cells
     figures = [(i, c.metadata["mystnb"]) for i, c in enumerate(cells) if "mystnb" in c.metadata]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.chapters import executed_chapter
+from gilib.book.pages import page_problems
+from gilib.data import repo_root
 
 pytestmark = pytest.mark.slow
 
@@ -41,46 +43,7 @@ def test_chapter6_float32_rounds_most_small_steps_away(ch6):
     assert records["cos32_1e-05"] < 0.95
 
 
-def page_problems(name: str) -> list[str]:
-    """What breaks the book's page rules in a chapter's source (no execution needed).
-
-    Markdown cells of at most 250 words; code lines under 80 characters in
-    every visible cell; record(...) only in cells tagged remove-cell; every
-    cell that draws a figure has a named, captioned figure with alt text,
-    and the prose refers to it with {numref} after it.
-    """
-    import re
-    from pathlib import Path
-
-    import nbformat
-
-    nb = nbformat.read(str(Path(__file__).resolve().parents[2] / "chapters" / f"{name}.ipynb"), 4)
-    problems = []
-    for i, cell in enumerate(nb.cells):
-        tags = cell.metadata.get("tags", [])
-        if cell.cell_type == "markdown" and len(cell.source.split()) > 250:
-            problems.append(f"cell {i}: {len(cell.source.split())} words")
-        if cell.cell_type != "code":
-            continue
-        hidden = "remove-cell" in tags
-        if not hidden:
-            problems += [f"cell {i}: a line of {len(line)} characters" for line in cell.source.split("\n")
-                         if len(line) >= 80]
-        if re.search(r"^\s*record(_all)?\(", cell.source, re.MULTILINE) and not hidden:
-            problems.append(f"cell {i}: record(...) in a visible cell")
-        draws = re.search(r"plt\.subplots|plots\.(noise_curves|batch_curves|batch_panels|heatmap)", cell.source)
-        figure = cell.metadata.get("mystnb", {}).get("figure", {})
-        alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
-        if draws:
-            if not (figure.get("name") and figure.get("caption") and len(alt.split()) >= 10):
-                problems.append(f"cell {i}: a figure without name, caption or alt text")
-            later = "\n".join(c.source for c in nb.cells[i + 1:] if c.cell_type == "markdown")
-            if f"{{numref}}`{figure.get('name')}`" not in later:
-                problems.append(f"cell {i}: no {{numref}} to {figure.get('name')} after the figure")
-    return problems
-
-
 def test_chapter6_page_rules():
-    # Issue 24: short cells, code that fits the page (the record cells were cut at the right edge),
-    # record plumbing hidden, numbered captioned figures with alt text, each explained after it.
-    assert page_problems("06_federated_rounds") == []
+    # Issue 24: short cells, code that fits the page, record plumbing hidden, numbered captioned figures
+    # with alt text, each explained after it (the rules of gilib.book.pages, kept by every chapter).
+    assert page_problems(repo_root() / "chapters" / "06_federated_rounds.ipynb") == []
