@@ -48,6 +48,8 @@ __all__ = [
     "token_accuracy",
     "true_token_ids",
     "exact_rate",
+    "mean_interval",
+    "interval_text",
     "matthews",
 ]
 
@@ -326,3 +328,40 @@ def bootstrap_interval(
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def mean_interval(values: Sequence[float], **options) -> tuple[float, float, float]:
+    """A group's mean with its 95 % percentile bootstrap interval.
+
+    Args:
+        values: one value per independent unit (see :func:`bootstrap_interval`).
+        **options: ``level``, ``resamples`` or ``seed`` of :func:`bootstrap_interval`.
+
+    Returns:
+        ``(mean, low, high)``.
+
+    Example:
+        >>> mean_interval([0.5, 0.5])
+        (0.5, 0.5, 0.5)
+    """
+    data = np.asarray(list(values), dtype=float)
+    low, high = bootstrap_interval(data, **options)
+    return float(data.mean()), low, high
+
+
+def interval_text(mean: float, low: float, high: float, digits: int = 2, *, percent: bool = False,
+                  signed: bool = False) -> str:
+    """A mean and its interval as the book prints them: ``"0.54 [0.48, 0.61]"``.
+
+    Args:
+        mean, low, high: the mean and its interval's bounds.
+        digits: decimals (of the percentage when ``percent``).
+        percent: print each number as a percentage (``"50% [25%, 75%]"``).
+        signed: always print the sign (a difference: ``"+0.10 [-0.02, +0.21]"``).
+
+    Example:
+        >>> interval_text(0.5412, 0.48, 0.6123)
+        '0.54 [0.48, 0.61]'
+    """
+    form = f"{'+' if signed else ''}.{digits}{'%' if percent else 'f'}"
+    return f"{mean:{form}} [{low:{form}}, {high:{form}}]"

@@ -9,8 +9,11 @@ import torch
 from gilib.metrics import (
     ROUGE_TYPES,
     aggregate,
+    bootstrap_interval,
+    interval_text,
     match_batch,
     matthews,
+    mean_interval,
     rouge_scores,
     score_batch,
     token_accuracy,
@@ -214,3 +217,26 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_values():
         bootstrap_interval([0.1, float("nan")])
     with pytest.raises(ValueError, match="level"):
         bootstrap_interval([0.1, 0.2], level=1.5)
+
+
+# --------------------------------------------------------------------------- #
+# mean_interval, interval_text
+# --------------------------------------------------------------------------- #
+
+
+def test_mean_interval_is_the_mean_and_the_bootstrap_interval():
+    values = [0.2, 0.4, 0.9, 0.5]
+    mean, low, high = mean_interval(values)
+    assert mean == pytest.approx(0.5)
+    assert (low, high) == bootstrap_interval(values)
+    assert 0.2 <= low < mean < high <= 0.9
+    assert mean_interval([0.7]) == (0.7, 0.7, 0.7)
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_interval([])
+
+
+def test_interval_text_prints_the_books_format():
+    assert interval_text(0.5412, 0.48, 0.6123) == "0.54 [0.48, 0.61]"
+    assert interval_text(0.5, 0.125, 0.75, digits=3) == "0.500 [0.125, 0.750]"
+    assert interval_text(0.5, 0.25, 0.75, 0, percent=True) == "50% [25%, 75%]"
+    assert interval_text(0.1, -0.02, 0.21, signed=True) == "+0.10 [-0.02, +0.21]"

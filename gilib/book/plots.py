@@ -13,6 +13,11 @@ composed into panels::
     loss_curves(histories, ax=left)
     rouge_bars(table, group="layer", ax=right)
 
+Intervals: every function that draws means takes optional ``low``/``high``
+column names (``"{}"`` in a name stands for the score, e.g.
+``low="{}_low"``); bars get asymmetric whiskers, lines a shaded band. A
+:func:`gilib.studies.grids.intervals` table has them as ``low``/``high``.
+
 Adding a figure type: draw on ``_get_ax(ax)``, colour series with
 ``_color(i)``, and finish with ``_finish(ax, xlabel=..., ylabel=...)`` so the
 labelling rules stay in one place.
@@ -127,6 +132,34 @@ def _finish(
     return ax
 
 
+def _bounds(table: pd.DataFrame, low: str | None, high: str | None, value: str) -> tuple | None:
+    """The ``(low, high)`` arrays of ``value``'s interval, or None when no columns are named.
+
+    ``"{}"`` in a column name stands for ``value`` (``"{}_low"`` -> ``"rouge1_low"``).
+    """
+    if low is None and high is None:
+        return None
+    if low is None or high is None:
+        raise ValueError("name both interval columns, low and high, or neither")
+    names = [low.format(value), high.format(value)]
+    missing = [c for c in names if c not in table.columns]
+    if missing:
+        raise ValueError(f"table has no interval column(s) {missing}; it has {list(table.columns)}")
+    return tuple(table[c].to_numpy(dtype=float) for c in names)
+
+
+def _whiskers(mean: np.ndarray, bounds: tuple) -> np.ndarray:
+    """Asymmetric error-bar lengths ``[mean - low, high - mean]`` for ``yerr``/``xerr``."""
+    low, high = bounds
+    return np.vstack([mean - low, high - mean])
+
+
+def _band(ax: Axes, xs: np.ndarray, bounds: tuple | None, color: str) -> None:
+    """The interval as a shaded band of the line's colour (nothing if ``bounds`` is None)."""
+    if bounds is not None:
+        ax.fill_between(xs, bounds[0], bounds[1], color=color, alpha=0.15, linewidth=0)
+
+
 # --------------------------------------------------------------------------- #
 # Figure types.
 # --------------------------------------------------------------------------- #
@@ -177,6 +210,8 @@ def rouge_bars(
     ax: Axes | None = None,
     title: str | None = None,
     errors: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
 ) -> Axes:
     """Grouped bar chart of ROUGE F-measures.
 
@@ -194,6 +229,9 @@ def rouge_bars(
         errors: Suffix of the error columns, e.g. ``"_std"``: the bar of
             metric ``m`` gets an error bar of half-length ``table[m + errors]``.
             No error bars if None.
+        low, high: the interval's columns (``"{}"`` stands for the metric,
+            e.g. ``"{}_low"``): asymmetric whiskers from ``low`` to ``high``,
+            e.g. a 95 % bootstrap interval. Not together with ``errors``.
 
     Returns:
         The Axes drawn on.
@@ -213,18 +251,25 @@ def rouge_bars(
         raise ValueError("table is empty: nothing to plot")
     if table[group].duplicated().any():
         raise ValueError(f"column {group!r} must have one row per group, found repeated values")
+    if errors is not None and (low is not None or high is not None):
+        raise ValueError("give errors or an interval (low, high), not both")
 
     ax = _get_ax(ax)
     x = np.arange(len(table))
     width = 0.8 / len(metrics)
     for k, metric in enumerate(metrics):
         offset = (k - (len(metrics) - 1) / 2) * width
+        mean = table[metric].to_numpy(dtype=float)
+        bounds = _bounds(table, low, high, metric)
+        yerr = None if errors is None else table[metric + errors].to_numpy(dtype=float)
+        if bounds is not None:
+            yerr = _whiskers(mean, bounds)
         ax.bar(
             x + offset,
-            table[metric].to_numpy(dtype=float),
+            mean,
             width,
-            yerr=None if errors is None else table[metric + errors].to_numpy(dtype=float),
-            capsize=3 if errors is not None else 0,
+            yerr=yerr,
+            capsize=3 if yerr is not None else 0,
             label=_metric_label(metric),
             color=_color(k),
         )
@@ -243,8 +288,11 @@ def layer_bars(
     baseline_label: str = "full model",
     ax: Axes | None = None,
     title: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
+    xlabel: str = "encoder layer attacked",
 ) -> Axes:
-    """Per-layer ROUGE bars with the spread over sentences, against a baseline.
+    """Per-layer ROUGE bars with their interval or spread, against a baseline.
 
     Args:
         table: one row per layer (e.g. :func:`gilib.studies.grids.summarize`
@@ -257,18 +305,23 @@ def layer_bars(
         baseline_label: legend text of the baseline.
         ax: Axes to draw on; a new figure is created if None.
         title: Optional title.
+        low, high: the interval's columns, as in :func:`rouge_bars` (e.g.
+            ``"{}_low"``, ``"{}_high"``); None: one standard deviation.
+        xlabel: label of the x axis.
 
     Returns:
-        The Axes drawn on (error bars: one standard deviation).
+        The Axes drawn on (error bars: the interval, else one standard deviation).
     """
-    ax = rouge_bars(table, group=layer, metrics=metrics, ax=ax, title=title, errors="_std")
+    interval = low is not None or high is not None
+    ax = rouge_bars(table, group=layer, metrics=metrics, ax=ax, title=title, errors=None if interval else "_std",
+                    low=low, high=high)
     if baseline:
         for k, metric in enumerate(metrics):
             if metric in baseline:
                 ax.axhline(float(baseline[metric]), color=_color(k), linestyle="--", linewidth=1.2,
                            label=f"{baseline_label}, {_metric_label(metric)}")
     # Below the axes: error bars reach the top of the plot.
-    return _finish(ax, xlabel="encoder layer attacked", ylabel="ROUGE F1", title=title, legend="below")
+    return _finish(ax, xlabel=xlabel, ylabel="ROUGE F1", title=title, legend="below")
 
 
 def heatmap(
@@ -284,6 +337,8 @@ def heatmap(
     fmt: str = ".2f",
     xlabel: str | None = None,
     ylabel: str | None = None,
+    annot: str | None = None,
+    colorbar: bool = True,
 ) -> Axes:
     """A ``rows`` x ``cols`` grid of one score, annotated with its values.
 
@@ -300,6 +355,9 @@ def heatmap(
         fmt: number format of the annotations.
         xlabel: x label (default: ``cols``).
         ylabel: y label (default: ``rows``).
+        annot: a column of text to write in each cell instead of the value
+            (e.g. ``"0.54\\n[0.48, 0.61]"``, a mean and its interval).
+        colorbar: draw the colour bar (off for all but one panel of a row).
 
     Returns:
         The Axes drawn on.
@@ -307,17 +365,21 @@ def heatmap(
     Raises:
         ValueError: if a column is missing or a (row, col) pair repeats.
     """
-    missing = [c for c in (rows, cols, value) if c not in table.columns]
+    missing = [c for c in (rows, cols, value, *([annot] if annot else [])) if c not in table.columns]
     if missing:
         raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
     if table.duplicated([rows, cols]).any():
         raise ValueError(f"each ({rows}, {cols}) pair must appear once; summarize by exactly these two")
     grid = table.pivot(index=rows, columns=cols, values=value)
-    grid = grid.reindex(index=list(row_order or pd.unique(table[rows])),
-                        columns=list(col_order or pd.unique(table[cols])))
+    order = dict(index=list(row_order or pd.unique(table[rows])), columns=list(col_order or pd.unique(table[cols])))
+    grid = grid.reindex(**order)
+    text = True
+    if annot is not None:
+        text = table.pivot(index=rows, columns=cols, values=annot).reindex(**order).to_numpy(dtype=object)
     ax = _get_ax(ax, figsize=(1.0 + 0.9 * grid.shape[1], 0.8 + 0.5 * grid.shape[0]))
-    sns.heatmap(grid.astype(float), ax=ax, annot=True, fmt=fmt, vmin=0, vmax=1, cmap="viridis",
-                cbar_kws={"label": _metric_label(value)}, linewidths=0.5)
+    sns.heatmap(grid.astype(float), ax=ax, annot=text, fmt="" if annot else fmt, vmin=0, vmax=1, cmap="viridis",
+                cbar=colorbar, cbar_kws={"label": _metric_label(value)} if colorbar else None, linewidths=0.5,
+                annot_kws={"fontsize": 8} if annot else None)
     ax.tick_params(axis="y", rotation=0)
     ax.grid(False)
     return _finish(ax, xlabel=xlabel or cols, ylabel=ylabel or rows, title=title)
@@ -334,12 +396,15 @@ def noise_curves(
     ax: Axes | None = None,
     ylabel: str | None = None,
     title: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
 ) -> Axes:
     """One line per series of a score against the DP noise multiplier.
 
     Args:
         table: long format: columns ``series``, ``x``, ``value`` and,
-            when present, ``<value>_std`` (drawn as a band).
+            when present and no interval is named, ``<value>_std`` (drawn
+            as a band).
         series: column whose values are the lines (e.g. the selection).
         value: the score on the y axis.
         x: the noise column; sigma = 0 is drawn at the left edge of a
@@ -350,6 +415,9 @@ def noise_curves(
         ax: Axes to draw on; a new figure is created if None.
         ylabel: y label (default: the metric's name).
         title: Optional title.
+        low, high: the interval's columns (``"{}"`` stands for ``value``),
+            drawn as a band of the line's colour, e.g. a 95 % bootstrap
+            interval.
 
     Returns:
         The Axes drawn on.
@@ -359,12 +427,15 @@ def noise_curves(
         raise ValueError(f"table has no column(s) {missing}; it has {list(table.columns)}")
     if table.empty:
         raise ValueError("table is empty: nothing to plot")
+    _bounds(table, low, high, value)  # the columns exist
     ax = _get_ax(ax)
     for i, (name, part) in enumerate(table.groupby(series, sort=False)):
         part = part.sort_values(x)
         xs, ys = part[x].to_numpy(dtype=float), part[value].to_numpy(dtype=float)
         ax.plot(xs, ys, marker="o", color=_color(i), label=str(name))
-        if f"{value}_std" in part.columns:
+        if low is not None:
+            _band(ax, xs, _bounds(part, low, high, value), _color(i))
+        elif f"{value}_std" in part.columns:
             spread = part[f"{value}_std"].to_numpy(dtype=float)
             ax.fill_between(xs, ys - spread, ys + spread, color=_color(i), alpha=0.15, linewidth=0)
         if baselines and name in baselines:
@@ -389,6 +460,8 @@ def batch_curves(
     ylabel: str | None = None,
     title: str | None = None,
     xlabel: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
 ) -> Axes:
     """One line per series of a score against the client batch size.
 
@@ -403,6 +476,9 @@ def batch_curves(
         ylabel: y label (default: the metric's name).
         title: Optional title.
         xlabel: x label (default: the client batch size).
+        low, high: the interval's columns (``"{}"`` stands for ``value``),
+            drawn as a band of the line's colour, e.g. a 95 % bootstrap
+            interval.
 
     Returns:
         The Axes drawn on.
@@ -418,11 +494,13 @@ def batch_curves(
         raise ValueError("table is empty: nothing to plot")
     if table.duplicated([series, x]).any():
         raise ValueError(f"each ({series}, {x}) pair must appear once; summarize by exactly these two")
+    _bounds(table, low, high, value)  # the columns exist
     ax = _get_ax(ax)
     for i, (name, part) in enumerate(table.groupby(series, sort=False)):
         part = part.sort_values(x)
-        ax.plot(part[x].to_numpy(dtype=float), part[value].to_numpy(dtype=float), marker="o", color=_color(i),
-                label=str(name))
+        xs = part[x].to_numpy(dtype=float)
+        ax.plot(xs, part[value].to_numpy(dtype=float), marker="o", color=_color(i), label=str(name))
+        _band(ax, xs, _bounds(part, low, high, value), _color(i))
     sizes = sorted(int(size) for size in table[x].unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(size) for size in sizes])
@@ -444,6 +522,9 @@ def batch_panels(
     x: str = "batch_size",
     xlabel: str | None = None,
     figsize: tuple[float, float] = (12, 4.2),
+    intervals: Sequence[str] = (),
+    low: str = "{}_low",
+    high: str = "{}_high",
 ) -> plt.Figure:
     """Side-by-side :func:`batch_curves`, one panel per value, against the batch size.
 
@@ -455,6 +536,8 @@ def batch_panels(
         log: the values drawn on a log scale (times span decades).
         x, xlabel: as for :func:`batch_curves`.
         figsize: the figure's size, in inches.
+        intervals: the values whose panel draws an interval band, from
+            the columns ``low`` and ``high`` (``"{}"`` stands for the value).
 
     Returns:
         The Figure, its panels in ``fig.axes``.
@@ -463,7 +546,9 @@ def batch_panels(
     ylabels = list(ylabels or [None] * len(values))
     titles = list(titles or [None] * len(values))
     for ax, value, ylabel, title in zip(axes[0], values, ylabels, titles):
-        batch_curves(table, series=series, value=value, x=x, ax=ax, ylabel=ylabel, title=title, xlabel=xlabel)
+        band = value in intervals
+        batch_curves(table, series=series, value=value, x=x, ax=ax, ylabel=ylabel, title=title, xlabel=xlabel,
+                     low=low if band else None, high=high if band else None)
         if value in log:
             ax.set_yscale("log")
             ax.autoscale(axis="y")

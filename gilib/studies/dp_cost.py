@@ -48,7 +48,7 @@ import torch
 
 from ..data import load_split
 from ..dp import GRAD_SAMPLE_MODES, batch_inputs, check_dp_settings, epsilon, make_private
-from ..metrics import bootstrap_interval, matthews
+from ..metrics import bootstrap_interval, interval_text, matthews
 from ..models import load_model
 from .grids import intervals, paired_differences
 from .store import read_lines
@@ -481,10 +481,6 @@ def describe(line: dict) -> str:
     return f"{trained}{count}; Adam, batch {settings['batch_size']}, {settings['steps']} steps"
 
 
-def _interval(mean: float, low: float, high: float) -> str:
-    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
-
-
 def accuracy_interval(accuracy: float, examples: int) -> tuple[float, float]:
     """The 95 % normal-approximation interval of an accuracy measured on ``examples`` held-out examples.
 
@@ -533,11 +529,11 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
         sigma = float(line["noise_multiplier"])
         low, high = accuracy_interval(line["accuracy"], line["eval_examples"])
         row = {"sigma": sigma, "epsilon": "∞" if not np.isfinite(line["epsilon"]) else f"{line['epsilon']:.3g}",
-               "accuracy [95 %]": _interval(line["accuracy"], low, high)}
+               "accuracy [95 %]": interval_text(line["accuracy"], low, high)}
         for size in sizes:
             cell = leak[(leak["batch_size"] == size) & (leak["noise_multiplier"] == sigma)]
             row[f"ROUGE-1, {size} per client"] = ("not run" if cell.empty else
-                                                  _interval(*cell[["rouge1", "low", "high"]].iloc[0]))
+                                                  interval_text(*cell[["rouge1", "low", "high"]].iloc[0]))
         rows.append(row)
         facts[f"deployed_accuracy_sigma{sigma:g}"] = round(float(line["accuracy"]), 4)
         facts[f"deployed_epsilon_sigma{sigma:g}"] = float(line["epsilon"]) if np.isfinite(line["epsilon"]) else None
@@ -573,7 +569,7 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
                 continue
             c = cell.iloc[0]
             server_rows.append({"selection": f"{view['component']} {view['layers']}", "the attack reads": label,
-                                "ROUGE-1 [95 %]": _interval(c["rouge1"], c["low"], c["high"]),
+                                "ROUGE-1 [95 %]": interval_text(c["rouge1"], c["low"], c["high"]),
                                 "cosine with the raw gradient": round(float(c.get("dp_cosine", 1.0)), 4),
                                 "sentences": int(c["n"])})
         tag = f"{view['component']}_{view['layers']}".replace(".", "_")

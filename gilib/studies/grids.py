@@ -79,7 +79,7 @@ from ..attack import AttackConfig, attack_clients
 from ..client import DPSGD, CentralDP, client_update
 from ..data import DATASETS, load_split, local_splits, sample_batches
 from ..dp import clip_factors
-from ..metrics import bootstrap_interval, match_batch, rouge_scores
+from ..metrics import bootstrap_interval, interval_text, match_batch, rouge_scores
 from ..models import cached_model, encode
 from ..selection import COMPONENTS, select
 from .store import read_lines
@@ -659,6 +659,24 @@ def intervals(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component
     return pd.DataFrame(out).sort_values(by, key=lambda column: column.map(_natural)).reset_index(drop=True)
 
 
+def score_intervals(rows: Iterable[dict] | str | Path, by: Iterable[str] = ("component", "layers"),
+                    where: dict[str, Any] | None = None,
+                    scores: Iterable[str] = ("rouge1", "rouge2")) -> pd.DataFrame:
+    """:func:`intervals` of several scores side by side: ``<score>``, ``<score>_low``, ``<score>_high`` each.
+
+    The table :func:`gilib.book.plots.layer_bars` draws with
+    ``low="{}_low", high="{}_high"``; ``n``, ``units`` and ``fraction`` as
+    in :func:`intervals`.
+    """
+    rows = list(read_lines(rows) if isinstance(rows, (str, Path)) else rows)
+    by, table = list(by), None
+    for score in scores:
+        one = intervals(rows, by=by, where=where, score=score).rename(
+            columns={"low": f"{score}_low", "high": f"{score}_high"})
+        table = one if table is None else table.merge(one[[*by, score, f"{score}_low", f"{score}_high"]], on=by)
+    return table
+
+
 def paired_differences(first: Iterable[dict], second: Iterable[dict], component: str, layers,
                        score: str = "rouge1") -> list[float]:
     """``score`` of ``first`` minus ``second`` on each sentence both attacked alone with this selection.
@@ -984,7 +1002,7 @@ def _interval_markdown(rows: list[dict], by: list[str], where) -> str:
 
 
 def _span(row: pd.Series, score: str) -> str:
-    return f"{row[score]:.2f} [{row['low']:.2f}, {row['high']:.2f}]"
+    return interval_text(row[score], row["low"], row["high"])
 
 
 def batch_markdown(rows: Iterable[dict] | str | Path) -> str:
@@ -1029,7 +1047,7 @@ def cost_markdown(rows: Iterable[dict] | str | Path) -> str:
         for size in sizes[1:]:
             costs = [batch_cost(rows, component, cell_layers, size, score) for score in ("rouge1", "rouge2")]
             lines.append([component, layers, size,
-                          *(f"{c['cost']:.2f} [{c['low']:.2f}, {c['high']:.2f}]" for c in costs),
+                          *(interval_text(c["cost"], c["low"], c["high"]) for c in costs),
                           costs[0]["n"], costs[0]["batches"]])
     return markdown_table(["component", "layers", "sentences per client", "ROUGE-1 cost [95 %]",
                            "ROUGE-2 cost [95 %]", "sentences", "client batches"], lines)
@@ -1053,9 +1071,9 @@ def marginal_markdown(rows: Iterable[dict] | str | Path, over: str = "component"
         step = ""
         if i + 1 < len(first):
             d = _difference(means, over, row[over], first.loc[i + 1, over])
-            step = f"{d['difference']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-        lines.append([row[over], f"{row['rouge1']:.2f} [{row['low']:.2f}, {row['high']:.2f}]",
-                      f"{two['rouge2']:.2f} [{two['low']:.2f}, {two['high']:.2f}]", step, int(row["n"])])
+            step = interval_text(d["difference"], d["low"], d["high"], signed=True)
+        lines.append([row[over], _span(row, "rouge1"),
+                      _span(two, "rouge2"), step, int(row["n"])])
     names = {"component": "weight (mean over layers)", "layers": "layer (mean over weights)"}
     return markdown_table([names[over], "ROUGE-1 [95 %]", "ROUGE-2 [95 %]", "ROUGE-1 minus the next [95 %]",
                            "sentences"], lines)

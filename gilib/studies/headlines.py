@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..data import repo_root
+from ..metrics import interval_text
 from .grids import batch_axis, intervals, layers_text, on_shared_sentences, paired, summarize
 from .store import read_lines
 from .study import Study, Table, markdown_table, option
@@ -227,16 +228,12 @@ def headline_table(numbers: dict | None = None) -> pd.DataFrame:
     return table
 
 
-def _interval(mean: float, low: float, high: float) -> str:
-    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
-
-
 def markdown(numbers: dict | None = None) -> str:
     """The headline table as Markdown, as the README prints it."""
     h = numbers or headline_numbers()
     rows = [[row["the server sees"], f"{row['share_pct']:.2f} %",
-             _interval(row["rouge1"], row["rouge1_low"], row["rouge1_high"]),
-             _interval(row["rouge2"], row["rouge2_low"], row["rouge2_high"]), int(row["n"])]
+             interval_text(row["rouge1"], row["rouge1_low"], row["rouge1_high"]),
+             interval_text(row["rouge2"], row["rouge2_low"], row["rouge2_high"]), int(row["n"])]
             for _, row in headline_table(h).iterrows()]
     key = f"sigma{h['dp_sigma']}"
     query, full = h["dp"]["query0"], h["dp"]["full"]
@@ -259,8 +256,8 @@ def finetuned_markdown(numbers: dict | None = None) -> str:
     for key, row in h["finetuned"].items():
         rows.append([names[key], f"{row['pretrained_rouge1']:.2f} / {row['pretrained_rouge2']:.2f}",
                      f"{row['rouge1']:.2f} / {row['rouge2']:.2f}",
-                     _interval(row["diff_rouge1"], row["diff_rouge1_low"], row["diff_rouge1_high"]),
-                     _interval(row["diff_rouge2"], row["diff_rouge2_low"], row["diff_rouge2_high"]), row["n"]])
+                     interval_text(row["diff_rouge1"], row["diff_rouge1_low"], row["diff_rouge1_high"]),
+                     interval_text(row["diff_rouge2"], row["diff_rouge2_low"], row["diff_rouge2_high"]), row["n"]])
     return markdown_table(["the server sees", "pretrained ROUGE-1 / 2", "fine-tuned ROUGE-1 / 2",
                            "ROUGE-1 difference [95 %]", "ROUGE-2 difference [95 %]", "sentences"], rows)
 

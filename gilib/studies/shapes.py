@@ -68,7 +68,7 @@ from scipy.optimize import linear_sum_assignment
 from ..attack import SpanConfig, span_attack
 from ..attack.config import MAX_EFFORT
 from ..client import client_update
-from ..metrics import bootstrap_interval, exact_rate, true_token_ids
+from ..metrics import exact_rate, interval_text, mean_interval, true_token_ids
 from ..models import HUB_MODELS, cached_model, encode, model_facts
 from ..selection import select
 from .sample import sample
@@ -250,8 +250,8 @@ def load(path: str | Path, part: str) -> pd.DataFrame:
 
 def _mean_interval(values: Sequence[float], digits: int = 2) -> dict:
     # A batch's sentences share one gradient: the batch is the unit resampled.
-    low, high = bootstrap_interval(values)
-    return {"mean": round(float(np.mean(values)), digits), "low": round(low, digits), "high": round(high, digits)}
+    mean, low, high = mean_interval(values)
+    return {"mean": round(mean, digits), "low": round(low, digits), "high": round(high, digits)}
 
 
 def _missing(value) -> bool:
@@ -262,9 +262,7 @@ def _missing(value) -> bool:
 def _cell(stat: dict, percent: bool = False) -> str:
     if _missing(stat):
         return "–"
-    if percent:
-        return f"{stat['mean']:.0%} [{stat['low']:.0%}, {stat['high']:.0%}]"
-    return f"{stat['mean']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
+    return interval_text(stat["mean"], stat["low"], stat["high"], 0 if percent else 2, percent=percent)
 
 
 def _shape_order(column: pd.Series) -> pd.Series:

@@ -255,3 +255,96 @@ def test_leakage_summary_rejects_an_empty_or_incomplete_table():
         plots.leakage_summary(_summary_table().drop(columns="exact"))
     with pytest.raises(ValueError, match="empty"):
         plots.leakage_summary(_summary_table().iloc[:0])
+
+
+# --------------------------------------------------------------------------- #
+# Intervals: asymmetric whiskers on bars, shaded bands on lines.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def spans():
+    return pd.DataFrame({"layer": [0, 5], "rouge1": [0.54, 0.40], "rouge1_low": [0.48, 0.30],
+                         "rouge1_high": [0.61, 0.44], "rouge2": [0.2, 0.1], "rouge2_low": [0.1, 0.05],
+                         "rouge2_high": [0.25, 0.2]})
+
+
+def _whisker_ends(ax):
+    """The (bottom, top) y of every vertical error-bar segment drawn."""
+    from matplotlib.collections import LineCollection
+
+    ends = [tuple(sorted((seg[0][1], seg[1][1]))) for c in ax.collections if isinstance(c, LineCollection)
+            for seg in c.get_segments()]
+    return sorted((round(a, 6), round(b, 6)) for a, b in ends)
+
+
+def test_rouge_bars_draw_asymmetric_interval_whiskers(spans):
+    ax = plots.rouge_bars(spans, group="layer", low="{}_low", high="{}_high")
+    assert _whisker_ends(ax) == [(0.05, 0.2), (0.1, 0.25), (0.3, 0.44), (0.48, 0.61)]
+    assert ax.get_xlabel() == "layer" and ax.get_ylabel() == "ROUGE F1"
+
+
+def test_rouge_bars_take_errors_or_an_interval_not_both(spans):
+    with pytest.raises(ValueError, match="not both"):
+        plots.rouge_bars(spans.assign(rouge1_std=0.1, rouge2_std=0.1), group="layer", errors="_std",
+                         low="{}_low", high="{}_high")
+    with pytest.raises(ValueError, match="interval column"):
+        plots.rouge_bars(spans, group="layer", low="lower", high="upper")
+    with pytest.raises(ValueError, match="low and high"):
+        plots.rouge_bars(spans, group="layer", low="{}_low")
+
+
+def test_layer_bars_draw_the_interval_instead_of_the_spread(spans):
+    ax = plots.layer_bars(spans, layer="layer", low="{}_low", high="{}_high", baseline={"rouge1": 0.7},
+                          xlabel="layer shared")
+    assert _whisker_ends(ax) == [(0.05, 0.2), (0.1, 0.25), (0.3, 0.44), (0.48, 0.61)]
+    assert ax.get_xlabel() == "layer shared"
+    assert "full model, ROUGE-1" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _band_bounds(ax):
+    """The (low, high) of every shaded band, at its x positions."""
+    from matplotlib.collections import PolyCollection
+
+    out = []
+    for band in ax.collections:
+        if isinstance(band, PolyCollection):
+            ys = band.get_paths()[0].vertices[:, 1]
+            out.append((round(float(ys.min()), 6), round(float(ys.max()), 6)))
+    return out
+
+
+def test_batch_curves_shade_each_lines_interval():
+    table = pd.DataFrame({"selection": ["full", "full", "layer 0", "layer 0"], "batch_size": [1, 4, 1, 4],
+                          "rouge1": [0.67, 0.46, 0.52, 0.34], "low": [0.6, 0.35, 0.45, 0.25],
+                          "high": [0.74, 0.55, 0.6, 0.41]})
+    ax = plots.batch_curves(table, series="selection", low="low", high="high")
+    assert _band_bounds(ax) == [(0.35, 0.74), (0.25, 0.6)]
+    assert ax.get_xlabel() and ax.get_ylabel() == "ROUGE-1"
+    assert _band_bounds(plots.batch_curves(table, series="selection")) == []
+
+
+def test_batch_panels_shade_only_the_values_asked():
+    table = pd.DataFrame({"method": ["a", "a"], "batch_size": [2, 4], "exact": [1.0, 0.5],
+                          "exact_low": [1.0, 0.25], "exact_high": [1.0, 0.75], "seconds": [2.0, 20.0]})
+    fig = plots.batch_panels(table, series="method", intervals=("exact",))
+    assert _band_bounds(fig.axes[0]) == [(0.25, 1.0)]
+    assert _band_bounds(fig.axes[1]) == []
+
+
+def test_noise_curves_shade_the_interval_not_the_spread():
+    table = pd.DataFrame({"check": ["x"] * 3, "noise_multiplier": [0.0, 1e-6, 1e-5], "accuracy": [1.0, 0.85, 0.4],
+                          "accuracy_std": [0.0, 0.5, 0.5], "low": [1.0, 0.8, 0.3], "high": [1.0, 0.9, 0.5]})
+    ax = plots.noise_curves(table, series="check", value="accuracy", low="low", high="high")
+    assert _band_bounds(ax) == [(0.3, 1.0)]
+    assert ax.get_xlabel() == "noise multiplier $\\sigma$" and ax.get_ylabel() == "accuracy"
+
+
+def test_heatmap_writes_the_annotation_column_in_each_cell():
+    table = pd.DataFrame({"E": [1, 1, 5, 5], "lr": [1e-5, 1e-3, 1e-5, 1e-3], "exact": [0.0, 0.33, 0.0, 0.5],
+                          "text": ["0.00\n[0.00, 0.00]", "0.33\n[0.00, 0.67]", "0.00\n[0.00, 0.00]",
+                                   "0.50\n[0.17, 0.83]"]})
+    ax = plots.heatmap(table, rows="E", cols="lr", value="exact", annot="text", colorbar=False)
+    assert [t.get_text() for t in ax.texts] == list(table["text"])
+    assert len(ax.figure.axes) == 1  # no colour bar
+    assert ax.get_xlabel() == "lr" and ax.get_ylabel() == "E"

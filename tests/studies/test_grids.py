@@ -9,7 +9,7 @@ from gilib.data import default_data_dir, load_split
 from gilib.metrics import bootstrap_interval, rouge_scores
 from gilib.studies import all_studies, grids
 from gilib.studies.grids import (batch_axis, batch_markdown, load_grid, markdown, parse_grid, plan, run_grid,
-                                 sentence_lengths, summarize)
+                                 intervals, score_intervals, sentence_lengths, summarize)
 from gilib.studies.store import read_lines
 from gilib.studies.study import main
 
@@ -452,3 +452,15 @@ def test_the_cost_of_batching_is_paired_per_selection_and_size(tmp_path, capsys)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cli("grids", "costs", str(path))
     assert capsys.readouterr().out.strip() == "\n".join(table)
+
+
+def test_score_intervals_puts_each_scores_interval_side_by_side():
+    lines = [_line("full", None, i, r) for i, r in enumerate([0.8, 0.6, 0.7])] + [_line("layer", 1, 0, 0.5)]
+    table = score_intervals(lines, where={"batch_size": 1})
+    one = intervals(lines, where={"batch_size": 1}, score="rouge2")
+    assert list(table["component"]) == ["full", "layer"]
+    assert table["rouge1"].tolist() == pytest.approx([0.7, 0.5])
+    assert table["rouge2"].tolist() == pytest.approx([0.35, 0.25])
+    assert table["rouge2_low"].tolist() == one["low"].tolist()
+    assert table["rouge2_high"].tolist() == one["high"].tolist()
+    assert table.loc[1, "rouge1_low"] == table.loc[1, "rouge1_high"] == 0.5
