@@ -28,6 +28,7 @@ def test_the_summary_paragraph_quotes_the_summary_table(table):
     query, span = table.iloc[2], table.iloc[3]
     assert f"{query['share (%)']:.2f} % of the model" in prose
     assert f"mean {{term}}`ROUGE-1` of {query['rouge1']:.2f}" in prose
+    assert f"(95 % interval {query['low']:.2f} to {query['high']:.2f}" in prose
     # "every one of its 12 sentences exactly": all of them, and that many.
     assert span["exact"] == 1.0
     assert f"every one of its {span['sentences']} sentences exactly" in prose
@@ -51,3 +52,14 @@ def test_the_figures_have_names_captions_and_alt_text():
         assert drawing, page
         for cell in drawing:
             assert re.search(r"name: fig-\w+", cell) and "caption:" in cell and "alt:" in cell, (page, cell)
+
+
+def test_the_same_weight_is_a_smaller_share_of_bert_base():
+    # "0.65 % of the model (of MiniLM ...; the same weight is 0.54 % of the larger BERT-base)".
+    from gilib.data import repo_root
+    from gilib.studies.store import read_lines
+
+    (bert,) = [l for l in read_lines(repo_root() / "data/results/shapes.jsonl")
+               if l["study"] == "shares" and l["shape"] == "bert-base-shape"
+               and l["component"] == "attention.query" and l["layers"] == 0]
+    assert f"{100 * bert['fraction']:.2f} % of the larger BERT-base" in _prose(INTRO)
