@@ -491,6 +491,16 @@ def accuracy_interval(accuracy: float, examples: int) -> tuple[float, float]:
     return max(0.0, accuracy - half), min(1.0, accuracy + half)
 
 
+def with_accuracy_interval(table: pd.DataFrame) -> pd.DataFrame:
+    """The utility table with each run's :func:`accuracy_interval` as ``low`` and ``high`` columns.
+
+    Args:
+        table: one row per run, with ``accuracy`` and ``eval_examples``.
+    """
+    bounds = [accuracy_interval(a, n) for a, n in zip(table["accuracy"], table["eval_examples"])]
+    return table.assign(low=[b[0] for b in bounds], high=[b[1] for b in bounds])
+
+
 def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[dict], central: Sequence[dict],
                      raw: Sequence[dict], component: str = "full") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Chapter 4's one-setting comparison: privacy, utility and leakage per sigma, and the central-DP row.

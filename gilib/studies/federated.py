@@ -47,7 +47,7 @@ import torch
 
 from ..attack import AttackConfig, optimization_attack, span_attack
 from ..client import PRECISIONS, FedAvg, client_update
-from ..metrics import exact_rate, score_batch, true_token_ids
+from ..metrics import exact_rate, interval_text, mean_interval, score_batch, true_token_ids
 from ..models import cached_model, encode
 from ..selection import select
 from .sample import GRID_SPLITS, sample
@@ -288,6 +288,33 @@ def table(path: str | Path, part: str) -> pd.DataFrame:
         sentences=("sentences", "sum")).reset_index()
     return grouped.sort_values(["attack", "batch_size", "clients", "precision", "local_steps", "lr"],
                                ignore_index=True)
+
+
+def intervals(lines: pd.DataFrame, by: list[str], value: str, digits: int = 2) -> pd.DataFrame:
+    """Mean of ``value`` per group with its 95 % bootstrap interval over the server's messages.
+
+    A message's sentences share one update, so a message (its dataset and
+    ``row_ids``) is the unit: its lines are averaged first, and the interval
+    resamples messages (:func:`gilib.metrics.mean_interval`).
+
+    Args:
+        lines: the study's lines (:func:`load`), possibly several parts.
+        by: the columns to group by, e.g. ``["local_steps", "lr"]``.
+        value: the score, e.g. ``exact`` or ``rouge1``.
+        digits: decimals of the ``text`` column.
+
+    Returns:
+        One row per group, in order of appearance: the ``by`` columns,
+        ``value``, ``low``, ``high``, ``messages`` and ``text``
+        (``"0.54 [0.48, 0.61]"``).
+    """
+    rows = []
+    for key, part in lines.groupby(by, sort=False, dropna=False):
+        message = part["dataset"] + part["row_ids"].astype(str)
+        mean, low, high = mean_interval(part.groupby(message)[value].mean())
+        rows.append({**dict(zip(by, key)), value: mean, "low": low, "high": high,
+                     "messages": message.nunique(), "text": interval_text(mean, low, high, digits)})
+    return pd.DataFrame(rows)
 
 
 def markdown(frame: pd.DataFrame) -> str:

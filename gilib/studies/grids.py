@@ -1001,6 +1001,19 @@ def _interval_markdown(rows: list[dict], by: list[str], where) -> str:
                            "ROUGE-2 [95 %]", "sentences"], lines)
 
 
+def interval_column(table: pd.DataFrame, value: str = "rouge1", digits: int = 2, *,
+                    signed: bool = False) -> list[str]:
+    """Each row's ``value`` and its ``low``/``high`` columns as ``"0.54 [0.48, 0.61]"``.
+
+    For a table of :func:`intervals` (or any with ``low`` and ``high``
+    columns), e.g. ``table["ROUGE-1 [95 %]"] = interval_column(table)``;
+    ``signed`` for paired differences (:func:`cell_difference`'s
+    ``difference``): ``"+0.10 [-0.02, +0.21]"``.
+    """
+    return [interval_text(m, low, high, digits, signed=signed)
+            for m, low, high in zip(table[value], table["low"], table["high"])]
+
+
 def _span(row: pd.Series, score: str) -> str:
     return interval_text(row[score], row["low"], row["high"])
 

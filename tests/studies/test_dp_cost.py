@@ -4,6 +4,7 @@ import copy
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -206,3 +207,9 @@ def test_the_one_setting_summary_puts_each_sigmas_epsilon_accuracy_and_leakage_s
                                                                       "central DP", "local DP"][:len(server)]
     assert facts["central_minus_raw_attention_query_0"] == pytest.approx(0.025)  # paired: (0.1 + 0 + 0 + 0) / 4
     assert facts["central_pairs_attention_query_0"] == 4 and facts["central_rouge1_attention_query_0"] == 0.5
+
+
+def test_with_accuracy_interval_adds_each_runs_interval():
+    table = dp_cost.with_accuracy_interval(pd.DataFrame({"accuracy": [0.8, 1.0], "eval_examples": [872, 100]}))
+    assert table["low"].tolist() == pytest.approx([0.8 - 1.96 * (0.8 * 0.2 / 872) ** 0.5, 1.0])
+    assert table["high"].tolist() == pytest.approx([0.8 + 1.96 * (0.8 * 0.2 / 872) ** 0.5, 1.0])

@@ -3,6 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from gilib.studies import federated as federated_study
@@ -110,3 +111,15 @@ def test_float32_rounds_small_steps_away_and_the_float64_control_keeps_them(tiny
     assert facts == {"rounded_away_1e-09": round(small["steps rounded away"], 4),
                      "rounded_away_1e-02": round(large["steps rounded away"], 4),
                      "cos32_1e-09": round(small["cos, float32"], 3)}
+
+
+def test_intervals_average_each_message_first_and_resample_messages():
+    from gilib.metrics import bootstrap_interval
+
+    lines = pd.DataFrame({"dataset": ["cola", "cola", "cola", "sst2"], "row_ids": [[1, 2], [1, 2], [3], [4]],
+                          "lr": [1e-3, 1e-3, 1e-3, 1e-3], "exact": [1.0, 0.0, 1.0, 0.0]})
+    cells = federated_study.intervals(lines, ["lr"], "exact")
+    assert cells["messages"].tolist() == [3]
+    assert cells["exact"].tolist() == pytest.approx([0.5])  # messages 0.5, 1, 0
+    assert (cells.loc[0, "low"], cells.loc[0, "high"]) == bootstrap_interval([0.5, 1.0, 0.0])
+    assert cells.loc[0, "text"] == f"0.50 [{cells.loc[0, 'low']:.2f}, {cells.loc[0, 'high']:.2f}]"

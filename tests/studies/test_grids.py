@@ -3,13 +3,15 @@
 import json
 import math
 
+import pandas as pd
 import pytest
 
 from gilib.data import default_data_dir, load_split
 from gilib.metrics import bootstrap_interval, rouge_scores
 from gilib.studies import all_studies, grids
 from gilib.studies.grids import (batch_axis, batch_markdown, load_grid, markdown, parse_grid, plan, run_grid,
-                                 intervals, score_intervals, sentence_lengths, summarize)
+                                 interval_column, intervals, score_intervals, sentence_lengths,
+                                 summarize)
 from gilib.studies.store import read_lines
 from gilib.studies.study import main
 
@@ -464,3 +466,11 @@ def test_score_intervals_puts_each_scores_interval_side_by_side():
     assert table["rouge2_low"].tolist() == one["low"].tolist()
     assert table["rouge2_high"].tolist() == one["high"].tolist()
     assert table.loc[1, "rouge1_low"] == table.loc[1, "rouge1_high"] == 0.5
+
+
+def test_interval_column_prints_each_rows_mean_and_interval():
+    table = pd.DataFrame({"rouge1": [0.5412, 0.1], "low": [0.48, 0.05], "high": [0.6123, 0.125]})
+    assert interval_column(table) == ["0.54 [0.48, 0.61]", "0.10 [0.05, 0.12]"]
+    assert interval_column(table.rename(columns={"rouge1": "exact"}), "exact", 3)[1] == "0.100 [0.050, 0.125]"
+    gaps = pd.DataFrame({"difference": [0.1], "low": [-0.02], "high": [0.21]})
+    assert interval_column(gaps, "difference", signed=True) == ["+0.10 [-0.02, +0.21]"]
