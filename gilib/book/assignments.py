@@ -382,7 +382,9 @@ def _student_copy(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode
 
     Otter puts its init cell first; in Colab ``import otter`` fails there, so
     the cell moves after the install cell and installs otter-grader itself.
-    The book's ``hide-input`` tag means nothing to a student and goes.
+    The book's ``hide-input`` tag means nothing to a student and goes, and
+    so does a worked answer's cell the book removes (``remove-cell``: the
+    record(...) plumbing of a solution), which would be an empty answer.
     """
     nb = copy.deepcopy(nb)
     init = next(i for i, c in enumerate(nb.cells)
@@ -391,6 +393,10 @@ def _student_copy(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode
     cell.source = _otter_init_source(name)
     install = next((i for i, c in enumerate(nb.cells) if INSTALL_TAG in c.metadata.get("tags", [])), -1)
     nb.cells.insert(install + 1, cell)
+    # A worked answer's book plumbing (record(...) calls in a cell the book
+    # hides) would reach the student as an empty "..." cell: it goes.
+    nb.cells = [c for c in nb.cells
+                if not {"otter_answer_cell", TEST_TAG} <= set(c.metadata.get("tags", []))]
     for c in nb.cells:
         tags = [t for t in c.metadata.get("tags", []) if t != SOLUTION_TAG]
         if tags:

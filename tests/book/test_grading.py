@@ -66,7 +66,9 @@ def test_each_chapter_gets_a_student_notebook_an_autograder_and_a_readme(built, 
     checks = [c.source for c in student.cells if c.cell_type == "code" and c.source.startswith("grader.check(")]
     assert checks == [f'grader.check("{q.name}")' for q in graded]
     answers = [c for c in student.cells if "otter_answer_cell" in c.metadata.get("tags", [])]
-    assert len(answers) == len(questions)
+    # At least one per question (a worked answer may span cells), none of them the book's hidden plumbing.
+    assert len(answers) >= len(questions)
+    assert not any("remove-cell" in c.metadata.get("tags", []) for c in answers)
     assert all("..." in c.source for c in answers if c.cell_type == "code")
     # The otter cell comes after the Colab install cell, which it needs in Colab.
     code = [c for c in student.cells if c.cell_type == "code"]
