@@ -115,6 +115,16 @@ class CentralDP:
                                  seed=self.seed)
 
 
+def _positive_number(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive number, got {value!r}.")
+
+
+def _local_steps(value, protocol: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{protocol} needs local_steps >= 1 (a whole number), got {value!r}.")
+
+
 @dataclass(frozen=True)
 class FedAvg:
     """FedAvg's client update: ``local_steps`` SGD steps on the private batch.
@@ -135,17 +145,10 @@ class FedAvg:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
-            raise ValueError(f"FedAvg needs local_steps >= 1 (a whole number), got {self.local_steps!r}.")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"FedAvg's learning rate must be a positive number, got {self.lr!r}.")
+        _local_steps(self.local_steps, "FedAvg")
+        _positive_number(self.lr, "FedAvg's learning rate")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}: use 'float32' or 'float64'.")
-
-
-def _positive_number(value, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive number, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,7 @@ class AdamW:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
-            raise ValueError(f"AdamW needs local_steps >= 1 (a whole number), got {self.local_steps!r}.")
+        _local_steps(self.local_steps, "AdamW")
         _positive_number(self.lr, "AdamW's learning rate")
         _positive_number(self.eps, "AdamW's eps")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None

@@ -71,7 +71,7 @@ import nbformat
 import yaml
 
 from ..data import repo_root
-from .upkeep import INSTALL_TAG, chapter_notebooks, repository
+from .upkeep import HIDE_TAG, INSTALL_TAG, chapter_notebooks, repository
 
 OTTER_REQUIREMENT = "otter-grader[grading]==7.0.0"
 """The otter-grader the assignments are built and graded with (requirements-assignments.txt)."""
@@ -79,7 +79,7 @@ OTTER_REQUIREMENT = "otter-grader[grading]==7.0.0"
 SOLUTION_TAG = "hide-input"
 """Tag of a worked answer's code cells: the book folds the code and shows its output."""
 
-TEST_TAG = "remove-cell"
+TEST_TAG = HIDE_TAG
 """Tag of a test cell: the book leaves it out (it still runs)."""
 
 _BOUNDARY = re.compile(r"^#\s*(BEGIN|END)\s+(QUESTION|SOLUTION|TESTS|PROMPT)\b", re.IGNORECASE)

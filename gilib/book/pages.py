@@ -21,9 +21,10 @@ from pathlib import Path
 
 import nbformat
 
+from .upkeep import HIDE_TAG
+
 MAX_WORDS = 250
 MAX_LINE = 80
-HIDE_TAG = "remove-cell"
 
 DRAWS = re.compile(r"\b(?:plots|diagrams)\.(?!set_style\b)[a-z_]+\(|\bplt\.(?!close\b|rcParams\b)\w+\("
                    r"|\bsns\.(?!set\w*\b)\w+\(|\.plot\(")
@@ -32,6 +33,11 @@ seaborn (not its settings), or a DataFrame's ``.plot(``."""
 
 _RECORD = re.compile(r"^\s*record(_all)?\(", re.MULTILINE)
 _FILE_NAME = re.compile(r"\.(png|svg|jpe?g|gif)$|^[0-9a-f]{16,}", re.IGNORECASE)
+
+
+def looks_like_file_name(text: str) -> bool:
+    """Whether an alt text is a file name (myst-nb's default is the image's hashed name), not a description."""
+    return bool(_FILE_NAME.search(text.strip()))
 
 
 def _notebook(notebook: str | Path | nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -58,7 +64,7 @@ def figure_problems(cell: nbformat.NotebookNode) -> list[str]:
     if not str(figure.get("caption", "")).strip():
         problems.append("no caption")
     alt = str(image.get("alt", "")).strip()
-    if not alt or _FILE_NAME.search(alt):
+    if not alt or looks_like_file_name(alt):
         problems.append("no alt text (or a file name)")
     return problems
 

@@ -38,6 +38,8 @@ from urllib.parse import unquote, urldefrag, urlparse
 import pytest
 import yaml
 
+from gilib.book.pages import looks_like_file_name
+
 try:
     from playwright.sync_api import Error as PlaywrightError
 except ImportError:  # pragma: no cover - installed by make; the tests skip without it anyway
@@ -313,8 +315,6 @@ def test_exercises_show_the_prompt_and_hide_the_grading(chapter):
 NEW_PAGES = ("chapters/primer", "chapters/paper", "chapters/course")
 """The pages issue 24 added: a way in, the paper comparison, the course."""
 
-FILE_NAME_ALT = re.compile(r"^[0-9a-f]{16,}\.(png|svg|jpe?g|gif)$", re.IGNORECASE)
-"""myst-nb's default alt text for a cell's image: the hashed file name."""
 
 INSTALL_CELL_TEXT = "clone the book's repository and install gilib"
 """A phrase of the Colab install cell (gilib.book.upkeep.colab_install_source), never on a page."""
@@ -331,7 +331,7 @@ def _alt_problem(alt: str | None) -> str | None:
     text = (alt or "").strip()
     if not text:
         return "empty alt"
-    if FILE_NAME_ALT.match(text) or text.lower().endswith((".png", ".svg", ".jpg", ".jpeg", ".gif")):
+    if looks_like_file_name(text):
         return "a file name"
     return None
 
