@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +50,7 @@ __all__ = [
     "true_token_ids",
     "exact_rate",
     "mean_interval",
+    "share_interval",
     "interval_text",
     "matthews",
 ]
@@ -347,6 +349,45 @@ def mean_interval(values: Sequence[float], **options) -> tuple[float, float, flo
     data = np.asarray(list(values), dtype=float)
     low, high = bootstrap_interval(data, **options)
     return float(data.mean()), low, high
+
+
+def share_interval(hits: int, n: int, *, level: float = 0.95) -> tuple[float, float, float]:
+    """A share of successes with its Wilson score interval (Wilson, 1927).
+
+    A bootstrap of 12 successes out of 12 gives ``[1, 1]``, as if one more
+    try could never fail; Wilson's interval for a binomial share stays honest
+    at 0 and 1 (12 of 12: about ``[0.76, 1]``). Use it for "exact" rates.
+
+    Args:
+        hits: successes, between 0 and ``n``; a sum of per-unit shares may
+            be fractional (batches whose sentences are partly exact: the
+            batch, not the sentence, is the independent try).
+        n: independent tries (sentences attacked alone, or batches).
+        level: the interval's coverage, in (0, 1).
+
+    Returns:
+        ``(share, low, high)``.
+
+    Raises:
+        ValueError: for ``n < 1``, ``hits`` outside ``[0, n]`` or a level
+            outside (0, 1).
+
+    Example:
+        >>> [round(v, 3) for v in share_interval(12, 12)]
+        [1.0, 0.758, 1.0]
+    """
+    if isinstance(hits, bool) or isinstance(n, bool) or int(n) != n or not math.isfinite(hits):
+        raise ValueError(f"n must be a whole number and hits a finite number, got {hits!r} and {n!r}.")
+    if n < 1 or not 0 <= hits <= n:
+        raise ValueError(f"A share needs 0 <= hits <= n and n >= 1, got {hits} of {n}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    z = float(NormalDist().inv_cdf(0.5 + level / 2))
+    share = hits / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    # Round-off must not put the bounds past the share they surround.
+    return share, max(0.0, min(share, centre - half)), min(1.0, max(share, centre + half))
 
 
 def interval_text(mean: float, low: float, high: float, digits: int = 2, *, percent: bool = False,

@@ -240,3 +240,26 @@ def test_interval_text_prints_the_books_format():
     assert interval_text(0.5, 0.125, 0.75, digits=3) == "0.500 [0.125, 0.750]"
     assert interval_text(0.5, 0.25, 0.75, 0, percent=True) == "50% [25%, 75%]"
     assert interval_text(0.1, -0.02, 0.21, signed=True) == "+0.10 [-0.02, +0.21]"
+
+
+def test_share_interval_is_wilsons_and_honest_at_the_edges():
+    from gilib.metrics import share_interval
+
+    # Wilson's 95 % interval of 5 of 10 (textbook value: 0.237 to 0.763).
+    share, low, high = share_interval(5, 10)
+    assert share == 0.5 and low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    # All of 12 exact: the share is 1 but the interval leaves room for failures.
+    share, low, high = share_interval(12, 12)
+    assert share == high == 1.0 and low == pytest.approx(0.7575, abs=1e-4)
+    assert share_interval(0, 12)[1:] == (0.0, pytest.approx(1 - 0.7575, abs=1e-4))
+    # More tries, a narrower interval; a fractional sum of per-batch shares is accepted.
+    assert share_interval(120, 120)[1] > low
+    assert share_interval(2.5, 4)[0] == 0.625
+
+
+@pytest.mark.parametrize("hits, n", [(3, 2), (-1, 4), (1, 0), (1, 2.5), (float("nan"), 3), (True, 2)])
+def test_share_interval_refuses_what_is_not_a_share(hits, n):
+    from gilib.metrics import share_interval
+
+    with pytest.raises(ValueError, match="hits|n must"):
+        share_interval(hits, n)

@@ -21,6 +21,8 @@ Example::
       - {component: layer, layers: [[0, 1]]}             # a nested list is one combined cell
       - {component: layer, layers: [4], sentences: 10}   # more sentences for this selection (a longer
                                                          # prefix of the same seeded sample)
+    prior: ngram          # optional: the attack's reordering rounds use an n-gram prior counted from
+                          # every local split but the attacked one (gilib.data.prior_texts); default none
     dp:                   # optional: the client runs a DP-SGD step (gilib.dp)
       noise_multipliers: [0, 0.1, 0.5]
       max_grad_norm: 1.0
@@ -64,6 +66,7 @@ that a typo fails at once rather than after hours of attacks.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass, field, replace
@@ -75,9 +78,9 @@ import pandas as pd
 import torch
 import yaml
 
-from ..attack import AttackConfig, attack_clients
+from ..attack import AttackConfig, NgramPrior, attack_clients
 from ..client import DPSGD, CentralDP, client_update
-from ..data import DATASETS, load_split, local_splits, sample_batches
+from ..data import DATASETS, load_split, local_splits, prior_texts, sample_batches
 from ..dp import clip_factors
 from ..metrics import bootstrap_interval, interval_text, match_batch, rouge_scores
 from ..models import cached_model, encode
@@ -86,6 +89,9 @@ from .store import read_lines
 from .study import Study, Table, markdown_table, option
 
 SCORES = ("rouge1", "rouge2", "rougeL")
+PRIORS = ("ngram",)
+"""The priors a grid may name: ``ngram`` is :class:`gilib.attack.NgramPrior`
+counted from every local split but the attacked one."""
 OWN_DATASETS = ("sample",)  # text we wrote: reconstructions may be stored
 
 
@@ -99,6 +105,9 @@ class Cell:
         layers: a layer index, a tuple of indices, or ``None``.
         attack: :class:`~gilib.attack.AttackConfig` settings, as sorted pairs.
         dp: the client's DP-SGD settings, as sorted pairs (``None``: plain).
+        prior: the attack's language-model prior (:data:`PRIORS`; ``None``:
+            none); recorded in the key only when set, so the keys of
+            prior-free results never change.
         batch_size: sentences per client batch.
         sentences: sentences per dataset for this cell (``None``: the
             grid's); not part of the cell's key, so that a cell given more
@@ -111,6 +120,7 @@ class Cell:
     attack: tuple[tuple[str, Any], ...]
     dp: tuple[tuple[str, Any], ...] | None = None
     batch_size: int = 1
+    prior: str | None = None
     sentences: int | None = field(default=None, compare=False)
 
     def key(self) -> str:
@@ -125,6 +135,8 @@ class Cell:
             described["dp"] = dict(self.dp)
         if self.batch_size != 1:
             described["batch_size"] = self.batch_size
+        if self.prior is not None:
+            described["prior"] = self.prior
         return described
 
 
@@ -182,7 +194,7 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     if not isinstance(spec, dict):
         raise ValueError(f"A grid file holds a mapping of fields (name, model, selections, ...), got {spec!r}.")
     known = {"name", "model", "datasets", "split", "sentences", "sample_seed", "clients_per_task", "attack",
-             "seeds", "selections", "dp", "batch_sizes"}
+             "seeds", "selections", "dp", "batch_sizes", "prior"}
     unknown = set(spec) - known
     if unknown:
         raise ValueError(f"Unknown grid field(s) {sorted(unknown)}; the fields are {sorted(known)}.")
@@ -196,6 +208,10 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
     attack.setdefault("objective", "cos")
     attack.setdefault("steps", AttackConfig.steps)
     defences = _dp_settings(spec.get("dp"))
+    prior = spec.get("prior")
+    if prior is not None and prior not in PRIORS:
+        raise ValueError(f"Unknown 'prior' {prior!r}: the grid's prior is one of {list(PRIORS)}, or leave it out "
+                         "for none.")
     sentences = spec.get("sentences", 5)
     if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
         raise ValueError(f"'sentences' must be a whole number, at least 1, got {sentences!r}.")
@@ -214,7 +230,7 @@ def parse_grid(spec: dict, name: str = "grid") -> Grid:
                 layers = tuple(layers) if isinstance(layers, list) else layers
                 settings = {**attack, "seed": int(seed)}
                 cell = Cell(model, component, layers, tuple(sorted(settings.items())), defence, batch_size,
-                            own if own != sentences else None)
+                            sentences=own if own != sentences else None, prior=prior)
                 if cell.key() in seen:
                     raise ValueError(f"Selections {seen[cell.key()]!r} and {entry!r} both hold the cell "
                                      f"{cell.describe()}: list each selection, layer and batch size once.")
@@ -468,7 +484,8 @@ def run_task(cell: Cell, dataset: str, split: str, batches: list[list], device: 
         updates.append(update.shared)
         extras.append(extra)
     config = AttackConfig(**dict(cell.attack), progress=False)
-    rebuilt = attack_clients(model, tokenizer, updates, selection, config)
+    prior = _prior(cell, tokenizer, dataset, split)
+    rebuilt = attack_clients(model, tokenizer, updates, selection, config, prior=prior)
     lines = []
     for batch, update, result, extra in zip(batches, updates, rebuilt, extras):
         references = [ex.text for ex in batch]
@@ -496,6 +513,20 @@ def run_task(cell: Cell, dataset: str, split: str, batches: list[list], device: 
                 line["reference"] = ex.text
             lines.append(line)
     return lines
+
+
+def _prior(cell: Cell, tokenizer, dataset: str, split: str) -> NgramPrior | None:
+    """The cell's prior for an attack on ``dataset``/``split``, counted without that split."""
+    if cell.prior is None:
+        return None
+    return _ngram_prior(cell.model, dataset, split)
+
+
+@functools.lru_cache(maxsize=8)
+def _ngram_prior(model: str, dataset: str, split: str) -> NgramPrior:
+    # Counting some 80,000 sentences takes seconds: once per worker, not per task.
+    _, tokenizer = cached_model(model, 0, "cpu")
+    return NgramPrior.from_texts(tokenizer, prior_texts((dataset, split))[0])
 
 
 def run_grid(

@@ -51,7 +51,8 @@ from ..attack.searches import enumerate_batch
 from ..attack.tokens import TokenSpace
 from ..client import DPSGD, client_update
 from ..dp import clip_factors
-from ..metrics import exact_rate, rouge_scores, score_batch, token_accuracy, true_token_ids
+from ..metrics import (exact_rate, interval_text, mean_interval, rouge_scores, score_batch, share_interval,
+                       token_accuracy, true_token_ids)
 from ..models import cached_model, encode
 from ..selection import select
 from .sample import GRID_SPLITS, sample
@@ -343,7 +344,29 @@ def comparison_table(span_path: str | Path, optimization_path: str | Path) -> pd
     table = both.groupby(["component", "attack"], sort=True).agg(
         rouge1=("rouge1", "mean"), rouge2=("rouge2", "mean"), exact=("exact", "mean"),
         seconds=("seconds", "mean"), sentences=("rouge1", "size")).reset_index()
-    return table
+    return _with_intervals(table, both, ["component", "attack"])
+
+
+def _with_intervals(table: pd.DataFrame, lines: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Add each group's 95 % intervals: ROUGE-1's bootstrap (``rouge1_low/high``) and the exact share's Wilson
+    interval (``exact_low/high``, left empty where the attack does not name exact tokens).
+
+    One line of ``lines`` is one independent try: a sentence attacked alone, or a batch (its ``exact`` is then
+    the share of its sentences recovered exactly).
+    """
+    bounds = []
+    for _, row in table.iterrows():
+        part = lines
+        for column in by:
+            part = part[part[column] == row[column]]
+        _, r_low, r_high = mean_interval(part["rouge1"])
+        exact = part["exact"].dropna().astype(float)
+        e_low = e_high = float("nan")
+        if len(exact):
+            _, e_low, e_high = share_interval(float(exact.sum()), len(exact))
+        bounds.append((r_low, r_high, e_low, e_high))
+    return table.assign(**{name: [b[i] for b in bounds]
+                           for i, name in enumerate(("rouge1_low", "rouge1_high", "exact_low", "exact_high"))})
 
 
 def batch_table(path: str | Path) -> pd.DataFrame:
@@ -364,26 +387,38 @@ def batch_table(path: str | Path) -> pd.DataFrame:
     refused = lines[lines["refused"]].groupby(["method", "batch_size"]).size().rename("refused")
     table = table.join(refused, on=["method", "batch_size"]).fillna({"refused": 0})
     table["refused"] = table["refused"].astype(int)
+    table = _with_intervals(table, attacked, ["method", "batch_size"])
     order = {m: i for i, m in enumerate(METHODS)}
     return table.sort_values(["method", "batch_size"], key=lambda c: c.map(order) if c.name == "method" else c,
                              ignore_index=True)
 
 
+def _exact_text(row: pd.Series) -> str:
+    if pd.isna(row["exact"]):
+        return "–"
+    return interval_text(row["exact"], row["exact_low"], row["exact_high"], 0, percent=True)
+
+
+def _rouge1_text(row: pd.Series) -> str:
+    return interval_text(row["rouge1"], row["rouge1_low"], row["rouge1_high"])
+
+
 def batch_markdown(table: pd.DataFrame) -> str:
-    """:func:`batch_table` as Markdown (the README repeats it)."""
-    rows = ([r["method"], r["batch_size"], r["sentences"], f"{r['exact']:.0%}", f"{r['rouge1']:.2f}",
+    """:func:`batch_table` as Markdown (the README repeats it): exact share and ROUGE-1 with 95 % intervals over
+    batches (Wilson's and the bootstrap's)."""
+    rows = ([r["method"], r["batch_size"], r["sentences"], _exact_text(r), _rouge1_text(r),
              f"{r['seconds']:.1f}", f"{r['seconds_max']:.1f}", r["refused"]] for _, r in table.iterrows())
-    return markdown_table(["method", "batch size", "sentences", "exact", "ROUGE-1", "s / batch (median)",
-                          "s / batch (max)", "batches refused"], rows)
+    return markdown_table(["method", "batch size", "sentences", "exact [95 %]", "ROUGE-1 [95 %]",
+                          "s / batch (median)", "s / batch (max)", "batches refused"], rows)
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """:func:`comparison_table` as Markdown (the README repeats it)."""
-    rows = ([r["component"], r["attack"], f"{r['rouge1']:.2f}", f"{r['rouge2']:.2f}",
-             "–" if pd.isna(r["exact"]) else f"{r['exact']:.0%}", f"{r['seconds']:.1f}", r["sentences"]]
-            for _, r in table.iterrows())
-    return markdown_table(["weight (layer 0)", "attack", "ROUGE-1", "ROUGE-2", "exact", "s / sentence",
-                          "sentences"], rows)
+    """:func:`comparison_table` as Markdown (the README repeats it): ROUGE-1 and the exact share with 95 %
+    intervals over sentences (the bootstrap's and Wilson's)."""
+    rows = ([r["component"], r["attack"], _rouge1_text(r), f"{r['rouge2']:.2f}", _exact_text(r),
+             f"{r['seconds']:.1f}", r["sentences"]] for _, r in table.iterrows())
+    return markdown_table(["weight (layer 0)", "attack", "ROUGE-1 [95 %]", "ROUGE-2", "exact [95 %]",
+                          "s / sentence", "sentences"], rows)
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +431,8 @@ def comparison_summary(span_path: str | Path, optimization_path: str | Path) -> 
     """:func:`comparison_table` and the facts the chapter quotes from it.
 
     Returns:
-        ``(table, facts)``: the lowest ROUGE-1 and exact share and the
+        ``(table, facts)``: the lowest ROUGE-1 and exact share (and the
+        lowest bound of the exact share's Wilson interval) and the
         largest seconds of the span check over the three weights, the
         highest ROUGE-1 and lowest seconds of the optimisation attack, and
         the table as Markdown (``comparison_markdown``).
@@ -407,6 +443,7 @@ def comparison_summary(span_path: str | Path, optimization_path: str | Path) -> 
     facts = {
         "span_rouge1_min": round(float(span["rouge1"].min()), 4),
         "span_exact_min": round(float(span["exact"].min()), 4),
+        "span_exact_low": round(float(span["exact_low"].min()), 4),
         "span_seconds_max": round(float(span["seconds"].max()), 1),
         "opt_rouge1_max": round(float(other["rouge1"].max()), 4),
         "opt_seconds_min": round(float(other["seconds"].min()), 1),

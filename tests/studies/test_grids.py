@@ -474,3 +474,28 @@ def test_interval_column_prints_each_rows_mean_and_interval():
     assert interval_column(table.rename(columns={"rouge1": "exact"}), "exact", 3)[1] == "0.100 [0.050, 0.125]"
     gaps = pd.DataFrame({"difference": [0.1], "low": [-0.02], "high": [0.21]})
     assert interval_column(gaps, "difference", signed=True) == ["+0.10 [-0.02, +0.21]"]
+
+
+def test_a_grid_prior_is_counted_without_the_attacked_split_and_reaches_the_attack(tmp_path, monkeypatch):
+    spec = {**SPEC, "sentences": 1, "prior": "ngram", "selections": [{"component": "attention.query", "layers": 0}]}
+    grid = parse_grid(spec)
+    plain = parse_grid({**spec, "prior": None})
+    # The prior is part of the cell's key; prior-free keys stay as they were.
+    assert grid.cells[0].describe()["prior"] == "ngram" and "prior" not in plain.cells[0].describe()
+    assert grid.cells[0].key() != plain.cells[0].key()
+    counted = []
+    real = grids.prior_texts
+    monkeypatch.setattr(grids, "prior_texts", lambda attacked: (counted.append(attacked), real(attacked))[1])
+    grids._ngram_prior.cache_clear()
+    prior = grids._ngram_prior("tiny", "sample", "train")
+    assert counted == [("sample", "train")] and prior.sentences > 0
+    scored = []
+    monkeypatch.setattr(grids, "_ngram_prior", lambda *key: lambda ids: scored.append(list(ids)) or 0.0)
+    rows = run_grid(grid, tmp_path / "prior.jsonl", progress=False)
+    assert len(rows) == 1 and rows[0]["cell"]["prior"] == "ngram"
+    assert scored, "the reordering rounds never asked the prior"
+
+
+def test_an_unknown_grid_prior_is_refused():
+    with pytest.raises(ValueError, match="Unknown 'prior' 'gpt2'.*ngram"):
+        parse_grid({**SPEC, "prior": "gpt2"})

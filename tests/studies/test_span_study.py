@@ -99,3 +99,20 @@ def test_the_dp_summary_handles_a_check_that_never_breaks(tmp_path):
              for s in (0.0, 1e-6)]
     levels, facts = span_study.dp_summary(_lines_file(tmp_path, lines))
     assert facts == {"dp_half_sigma": None, "dp_exact_sigma0": 1.0, "dp_signal": 0.01, "dp_accuracy_1e-06": 1.0}
+
+
+def test_the_readme_tables_carry_an_interval_for_every_rouge_mean_and_exact_share():
+    from gilib.metrics import share_interval
+
+    comparison = span_study.comparison_table(RESULTS / "ch5_span.jsonl", RESULTS / "ch3_components.jsonl")
+    span = comparison[comparison["attack"].str.startswith("span")]
+    # Twelve of twelve exact: Wilson's interval, not a bootstrap's [1, 1].
+    assert (span["exact_low"] == share_interval(12, 12)[1]).all() and (span["sentences"] == 12).all()
+    other = comparison[~comparison["attack"].str.startswith("span")]
+    assert other["exact_low"].isna().all() and (other["rouge1_low"] < other["rouge1"]).all()
+    assert (other["rouge1"] < other["rouge1_high"]).all()
+    assert "| 1.00 [1.00, 1.00] | 1.00 | 100% [76%, 100%] |" in span_study.markdown(comparison)
+    batches = span_study.batch_table(RESULTS / "ch5_span.jsonl")
+    enumerate2 = batches[(batches["method"] == "enumerate, layer 0+1") & (batches["batch_size"] == 2)].iloc[0]
+    assert enumerate2["exact_low"] < enumerate2["exact"] < enumerate2["exact_high"] < 1
+    assert "[95 %]" in span_study.batch_markdown(batches)
