@@ -525,14 +525,18 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
         client batch size, "not run" where no cell has that sigma.
         ``server``: for each central cell's selection, the raw gradient,
         the central-DP server's view and a local-DP client's message at the
-        same sigma. ``facts``: the numbers the chapter's prose quotes.
+        same sigma. ``facts``: the numbers the chapter's prose quotes
+        (among them ``noisy_rouge1_max``, ``noisy_rouge1_high_max`` and
+        ``noisy_sentence_rouge1_max``: the largest cell mean, upper bound
+        and single-sentence ROUGE-1 of any local-DP message at sigma > 0).
     """
     lines = sorted(read_lines(utility) if isinstance(utility, (str, Path)) else list(utility),
                    key=lambda line: line["noise_multiplier"])
     if not lines:
         raise ValueError("No deployed utility lines: run python -m gilib.studies dp-cost run --recipe deployed ...")
-    leak = intervals(list(privatised), by=["component", "batch_size", "noise_multiplier"])
-    leak = leak[leak["component"] == component]
+    every = intervals(list(privatised), by=["component", "batch_size", "noise_multiplier"])
+    noisy = every[every["noise_multiplier"] > 0]
+    leak = every[every["component"] == component]
     sizes = sorted(int(b) for b in leak["batch_size"].unique())
     rows, facts = [], {}
     for line in lines:
@@ -547,6 +551,12 @@ def deployed_summary(utility: str | Path | Sequence[dict], privatised: Sequence[
         rows.append(row)
         facts[f"deployed_accuracy_sigma{sigma:g}"] = round(float(line["accuracy"]), 4)
         facts[f"deployed_epsilon_sigma{sigma:g}"] = float(line["epsilon"]) if np.isfinite(line["epsilon"]) else None
+    # How little a local-DP message gave: the best cell mean, the highest upper bound and the best
+    # single sentence over every selection, batch size and sigma > 0.
+    facts.update({"noisy_rouge1_max": round(float(noisy["rouge1"].max()), 4),
+                  "noisy_rouge1_high_max": round(float(noisy["high"].max()), 4),
+                  "noisy_sentence_rouge1_max": round(max(float(r["rouge1"]) for r in privatised
+                                                         if r["cell"]["dp"]["noise_multiplier"] > 0), 4)})
     first = lines[0]
     facts.update({"deployed_trained_millions": round(first["trained_parameters"] / 1e6, 1),
                   "deployed_batch": first["batch_size"], "deployed_steps": first["steps"],

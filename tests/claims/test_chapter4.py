@@ -118,8 +118,8 @@ def _deployed():
 
 
 def test_chapter4_in_the_deployed_setting_noise_that_stops_the_attack_leaves_epsilon_void_or_the_model_at_chance():
-    # "At sigma = 0.01 the accuracy ... stays inside the baseline's interval and the attack recovers at most a
-    # stray word at 1, 4 or 8 sentences per client, but epsilon is ...: no guarantee at all. At sigma = 0.5
+    # "At sigma = 0.01 the accuracy ... stays inside the baseline's interval and the attack's mean ROUGE-1 is at
+    # most 0.01 at every batch size (no interval reaches above 0.03), but epsilon is ...: no guarantee at all. At sigma = 0.5
     # the same 30 steps give epsilon = 4.5, and the model falls to 0.51, chance on SST-2's balanced
     # validation split."
     from gilib.studies import dp_cost
@@ -133,8 +133,12 @@ def test_chapter4_in_the_deployed_setting_noise_that_stops_the_attack_leaves_eps
     assert majority < 0.52 and abs(lines[0.5]["accuracy"] - majority) < 0.02
     _, _, facts = _deployed()
     for size in (1, 4, 8):
-        assert facts[f"rouge1_b{size}_sigma0.01"] <= NOTHING  # a stray word at most
-        assert facts[f"rouge1_high_b{size}_sigma0.01"] <= 0.05
+        assert facts[f"rouge1_b{size}_sigma0.01"] <= facts["noisy_rouge1_max"] <= NOTHING
+        assert facts[f"rouge1_high_b{size}_sigma0.01"] <= facts["noisy_rouge1_high_max"] <= 0.05
+    # "no single sentence scored above 0.12": the largest of every local-DP line at sigma > 0.
+    noisy = [r["rouge1"] for r in [*cached("ch4_dp.jsonl"), *cached("ch4_dp_batches.jsonl")]
+             if r["cell"]["dp"]["noise_multiplier"] > 0]
+    assert facts["noisy_sentence_rouge1_max"] == round(max(noisy), 4) < 0.2
     # Only sigma = 0.01 was run at 4 and 8 per client: the table says "not run" elsewhere.
     one, _, _ = _deployed()
     assert set(one.loc[one["sigma"] != 0.01, "ROUGE-1, 4 per client"]) == {"not run"}

@@ -63,3 +63,20 @@ def test_the_same_weight_is_a_smaller_share_of_bert_base():
                if l["study"] == "shares" and l["shape"] == "bert-base-shape"
                and l["component"] == "attention.query" and l["layers"] == 0]
     assert f"{100 * bert['fraction']:.2f} % of the larger BERT-base" in _prose(INTRO)
+
+
+def test_the_primers_label_and_token_count_reads_say_what_its_cell_prints():
+    # "The bias gradient is negative only at label 1, and 8 rows of the position-embedding gradient are
+    # non-zero: six words plus [CLS] and [SEP]." Only the shared gradients feed the two reads.
+    from gilib import client_update, encode, load_model, select
+
+    prose = _prose((CHAPTERS / "primer.md").read_text())
+    assert "negative only at label 1, and 8 rows" in prose
+    model, tokenizer = load_model("minilm")
+    full = select(model, "full")
+    update = client_update(model, full, encode(tokenizer, "the cat sat on the mat", 1)).shared
+    shared_grads = dict(zip(full.names, update.shared_grads))
+    bias = shared_grads["classifier.bias"]
+    assert (bias < 0).tolist() == [False, True]
+    rows = shared_grads["bert.embeddings.position_embeddings.weight"]
+    assert int((rows.norm(dim=1) > 0).sum()) == 8
