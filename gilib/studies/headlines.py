@@ -31,6 +31,7 @@ FILES = {
     "dp": "ch4_dp.jsonl",
     "utility": "ch4_utility.jsonl",
     "finetuned": "ch2_finetuned.jsonl",
+    "prior": "headline_prior.jsonl",
 }
 """The cached results each number comes from (chapters 2, 3 and 4)."""
 
@@ -92,7 +93,9 @@ def headline_numbers(root: str | Path | None = None) -> dict:
         ``best_weight`` (with ``component`` and ``layer``), ``last_layer_weight_max_rouge1``,
         ``batch`` (``full``, ``layer0``, ``query0``: batch size -> ROUGE-1
         and ROUGE-2 over the same sentences, client batches of that size),
-        ``dp`` (per selection: ``sigma0`` and ``max_noisy`` ROUGE-1, the
+        ``finetuned`` and ``prior`` (each headline selection on the
+        fine-tuned victims, or attacked with the n-gram prior, paired with
+        the plain attack on the pretrained victim), ``dp`` (per selection: ``sigma0`` and ``max_noisy`` ROUGE-1, the
         largest over every sigma > 0), ``dp_sigmas``, ``utility``
         (sigma -> accuracy and epsilon) and ``steps`` / ``paper_steps``.
     """
@@ -161,6 +164,7 @@ def headline_numbers(root: str | Path | None = None) -> dict:
         "dp_sigmas": sorted(float(s) for s in dp_table["noise_multiplier"].unique()),
         "utility": utility,
         "finetuned": _finetuned(headline, layer_rows + component_rows, root),
+        "prior": _with_prior(headline, layer_rows + component_rows, root),
     }
 
 
@@ -186,15 +190,37 @@ def _finetuned(headline: dict, pretrained: list[dict], root) -> dict:
         headline key -> ``rouge1``/``rouge2`` on the fine-tuned victims,
         ``pretrained_rouge1``/``pretrained_rouge2`` on the same sentences,
         ``diff_rouge1``/``diff_rouge2`` (fine-tuned minus pretrained) with
-        95 % bootstrap intervals, and ``n``; a selection the fine-tuned
-        grid has not run is left out, and so is everything without
-        ``ch2_finetuned.jsonl``.
+        95 % bootstrap intervals, ``n`` and ``victims``; a selection the
+        fine-tuned grid has not run is left out, and so is everything
+        without ``ch2_finetuned.jsonl``.
     """
     path = _path("finetuned", root)
     if not path.is_file():
         return {}
     tuned = read_lines(path)
-    ran = {(r["cell"]["component"], r["cell"]["layers"]) for r in tuned}
+    out = _paired_rows(headline, tuned, pretrained)
+    for row in out.values():
+        row["victims"] = sorted({r["cell"]["model"] for r in tuned})
+    return out
+
+
+def _with_prior(headline: dict, without: list[dict], root) -> dict:
+    """Each headline selection attacked with the n-gram prior, paired with the same attack without it.
+
+    Returns:
+        headline key -> ``rouge1``/``rouge2`` with the prior,
+        ``pretrained_rouge1``/``pretrained_rouge2`` without it (the same
+        victim and sentences), ``diff_*`` (with minus without) with 95 %
+        bootstrap intervals and ``n``; empty without ``headline_prior.jsonl``.
+    """
+    path = _path("prior", root)
+    return _paired_rows(headline, read_lines(path), without) if path.is_file() else {}
+
+
+def _paired_rows(headline: dict, lines: list[dict], base: list[dict]) -> dict:
+    """Each headline selection in ``lines``, paired sentence by sentence with ``base`` (see :func:`_finetuned`)."""
+    ran = {(r["cell"]["component"], r["cell"]["layers"]) for r in lines}
+    base = [r for r in base if r["cell"].get("batch_size", 1) == 1]
     out = {}
     for key in HEADLINE_KEYS:
         selection = _selection(key, headline[key])
@@ -202,13 +228,12 @@ def _finetuned(headline: dict, pretrained: list[dict], root) -> dict:
             continue
         row = {}
         for score in ("rouge1", "rouge2"):
-            both = paired(tuned, pretrained, [selection], score=score).iloc[0]
+            both = paired(lines, base, [selection], score=score).iloc[0]
             row.update({score: round(float(both["first"]), 4), f"pretrained_{score}": round(float(both["second"]), 4),
                         f"diff_{score}": round(float(both["difference"]), 4),
                         f"diff_{score}_low": round(float(both["low"]), 4),
                         f"diff_{score}_high": round(float(both["high"]), 4)})
             row["n"] = int(both["n"])
-        row["victims"] = sorted({r["cell"]["model"] for r in tuned})
         out[key] = row
     return out
 
@@ -251,14 +276,27 @@ def finetuned_markdown(numbers: dict | None = None) -> str:
     if not h["finetuned"]:
         raise ValueError("No fine-tuned results: run python -m gilib.studies grids run "
                          "data/results/ch2_finetuned.yaml --out data/results/ch2_finetuned.jsonl --jobs 2")
-    names = dict(zip(HEADLINE_KEYS, headline_table(h)["the server sees"]))
+    return _paired_markdown(h, h["finetuned"], ("pretrained", "fine-tuned"))
+
+
+def prior_markdown(numbers: dict | None = None) -> str:
+    """The headline selections attacked with and without the n-gram prior, as Markdown."""
+    h = numbers or headline_numbers()
+    if not h["prior"]:
+        raise ValueError("No results with the prior: run python -m gilib.studies grids run "
+                         "data/results/headline_prior.yaml --out data/results/headline_prior.jsonl --jobs 2")
+    return _paired_markdown(h, h["prior"], ("no prior", "n-gram prior"))
+
+
+def _paired_markdown(h: dict, block: dict, names: tuple[str, str]) -> str:
+    labels = dict(zip(HEADLINE_KEYS, headline_table(h)["the server sees"]))
     rows = []
-    for key, row in h["finetuned"].items():
-        rows.append([names[key], f"{row['pretrained_rouge1']:.2f} / {row['pretrained_rouge2']:.2f}",
+    for key, row in block.items():
+        rows.append([labels[key], f"{row['pretrained_rouge1']:.2f} / {row['pretrained_rouge2']:.2f}",
                      f"{row['rouge1']:.2f} / {row['rouge2']:.2f}",
                      interval_text(row["diff_rouge1"], row["diff_rouge1_low"], row["diff_rouge1_high"]),
                      interval_text(row["diff_rouge2"], row["diff_rouge2_low"], row["diff_rouge2_high"]), row["n"]])
-    return markdown_table(["the server sees", "pretrained ROUGE-1 / 2", "fine-tuned ROUGE-1 / 2",
+    return markdown_table(["the server sees", f"{names[0]} ROUGE-1 / 2", f"{names[1]} ROUGE-1 / 2",
                            "ROUGE-1 difference [95 %]", "ROUGE-2 difference [95 %]", "sentences"], rows)
 
 
@@ -274,6 +312,10 @@ STUDY = Study(
             Table("finetuned", "the headline selections on the fine-tuned victims, paired with the pretrained one",
                   lambda args: finetuned_markdown(headline_numbers(args.root)),
                   (option("--root", type=Path, default=None,
+                          help="the repository whose data/results to read (default: this one)"),)),
+            Table("prior", "the headline selections attacked with the n-gram prior, paired with the plain attack",
+                  lambda args: prior_markdown(headline_numbers(args.root)),
+                  (option("--root", type=Path, default=None,
                           help="the repository whose data/results to read (default: this one)"),))),
 )
-"""The headline numbers as a study with tables only (``python -m gilib.studies headlines table|finetuned``)."""
+"""The headline numbers as a study with tables only (``python -m gilib.studies headlines table|finetuned|prior``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pandas as pd
@@ -92,16 +93,26 @@ def test_the_page_names_the_papers_dp_function_and_no_bare_lamp_attack():
     assert "cosine (LAMP's objective, no prior)" in text
 
 
-def test_the_headline_rows_took_about_39_minutes_of_attack_time():
-    # README and paper page: "the five rows took about 39 minutes of attack
-    # time on one core without the prior".
-    headline = {("full", "None"), ("layer", "0"), ("layer", "1"), ("attention.query", "0"),
-                ("ffn.intermediate", "2")}
-    seconds = sum(r["seconds"] for name in ("ch2_layers.jsonl", "ch3_components.jsonl") for r in cached(name)
-                  if r["cell"].get("batch_size", 1) == 1
-                  and (r["cell"]["component"], str(r["cell"]["layers"])) in headline)
-    assert round(seconds / 60) == 39
-    assert "about 39 minutes of attack\ntime on one core" in (ROOT / "README.md").read_text()
+def test_the_prior_adds_word_order_not_words_on_the_headline_rows():
+    # README and paper page: "every ROUGE-1 interval holds 0, while ROUGE-2 (word pairs) rises for layer 1
+    # and layer 2's ffn.intermediate weight (intervals above 0), just for the full model (the interval starts
+    # at 0.00) and within the intervals for layer 0 and its query."
+    from gilib.studies.headlines import headline_numbers
+
+    prior = headline_numbers()["prior"]
+    assert set(prior) == {"full", "layer0", "best_layer", "query0", "best_weight"}
+    assert all(row["n"] == 30 for row in prior.values())
+    assert all(row["diff_rouge1_low"] <= 0 <= row["diff_rouge1_high"] for row in prior.values())
+    above = {key for key, row in prior.items() if row["diff_rouge2_low"] > 0}
+    assert above == {"full", "best_layer", "best_weight"}
+    assert prior["full"]["diff_rouge2_low"] < 0.005
+    # The prior run pairs with the prior-free rows: the same sentences, victim and attack settings.
+    rows = list(cached("headline_prior.jsonl"))
+    plain = {json.dumps({k: v for k, v in r["cell"].items() if k != "prior"}, sort_keys=True)
+             for r in rows}
+    base = {json.dumps(r["cell"], sort_keys=True) for name in ("ch2_layers.jsonl", "ch3_components.jsonl")
+            for r in cached(name)}
+    assert plain <= base and {r["cell"]["prior"] for r in rows} == {"ngram"}
 
 
 def test_the_readme_chapter_4_utility_numbers_are_the_cached_ones():
