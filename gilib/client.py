@@ -150,6 +150,42 @@ class FedAvg:
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}: use 'float32' or 'float64'.")
 
+    def noise(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> list[torch.Tensor]:
+        """The server's noise model of this client's message: each entry's largest error, in float64.
+
+        Every local step rounds the weight to its float32 grid, an error of
+        at most half a spacing ``s``; over ``E`` steps divided by ``lr E``,
+        the message's entry is the mean gradient to within ``s / (2 lr)``
+        (0 where no step moved the weight: the gradient was below it).
+        Local training in float64 leaves only the message's own float32
+        rounding (relative, about ``6e-8``).
+
+        Raises:
+            ValueError: if the message does not fit these settings: in
+                float32, more than 1 % of its non-zero entries smaller than
+                a quarter of one grid step (a wrong ``lr`` or ``local_steps``).
+        """
+        bounds = []
+        for message, start in zip(update.shared_grads, selection.parameters(model)):
+            if self.precision == "float64":
+                bounds.append(message.detach().double().abs() * 2.0 ** -24 + 1e-300)
+                continue
+            bound = float32_spacing(start) / (2 * self.lr)
+            moved = message.detach().double().abs()
+            # A moved entry travelled at least half a spacing in E steps.
+            small = (moved > 0) & (moved < bound / (2 * self.local_steps))
+            if moved.count_nonzero() and float(small.sum()) > 0.01 * float(moved.count_nonzero()):
+                raise ValueError(
+                    f"The message does not fit FedAvg(local_steps={self.local_steps}, lr={self.lr:g}) in float32: "
+                    f"{int(small.sum())} of its non-zero entries are smaller than a quarter of one float32 step "
+                    f"at that learning rate. Give the client's own lr and local_steps.")
+            bounds.append(bound)
+        return bounds
+
+    def entry_weights(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> list[torch.Tensor]:
+        """``1 / noise^2`` per entry (:meth:`noise`), for :func:`gilib.attack.span_attack`'s ``weights``."""
+        return [_weights_from_noise(n) for n in self.noise(update, model, selection)]
+
 
 @dataclass(frozen=True)
 class AdamW:
@@ -199,6 +235,52 @@ class AdamW:
         if self.precision not in ADAMW_PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}: use one of {', '.join(ADAMW_PRECISIONS)}.")
 
+    def noise(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> list[torch.Tensor]:
+        """The server's noise model of :meth:`gradient`'s estimate: each entry's error, in float64.
+
+        The step ``u = g / (|g| + eps)`` is known to ``delta = s / lr``
+        (``s`` the weight's float32 spacing: the step and the weight decay
+        are each rounded to it), so with ``t = 1 - |u|`` the estimate
+        ``eps (1 - t) / t`` is off by about ``eps delta / t^2``. Where ``t``
+        is within ``2 delta`` of 0 (a gradient far above ``eps``) only the
+        sign survives: the noise is infinite there, the entry missing. In
+        float64 the step is exact to the message's own float32 rounding.
+        bfloat16 training rounds to a grid 65536 times coarser.
+
+        Raises:
+            ValueError: for a message of several local steps, as :meth:`gradient`.
+        """
+        self._one_step()
+        bounds = []
+        for message, start in zip(update.shared_grads, selection.parameters(model)):
+            u = message.detach().double() - self.weight_decay * start.detach().double()
+            t = 1 - u.abs()
+            if self.precision == "float64":
+                delta = u.abs() * 2.0 ** -24 + 1e-300
+            else:
+                delta = float32_spacing(start) / self.lr * (2.0 ** 16 if self.precision == "bfloat16" else 1.0)
+            bound = self.eps * delta / t.clamp_min(1e-300) ** 2
+            bounds.append(torch.where(t > 2 * delta, bound, torch.full_like(bound, float("inf"))))
+        return bounds
+
+    def entry_weights(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> list[torch.Tensor]:
+        """Which entries of :meth:`gradient`'s estimate to trust, for :func:`gilib.attack.span_attack`'s ``weights``.
+
+        1 where the estimate's error is below half its size, 0 elsewhere
+        (a missing entry). Binary on purpose: the estimate's error grows as
+        ``1 / t^2`` and spans many orders of magnitude, and a fit weighted by
+        ``1 / noise^2`` follows the few tiniest gradients instead of the
+        sentence.
+        """
+        estimate = self.gradient(update, model, selection).shared_grads
+        return [((g.double().abs() > 2 * n) & torch.isfinite(n)).double()
+                for g, n in zip(estimate, self.noise(update, model, selection))]
+
+    def _one_step(self) -> None:
+        if self.local_steps != 1:
+            raise ValueError(f"Only one AdamW step is invertible elementwise; this client took "
+                             f"{self.local_steps}. Attack the message itself, or use local_steps=1.")
+
     def gradient(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
         """The server's inversion of one AdamW step: the client's gradient, from its message.
 
@@ -222,9 +304,7 @@ class AdamW:
             ValueError: for a message of several local steps (the moments
                 then mix the steps' gradients).
         """
-        if self.local_steps != 1:
-            raise ValueError(f"Only one AdamW step is invertible elementwise; this client took "
-                             f"{self.local_steps}. Attack the message itself, or use local_steps=1.")
+        self._one_step()
         grads = []
         for message, start in zip(update.shared_grads, selection.parameters(model)):
             u = message.double() - self.weight_decay * start.detach().double()
@@ -235,6 +315,21 @@ class AdamW:
             magnitude = torch.where(inside, magnitude, ceiling)
             grads.append((u.sign() * magnitude).to(message.dtype))
         return update._replace(shared_grads=grads)
+
+
+def float32_spacing(weights: torch.Tensor) -> torch.Tensor:
+    """The gap from each float32 weight to the next float32 number away from zero, in float64.
+
+    An SGD step ``lr * g`` smaller than half of it is rounded away; a larger
+    one lands on this grid. The server knows it: it sent the weights.
+    """
+    magnitude = weights.detach().float().abs()
+    return (torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude).double()
+
+
+def _weights_from_noise(noise: torch.Tensor) -> torch.Tensor:
+    """Entry weights ``1 / noise^2`` (0 where the noise is infinite: the entry is missing)."""
+    return torch.where(torch.isfinite(noise) & (noise > 0), noise.clamp_min(1e-300) ** -2, torch.zeros_like(noise))
 
 
 Protocol = Union[None, DPSGD, CentralDP, FedAvg, AdamW]

@@ -50,7 +50,12 @@ class SpanDiagnostics:
             residual stayed high (empty for a verified one; ``None`` at batch size 1).
         timed_out: whether the attack's time budget
             (:attr:`SpanConfig.time_budget <gilib.attack.SpanConfig>`) ended
-            peeling before every sentence was found.
+            peeling before every sentence was found (or, with entry weights,
+            the search before its last pass).
+        outside: with entry weights (a message seen through known noise),
+            the share of the stacked layer-0 message's squared norm outside
+            the rebuilt inputs' span: the noise's share when the sentence is
+            right; ``None`` otherwise.
     """
 
     weight: str
@@ -63,6 +68,7 @@ class SpanDiagnostics:
     labels: list[int | None] | None = None
     uncertain: list[list[int]] | None = None
     timed_out: bool = False
+    outside: float | None = None
 
 
 @dataclass

@@ -21,7 +21,8 @@ from .config import SpanConfig
 from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .rowspace import check_positions
+from .completion import completed_space, outside_share, polish, sentence_inputs, stacked_projections
+from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
 _LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
@@ -96,6 +97,8 @@ def span_attack(
     update: SharedUpdate,
     selection: Selection,
     config: SpanConfig | None = None,
+    *,
+    weights: Sequence[torch.Tensor] | None = None,
 ) -> AttackResult:
     """Recover a batch from the gradient of a layer-0 query, key or value weight.
 
@@ -123,6 +126,16 @@ def span_attack(
             layer 0 (``select(model, "layer", 0)``) for the faster, sharper
             check of batches.
         config: the settings (defaults: :class:`~gilib.attack.SpanConfig`).
+        weights: for a message seen through known noise, one non-negative
+            tensor per shared tensor: each entry's weight, ``1 / noise^2``,
+            0 for a lost entry (``FedAvg(...).entry_weights(update, model,
+            selection)`` for float32 FedAvg, ``AdamW(...).entry_weights``
+            beside ``AdamW(...).gradient``). The check then stacks every
+            layer-0 query and value weight shared, fits the weighted
+            rank-n matrix nearest to them and searches each position's
+            candidates against it (:mod:`gilib.attack.completion`); batch
+            size 1 only. ``diagnostics.outside`` is the stacked message's
+            share outside the found inputs' span.
 
     Returns:
         An :class:`~gilib.attack.AttackResult` with ``method="span"``, in
@@ -151,13 +164,17 @@ def span_attack(
             all-zero gradient, lengths, labels), no layer-0 query/key/value
             weight is selected, or the batch has at least as many tokens as
             the weight has input dimensions (its row space can then hold
-            every input).
+            every input), or ``weights`` do not fit the message (count,
+            shapes, negative or non-finite values, none positive) or come
+            with a batch.
     """
     start = time.perf_counter()
     cfg = SpanConfig() if config is None else config
     if not isinstance(cfg, SpanConfig):
         raise TypeError(f"config must be a SpanConfig (or None for the defaults), got a {type(cfg).__name__}.")
     update, name, gradient = _checked(model, update, selection)
+    if weights is not None:
+        return _noisy_attack(model, tokenizer, update, selection, cfg, _checked_weights(weights, update), start)
     shared_grads, labels, lengths = update
     batch = len(lengths)
     tokens = TokenSpace(model, tokenizer)
@@ -199,3 +216,59 @@ def span_attack(
         timings={"check": check_seconds, "assembly": seconds - check_seconds},
         diagnostics=diagnostics,
     )
+
+
+def _checked_weights(weights, update: SharedUpdate) -> list[torch.Tensor]:
+    """The entry weights, checked against the message they describe."""
+    weights = list(weights)
+    grads = update.shared_grads
+    if len(weights) != len(grads):
+        raise ValueError(f"weights has {len(weights)} tensors but the message {len(grads)}: give one weight "
+                         f"tensor per shared tensor (e.g. FedAvg(...).entry_weights(update, model, selection)).")
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(g.shape):
+            raise ValueError(f"weights[{i}] must be a tensor of the message's shape {tuple(g.shape)}, got "
+                             f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}.")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"weights[{i}] holds negative or non-finite values: entry weights are 1 / noise^2, "
+                             f"0 for a lost entry.")
+    if not any(bool((w > 0).any()) for w in weights):
+        raise ValueError("Every entry weight is 0: the noise model says nothing of the message survived.")
+    if len(update.lengths) != 1:
+        raise ValueError(f"Entry weights are used at batch size 1; this message holds {len(update.lengths)} "
+                         f"sentences. Pass weights=None to peel the batch from the raw message.")
+    return [w.detach().double() for w in weights]
+
+
+def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, cfg: SpanConfig,
+                  weights: list[torch.Tensor], start: float) -> AttackResult:
+    """One sentence from a message seen through known noise (:mod:`gilib.attack.completion`)."""
+    shared_grads, _, lengths = update
+    (n,) = lengths
+    names, matrix = stacked_projections(model, selection.names, shared_grads)
+    if not names:
+        raise ValueError(f"With entry weights the span check reads layer 0's query or value weight, and "
+                         f"{selection.label} has neither: select e.g. select(model, 'layer', 0).")
+    _, stacked_weights = stacked_projections(model, selection.names, weights)
+    if not bool((stacked_weights > 0).any()):
+        raise ValueError("No entry of layer 0's query or value weight survived the noise model: "
+                         "nothing is left for the span check.")
+    tokens = TokenSpace(model, tokenizer)
+    space = completed_space(matrix, stacked_weights, n)
+    residuals = token_residuals(model, tokens, space, range(1, n - 1))
+    check_seconds = time.perf_counter() - start
+    first = [tokenizer.cls_token_id, *residuals.argmin(dim=1).tolist(), tokenizer.sep_token_id]
+    deadline = None if cfg.time_budget is None else start + cfg.time_budget
+    ids, _ = polish(model, names, matrix, stacked_weights, first, residuals, deadline=deadline)
+    outside = outside_share(matrix, sentence_inputs(model, ids))
+    sets = [[t] for t in ids[1:-1]]
+    ordered = residuals.topk(min(2, residuals.shape[1]), dim=1, largest=False).values
+    gaps = [float(row[1] - row[0]) for row in ordered] or [0.0]
+    diagnostics = SpanDiagnostics(weight="+".join(names), verifier=None, rank=n, min_gap=min(gaps),
+                                  candidates=sets, outside=outside,
+                                  timed_out=deadline is not None and time.perf_counter() > deadline)
+    seconds = time.perf_counter() - start
+    return AttackResult(texts=[tokens.decode(ids)], token_ids=[ids], final_loss=outside, seconds=seconds,
+                        method="span", config=asdict(cfg),
+                        timings={"check": check_seconds, "assembly": seconds - check_seconds},
+                        diagnostics=diagnostics)

@@ -143,7 +143,8 @@ def paired_token_accuracy(token_ids: Sequence[Sequence[int]], truth: Sequence[Se
     return float(sum(max(right[i, j], 0.0) for i, j in zip(rows, cols)) / max(interior, 1))
 
 
-def measure_batch(shape: str, dataset: str, batch, max_effort: int = MAX_EFFORT) -> list[dict]:
+def measure_batch(shape: str, dataset: str, batch, max_effort: int = MAX_EFFORT,
+                  time_budget: float | None = None) -> list[dict]:
     """One batch of real sentences attacked by the span check on one shape.
 
     Args:
@@ -153,6 +154,8 @@ def measure_batch(shape: str, dataset: str, batch, max_effort: int = MAX_EFFORT)
         max_effort: peeling's largest effort (:class:`~gilib.attack.SpanConfig`):
             a round that finds no sentence reruns with twice the search, up
             to this factor, which bounds an unresolved batch's seconds.
+        time_budget: seconds the attack may take (``SpanConfig.time_budget``);
+            ``None``: no limit. The line records it and ``timed_out``.
 
     Returns:
         One line: the batch's row ids, size, tokens and the weight's input
@@ -171,11 +174,12 @@ def measure_batch(shape: str, dataset: str, batch, max_effort: int = MAX_EFFORT)
     line = {"study": "batch", "shape": shape, "checkpoint": CHECKPOINT.get(shape, shape), "dataset": dataset,
             "split": BATCH_SPLITS.get(dataset), "row_ids": [e.row_id for e in batch], "batch_size": len(batch),
             "tokens": sum(lengths), "lengths": lengths, "width": width, "selection": selection.label,
-            "fraction": selection.fraction, "max_effort": max_effort}
+            "fraction": selection.fraction, "max_effort": max_effort,
+            **({"time_budget": time_budget} if time_budget is not None else {})}
     try:
         # The attacker's message carries no labels: peeling finds them.
         result = span_attack(model, tokenizer, update._replace(labels=None), selection,
-                             SpanConfig(max_effort=max_effort))
+                             SpanConfig(max_effort=max_effort, time_budget=time_budget))
     except ValueError:
         if sum(lengths) < width:
             raise  # not the refusal this line records
@@ -185,7 +189,7 @@ def measure_batch(shape: str, dataset: str, batch, max_effort: int = MAX_EFFORT)
     return [{**line, "refused": False, "exact": exact_rate(result.token_ids, truth),
              "token_accuracy": paired_token_accuracy(result.token_ids, truth),
              "found": 1.0 if found is None else sum(found) / len(batch), "rank": result.diagnostics.rank,
-             "seconds": result.seconds}]
+             "timed_out": result.diagnostics.timed_out, "seconds": result.seconds}]
 
 
 run_task = Measurements(measure_shares, measure_batch)
@@ -193,7 +197,8 @@ run_task = Measurements(measure_shares, measure_batch)
 
 
 def plan(shapes: Sequence[str] = SHAPES + tuple(CONTROL), sizes: Sequence[int] = SIZES,
-         max_effort: int = MAX_EFFORT, datasets: Sequence[str] = DATASETS, batches: int | None = None) -> list[tuple]:
+         max_effort: int = MAX_EFFORT, datasets: Sequence[str] = DATASETS, batches: int | None = None,
+         time_budget: float | None = None) -> list[tuple]:
     """Every task: ``("measure_shares", shape)`` then ``("measure_batch", shape, dataset, batch, effort)``.
 
     Tasks run shape by shape, so that each process loads each model once
@@ -207,7 +212,13 @@ def plan(shapes: Sequence[str] = SHAPES + tuple(CONTROL), sizes: Sequence[int] =
         batches: at most this many batches per dataset and size (the first
             ones of :data:`BATCHES`' draw, so that a later run with more
             adds the others); ``None``: all of them.
+        time_budget: seconds each batch's attack may take (:func:`measure_batch`).
+
+    Raises:
+        ValueError: for a batch size without a count, or a time budget that
+            is not a number of seconds above 0.
     """
+    SpanConfig(time_budget=time_budget)  # checked before the first task runs
     unknown = [s for s in sizes if s not in BATCHES]
     if unknown:
         raise ValueError(f"No batch count for batch size {unknown[0]}: choose among {', '.join(map(str, BATCHES))}.")
@@ -218,7 +229,7 @@ def plan(shapes: Sequence[str] = SHAPES + tuple(CONTROL), sizes: Sequence[int] =
             for dataset in datasets:
                 count = BATCHES[size] if batches is None else min(BATCHES[size], batches)
                 for batch in sample(dataset, count, size, split=BATCH_SPLITS[dataset]):
-                    tasks.append(("measure_batch", shape, dataset, batch, max_effort))
+                    tasks.append(("measure_batch", shape, dataset, batch, max_effort, time_budget))
     return tasks
 
 
@@ -226,7 +237,8 @@ def _key(*parts) -> str:
     return json.dumps(list(parts))
 
 
-def _task_key(name: str, shape: str, dataset: str | None = None, batch=None, max_effort: int | None = None):
+def _task_key(name: str, shape: str, dataset: str | None = None, batch=None, max_effort: int | None = None,
+              time_budget: float | None = None):
     if name == "measure_shares":
         return [_key("shares", shape, c) for c in COMPONENTS]
     return [_key("batch", shape, dataset, [e.row_id for e in batch])]
@@ -436,7 +448,7 @@ def _results(help_text: str = "this study's results (data/results/shapes.jsonl)"
 STUDY = Study(
     name="shapes",
     description="the paper's BERT-base and TinyBERT shapes (random weights): parameter shares and the span check",
-    plan=lambda args: plan(args.shapes, args.sizes, args.max_effort, args.datasets, args.batches),
+    plan=lambda args: plan(args.shapes, args.sizes, args.max_effort, args.datasets, args.batches, args.time_budget),
     work=run_task,
     task_keys=_task_key,
     line_key=_line_key,
@@ -453,6 +465,9 @@ STUDY = Study(
                help="at most this many batches per dataset and size (default: all of BATCHES)"),
         option("--max-effort", type=int, default=MAX_EFFORT,
                help="peeling's largest effort, which bounds an unresolved batch's time (default: %(default)s)"),
+        option("--time-budget", type=float, default=None,
+               help="seconds each batch's attack may take; it then returns its best partial result, marked "
+                    "timed_out (default: no limit)"),
     ),
     tables=(
         Table("shares", "the share of each of layer 0's linear weights per shape, as Markdown",

@@ -141,3 +141,15 @@ def test_a_file_without_batch_lines_says_how_to_make_them(tmp_path):
     path.write_text('{"study": "shares"}\n')
     with pytest.raises(ValueError, match="python -m gilib.studies shapes run"):
         shapes.batch_table(path)
+
+
+def test_a_time_budget_bounds_each_batch_and_the_line_says_when_it_ran_out():
+    batch = load_split("sample")[:3]
+    (line,) = shapes.measure_batch("tiny", "sample", batch, 1, time_budget=1e-6)
+    assert line["time_budget"] == 1e-6 and line["timed_out"] is True and line["exact"] < 1.0
+    (free,) = shapes.measure_batch("tiny", "sample", batch, 1)
+    assert "time_budget" not in free and free["timed_out"] is False
+    assert [t[-1] for t in shapes.plan(["tiny"], [1], datasets=["cola"], time_budget=60.0)[1:]] == [60.0] * 4
+    for bad in (0, -5.0, float("nan")):
+        with pytest.raises(ValueError, match="time_budget"):
+            shapes.plan(["tiny"], [1], datasets=["cola"], time_budget=bad)

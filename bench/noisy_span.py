@@ -1,0 +1,137 @@
+"""The span check on what real clients send: float32 FedAvg and one AdamW step, old check against new.
+
+What it measures
+----------------
+One sentence per client, whole of layer 0 shared (chapter 6's setting), for
+each client protocol: the share of sentences the span check rebuilds token
+for token, and its seconds per sentence, for
+
+* **old**: :func:`gilib.attack.span_attack` on the message as it is (the
+  check of chapter 5: the first layer-0 projection's row space);
+* **new**: the same attack with the protocol's noise model
+  (``weights=protocol.entry_weights(...)``: the stacked projections'
+  weighted rank-n fit and a search over each position's candidates,
+  :mod:`gilib.attack.completion`);
+
+and the **surviving share**: for FedAvg the share of layer 0's query and
+value entries that moved at all, for AdamW the share whose one-step
+inversion the noise model trusts (``entry_weights`` of 1). AdamW messages are
+inverted first (:meth:`gilib.client.AdamW.gradient`); both attacks get the
+inverted gradient.
+
+Sentences: chapter 6's protocol sentences (the seeded sample's first two per
+dataset) and a held-out set, the seeded sample (seed 101) from position 100
+on, four per dataset. Nothing is asserted; the figures are for one machine.
+
+Usage::
+
+    python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw] [--out data/bench/noisy_span.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from gilib.attack import span_attack
+from gilib.client import AdamW, FedAvg, client_update
+from gilib.metrics import share_interval
+from gilib.models import cached_model, encode
+from gilib.selection import select
+from gilib.studies.federated import DATASETS, LEARNING_RATES, LOCAL_STEPS, SENTENCES
+from gilib.studies.sample import sample
+
+ADAMW_RATES = (2e-5, 5e-5, 1e-4)
+"""AdamW learning rates: how transformers are fine-tuned (2e-5 to 5e-5) and a larger one."""
+HELD_OUT_OFFSET = 100
+
+
+def protocols(kinds) -> list:
+    """Every client protocol measured, in table order."""
+    chosen = []
+    if "fedavg" in kinds:
+        chosen += [FedAvg(e, lr) for lr in LEARNING_RATES for e in LOCAL_STEPS]
+    if "adamw" in kinds:
+        chosen += [AdamW(1, lr) for lr in ADAMW_RATES] + [AdamW(1, 5e-5, precision="bfloat16")]
+    return chosen
+
+
+def sentences(held_out: int) -> list[tuple[str, object]]:
+    """``(set name, example)``: chapter 6's protocol sentences, then the held-out ones."""
+    chosen = [("chapter 6", b[0]) for d in DATASETS for b in sample(d, SENTENCES)]
+    chosen += [("held-out", b[0]) for d in DATASETS for b in sample(d, held_out, offset=HELD_OUT_OFFSET)]
+    return chosen
+
+
+def measure(protocol, examples) -> list[dict]:
+    """Both checks on every sentence's message under ``protocol``."""
+    model, tokenizer = cached_model("minilm")
+    selection = select(model, "layer", 0)
+    stem = "bert.encoder.layer.0.attention.self."
+    kept = [selection.names.index(stem + s) for s in ("query.weight", "value.weight")]
+    rows = []
+    for group, example in examples:
+        true_batch = encode(tokenizer, [example.text], [example.label])
+        truth = true_batch["input_ids"][0, : int(true_batch["attention_mask"].sum())].tolist()
+        message = client_update(model, selection, true_batch, protocol).shared
+        weights = protocol.entry_weights(message, model, selection)
+        if isinstance(protocol, AdamW):
+            surviving = statistics.fmean(float((weights[i] > 0).double().mean()) for i in kept)
+            message = protocol.gradient(message, model, selection)
+        else:
+            surviving = statistics.fmean(float((message.shared_grads[i] != 0).double().mean()) for i in kept)
+        # The server needs no labels here; the truth reaches only the comparison below.
+        message = message._replace(labels=None)
+        for check, extra in (("old", {}), ("new", {"weights": weights})):
+            start = time.perf_counter()
+            result = span_attack(model, tokenizer, message, selection, **extra)
+            rows.append({"protocol": _name(protocol), "set": group, "check": check,
+                         "exact": result.token_ids[0] == truth, "tokens": len(truth),
+                         "seconds": time.perf_counter() - start, "surviving": surviving})
+    return rows
+
+
+def _name(protocol) -> str:
+    if isinstance(protocol, FedAvg):
+        return f"FedAvg E={protocol.local_steps} lr={protocol.lr:.0e}"
+    return f"AdamW E=1 lr={protocol.lr:.0e} {protocol.precision}"
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    """Exact share [Wilson 95 %] and seconds per protocol and check, with the surviving share."""
+    frame = pd.DataFrame(rows)
+    out = []
+    for (name, check), part in frame.groupby(["protocol", "check"], sort=False):
+        share, low, high = share_interval(int(part["exact"].sum()), len(part))
+        out.append({"protocol": name, "check": check, "exact": f"{share:.0%} [{low:.0%}, {high:.0%}]",
+                    "sentences": len(part), "s / sentence": round(part["seconds"].mean(), 1),
+                    "s max": round(part["seconds"].max(), 1), "surviving": round(part["surviving"].mean(), 2)})
+    return pd.DataFrame(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--held-out", type=int, default=4, help="held-out sentences per dataset")
+    parser.add_argument("--protocols", nargs="+", default=["fedavg"], choices=["fedavg", "adamw"])
+    parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    examples = sentences(args.held_out)
+    rows = []
+    for protocol in protocols(args.protocols):
+        rows += measure(protocol, examples)
+        print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
+              flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(args.out, index=False)
+    print(table(rows).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

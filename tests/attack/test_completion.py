@@ -1,0 +1,139 @@
+"""The span check on messages seen through known noise: float32 FedAvg, one AdamW step (issue 25)."""
+
+import math
+
+import pytest
+import torch
+
+from gilib.attack import span_attack
+from gilib.attack.completion import completed_space, outside_share, sentence_inputs, stacked_projections
+from gilib.client import AdamW, FedAvg, client_update, float32_spacing
+from gilib.data import load_split
+from gilib.models import encode
+from gilib.selection import select
+
+
+@pytest.fixture(scope="module")
+def fedavg_message(minilm):
+    """A float32 FedAvg client (one local step at lr 1e-4) sharing layer 0, on a bundled sentence."""
+    model, tokenizer = minilm
+    selection = select(model, "layer", 0)
+    example = load_split("sample")[0]
+    true_batch = encode(tokenizer, [example.text], [example.label])
+    protocol = FedAvg(1, 1e-4)
+    # The server's message carries no label: the search finds the one that fits.
+    shared = client_update(model, selection, true_batch, protocol).shared._replace(labels=None)
+    truth = true_batch["input_ids"][0].tolist()
+    return protocol, selection, shared, truth
+
+
+def test_the_weighted_check_recovers_a_float32_fedavg_sentence_the_plain_check_misses(minilm, fedavg_message):
+    model, tokenizer = minilm
+    protocol, selection, shared, truth = fedavg_message
+    # Most of the query weight's entries never moved: the plain row space misses the inputs.
+    query = shared.shared_grads[selection.names.index("bert.encoder.layer.0.attention.self.query.weight")]
+    assert 0.2 < float((query != 0).double().mean()) < 0.6
+    assert span_attack(model, tokenizer, shared, selection).token_ids[0] != truth
+    result = span_attack(model, tokenizer, shared, selection, weights=protocol.entry_weights(shared, model, selection))
+    assert result.token_ids[0] == truth
+    assert result.diagnostics.weight.endswith("query.weight+bert.encoder.layer.0.attention.self.value.weight")
+    # The message's part outside the true inputs' span is the rounding's, a few per cent.
+    assert 0 < result.diagnostics.outside < 0.1 and result.diagnostics.timed_out is False
+
+
+def test_the_noise_model_bounds_every_entry_of_the_message(minilm, fedavg_message):
+    model, _ = minilm
+    protocol, selection, shared, _ = fedavg_message
+    plain = client_update(model, selection, encode(minilm[1], [load_split("sample")[0].text],
+                                                   [load_split("sample")[0].label])).shared.shared_grads
+    for message, gradient, bound in zip(shared.shared_grads, plain, protocol.noise(shared, model, selection)):
+        # |message - gradient| <= spacing / (2 lr), up to the gradient's own round-off
+        assert bool(((message.double() - gradient.double()).abs() <= bound * 1.01 + 1e-9).all())
+    assert float(float32_spacing(torch.tensor([1.0]))[0]) == 2.0 ** -23
+
+
+def test_completion_recovers_a_low_rank_row_space_from_a_third_of_its_entries():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(3, 40, generator=generator, dtype=torch.float64)
+    matrix = torch.randn(60, 3, generator=generator, dtype=torch.float64) @ inputs
+    seen = (torch.rand(60, 40, generator=generator) < 0.35).double()
+    space = completed_space(matrix * seen, seen, 3, iterations=200)
+    # Every input lies in the completed row space; the SVD of the zero-filled matrix misses them.
+    assert float(space.residual(inputs).max()) < 1e-6
+    _, _, vh = torch.linalg.svd(matrix * seen, full_matrices=False)
+    plain = vh[:3].T
+    assert float(((inputs - inputs @ plain @ plain.T).norm(dim=1) / inputs.norm(dim=1)).max()) > 0.1
+    assert outside_share(matrix, inputs) < 1e-20
+
+
+def test_stacking_keeps_the_query_and_value_weights_in_selection_order(minilm, fedavg_message):
+    model, _ = minilm
+    _, selection, shared, truth = fedavg_message
+    names, matrix = stacked_projections(model, selection.names, shared.shared_grads)
+    assert [n.rsplit(".", 2)[-2] for n in names] == ["query", "value"] and matrix.shape == (768, 384)
+    assert stacked_projections(model, ["bert.encoder.layer.0.attention.self.key.weight"],
+                               [torch.zeros(384, 384)])[0] == []
+    assert sentence_inputs(model, truth).shape == (len(truth), 384)
+
+
+def _weights(protocol, shared, model, selection):
+    return protocol.entry_weights(shared, model, selection)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w[:-1], "weights has .* tensors but the message"),
+    (lambda w: [w[0][:2], *w[1:]], r"weights\[0\] must be a tensor of the message's shape"),
+    (lambda w: [-w[0], *w[1:]], r"weights\[0\] holds negative or non-finite"),
+    (lambda w: [w[0] * math.nan, *w[1:]], r"weights\[0\] holds negative or non-finite"),
+    (lambda w: [torch.zeros_like(t) for t in w], "Every entry weight is 0"),
+])
+def test_weights_that_do_not_fit_the_message_are_refused(minilm, fedavg_message, change, message):
+    model, tokenizer = minilm
+    protocol, selection, shared, _ = fedavg_message
+    with pytest.raises(ValueError, match=message):
+        span_attack(model, tokenizer, shared, selection, weights=change(_weights(protocol, shared, model, selection)))
+
+
+def test_weights_need_one_sentence_and_a_query_or_value_weight(minilm):
+    model, tokenizer = minilm
+    examples = load_split("sample")[:2]
+    batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+    layer = select(model, "layer", 0)
+    two = client_update(model, layer, batch, FedAvg(1, 1e-3)).shared
+    with pytest.raises(ValueError, match="batch size 1; this message holds 2 sentences"):
+        span_attack(model, tokenizer, two, layer, weights=FedAvg(1, 1e-3).entry_weights(two, model, layer))
+    key = select(model, "attention.key", 0)
+    one = client_update(model, key, encode(tokenizer, [examples[0].text], [examples[0].label]), FedAvg(1, 1e-3)).shared
+    with pytest.raises(ValueError, match="query or value weight"):
+        span_attack(model, tokenizer, one, key, weights=FedAvg(1, 1e-3).entry_weights(one, model, key))
+
+
+def test_a_noise_model_that_does_not_fit_the_message_is_refused(minilm, fedavg_message):
+    model, _ = minilm
+    _, selection, shared, _ = fedavg_message
+    # The client trained at lr 1e-4; a server assuming 1e-6 claims steps a hundred times too coarse.
+    with pytest.raises(ValueError, match="does not fit FedAvg.*lr=1e-06"):
+        FedAvg(1, 1e-6).noise(shared, model, selection)
+    with pytest.raises(ValueError, match="Only one AdamW step is invertible"):
+        AdamW(2, 2e-5).entry_weights(shared, model, selection)
+
+
+def test_adamw_entry_weights_keep_only_what_the_inversion_resolves(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    example = load_split("sample")[0]
+    true_batch = encode(tokenizer, [example.text], [example.label])
+    gradient = client_update(model, selection, true_batch).shared.shared_grads[0].double()
+    for precision in ("float32", "float64"):
+        protocol = AdamW(1, 2e-5, precision=precision)
+        message = client_update(model, selection, true_batch, protocol).shared
+        (weight,) = protocol.entry_weights(message, model, selection)
+        (estimate,) = protocol.gradient(message, model, selection).shared_grads
+        kept = weight > 0
+        error = ((estimate.double() - gradient).abs() / gradient.abs().clamp_min(1e-30))[kept]
+        # What the weights keep is resolved to within half its size (median far better).
+        assert float(error.median()) < 0.2 and float(error.max()) < 1.0
+        if precision == "float64":
+            assert float(kept.double().mean()) > 0.99
+        else:
+            assert 0.3 < float(kept.double().mean()) < 0.95
