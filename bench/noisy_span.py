@@ -25,20 +25,29 @@ on, four per dataset. Nothing is asserted; the figures are for one machine.
 
 Usage::
 
-    python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw] [--out data/bench/noisy_span.csv]
+    python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw] [--local-steps 1 10]
+                               [--time-budget 60] [--out data/bench/noisy_span.csv]
+
+Each attack stops after ``--time-budget`` seconds with its best partial
+result (``timed_out`` in the CSV).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from gilib.attack import span_attack
+from gilib.attack import SpanConfig, span_attack
 from gilib.client import AdamW, FedAvg, client_update
 from gilib.metrics import share_interval
 from gilib.models import cached_model, encode
@@ -51,31 +60,31 @@ ADAMW_RATES = (2e-5, 5e-5, 1e-4)
 HELD_OUT_OFFSET = 100
 
 
-def protocols(kinds) -> list:
+def protocols(kinds, local_steps=(1, 10)) -> list:
     """Every client protocol measured, in table order."""
     chosen = []
     if "fedavg" in kinds:
-        chosen += [FedAvg(e, lr) for lr in LEARNING_RATES for e in LOCAL_STEPS]
+        chosen += [FedAvg(e, lr) for lr in LEARNING_RATES for e in local_steps]
     if "adamw" in kinds:
         chosen += [AdamW(1, lr) for lr in ADAMW_RATES] + [AdamW(1, 5e-5, precision="bfloat16")]
     return chosen
 
 
-def sentences(held_out: int) -> list[tuple[str, object]]:
-    """``(set name, example)``: chapter 6's protocol sentences, then the held-out ones."""
-    chosen = [("chapter 6", b[0]) for d in DATASETS for b in sample(d, SENTENCES)]
-    chosen += [("held-out", b[0]) for d in DATASETS for b in sample(d, held_out, offset=HELD_OUT_OFFSET)]
+def sentences(held_out: int) -> list[tuple[str, str, object]]:
+    """``(set name, dataset, example)``: chapter 6's protocol sentences, then the held-out ones."""
+    chosen = [("chapter 6", d, b[0]) for d in DATASETS for b in sample(d, SENTENCES)]
+    chosen += [("held-out", d, b[0]) for d in DATASETS for b in sample(d, held_out, offset=HELD_OUT_OFFSET)]
     return chosen
 
 
-def measure(protocol, examples) -> list[dict]:
+def measure(protocol, examples, time_budget: float | None = None) -> list[dict]:
     """Both checks on every sentence's message under ``protocol``."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "layer", 0)
     stem = "bert.encoder.layer.0.attention.self."
     kept = [selection.names.index(stem + s) for s in ("query.weight", "value.weight")]
     rows = []
-    for group, example in examples:
+    for group, dataset, example in examples:
         true_batch = encode(tokenizer, [example.text], [example.label])
         truth = true_batch["input_ids"][0, : int(true_batch["attention_mask"].sum())].tolist()
         message = client_update(model, selection, true_batch, protocol).shared
@@ -87,12 +96,15 @@ def measure(protocol, examples) -> list[dict]:
             surviving = statistics.fmean(float((message.shared_grads[i] != 0).double().mean()) for i in kept)
         # The server needs no labels here; the truth reaches only the comparison below.
         message = message._replace(labels=None)
+        config = SpanConfig(time_budget=time_budget)
         for check, extra in (("old", {}), ("new", {"weights": weights})):
             start = time.perf_counter()
-            result = span_attack(model, tokenizer, message, selection, **extra)
-            rows.append({"protocol": _name(protocol), "set": group, "check": check,
+            result = span_attack(model, tokenizer, message, selection, config, **extra)
+            rows.append({"protocol": _name(protocol), "set": group, "dataset": dataset, "row_id": example.row_id,
+                         "check": check,
                          "exact": result.token_ids[0] == truth, "tokens": len(truth),
-                         "seconds": time.perf_counter() - start, "surviving": surviving})
+                         "seconds": time.perf_counter() - start, "surviving": surviving,
+                         "timed_out": result.diagnostics.timed_out})
     return rows
 
 
@@ -114,22 +126,39 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held-out", type=int, default=4, help="held-out sentences per dataset")
     parser.add_argument("--protocols", nargs="+", default=["fedavg"], choices=["fedavg", "adamw"])
+    parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
+                        help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
+    parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
     parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     examples = sentences(args.held_out)
     rows = []
-    for protocol in protocols(args.protocols):
-        rows += measure(protocol, examples)
+    for protocol in protocols(args.protocols, args.local_steps):
+        rows += measure(protocol, examples, args.time_budget)
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
+        settings = {"command": "python bench/noisy_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "held_out": args.held_out, "held_out_offset": HELD_OUT_OFFSET, "protocols": args.protocols,
+                    "local_steps": args.local_steps, "time_budget": args.time_budget, "threads": 1,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+                    "commit": _commit()}
+        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
     print(table(rows).to_string(index=False))
 
 

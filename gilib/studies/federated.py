@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from ..attack import AttackConfig, optimization_attack, span_attack
-from ..client import PRECISIONS, FedAvg, client_update
+from ..client import PRECISIONS, FedAvg, client_update, float32_spacing
 from ..metrics import exact_rate, interval_text, mean_interval, score_batch, true_token_ids
 from ..models import cached_model, encode
 from ..selection import select
@@ -418,7 +418,7 @@ def rounding_table(model, selection, true_batch, lrs=LEARNING_RATES) -> tuple[pd
     """
     (gradient,) = client_update(model, selection, true_batch).shared.shared_grads
     (weight,) = [p.detach() for p in selection.parameters(model)]
-    spacing = torch.nextafter(weight, torch.full_like(weight, 1.0)) - weight
+    spacing = float32_spacing(weight).float()
     rows = []
     for lr in lrs:
         row = {"lr": lr, "steps rounded away": float((lr * gradient.abs() < spacing / 2).float().mean())}
