@@ -45,9 +45,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..attack import AttackConfig, optimization_attack, span_attack
+from ..attack import AttackConfig, SpanConfig, optimization_attack, span_attack
 from ..client import PRECISIONS, FedAvg, client_update, float32_spacing
-from ..metrics import exact_rate, interval_text, mean_interval, score_batch, true_token_ids
+from ..metrics import exact_rate, interval_text, mean_interval, score_batch, share_interval, true_token_ids
 from ..models import cached_model, encode
 from ..selection import select
 from .sample import GRID_SPLITS, sample
@@ -113,7 +113,8 @@ def _settings(protocol: FedAvg | None) -> dict:
     return {"local_steps": protocol.local_steps, "lr": protocol.lr, "precision": protocol.precision}
 
 
-def attack_message(update, true_batch, references, *, optimize: bool = True) -> list[dict]:
+def attack_message(update, true_batch, references, *, optimize: bool = True,
+                   time_budget: float | None = None) -> list[dict]:
     """Both attacks on one message; one measurement per attack.
 
     Args:
@@ -121,6 +122,8 @@ def attack_message(update, true_batch, references, *, optimize: bool = True) -> 
         true_batch: the client's truth (only the metrics read it).
         references: the true sentences.
         optimize: run the optimisation attack too.
+        time_budget: seconds the span check may take (``None``: no limit);
+            its line records ``timed_out``.
 
     Returns:
         ``attack``, ``exact`` (share of sentences rebuilt token for token),
@@ -131,9 +134,9 @@ def attack_message(update, true_batch, references, *, optimize: bool = True) -> 
     truth = true_token_ids(true_batch)
     lines = []
     # The span check needs no labels: peeling finds them.
-    span = span_attack(model, tokenizer, update._replace(labels=None), selection)
+    span = span_attack(model, tokenizer, update._replace(labels=None), selection, SpanConfig(time_budget=time_budget))
     found = span.diagnostics
-    attacks = [("span check", span, {"rank": found.rank, "min_gap": found.min_gap,
+    attacks = [("span check", span, {"rank": found.rank, "min_gap": found.min_gap, "timed_out": found.timed_out,
                                      **({"found": sum(found.found) / len(truth)} if len(truth) > 1 else {})})]
     if optimize:
         attacks.append(("optimisation", optimization_attack(model, tokenizer, update, selection, ATTACK),
@@ -156,7 +159,7 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def measure_client(study: str, dataset: str, item) -> list[dict]:
+def measure_client(study: str, dataset: str, item, time_budget: float | None = None) -> list[dict]:
     """One client's message under one protocol, attacked: ``item = (protocol name, batch)``."""
     name, batch = item
     model, tokenizer = cached_model(MODEL)
@@ -168,11 +171,12 @@ def measure_client(study: str, dataset: str, item) -> list[dict]:
             "batch_size": len(batch), "clients": 1, "protocol": name, **_settings(protocol),
             "tokens": sum(shared.lengths),
             "cosine_to_gradient": _drift(client_update(model, selection, true_batch).shared.shared_grads, shared)}
-    measured = attack_message(shared, true_batch, [e.text for e in batch], optimize=_optimized(name, len(batch)))
+    measured = attack_message(shared, true_batch, [e.text for e in batch], optimize=_optimized(name, len(batch)),
+                              time_budget=time_budget)
     return [{**line, **m} for m in measured]
 
 
-def measure_secure(study: str, dataset: str, item) -> list[dict]:
+def measure_secure(study: str, dataset: str, item, time_budget: float | None = None) -> list[dict]:
     """A Flower round with SecAgg+: one sentence per client, the mean attacked as one batch."""
     from ..federated import run_round  # Flower and Ray: only this study needs them
 
@@ -195,7 +199,7 @@ def measure_secure(study: str, dataset: str, item) -> list[dict]:
             "relative_error_to_batch_gradient": error,
             "cosine_to_gradient": _drift(one_batch, reply.update)}
     measured = attack_message(reply.update, true_batch, [e.text for e in batch],
-                              optimize=_optimized(name, len(batch)))
+                              optimize=_optimized(name, len(batch)), time_budget=time_budget)
     return [{**line, **m} for m in measured]
 
 
@@ -203,25 +207,31 @@ PARTS = ("protocol", "batch", "secure")
 """The parts of the study; each line names its part in its ``study`` field."""
 
 
-def plan(parts=PARTS) -> list[tuple]:
-    """Every task: ``(function name, study, dataset, (protocol name, batch))``."""
+def plan(parts=PARTS, time_budget: float | None = None) -> list[tuple]:
+    """Every task: ``(function name, study, dataset, (protocol name, batch), time budget)``.
+
+    Raises:
+        ValueError: for a time budget that is not a number of seconds above 0.
+    """
+    SpanConfig(time_budget=time_budget)  # checked before the first task runs
     tasks = []
     if "protocol" in parts:
         for dataset in DATASETS:
             for batch in sample(dataset, SENTENCES):
-                tasks += [("measure_client", "protocol", dataset, (name, batch)) for name in protocols()]
+                tasks += [("measure_client", "protocol", dataset, (name, batch), time_budget)
+                          for name in protocols()]
     if "batch" in parts:
         for size in BATCH_SIZES:
             for dataset in DATASETS:
                 # The batch study's sentences follow the protocol study's in the seeded sample.
                 (batch,) = sample(dataset, 1, size, offset=SENTENCES)
-                tasks += [("measure_client", "batch", dataset, (name, batch))
+                tasks += [("measure_client", "batch", dataset, (name, batch), time_budget)
                           for name in ("FedSGD", protocol_name(FEDAVG))]
     if "secure" in parts:
         for clients in CLIENTS:
             for dataset in DATASETS:
                 (batch,) = sample(dataset, 1, clients, offset=SENTENCES)
-                tasks.append(("measure_secure", "secure", dataset, ("FedSGD", batch)))
+                tasks.append(("measure_secure", "secure", dataset, ("FedSGD", batch), time_budget))
     return tasks
 
 
@@ -238,7 +248,7 @@ def _optimized(protocol: str, sentences: int) -> bool:
     return not protocol.endswith("float64") and sentences <= OPTIMIZATION_MAX_BATCH
 
 
-def _task_key(name: str, study: str, dataset: str, item) -> list[str]:
+def _task_key(name: str, study: str, dataset: str, item, time_budget: float | None = None) -> list[str]:
     protocol, batch = item
     attacks = ("span check", "optimisation") if _optimized(protocol, len(batch)) else ("span check",)
     return [_key(study, dataset, protocol, [e.row_id for e in batch], attack) for attack in attacks]
@@ -249,7 +259,7 @@ def _line_key(line: dict) -> str:
 
 
 def run(out: str | Path, parts=PARTS, jobs: int = 1, scheduler: str | None = None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, time_budget: float | None = None) -> list[dict]:
     """Run (or resume) the study's parts, appending their lines to ``out``.
 
     Args:
@@ -258,11 +268,12 @@ def run(out: str | Path, parts=PARTS, jobs: int = 1, scheduler: str | None = Non
             of its tasks starts Ray on every core).
         jobs, scheduler: the engine (:func:`gilib.studies.runner.run`).
         progress: print a line per finished task.
+        time_budget: seconds each span check may take (``None``: no limit).
     """
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"Unknown part {unknown[0]!r}: choose from {', '.join(PARTS)}.")
-    return STUDY.run(out, plan(parts), jobs=jobs, scheduler=scheduler, progress=progress)
+    return STUDY.run(out, plan(parts, time_budget), jobs=jobs, scheduler=scheduler, progress=progress)
 
 
 def load(path: str | Path, part: str) -> pd.DataFrame:
@@ -432,6 +443,51 @@ def rounding_table(model, selection, true_batch, lrs=LEARNING_RATES) -> tuple[pd
     return pd.DataFrame(rows), facts
 
 
+NOISE_BENCH = Path("data") / "bench" / "noisy_span.csv"
+"""Old check against the noise-model check on float32 FedAvg messages (``python bench/noisy_span.py``)."""
+
+
+def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The span check with and without the protocol's noise model, per FedAvg learning rate.
+
+    Args:
+        path: ``bench/noisy_span.py``'s CSV (one line per sentence, protocol
+            and check).
+
+    Returns:
+        ``(table, facts)``: per learning rate, pooled over ``E`` and both
+        sentence sets, each check's exact share with its Wilson 95 %
+        interval, the share of layer 0's query and value entries that moved
+        (``surviving``) and the new check's median and largest seconds; the
+        facts give each cell's numbers (``old_exact_1e-04``,
+        ``new_exact_1e-04``, ``new_low_1e-04``, ``surviving_1e-04``, ...),
+        the sentences per cell and the largest seconds.
+    """
+    frame = pd.read_csv(path)
+    frame = frame[frame["protocol"].str.startswith("FedAvg")].copy()
+    frame["lr"] = frame["protocol"].str.extract(r"lr=([0-9.e+-]+)")[0].astype(float)
+    frame["E"] = frame["protocol"].str.extract(r"E=(\d+)")[0].astype(int)
+    rows, facts = [], {}
+    for lr, part in frame.groupby("lr"):
+        row = {"lr": lr, "E": ", ".join(str(e) for e in sorted(part["E"].unique()))}
+        for check, name in (("old", "old check"), ("new", "noise-model check")):
+            lines = part[part["check"] == check]
+            share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
+            row[f"{name}: exact [95 %]"] = interval_text(share, low, high, 0, percent=True)
+            facts.update({f"{check}_exact_{lr:.0e}": round(share, 4), f"{check}_low_{lr:.0e}": round(low, 4)})
+        new = part[part["check"] == "new"]
+        row.update({"entries moved": round(float(new["surviving"].mean()), 2),
+                    "s / sentence (median, max)": f"{new['seconds'].median():.0f}, {new['seconds'].max():.0f}",
+                    "messages": len(new)})
+        facts.update({f"surviving_{lr:.0e}": round(float(new["surviving"].mean()), 4),
+                      f"new_seconds_max_{lr:.0e}": round(float(new["seconds"].max()), 1)})
+        rows.append(row)
+    facts.update({"noise_messages": int(len(frame) // 2 // frame["lr"].nunique()),
+                  "noise_sentences": int(frame[["dataset", "row_id"]].drop_duplicates().shape[0]),
+                  "noise_timed_out": int(frame["timed_out"].sum())})
+    return pd.DataFrame(rows), facts
+
+
 def protocol_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """The protocol part's :func:`table` and the facts the chapter quotes.
 
@@ -545,13 +601,16 @@ def _label(lines: list[dict]) -> str:
 STUDY = Study(
     name="federated",
     description="chapter 6: FedAvg's local steps and float32, the client's batch size, SecAgg+ rounds",
-    plan=lambda args: plan(args.parts),
+    plan=lambda args: plan(args.parts, args.time_budget),
     work=run_task,
     task_keys=_task_key,
     line_key=_line_key,
     label=_label,
     run_options=(option("--parts", nargs="+", default=list(PARTS), choices=PARTS,
-                        help="which parts to run (run secure with --jobs 1: each of its tasks starts Ray)"),),
+                        help="which parts to run (run secure with --jobs 1: each of its tasks starts Ray)"),
+                 option("--time-budget", type=float, default=None,
+                        help="seconds each span check may take; it then returns its best partial result, "
+                             "marked timed_out (default: no limit)")),
     tables=(
         Table("table", "one part's table: exact rate, ROUGE, cosine and seconds per setting and attack",
               lambda args: markdown(table(args.results, args.part)),

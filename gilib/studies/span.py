@@ -167,8 +167,9 @@ def measure_components(dataset: str, example) -> list[dict]:
     return lines
 
 
-def measure_batch(dataset: str, item) -> list[dict]:
-    """One batch attacked by one method of :data:`METHODS`: ``item = (method, batch)``."""
+def measure_batch(dataset: str, item, time_budget: float | None = None) -> list[dict]:
+    """One batch attacked by one method of :data:`METHODS`: ``item = (method, batch)``; peeling stops after
+    ``time_budget`` seconds (``None``: no limit) and the line records ``timed_out``."""
     method, batch = item
     (component, layers), search, _ = METHODS[method]
     model, tokenizer = cached_model(MODEL)
@@ -190,14 +191,14 @@ def measure_batch(dataset: str, item) -> list[dict]:
     if search == "peel":
         # The attacker's message carries no labels: peeling finds them.
         result = span_attack(model, tokenizer, update._replace(labels=None), selection,
-                             SpanConfig(max_effort=line["max_effort"]))
+                             SpanConfig(max_effort=line["max_effort"], time_budget=time_budget))
         token_ids, found = result.token_ids, result.diagnostics
         by_text = {tuple(t): int(y) for t, y in zip(truth, update.labels)}
         extra = {"found": sum(found.found) / len(batch),
                  "labels_right": sum(by_text.get(tuple(t)) == y for t, y in zip(token_ids, found.labels)
                                      if y is not None) / len(batch),
                  "uncertain_positions": sum(len(u) for u in found.uncertain),
-                 "rounds": found.rounds, "rank": found.rank,
+                 "rounds": found.rounds, "rank": found.rank, "timed_out": found.timed_out,
                  **_set_quality(found.candidates, truth),
                  "set_size": statistics.fmean(len(c) for c in found.candidates),
                  # True tokens against impostors in the whole batch's span check.
@@ -258,8 +259,13 @@ def measure_dp(dataset: str, example) -> list[dict]:
     return lines
 
 
-def plan(sentences: int) -> list[tuple]:
-    """Every task of the study: ``(function name, dataset, example or (method, batch))``."""
+def plan(sentences: int, time_budget: float | None = None) -> list[tuple]:
+    """Every task of the study: ``(function name, dataset, example or (method, batch)[, time budget])``.
+
+    Raises:
+        ValueError: for a time budget that is not a number of seconds above 0.
+    """
+    SpanConfig(time_budget=time_budget)  # checked before the first task runs
     tasks = []
     for dataset in DATASETS:
         for (example,) in sample(dataset, sentences):
@@ -268,7 +274,8 @@ def plan(sentences: int) -> list[tuple]:
     for size, count in BATCHES.items():
         for dataset, split in BATCH_SPLITS.items():
             for batch in sample(dataset, count, size, split=split):
-                tasks += [("measure_batch", dataset, (method, batch)) for method, (*_, sizes) in METHODS.items()
+                tasks += [("measure_batch", dataset, (method, batch), time_budget)
+                          for method, (*_, sizes) in METHODS.items()
                           if size in sizes]
     return tasks
 
@@ -281,7 +288,7 @@ def _key(study: str, dataset: str, ids) -> str:
     return json.dumps([study, dataset, ids])
 
 
-def _task_key(name: str, dataset: str, item) -> list[str]:
+def _task_key(name: str, dataset: str, item, time_budget: float | None = None) -> list[str]:
     if isinstance(item, tuple):  # (method, batch)
         return [_key("batch", dataset, [item[0], [e.row_id for e in item[1]]])]
     return [_key(name.removeprefix("measure_"), dataset, item.row_id)]
@@ -294,7 +301,7 @@ def _line_key(line: dict) -> str:
 
 
 def run(out: str | Path, sentences: int = 4, jobs: int = 1, scheduler: str | None = None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, time_budget: float | None = None) -> list[dict]:
     """Run (or resume) the whole study, appending its lines to ``out``.
 
     A task whose lines are already in ``out`` is skipped, so a killed run
@@ -306,8 +313,9 @@ def run(out: str | Path, sentences: int = 4, jobs: int = 1, scheduler: str | Non
         sentences: sentences per dataset in the batch-1 studies.
         jobs, scheduler: the engine (:func:`gilib.studies.runner.run`).
         progress: print a line per finished task.
+        time_budget: seconds each batch's peeling may take (``None``: no limit).
     """
-    return STUDY.run(out, plan(sentences), jobs=jobs, scheduler=scheduler, progress=progress)
+    return STUDY.run(out, plan(sentences, time_budget), jobs=jobs, scheduler=scheduler, progress=progress)
 
 
 def load(path: str | Path, study: str) -> pd.DataFrame:
@@ -560,12 +568,15 @@ def dp_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
 STUDY = Study(
     name="span",
     description="the span check of chapter 5: batch size 1, other weights, batches, DP noise",
-    plan=lambda args: plan(args.sentences),
+    plan=lambda args: plan(args.sentences, args.time_budget),
     work=run_task,
     task_keys=_task_key,
     line_key=_line_key,
     label=lambda lines: f"{lines[0]['study']} {lines[0]['dataset']}",
-    run_options=(option("--sentences", type=int, default=4, help="sentences per dataset (batch-1 studies)"),),
+    run_options=(option("--sentences", type=int, default=4, help="sentences per dataset (batch-1 studies)"),
+                 option("--time-budget", type=float, default=None,
+                        help="seconds each batch's peeling may take; it then returns its best partial result, "
+                             "marked timed_out (default: no limit)")),
     tables=(
         Table("table", "the span check against the optimisation attack on the same sentences, as Markdown",
               lambda args: markdown(comparison_table(args.span, args.optimization)),

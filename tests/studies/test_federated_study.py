@@ -123,3 +123,11 @@ def test_intervals_average_each_message_first_and_resample_messages():
     assert cells["exact"].tolist() == pytest.approx([0.5])  # messages 0.5, 1, 0
     assert (cells.loc[0, "low"], cells.loc[0, "high"]) == bootstrap_interval([0.5, 1.0, 0.0])
     assert cells.loc[0, "text"] == f"0.50 [{cells.loc[0, 'low']:.2f}, {cells.loc[0, 'high']:.2f}]"
+
+
+def test_a_time_budget_reaches_every_task_and_bad_ones_are_refused():
+    assert {t[-1] for t in federated_study.plan(["protocol"], time_budget=120.0)} == {120.0}
+    assert {t[-1] for t in federated_study.plan(["protocol"])} == {None}
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="time_budget"):
+            federated_study.plan(["protocol"], time_budget=bad)

@@ -116,3 +116,11 @@ def test_the_readme_tables_carry_an_interval_for_every_rouge_mean_and_exact_shar
     enumerate2 = batches[(batches["method"] == "enumerate, layer 0+1") & (batches["batch_size"] == 2)].iloc[0]
     assert enumerate2["exact_low"] < enumerate2["exact"] < enumerate2["exact_high"] < 1
     assert "[95 %]" in span_study.batch_markdown(batches)
+
+
+def test_a_time_budget_bounds_each_batch_of_the_span_study():
+    assert {t[-1] for t in span_study.plan(1, time_budget=30.0) if t[0] == "measure_batch"} == {30.0}
+    (line,) = span_study.measure_batch("sample", ("peel, layer 0+1", load_split("sample")[:3]), time_budget=1e-6)
+    assert line["timed_out"] is True and line["exact"] < 1.0
+    with pytest.raises(ValueError, match="time_budget"):
+        span_study.plan(1, time_budget=0)
