@@ -31,6 +31,7 @@ never dataset text. Command line::
     python -m gilib.studies federated run --out data/results/ch6_federated.jsonl --parts secure --jobs 1
     python -m gilib.studies federated table data/results/ch6_federated.jsonl --part protocol
     python -m gilib.studies federated lr data/results/ch6_federated.jsonl   # pooled over E
+    python -m gilib.studies federated noise data/bench/noisy_span.csv   # old check vs noise model (bench)
 
 A killed run resumes (:func:`gilib.studies.runner.run`).
 """
@@ -488,6 +489,14 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), facts
 
 
+def noise_markdown(path: str | Path) -> str:
+    """:func:`noise_check_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = noise_check_summary(path)
+    columns = list(table.columns)
+    rows = ([f"{v:.0e}" if c == "lr" else v for c, v in zip(columns, row)] for row in table.itertuples(index=False))
+    return markdown_table(["lr" if c == "lr" else c for c in columns], rows)
+
+
 def protocol_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """The protocol part's :func:`table` and the facts the chapter quotes.
 
@@ -616,6 +625,10 @@ STUDY = Study(
               lambda args: markdown(table(args.results, args.part)),
               (option("results", type=Path, help="this study's results (data/results/ch6_federated.jsonl)"),
                option("--part", default="protocol", choices=PARTS))),
+        Table("noise", "float32 FedAvg: the span check with and without the protocol's noise model "
+                       "(bench/noisy_span.py's CSV), per learning rate",
+              lambda args: noise_markdown(args.results),
+              (option("results", type=Path, help="bench/noisy_span.py's CSV (data/bench/noisy_span.csv)"),)),
         Table("lr", "the protocol part by client and learning rate, pooled over the local steps E",
               lambda args: lr_markdown(lr_table(args.results)),
               (option("results", type=Path, help="this study's results (data/results/ch6_federated.jsonl)"),)),

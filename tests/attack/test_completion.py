@@ -131,8 +131,8 @@ def test_adamw_entry_weights_keep_only_what_the_inversion_resolves(minilm):
         (estimate,) = protocol.gradient(message, model, selection).shared_grads
         kept = weight > 0
         error = ((estimate.double() - gradient).abs() / gradient.abs().clamp_min(1e-30))[kept]
-        # What the weights keep is resolved to within half its size (median far better).
-        assert float(error.median()) < 0.2 and float(error.max()) < 1.0
+        # What the weights keep is resolved to within a fifth of its size (median far better).
+        assert float(error.median()) < 0.1 and float(error.quantile(0.99)) < 0.2 and float(error.max()) < 0.5
         if precision == "float64":
             assert float(kept.double().mean()) > 0.99
         else:

@@ -47,3 +47,11 @@ def test_chapter6_page_rules():
     # Issue 24: short cells, code that fits the page, record plumbing hidden, numbered captioned figures
     # with alt text, each explained after it (the rules of gilib.book.pages, kept by every chapter).
     assert page_problems(repo_root() / "chapters" / "06_federated_rounds.ipynb") == []
+
+
+def test_chapter6_a_server_that_knows_the_rounding_rebuilds_the_first_client(ch6):
+    # "The old check misses; the check that knows the noise rebuilds the sentence" (float32 FedAvg,
+    # E = 1, lr = 1e-4, whole of layer 0).
+    records, _ = ch6
+    assert records["noise_live_old"] is False and records["noise_live_new"] is True
+    assert records["noise_live_seconds"] < 60
