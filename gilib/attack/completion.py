@@ -40,10 +40,12 @@ The noise model comes from the protocol (:meth:`gilib.client.FedAvg.entry_weight
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
 
+from .peeling import sentence_gradients
 from .rowspace import RowSpace, layer0_inputs
 
 LAYER0_PROJECTIONS = ("attention.self.query.weight", "attention.self.value.weight")
@@ -144,10 +146,6 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         ``(ids, distance)``: the sentence and its weighted squared distance
         to the message, per entry of positive weight.
     """
-    import time
-
-    from .peeling import sentence_gradients
-
     scale = weights / weights[weights > 0].mean()
     entries = int((weights > 0).sum())
 
