@@ -21,7 +21,7 @@ from .config import SpanConfig
 from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .completion import completed_space, outside_share, polish, sentence_inputs, stacked_projections
+from .completion import completed_space, floored, outside_share, polish, sentence_inputs, stacked_projections
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -254,6 +254,8 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
         raise ValueError("No entry of layer 0's query or value weight survived the noise model: "
                          "nothing is left for the span check.")
     tokens = TokenSpace(model, tokenizer)
+    # The protocol's noise plus what no rank-n matrix explains (local steps' drift).
+    stacked_weights = floored(stacked_weights, matrix, n)
     space = completed_space(matrix, stacked_weights, n)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
     check_seconds = time.perf_counter() - start

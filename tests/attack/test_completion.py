@@ -137,3 +137,19 @@ def test_adamw_entry_weights_keep_only_what_the_inversion_resolves(minilm):
             assert float(kept.double().mean()) > 0.99
         else:
             assert 0.3 < float(kept.double().mean()) < 0.95
+
+
+def test_the_floor_adds_what_no_rank_n_matrix_explains_and_keeps_missing_entries_missing():
+    from gilib.attack.completion import floored
+
+    generator = torch.Generator().manual_seed(1)
+    low_rank = torch.randn(30, 2, generator=generator, dtype=torch.float64) @ torch.randn(
+        2, 20, generator=generator, dtype=torch.float64)
+    noisy = low_rank + 0.1 * torch.randn(30, 20, generator=generator, dtype=torch.float64)
+    weights = torch.full((30, 20), 1e6, dtype=torch.float64)
+    weights[0, 0] = 0
+    out = floored(weights, noisy, 2)
+    assert out[0, 0] == 0
+    # The tail's mean square per entry (about the noise's 0.01, less what rank 2 absorbs) caps every weight.
+    assert 50 < float(out[1:, 1:].max()) < 200
+    assert torch.equal(floored(weights, low_rank, 2)[1:, 1:] > 1e5, torch.ones(29, 19, dtype=torch.bool))
