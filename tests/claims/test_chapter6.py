@@ -157,3 +157,17 @@ def test_chapter6_the_optimisation_attack_drops_from_one_sentence_to_four():
         rng = np.random.default_rng(0)
         drops = [rng.choice(one, one.size).mean() - rng.choice(four, four.size).mean() for _ in range(2000)]
         assert np.quantile(drops, 0.025) > 0, name
+
+
+def test_chapter6_a_server_that_models_the_rounding_gets_float32_messages_back():
+    # README and chapter 6: "From lr = 1e-4 up, float32 rounding stopped chapter 5's check, not the attack.
+    # At 1e-5, where under a fifth of the entries move at all, it rebuilds the shorter sentences only."
+    from gilib.studies import federated as federated_study
+    from tests.claims.cached import ROOT
+
+    table, facts = federated_study.noise_check_summary(ROOT / federated_study.NOISE_BENCH)
+    assert len(table) == 6 and (table["messages"] == 18).all() and facts["noise_sentences"] == 18
+    assert facts["old_exact_1e-04"] == 0 and facts["new_exact_1e-04"] >= 0.9 and facts["new_low_1e-04"] > 0.7
+    assert facts["new_exact_1e-03"] == 1.0 and facts["old_exact_1e-03"] < 0.5
+    assert facts["surviving_1e-05"] < 0.2 and 0 < facts["new_exact_1e-05"] < 0.5
+    assert facts["noise_smallest_longest_exact"] <= 12
