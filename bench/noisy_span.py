@@ -49,7 +49,7 @@ import torch
 
 from gilib.attack import SpanConfig, span_attack
 from gilib.client import AdamW, FedAvg, client_update
-from gilib.metrics import share_interval
+from gilib.metrics import interval_text, share_interval
 from gilib.models import cached_model, encode
 from gilib.selection import select
 from gilib.studies.federated import DATASETS, LEARNING_RATES, LOCAL_STEPS, SENTENCES
@@ -120,7 +120,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
     out = []
     for (name, check), part in frame.groupby(["protocol", "check"], sort=False):
         share, low, high = share_interval(int(part["exact"].sum()), len(part))
-        out.append({"protocol": name, "check": check, "exact": f"{share:.0%} [{low:.0%}, {high:.0%}]",
+        out.append({"protocol": name, "check": check, "exact": interval_text(share, low, high, 0, percent=True),
                     "sentences": len(part), "s / sentence": round(part["seconds"].mean(), 1),
                     "s max": round(part["seconds"].max(), 1), "surviving": round(part["surviving"].mean(), 2)})
     return pd.DataFrame(out)

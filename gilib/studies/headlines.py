@@ -188,7 +188,7 @@ def _finetuned(headline: dict, pretrained: list[dict], root) -> dict:
 
     Returns:
         headline key -> ``rouge1``/``rouge2`` on the fine-tuned victims,
-        ``pretrained_rouge1``/``pretrained_rouge2`` on the same sentences,
+        ``base_rouge1``/``base_rouge2`` (the pretrained victim) on the same sentences,
         ``diff_rouge1``/``diff_rouge2`` (fine-tuned minus pretrained) with
         95 % bootstrap intervals, ``n`` and ``victims``; a selection the
         fine-tuned grid has not run is left out, and so is everything
@@ -209,7 +209,7 @@ def _with_prior(headline: dict, without: list[dict], root) -> dict:
 
     Returns:
         headline key -> ``rouge1``/``rouge2`` with the prior,
-        ``pretrained_rouge1``/``pretrained_rouge2`` without it (the same
+        ``base_rouge1``/``base_rouge2`` without it (the same
         victim and sentences), ``diff_*`` (with minus without) with 95 %
         bootstrap intervals and ``n``; empty without ``headline_prior.jsonl``.
     """
@@ -229,7 +229,7 @@ def _paired_rows(headline: dict, lines: list[dict], base: list[dict]) -> dict:
         row = {}
         for score in ("rouge1", "rouge2"):
             both = paired(lines, base, [selection], score=score).iloc[0]
-            row.update({score: round(float(both["first"]), 4), f"pretrained_{score}": round(float(both["second"]), 4),
+            row.update({score: round(float(both["first"]), 4), f"base_{score}": round(float(both["second"]), 4),
                         f"diff_{score}": round(float(both["difference"]), 4),
                         f"diff_{score}_low": round(float(both["low"]), 4),
                         f"diff_{score}_high": round(float(both["high"]), 4)})
@@ -272,27 +272,29 @@ def markdown(numbers: dict | None = None) -> str:
 
 def finetuned_markdown(numbers: dict | None = None) -> str:
     """The headline selections on the fine-tuned victims beside the pretrained one, as Markdown."""
-    h = numbers or headline_numbers()
-    if not h["finetuned"]:
-        raise ValueError("No fine-tuned results: run python -m gilib.studies grids run "
-                         "data/results/ch2_finetuned.yaml --out data/results/ch2_finetuned.jsonl --jobs 2")
-    return _paired_markdown(h, h["finetuned"], ("pretrained", "fine-tuned"))
+    return _paired_markdown(numbers or headline_numbers(), "finetuned", ("pretrained", "fine-tuned"))
 
 
 def prior_markdown(numbers: dict | None = None) -> str:
     """The headline selections attacked with and without the n-gram prior, as Markdown."""
-    h = numbers or headline_numbers()
-    if not h["prior"]:
-        raise ValueError("No results with the prior: run python -m gilib.studies grids run "
-                         "data/results/headline_prior.yaml --out data/results/headline_prior.jsonl --jobs 2")
-    return _paired_markdown(h, h["prior"], ("no prior", "n-gram prior"))
+    return _paired_markdown(numbers or headline_numbers(), "prior", ("no prior", "n-gram prior"))
 
 
-def _paired_markdown(h: dict, block: dict, names: tuple[str, str]) -> str:
+def _paired_markdown(h: dict, name: str, names: tuple[str, str]) -> str:
+    """A paired block of :func:`headline_numbers` (``finetuned`` or ``prior``) as Markdown.
+
+    Raises:
+        ValueError: without the block's results file, naming the command that makes it.
+    """
+    block = h[name]
+    if not block:
+        stem = Path(FILES[name]).stem
+        raise ValueError(f"No results in data/results/{FILES[name]}: run python -m gilib.studies grids run "
+                         f"data/results/{stem}.yaml --out data/results/{FILES[name]} --jobs 2")
     labels = dict(zip(HEADLINE_KEYS, headline_table(h)["the server sees"]))
     rows = []
     for key, row in block.items():
-        rows.append([labels[key], f"{row['pretrained_rouge1']:.2f} / {row['pretrained_rouge2']:.2f}",
+        rows.append([labels[key], f"{row['base_rouge1']:.2f} / {row['base_rouge2']:.2f}",
                      f"{row['rouge1']:.2f} / {row['rouge2']:.2f}",
                      interval_text(row["diff_rouge1"], row["diff_rouge1_low"], row["diff_rouge1_high"]),
                      interval_text(row["diff_rouge2"], row["diff_rouge2_low"], row["diff_rouge2_high"]), row["n"]])

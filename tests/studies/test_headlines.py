@@ -92,7 +92,7 @@ def test_the_fine_tuned_victims_pair_with_the_pretrained_one_on_the_same_sentenc
     assert list(tuned) == list(HEADLINE_KEYS)
     for key, row in tuned.items():
         assert row["n"] == 30 and row["victims"] == ["minilm-cola", "minilm-rotten_tomatoes", "minilm-sst2"]
-        assert row["pretrained_rouge1"] == pytest.approx(numbers[key]["rouge1"], abs=1e-4)  # the same 30
-        assert row["diff_rouge1"] == pytest.approx(row["rouge1"] - row["pretrained_rouge1"], abs=2e-4)
+        assert row["base_rouge1"] == pytest.approx(numbers[key]["rouge1"], abs=1e-4)  # the same 30
+        assert row["diff_rouge1"] == pytest.approx(row["rouge1"] - row["base_rouge1"], abs=2e-4)
         assert row["diff_rouge1_low"] <= row["diff_rouge1"] <= row["diff_rouge1_high"]
     assert len(finetuned_markdown(numbers).splitlines()) == 2 + len(tuned)
