@@ -26,6 +26,7 @@ on, four per dataset. Nothing is asserted; the figures are for one machine.
 Usage::
 
     python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw] [--local-steps 1 10]
+                               [--adamw-rates 2e-5 5e-5 1e-4]
                                [--time-budget 60] [--out data/bench/noisy_span.csv]
 
 Each attack stops after ``--time-budget`` seconds with its best partial
@@ -60,13 +61,14 @@ ADAMW_RATES = (2e-5, 5e-5, 1e-4)
 HELD_OUT_OFFSET = 100
 
 
-def protocols(kinds, local_steps=(1, 10)) -> list:
+def protocols(kinds, local_steps=(1, 10), adamw_rates=ADAMW_RATES) -> list:
     """Every client protocol measured, in table order."""
     chosen = []
     if "fedavg" in kinds:
         chosen += [FedAvg(e, lr) for lr in LEARNING_RATES for e in local_steps]
     if "adamw" in kinds:
-        chosen += [AdamW(1, lr) for lr in ADAMW_RATES] + [AdamW(1, 5e-5, precision="bfloat16")]
+        chosen += [AdamW(1, lr) for lr in adamw_rates]
+        chosen += [AdamW(1, 5e-5, precision="bfloat16")] if 5e-5 in adamw_rates else []
     return chosen
 
 
@@ -138,6 +140,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held-out", type=int, default=4, help="held-out sentences per dataset")
     parser.add_argument("--protocols", nargs="+", default=["fedavg"], choices=["fedavg", "adamw"])
+    parser.add_argument("--adamw-rates", nargs="+", type=float, default=list(ADAMW_RATES),
+                        help="AdamW learning rates (float32); bfloat16 runs at 5e-5 when 5e-5 is among them")
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
                         help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
     parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
@@ -146,7 +150,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     examples = sentences(args.held_out)
     rows = []
-    for protocol in protocols(args.protocols, args.local_steps):
+    for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates):
         rows += measure(protocol, examples, args.time_budget)
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
@@ -155,7 +159,7 @@ def main(argv=None) -> None:
         pd.DataFrame(rows).to_csv(args.out, index=False)
         settings = {"command": "python bench/noisy_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "held_out": args.held_out, "held_out_offset": HELD_OUT_OFFSET, "protocols": args.protocols,
-                    "local_steps": args.local_steps, "time_budget": args.time_budget, "threads": 1,
+                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates, "time_budget": args.time_budget, "threads": 1,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                     "commit": _commit()}
         args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")

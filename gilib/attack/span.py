@@ -21,7 +21,7 @@ from .config import SpanConfig
 from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .completion import completed_space, floored, outside_share, polish, sentence_inputs, stacked_projections
+from .completion import balanced, completed_space, floored, outside_share, polish, sentence_inputs, stacked_projections
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -256,7 +256,7 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
     tokens = TokenSpace(model, tokenizer)
     # The protocol's noise plus what no rank-n matrix explains (local steps' drift).
     stacked_weights = floored(stacked_weights, matrix, n)
-    space = completed_space(matrix, stacked_weights, n)
+    space = completed_space(matrix, balanced(stacked_weights, matrix), n)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
     check_seconds = time.perf_counter() - start
     first = [tokenizer.cls_token_id, *residuals.argmin(dim=1).tolist(), tokenizer.sep_token_id]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from gilib.attack import span_attack
-from gilib.attack.completion import completed_space, outside_share, sentence_inputs, stacked_projections
+from gilib.attack.completion import (balanced, candidate_gradients, completed_space, outside_share, sentence_inputs,
+                                     stacked_projections)
+from gilib.attack.peeling import sentence_gradients
 from gilib.client import AdamW, FedAvg, client_update, float32_spacing
 from gilib.data import load_split
 from gilib.models import encode
@@ -153,3 +155,30 @@ def test_the_floor_adds_what_no_rank_n_matrix_explains_and_keeps_missing_entries
     # The tail's mean square per entry (about the noise's 0.01, less what rank 2 absorbs) caps every weight.
     assert 50 < float(out[1:, 1:].max()) < 200
     assert torch.equal(floored(weights, low_rank, 2)[1:, 1:] > 1e5, torch.ones(29, 19, dtype=torch.bool))
+
+
+def test_candidate_gradients_are_each_sentences_own_gradient(minilm):
+    model, _ = minilm
+    names = ["bert.encoder.layer.0.attention.self." + s for s in ("query.weight", "value.weight")]
+    generator = torch.Generator().manual_seed(0)
+    sentences = torch.randint(1000, 20000, (3, 9), generator=generator)
+    sentences[:, 0], sentences[:, -1] = 101, 102
+    batched = candidate_gradients(model, names, sentences, 1)
+    assert batched.shape == (3, 768, 384)
+    for row, ids in zip(batched, sentences):
+        alone = torch.cat([g.double() for g in sentence_gradients(model, names, ids, 1, 1)])
+        torch.testing.assert_close(row, alone, rtol=1e-4, atol=1e-6 * float(alone.abs().max()))
+    # Sentences do not leak into each other's gradients.
+    assert float((batched[0] - batched[1]).abs().max()) > 1e-3 * float(batched[0].abs().max())
+
+
+def test_balanced_weights_give_every_row_one_vote():
+    matrix = torch.tensor([[1e-3, 2e-3, 0.0], [10.0, -20.0, 5.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    weights = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    out = balanced(weights, matrix)
+    # Each row's weighted mean square becomes 1; a lost entry stays lost; an all-zero row gets no vote.
+    for row in range(2):
+        seen = weights[row] > 0
+        value = (out[row] * matrix[row].square()).sum() / weights[row].sum()
+        assert math.isclose(float(value), 1.0, rel_tol=1e-12) and bool((out[row][~seen] == 0).all())
+    assert float(out[2].abs().sum()) == 0.0
