@@ -113,7 +113,7 @@ def measure(protocol, examples, time_budget: float | None = None) -> list[dict]:
 def _name(protocol) -> str:
     if isinstance(protocol, FedAvg):
         return f"FedAvg E={protocol.local_steps} lr={protocol.lr:.0e}"
-    return f"AdamW E=1 lr={protocol.lr:.0e} {protocol.precision}"
+    return f"AdamW E={protocol.local_steps} lr={protocol.lr:.0e} {protocol.precision}"
 
 
 def table(rows: list[dict]) -> pd.DataFrame:

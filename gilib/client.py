@@ -197,7 +197,10 @@ class AdamW:
     + eps)``; after one step ``m_hat = g`` and ``v_hat = g^2``, so the
     message is ``weight_decay * theta_0 + g / (|g| + eps)``, elementwise and
     invertible (:meth:`gradient`). After several steps the moments mix the
-    steps' gradients and no elementwise map undoes them.
+    steps' gradients and no elementwise map undoes them: each entry's step
+    is then the ratio of its gradients' running mean to their running root
+    mean square, not a function of one gradient and ``eps``, and the one-step
+    inversion of a two-step message is off by about the gradient itself.
 
     Attributes:
         local_steps: ``E``, full-batch AdamW steps (at least 1).
@@ -239,21 +242,20 @@ class AdamW:
         """The server's noise model of :meth:`gradient`'s estimate: each entry's error, in float64.
 
         The step ``u = g / (|g| + eps)`` is known to ``delta = s / lr``
-        (``s`` the weight's float32 spacing: the step and the weight decay
-        are each rounded to it), so with ``t = 1 - |u|`` the estimate
-        ``eps (1 - t) / t`` is off by about ``eps delta / t^2``. Where ``t``
-        is within ``2 delta`` of 0 (a gradient far above ``eps``) only the
-        sign survives: the noise is infinite there, the entry missing. In
-        float64 the step is exact to the message's own float32 rounding.
-        bfloat16 training rounds to a grid 65536 times coarser.
+        (``s`` the weight's float32 spacing: each step and its weight decay
+        are rounded to it, and ``E`` steps' errors are divided by ``E``), so
+        with ``t = 1 - |u|`` the estimate ``eps (1 - t) / t`` is off by about
+        ``eps delta / t^2``. Where ``t`` is within ``2 delta`` of 0 (a
+        gradient far above ``eps``) only the sign survives: the noise is
+        infinite there, the entry missing. In float64 the step is exact to
+        the message's own float32 rounding. bfloat16 training rounds to a
+        grid 65536 times coarser.
 
         Raises:
             ValueError: for a message of several local steps, as :meth:`gradient`.
         """
-        self._one_step()
         bounds = []
-        for message, start in zip(update.shared_grads, selection.parameters(model)):
-            u = message.detach().double() - self.weight_decay * start.detach().double()
+        for u, start in zip(self._steps(update, model, selection), selection.parameters(model)):
             t = 1 - u.abs()
             if self.precision == "float64":
                 delta = u.abs() * 2.0 ** -24 + 1e-300
@@ -274,25 +276,32 @@ class AdamW:
         sentences at lr 5e-5 the half kept noisier entries and no sentence
         came back; the fifth keeps about two thirds of the entries.)
         """
-        estimate = self.gradient(update, model, selection).shared_grads
-        return [((g.double().abs() > 5 * n) & torch.isfinite(n)).double()
-                for g, n in zip(estimate, self.noise(update, model, selection))]
+        noise = self.noise(update, model, selection)
+        return [((_inverse_step(u, self.eps).abs() > 5 * n) & torch.isfinite(n)).double()
+                for u, n in zip(self._steps(update, model, selection), noise)]
 
-    def _one_step(self) -> None:
+    def _steps(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> list[torch.Tensor]:
+        """The normalised step ``u = message - weight_decay * theta_0`` of each shared tensor, in float64.
+
+        Raises:
+            ValueError: for a message of several local steps.
+        """
         if self.local_steps != 1:
             raise ValueError(f"Only one AdamW step is invertible elementwise; this client took "
                              f"{self.local_steps}. Attack the message itself, or use local_steps=1.")
+        return [message.detach().double() - self.weight_decay * start.detach().double()
+                for message, start in zip(update.shared_grads, selection.parameters(model))]
 
     def gradient(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
         """The server's inversion of one AdamW step: the client's gradient, from its message.
 
-        ``u = message - weight_decay * theta_0 = g / (|g| + eps)``, so
-        ``g = sign(u) * eps * |u| / (1 - |u|)``. Only entries with ``|u| <
-        1`` are invertible: where rounding pushed ``|u|`` to 1 or past it
-        (a gradient much larger than ``eps``, whose step rounds to the
-        learning rate itself), the magnitude is lost and the entry is set
-        to the largest magnitude the others show, with its sign. Computed in
-        float64 and returned in the model's dtype.
+        ``u = g / (|g| + eps)`` (:meth:`_steps`), so ``g = sign(u) * eps *
+        |u| / (1 - |u|)``. Only entries with ``|u| < 1`` are invertible:
+        where rounding pushed ``|u|`` to 1 or past it (a gradient much larger
+        than ``eps``, whose step rounds to the learning rate itself), the
+        magnitude is lost and the entry is set to the largest magnitude the
+        others show, with its sign. Computed in float64 and returned in the
+        model's dtype.
 
         Args:
             update: the client's message (``client_update(..., AdamW(...)).shared``).
@@ -306,17 +315,20 @@ class AdamW:
             ValueError: for a message of several local steps (the moments
                 then mix the steps' gradients).
         """
-        self._one_step()
         grads = []
-        for message, start in zip(update.shared_grads, selection.parameters(model)):
-            u = message.double() - self.weight_decay * start.detach().double()
+        for message, u in zip(update.shared_grads, self._steps(update, model, selection)):
             inside = u.abs() < 1
-            magnitude = torch.where(inside, self.eps * u.abs() / (1 - u.abs().clamp(max=1 - 1e-16)),
-                                    torch.zeros_like(u))
+            magnitude = torch.where(inside, _inverse_step(u, self.eps).abs(), torch.zeros_like(u))
             ceiling = magnitude.max() if inside.any() else torch.tensor(1.0, dtype=u.dtype)
             magnitude = torch.where(inside, magnitude, ceiling)
             grads.append((u.sign() * magnitude).to(message.dtype))
         return update._replace(shared_grads=grads)
+
+
+def _inverse_step(u: torch.Tensor, eps: float) -> torch.Tensor:
+    """``g`` with ``g / (|g| + eps) = u``, for ``|u| < 1`` (0 elsewhere: the magnitude is lost)."""
+    inside = u.abs() < 1
+    return torch.where(inside, eps * u / (1 - u.abs().clamp(max=1 - 1e-16)), torch.zeros_like(u))
 
 
 def float32_spacing(weights: torch.Tensor) -> torch.Tensor:

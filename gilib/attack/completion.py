@@ -47,7 +47,7 @@ The noise model comes from the protocol (:meth:`gilib.client.FedAvg.entry_weight
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -63,6 +63,14 @@ CANDIDATES = (8, 32)
 """Tokens per position :func:`polish` tries, by increasing residual: the
 first number until no single change helps, then one wider pass with the
 second (a true token that ranked ninth to thirty-second)."""
+
+REFITS = 4
+"""Times :func:`gilib.attack.span_attack` refits the span from the sentence
+the residuals point at (:func:`completed_space`'s ``start``), until that
+sentence stops changing."""
+
+REFIT_ITERATIONS = 30
+"""Alternating sweeps of a refit (it starts near the answer)."""
 
 SHARP = 3.0
 """:func:`polish` widens its candidates only while the sentence is not a
@@ -89,7 +97,7 @@ def stacked_projections(model: torch.nn.Module, names: Sequence[str], tensors: S
 
 
 def completed_space(matrix: torch.Tensor, weights: torch.Tensor, rank: int,
-                    iterations: int = ITERATIONS) -> RowSpace:
+                    iterations: int = ITERATIONS, start: torch.Tensor | None = None) -> RowSpace:
     """The row space of the weighted rank-``rank`` fit of ``matrix``.
 
     Minimises ``sum_ij w_ij (M_ij - (U V^T)_ij)^2`` by alternating least
@@ -101,6 +109,8 @@ def completed_space(matrix: torch.Tensor, weights: torch.Tensor, rank: int,
         weights: ``(m, d)`` non-negative entry weights, ``1 / noise^2``.
         rank: ``n``, the number of inputs (the token count at batch size 1).
         iterations: alternating sweeps.
+        start: ``(rank, d)`` rows spanning the first guess (a candidate
+            sentence's inputs); ``None`` starts from the plain SVD.
 
     Returns:
         A :class:`~gilib.attack.rowspace.RowSpace` of ``rank`` orthonormal
@@ -108,7 +118,7 @@ def completed_space(matrix: torch.Tensor, weights: torch.Tensor, rank: int,
     """
     matrix, weights = matrix.double(), weights.double()
     _, values, vh = torch.linalg.svd(matrix, full_matrices=False)
-    v = vh[:rank].T.clone()
+    v = vh[:rank].T.clone() if start is None else torch.linalg.qr(start.double().T)[0]
     weighted = weights * matrix
     # A ridge far below any real entry's weight keeps rows with no weight solvable.
     ridge = 1e-12 * float(weights[weights > 0].median()) * torch.eye(rank, dtype=matrix.dtype)
@@ -212,9 +222,20 @@ def sentence_inputs(model: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
     return torch.stack([layer0_inputs(model, p, token_ids=[t])[0] for p, t in enumerate(ids)]).double()
 
 
+class Polished(NamedTuple):
+    """What :func:`polish` returns."""
+
+    ids: list[int]
+    """The sentence, ``[CLS]`` and ``[SEP]`` included."""
+    distance: float
+    """Its weighted squared distance to the message, per entry of positive weight."""
+    sharp: bool
+    """Whether every single change tried at least :data:`SHARP`-folds the distance."""
+
+
 def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, weights: torch.Tensor,
            ids: Sequence[int], residuals: torch.Tensor, candidates: Sequence[int] = CANDIDATES,
-           sweeps: int = 16, deadline: float | None = None) -> tuple[list[int], float]:
+           sweeps: int = 16, deadline: float | None = None) -> Polished:
     """Judge each position's best few tokens on the message itself, under its noise model.
 
     Args:
@@ -233,8 +254,9 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         deadline: a :func:`time.perf_counter` time to stop at.
 
     Returns:
-        ``(ids, distance)``: the sentence and its weighted squared distance
-        to the message, per entry of positive weight.
+        A :class:`Polished`: the sentence, its weighted squared distance to
+        the message per entry of positive weight, and whether it is a sharp
+        minimum.
     """
     scale = weights / weights[weights > 0].mean()
     entries = int((weights > 0).sum())
@@ -272,4 +294,4 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         if runner_up >= SHARP * current:
             break
     current = min(distances([ids], y)[0] for y in classes)
-    return ids, current
+    return Polished(ids, current, runner_up >= SHARP * current)

@@ -21,7 +21,7 @@ from .config import SpanConfig
 from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .completion import balanced, completed_space, floored, outside_share, polish, sentence_inputs, stacked_projections
+from .completion import CANDIDATES, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share, polish, sentence_inputs, stacked_projections
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -218,6 +218,11 @@ def span_attack(
     )
 
 
+def _argmin_sentence(tokenizer, residuals: torch.Tensor) -> list[int]:
+    """Each position's best token, between ``[CLS]`` and ``[SEP]``."""
+    return [tokenizer.cls_token_id, *residuals.argmin(dim=1).tolist(), tokenizer.sep_token_id]
+
+
 def _checked_weights(weights, update: SharedUpdate) -> list[torch.Tensor]:
     """The entry weights, checked against the message they describe."""
     weights = list(weights)
@@ -256,12 +261,37 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
     tokens = TokenSpace(model, tokenizer)
     # The protocol's noise plus what no rank-n matrix explains (local steps' drift).
     stacked_weights = floored(stacked_weights, matrix, n)
-    space = completed_space(matrix, balanced(stacked_weights, matrix), n)
+    fit_weights = balanced(stacked_weights, matrix)
+    deadline = None if cfg.time_budget is None else start + cfg.time_budget
+    space = completed_space(matrix, fit_weights, n)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
     check_seconds = time.perf_counter() - start
-    first = [tokenizer.cls_token_id, *residuals.argmin(dim=1).tolist(), tokenizer.sep_token_id]
-    deadline = None if cfg.time_budget is None else start + cfg.time_budget
-    ids, _ = polish(model, names, matrix, stacked_weights, first, residuals, deadline=deadline)
+    # Refit from the sentence the residuals point at: its right tokens'
+    # inputs hold the fit near the true span, so the next residuals rank
+    # more true tokens first; repeat to a fixed point, then search.
+    ids = _argmin_sentence(tokenizer, residuals)
+    for _ in range(REFITS):
+        space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
+                                start=sentence_inputs(model, ids))
+        residuals = token_residuals(model, tokens, space, range(1, n - 1))
+        ids, previous = _argmin_sentence(tokenizer, residuals), ids
+        if ids == previous or (deadline is not None and time.perf_counter() > deadline):
+            break
+    found = polish(model, names, matrix, stacked_weights, ids, residuals, candidates=CANDIDATES[:1],
+                   deadline=deadline)
+    if not found.sharp:
+        # Once more from the searched sentence, then the wider search from the better of the two.
+        space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
+                                start=sentence_inputs(model, found.ids))
+        again = token_residuals(model, tokens, space, range(1, n - 1))
+        second = polish(model, names, matrix, stacked_weights, _argmin_sentence(tokenizer, again), again,
+                        candidates=CANDIDATES[:1], deadline=deadline)
+        if second.distance < found.distance:
+            found, residuals = second, again
+    if not found.sharp:
+        found = polish(model, names, matrix, stacked_weights, found.ids, residuals, candidates=CANDIDATES[1:],
+                       deadline=deadline)
+    ids = found.ids
     outside = outside_share(matrix, sentence_inputs(model, ids))
     sets = [[t] for t in ids[1:-1]]
     ordered = residuals.topk(min(2, residuals.shape[1]), dim=1, largest=False).values

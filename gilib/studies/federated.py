@@ -474,16 +474,7 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     rows, facts = [], {}
     for (lr, steps), part in frame.groupby(["lr", "E"]):
         row = {"lr": lr, "E": steps}
-        for check, name in (("old", "old check"), ("new", "noise-model check")):
-            lines = part[part["check"] == check]
-            share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
-            row[f"{name}: exact [95 %]"] = interval_text(share, low, high, 0, percent=True)
-            key = f"{check}_low_{lr:.0e}"
-            facts[key] = round(min(low, facts.get(key, 1.0)), 4)
-        new = part[part["check"] == "new"]
-        row.update({"entries moved": round(float(new["surviving"].mean()), 2),
-                    "s / sentence (median, max)": f"{new['seconds'].median():.0f}, {new['seconds'].max():.0f}",
-                    "messages": len(new)})
+        row.update(_checks_row(part, facts, f"{lr:.0e}", "entries moved"))
         rows.append(row)
     for lr, part in frame.groupby("lr"):
         for check in ("old", "new"):
@@ -498,6 +489,68 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                   "noise_smallest_longest_exact": int(smallest[smallest["exact"]]["tokens"].max())
                   if smallest["exact"].any() else 0})
     return pd.DataFrame(rows), facts
+
+
+def _checks_row(part: pd.DataFrame, facts: dict, key: str, surviving: str) -> dict:
+    """One cell of the old-against-new table: each check's exact share [Wilson 95 %], the surviving
+    share, the new check's seconds; each check's lowest Wilson bound goes into ``facts`` under ``key``."""
+    row = {}
+    for check, name in (("old", "old check"), ("new", "noise-model check")):
+        lines = part[part["check"] == check]
+        share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
+        row[f"{name}: exact [95 %]"] = interval_text(share, low, high, 0, percent=True)
+        facts[f"{check}_low_{key}"] = round(min(low, facts.get(f"{check}_low_{key}", 1.0)), 4)
+    new = part[part["check"] == "new"]
+    row.update({surviving: round(float(new["surviving"].mean()), 2),
+                "s / sentence (median, max)": f"{new['seconds'].median():.0f}, {new['seconds'].max():.0f}",
+                "messages": len(new)})
+    return row
+
+
+ADAMW_BENCH = Path("data") / "bench" / "noisy_span_adamw.csv"
+"""Old check against the noise-model check on one-step AdamW messages
+(``python bench/noisy_span.py --protocols adamw``)."""
+
+
+def adamw_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The span check on AdamW clients' messages, old against new, per learning rate and precision.
+
+    Every message is inverted first (:meth:`gilib.client.AdamW.gradient`);
+    the old check reads the inverted gradient as it is, the new one with
+    :meth:`~gilib.client.AdamW.entry_weights`.
+
+    Returns:
+        ``(table, facts)``: per learning rate and precision, each check's
+        exact share [Wilson 95 %], the share of layer 0's query and value
+        entries the inversion resolves (``entries resolved``), the new
+        check's seconds and the messages; the facts give
+        ``adamw_new_exact_<lr>_<precision>``, the lowest Wilson bounds
+        (``new_low_<lr>_<precision>``), the resolved shares and the attacks
+        that ran out of time.
+    """
+    frame = pd.read_csv(path)
+    frame = frame[frame["protocol"].str.startswith("AdamW")].copy()
+    frame["lr"] = frame["protocol"].str.extract(r"lr=([0-9.e+-]+)")[0].astype(float)
+    frame["E"] = frame["protocol"].str.extract(r"E=(\d+)")[0].astype(int)
+    frame["precision"] = frame["protocol"].str.split().str[-1]
+    rows, facts = [], {}
+    for (precision, lr, steps), part in frame.groupby(["precision", "lr", "E"], sort=False):
+        key = f"{lr:.0e}_{precision}" + (f"_E{steps}" if steps != 1 else "")
+        row = {"lr": f"{lr:.0e}", "E": steps, "precision": precision}
+        row.update(_checks_row(part, facts, key, "entries resolved"))
+        new = part[part["check"] == "new"]
+        facts.update({f"adamw_new_exact_{key}": round(float(new["exact"].mean()), 4),
+                      f"adamw_resolved_{key}": round(float(new["surviving"].mean()), 4)})
+        rows.append(row)
+    facts.update({"adamw_timed_out": int(frame["timed_out"].sum()),
+                  "adamw_sentences": int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])})
+    return pd.DataFrame(rows), facts
+
+
+def adamw_markdown(path: str | Path) -> str:
+    """:func:`adamw_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = adamw_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
 
 
 def noise_markdown(path: str | Path) -> str:
@@ -640,6 +693,10 @@ STUDY = Study(
                        "(bench/noisy_span.py's CSV), per learning rate",
               lambda args: noise_markdown(args.results),
               (option("results", type=Path, help="bench/noisy_span.py's CSV (data/bench/noisy_span.csv)"),)),
+        Table("adamw", "AdamW clients: the span check with and without the one-step inversion's noise model "
+                        "(bench/noisy_span.py --protocols adamw), per learning rate and precision",
+              lambda args: adamw_markdown(args.results),
+              (option("results", type=Path, help="the bench's AdamW CSV (data/bench/noisy_span_adamw.csv)"),)),
         Table("lr", "the protocol part by client and learning rate, pooled over the local steps E",
               lambda args: lr_markdown(lr_table(args.results)),
               (option("results", type=Path, help="this study's results (data/results/ch6_federated.jsonl)"),)),

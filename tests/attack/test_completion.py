@@ -116,8 +116,9 @@ def test_a_noise_model_that_does_not_fit_the_message_is_refused(minilm, fedavg_m
     # The client trained at lr 1e-4; a server assuming 1e-6 claims steps a hundred times too coarse.
     with pytest.raises(ValueError, match="does not fit FedAvg.*lr=1e-06"):
         FedAvg(1, 1e-6).noise(shared, model, selection)
-    with pytest.raises(ValueError, match="Only one AdamW step is invertible"):
-        AdamW(2, 2e-5).entry_weights(shared, model, selection)
+    for several in (AdamW(2, 2e-5).entry_weights, AdamW(5, 2e-5).gradient):
+        with pytest.raises(ValueError, match="Only one AdamW step is invertible"):
+            several(shared, model, selection)
 
 
 def test_adamw_entry_weights_keep_only_what_the_inversion_resolves(minilm):
@@ -141,22 +142,6 @@ def test_adamw_entry_weights_keep_only_what_the_inversion_resolves(minilm):
             assert 0.3 < float(kept.double().mean()) < 0.95
 
 
-def test_the_floor_adds_what_no_rank_n_matrix_explains_and_keeps_missing_entries_missing():
-    from gilib.attack.completion import floored
-
-    generator = torch.Generator().manual_seed(1)
-    low_rank = torch.randn(30, 2, generator=generator, dtype=torch.float64) @ torch.randn(
-        2, 20, generator=generator, dtype=torch.float64)
-    noisy = low_rank + 0.1 * torch.randn(30, 20, generator=generator, dtype=torch.float64)
-    weights = torch.full((30, 20), 1e6, dtype=torch.float64)
-    weights[0, 0] = 0
-    out = floored(weights, noisy, 2)
-    assert out[0, 0] == 0
-    # The tail's mean square per entry (about the noise's 0.01, less what rank 2 absorbs) caps every weight.
-    assert 50 < float(out[1:, 1:].max()) < 200
-    assert torch.equal(floored(weights, low_rank, 2)[1:, 1:] > 1e5, torch.ones(29, 19, dtype=torch.bool))
-
-
 def test_candidate_gradients_are_each_sentences_own_gradient(minilm):
     model, _ = minilm
     names = ["bert.encoder.layer.0.attention.self." + s for s in ("query.weight", "value.weight")]
@@ -168,7 +153,7 @@ def test_candidate_gradients_are_each_sentences_own_gradient(minilm):
     for row, ids in zip(batched, sentences):
         alone = torch.cat([g.double() for g in sentence_gradients(model, names, ids, 1, 1)])
         torch.testing.assert_close(row, alone, rtol=1e-4, atol=1e-6 * float(alone.abs().max()))
-    # Sentences do not leak into each other's gradients.
+    # Different sentences, different gradients: the comparison above is not vacuous.
     assert float((batched[0] - batched[1]).abs().max()) > 1e-3 * float(batched[0].abs().max())
 
 
