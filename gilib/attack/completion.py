@@ -12,7 +12,7 @@ The information is still there: the message is a *low-rank matrix seen
 through known noise*, and the server knows the noise entry by entry (the
 float32 spacing of each weight it sent, the learning rate and the steps).
 
-Three steps, each a standard tool:
+Four steps, each a standard tool:
 
 1. **Stack** layer 0's query and value weights, whichever the client
    shares: all their rows lie in the span of the same inputs, so the
@@ -29,15 +29,21 @@ Three steps, each a standard tool:
    (:func:`completed_space`; weighted low-rank approximation, Srebro and
    Jaakkola, ICML 2003), from the plain SVD. ``V`` spans the estimated
    inputs; the check's residuals rank the vocabulary against it.
-3. **Search** (:func:`polish`): starting from each position's best token,
+3. **Refit** from the sentence the residuals point at
+   (:func:`completed_space` with ``start``): the inputs of its right
+   tokens hold the fit near the true span, so the next residuals rank
+   more true tokens first; repeated until the sentence stops changing.
+   (A search from a sentence with many wrong tokens stalls; the refit
+   does not need the search.)
+4. **Search** (:func:`polish`): starting from each position's best token,
    the server computes candidate sentences' own gradients
    (:func:`candidate_gradients`, a position's candidates in one batched
    pass) and judges them on the message itself, entry by entry under the
-   noise model: each position's best few tokens are tried against
+   noise model: each position's best 8 tokens are tried against
    ``sum w (M - G(sentence))^2`` with the label that fits best, and the
-   single best change is made until none helps, first among each
-   position's 8 best tokens, then among its 32 best. At batch size 1 this
-   repairs the positions whose true token did not rank first.
+   single best change is made until none helps. If the result is not a
+   sharp minimum (:data:`SHARP`) the server refits once more from it and
+   searches again, then widens to each position's 32 best tokens.
 
 The noise model comes from the protocol (:meth:`gilib.client.FedAvg.entry_weights`,
 :meth:`gilib.client.AdamW.entry_weights`); the attack is
@@ -75,9 +81,9 @@ REFIT_ITERATIONS = 30
 SHARP = 3.0
 """:func:`polish` widens its candidates only while the sentence is not a
 sharp minimum: some single change tried came within this factor of its
-distance. (On the ten AdamW and FedAvg bench sentences looked at, every single
-change of a true sentence multiplied its distance by 9 or more; the one
-left with a wrong token had a change within 6 % of it.)"""
+distance. Any change to a true sentence moves its gradient far from the
+message; a sentence with one wrong token has neighbours (other wrong
+tokens there) about as far from it as itself."""
 
 
 def stacked_projections(model: torch.nn.Module, names: Sequence[str], tensors: Sequence[torch.Tensor]

@@ -132,8 +132,9 @@ def span_attack(
             selection)`` for float32 FedAvg, ``AdamW(...).entry_weights``
             beside ``AdamW(...).gradient``). The check then stacks every
             layer-0 query and value weight shared, fits the weighted
-            rank-n matrix nearest to them and searches each position's
-            candidates against it (:mod:`gilib.attack.completion`); batch
+            rank-n matrix nearest to them, refits it from the sentence it
+            points at and searches each position's candidates against the
+            message (:mod:`gilib.attack.completion`); batch
             size 1 only. ``diagnostics.outside`` is the stacked message's
             share outside the found inputs' span.
 

@@ -171,3 +171,22 @@ def test_chapter6_a_server_that_models_the_rounding_gets_float32_messages_back()
     assert facts["new_exact_1e-03"] == 1.0 and facts["old_exact_1e-03"] < 0.5
     assert facts["surviving_1e-05"] < 0.2 and 0 < facts["new_exact_1e-05"] < 0.5
     assert facts["noise_smallest_longest_exact"] <= 12
+
+
+def test_chapter6_one_adamw_step_gives_the_sentence_back_bfloat16_does_not():
+    # README, chapter 6 and the conclusion: the noise-model check rebuilds all but the longest sentence
+    # (59 tokens, out of time) of the float32 AdamW messages at every rate; the old check none; bfloat16 nothing.
+    from gilib.studies import federated as federated_study
+    from tests.claims.cached import ROOT
+
+    path = ROOT / federated_study.ADAMW_BENCH
+    table, facts = federated_study.adamw_summary(path)
+    assert len(table) == 4 and (table["messages"] == 18).all() and facts["adamw_sentences"] == 18
+    lines = pd.read_csv(path)
+    new = lines[(lines["check"] == "new") & lines["protocol"].str.endswith("float32")]
+    missed = new[~new["exact"]]
+    assert set(missed["tokens"]) == {lines["tokens"].max()} == {59} and missed["timed_out"].all()
+    for lr in ("2e-05", "5e-05", "1e-04"):
+        assert facts[f"adamw_new_exact_{lr}_float32"] >= 0.94 and facts[f"old_low_{lr}_float32"] == 0
+    assert (lines[lines["check"] == "old"]["exact"] == False).all()  # noqa: E712
+    assert facts["adamw_new_exact_5e-05_bfloat16"] == 0 and facts["adamw_resolved_5e-05_bfloat16"] < 0.001
