@@ -23,9 +23,11 @@ Four steps, each a standard tool:
 2. **Complete**: a weighted rank-n fit ``M ~ U V^T`` by alternating least
    squares, each entry weighted by the inverse square of its noise (the
    protocol's, plus a floor for what it does not model, :func:`floored`),
+   and, where the weights are a 0/1 mask with no noise scale (AdamW's),
    each row's weights rescaled so that every row counts alike
    (:func:`balanced`: each row is one vector of the inputs' span, and
-   where the noise is relative the small rows are the ones seen whole)
+   where the noise is relative the small rows are the ones seen whole;
+   with FedAvg's absolute noise the small rows are mostly noise)
    (:func:`completed_space`; weighted low-rank approximation, Srebro and
    Jaakkola, ICML 2003), from the plain SVD. ``V`` spans the estimated
    inputs; the check's residuals rank the vocabulary against it.

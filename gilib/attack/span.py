@@ -129,8 +129,10 @@ def span_attack(
         weights: for a message seen through known noise, one non-negative
             tensor per shared tensor: each entry's weight, ``1 / noise^2``,
             0 for a lost entry (``FedAvg(...).entry_weights(update, model,
-            selection)`` for float32 FedAvg, ``AdamW(...).entry_weights``
-            beside ``AdamW(...).gradient``). The check then stacks every
+            selection)`` for float32 FedAvg), or a 0/1 mask of the entries
+            to trust, which carries no noise scale, so that every row of
+            the fit then counts alike (``AdamW(...).entry_weights`` beside
+            ``AdamW(...).gradient``). The check then stacks every
             layer-0 query and value weight shared, fits the weighted
             rank-n matrix nearest to them, refits it from the sentence it
             points at and searches each position's candidates against the
@@ -261,8 +263,11 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
                          "nothing is left for the span check.")
     tokens = TokenSpace(model, tokenizer)
     # The protocol's noise plus what no rank-n matrix explains (local steps' drift).
+    # A 0/1 mask (AdamW's) gives no noise scale: every row then counts alike.
+    # Weights of 1 / noise^2 (FedAvg's) already weigh each row by its noise.
+    mask = bool(((stacked_weights == 0) | (stacked_weights == 1)).all())
     stacked_weights = floored(stacked_weights, matrix, n)
-    fit_weights = balanced(stacked_weights, matrix)
+    fit_weights = balanced(stacked_weights, matrix) if mask else stacked_weights
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
     space = completed_space(matrix, fit_weights, n)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
