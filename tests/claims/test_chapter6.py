@@ -170,7 +170,8 @@ def test_chapter6_a_server_that_models_the_rounding_gets_float32_messages_back()
     assert facts["old_exact_1e-04"] == 0 and facts["new_exact_1e-04"] >= 0.9 and facts["new_low_1e-04"] > 0.7
     assert facts["new_exact_1e-03"] == 1.0 and facts["old_exact_1e-03"] < 0.5
     assert facts["surviving_1e-05"] < 0.2 and 0 < facts["new_exact_1e-05"] < 0.5
-    assert facts["noise_smallest_longest_exact"] <= 12
+    # "the shorter sentences only": none longer than 17 tokens (the sentences run to 59).
+    assert facts["noise_smallest_longest_exact"] <= 17
 
 
 def test_chapter6_one_adamw_step_gives_the_sentence_back_bfloat16_does_not():
