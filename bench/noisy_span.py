@@ -159,7 +159,8 @@ def main(argv=None) -> None:
         pd.DataFrame(rows).to_csv(args.out, index=False)
         settings = {"command": "python bench/noisy_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "held_out": args.held_out, "held_out_offset": HELD_OUT_OFFSET, "protocols": args.protocols,
-                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates, "time_budget": args.time_budget, "threads": 1,
+                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates,
+                    "time_budget": args.time_budget, "threads": 1,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                     "commit": _commit()}
         args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")

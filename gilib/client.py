@@ -242,20 +242,23 @@ class AdamW:
         """The server's noise model of :meth:`gradient`'s estimate: each entry's error, in float64.
 
         The step ``u = g / (|g| + eps)`` is known to ``delta = s / lr``
-        (``s`` the weight's float32 spacing: each step and its weight decay
-        are rounded to it, and ``E`` steps' errors are divided by ``E``), so
-        with ``t = 1 - |u|`` the estimate ``eps (1 - t) / t`` is off by about
-        ``eps delta / t^2``. Where ``t`` is within ``2 delta`` of 0 (a
-        gradient far above ``eps``) only the sign survives: the noise is
-        infinite there, the entry missing. In float64 the step is exact to
-        the message's own float32 rounding. bfloat16 training rounds to a
-        grid 65536 times coarser.
+        (``s`` the weight's float32 spacing: the step and its weight decay
+        are each rounded to it), so with ``t = 1 - |u|`` the estimate
+        ``eps (1 - t) / t`` is off by about ``eps delta / t^2``. Where ``t``
+        is within ``2 delta`` of 0 (a gradient far above ``eps``) only the
+        sign survives: the noise is infinite there, the entry missing. In
+        float64 the step is exact to the message's own float32 rounding.
+        bfloat16 training rounds to a grid 65536 times coarser.
 
         Raises:
             ValueError: for a message of several local steps, as :meth:`gradient`.
         """
+        return self._noise(self._steps(update, model, selection), selection.parameters(model))
+
+    def _noise(self, steps: list[torch.Tensor], starts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`noise` from the steps ``u`` (:meth:`_steps`) and the weights ``theta_0`` they start from."""
         bounds = []
-        for u, start in zip(self._steps(update, model, selection), selection.parameters(model)):
+        for u, start in zip(steps, starts):
             t = 1 - u.abs()
             if self.precision == "float64":
                 delta = u.abs() * 2.0 ** -24 + 1e-300
@@ -276,9 +279,10 @@ class AdamW:
         sentences at lr 5e-5 the half kept noisier entries and no sentence
         came back; the fifth keeps about two thirds of the entries.)
         """
-        noise = self.noise(update, model, selection)
+        steps = self._steps(update, model, selection)
+        noise = self._noise(steps, selection.parameters(model))
         return [((_inverse_step(u, self.eps).abs() > 5 * n) & torch.isfinite(n)).double()
-                for u, n in zip(self._steps(update, model, selection), noise)]
+                for u, n in zip(steps, noise)]
 
     def _steps(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> list[torch.Tensor]:
         """The normalised step ``u = message - weight_decay * theta_0`` of each shared tensor, in float64.
@@ -318,7 +322,7 @@ class AdamW:
         grads = []
         for message, u in zip(update.shared_grads, self._steps(update, model, selection)):
             inside = u.abs() < 1
-            magnitude = torch.where(inside, _inverse_step(u, self.eps).abs(), torch.zeros_like(u))
+            magnitude = _inverse_step(u, self.eps).abs()
             ceiling = magnitude.max() if inside.any() else torch.tensor(1.0, dtype=u.dtype)
             magnitude = torch.where(inside, magnitude, ceiling)
             grads.append((u.sign() * magnitude).to(message.dtype))

@@ -21,7 +21,8 @@ from .config import SpanConfig
 from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .completion import CANDIDATES, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share, polish, sentence_inputs, stacked_projections
+from .completion import (CANDIDATES, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share,
+                         polish, sentence_inputs, stacked_projections)
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -275,11 +276,14 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
     # Refit from the sentence the residuals point at: its right tokens'
     # inputs hold the fit near the true span, so the next residuals rank
     # more true tokens first; repeat to a fixed point, then search.
+    def refit(sentence: list[int]) -> torch.Tensor:
+        space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
+                                start=sentence_inputs(model, sentence))
+        return token_residuals(model, tokens, space, range(1, n - 1))
+
     ids = _argmin_sentence(tokenizer, residuals)
     for _ in range(REFITS):
-        space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
-                                start=sentence_inputs(model, ids))
-        residuals = token_residuals(model, tokens, space, range(1, n - 1))
+        residuals = refit(ids)
         ids, previous = _argmin_sentence(tokenizer, residuals), ids
         if ids == previous or (deadline is not None and time.perf_counter() > deadline):
             break
@@ -287,9 +291,7 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
                    deadline=deadline)
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
-        space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
-                                start=sentence_inputs(model, found.ids))
-        again = token_residuals(model, tokens, space, range(1, n - 1))
+        again = refit(found.ids)
         second = polish(model, names, matrix, stacked_weights, _argmin_sentence(tokenizer, again), again,
                         candidates=CANDIDATES[:1], deadline=deadline)
         if second.distance < found.distance:

@@ -467,10 +467,7 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         messages per cell, the sentences, the attacks that ran out of time
         and the longest sentence rebuilt at the smallest rate.
     """
-    frame = pd.read_csv(path)
-    frame = frame[frame["protocol"].str.startswith("FedAvg")].copy()
-    frame["lr"] = frame["protocol"].str.extract(r"lr=([0-9.e+-]+)")[0].astype(float)
-    frame["E"] = frame["protocol"].str.extract(r"E=(\d+)")[0].astype(int)
+    frame = _bench_lines(path, "FedAvg")
     rows, facts = [], {}
     for (lr, steps), part in frame.groupby(["lr", "E"]):
         row = {"lr": lr, "E": steps}
@@ -489,6 +486,16 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                   "noise_smallest_longest_exact": int(smallest[smallest["exact"]]["tokens"].max())
                   if smallest["exact"].any() else 0})
     return pd.DataFrame(rows), facts
+
+
+def _bench_lines(path: str | Path, family: str) -> pd.DataFrame:
+    """``bench/noisy_span.py``'s lines of one protocol family (``FedAvg`` or ``AdamW``), with ``lr`` and ``E``
+    read off the protocol's name."""
+    frame = pd.read_csv(path)
+    frame = frame[frame["protocol"].str.startswith(family)].copy()
+    frame["lr"] = frame["protocol"].str.extract(r"lr=([0-9.e+-]+)")[0].astype(float)
+    frame["E"] = frame["protocol"].str.extract(r"E=(\d+)")[0].astype(int)
+    return frame
 
 
 def _checks_row(part: pd.DataFrame, facts: dict, key: str, surviving: str) -> dict:
@@ -528,10 +535,7 @@ def adamw_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         (``new_low_<lr>_<precision>``), the resolved shares and the attacks
         that ran out of time.
     """
-    frame = pd.read_csv(path)
-    frame = frame[frame["protocol"].str.startswith("AdamW")].copy()
-    frame["lr"] = frame["protocol"].str.extract(r"lr=([0-9.e+-]+)")[0].astype(float)
-    frame["E"] = frame["protocol"].str.extract(r"E=(\d+)")[0].astype(int)
+    frame = _bench_lines(path, "AdamW")
     frame["precision"] = frame["protocol"].str.split().str[-1]
     rows, facts = [], {}
     for (precision, lr, steps), part in frame.groupby(["precision", "lr", "E"], sort=False):
