@@ -1,4 +1,4 @@
-"""The span check on what real clients send: float32 FedAvg and one AdamW step, old check against new.
+"""The span check on what real clients send: float32 FedAvg, one AdamW step, SecAgg+ means; old check against new.
 
 What it measures
 ----------------
@@ -19,14 +19,25 @@ inversion the noise model trusts (``entry_weights`` of 1). AdamW messages are
 inverted first (:meth:`gilib.client.AdamW.gradient`); both attacks get the
 inverted gradient.
 
+**SecAgg+** (``--protocols secagg``): N FedSGD clients of one sentence each
+(whole of layer 0), their mean as Flower's SecAgg+ unmasks it
+(:func:`gilib.secure.secure_mean`: Flower's own quantisation, without the
+network), attacked as one batch: **old** with the fixed thresholds, **new**
+with the protocol's noise (``noise=SecAgg().noise_std(...)``: rank, token
+z-scores and peel test judged against it). One line per sentence; its
+``seconds`` are its batch's; ``surviving`` is the rounding noise's share of
+the mean's norm.
+
 Sentences: chapter 6's protocol sentences (the seeded sample's first two per
 dataset) and a held-out set, the seeded sample (seed 101) from position 100
-on, four per dataset. Nothing is asserted; the figures are for one machine.
+on, four per dataset. SecAgg+ batches: chapter 6's secure batches (the
+sample's N sentences from position 2) and one held-out batch per dataset
+from position 120. Nothing is asserted; the figures are for one machine.
 
 Usage::
 
-    python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw] [--local-steps 1 10]
-                               [--adamw-rates 2e-5 5e-5 1e-4]
+    python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw secagg] [--local-steps 1 10]
+                               [--adamw-rates 2e-5 5e-5 1e-4] [--clients 2 4 8]
                                [--time-budget 60] [--out data/bench/noisy_span.csv]
 
 Each attack stops after ``--time-budget`` seconds with its best partial
@@ -52,6 +63,7 @@ from gilib.attack import SpanConfig, span_attack
 from gilib.client import AdamW, FedAvg, client_update
 from gilib.metrics import interval_text, share_interval
 from gilib.models import cached_model, encode
+from gilib.secure import SecAgg, secure_mean
 from gilib.selection import select
 from gilib.studies.federated import DATASETS, LEARNING_RATES, LOCAL_STEPS, SENTENCES
 from gilib.studies.sample import sample
@@ -59,6 +71,8 @@ from gilib.studies.sample import sample
 ADAMW_RATES = (2e-5, 5e-5, 1e-4)
 """AdamW learning rates: how transformers are fine-tuned (2e-5 to 5e-5) and a larger one."""
 HELD_OUT_OFFSET = 100
+SECURE_HELD_OUT_OFFSET = 120
+CLIENTS = (2, 4, 8)
 
 
 def protocols(kinds, local_steps=(1, 10), adamw_rates=ADAMW_RATES) -> list:
@@ -110,6 +124,45 @@ def measure(protocol, examples, time_budget: float | None = None) -> list[dict]:
     return rows
 
 
+def secure_batches(clients: int) -> list[tuple[str, str, list]]:
+    """``(set name, dataset, examples)``: chapter 6's secure batch of ``clients`` sentences, then a held-out one."""
+    chosen = [("chapter 6", d, sample(d, 1, clients, offset=SENTENCES)[0]) for d in DATASETS]
+    chosen += [("held-out", d, sample(d, 1, clients, offset=SECURE_HELD_OUT_OFFSET)[0]) for d in DATASETS]
+    return chosen
+
+
+def measure_secure(clients: int, time_budget: float | None = None) -> list[dict]:
+    """Both checks on the SecAgg+ mean of ``clients`` one-sentence FedSGD clients, per batch."""
+    model, tokenizer = cached_model("minilm")
+    selection = select(model, "layer", 0)
+    secagg = SecAgg()
+    rows = []
+    for group, dataset, examples in secure_batches(clients):
+        batches = [encode(tokenizer, [e.text], [e.label]) for e in examples]
+        truths = [b["input_ids"][0, : int(b["attention_mask"].sum())].tolist() for b in batches]
+        updates = [client_update(model, selection, b).shared for b in batches]
+        message = secure_mean(updates, secagg, seed=clients)
+        exact_mean = [sum(u.shared_grads[k].double() for u in updates) / clients for k in range(len(updates[0][0]))]
+        rounding = float(torch.cat([(m.double() - e).flatten() for m, e in zip(message.shared_grads, exact_mean)])
+                         .norm() / torch.cat([e.flatten() for e in exact_mean]).norm())
+        message = message._replace(labels=None)
+        config = SpanConfig(time_budget=time_budget)
+        for check, extra in (("old", {}), ("new", {"noise": secagg.noise_std([1] * clients)})):
+            start = time.perf_counter()
+            result = span_attack(model, tokenizer, message, selection, config, **extra)
+            seconds = time.perf_counter() - start
+            found = list(result.token_ids)
+            for example, truth in zip(examples, truths):
+                hit = truth in found
+                if hit:
+                    found.remove(truth)
+                rows.append({"protocol": f"SecAgg+ {clients} clients", "set": group, "dataset": dataset,
+                             "row_id": example.row_id, "check": check, "exact": hit, "tokens": len(truth),
+                             "seconds": seconds, "surviving": rounding,
+                             "timed_out": result.diagnostics.timed_out})
+    return rows
+
+
 def _name(protocol) -> str:
     if isinstance(protocol, FedAvg):
         return f"FedAvg E={protocol.local_steps} lr={protocol.lr:.0e}"
@@ -123,7 +176,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
     for (name, check), part in frame.groupby(["protocol", "check"], sort=False):
         share, low, high = share_interval(int(part["exact"].sum()), len(part))
         out.append({"protocol": name, "check": check, "exact": interval_text(share, low, high, 0, percent=True),
-                    "sentences": len(part), "s / sentence": round(part["seconds"].mean(), 1),
+                    "sentences": len(part), "s / message": round(part["seconds"].mean(), 1),
                     "s max": round(part["seconds"].max(), 1), "surviving": round(part["surviving"].mean(), 2)})
     return pd.DataFrame(out)
 
@@ -139,7 +192,9 @@ def _commit() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held-out", type=int, default=4, help="held-out sentences per dataset")
-    parser.add_argument("--protocols", nargs="+", default=["fedavg"], choices=["fedavg", "adamw"])
+    parser.add_argument("--protocols", nargs="+", default=["fedavg"], choices=["fedavg", "adamw", "secagg"])
+    parser.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS),
+                        help="SecAgg+ clients per round (one sentence each)")
     parser.add_argument("--adamw-rates", nargs="+", type=float, default=list(ADAMW_RATES),
                         help="AdamW learning rates (float32); bfloat16 runs at 5e-5 when 5e-5 is among them")
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
@@ -154,12 +209,17 @@ def main(argv=None) -> None:
         rows += measure(protocol, examples, args.time_budget)
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
+    for clients in args.clients if "secagg" in args.protocols else ():
+        rows += measure_secure(clients, args.time_budget)
+        print(table([r for r in rows if r["protocol"] == f"SecAgg+ {clients} clients"])
+              .to_string(index=False, header=False), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
         settings = {"command": "python bench/noisy_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "held_out": args.held_out, "held_out_offset": HELD_OUT_OFFSET, "protocols": args.protocols,
-                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates,
+                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates, "clients": args.clients,
+                    "secure_held_out_offset": SECURE_HELD_OUT_OFFSET,
                     "time_budget": args.time_budget, "threads": 1,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                     "commit": _commit()}

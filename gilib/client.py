@@ -77,6 +77,33 @@ class DPSGD:
             raise ValueError(f"Unknown DP reading {self.reading!r}: use 'privatised' (what the client sends) "
                              f"or 'raw' (p.grad right after backward()).")
 
+    def noise_std(self, batch_size: int) -> float:
+        """The standard deviation of each entry's noise in the message: ``sigma * C / B``.
+
+        Opacus adds ``N(0, sigma^2 C^2)`` to the sum of the clipped
+        per-example gradients and divides by the batch size.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of sentences (at least 1), got {batch_size!r}.")
+        return self.noise_multiplier * self.max_grad_norm / batch_size
+
+    def entry_weights(self, update: SharedUpdate) -> list[torch.Tensor]:
+        """``1 / noise^2`` per entry, the same for every entry, for :func:`gilib.attack.span_attack`'s ``weights``.
+
+        Pass ``clipped=True`` with them: clipping scales the message by a
+        factor the server does not see.
+
+        Raises:
+            ValueError: without noise (``sigma = 0``: the message is the
+                clipped gradient, attack it without weights) or for a
+                message read ``"raw"`` (it carries no noise).
+        """
+        if self.noise_multiplier == 0 or self.reading == "raw":
+            raise ValueError("This DP-SGD message carries no noise (sigma = 0 or the raw reading): attack it "
+                             "without weights.")
+        weight = self.noise_std(len(update.lengths)) ** -2
+        return [torch.full(tuple(g.shape), weight, dtype=torch.float64) for g in update.shared_grads]
+
 
 @dataclass(frozen=True)
 class CentralDP:

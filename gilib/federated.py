@@ -40,7 +40,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -69,6 +68,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
 
 from .client import FedAvg, Protocol, client_update
 from .models import cached_model, encode
+from .secure import SecAgg
 from .selection import select
 from .update import SharedUpdate
 
@@ -76,48 +76,6 @@ log = logging.getLogger(__name__)
 
 SERVER_LR = 1e-4
 """The server's learning rate for FedSGD rounds (``theta -= SERVER_LR * mean gradient``)."""
-
-
-@dataclass(frozen=True)
-class SecAgg:
-    """Settings of Flower's SecAgg+ round (``flwr.server.workflow.SecAggPlusWorkflow``).
-
-    Every client clips its reply to ``[-clipping_range, clipping_range]``
-    and rounds it stochastically to one of ``quantization_range`` levels
-    before masking it. Flower's defaults (8.0, 2**22 levels, weights of up
-    to 1000 examples) suit model weights; they would round a gradient of
-    1e-3 away. The defaults here keep a reply to about 2e-9
-    (``2 * clipping_range / quantization_range``), and the clients send
-    float64 arrays, since Flower quantises in the arrays' own dtype.
-
-    Attributes:
-        clipping_range: the largest value a client's reply may hold.
-        quantization_range: levels of the quantisation (at most 2**31:
-            Flower rounds into 32-bit integers).
-        modulus_range: the masks' modulus, a power of two above
-            ``quantization_range`` times the client count.
-        max_weight: the largest ``num_examples`` a client may weigh its reply
-            with; ``None``: the largest client batch of the round. Each reply
-            is scaled by ``num_examples / max_weight`` before quantisation, so
-            a loose bound costs precision.
-        reconstruction_threshold: the share of a client's key shares (one
-            per client) that unmasks it if it drops out.
-    """
-
-    clipping_range: float = 1.0
-    quantization_range: int = 2**30
-    modulus_range: int = 2**40
-    max_weight: float | None = None
-    reconstruction_threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.clipping_range) and self.clipping_range > 0):
-            raise ValueError(f"clipping_range must be a positive number, got {self.clipping_range!r}.")
-        if not 0 < self.reconstruction_threshold <= 1:
-            raise ValueError(f"reconstruction_threshold is a share of the clients, in (0, 1]; got "
-                             f"{self.reconstruction_threshold!r}.")
-        if not 1 < self.quantization_range <= 2**31:
-            raise ValueError(f"quantization_range must lie in 2 .. 2**31, got {self.quantization_range!r}.")
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ class Polished(NamedTuple):
 
 def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, weights: torch.Tensor,
            ids: Sequence[int], residuals: torch.Tensor, candidates: Sequence[int] = CANDIDATES,
-           sweeps: int = 16, deadline: float | None = None) -> Polished:
+           sweeps: int = 16, deadline: float | None = None, clipped: bool = False) -> Polished:
     """Judge each position's best few tokens on the message itself, under its noise model.
 
     Args:
@@ -260,6 +260,11 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         sweeps: moves at most over all stages: each pass tries every
             position's candidates and makes the single best change.
         deadline: a :func:`time.perf_counter` time to stop at.
+        clipped: the message is the gradient times an unknown factor in
+            ``[0, 1]`` (DP-SGD clips each example's gradient over every
+            parameter, which the server does not see): each candidate's
+            gradient is scaled by its least-squares factor before the
+            distance is taken.
 
     Returns:
         A :class:`Polished`: the sentence, its weighted squared distance to
@@ -271,6 +276,10 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
 
     def distances(sentences: list[list[int]], label: int) -> list[float]:
         own = candidate_gradients(model, names, torch.tensor(sentences), label)
+        if clipped:
+            # The least-squares factor in [0, 1] that the client's clipping applied.
+            factor = (scale * matrix * own).sum(dim=(1, 2)) / (scale * own.square()).sum(dim=(1, 2))
+            own = own * factor.clamp(0.0, 1.0).nan_to_num(0.0)[:, None, None]
         return ((scale * (matrix - own).square()).sum(dim=(1, 2)) / entries).tolist()
 
     ids = list(ids)

@@ -96,6 +96,7 @@ def peel(
     config: SpanConfig = SpanConfig(),
     *,
     deadline: float | None = None,
+    noise: float | str | None = None,
 ) -> Peeled:
     """Recover a batch sentence by sentence, peeling each off the shared gradients.
 
@@ -130,8 +131,12 @@ def peel(
         deadline: a :func:`time.perf_counter` reading after which the
             searches stop and the sentences left get their best guesses
             (``Peeled.timed_out``); ``None`` for no limit.
+        noise: a noise model of the message (:func:`~gilib.attack.rowspace.row_space`):
+            each round's candidate sets are then z-scores against it, and
+            the peel test's rank drop is judged against its floor.
     """
-    return _Peeler(model, tokenizer, names, shared_grads, weight, verifier, lengths, config, deadline).run()
+    return _Peeler(model, tokenizer, names, shared_grads, weight, verifier, lengths, config, deadline,
+                   noise).run()
 
 
 class _Peeler:
@@ -147,7 +152,7 @@ class _Peeler:
     """
 
     def __init__(self, model, tokenizer, names, shared_grads, weight, verifier, lengths, config: SpanConfig,
-                 deadline: float | None = None):
+                 deadline: float | None = None, noise: float | str | None = None):
         self.model, self.tokenizer, self.weight, self.verifier, self.config = model, tokenizer, weight, verifier, config
         self.lengths = [int(n) for n in lengths]
         self.batch = len(self.lengths)
@@ -164,6 +169,7 @@ class _Peeler:
         self.last: dict[int, tuple[torch.Tensor, float]] = {}  # per length, the best hypothesis met
         self.rounds, self.effort = 0, 1
         self.deadline, self.timed_out = deadline, False
+        self.noise = noise
 
     def _out_of_time(self) -> bool:
         """Whether the time budget is spent (and, once it is, say so in the result)."""
@@ -200,7 +206,7 @@ class _Peeler:
         tokens_left = sum(left)
         _, layer0, candidates = check_positions(self.model, self.tokens, self.grads[self.weight], left,
                                                 shift_invariant=self.weight.endswith("key.weight"),
-                                                threshold=self.config.threshold, capped=False)
+                                                threshold=self.config.threshold, capped=False, noise=self.noise)
         if self.verifier is not None:
             space = row_space(self.grads[self.verifier], max_rank=tokens_left)
             check: SentenceCheck = ForwardCheck(self.model, space, reads_of(self.verifier))
@@ -256,7 +262,7 @@ class _Peeler:
         if not slots:
             return False
         label, parts = _peel_label(self.model, self.grads, self.weight, h, self.classes, self.batch,
-                                   sum(self.lengths[i] for i in self.remaining))
+                                   sum(self.lengths[i] for i in self.remaining), self.noise)
         if label is None:
             return False
         for name, part in zip(self.grads, parts):
@@ -288,7 +294,8 @@ class _Peeler:
             self.uncertain[i] = [p + 1 for p, r in enumerate(per_position.tolist()) if r >= FOUND]
 
 
-def _peel_label(model, grads, weight, h, classes, batch, tokens_left) -> tuple[int | None, list[torch.Tensor]]:
+def _peel_label(model, grads, weight, h, classes, batch, tokens_left,
+                noise=None) -> tuple[int | None, list[torch.Tensor]]:
     """The class whose subtraction lowers the gradient's rank, if one does (under :data:`PEELED`).
 
     The rank tested is the gradient's own numerical rank, less one, not
@@ -298,18 +305,22 @@ def _peel_label(model, grads, weight, h, classes, batch, tokens_left) -> tuple[i
     the token count every label passes. A sentence shares at least one
     input with no other (its ``[CLS]`` aside), so the right label lowers
     the rank by one or more, and a wrong label leaves its sentence's
-    directions in. Every class is tested and the best kept.
+    directions in. Every class is tested and the best kept. Under a noise
+    model the rank is read against the noise and the test passes below
+    the larger of :data:`PEELED` and the rank's noise floor (relative).
 
     Returns:
         ``(label, parts)``: the class (``None`` if none passes) and the
         sentence's gradient for it on every weight of ``grads``, in order.
     """
     names = list(grads)
-    rank = row_space(grads[weight], max_rank=tokens_left).rank - 1
+    space = row_space(grads[weight], max_rank=tokens_left, noise=noise)
+    rank = space.rank - 1
+    passes = PEELED if space.noise == 0 else max(PEELED, space.tolerance / float(space.singular_values[0]))
     scores, parts = {}, {}
     for label in classes:
         parts[label] = sentence_gradients(model, names, h, label, batch)
         part = parts[label][names.index(weight)]
         scores[label] = peel_test(grads[weight], part.to(grads[weight].device), rank)
     best = min(scores, key=scores.get)
-    return (best, parts[best]) if scores[best] < PEELED else (None, [])
+    return (best, parts[best]) if scores[best] < passes else (None, [])

@@ -33,6 +33,7 @@ remaining directions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -50,6 +51,19 @@ impostor measure 8e-6 and 8e-6 at batch size 4 (about 90 tokens), 9e-4 and
 2e-6 at batch size 8 (medians over batches); see :func:`candidate_sets`."""
 
 
+RANK_EDGE = 2.0
+"""Under a noise model (:func:`row_space`'s ``noise``), a direction belongs to
+the row space when its singular value exceeds this many times the largest
+one noise alone would give, ``sigma (sqrt(m) + sqrt(d))`` for an ``(m, d)``
+matrix of independent entries of standard deviation ``sigma``."""
+
+INSIDE_Z = 3.0
+"""Under a noise model, a token is inside the span when its residual is at
+most this many times what the noise alone leaves a true input
+(:meth:`RowSpace.noise_residual`): the residuals become z-scores, and true
+tokens score about 1 whatever the noise."""
+
+
 @dataclass
 class RowSpace:
     """An orthonormal basis of a gradient's row space.
@@ -60,13 +74,17 @@ class RowSpace:
         rank: ``r``: the number of singular values above :attr:`tolerance`,
             at most the ``max_rank`` the caller knows.
         tolerance: ``s_max * max(shape) * eps``: NumPy's ``matrix_rank`` rule
-            for the float type of the gradient.
+            for the float type of the gradient; under a noise model,
+            :data:`RANK_EDGE` times the noise's largest singular value.
+        noise: the per-entry standard deviation of the gradient's noise,
+            under a noise model; 0 without one (float32 round-off only).
     """
 
     basis: torch.Tensor
     singular_values: torch.Tensor
     rank: int
     tolerance: float
+    noise: float = 0.0
 
     @property
     def full(self) -> bool:
@@ -79,8 +97,39 @@ class RowSpace:
         inside = (x @ self.basis) @ self.basis.T
         return (x - inside).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
 
+    def noise_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The relative residual the noise alone leaves each row of ``x`` ``(..., d_in)`` lying in the true span.
 
-def row_space(gradient: torch.Tensor, max_rank: int | None = None) -> RowSpace:
+        The noise ``N`` tilts the estimated directions: to first order the
+        ``i``-th moves by ``N^T u_i / s_i`` off the span, so an input with
+        coordinates ``c = V^T x`` leaves it by about
+        ``sigma sqrt(d_in - r) ||c / s||`` (Stewart and Sun, "Matrix
+        Perturbation Theory", 1990, ch. V). Dividing a residual by it gives
+        a z-score: about 1 for a true input, whatever the noise.
+        """
+        x = x.to(self.basis.dtype)
+        values = self.singular_values[: self.rank].to(self.basis.dtype)
+        spread = ((x @ self.basis) / values).norm(dim=-1)
+        free = max(self.basis.shape[0] - self.rank, 1)
+        return self.noise * math.sqrt(free) * spread / x.norm(dim=-1).clamp_min(1e-12)
+
+
+def spectrum_noise(singular_values: torch.Tensor, shape: Sequence[int], rank: int) -> float:
+    """The per-entry noise standard deviation read off the singular values past ``rank``.
+
+    Past the inputs' rank (at most the token count, which the attacker
+    knows) a gradient's singular values are noise alone; their squares
+    sum to about ``sigma^2 (m - rank) (d - rank)`` for an ``(m, d)`` matrix.
+    """
+    m, d = int(shape[0]), int(shape[1])
+    if rank >= min(m, d):
+        raise ValueError(f"Cannot read the noise off the spectrum: the rank bound {rank} leaves no singular "
+                         f"value of a {m} x {d} gradient past it. Give the protocol's noise instead.")
+    tail = float(singular_values[rank:].double().square().sum())
+    return math.sqrt(tail / ((m - rank) * (d - rank)))
+
+
+def row_space(gradient: torch.Tensor, max_rank: int | None = None, noise: float | str | None = None) -> RowSpace:
     """The row space of a ``(d_out, d_in)`` weight gradient, by SVD in float64.
 
     The rank is NumPy's ``matrix_rank`` rule (singular values above
@@ -98,9 +147,29 @@ def row_space(gradient: torch.Tensor, max_rank: int | None = None) -> RowSpace:
             without noise the numerical rank never exceeds it; with DP noise
             (full rank) the leading ``max_rank`` directions are the best
             estimate of the inputs' span.
+        noise: a noise model: the per-entry standard deviation of the
+            gradient's noise (a protocol's, e.g.
+            :meth:`gilib.secure.SecAgg.noise_std`), or ``"spectrum"`` to read
+            it off the singular values past ``max_rank``
+            (:func:`spectrum_noise`). The rank is then the directions above
+            :data:`RANK_EDGE` times the noise's largest singular value, and
+            the space can turn residuals into z-scores
+            (:meth:`RowSpace.noise_residual`).
     """
     g = gradient.detach().double()
     _, s, vh = torch.linalg.svd(g, full_matrices=False)
+    if noise is not None:
+        if noise == "spectrum":
+            if max_rank is None:
+                raise ValueError('noise="spectrum" reads the noise past the rank bound: give max_rank.')
+            sigma = spectrum_noise(s, g.shape, int(max_rank))
+        else:
+            sigma = float(noise)
+        edge = RANK_EDGE * sigma * (math.sqrt(g.shape[0]) + math.sqrt(g.shape[1]))
+        rank = int((s > edge).sum())
+        if max_rank is not None:
+            rank = min(rank, int(max_rank))
+        return RowSpace(vh[:rank].T.contiguous(), s, rank, edge, sigma)
     eps = torch.finfo(gradient.dtype).eps
     tolerance = float(s[0]) * max(g.shape) * eps if len(s) else 0.0
     rank = int((s > tolerance).sum())
@@ -150,6 +219,9 @@ def token_residuals(
     residuals (the candidates, the true tokens among them) are then
     recomputed directly from the inputs, as :meth:`RowSpace.residual` does,
     so the values that decide the attack carry no cancellation error.
+    Under a noise model (``space.noise > 0``) every residual is divided by
+    what the noise alone would leave that token were it true
+    (:meth:`RowSpace.noise_residual`): z-scores, about 1 for true tokens.
 
     Args:
         model: the victim.
@@ -166,11 +238,21 @@ def token_residuals(
     cls_id = tokens.tokenizer.cls_token_id
     anchor = layer0_inputs(model, 0, token_ids=[cls_id])[0] if shift_invariant else None
     residuals = _ClosedForm(model, space.basis, anchor).residuals(positions)
+    if space.noise > 0:
+        # ||(V / s)^T x|| / ||x|| for every token by the same closed form.
+        values = space.singular_values[: space.rank].to(space.basis.device, torch.float64)
+        spread = _ClosedForm(model, space.basis.double() / values, anchor).inside(positions)
+        free = max(space.basis.shape[0] - space.rank, 1)
+        residuals = residuals / (space.noise * math.sqrt(free) * spread).clamp_min(1e-300)
     residuals[:, ~tokens.allowed.to(residuals.device)] = float("inf")
     best = residuals.topk(min(refine, vocab), dim=1, largest=False).indices
     for row, position, ids in zip(residuals, positions, best):
         direct = layer0_inputs(model, position, token_ids=ids)
-        row[ids] = space.residual(direct if anchor is None else direct - anchor).to(row.device)
+        inputs = direct if anchor is None else direct - anchor
+        value = space.residual(inputs)
+        if space.noise > 0:
+            value = value / space.noise_residual(inputs).clamp_min(1e-300)
+        row[ids] = value.to(row.device)
     return residuals.cpu()
 
 
@@ -223,6 +305,17 @@ class _ClosedForm:
 
     def residuals(self, positions: Sequence[int]) -> torch.Tensor:
         """Relative residuals ``(P, V)`` of every token at each position."""
+        xx, inside = self._parts(positions)
+        residual = (xx - inside).clamp_min(0.0).sqrt() / xx.clamp_min(1e-30).sqrt()
+        return residual.T.contiguous()
+
+    def inside(self, positions: Sequence[int]) -> torch.Tensor:
+        """``||B^T x|| / ||x||`` ``(P, V)`` for the basis ``B`` given (any matrix, not only an orthonormal one)."""
+        xx, inside = self._parts(positions)
+        return (inside.clamp_min(0.0) / xx.clamp_min(1e-30)).sqrt().T.contiguous()
+
+    def _parts(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(||x||^2, ||B^T x||^2)``, each ``(V, P)``."""
         g2, gb = self.g2, self.gb
         q = self.shift[0][list(positions)] + self.shift[1]  # (P, d)
         cross = self.words @ torch.cat([q, g2 * q]).T  # (V, 2P): e.q and e.(gamma^2 q)
@@ -248,8 +341,7 @@ class _ClosedForm:
             xx = xx - 2 * xa + a.square().sum()
             ua = p_a[:, None] + w @ v_a - mu * (self.a_one @ v_a)
             inside = inside - 2 * (inv * ua + self.v_beta @ v_a) + v_a.square().sum()
-        residual = (xx - inside).clamp_min(0.0).sqrt() / xx.clamp_min(1e-30).sqrt()
-        return residual.T.contiguous()
+        return xx, inside
 
 
 def position_counts(lengths: Sequence[int]) -> list[int]:
@@ -316,8 +408,8 @@ def item_gradients(gradient: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
 
 
 def check_positions(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.Tensor, lengths: Sequence[int], *,
-                    shift_invariant: bool, threshold: float,
-                    capped: bool) -> tuple[RowSpace, torch.Tensor, list[list[int]]]:
+                    shift_invariant: bool, threshold: float, capped: bool,
+                    noise: float | str | None = None) -> tuple[RowSpace, torch.Tensor, list[list[int]]]:
     """The span check of a batch's interior positions: ``(space, residuals, candidate sets)``.
 
     Args:
@@ -327,8 +419,13 @@ def check_positions(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         lengths: the batch's token counts (bound the rank and the positions).
         shift_invariant: a key weight (one direction fewer per sentence; residuals of ``x - x_[CLS]``).
         threshold, capped: as for :func:`candidate_sets`.
+        noise: a noise model (:func:`row_space`): the rank is then read
+            against the noise, the residuals are z-scores
+            (:func:`token_residuals`) and ``threshold`` gives way to
+            :data:`INSIDE_Z`.
     """
     lengths = [int(n) for n in lengths]
-    space = row_space(gradient, max_rank=sum(lengths) - (len(lengths) if shift_invariant else 0))
+    space = row_space(gradient, max_rank=sum(lengths) - (len(lengths) if shift_invariant else 0), noise=noise)
     residuals = token_residuals(model, tokens, space, range(1, max(lengths) - 1), shift_invariant=shift_invariant)
+    threshold = INSIDE_Z if space.noise > 0 else threshold
     return space, residuals, candidate_sets(residuals, position_counts(lengths), threshold, capped=capped)

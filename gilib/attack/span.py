@@ -9,6 +9,7 @@ hands a batch to :func:`gilib.attack.peeling.peel`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Sequence
@@ -100,6 +101,8 @@ def span_attack(
     config: SpanConfig | None = None,
     *,
     weights: Sequence[torch.Tensor] | None = None,
+    clipped: bool = False,
+    noise: float | str | None = None,
 ) -> AttackResult:
     """Recover a batch from the gradient of a layer-0 query, key or value weight.
 
@@ -139,7 +142,21 @@ def span_attack(
             points at and searches each position's candidates against the
             message (:mod:`gilib.attack.completion`); batch
             size 1 only. ``diagnostics.outside`` is the stacked message's
-            share outside the found inputs' span.
+            share outside the found inputs' span. For DP-SGD's Gaussian
+            noise, ``DPSGD(...).entry_weights(update)``: every entry alike.
+        clipped: with ``weights``: the message is the gradient times an
+            unknown factor in ``[0, 1]``, as DP-SGD's per-example clipping
+            over every parameter leaves it; the search fits the factor for
+            each candidate sentence.
+        noise: for a batch seen through noise the protocol adds to every
+            entry alike: its per-entry standard deviation (SecAgg+'s
+            rounding, ``gilib.secure.SecAgg().noise_std(examples)``), or
+            ``"spectrum"`` to read it off the singular values past the
+            token count. The rank is then read against the noise, each
+            token's residual becomes a z-score against what the noise
+            alone would leave it (:data:`~gilib.attack.rowspace.INSIDE_Z`),
+            and the peel test's rank drop is judged against the noise floor.
+            ``None``: float32 round-off, the fixed thresholds.
 
     Returns:
         An :class:`~gilib.attack.AttackResult` with ``method="span"``, in
@@ -170,22 +187,29 @@ def span_attack(
             the weight has input dimensions (its row space can then hold
             every input), or ``weights`` do not fit the message (count,
             shapes, negative or non-finite values, none positive) or come
-            with a batch.
+            with a batch, or ``noise`` is neither ``"spectrum"`` nor a
+            positive number below the message's largest entry, or comes
+            with ``weights``.
     """
     start = time.perf_counter()
     cfg = SpanConfig() if config is None else config
     if not isinstance(cfg, SpanConfig):
         raise TypeError(f"config must be a SpanConfig (or None for the defaults), got a {type(cfg).__name__}.")
     update, name, gradient = _checked(model, update, selection)
+    noise = _checked_noise(noise, gradient, weights)
     if weights is not None:
-        return _noisy_attack(model, tokenizer, update, selection, cfg, _checked_weights(weights, update), start)
+        return _noisy_attack(model, tokenizer, update, selection, cfg, _checked_weights(weights, update), start,
+                             clipped=bool(clipped))
+    if clipped:
+        raise ValueError("clipped=True describes a noisy message: pass the protocol's entry weights with it "
+                         "(e.g. weights=DPSGD(...).entry_weights(update)).")
     shared_grads, labels, lengths = update
     batch = len(lengths)
     tokens = TokenSpace(model, tokenizer)
     # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
     space, residuals, sets = check_positions(model, tokens, gradient, lengths,
                                              shift_invariant=name.endswith("key.weight"), threshold=cfg.threshold,
-                                             capped=batch == 1)
+                                             capped=batch == 1, noise=noise)
     # How far the split between chosen and rejected tokens sits from the next token.
     widest = max((len(c) for c in sets), default=0)
     ordered = residuals.topk(min(widest + 1, residuals.shape[1]), dim=1, largest=False).values
@@ -199,7 +223,7 @@ def span_attack(
         verifier = verifier_weight(model, selection)
         deadline = None if cfg.time_budget is None else start + cfg.time_budget
         peeled = peel(model, tokenizer, selection.names, shared_grads, name, verifier, lengths, cfg,
-                      deadline=deadline)
+                      deadline=deadline, noise=noise)
         ids = peeled.ids
         guessed = [y if y is not None else (int(labels[i]) if labels is not None else 0)
                    for i, y in enumerate(peeled.labels)]
@@ -220,6 +244,28 @@ def span_attack(
         timings={"check": check_seconds, "assembly": seconds - check_seconds},
         diagnostics=diagnostics,
     )
+
+
+def _checked_noise(noise, gradient: torch.Tensor, weights) -> float | str | None:
+    """``noise`` as :func:`span_attack` takes it, or a clear error."""
+    if noise is None:
+        return None
+    if weights is not None:
+        raise ValueError("Give either weights (a message whose noise differs entry by entry) or noise (the same "
+                         "for every entry), not both.")
+    if isinstance(noise, str):
+        if noise != "spectrum":
+            raise ValueError(f'noise must be a number or "spectrum", got {noise!r}.')
+        return noise
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0:
+        raise ValueError(f"noise must be the message's per-entry noise standard deviation, a positive number, "
+                         f"got {noise!r}.")
+    largest = float(gradient.detach().abs().max())
+    if noise >= largest:
+        raise ValueError(f"The noise model does not fit the message: a noise of {noise:.3g} per entry is larger "
+                         f"than the message's largest entry ({largest:.3g}). Check the protocol's settings "
+                         f"(e.g. SecAgg's clipping_range and quantization_range).")
+    return float(noise)
 
 
 def _argmin_sentence(tokenizer, residuals: torch.Tensor) -> list[int]:
@@ -250,7 +296,7 @@ def _checked_weights(weights, update: SharedUpdate) -> list[torch.Tensor]:
 
 
 def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, cfg: SpanConfig,
-                  weights: list[torch.Tensor], start: float) -> AttackResult:
+                  weights: list[torch.Tensor], start: float, clipped: bool = False) -> AttackResult:
     """One sentence from a message seen through known noise (:mod:`gilib.attack.completion`)."""
     shared_grads, _, lengths = update
     (n,) = lengths
@@ -264,9 +310,10 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
                          "nothing is left for the span check.")
     tokens = TokenSpace(model, tokenizer)
     # The protocol's noise plus what no rank-n matrix explains (local steps' drift).
-    # A 0/1 mask (AdamW's) gives no noise scale: every row then counts alike.
-    # Weights of 1 / noise^2 (FedAvg's) already weigh each row by its noise.
-    mask = bool(((stacked_weights == 0) | (stacked_weights == 1)).all())
+    # A 0/1 mask (AdamW's, with entries left out) gives no noise scale:
+    # every row then counts alike. Weights of 1 / noise^2 (FedAvg's, DP's)
+    # already weigh each row by its noise.
+    mask = bool(((stacked_weights == 0) | (stacked_weights == 1)).all() and (stacked_weights == 0).any())
     stacked_weights = floored(stacked_weights, matrix, n)
     fit_weights = balanced(stacked_weights, matrix) if mask else stacked_weights
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
@@ -288,17 +335,17 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
         if ids == previous or (deadline is not None and time.perf_counter() > deadline):
             break
     found = polish(model, names, matrix, stacked_weights, ids, residuals, candidates=CANDIDATES[:1],
-                   deadline=deadline)
+                   deadline=deadline, clipped=clipped)
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
         again = refit(found.ids)
         second = polish(model, names, matrix, stacked_weights, _argmin_sentence(tokenizer, again), again,
-                        candidates=CANDIDATES[:1], deadline=deadline)
+                        candidates=CANDIDATES[:1], deadline=deadline, clipped=clipped)
         if second.distance < found.distance:
             found, residuals = second, again
     if not found.sharp:
         found = polish(model, names, matrix, stacked_weights, found.ids, residuals, candidates=CANDIDATES[1:],
-                       deadline=deadline)
+                       deadline=deadline, clipped=clipped)
     ids = found.ids
     outside = outside_share(matrix, sentence_inputs(model, ids))
     sets = [[t] for t in ids[1:-1]]

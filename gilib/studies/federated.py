@@ -551,6 +551,53 @@ def adamw_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), facts
 
 
+SECURE_BENCH = Path("data") / "bench" / "noisy_span_secagg.csv"
+"""Old check against the noise-model check on SecAgg+ means
+(``python bench/noisy_span.py --protocols secagg``)."""
+
+
+def secure_noise_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The span check on SecAgg+ means of N one-sentence clients, fixed thresholds against the noise model.
+
+    Returns:
+        ``(table, facts)``: per N, each check's exact share of sentences
+        [Wilson 95 %], the rounding noise's share of the mean's norm, each
+        check's median and largest seconds per batch, the batches and the
+        sentences; the facts give ``secagg_old_exact_<N>`` and
+        ``secagg_new_exact_<N>``, the lowest Wilson bounds
+        (``secagg_new_low_<N>``), the new check's largest seconds per batch
+        (``secagg_new_seconds_max_<N>``) and the batches that ran out of time.
+    """
+    frame = pd.read_csv(path)
+    frame = frame[frame["protocol"].str.startswith("SecAgg+")].copy()
+    frame["N"] = frame["protocol"].str.extract(r"(\d+) clients")[0].astype(int)
+    rows, facts = [], {}
+    for clients, part in frame.groupby("N"):
+        row = {"N clients": clients}
+        for check, name in (("old", "old check"), ("new", "noise-model check")):
+            lines = part[part["check"] == check]
+            share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
+            row[f"{name}: exact [95 %]"] = interval_text(share, low, high, 0, percent=True)
+            batches = lines.drop_duplicates(["set", "dataset"])
+            row[f"{name}: s / batch (median, max)"] = (f"{batches['seconds'].median():.0f}, "
+                                                        f"{batches['seconds'].max():.0f}")
+            facts.update({f"secagg_{check}_exact_{clients}": round(share, 4),
+                          f"secagg_{check}_low_{clients}": round(low, 4),
+                          f"secagg_{check}_seconds_max_{clients}": round(float(batches["seconds"].max()), 1),
+                          f"secagg_{check}_timed_out_{clients}": int(batches["timed_out"].sum())})
+        row.update({"rounding / mean": f"{part['surviving'].max():.0e}",
+                    "batches": int(part.drop_duplicates(["set", "dataset"]).shape[0]),
+                    "sentences": int(len(part) // 2)})
+        rows.append(row)
+    return pd.DataFrame(rows), facts
+
+
+def secure_noise_markdown(path: str | Path) -> str:
+    """:func:`secure_noise_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = secure_noise_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
 def adamw_markdown(path: str | Path) -> str:
     """:func:`adamw_summary`'s table as Markdown (the README repeats it)."""
     table, _ = adamw_summary(path)
@@ -701,6 +748,11 @@ STUDY = Study(
                         "(bench/noisy_span.py --protocols adamw), per learning rate and precision",
               lambda args: adamw_markdown(args.results),
               (option("results", type=Path, help="the bench's AdamW CSV (data/bench/noisy_span_adamw.csv)"),)),
+        Table("secagg", "SecAgg+ means of N one-sentence clients: the span check with fixed thresholds and "
+                         "with the protocol's rounding noise (bench/noisy_span.py --protocols secagg)",
+              lambda args: secure_noise_markdown(args.results),
+              (option("results", type=Path,
+                      help="the bench's SecAgg+ CSV (data/bench/noisy_span_secagg.csv)"),)),
         Table("lr", "the protocol part by client and learning rate, pooled over the local steps E",
               lambda args: lr_markdown(lr_table(args.results)),
               (option("results", type=Path, help="this study's results (data/results/ch6_federated.jsonl)"),)),

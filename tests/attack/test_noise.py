@@ -1,0 +1,94 @@
+"""The span check under a noise model: SecAgg+'s rounding and DP-SGD's Gaussian noise (issue 25)."""
+
+import math
+
+import pytest
+import torch
+
+from gilib.attack import span_attack
+from gilib.attack.rowspace import INSIDE_Z, row_space, spectrum_noise, token_residuals
+from gilib.attack.tokens import TokenSpace
+from gilib.client import DPSGD, client_update
+from gilib.data import load_split
+from gilib.models import encode
+from gilib.secure import SecAgg, secure_mean
+from gilib.selection import select
+
+QUERY = "bert.encoder.layer.0.attention.self.query.weight"
+
+
+@pytest.fixture(scope="module")
+def secure_round(minilm):
+    """The SecAgg+ mean of four one-sentence FedSGD clients sharing layer 0, on bundled sentences."""
+    model, tokenizer = minilm
+    selection = select(model, "layer", 0)
+    examples = load_split("sample")[:4]
+    batches = [encode(tokenizer, [e.text], [e.label]) for e in examples]
+    updates = [client_update(model, selection, b).shared for b in batches]
+    truths = [b["input_ids"][0].tolist() for b in batches]
+    # The server needs no labels: peeling finds them.
+    return selection, secure_mean(updates, SecAgg(), seed=4)._replace(labels=None), truths
+
+
+def test_the_noise_read_off_the_spectrum_is_the_protocols(secure_round):
+    selection, message, _ = secure_round
+    gradient = dict(zip(selection.names, message.shared_grads))[QUERY].double()
+    values = torch.linalg.svdvals(gradient)
+    estimate = spectrum_noise(values, gradient.shape, sum(message.lengths))
+    assert 0.8 < estimate / SecAgg().noise_std([1] * 4) < 1.2
+    with pytest.raises(ValueError, match="no singular value"):
+        spectrum_noise(values, gradient.shape, 384)
+
+
+def test_true_tokens_score_about_one_against_the_noise_model(minilm, secure_round):
+    model, tokenizer = minilm
+    selection, message, truths = secure_round
+    gradient = dict(zip(selection.names, message.shared_grads))[QUERY]
+    space = row_space(gradient, max_rank=sum(message.lengths), noise=SecAgg().noise_std([1] * 4))
+    assert space.noise > 0 and space.rank <= sum(message.lengths)
+    z = token_residuals(model, TokenSpace(model, tokenizer), space, range(1, max(message.lengths) - 1))
+    true_z = [float(z[p - 1, t[p]]) for t in truths for p in range(1, len(t) - 1)]
+    # z-scores: about 1 for a true token, whatever the noise's size.
+    assert max(true_z) < INSIDE_Z
+    assert 0.7 < sorted(true_z)[len(true_z) // 2] < 1.5
+
+
+def test_the_noise_model_check_rebuilds_a_secure_mean(minilm, secure_round):
+    model, tokenizer = minilm
+    selection, message, truths = secure_round
+    result = span_attack(model, tokenizer, message, selection, noise=SecAgg().noise_std([1] * 4))
+    assert sorted(result.token_ids) == sorted(truths)
+    assert all(result.diagnostics.found)
+    # Read off the spectrum instead of the protocol: the same sentences.
+    assert sorted(span_attack(model, tokenizer, message, selection, noise="spectrum").token_ids) == sorted(truths)
+
+
+def test_bad_noise_models_get_clear_errors(minilm, secure_round):
+    model, tokenizer = minilm
+    selection, message, _ = secure_round
+    for bad in (-1e-9, 0.0, float("nan"), "loud", True):
+        with pytest.raises(ValueError, match="noise must be"):
+            span_attack(model, tokenizer, message, selection, noise=bad)
+    with pytest.raises(ValueError, match="does not fit the message"):
+        span_attack(model, tokenizer, message, selection, noise=1.0)
+    weights = [torch.ones_like(g, dtype=torch.float64) for g in message.shared_grads]
+    with pytest.raises(ValueError, match="not both"):
+        span_attack(model, tokenizer, message, selection, noise=1e-9, weights=weights)
+    with pytest.raises(ValueError, match="clipped=True"):
+        span_attack(model, tokenizer, message, selection, clipped=True)
+
+
+def test_dp_entry_weights_are_one_over_the_noise_variance(minilm):
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    example = load_split("sample")[0]
+    update = client_update(model, selection, encode(tokenizer, [example.text], [example.label]),
+                           DPSGD(1e-4, 2.0)).shared
+    weights = DPSGD(1e-4, 2.0).entry_weights(update)
+    assert [tuple(w.shape) for w in weights] == [tuple(g.shape) for g in update.shared_grads]
+    assert math.isclose(float(weights[0][0, 0]), (1e-4 * 2.0) ** -2, rel_tol=1e-12)
+    assert DPSGD(1e-4, 2.0).noise_std(4) == pytest.approx(5e-5)
+    with pytest.raises(ValueError, match="no noise"):
+        DPSGD(0.0).entry_weights(update)
+    with pytest.raises(ValueError, match="batch_size"):
+        DPSGD(1e-4).noise_std(0)
