@@ -20,6 +20,7 @@ from gilib import federated
 from gilib.attack import span_attack
 from gilib.client import DPSGD, FedAvg, client_update
 from gilib.models import encode
+from gilib.secure import secure_mean
 from gilib.selection import select
 
 CLIENTS = [[("the cat sat on the mat", 1)], [("a dog barked at night", 0)],
@@ -114,6 +115,17 @@ def test_a_secure_round_shows_the_server_only_the_mean_the_gradient_of_all_sente
     for got, want in zip(reply.update.shared_grads, union.shared_grads):
         # SecAgg+ quantises to 2 / 2**30 of its clipping range.
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    # gilib.secure reproduces the round's arithmetic: the same noise, of the size SecAgg.noise_std says.
+    errors = torch.cat([(got.double() - want.double()).flatten()
+                        for got, want in zip(reply.update.shared_grads, union.shared_grads)])
+    alone = [client_update(model, selection, encode(tokenizer, [t], [y])).shared
+             for batch in clients for t, y in batch]
+    simulated = secure_mean(alone, federated.SecAgg(), seed=0)
+    simulated_errors = torch.cat([(got.double() - want.double()).flatten()
+                                  for got, want in zip(simulated.shared_grads, union.shared_grads)])
+    expected = federated.SecAgg().noise_std([1, 1, 1])
+    assert 0.8 < float(errors.std()) / expected < 1.25
+    assert 0.8 < float(simulated_errors.std()) / expected < 1.25
     result = span_attack(model, tokenizer, reply.update._replace(labels=None), selection)
     assert sorted(result.texts) == sorted(texts)
     assert _survivors(run.temp_dir) == []

@@ -29,6 +29,14 @@ inputs are not enumerable (deeper layers, the attention output, the FFN),
 when the batch holds as many tokens as the layer has input dimensions
 (the row space is then everything), and under DP noise, which fills the
 remaining directions.
+
+Noise the server knows (SecAgg+'s rounding, :mod:`gilib.secure`) or can read
+off the spectrum past the token count is judged rather than thresholded
+(:func:`row_space`'s ``noise``): the rank counts the directions above the
+noise's largest singular value, and a token's residual is divided by what
+the noise alone would leave it were it true (:meth:`RowSpace.noise_residual`,
+first-order perturbation of the singular vectors), a z-score near 1 for the
+true tokens whatever the noise's size.
 """
 
 from __future__ import annotations

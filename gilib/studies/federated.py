@@ -565,8 +565,11 @@ def secure_noise_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         check's median and largest seconds per batch, the batches and the
         sentences; the facts give ``secagg_old_exact_<N>`` and
         ``secagg_new_exact_<N>``, the lowest Wilson bounds
-        (``secagg_new_low_<N>``), the new check's largest seconds per batch
-        (``secagg_new_seconds_max_<N>``) and the batches that ran out of time.
+        (``secagg_new_low_<N>``), the largest seconds per batch
+        (``secagg_new_seconds_max_<N>``), the batches that ran out of time
+        (``secagg_new_timed_out_<N>``), the fewest tokens among them
+        (``secagg_new_slow_tokens_<N>``) and the most tokens of a batch that
+        finished (``secagg_new_done_tokens_<N>``).
     """
     frame = pd.read_csv(path)
     frame = frame[frame["protocol"].str.startswith("SecAgg+")].copy()
@@ -574,17 +577,22 @@ def secure_noise_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     rows, facts = [], {}
     for clients, part in frame.groupby("N"):
         row = {"N clients": clients}
-        for check, name in (("old", "old check"), ("new", "noise-model check")):
+        for check in ("old", "new"):
             lines = part[part["check"] == check]
             share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
-            row[f"{name}: exact [95 %]"] = interval_text(share, low, high, 0, percent=True)
+            row[f"{check}: exact [95 %]"] = interval_text(share, low, high, 0, percent=True)
             batches = lines.drop_duplicates(["set", "dataset"])
-            row[f"{name}: s / batch (median, max)"] = (f"{batches['seconds'].median():.0f}, "
-                                                        f"{batches['seconds'].max():.0f}")
+            row[f"{check}: s / batch (median, max)"] = (f"{batches['seconds'].median():.0f}, "
+                                                         f"{batches['seconds'].max():.0f}")
+            tokens = lines.groupby(["set", "dataset"])["tokens"].sum()
+            slow = batches[batches["timed_out"]].set_index(["set", "dataset"]).index
             facts.update({f"secagg_{check}_exact_{clients}": round(share, 4),
                           f"secagg_{check}_low_{clients}": round(low, 4),
                           f"secagg_{check}_seconds_max_{clients}": round(float(batches["seconds"].max()), 1),
-                          f"secagg_{check}_timed_out_{clients}": int(batches["timed_out"].sum())})
+                          f"secagg_{check}_timed_out_{clients}": int(batches["timed_out"].sum()),
+                          f"secagg_{check}_slow_tokens_{clients}": int(tokens[slow].min()) if len(slow) else 0,
+                          f"secagg_{check}_done_tokens_{clients}": int(tokens.drop(slow).max())
+                          if len(slow) < len(tokens) else 0})
         row.update({"rounding / mean": f"{part['surviving'].max():.0e}",
                     "batches": int(part.drop_duplicates(["set", "dataset"]).shape[0]),
                     "sentences": int(len(part) // 2)})

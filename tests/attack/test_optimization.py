@@ -99,8 +99,9 @@ def test_attack_sees_only_what_the_server_has():
     assert params == ["model", "tokenizer", "update", "selection", "config", "prior"]
     assert list(inspect.signature(attack_clients).parameters) == [
         "model", "tokenizer", "updates", "selection", "config", "prior", "engine"]
+    # weights, clipped, noise: the public protocol's noise model, never the client's truth.
     assert list(inspect.signature(span_attack).parameters) == ["model", "tokenizer", "update", "selection", "config",
-                                                                "weights"]  # weights: from the public protocol
+                                                                "weights", "clipped", "noise"]
     assert SharedUpdate._fields == ("shared_grads", "labels", "lengths")
 
 

@@ -191,3 +191,25 @@ def test_chapter6_one_adamw_step_gives_the_sentence_back_bfloat16_does_not():
         assert facts[f"adamw_new_exact_{lr}_float32"] >= 0.94 and facts[f"old_low_{lr}_float32"] == 0
     assert (lines[lines["check"] == "old"]["exact"] == False).all()  # noqa: E712
     assert facts["adamw_new_exact_5e-05_bfloat16"] == 0 and facts["adamw_resolved_5e-05_bfloat16"] < 0.001
+
+
+def test_chapter6_the_secure_mean_gives_way_to_a_check_judged_against_its_rounding():
+    # Chapter 6, the README and the conclusion: with SecAgg+'s rounding as the noise model the span check
+    # rebuilds every sentence behind 4 clients (the old check lost some), more than the old check behind 8,
+    # where its misses are the batches with the most tokens, out of their 5 minutes.
+    from gilib.studies import federated as federated_study
+    from tests.claims.cached import ROOT
+
+    table, facts = federated_study.secure_noise_summary(ROOT / federated_study.SECURE_BENCH)
+    assert list(table["N clients"]) == [2, 4, 8] and list(table["batches"]) == [6, 6, 6]
+    for clients in (2, 4, 8):
+        assert facts[f"secagg_new_exact_{clients}"] >= facts[f"secagg_old_exact_{clients}"]
+    assert facts["secagg_old_exact_4"] < 1 == facts["secagg_new_exact_4"]
+    assert facts["secagg_new_seconds_max_4"] < 60 and facts["secagg_new_timed_out_4"] == 0
+    # Behind 8: better than the old check beyond its interval, and every miss is a batch out of time
+    # holding more tokens than any batch that finished.
+    assert facts["secagg_new_low_8"] > facts["secagg_old_exact_8"]
+    lines = pd.read_csv(ROOT / federated_study.SECURE_BENCH)
+    new8 = lines[(lines["protocol"] == "SecAgg+ 8 clients") & (lines["check"] == "new")]
+    assert new8[~new8["exact"]]["timed_out"].all() and facts["secagg_new_timed_out_8"] == 2
+    assert facts["secagg_new_slow_tokens_8"] > facts["secagg_new_done_tokens_8"]
