@@ -8,7 +8,8 @@ The package behind the book, in three layers:
   client sends (:mod:`~gilib.client`, with DP-SGD in :mod:`~gilib.dp`),
   the attacks (:mod:`~gilib.attack`), the scores against the truth
   (:mod:`~gilib.metrics`), federated rounds in Flower
-  (:mod:`~gilib.federated`), and victims fine-tuned offline, cached
+  (:mod:`~gilib.federated`) and SecAgg+'s arithmetic without the network
+  (:mod:`~gilib.secure`), and victims fine-tuned offline, cached
   (:mod:`~gilib.finetune`);
 * **the studies** (:mod:`gilib.studies`): the measurement campaigns that
   write ``data/results/``, one runner, one command line;
