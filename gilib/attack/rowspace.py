@@ -118,8 +118,12 @@ class RowSpace:
         x = x.to(self.basis.dtype)
         values = self.singular_values[: self.rank].to(self.basis.dtype)
         spread = ((x @ self.basis) / values).norm(dim=-1)
-        free = max(self.basis.shape[0] - self.rank, 1)
-        return self.noise * math.sqrt(free) * spread / x.norm(dim=-1).clamp_min(1e-12)
+        return self.noise_scale * spread / x.norm(dim=-1).clamp_min(1e-12)
+
+    @property
+    def noise_scale(self) -> float:
+        """``sigma sqrt(d_in - r)``: :meth:`noise_residual` of an input with ``||S^-1 V^T x|| / ||x|| = 1``."""
+        return self.noise * math.sqrt(max(self.basis.shape[0] - self.rank, 1))
 
 
 def spectrum_noise(singular_values: torch.Tensor, shape: Sequence[int], rank: int) -> float:
@@ -250,8 +254,7 @@ def token_residuals(
         # ||(V / s)^T x|| / ||x|| for every token by the same closed form.
         values = space.singular_values[: space.rank].to(space.basis.device, torch.float64)
         spread = _ClosedForm(model, space.basis.double() / values, anchor).inside(positions)
-        free = max(space.basis.shape[0] - space.rank, 1)
-        residuals = residuals / (space.noise * math.sqrt(free) * spread).clamp_min(1e-300)
+        residuals = residuals / (space.noise_scale * spread).clamp_min(1e-300)
     residuals[:, ~tokens.allowed.to(residuals.device)] = float("inf")
     best = residuals.topk(min(refine, vocab), dim=1, largest=False).indices
     for row, position, ids in zip(residuals, positions, best):
