@@ -131,7 +131,7 @@ def secure_batches(clients: int) -> list[tuple[str, str, list]]:
     return chosen
 
 
-def measure_secure(clients: int, time_budget: float | None = None) -> list[dict]:
+def measure_secure(clients: int, time_budget: float | None = None, checks=("old", "new")) -> list[dict]:
     """Both checks on the SecAgg+ mean of ``clients`` one-sentence FedSGD clients, per batch."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "layer", 0)
@@ -148,6 +148,8 @@ def measure_secure(clients: int, time_budget: float | None = None) -> list[dict]
         message = message._replace(labels=None)
         config = SpanConfig(time_budget=time_budget)
         for check, extra in (("old", {}), ("new", {"noise": secagg.noise_std([1] * clients)})):
+            if check not in checks:
+                continue
             start = time.perf_counter()
             result = span_attack(model, tokenizer, message, selection, config, **extra)
             seconds = time.perf_counter() - start
@@ -200,6 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
                         help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
     parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
+    parser.add_argument("--checks", nargs="+", default=["old", "new"], choices=["old", "new"],
+                        help="SecAgg+: which checks to run")
     parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -210,7 +214,7 @@ def main(argv=None) -> None:
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
     for clients in args.clients if "secagg" in args.protocols else ():
-        rows += measure_secure(clients, args.time_budget)
+        rows += measure_secure(clients, args.time_budget, args.checks)
         print(table([r for r in rows if r["protocol"] == f"SecAgg+ {clients} clients"])
               .to_string(index=False, header=False), flush=True)
     if args.out:

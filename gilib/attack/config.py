@@ -206,12 +206,17 @@ class SpanConfig:
             returns its best partial result, with
             ``diagnostics.timed_out`` set: every study stays bounded,
             however hard the batch.
+        positions: where a large batch's candidate sets have become its
+            bag of words, narrow each position's set to the tokens the
+            gradient's position parts hold
+            (:func:`gilib.attack.positions.position_sets`); ``False`` runs
+            the searches on the whole bag (chapter 6's earlier check).
 
     Raises:
         ValueError: for a count that is not a whole number or is below its
-            minimum, a threshold that is not a finite number above 0, or a
+            minimum, a threshold that is not a finite number above 0, a
             time budget that is not ``None`` or a finite number of seconds
-            above 0.
+            above 0, or ``positions`` that is not a bool.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -221,9 +226,11 @@ class SpanConfig:
     beam: int = BEAM
     seed: int = 0
     time_budget: float | None = None
+    positions: bool = True
 
     def __post_init__(self) -> None:
         _real(self, "threshold", "greater than 0", lambda v: v > 0)
+        _switch(self, "positions")
         if self.time_budget is not None:
             _real(self, "time_budget", "of seconds above 0 (or None for no limit)", lambda v: v > 0)
             object.__setattr__(self, "time_budget", float(self.time_budget))

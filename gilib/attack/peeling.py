@@ -24,6 +24,7 @@ import torch
 
 from .checks import FOUND, ForwardCheck, OutputCheck, SentenceCheck, reads_of
 from .config import SpanConfig
+from .positions import bag_filled, position_sets
 from .rowspace import check_positions, row_space
 from .searches import beam_search, search_sentence, sweep
 from .tokens import TokenSpace
@@ -207,6 +208,10 @@ class _Peeler:
         _, layer0, candidates = check_positions(self.model, self.tokens, self.grads[self.weight], left,
                                                 shift_invariant=self.weight.endswith("key.weight"),
                                                 threshold=self.config.threshold, capped=False, noise=self.noise)
+        if self.config.positions and bag_filled(candidates, left):
+            # The sets are the bag of words: the gradient's position parts give the word order back.
+            candidates = position_sets(self.model, self.grads[self.weight], candidates, left,
+                                       (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id))
         if self.verifier is not None:
             space = row_space(self.grads[self.verifier], max_rank=tokens_left)
             check: SentenceCheck = ForwardCheck(self.model, space, reads_of(self.verifier))
