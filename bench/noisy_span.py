@@ -17,7 +17,8 @@ and the **surviving share**: for FedAvg the share of layer 0's query and
 value entries that moved at all, for AdamW the share whose one-step
 inversion the noise model trusts (``entry_weights`` of 1). AdamW messages are
 inverted first (:meth:`gilib.client.AdamW.gradient`); both attacks get the
-inverted gradient.
+inverted gradient. A message of several AdamW steps (``--adamw-steps 2 5``)
+has no elementwise inverse; the server inverts it as if it were one step.
 
 **SecAgg+** (``--protocols secagg``): N FedSGD clients of one sentence each
 (whole of layer 0), their mean as Flower's SecAgg+ unmasks it
@@ -37,7 +38,8 @@ from position 120. Nothing is asserted; the figures are for one machine.
 Usage::
 
     python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw secagg] [--local-steps 1 10]
-                               [--adamw-rates 2e-5 5e-5 1e-4] [--clients 2 4 8]
+                               [--adamw-rates 2e-5 5e-5 1e-4] [--adamw-steps 1 2 5] [--clients 2 4 8]
+                               [--checks old new]
                                [--time-budget 60] [--out data/bench/noisy_span.csv]
 
 Each attack stops after ``--time-budget`` seconds with its best partial
@@ -54,6 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -75,14 +78,14 @@ SECURE_HELD_OUT_OFFSET = 120
 CLIENTS = (2, 4, 8)
 
 
-def protocols(kinds, local_steps=(1, 10), adamw_rates=ADAMW_RATES) -> list:
+def protocols(kinds, local_steps=(1, 10), adamw_rates=ADAMW_RATES, adamw_steps=(1,)) -> list:
     """Every client protocol measured, in table order."""
     chosen = []
     if "fedavg" in kinds:
         chosen += [FedAvg(e, lr) for lr in LEARNING_RATES for e in local_steps]
     if "adamw" in kinds:
-        chosen += [AdamW(1, lr) for lr in adamw_rates]
-        chosen += [AdamW(1, 5e-5, precision="bfloat16")] if 5e-5 in adamw_rates else []
+        chosen += [AdamW(e, lr) for e in adamw_steps for lr in adamw_rates]
+        chosen += [AdamW(1, 5e-5, precision="bfloat16")] if 5e-5 in adamw_rates and 1 in adamw_steps else []
     return chosen
 
 
@@ -104,10 +107,13 @@ def measure(protocol, examples, time_budget: float | None = None) -> list[dict]:
         true_batch = encode(tokenizer, [example.text], [example.label])
         truth = true_batch["input_ids"][0, : int(true_batch["attention_mask"].sum())].tolist()
         message = client_update(model, selection, true_batch, protocol).shared
-        weights = protocol.entry_weights(message, model, selection)
+        # Several AdamW steps have no elementwise inverse: the server inverts
+        # the message as if it were one step (the steps' gradients differ little).
+        server = replace(protocol, local_steps=1) if isinstance(protocol, AdamW) else protocol
+        weights = server.entry_weights(message, model, selection)
         if isinstance(protocol, AdamW):
             surviving = statistics.fmean(float((weights[i] > 0).double().mean()) for i in kept)
-            message = protocol.gradient(message, model, selection)
+            message = server.gradient(message, model, selection)
         else:
             surviving = statistics.fmean(float((message.shared_grads[i] != 0).double().mean()) for i in kept)
         # The server needs no labels here; the truth reaches only the comparison below.
@@ -199,6 +205,8 @@ def main(argv=None) -> None:
                         help="SecAgg+ clients per round (one sentence each)")
     parser.add_argument("--adamw-rates", nargs="+", type=float, default=list(ADAMW_RATES),
                         help="AdamW learning rates (float32); bfloat16 runs at 5e-5 when 5e-5 is among them")
+    parser.add_argument("--adamw-steps", nargs="+", type=int, default=[1],
+                        help="AdamW's E values (several steps are inverted as if one)")
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
                         help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
     parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
@@ -209,7 +217,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     examples = sentences(args.held_out)
     rows = []
-    for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates):
+    for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates, args.adamw_steps):
         rows += measure(protocol, examples, args.time_budget)
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
@@ -222,7 +230,7 @@ def main(argv=None) -> None:
         pd.DataFrame(rows).to_csv(args.out, index=False)
         settings = {"command": "python bench/noisy_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "held_out": args.held_out, "held_out_offset": HELD_OUT_OFFSET, "protocols": args.protocols,
-                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates, "clients": args.clients,
+                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates, "adamw_steps": args.adamw_steps, "clients": args.clients,
                     "secure_held_out_offset": SECURE_HELD_OUT_OFFSET,
                     "time_budget": args.time_budget, "threads": 1,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,

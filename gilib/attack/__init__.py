@@ -23,7 +23,9 @@ entry point                 settings                 diagnostics
 The white-box pieces, for a reader who wants to see inside:
 :mod:`~gilib.attack.rowspace` (the row-space check, chapter 5 teaches from
 it), :mod:`~gilib.attack.checks`, :mod:`~gilib.attack.searches` and
-:mod:`~gilib.attack.peeling` (batches), :mod:`~gilib.attack.objectives`,
+:mod:`~gilib.attack.peeling` (batches), :mod:`~gilib.attack.positions`
+(a large batch's word order from the gradient's position parts),
+:mod:`~gilib.attack.objectives`,
 :mod:`~gilib.attack.engines` and :mod:`~gilib.attack.ghost` (the
 optimisation attack's loss and where it is computed).
 """

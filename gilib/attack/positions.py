@@ -115,12 +115,16 @@ def position_sets(model: torch.nn.Module, gradient: torch.Tensor, sets: Sequence
     if shares is None:
         return [list(s) for s in sets]
     special = {int(t) for t in specials}
-    spread = [bag[j] for j in (shares[:, 1:positions - 1].max(1).values < pinned).nonzero()[:, 0].tolist()]
+    interior = shares[:, 1:positions - 1]
+    spread = [bag[j] for j in (interior.max(1).values < pinned).nonzero()[:, 0].tolist()]
+    # Where the tokens pinned to a position already fill it (one per sentence reaching it), no repeated word is there.
+    owners = interior.argmax(1)[interior.max(1).values >= pinned] + 1
     narrowed = []
     for p, count in enumerate(position_counts(lengths), start=1):
         column = shares[:, p]
         keep = max(int((column > share).sum()), count)
         chosen = [bag[j] for j in column.argsort(descending=True)[:keep].tolist() if bag[j] not in special]
-        chosen += [t for t in spread if t not in chosen and t not in special]
+        if int((owners == p).sum()) < count:
+            chosen += [t for t in spread if t not in chosen and t not in special]
         narrowed.append(chosen or list(sets[p - 1]))
     return narrowed

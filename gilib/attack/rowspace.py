@@ -16,7 +16,9 @@ paper (Li et al., EMNLP 2024) only optimises.
 * Batch size B > 1: the check gives the set of tokens at each position but
   not which sentence each belongs to, and in a large batch not even which
   position (the sets become the batch's bag of words):
-  :mod:`gilib.attack.peeling` finds the sentences one at a time. With the
+  :mod:`gilib.attack.peeling` finds the sentences one at a time, and
+  :mod:`gilib.attack.positions` gives a bag-of-words batch its positions
+  back from the gradient's position parts. With the
   inputs known, ``G = Delta^T X`` also gives every token's output gradient
   (:func:`item_gradients`, chapter 5's derivation).
 

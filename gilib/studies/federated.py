@@ -32,6 +32,7 @@ never dataset text. Command line::
     python -m gilib.studies federated table data/results/ch6_federated.jsonl --part protocol
     python -m gilib.studies federated lr data/results/ch6_federated.jsonl   # pooled over E
     python -m gilib.studies federated noise data/bench/noisy_span.csv   # old check vs noise model (bench)
+    python -m gilib.studies federated mixed data/bench/mixed_batches.csv   # mixed batches of 16 (bench)
 
 A killed run resumes (:func:`gilib.studies.runner.run`).
 """
@@ -600,6 +601,45 @@ def secure_noise_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), facts
 
 
+MIXED_BENCH = Path("data") / "bench" / "mixed_batches.csv"
+"""The span check on FedSGD batches of 16 sentences mixed from the three datasets, whole bag against
+position split (``python bench/mixed_batches.py``)."""
+
+
+def mixed_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The span check on mixed FedSGD batches of 16, per check (``old``: the whole bag; ``new``: position split).
+
+    Returns:
+        ``(table, facts)``: per check, the sentences rebuilt exactly
+        [Wilson 95 %], the batches rebuilt whole, the median and largest
+        seconds per batch, the batches that ran out of time, the batches
+        and their token counts; the facts give ``mixed_<check>_exact``,
+        ``mixed_<check>_low``, ``mixed_<check>_seconds_max``,
+        ``mixed_<check>_timed_out`` and ``mixed_batches``.
+    """
+    frame = pd.read_csv(path)
+    rows, facts = [], {}
+    for check, part in frame.groupby("check", sort=False):
+        share, low, high = share_interval(int(part["exact"].sum()), int(part["sentences"].sum()))
+        rows.append({"check": {"old": "whole bag (old)", "new": "position split (new)"}.get(check, check),
+                     "sentences exact [95 %]": interval_text(share, low, high, 0, percent=True),
+                     "batches whole": f"{int((part['exact'] == part['sentences']).sum())} of {len(part)}",
+                     "s / batch (median, max)": f"{part['seconds'].median():.0f}, {part['seconds'].max():.0f}",
+                     "out of time": int(part["timed_out"].sum()),
+                     "tokens": f"{part['tokens'].min()}-{part['tokens'].max()}"})
+        facts.update({f"mixed_{check}_exact": round(share, 4), f"mixed_{check}_low": round(low, 4),
+                      f"mixed_{check}_seconds_max": round(float(part["seconds"].max()), 1),
+                      f"mixed_{check}_timed_out": int(part["timed_out"].sum())})
+    facts["mixed_batches"] = int(frame["batch"].nunique())
+    return pd.DataFrame(rows), facts
+
+
+def mixed_markdown(path: str | Path) -> str:
+    """:func:`mixed_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = mixed_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
 def secure_noise_markdown(path: str | Path) -> str:
     """:func:`secure_noise_summary`'s table as Markdown (the README repeats it)."""
     table, _ = secure_noise_summary(path)
@@ -761,6 +801,10 @@ STUDY = Study(
               lambda args: secure_noise_markdown(args.results),
               (option("results", type=Path,
                       help="the bench's SecAgg+ CSV (data/bench/noisy_span_secagg.csv)"),)),
+        Table("mixed", "FedSGD batches of 16 sentences mixed from the three datasets: the span check on the "
+                        "whole bag and with the position split (bench/mixed_batches.py)",
+              lambda args: mixed_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/mixed_batches.csv)"),)),
         Table("lr", "the protocol part by client and learning rate, pooled over the local steps E",
               lambda args: lr_markdown(lr_table(args.results)),
               (option("results", type=Path, help="this study's results (data/results/ch6_federated.jsonl)"),)),

@@ -166,7 +166,8 @@ def test_chapter6_a_server_that_models_the_rounding_gets_float32_messages_back()
     from tests.claims.cached import ROOT
 
     table, facts = federated_study.noise_check_summary(ROOT / federated_study.NOISE_BENCH)
-    assert len(table) == 6 and (table["messages"] == 18).all() and facts["noise_sentences"] == 18
+    assert len(table) == 12 and sorted(set(table["E"])) == [1, 2, 5, 10] and (table["messages"] == 18).all()
+    assert facts["noise_sentences"] == 18
     assert facts["old_exact_1e-04"] == 0 and facts["new_exact_1e-04"] >= 0.9 and facts["new_low_1e-04"] > 0.7
     assert facts["new_exact_1e-03"] == 1.0 and facts["old_exact_1e-03"] < 0.5
     assert facts["surviving_1e-05"] < 0.2 and 0 < facts["new_exact_1e-05"] < 0.5
