@@ -210,8 +210,10 @@ class _Peeler:
                                                 threshold=self.config.threshold, capped=False, noise=self.noise)
         if self.config.positions and bag_filled(candidates, left):
             # The sets are the bag of words: the gradient's position parts give the word order back.
+            # The repeated words join every set only once a round has found nothing without them.
             candidates = position_sets(self.model, self.grads[self.weight], candidates, left,
-                                       (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id))
+                                       (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id),
+                                       repeated=self.effort > 1)
         if self.verifier is not None:
             space = row_space(self.grads[self.verifier], max_rank=tokens_left)
             check: SentenceCheck = ForwardCheck(self.model, space, reads_of(self.verifier))

@@ -91,7 +91,7 @@ def bag_filled(sets: Sequence[Sequence[int]], lengths: Sequence[int]) -> bool:
 
 def position_sets(model: torch.nn.Module, gradient: torch.Tensor, sets: Sequence[Sequence[int]],
                   lengths: Sequence[int], specials: Sequence[int], *, share: float = POSITION_SHARE,
-                  pinned: float = PINNED) -> list[list[int]]:
+                  pinned: float = PINNED, repeated: bool = True) -> list[list[int]]:
     """The candidate sets narrowed to the tokens each position's part of the gradient holds.
 
     Args:
@@ -102,12 +102,17 @@ def position_sets(model: torch.nn.Module, gradient: torch.Tensor, sets: Sequence
         specials: ``[CLS]`` and ``[SEP]`` (in the bag, never a candidate).
         share: :data:`POSITION_SHARE`.
         pinned: :data:`PINNED`.
+        repeated: add the tokens pinned nowhere (repeated words) at every
+            position that the pinned tokens do not fill. Most of their
+            occurrences already have a share above ``share``; the rest are
+            what this adds, at the price of larger sets.
 
     Returns:
         For each interior position, the tokens with a share above ``share``
         there, by decreasing share (at least as many as sentences reach
-        it), then the tokens pinned nowhere; the sets unchanged where the
-        split is not unique.
+        it), then, with ``repeated``, the tokens pinned nowhere where the
+        pinned ones leave room; the sets unchanged where the split is not
+        unique.
     """
     positions = max(lengths)
     bag = sorted({int(t) for s in sets for t in s} | {int(t) for t in specials})
@@ -124,7 +129,7 @@ def position_sets(model: torch.nn.Module, gradient: torch.Tensor, sets: Sequence
         column = shares[:, p]
         keep = max(int((column > share).sum()), count)
         chosen = [bag[j] for j in column.argsort(descending=True)[:keep].tolist() if bag[j] not in special]
-        if int((owners == p).sum()) < count:
+        if repeated and int((owners == p).sum()) < count:
             chosen += [t for t in spread if t not in chosen and t not in special]
         narrowed.append(chosen or list(sets[p - 1]))
     return narrowed
