@@ -42,9 +42,9 @@ import torch
 
 from gilib.attack import SpanConfig, span_attack
 from gilib.client import client_update
-from gilib.metrics import interval_text, share_interval
 from gilib.models import cached_model, encode
 from gilib.selection import select
+from gilib.studies.federated import mixed_summary
 from gilib.studies.sample import sample
 
 MIX = (("cola", 6), ("sst2", 5), ("rotten_tomatoes", 5))
@@ -98,19 +98,6 @@ def measure(index: int, checks, time_budget: float, offset: int = OFFSET) -> lis
     return rows
 
 
-def table(rows: list[dict]) -> pd.DataFrame:
-    """Per check: sentences exact [Wilson 95 %], batches all exact, seconds per batch (median, max)."""
-    frame = pd.DataFrame(rows)
-    out = []
-    for check, part in frame.groupby("check", sort=False):
-        share, low, high = share_interval(int(part["exact"].sum()), int(part["sentences"].sum()))
-        out.append({"check": check, "sentences exact": interval_text(share, low, high, 0, percent=True),
-                    "batches all exact": f"{int((part['exact'] == part['sentences']).sum())} of {len(part)}",
-                    "s / batch (median, max)": f"{part['seconds'].median():.0f}, {part['seconds'].max():.0f}",
-                    "tokens": f"{part['tokens'].min()}-{part['tokens'].max()}"})
-    return pd.DataFrame(out)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=6)
@@ -132,7 +119,8 @@ def main(argv=None) -> None:
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                     "commit": commit.strip() or "unknown"}
         args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
-    print(table(rows).to_string(index=False))
+    if rows:
+        print(mixed_summary(pd.DataFrame(rows))[0].to_string(index=False))
 
 
 if __name__ == "__main__":

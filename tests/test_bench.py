@@ -126,3 +126,23 @@ def test_the_readme_repeats_the_stored_side_by_side_table():
     table = markdown_table(header, [[row[k] for k in header] for row in rows])
     assert table in (REPO / "README.md").read_text(), "update the README's side-by-side table from " \
         "data/bench/reference_comparison.csv"
+
+
+@pytest.mark.skipif(__import__("gilib.data", fromlist=["default_data_dir"]).default_data_dir() is None,
+                    reason="the benchmark sentences (../shared/data) are not on this machine")
+def test_the_mixed_batches_hold_sixteen_distinct_sentences_under_the_width(minilm):
+    # bench/mixed_batches.py: 6 CoLA, 5 SST-2, 5 Rotten Tomatoes per batch; SST-2 and Rotten Tomatoes
+    # share sentences (up to a trailing space), and a batch must not hold one twice.
+    sys.path.insert(0, str(REPO))
+    from bench.mixed_batches import WIDTH, batch
+    from gilib.models import encode
+
+    _, tokenizer = minilm
+    for index in range(6):
+        examples = batch(index)
+        texts = [" ".join(e.text.lower().split()) for e in examples]
+        assert len(examples) == 16 and len(set(texts)) == 16
+        assert [e.dataset for e in examples] == ["cola"] * 6 + ["sst2"] * 5 + ["rotten_tomatoes"] * 5
+        tokens = int(encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+                     ["attention_mask"].sum())
+        assert 250 < tokens < WIDTH

@@ -606,8 +606,11 @@ MIXED_BENCH = Path("data") / "bench" / "mixed_batches.csv"
 position split (``python bench/mixed_batches.py``)."""
 
 
-def mixed_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+def mixed_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """The span check on mixed FedSGD batches of 16, per check (``old``: the whole bag; ``new``: position split).
+
+    Args:
+        path: ``bench/mixed_batches.py``'s CSV (one line per batch and check), or its lines.
 
     Returns:
         ``(table, facts)``: per check, the sentences rebuilt exactly
@@ -617,7 +620,7 @@ def mixed_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         ``mixed_<check>_low``, ``mixed_<check>_seconds_max``,
         ``mixed_<check>_timed_out`` and ``mixed_batches``.
     """
-    frame = pd.read_csv(path)
+    frame = path if isinstance(path, pd.DataFrame) else pd.read_csv(path)
     rows, facts = [], {}
     for check, part in frame.groupby("check", sort=False):
         share, low, high = share_interval(int(part["exact"].sum()), int(part["sentences"].sum()))

@@ -75,3 +75,19 @@ def test_the_switch_must_be_a_bool():
     with pytest.raises(ValueError, match="positions must be True or False"):
         SpanConfig(positions="yes")
     assert SpanConfig(positions=False).positions is False
+
+
+@pytest.mark.slow
+def test_a_batch_whose_sets_are_its_bag_is_rebuilt_exactly_with_the_split(minilm):
+    from gilib.attack import span_attack
+
+    model, tokenizer = minilm
+    examples = load_split("sample")[:16]
+    true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+    selection = select(model, "layer", 0)
+    message = client_update(model, selection, true_batch).shared._replace(labels=None)
+    result = span_attack(model, tokenizer, message, selection, SpanConfig(time_budget=600))
+    lengths = true_batch["attention_mask"].sum(1).tolist()
+    truths = [true_batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+    assert sorted(result.token_ids) == sorted(truths) and all(result.diagnostics.found)
+    assert not result.diagnostics.timed_out
