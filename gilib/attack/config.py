@@ -209,8 +209,10 @@ class SpanConfig:
         positions: where a large batch's candidate sets have become its
             bag of words, narrow each position's set to the tokens the
             gradient's position parts hold
-            (:func:`gilib.attack.positions.position_sets`); ``False`` runs
-            the searches on the whole bag (chapter 6's earlier check).
+            (:func:`gilib.attack.positions.position_sets`), the repeated
+            words added after a fruitless round and the whole bag again at
+            ``max_effort``; ``False`` runs the searches on the whole bag
+            (chapter 6's earlier check).
 
     Raises:
         ValueError: for a count that is not a whole number or is below its

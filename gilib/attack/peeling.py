@@ -208,9 +208,11 @@ class _Peeler:
         _, layer0, candidates = check_positions(self.model, self.tokens, self.grads[self.weight], left,
                                                 shift_invariant=self.weight.endswith("key.weight"),
                                                 threshold=self.config.threshold, capped=False, noise=self.noise)
-        if self.config.positions and bag_filled(candidates, left):
+        last = self.effort == self.config.max_effort > 1
+        if self.config.positions and not last and bag_filled(candidates, left):
             # The sets are the bag of words: the gradient's position parts give the word order back.
-            # The repeated words join every set only once a round has found nothing without them.
+            # The repeated words join every set only once a round has found nothing without them,
+            # and at full effort the search has the whole bag again (a word the split missed).
             candidates = position_sets(self.model, self.grads[self.weight], candidates, left,
                                        (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id),
                                        repeated=self.effort > 1)
