@@ -6,8 +6,9 @@ segment embeddings, then LayerNorm with mean ``mu`` and spread ``sigma``),
 so every input is a combination of ``gamma * w_t`` (its token),
 ``gamma * p_p`` (its position), ``gamma * tau``, ``gamma`` and ``beta``. In
 a batch whose token count reaches its distinct tokens plus its positions
-plus three, the inputs fill that structure: every token of the batch at
-every position lies in the row space, and the span check's candidate sets
+plus three, the inputs (nearly) fill that structure: every token of the
+batch at every position lies in the row space, to within round-off (the
+structure's weakest directions), and the span check's candidate sets
 become the batch's bag of words (:mod:`gilib.attack.rowspace`), which
 leaves the sentence searches the whole bag at every position.
 
