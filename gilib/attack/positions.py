@@ -25,8 +25,9 @@ occurs once is therefore one column of ``A_w`` inside one column of
 ``A_p``: solving ``A_p = A_w C`` gives its row of ``C`` (its *shares*) 1 at
 its position and 0 elsewhere; every row of ``C`` sums to 1, and a token
 that repeats spreads its 1 over its positions. :func:`position_sets` keeps,
-at each position, the tokens with a share there and the tokens that
-spread (repeated words such as "the"). Our own derivation, written for
+at each position, the tokens with a share there and, on request, the
+tokens that spread (repeated words such as "the") where the pinned tokens
+leave room. Our own derivation, written for
 this book; DAGER (Petrov et al., NeurIPS 2024) and its encoder search stop
 at the bag of words.
 """
@@ -46,8 +47,9 @@ repeated tokens' own occurrences, which no column of ``A_w`` holds alone,
 leave the others' shares a few hundredths of noise."""
 PINNED = 0.9
 """A token whose share stays under this at every position is not pinned
-to one: it repeats in the batch (or its split is unclear), and every
-position keeps it."""
+to one: it repeats in the batch (or its split is unclear), and
+:func:`position_sets` (with ``repeated``) adds it wherever the pinned
+tokens leave room."""
 
 
 def position_shares(model: torch.nn.Module, gradient: torch.Tensor, bag: Sequence[int],
