@@ -20,6 +20,13 @@ inverted first (:meth:`gilib.client.AdamW.gradient`); both attacks get the
 inverted gradient. A message of several AdamW steps (``--adamw-steps 2 5``)
 has no elementwise inverse; the server inverts it as if it were one step.
 
+``--checks optimisation`` runs LAMP's optimisation attack (chapter 6's
+settings, :data:`gilib.studies.federated.ATTACK`) on the same messages,
+with ROUGE-1/2 per sentence; ``--protocols fedsgd`` adds the plain gradient
+as its reference. Every line has ``cosine_to_gradient``: the cosine between
+the server's reading of the message (inverted, for AdamW) and the client's
+gradient.
+
 **SecAgg+** (``--protocols secagg``): N FedSGD clients of one sentence each
 (whole of layer 0), their mean as Flower's SecAgg+ unmasks it
 (:func:`gilib.secure.secure_mean`: Flower's own quantisation, without the
@@ -37,9 +44,9 @@ from position 120. Nothing is asserted; the figures are for one machine.
 
 Usage::
 
-    python bench/noisy_span.py [--held-out 4] [--protocols fedavg adamw secagg] [--local-steps 1 10]
+    python bench/noisy_span.py [--held-out 4] [--protocols fedsgd fedavg adamw secagg] [--local-steps 1 10]
                                [--adamw-rates 2e-5 5e-5 1e-4] [--adamw-steps 1 2 5] [--clients 2 4 8]
-                               [--checks old new]
+                               [--checks old new optimisation]
                                [--time-budget 60] [--out data/bench/noisy_span.csv]
 
 Each attack stops after ``--time-budget`` seconds with its best partial
@@ -62,13 +69,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from gilib.attack import SpanConfig, span_attack
+from gilib.attack import SpanConfig, optimization_attack, span_attack
 from gilib.client import AdamW, FedAvg, client_update
-from gilib.metrics import interval_text, share_interval
+from gilib.metrics import interval_text, score_batch, share_interval
 from gilib.models import cached_model, encode
 from gilib.secure import SecAgg, secure_mean
 from gilib.selection import select
-from gilib.studies.federated import DATASETS, LEARNING_RATES, LOCAL_STEPS, SENTENCES
+from gilib.studies.federated import ATTACK, DATASETS, LEARNING_RATES, LOCAL_STEPS, SENTENCES
 from gilib.studies.sample import sample
 
 ADAMW_RATES = (2e-5, 5e-5, 1e-4)
@@ -79,8 +86,8 @@ CLIENTS = (2, 4, 8)
 
 
 def protocols(kinds, local_steps=(1, 10), adamw_rates=ADAMW_RATES, adamw_steps=(1,)) -> list:
-    """Every client protocol measured, in table order."""
-    chosen = []
+    """Every client protocol measured, in table order (``None``: FedSGD, the reference)."""
+    chosen = [None] if "fedsgd" in kinds else []
     if "fedavg" in kinds:
         chosen += [FedAvg(e, lr) for lr in LEARNING_RATES for e in local_steps]
     if "adamw" in kinds:
@@ -96,8 +103,8 @@ def sentences(held_out: int) -> list[tuple[str, str, object]]:
     return chosen
 
 
-def measure(protocol, examples, time_budget: float | None = None) -> list[dict]:
-    """Both checks on every sentence's message under ``protocol``."""
+def measure(protocol, examples, time_budget: float | None = None, checks=("old", "new")) -> list[dict]:
+    """The chosen checks on every sentence's message under ``protocol`` (``None``: FedSGD)."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "layer", 0)
     stem = "bert.encoder.layer.0.attention.self."
@@ -107,27 +114,47 @@ def measure(protocol, examples, time_budget: float | None = None) -> list[dict]:
         true_batch = encode(tokenizer, [example.text], [example.label])
         truth = true_batch["input_ids"][0, : int(true_batch["attention_mask"].sum())].tolist()
         message = client_update(model, selection, true_batch, protocol).shared
-        # Several AdamW steps have no elementwise inverse: the server inverts
-        # the message as if it were one step (the steps' gradients differ little).
-        server = replace(protocol, local_steps=1) if isinstance(protocol, AdamW) else protocol
-        weights = server.entry_weights(message, model, selection)
+        weights, surviving = None, 1.0
         if isinstance(protocol, AdamW):
+            # Several AdamW steps have no elementwise inverse: the server inverts
+            # the message as if it were one step (the steps' gradients differ little).
+            server = replace(protocol, local_steps=1)
+            weights = server.entry_weights(message, model, selection)
             surviving = statistics.fmean(float((weights[i] > 0).double().mean()) for i in kept)
             message = server.gradient(message, model, selection)
-        else:
+        elif protocol is not None:
+            weights = protocol.entry_weights(message, model, selection)
             surviving = statistics.fmean(float((message.shared_grads[i] != 0).double().mean()) for i in kept)
-        # The server needs no labels here; the truth reaches only the comparison below.
-        message = message._replace(labels=None)
+        # How far the server's reading of the message is from the client's gradient
+        # (the truth: only this measurement reads it).
+        cosine = _cosine(client_update(model, selection, true_batch).shared.shared_grads, message.shared_grads)
         config = SpanConfig(time_budget=time_budget)
-        for check, extra in (("old", {}), ("new", {"weights": weights})):
+        for check in checks:
+            if check == "new" and protocol is None:
+                continue  # FedSGD has no noise model: the old check is the check
             start = time.perf_counter()
-            result = span_attack(model, tokenizer, message, selection, config, **extra)
+            extra = {}
+            if check == "optimisation":
+                # LAMP's attack at chapter 6's settings; it reads the labels the client sent.
+                result = optimization_attack(model, tokenizer, message, selection, ATTACK)
+                (score,) = score_batch(result.texts, [example.text])
+                extra = {"rouge1": score["rouge1"], "rouge2": score["rouge2"]}
+            else:
+                # The span check needs no labels; the truth reaches only the comparison below.
+                result = span_attack(model, tokenizer, message._replace(labels=None), selection, config,
+                                     **({"weights": weights} if check == "new" else {}))
+                extra = {"timed_out": result.diagnostics.timed_out}
             rows.append({"protocol": _name(protocol), "set": group, "dataset": dataset, "row_id": example.row_id,
                          "check": check,
                          "exact": result.token_ids[0] == truth, "tokens": len(truth),
                          "seconds": time.perf_counter() - start, "surviving": surviving,
-                         "timed_out": result.diagnostics.timed_out})
+                         "cosine_to_gradient": cosine, **extra})
     return rows
+
+
+def _cosine(gradient, message) -> float:
+    flat = [torch.cat([t.double().reshape(-1) for t in tensors]) for tensors in (gradient, message)]
+    return float(torch.nn.functional.cosine_similarity(*flat, dim=0))
 
 
 def secure_batches(clients: int) -> list[tuple[str, str, list]]:
@@ -172,6 +199,8 @@ def measure_secure(clients: int, time_budget: float | None = None, checks=("old"
 
 
 def _name(protocol) -> str:
+    if protocol is None:
+        return "FedSGD"
     if isinstance(protocol, FedAvg):
         return f"FedAvg E={protocol.local_steps} lr={protocol.lr:.0e}"
     return f"AdamW E={protocol.local_steps} lr={protocol.lr:.0e} {protocol.precision}"
@@ -185,7 +214,8 @@ def table(rows: list[dict]) -> pd.DataFrame:
         share, low, high = share_interval(int(part["exact"].sum()), len(part))
         out.append({"protocol": name, "check": check, "exact": interval_text(share, low, high, 0, percent=True),
                     "sentences": len(part), "s / message": round(part["seconds"].mean(), 1),
-                    "s max": round(part["seconds"].max(), 1), "surviving": round(part["surviving"].mean(), 2)})
+                    "s max": round(part["seconds"].max(), 1), "surviving": round(part["surviving"].mean(), 2),
+                    "ROUGE-1": round(part["rouge1"].mean(), 2) if "rouge1" in part else None})
     return pd.DataFrame(out)
 
 
@@ -200,7 +230,8 @@ def _commit() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held-out", type=int, default=4, help="held-out sentences per dataset")
-    parser.add_argument("--protocols", nargs="+", default=["fedavg"], choices=["fedavg", "adamw", "secagg"])
+    parser.add_argument("--protocols", nargs="+", default=["fedavg"],
+                        choices=["fedsgd", "fedavg", "adamw", "secagg"])
     parser.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS),
                         help="SecAgg+ clients per round (one sentence each)")
     parser.add_argument("--adamw-rates", nargs="+", type=float, default=list(ADAMW_RATES),
@@ -210,19 +241,20 @@ def main(argv=None) -> None:
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
                         help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
     parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
-    parser.add_argument("--checks", nargs="+", default=["old", "new"], choices=["old", "new"],
-                        help="SecAgg+: which checks to run")
+    parser.add_argument("--checks", nargs="+", default=["old", "new"], choices=["old", "new", "optimisation"],
+                        help="which attacks to run: the span check old and new, LAMP's optimisation attack "
+                             "(not on SecAgg+ means)")
     parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     examples = sentences(args.held_out)
     rows = []
     for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates, args.adamw_steps):
-        rows += measure(protocol, examples, args.time_budget)
+        rows += measure(protocol, examples, args.time_budget, args.checks)
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
     for clients in args.clients if "secagg" in args.protocols else ():
-        rows += measure_secure(clients, args.time_budget, args.checks)
+        rows += measure_secure(clients, args.time_budget, [c for c in args.checks if c != "optimisation"])
         print(table([r for r in rows if r["protocol"] == f"SecAgg+ {clients} clients"])
               .to_string(index=False, header=False), flush=True)
     if args.out:
