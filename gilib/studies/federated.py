@@ -33,6 +33,7 @@ never dataset text. Command line::
     python -m gilib.studies federated lr data/results/ch6_federated.jsonl   # pooled over E
     python -m gilib.studies federated noise data/bench/noisy_span.csv   # old check vs noise model (bench)
     python -m gilib.studies federated mixed data/bench/mixed_batches.csv   # mixed batches of 16 (bench)
+    python -m gilib.studies federated adamw-optimisation data/bench/optimisation_adamw.csv   # (bench)
 
 A killed run resumes (:func:`gilib.studies.runner.run`).
 """
@@ -532,9 +533,12 @@ def adamw_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         exact share [Wilson 95 %], the share of layer 0's query and value
         entries the inversion resolves (``entries resolved``), the new
         check's seconds and the messages; the facts give
-        ``adamw_new_exact_<lr>_<precision>``, the lowest Wilson bounds
-        (``new_low_<lr>_<precision>``), the resolved shares and the attacks
-        that ran out of time.
+        ``adamw_new_exact_<lr>_<precision>[_E<E>]``, the lowest Wilson
+        bounds (``new_low_<lr>_<precision>``), the resolved shares, the
+        attacks that ran out of time and, for messages of several steps
+        (inverted as if one), both checks' exact share, their messages and
+        the largest median cosine between the server's reading and the
+        client's gradient (``adamw_several_...``).
     """
     frame = _bench_lines(path, "AdamW")
     frame["precision"] = frame["protocol"].str.split().str[-1]
@@ -549,7 +553,75 @@ def adamw_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         rows.append(row)
     facts.update({"adamw_timed_out": int(frame["timed_out"].sum()),
                   "adamw_sentences": int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])})
+    several = frame[frame["E"] > 1]
+    if len(several):
+        # Several steps, inverted as if one: how far the server's reading is from the gradient.
+        cosines = several.groupby("protocol")["cosine_to_gradient"].median()
+        facts.update({"adamw_several_exact": round(float(several["exact"].mean()), 4),
+                      "adamw_several_messages": int((several["check"] == "new").sum()),
+                      "adamw_several_cosine_max": round(float(cosines.max()), 2)})
     return pd.DataFrame(rows), facts
+
+
+ADAMW_OPTIMISATION_BENCH = Path("data") / "bench" / "optimisation_adamw.csv"
+"""LAMP's optimisation attack on FedSGD and AdamW messages, the same sentences
+(``python bench/noisy_span.py --protocols fedsgd adamw --adamw-steps 1 2 5 --checks optimisation``)."""
+
+
+def adamw_optimisation_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The optimisation attack on AdamW messages against the same attack on the plain gradient.
+
+    The server attacks its reading of each message: the one-step inversion
+    (:meth:`gilib.client.AdamW.gradient`, applied as if one step for
+    ``E > 1``). Each sentence is attacked once per protocol, so the
+    difference to FedSGD is paired by sentence.
+
+    Returns:
+        ``(table, facts)``: per protocol, ROUGE-1 and ROUGE-2 with their
+        95 % bootstrap intervals over sentences, ROUGE-1's paired difference
+        to FedSGD, the cosine between the server's reading and the client's
+        gradient (median) and the seconds; the facts give
+        ``opt_rouge1_fedsgd``, ``opt_rouge1_<lr>_<precision>[_E<E>]``, the
+        differences (``opt_diff_...``, ``opt_diff_low_...``,
+        ``opt_diff_high_...``), the cosines (``opt_cosine_...``) and the
+        sentences.
+    """
+    frame = pd.read_csv(path)
+    frame = frame[frame["check"] == "optimisation"]
+    reference = frame[frame["protocol"] == "FedSGD"].set_index(["dataset", "row_id"])["rouge1"]
+    rows, facts = [], {}
+    for name, part in frame.groupby("protocol", sort=False):
+        if name == "FedSGD":
+            key, row = "fedsgd", {"client": "FedSGD", "E": 0, "lr": "", "precision": ""}
+        else:
+            steps = int(name.split("E=")[1].split()[0])
+            lr, precision = name.split("lr=")[1].split()
+            key = f"{float(lr):.0e}_{precision}" + (f"_E{steps}" if steps != 1 else "")
+            row = {"client": "AdamW", "E": steps, "lr": f"{float(lr):.0e}", "precision": precision}
+        rouge1, rouge2 = mean_interval(part["rouge1"].tolist()), mean_interval(part["rouge2"].tolist())
+        row.update({"ROUGE-1 [95 %]": interval_text(*rouge1), "ROUGE-2 [95 %]": interval_text(*rouge2)})
+        facts[f"opt_rouge1_{key}"] = round(rouge1[0], 4)
+        if name != "FedSGD":
+            paired = part.set_index(["dataset", "row_id"])["rouge1"] - reference
+            diff = mean_interval(paired.dropna().tolist())
+            row["ROUGE-1 - FedSGD"] = interval_text(*diff, signed=True)
+            facts.update({f"opt_diff_{key}": round(diff[0], 4), f"opt_diff_low_{key}": round(diff[1], 4),
+                          f"opt_diff_high_{key}": round(diff[2], 4)})
+        else:
+            row["ROUGE-1 - FedSGD"] = ""
+        cosine = float(part["cosine_to_gradient"].median())
+        facts[f"opt_cosine_{key}"] = round(cosine, 4)
+        row.update({"cosine to gradient": round(cosine, 2), "s / sentence": round(float(part["seconds"].median())),
+                    "sentences": len(part)})
+        rows.append(row)
+    facts["opt_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
+    return pd.DataFrame(rows), facts
+
+
+def adamw_optimisation_markdown(path: str | Path) -> str:
+    """:func:`adamw_optimisation_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = adamw_optimisation_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
 
 
 SECURE_BENCH = Path("data") / "bench" / "noisy_span_secagg.csv"
@@ -799,6 +871,12 @@ STUDY = Study(
                         "(bench/noisy_span.py --protocols adamw), per learning rate and precision",
               lambda args: adamw_markdown(args.results),
               (option("results", type=Path, help="the bench's AdamW CSV (data/bench/noisy_span_adamw.csv)"),)),
+        Table("adamw-optimisation", "AdamW clients: LAMP's optimisation attack on the server's reading of the "
+                                    "message against the same attack on FedSGD (bench/noisy_span.py --checks "
+                                    "optimisation)",
+              lambda args: adamw_optimisation_markdown(args.results),
+              (option("results", type=Path,
+                      help="the bench's CSV (data/bench/optimisation_adamw.csv)"),)),
         Table("secagg", "SecAgg+ means of N one-sentence clients: the span check with fixed thresholds and "
                          "with the protocol's rounding noise (bench/noisy_span.py --protocols secagg)",
               lambda args: secure_noise_markdown(args.results),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gilib.attack import span_attack
-from gilib.attack.completion import (balanced, candidate_gradients, completed_space, outside_share, sentence_inputs,
+from gilib.attack.completion import (balanced, candidate_gradients, completed_space, outside_share, polish,
+                                     sentence_inputs,
                                      stacked_projections)
 from gilib.attack.peeling import sentence_gradients
 from gilib.client import AdamW, FedAvg, client_update, float32_spacing
@@ -167,3 +168,30 @@ def test_balanced_weights_give_every_row_one_vote():
         value = (out[row] * matrix[row].square()).sum() / weights[row].sum()
         assert math.isclose(float(value), 1.0, rel_tol=1e-12) and bool((out[row][~seen] == 0).all())
     assert float(out[2].abs().sum()) == 0.0
+
+
+def test_the_clipped_search_fits_the_factor_dp_clipping_applied(minilm):
+    # DP-SGD clips each example's gradient over every parameter: the server sees
+    # the layer's gradient times an unknown factor (here 0.2) plus noise.
+    model, _ = minilm
+    names = ["bert.encoder.layer.0.attention.self." + s for s in ("query.weight", "value.weight")]
+    generator = torch.Generator().manual_seed(1)
+    truth = torch.randint(1000, 20000, (9,), generator=generator)
+    truth[0], truth[-1] = 101, 102
+    gradient = candidate_gradients(model, names, truth[None], 1)[0]
+    message = 0.2 * gradient + 1e-4 * float(gradient.abs().mean()) * torch.randn(gradient.shape, generator=generator,
+                                                                                 dtype=gradient.dtype)
+    weights = torch.ones_like(message)
+    # The search starts one token off; each position's best few candidates hold the true token.
+    start = truth.tolist()
+    start[4] = 2000
+    residuals = torch.ones(7, model.config.vocab_size)
+    residuals[torch.arange(7), truth[1:-1]] = 0.0
+    residuals[3, 2000] = 0.0
+    clipped = polish(model, names, message, weights, start, residuals, candidates=(4,), clipped=True)
+    plain = polish(model, names, message, weights, start, residuals, candidates=(4,))
+    assert clipped.ids == truth.tolist()
+    # Fitted, the distance is the noise's (1e-8 of a mean entry squared); unfitted, the 80 % the factor removed.
+    scale = float(gradient.abs().mean()) ** 2
+    assert clipped.distance < 1e-6 * scale
+    assert plain.distance > 1e3 * clipped.distance

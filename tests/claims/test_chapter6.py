@@ -196,6 +196,19 @@ def test_chapter6_one_adamw_step_gives_the_sentence_back_bfloat16_does_not():
     assert facts["adamw_new_exact_5e-05_bfloat16"] == 0 and facts["adamw_resolved_5e-05_bfloat16"] < 0.001
 
 
+def test_chapter6_several_adamw_steps_read_as_one_give_nothing_back():
+    # README and chapter 6: E = 2 and 5 inverted as if one step, at every rate: a median cosine of at most
+    # 0.24 to the gradient, and neither check rebuilds any of the 36 messages.
+    from gilib.studies import federated as federated_study
+    from tests.claims.cached import ROOT
+
+    table, facts = federated_study.adamw_summary(ROOT / federated_study.ADAMW_BENCH)
+    several = table[table["E"] > 1]
+    assert sorted(set(several["E"])) == [2, 5] and len(several) == 6 and (several["messages"] == 6).all()
+    assert facts["adamw_several_messages"] == 36 and facts["adamw_several_exact"] == 0
+    assert facts["adamw_several_cosine_max"] == 0.24
+
+
 def test_chapter6_the_secure_mean_gives_way_to_a_check_judged_against_its_rounding():
     # Chapter 6, the README and the conclusion: with SecAgg+'s rounding as the noise model the span check
     # rebuilds every sentence behind 4 clients (the old check lost some), more than the old check behind 8,
