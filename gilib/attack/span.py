@@ -19,6 +19,7 @@ import torch
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
 from .config import SpanConfig
+from .likelihood import likely_sentence
 from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
@@ -156,6 +157,10 @@ def span_attack(
             token's residual becomes a z-score against what the noise
             alone would leave it (:data:`~gilib.attack.rowspace.INSIDE_Z`),
             and the peel test's rank drop is judged against the noise floor.
+            At batch size 1 (a query or value weight) the sentence is then
+            the most likely one under the noise, not each position's
+            smallest residual (:func:`gilib.attack.likelihood.likely_sentence`:
+            for DP-SGD, ``noise=DPSGD(...).noise_std(1)``).
             ``None``: float32 round-off, the fixed thresholds.
 
     Returns:
@@ -216,7 +221,11 @@ def span_attack(
     gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
     check_seconds = time.perf_counter() - start
     diagnostics = SpanDiagnostics(weight=name, verifier=None, rank=space.rank, min_gap=min(gaps), candidates=sets)
-    if batch == 1:
+    if batch == 1 and noise is not None and not name.endswith("key.weight"):
+        # Under noise the most likely sentence, not each position's best token alone.
+        ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0])])
+        final_loss = float(max((residuals[i, t] for i, t in enumerate(ids[0, 1:-1].tolist())), default=0.0))
+    elif batch == 1:
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
     else:

@@ -1,0 +1,109 @@
+"""The span check under DP-SGD's noise: each position's smallest residual against the most likely sentence.
+
+What it measures
+----------------
+Chapter 5's DP setting: one sentence per client, layer 0's query weight
+shared, DP-SGD with clipping norm ``C = 1`` (over every parameter) and noise
+multiplier ``sigma`` (:class:`gilib.client.DPSGD`, seeded by the sentence's
+row id, as ``gilib.studies.span``'s ``dp`` part). For each sentence and
+``sigma``, the share of interior positions rebuilt (token accuracy) and
+whether the whole sentence is, for
+
+* **old**: :func:`gilib.attack.span_attack` without a noise model: each
+  position's token of smallest residual (chapter 5's check);
+* **new**: the same with the message's noise
+  (``noise=DPSGD(...).noise_std(1)``): the most likely sentence under
+  Gaussian noise (:func:`gilib.attack.likelihood.likely_sentence`).
+
+Sentences: chapter 5's, the seeded sample's first four per dataset (those of
+``data/results/ch5_span.jsonl``). Nothing is asserted; the seconds are for
+one machine.
+
+Usage::
+
+    python bench/dp_span.py [--sigmas 1e-6 1e-5 3e-5 1e-4 3e-4 1e-3] [--sentences 4]
+                            [--out data/bench/dp_span.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from gilib.attack import span_attack
+from gilib.client import DPSGD, client_update
+from gilib.models import cached_model, encode
+from gilib.selection import select
+from gilib.studies.sample import sample
+from gilib.studies.span import DATASETS
+
+SIGMAS = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+
+
+def measure(sigmas, sentences: int) -> list[dict]:
+    """Both readings of every sentence's DP-SGD message at every ``sigma``."""
+    model, tokenizer = cached_model("minilm")
+    selection = select(model, "attention.query", 0)
+    rows = []
+    for dataset in DATASETS:
+        for (example,) in sample(dataset, sentences):
+            true_batch = encode(tokenizer, [example.text], [example.label])
+            n = int(true_batch["attention_mask"].sum())
+            truth = true_batch["input_ids"][0, :n].tolist()
+            for sigma in sigmas:
+                protocol = DPSGD(sigma, 1.0, seed=int(example.row_id))
+                # The server needs no labels; the truth reaches only the comparison below.
+                message = client_update(model, selection, true_batch, protocol).shared._replace(labels=None)
+                for check, extra in (("old", {}), ("new", {"noise": protocol.noise_std(1)})):
+                    start = time.perf_counter()
+                    got = span_attack(model, tokenizer, message, selection, **extra).token_ids[0]
+                    rows.append({"dataset": dataset, "row_id": example.row_id, "tokens": n, "sigma": sigma,
+                                 "check": check,
+                                 "token_accuracy": sum(a == b for a, b in zip(got[1:-1], truth[1:-1])) / (n - 2),
+                                 "exact": got == truth, "seconds": time.perf_counter() - start})
+                print(dataset, example.row_id, n, sigma,
+                      *(round(r["token_accuracy"], 2) for r in rows[-2:]), round(rows[-1]["seconds"], 1),
+                      flush=True)
+    return rows
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sigmas", nargs="+", type=float, default=list(SIGMAS), help="DP-SGD noise multipliers")
+    parser.add_argument("--sentences", type=int, default=4, help="sentences per dataset (chapter 5: 4)")
+    parser.add_argument("--out", type=Path, default=None, help="also write every line here (CSV)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = measure(args.sigmas, args.sentences)
+    frame = pd.DataFrame(rows)
+    print(frame.groupby(["sigma", "check"])[["token_accuracy", "exact", "seconds"]].mean().round(3).to_string())
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out, index=False)
+        settings = {"command": "python bench/dp_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "sigmas": args.sigmas, "sentences": args.sentences, "max_grad_norm": 1.0,
+                    "selection": "layer 0's query weight", "threads": 1,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+                    "commit": _commit()}
+        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

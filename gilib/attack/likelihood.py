@@ -1,0 +1,119 @@
+"""The most likely sentence behind a noisy layer-0 gradient: a matched-subspace search.
+
+DP-SGD sends a layer-0 query or value weight's gradient ``G = Delta X^T``
+plus Gaussian noise of the same size in every entry (``X``: ``(n, d)`` the
+sentence's layer-0 inputs, ``Delta`` unknown). For a hypothesised sentence
+the least-squares ``Delta`` leaves ``||G - G P_X||^2``, ``P_X`` the
+projection onto the span of its inputs, so the maximum-likelihood sentence
+is the one whose inputs' span captures the most of the gradient's energy,
+``tr(P_X G^T G)``: the matched subspace detector (Scharf and Friedlander,
+IEEE Trans. Signal Processing, 1994) over a finite set of subspaces.
+
+The span check asks of each token alone whether its input lies in the
+gradient's leading singular directions; under noise those directions tilt
+and the check fails token by token. Here a token counts by the energy its
+input adds to the others' span, ``r^T M r / r^T r`` with ``M = G^T G`` and
+``r`` the part of its input outside the others' span: noise adds the same
+energy ``s^2 d_out`` to every direction, so it cannot favour a wrong token,
+only blur the margins.
+
+The search (our own; the likelihood is standard): each position keeps its
+:data:`CANDIDATES` tokens of largest energy alone; a greedy pursuit
+(orthogonal matching pursuit, Pati, Rezaiifar and Krishnaprasad, 1993)
+then adds, one at a time, the position and token that add the most energy
+to what is chosen ([CLS] and [SEP] first), and coordinate ascent re-picks
+each position given all the others until none changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rowspace import layer0_inputs
+from .tokens import TokenSpace
+
+SWEEPS = 8
+"""Coordinate-ascent passes over the positions at most."""
+RECHECK = 16
+"""Each choice's best tokens, rescored in float64 (the search itself runs in float32)."""
+
+
+def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.Tensor, length: int, *,
+                    sweeps: int = SWEEPS) -> list[int]:
+    """The sentence of ``length`` tokens whose layer-0 inputs capture the most of ``gradient``'s energy.
+
+    Every allowed token competes at every position (a pre-selection by a
+    token's energy alone loses the true tokens: every input shares much of
+    its direction with the others). Each position's inputs times ``M``
+    are formed once (``(V, d)`` float32 per position); the pursuit then
+    extends each position's projections onto the chosen span by one
+    column per step.
+
+    Args:
+        model: the victim (a BERT).
+        tokens: its token space (which tokens may be output).
+        gradient: ``(d_out, d)`` a layer-0 query or value weight's noisy gradient.
+        length: the sentence's token count, ``[CLS]`` and ``[SEP]`` included.
+        sweeps: coordinate-ascent passes at most (:data:`SWEEPS`).
+
+    Returns:
+        The sentence's token ids, ``[CLS]`` and ``[SEP]`` included.
+    """
+    tokenizer = tokens.tokenizer
+    ends = {0: tokenizer.cls_token_id, length - 1: tokenizer.sep_token_id}
+    interior = list(range(1, length - 1))
+    if not interior:
+        return [ends[0], ends[length - 1]]
+    gram = gradient.detach().double()
+    gram = gram.T @ gram  # M = G^T G, (d, d)
+    gram32 = gram.float()
+    banned = ~tokens.allowed.to(gram.device)
+    inputs = {p: layer0_inputs(model, p).to(gram.device) for p in interior}  # (V, d) float32 each
+    weighted = {p: inputs[p] @ gram32 for p in interior}  # x M
+    own = {p: (weighted[p] * inputs[p]).sum(1) for p in interior}  # x M x
+    norms = {p: inputs[p].square().sum(1) for p in interior}
+
+    def gains(p: int, a: torch.Tensor, b: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """Energy each token adds at ``p`` to the span of ``basis`` ``(d, k)``; ``a = x Q``, ``b = x M Q``."""
+        inner = basis.T @ gram32 @ basis
+        added = (own[p] - 2 * (a * b).sum(1) + ((a @ inner) * a).sum(1)) \
+            / (norms[p] - a.square().sum(1)).clamp_min(1e-6 * float(norms[p].mean()))
+        return added.masked_fill(banned, -float("inf"))
+
+    def exact_best(p: int, scores: torch.Tensor, basis: torch.Tensor) -> tuple[float, int]:
+        """The best of the float32 leaders, rescored in float64."""
+        top = scores.topk(RECHECK).indices
+        x, q = inputs[p][top].double(), basis.double()
+        r = x - (x @ q) @ q.T
+        exact = ((r @ gram) * r).sum(1) / r.square().sum(1)
+        k = int(exact.argmax())
+        return float(exact[k]), int(top[k])
+
+    chosen = {p: layer0_inputs(model, p, token_ids=[t])[0].to(gram.device) for p, t in ends.items()}
+    basis = torch.linalg.qr(torch.stack(list(chosen.values())).T.double()).Q.float()
+    proj = {p: inputs[p] @ basis for p in interior}
+    proj_m = {p: weighted[p] @ basis for p in interior}
+    picks: dict[int, int] = {}
+    while len(picks) < len(interior):  # greedy pursuit: one (position, token) per step
+        _, t, p = max((*exact_best(q, gains(q, proj[q], proj_m[q], basis), basis), q)
+                      for q in interior if q not in picks)
+        picks[p], chosen[p] = t, inputs[p][t]
+        # One new orthonormal direction: every position's projections gain a column.
+        v = chosen[p].double() - (chosen[p].double() @ basis.double()) @ basis.double().T
+        v = (v / v.norm()).float()
+        basis = torch.cat([basis, v[:, None]], 1)
+        for q in interior:
+            if q not in picks:
+                proj[q] = torch.cat([proj[q], (inputs[q] @ v)[:, None]], 1)
+                proj_m[q] = torch.cat([proj_m[q], (weighted[q] @ v)[:, None]], 1)
+    for _ in range(sweeps):  # coordinate ascent: each position given all the others
+        changed = False
+        for p in interior:
+            others = torch.stack([v for q, v in chosen.items() if q != p]).T.double()
+            basis = torch.linalg.qr(others).Q.float()
+            _, t = exact_best(p, gains(p, inputs[p] @ basis, weighted[p] @ basis, basis), basis)
+            if t != picks[p]:
+                picks[p], chosen[p], changed = t, inputs[p][t], True
+        if not changed:
+            break
+    return [ends[0], *(picks[p] for p in interior), ends[length - 1]]
