@@ -27,6 +27,8 @@ each position given all the others until none changes.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .rowspace import layer0_inputs
@@ -39,7 +41,7 @@ RECHECK = 16
 
 
 def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.Tensor, length: int, *,
-                    sweeps: int = SWEEPS) -> list[int]:
+                    starts: Sequence[Sequence[int]] = (), sweeps: int = SWEEPS) -> list[int]:
     """The sentence of ``length`` tokens whose layer-0 inputs capture the most of ``gradient``'s energy.
 
     Every allowed token competes at every position (a pre-selection by a
@@ -54,6 +56,12 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         tokens: its token space (which tokens may be output).
         gradient: ``(d_out, d)`` a layer-0 query or value weight's noisy gradient.
         length: the sentence's token count, ``[CLS]`` and ``[SEP]`` included.
+        starts: other sentences to start the coordinate ascent from (e.g.
+            the span check's, each position's smallest residual); the
+            result is the most likely of the ascents from them and from
+            the pursuit. The pursuit can commit early to a token that
+            covers two true ones in part, a trap that one change at a time
+            does not leave.
         sweeps: coordinate-ascent passes at most (:data:`SWEEPS`).
 
     Returns:
@@ -89,6 +97,22 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         k = int(exact.argmax())
         return float(exact[k]), int(top[k])
 
+    def ascend(picks: dict, chosen: dict) -> tuple[float, dict]:
+        """Coordinate ascent, each position given all the others: ``(captured energy, picks)``."""
+        picks, chosen = dict(picks), dict(chosen)
+        for _ in range(sweeps):
+            changed = False
+            for p in interior:
+                others = torch.stack([v for q, v in chosen.items() if q != p]).T.double()
+                basis = torch.linalg.qr(others).Q.float()
+                _, t = exact_best(p, gains(p, inputs[p] @ basis, weighted[p] @ basis, basis), basis)
+                if t != picks[p]:
+                    picks[p], chosen[p], changed = t, inputs[p][t], True
+            if not changed:
+                break
+        span = torch.linalg.qr(torch.stack(list(chosen.values())).T.double()).Q
+        return float(torch.trace(span.T @ gram @ span)), picks
+
     chosen = {p: layer0_inputs(model, p, token_ids=[t])[0].to(gram.device) for p, t in ends.items()}
     basis = torch.linalg.qr(torch.stack(list(chosen.values())).T.double()).Q.float()
     proj = {p: inputs[p] @ basis for p in interior}
@@ -106,14 +130,13 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
             if q not in picks:
                 proj[q] = torch.cat([proj[q], (inputs[q] @ v)[:, None]], 1)
                 proj_m[q] = torch.cat([proj_m[q], (weighted[q] @ v)[:, None]], 1)
-    for _ in range(sweeps):  # coordinate ascent: each position given all the others
-        changed = False
-        for p in interior:
-            others = torch.stack([v for q, v in chosen.items() if q != p]).T.double()
-            basis = torch.linalg.qr(others).Q.float()
-            _, t = exact_best(p, gains(p, inputs[p] @ basis, weighted[p] @ basis, basis), basis)
-            if t != picks[p]:
-                picks[p], chosen[p], changed = t, inputs[p][t], True
-        if not changed:
-            break
+    ascents = [ascend(picks, chosen)]
+    for start in starts:
+        start = [int(t) for t in start]
+        if len(start) != length:
+            raise ValueError(f"A start has {len(start)} tokens; the sentence has {length}.")
+        begun = {p: start[p] for p in interior}
+        ascents.append(ascend(begun, {**{p: chosen[p] for p in ends},
+                                      **{p: inputs[p][t] for p, t in begun.items()}}))
+    _, picks = max(ascents, key=lambda a: a[0])
     return [ends[0], *(picks[p] for p in interior), ends[length - 1]]

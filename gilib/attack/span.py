@@ -222,8 +222,13 @@ def span_attack(
     check_seconds = time.perf_counter() - start
     diagnostics = SpanDiagnostics(weight=name, verifier=None, rank=space.rank, min_gap=min(gaps), candidates=sets)
     if batch == 1 and noise is not None and not name.endswith("key.weight"):
-        # Under noise the most likely sentence, not each position's best token alone.
-        ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0])])
+        # Under noise the most likely sentence, not each position's best token
+        # alone. Each position's best token, by the z-scores and by the plain
+        # residuals (the better of the two at small noise), starts the search.
+        _, _, plain = check_positions(model, tokens, gradient, lengths, shift_invariant=False,
+                                      threshold=cfg.threshold, capped=True)
+        starts = [[tokenizer.cls_token_id, *(s[0] for s in found), tokenizer.sep_token_id] for found in (sets, plain)]
+        ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0], starts=starts)])
         final_loss = float(max((residuals[i, t] for i, t in enumerate(ids[0, 1:-1].tolist())), default=0.0))
     elif batch == 1:
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])

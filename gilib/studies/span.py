@@ -565,6 +565,60 @@ def dp_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return table, facts
 
 
+DP_BENCH = Path("data") / "bench" / "dp_span.csv"
+"""Chapter 5's check against the most likely sentence under DP-SGD's noise (``python bench/dp_span.py``)."""
+
+
+def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Token accuracy under DP-SGD's noise: each position's smallest residual against the most likely sentence.
+
+    Args:
+        path: ``bench/dp_span.py``'s CSV (one line per sentence, sigma and check).
+
+    Returns:
+        ``(table, facts)``: per sigma, each check's mean token accuracy with
+        its 95 % bootstrap interval over sentences, the paired difference
+        (new - old), the sentences rebuilt exactly by the new check and its
+        median seconds; the facts give each check's accuracy per sigma
+        (``dpl_old_<sigma>``, ``dpl_new_<sigma>``, sigma written as
+        ``1e-05``), and for each check the largest sigma whose accuracy is
+        still at least one half and the smallest below it
+        (``dpl_<check>_above``, ``dpl_<check>_below``; ``None`` where no
+        sigma measured is).
+    """
+    frame = pd.read_csv(path)
+    rows, facts = [], {}
+    for sigma, part in frame.groupby("sigma"):
+        old = part[part["check"] == "old"].set_index(["dataset", "row_id"])["token_accuracy"]
+        new = part[part["check"] == "new"].set_index(["dataset", "row_id"])["token_accuracy"]
+        key = f"{sigma:.0e}"
+        row = {"sigma": key}
+        for check, values in (("old", old), ("new", new)):
+            mean = mean_interval(values.tolist())
+            row[{"old": "smallest residual", "new": "most likely sentence"}[check]] = interval_text(*mean)
+            facts[f"dpl_{check}_{key}"] = round(mean[0], 4)
+        row["difference"] = interval_text(*mean_interval((new - old).dropna().tolist()), signed=True)
+        exact = part[part["check"] == "new"]["exact"]
+        row.update({"exact (new)": f"{int(exact.sum())} of {len(exact)}",
+                    "s (new, median)": round(float(part[part["check"] == "new"]["seconds"].median()), 1)})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    sigmas = sorted(frame["sigma"].unique())
+    for check in ("old", "new"):
+        above = [s for s in sigmas if facts[f"dpl_{check}_{s:.0e}"] >= 0.5]
+        below = [s for s in sigmas if facts[f"dpl_{check}_{s:.0e}"] < 0.5]
+        facts[f"dpl_{check}_above"] = float(max(above)) if above else None
+        facts[f"dpl_{check}_below"] = float(min(below)) if below else None
+    facts["dpl_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
+    return table, facts
+
+
+def dp_likelihood_markdown(path: str | Path) -> str:
+    """:func:`dp_likelihood_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = dp_likelihood_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
 STUDY = Study(
     name="span",
     description="the span check of chapter 5: batch size 1, other weights, batches, DP noise",
@@ -586,6 +640,10 @@ STUDY = Study(
         Table("batches", "the batch study by method and batch size, as Markdown",
               lambda args: batch_markdown(batch_table(args.span)),
               (option("span", type=Path, help="this study's results (data/results/ch5_span.jsonl)"),)),
+        Table("dp-noise", "token accuracy under DP-SGD's noise: chapter 5's check against the most likely "
+                          "sentence (bench/dp_span.py's CSV)",
+              lambda args: dp_likelihood_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/dp_span.csv)"),)),
     ),
 )
 """Chapter 5's measurements as a study (``python -m gilib.studies span ...``)."""

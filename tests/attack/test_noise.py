@@ -92,3 +92,44 @@ def test_dp_entry_weights_are_one_over_the_noise_variance(minilm):
         DPSGD(0.0).entry_weights(update)
     with pytest.raises(ValueError, match="batch_size"):
         DPSGD(1e-4).noise_std(0)
+
+
+@pytest.fixture(scope="module")
+def dp_messages(minilm):
+    """Bundled sentences' DP-SGD messages (layer 0's query, C = 1) at sigma = 1e-5, where chapter 5's check fails."""
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    messages = []
+    for example in load_split("sample")[:3]:
+        true_batch = encode(tokenizer, [example.text], [example.label])
+        protocol = DPSGD(1e-5, 1.0, seed=int(example.row_id))
+        shared = client_update(model, selection, true_batch, protocol).shared._replace(labels=None)
+        messages.append((protocol, shared, true_batch["input_ids"][0].tolist()))
+    return selection, messages
+
+
+def _accuracy(got, truth) -> float:
+    return sum(a == b for a, b in zip(got[1:-1], truth[1:-1])) / (len(truth) - 2)
+
+
+def test_the_most_likely_sentence_survives_dp_noise_the_residual_check_does_not(minilm, dp_messages):
+    model, tokenizer = minilm
+    selection, messages = dp_messages
+    old = [_accuracy(span_attack(model, tokenizer, m, selection).token_ids[0], t) for _, m, t in messages]
+    new = [_accuracy(span_attack(model, tokenizer, m, selection, noise=p.noise_std(1)).token_ids[0], t)
+           for p, m, t in messages]
+    # Chapter 5's check keeps under 60 % of each sentence's tokens; the most likely sentence is the sentence.
+    assert max(old) < 0.6 and new == [1.0] * len(messages)
+
+
+def test_without_noise_the_most_likely_sentence_is_the_sentence(minilm):
+    from gilib.attack.likelihood import likely_sentence
+
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    example = load_split("sample")[0]
+    true_batch = encode(tokenizer, [example.text], [example.label])
+    (gradient,) = client_update(model, selection, true_batch).shared.shared_grads[:1]
+    truth = true_batch["input_ids"][0].tolist()
+    assert likely_sentence(model, TokenSpace(model, tokenizer), gradient, len(truth)) == truth
+    assert likely_sentence(model, TokenSpace(model, tokenizer), gradient, 2) == truth[:1] + truth[-1:]
