@@ -583,8 +583,10 @@ def adamw_optimisation_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         gradient (median) and the seconds; the facts give
         ``opt_rouge1_fedsgd``, ``opt_rouge1_<lr>_<precision>[_E<E>]``, the
         differences (``opt_diff_...``, ``opt_diff_low_...``,
-        ``opt_diff_high_...``), the cosines (``opt_cosine_...``) and the
-        sentences.
+        ``opt_diff_high_...``), the cosines (``opt_cosine_...``), the
+        sentences, and over every AdamW row the smallest and largest loss
+        (``opt_diff_least``, ``opt_diff_most``) and the highest upper bound
+        of a difference (``opt_diff_high_max``).
     """
     frame = pd.read_csv(path)
     frame = frame[frame["check"] == "optimisation"]
@@ -592,7 +594,7 @@ def adamw_optimisation_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     rows, facts = [], {}
     for name, part in frame.groupby("protocol", sort=False):
         if name == "FedSGD":
-            key, row = "fedsgd", {"client": "FedSGD", "E": 0, "lr": "", "precision": ""}
+            key, row = "fedsgd", {"client": "FedSGD", "E": "", "lr": "", "precision": ""}
         else:
             steps = int(name.split("E=")[1].split()[0])
             lr, precision = name.split("lr=")[1].split()
@@ -615,6 +617,11 @@ def adamw_optimisation_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                     "sentences": len(part)})
         rows.append(row)
     facts["opt_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
+    differences = {k: v for k, v in facts.items() if k.startswith("opt_diff_") and "_low_" not in k
+                   and "_high_" not in k}
+    if differences:
+        facts.update({"opt_diff_least": max(differences.values()), "opt_diff_most": min(differences.values()),
+                      "opt_diff_high_max": max(v for k, v in facts.items() if k.startswith("opt_diff_high_"))})
     return pd.DataFrame(rows), facts
 
 

@@ -250,3 +250,20 @@ def test_chapter6_sixteen_mixed_sentences_hide_neither_words_nor_mostly_their_or
         assert part[part["exact"] < part["sentences"]]["timed_out"].all()
     (_, old_low, old_high), (_, new_low, new_high) = bounds["old"], bounds["new"]
     assert old_low < new_high and new_low < old_high
+
+
+def test_chapter6_the_optimisation_attack_loses_on_every_adamw_message():
+    # README, chapter 6 and the conclusion: against FedSGD on the same 18 sentences, every AdamW row's paired
+    # ROUGE-1 difference lies below zero, from about -0.11 (bfloat16) to -0.46 (E = 5, lr 1e-4); the server's
+    # reading has a median cosine of 0.2-0.26 to the gradient at E = 1.
+    from gilib.studies import federated as federated_study
+    from tests.claims.cached import ROOT
+
+    table, facts = federated_study.adamw_optimisation_summary(ROOT / federated_study.ADAMW_OPTIMISATION_BENCH)
+    assert len(table) == 11 and (table["sentences"] == 18).all() and facts["opt_sentences"] == 18
+    assert facts["opt_diff_high_max"] < 0
+    assert round(facts["opt_diff_least"], 2) == -0.11 and round(facts["opt_diff_most"], 2) == -0.46
+    assert facts["opt_diff_least"] == facts["opt_diff_5e-05_bfloat16"]
+    assert facts["opt_diff_most"] == facts["opt_diff_1e-04_float32_E5"]
+    for lr in ("2e-05", "5e-05", "1e-04"):
+        assert 0.19 <= facts[f"opt_cosine_{lr}_float32"] <= 0.27
