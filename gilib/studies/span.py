@@ -584,7 +584,10 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         ``1e-05``), and for each check the largest sigma whose accuracy is
         still at least one half and the smallest below it
         (``dpl_<check>_above``, ``dpl_<check>_below``; ``None`` where no
-        sigma measured is).
+        sigma measured is), ``dpl_ratio``: the new check's first sigma
+        below one half over the old one's, and ``dpl_<check>_half``: the
+        sigma where the accuracy crosses one half, interpolated
+        log-linearly between those two (``dpl_half_ratio``: new over old).
     """
     frame = pd.read_csv(path)
     rows, facts = [], {}
@@ -610,6 +613,17 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         facts[f"dpl_{check}_above"] = float(max(above)) if above else None
         facts[f"dpl_{check}_below"] = float(min(below)) if below else None
     facts["dpl_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
+    if facts["dpl_old_below"] and facts["dpl_new_below"]:
+        facts["dpl_ratio"] = round(facts["dpl_new_below"] / facts["dpl_old_below"], 1)
+    for check in ("old", "new"):
+        low, high = facts[f"dpl_{check}_above"], facts[f"dpl_{check}_below"]
+        if low is not None and high is not None and low < high:
+            # Log-linear between the last sigma at or above one half and the next one measured.
+            a, b = facts[f"dpl_{check}_{low:.0e}"], facts[f"dpl_{check}_{high:.0e}"]
+            share = (a - 0.5) / (a - b)
+            facts[f"dpl_{check}_half"] = float(f"{low * (high / low) ** share:.1e}")
+    if "dpl_old_half" in facts and "dpl_new_half" in facts:
+        facts["dpl_half_ratio"] = round(facts["dpl_new_half"] / facts["dpl_old_half"], 1)
     return table, facts
 
 

@@ -7,13 +7,14 @@ numbers, and then the prose or the numbers need fixing, not the test.
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import yaml
 
 from gilib.attack.config import MAX_EFFORT
 from gilib.studies import sample, span as span_study
 
-from tests.claims.cached import RESULTS, DATASETS, cached, first_sentences, sentences, span_lines
+from tests.claims.cached import DATASETS, RESULTS, ROOT, cached, first_sentences, sentences, span_lines
 
 
 def test_chapter5_peeling_with_layer_1_meets_the_issues_targets_where_the_batch_fits():
@@ -198,3 +199,27 @@ def test_chapter5_dp_noise_breaks_the_check_interval_and_all():
     assert bounds[1e-6][1] < 1.0
     half = min(s for s, g in dp.groupby("noise_multiplier") if g["token_accuracy"].mean() < 0.5)
     assert all(high < 0.5 for s, (low, high) in bounds.items() if s >= half)
+
+
+def test_chapter5_the_most_likely_sentence_takes_about_eight_times_more_dp_noise_to_break():
+    # Chapter 5 and the README: token accuracy crosses one half near 4.1e-6 (old) and 3.2e-5 (new), 7.8 times
+    # more noise; first sigma below one half 1e-5 -> 1e-4; paired differences above zero up to 1e-4; at 3e-5 the
+    # interval straddles one half; at 1e-3 neither names a token.
+    from gilib.metrics import mean_interval
+    from gilib.studies import span as span_study
+
+    path = ROOT / span_study.DP_BENCH
+    table, facts = span_study.dp_likelihood_summary(path)
+    assert facts["dpl_sentences"] == 12 and len(table) == 6
+    assert (facts["dpl_old_half"], facts["dpl_new_half"], facts["dpl_half_ratio"]) == (4.1e-6, 3.2e-5, 7.8)
+    assert (facts["dpl_old_below"], facts["dpl_new_below"]) == (1e-5, 1e-4)
+    lines = pd.read_csv(path)
+    for sigma in (1e-6, 1e-5, 3e-5, 1e-4):
+        part = lines[lines["sigma"] == sigma]
+        new = part[part["check"] == "new"].set_index(["dataset", "row_id"])["token_accuracy"]
+        old = part[part["check"] == "old"].set_index(["dataset", "row_id"])["token_accuracy"]
+        assert mean_interval((new - old).tolist())[1] > 0
+    at = lines[(lines["sigma"] == 3e-5) & (lines["check"] == "new")]["token_accuracy"]
+    _, low, high = mean_interval(at.tolist())
+    assert low < 0.5 < high
+    assert facts["dpl_new_1e-03"] == facts["dpl_old_1e-03"] == 0
