@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 
 from gilib.attack import span_attack
 from gilib.client import DPSGD, client_update
+from gilib.data import git_commit
 from gilib.models import cached_model, encode
 from gilib.selection import select
 from gilib.studies.sample import sample
@@ -76,14 +76,6 @@ def measure(sigmas, sentences: int) -> list[dict]:
     return rows
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sigmas", nargs="+", type=float, default=list(SIGMAS), help="DP-SGD noise multipliers")
@@ -101,7 +93,7 @@ def main(argv=None) -> None:
                     "sigmas": args.sigmas, "sentences": args.sentences, "max_grad_norm": 1.0,
                     "selection": "layer 0's query weight", "threads": 1,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": _commit()}
+                    "commit": git_commit()}
         args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
 
 

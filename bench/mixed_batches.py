@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 
 from gilib.attack import SpanConfig, span_attack
 from gilib.client import client_update
+from gilib.data import git_commit
 from gilib.models import cached_model, encode
 from gilib.selection import select
 from gilib.studies.federated import mixed_summary
@@ -113,11 +113,10 @@ def main(argv=None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout
         settings = {"command": "python bench/mixed_batches.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "mix": dict(MIX), "offset": OFFSET, "time_budget": args.time_budget, "threads": 1,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": commit.strip() or "unknown"}
+                    "commit": git_commit()}
         args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
     if rows:
         print(mixed_summary(pd.DataFrame(rows))[0].to_string(index=False))

@@ -60,7 +60,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -71,6 +70,7 @@ import torch
 
 from gilib.attack import SpanConfig, optimization_attack, span_attack
 from gilib.client import AdamW, FedAvg, client_update
+from gilib.data import git_commit
 from gilib.metrics import interval_text, score_batch, share_interval
 from gilib.models import cached_model, encode
 from gilib.secure import SecAgg, secure_mean
@@ -219,14 +219,6 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held-out", type=int, default=4, help="held-out sentences per dataset")
@@ -266,7 +258,7 @@ def main(argv=None) -> None:
                     "secure_held_out_offset": SECURE_HELD_OUT_OFFSET,
                     "time_budget": args.time_budget, "threads": 1,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": _commit()}
+                    "commit": git_commit()}
         args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
     print(table(rows).to_string(index=False))
 

@@ -124,11 +124,11 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         # One new orthonormal direction: every position's projections gain a column.
         v = chosen[p].double() - (chosen[p].double() @ basis.double()) @ basis.double().T
         v = (v / v.norm()).float()
-        basis = torch.cat([basis, v[:, None]], 1)
+        basis, mv = torch.cat([basis, v[:, None]], 1), gram32 @ v
         for q in interior:
             if q not in picks:
                 proj[q] = torch.cat([proj[q], (inputs[q] @ v)[:, None]], 1)
-                proj_m[q] = torch.cat([proj_m[q], (inputs[q] @ (gram32 @ v))[:, None]], 1)
+                proj_m[q] = torch.cat([proj_m[q], (inputs[q] @ mv)[:, None]], 1)
     ascents = [ascend(picks, chosen)]
     for start in starts:
         start = [int(t) for t in start]

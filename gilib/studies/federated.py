@@ -500,6 +500,16 @@ def _bench_lines(path: str | Path, family: str) -> pd.DataFrame:
     return frame
 
 
+def _adamw_lines(path: str | Path) -> pd.DataFrame:
+    """:func:`_bench_lines` of the AdamW protocols, with their ``precision`` and the facts' ``key``
+    (``5e-05_float32``, ``_E2`` added for several steps)."""
+    frame = _bench_lines(path, "AdamW")
+    frame["precision"] = frame["protocol"].str.split().str[-1]
+    frame["key"] = [f"{lr:.0e}_{precision}" + (f"_E{steps}" if steps != 1 else "")
+                    for lr, precision, steps in zip(frame["lr"], frame["precision"], frame["E"])]
+    return frame
+
+
 def _checks_row(part: pd.DataFrame, facts: dict, key: str, surviving: str) -> dict:
     """One cell of the old-against-new table: each check's exact share [Wilson 95 %], the surviving
     share, the new check's seconds; each check's lowest Wilson bound goes into ``facts`` under ``key``."""
@@ -540,11 +550,9 @@ def adamw_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         the largest median cosine between the server's reading and the
         client's gradient (``adamw_several_...``).
     """
-    frame = _bench_lines(path, "AdamW")
-    frame["precision"] = frame["protocol"].str.split().str[-1]
+    frame = _adamw_lines(path)
     rows, facts = [], {}
-    for (precision, lr, steps), part in frame.groupby(["precision", "lr", "E"], sort=False):
-        key = f"{lr:.0e}_{precision}" + (f"_E{steps}" if steps != 1 else "")
+    for (precision, lr, steps, key), part in frame.groupby(["precision", "lr", "E", "key"], sort=False):
         row = {"lr": f"{lr:.0e}", "E": steps, "precision": precision}
         row.update(_checks_row(part, facts, key, "entries resolved"))
         new = part[part["check"] == "new"]
@@ -588,34 +596,32 @@ def adamw_optimisation_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         (``opt_diff_least``, ``opt_diff_most``) and the highest upper bound
         of a difference (``opt_diff_high_max``).
     """
-    frame = pd.read_csv(path)
-    frame = frame[frame["check"] == "optimisation"]
-    reference = frame[frame["protocol"] == "FedSGD"].set_index(["dataset", "row_id"])["rouge1"]
+    everything = pd.read_csv(path)
+    fedsgd = everything[(everything["protocol"] == "FedSGD") & (everything["check"] == "optimisation")]
+    adamw = _adamw_lines(path)
+    adamw = adamw[adamw["check"] == "optimisation"]
+    reference = fedsgd.set_index(["dataset", "row_id"])["rouge1"]
+    parts = [("fedsgd", {"client": "FedSGD", "E": "", "lr": "", "precision": ""}, fedsgd)]
+    parts += [(key, {"client": "AdamW", "E": steps, "lr": f"{lr:.0e}", "precision": precision}, part)
+              for (key, steps, lr, precision), part in adamw.groupby(["key", "E", "lr", "precision"], sort=False)]
     rows, facts = [], {}
-    for name, part in frame.groupby("protocol", sort=False):
-        if name == "FedSGD":
-            key, row = "fedsgd", {"client": "FedSGD", "E": "", "lr": "", "precision": ""}
-        else:
-            steps = int(name.split("E=")[1].split()[0])
-            lr, precision = name.split("lr=")[1].split()
-            key = f"{float(lr):.0e}_{precision}" + (f"_E{steps}" if steps != 1 else "")
-            row = {"client": "AdamW", "E": steps, "lr": f"{float(lr):.0e}", "precision": precision}
+    for key, row, part in parts:
         rouge1, rouge2 = mean_interval(part["rouge1"].tolist()), mean_interval(part["rouge2"].tolist())
         row.update({"ROUGE-1 [95 %]": interval_text(*rouge1), "ROUGE-2 [95 %]": interval_text(*rouge2)})
         facts[f"opt_rouge1_{key}"] = round(rouge1[0], 4)
-        if name != "FedSGD":
+        row["ROUGE-1 - FedSGD"] = ""
+        if key != "fedsgd":
             paired = part.set_index(["dataset", "row_id"])["rouge1"] - reference
             diff = mean_interval(paired.dropna().tolist())
             row["ROUGE-1 - FedSGD"] = interval_text(*diff, signed=True)
             facts.update({f"opt_diff_{key}": round(diff[0], 4), f"opt_diff_low_{key}": round(diff[1], 4),
                           f"opt_diff_high_{key}": round(diff[2], 4)})
-        else:
-            row["ROUGE-1 - FedSGD"] = ""
         cosine = float(part["cosine_to_gradient"].median())
         facts[f"opt_cosine_{key}"] = round(cosine, 4)
         row.update({"cosine to gradient": round(cosine, 2), "s / sentence": round(float(part["seconds"].median())),
                     "sentences": len(part)})
         rows.append(row)
+    frame = pd.concat([fedsgd, adamw])
     facts["opt_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
     differences = {k: v for k, v in facts.items() if k.startswith("opt_diff_") and "_low_" not in k
                    and "_high_" not in k}

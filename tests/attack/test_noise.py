@@ -133,3 +133,12 @@ def test_without_noise_the_most_likely_sentence_is_the_sentence(minilm):
     truth = true_batch["input_ids"][0].tolist()
     assert likely_sentence(model, TokenSpace(model, tokenizer), gradient, len(truth)) == truth
     assert likely_sentence(model, TokenSpace(model, tokenizer), gradient, 2) == truth[:1] + truth[-1:]
+
+
+def test_a_start_of_the_wrong_length_is_refused(minilm):
+    from gilib.attack.likelihood import likely_sentence
+
+    model, tokenizer = minilm
+    gradient = torch.ones(384, 384)
+    with pytest.raises(ValueError, match="A start has 2 tokens; the sentence has 5"):
+        likely_sentence(model, TokenSpace(model, tokenizer), gradient, 5, starts=[[101, 102]])
