@@ -105,7 +105,10 @@ class ForwardCheck:
             raise ValueError(f"reads must be one of {sorted(READS)}, got {self.reads!r}.")
         base = self.model.base_model
         self.embeddings, self.layer = base.embeddings, base.encoder.layer[0]
-        self.basis = self.space.basis.float().to(next(self.model.parameters()).device)
+        device = next(self.model.parameters()).device
+        self.basis = self.space.basis.float().to(device)
+        outside = _outside_map(self.space.basis.double())
+        self.outside = None if outside is None else outside.float().to(device)
 
     def _finish(self, attended: torch.Tensor) -> torch.Tensor:
         """Layer 0 from its attention block's output on, as far as :attr:`reads`."""
@@ -127,12 +130,16 @@ class ForwardCheck:
         return [getattr(attention, name)(vectors).view(shape) for name in projections]
 
     def _residual(self, vectors: torch.Tensor) -> torch.Tensor:
-        # In the activations' own float32: the projection adds float32
-        # round-off, far under FOUND, and the searches of large batches
+        # In the activations' own float32 (the projection adds float32
+        # round-off, far under FOUND), through the cheapest map of the
+        # residual (:func:`_outside_map`): the searches of large batches
         # spend most of their time here.
         vectors = vectors.float()
-        inside = (vectors @ self.basis) @ self.basis.T
-        return ((vectors - inside).norm(dim=-1) / vectors.norm(dim=-1).clamp_min(1e-30)).double()
+        if self.outside is None:
+            outside = (vectors - (vectors @ self.basis) @ self.basis.T).norm(dim=-1)
+        else:
+            outside = (vectors @ self.outside).norm(dim=-1)
+        return (outside / vectors.norm(dim=-1).clamp_min(1e-30)).double()
 
     def position_residuals(self, hypotheses: torch.Tensor) -> torch.Tensor:
         """``(K, n)`` ids to ``(K, n - 2)`` relative residuals of the interior positions' activations."""
@@ -189,26 +196,37 @@ class ForwardCheck:
         only ranks moves; :meth:`loss` decides them.
 
         Args:
-            hypothesis: ``(n,)`` token ids.
+            hypothesis: ``(n,)`` token ids, or ``(K, n)`` for several
+                hypotheses at once (the candidates' own projections are
+                then computed once for all of them).
             token_ids: ``(C,)`` candidate tokens.
             positions: ``(C,)`` the position each one would take.
+
+        Returns:
+            ``(C,)``, or ``(K, C)`` for ``(K, n)`` hypotheses.
         """
         device = self.basis.device
         size = self.layer.attention.self.attention_head_size
+        single = hypothesis.dim() == 1
+        hypotheses = hypothesis[None] if single else hypothesis
+        positions = positions.to(device)
         with torch.no_grad():
-            context_in = self.embeddings(input_ids=hypothesis[None].to(device))[0]  # (n, d)
-            x = self._inputs(token_ids.to(device), positions.to(device))  # (C, d)
-            c = len(x)
-            keys, values = self._heads(context_in, "key", "value")  # (n, heads, size)
+            context_in = self.embeddings(input_ids=hypotheses.to(device))  # (K, n, d)
+            x = self._inputs(token_ids.to(device), positions)  # (C, d)
+            k_, c = len(hypotheses), len(x)
+            keys, values = self._heads(context_in, "key", "value")  # (K, n, heads, size)
             query, own_key, own_value = self._heads(x, "query", "key", "value")  # (C, heads, size)
-            at = positions.to(device).view(c, 1, 1).expand(c, query.shape[1], 1)
-            scores = torch.einsum("chd,nhd->chn", query, keys) / math.sqrt(size)
-            scores = scores.scatter(2, at, ((query * own_key).sum(-1) / math.sqrt(size)).unsqueeze(-1))
-            weights = scores.softmax(-1)
-            mixed = torch.einsum("chn,nhd->chd", weights, values)
-            mixed = mixed + weights.gather(2, at) * (own_value - values[positions.to(device)])
-            out = self._finish(self.layer.attention.output(mixed.reshape(c, -1), x))
-        return self._residual(out).cpu()
+            heads = query.shape[1]
+            at = positions.view(1, c, 1, 1).expand(k_, c, heads, 1)
+            scores = torch.einsum("chd,knhd->kchn", query, keys) / math.sqrt(size)
+            own = ((query * own_key).sum(-1) / math.sqrt(size))[None, :, :, None].expand(k_, c, heads, 1)
+            weights = scores.scatter(3, at, own).softmax(-1)  # (K, C, heads, n)
+            mixed = torch.einsum("kchn,knhd->kchd", weights, values)
+            mixed = mixed + weights.gather(3, at) * (own_value[None] - values[:, positions])
+            x = x.expand(k_, c, -1).reshape(k_ * c, -1)
+            out = self._finish(self.layer.attention.output(mixed.reshape(k_ * c, -1), x))
+        residuals = self._residual(out).view(k_, c).cpu()
+        return residuals[0] if single else residuals
 
     def _inputs(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         emb = self.embeddings
@@ -272,3 +290,42 @@ def output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch
     finally:
         handle.remove()
     return delta.detach().cpu()
+
+
+SKETCH = 128
+"""Columns of the random sketch that measures a residual where the span is
+too wide for an exact projection to be cheap (:func:`_outside_map`)."""
+
+
+def _outside_map(basis: torch.Tensor) -> torch.Tensor | None:
+    """A ``(d, k)`` map whose output's norm is a vector's distance to the span of ``basis``, or ``None``.
+
+    The distance of ``v`` to the span of ``r`` orthonormal columns ``Q``
+    costs two ``(d, r)`` products as ``|v - Q Q^T v|``. Two cheaper maps:
+
+    * where ``d - r < 2 r`` (a large batch in a narrow layer), the span's
+      orthogonal complement ``C``: ``|C^T v|`` is the distance itself, in one
+      ``(d, d - r)`` product and without cancellation;
+    * where both are wider than ``2 k`` (``k`` = :data:`SKETCH`; the FFN's
+      1536 activations with hundreds of tokens), a seeded Gaussian sketch
+      of the complement, ``P = (I - Q Q^T) S / sqrt(k)``: ``|P^T v|`` is the
+      distance to within about ``1 / sqrt(k)`` (Johnson and Lindenstrauss,
+      1984), enough to rank hypotheses, and a true sentence still measures
+      its float32 floor, far under :data:`FOUND`.
+
+    Args:
+        basis: ``(d, r)`` orthonormal columns, in float64.
+
+    Returns:
+        ``(d, k)`` (``k`` the complement's width or :data:`SKETCH`), or
+        ``None`` where the exact projection is the cheapest.
+    """
+    width, rank = basis.shape
+    if width - rank < 2 * rank and width - rank <= 2 * SKETCH:
+        q, _ = torch.linalg.qr(basis, mode="complete")
+        return q[:, rank:]
+    if min(2 * rank, width - rank) <= 2 * SKETCH:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    sketch = torch.randn(width, SKETCH, generator=generator, dtype=basis.dtype) / math.sqrt(SKETCH)
+    return sketch - basis @ (basis.T @ sketch)

@@ -303,8 +303,8 @@ def sweep(
         if best_loss < found or (stop is not None and stop()):
             break
         options = torch.tensor(list(candidates[p - 1]))
-        cheap = torch.stack([r.sum() - r[p - 1] + check.local(h, options, torch.full_like(options, p))
-                             for h, r in zip(beams, residuals)])
+        cheap = (residuals.sum(-1) - residuals[:, p - 1])[:, None] \
+            + check.local(beams, options, torch.full_like(options, p))
         keep = cheap.flatten().topk(min(4 * width, cheap.numel()), largest=False).indices
         moved = beams[keep // len(options)].clone()
         moved[:, p] = options[keep % len(options)]

@@ -5,7 +5,7 @@ import torch
 
 from gilib.attack import SpanConfig, span_attack
 from gilib.attack.span import verifier_weight
-from gilib.attack.checks import ForwardCheck, reads_of
+from gilib.attack.checks import SKETCH, ForwardCheck, _outside_map, reads_of
 from gilib.attack.searches import _diverse, beam_search, enumerate_batch
 from gilib.attack.peeling import (
     PEELED,
@@ -75,6 +75,41 @@ def test_the_appended_score_is_the_prefix_residual_at_its_new_position(minilm):
     for i in range(2):
         extended = torch.cat([prefixes[i].expand(3, -1), options[:, None]], 1)
         torch.testing.assert_close(cheap[i], check.prefix_residuals(extended)[:, -1], rtol=1e-4, atol=1e-9)
+
+
+def test_the_local_score_of_several_hypotheses_is_each_ones_own(minilm):
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
+    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+                                         max_rank=sum(update.lengths)))
+    n = update.lengths[0]
+    hypotheses = true_batch["input_ids"][0, :n].repeat(3, 1)
+    hypotheses[1, 2], hypotheses[2, 3] = 2000, 3000
+    options, positions = torch.tensor([1996, 2000, 3000, 4000]), torch.full((4,), 4)
+    together = check.local(hypotheses, options, positions)
+    assert together.shape == (3, 4)
+    for h, row in zip(hypotheses, together):
+        torch.testing.assert_close(row, check.local(h, options, positions), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("width, rank, kind", [(1536, 300, "sketch"), (384, 320, "complement"), (1536, 40, "exact")])
+def test_each_residual_map_measures_the_distance_to_the_span(width, rank, kind):
+    generator = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(width, rank, generator=generator, dtype=torch.float64))[0]
+    outside = _outside_map(basis)
+    assert (outside is None) == (kind == "exact")
+    if outside is None:
+        return
+    assert outside.shape == (width, SKETCH if kind == "sketch" else width - rank)
+    inside = torch.randn(50, rank, generator=generator, dtype=torch.float64) @ basis.T
+    off = torch.randn(50, width, generator=generator, dtype=torch.float64)
+    vectors = inside + 0.01 * off
+    exact = (vectors - (vectors @ basis) @ basis.T).norm(dim=-1)
+    mapped = (vectors @ outside).norm(dim=-1)
+    # The complement is the distance itself; the sketch is within a few times 1 / sqrt(SKETCH).
+    tolerance = 1e-10 if kind == "complement" else 0.35
+    torch.testing.assert_close(mapped / exact, torch.ones(50, dtype=torch.float64), rtol=tolerance, atol=0.0)
+    assert float((inside @ outside).norm(dim=-1).max()) < 1e-9 * float(inside.norm(dim=-1).max())
 
 
 @pytest.mark.slow
