@@ -34,7 +34,7 @@ from .config import AttackConfig, SpanConfig
 from .optimization import attack_clients, optimization_attack
 from .priors import GPT2Prior, NgramPrior, Prior
 from .result import AttackResult, OptimizationDiagnostics, SpanDiagnostics
-from .span import span_attack
+from .span import adapter_span_attack, span_attack
 
 __all__ = [
     "AttackConfig",
@@ -45,6 +45,7 @@ __all__ = [
     "Prior",
     "SpanConfig",
     "SpanDiagnostics",
+    "adapter_span_attack",
     "attack_clients",
     "optimization_attack",
     "span_attack",
