@@ -146,7 +146,8 @@ def lora_victim(
     layer_ids = tuple(range(n_layers)) if layers is None else _layer_indices(layers, n_layers, "lora_victim")
     stem = f"{model.base_model_prefix}.encoder.layer."
     modules = dict(model.named_modules())
-    smallest = min(min(modules[f"{stem}{layer}.{LORA_MODULES[t]}"].weight.shape) for t in targets for layer in layer_ids)
+    smallest = min(min(modules[f"{stem}{layer}.{LORA_MODULES[t]}"].weight.shape)
+                   for t in targets for layer in layer_ids)
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= smallest:
         raise ValueError(f"r must be a whole number in 1..{smallest} (the smallest dimension of the adapted "
                          f"weights), got {r!r}.")

@@ -310,7 +310,8 @@ def _adapter_selection(model: torch.nn.Module, component: str, layers) -> Select
     parts = component.split(".")[1:]
     half = parts.pop() if parts and parts[-1] in ("A", "B") else None
     module = ".".join(parts) or None
-    wanted = {k: n for k, n in adapters.items() if (module is None or k[1] == module) and (half is None or k[2] == half)}
+    wanted = {k: n for k, n in adapters.items()
+              if (module is None or k[1] == module) and (half is None or k[2] == half)}
     carried = sorted({k[0] for k in wanted})
     if not wanted:
         present = sorted({k[1] for k in adapters})

@@ -164,8 +164,9 @@ def b_check(model: torch.nn.Module, tokenizer, shared_grads: Sequence[torch.Tens
     if not names:
         raise ValueError(f"{selection.label} holds no layer-0 {module or 'query, key or value'} LoRA B weight: "
                          f"select e.g. select(model, 'lora.query.B', 0).")
-    if isinstance(length, bool) or not isinstance(length, int) or not 3 <= length <= model.config.max_position_embeddings:
-        raise ValueError(f"length must be the sentence's token count, 3..{model.config.max_position_embeddings}, "
+    most = model.config.max_position_embeddings
+    if isinstance(length, bool) or not isinstance(length, int) or not 3 <= length <= most:
+        raise ValueError(f"length must be the sentence's token count, 3..{most}, "
                          f"got {length!r}.")
     name = names[0]
     gradient = dict(zip(selection.names, shared_grads))[name]
