@@ -18,7 +18,10 @@ entry point                 settings                 diagnostics
   several clients at once; a language-model prior (:class:`NgramPrior`,
   :class:`GPT2Prior`) can steer its reordering rounds.
 * :func:`span_attack`: exact recovery from a layer-0 query, key or value
-  weight gradient (the row-space check), peeling for batches.
+  weight gradient (the row-space check), peeling for batches; on a LoRA
+  victim from its stacked layer-0 ``A`` adapter gradients, and
+  :func:`adapter_span_attack` from several rounds' (the rank rule,
+  :mod:`~gilib.attack.adapters`).
 
 The white-box pieces, for a reader who wants to see inside:
 :mod:`~gilib.attack.rowspace` (the row-space check, chapter 5 teaches from

@@ -1,10 +1,13 @@
-"""The exact attack: the span check at batch size 1, peeling for batches.
+"""The exact attack: the span check at batch size 1, peeling for batches, and on LoRA adapters.
 
 :func:`span_attack` is the entry point of the optimisation-free attack of
 chapter 5. It checks the server's message, runs the row-space check of
 :mod:`gilib.attack.rowspace` on a layer-0 query, key or value weight (DAGER,
 Petrov et al., NeurIPS 2024), reads a single sentence off directly and
-hands a batch to :func:`gilib.attack.peeling.peel`.
+hands a batch to :func:`gilib.attack.peeling.peel`. On a LoRA victim it
+checks the stacked layer-0 ``A`` adapter gradients instead
+(:mod:`gilib.attack.adapters`), and :func:`adapter_span_attack` stacks
+several rounds' messages of one sentence.
 """
 
 from __future__ import annotations
@@ -150,7 +153,12 @@ def span_attack(
             threat model. The labels are not used: peeling finds each
             sentence's label (``diagnostics.labels``).
         selection: must contain layer 0's query, key or value weight (the
-            first one is used); add layer 1's query or value weight (e.g.
+            first one is used), or, on a LoRA victim (:mod:`gilib.lora`),
+            layer 0's query, key or value ``A`` adapters (``select(model,
+            "lora.A", 0)``, ``"lora", 0``), whose gradients are stacked
+            (:mod:`gilib.attack.adapters`; batch size 1, no ``weights`` or
+            ``noise``; exact when the stacked rank reaches the token count,
+            ``diagnostics.rank``); add layer 1's query or value weight (e.g.
             ``select(model, "attention.query", [0, 1])``) or share all of
             layer 0 (``select(model, "layer", 0)``) for the faster, sharper
             check of batches.
@@ -249,10 +257,11 @@ def adapter_span_attack(
     position's best token within what the stacked subspace lets through.
 
     Args:
-        model: the LoRA victim as the server holds it. Every round's
-            message must have been computed at these weights: the check
-            needs only the rows' span, not ``B`` itself, so rounds at other
-            global weights may be stacked too.
+        model: the LoRA victim as the server holds it. The rounds'
+            messages may come from different global weights (``B`` moves
+            from round to round, which is what lifts the stacked rank): the
+            check reads only the rows' span, which every round shares, and
+            the embeddings, which a LoRA client never trains.
         tokenizer: its tokenizer.
         updates: one :class:`~gilib.update.SharedUpdate` per round, each of
             ``selection`` and of the same single sentence (same length).

@@ -133,3 +133,18 @@ def test_adapter_messages_are_refused_where_the_check_cannot_read_them(minilm, v
     with pytest.raises(ValueError, match="lengths differ"):
         other = client_update(victim, selection, encode(tokenizer, ["a dog ran"], [0])).shared
         adapter_span_attack(victim, tokenizer, [shared, other], selection)
+
+
+def test_at_the_boundary_a_rank_equal_to_the_token_count_is_enough_for_a_but_not_for_b(minilm, victims):
+    """8 tokens, one rank-8 query adapter: A's rows span all 8 inputs (exact); B's fill R^8 (nothing pinned)."""
+    model, tokenizer = minilm
+    true_batch = encode(tokenizer, ["the cat sat on a mat"], [1])
+    truth = true_batch["input_ids"][0].tolist()
+    assert len(truth) == 8
+    victim = victims[(8, ("query",))]
+    selection = select(victim, "lora.query", 0)
+    shared = client_update(victim, selection, true_batch).shared
+    result = span_attack(victim, tokenizer, shared._replace(labels=None), selection)
+    assert result.diagnostics.rank == 8 and result.token_ids[0] == truth
+    check = b_check(victim, tokenizer, shared.shared_grads, selection, len(truth))
+    assert check.rank == check.r == 8 and min(check.passing) > 29000
