@@ -9,8 +9,9 @@ The package behind the book, in three layers:
   the attacks (:mod:`~gilib.attack`), the scores against the truth
   (:mod:`~gilib.metrics`), federated rounds in Flower
   (:mod:`~gilib.federated`) and SecAgg+'s arithmetic without the network
-  (:mod:`~gilib.secure`), and victims fine-tuned offline, cached
-  (:mod:`~gilib.finetune`);
+  (:mod:`~gilib.secure`), victims fine-tuned offline, cached
+  (:mod:`~gilib.finetune`), and LoRA victims whose clients share only
+  their adapters (:mod:`~gilib.lora`);
 * **the studies** (:mod:`gilib.studies`): the measurement campaigns that
   write ``data/results/``, one runner, one command line;
 * **the book's tooling** (:mod:`gilib.book`): what a chapter imports, the
@@ -45,6 +46,7 @@ _FLOW = {
     "encode": "models",
     "load_split": "data",
     "sample_batches": "data",
+    "lora_victim": "lora",
     "select": "selection",
     "SharedUpdate": "update",
     "client_update": "client",

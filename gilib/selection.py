@@ -25,6 +25,30 @@ name                          parameters of ``encoder.layer.L``
 
 and two that take no layer: ``encoder`` (every encoder layer) and ``full``.
 
+LoRA adapters (Hu et al., ICLR 2022; a victim from :func:`gilib.lora.lora_victim`)
+have a family of their own, each for one layer, a list, ``"all"`` or
+``None`` (every layer that carries that adapter):
+
+============================  ==============================================
+name                          parameters of ``encoder.layer.L``
+============================  ==============================================
+``lora``                      every adapter's ``A`` and ``B``
+``lora.A`` / ``lora.B``       every adapter's ``A`` (``r x d_in``) or ``B``
+                              (``d_out x r``)
+``lora.M``                    module ``M``'s ``A`` and ``B``
+``lora.M.A`` / ``lora.M.B``   module ``M``'s ``A`` or ``B``
+============================  ==============================================
+
+with ``M`` one of :data:`LORA_MODULES` (``query``, ``key``, ``value``,
+``attention.output``, ``ffn.intermediate``, ``ffn.output``); ``A`` is
+``M....lora_A.<adapter>.weight``, e.g. ``lora.query.A`` at layer 0 is
+``encoder.layer.0.attention.self.query.lora_A.default.weight``. Asked of a
+model without adapters they raise a ``ValueError``. On a LoRA victim,
+``full`` and ``encoder`` name only the *trainable* parameters: a LoRA
+client trains and shares its adapters alone, and the frozen base weights
+(renamed ``M.base_layer.weight`` by peft) have no gradient to share. On a
+plain model every parameter is trainable and they are what they always were.
+
 ``full`` is every parameter except the word-embedding table, as in LAMP and
 the paper. The table's gradient is non-zero exactly in the rows of the
 tokens the sentence uses, so sharing it hands over the bag of words with no
@@ -39,6 +63,7 @@ Names are matched exactly, never by substring: ``ffn.output`` is
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,8 +87,53 @@ PER_LAYER = ("layer", *_LINEAR)
 WHOLE = ("full", "encoder")
 """Components that take no layer."""
 COMPONENTS = WHOLE + PER_LAYER
+"""The components of a plain model (the LoRA family is :data:`ADAPTER_COMPONENTS`)."""
+
+LORA_MODULES = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention.output": "attention.output.dense",
+    "ffn.intermediate": "intermediate.dense",
+    "ffn.output": "output.dense",
+}
+"""The linear modules of a BERT layer that can carry a LoRA adapter: short name -> module path in the layer."""
+ADAPTER_COMPONENTS = ("lora", "lora.A", "lora.B", *(f"lora.{m}{ab}" for m in LORA_MODULES for ab in ("", ".A", ".B")))
+"""The LoRA family: every adapter, every ``A`` or ``B``, one module's pair, one module's ``A`` or ``B``."""
 
 _WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[tuple[int, str, str], str]:
+    """Every LoRA adapter weight of ``model``, matched by exact pattern, never by substring.
+
+    Returns:
+        ``{(layer, module, "A" or "B"): parameter name}`` in the model's order,
+        ``module`` a key of :data:`LORA_MODULES`; empty for a plain model.
+
+    Raises:
+        ValueError: for a module carrying two adapters (a selection names one).
+    """
+    prefix = re.escape(f"{model.base_model_prefix}.encoder.layer.")
+    modules = "|".join(re.escape(path) for path in LORA_MODULES.values())
+    pattern = re.compile(rf"{prefix}(\d+)\.({modules})\.lora_([AB])\.([^.]+)\.weight")
+    short = {path: name for name, path in LORA_MODULES.items()}
+    found: dict[tuple[int, str, str], str] = {}
+    for name, _ in model.named_parameters():
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        key = (int(match.group(1)), short[match.group(2)], match.group(3))
+        if key in found:
+            raise ValueError(f"{found[key]} and {name} are two adapters on one module: a selection names one "
+                             f"adapter per module (delete the others with peft's delete_adapter).")
+        found[key] = name
+    return found
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    """Whether ``model`` carries LoRA adapters (:func:`adapter_parameters` finds any)."""
+    return bool(adapter_parameters(model))
 
 
 @dataclass(frozen=True)
@@ -144,13 +214,18 @@ def select(
             layer, or a layer given to ``full`` / ``encoder``; the message
             lists the valid choices.
     """
+    if component in ADAPTER_COMPONENTS:
+        return _adapter_selection(model, component, layers)
     if component not in COMPONENTS:
         raise ValueError(
-            f"Unknown component '{component}'. Choose one of: {', '.join(COMPONENTS)}."
+            f"Unknown component '{component}'. Choose one of: {', '.join(COMPONENTS)}; on a LoRA victim also "
+            f"{', '.join(ADAPTER_COMPONENTS)}."
         )
     named = dict(model.named_parameters())
     prefix = f"{model.base_model_prefix}."
     n_layers = model.config.num_hidden_layers
+    # A LoRA client shares only what it trains; a plain model trains everything (and keeps its old names).
+    lora = has_adapters(model)
 
     if component in WHOLE:
         if layers is not None:
@@ -162,6 +237,8 @@ def select(
             names = [n for n in named if n != prefix + _WORD_EMBEDDINGS]
         else:
             names = [n for n in named if n.startswith(prefix + "encoder.layer.")]
+        if lora:
+            names = [n for n in names if named[n].requires_grad]
         layer_ids: tuple[int, ...] = tuple(range(n_layers)) if component == "encoder" else ()
     else:
         layer_ids = _layer_indices(layers, n_layers, component)
@@ -173,10 +250,18 @@ def select(
             else:
                 names += [stem + suffix for suffix in _LINEAR[component]]
         missing = [n for n in names if n not in named]
+        if missing and lora:
+            raise ValueError(
+                f"This LoRA victim has no parameter {missing[0]}: peft froze the base weight (now "
+                f"'...base_layer.weight', no gradient to share). Select its adapters instead, e.g. "
+                f"select(model, 'lora.query.A', 0)."
+            )
         if missing:
             raise ValueError(
                 f"This model has no parameter {missing[0]}: selections expect a BERT-family model."
             )
+        if lora and component == "layer":
+            names = [n for n in names if named[n].requires_grad]
     return Selection(
         component=component,
         layers=layer_ids,
@@ -212,3 +297,40 @@ def _layer_indices(layers, n_layers: int, component: str) -> tuple[int, ...]:
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"Layers {indices} repeat a layer; list each layer once.")
     return tuple(sorted(resolved))
+
+
+def _adapter_selection(model: torch.nn.Module, component: str, layers) -> Selection:
+    """A :data:`ADAPTER_COMPONENTS` selection: exact adapter names, or a clear error."""
+    adapters = adapter_parameters(model)
+    if not adapters:
+        raise ValueError(
+            f"'{component}' selects LoRA adapters and this model has none: build the victim with "
+            f"gilib.lora.lora_victim(model, ...), or pick one of {', '.join(COMPONENTS)} for a plain model."
+        )
+    parts = component.split(".")[1:]
+    half = parts.pop() if parts and parts[-1] in ("A", "B") else None
+    module = ".".join(parts) or None
+    wanted = {k: n for k, n in adapters.items()
+              if (module is None or k[1] == module) and (half is None or k[2] == half)}
+    carried = sorted({k[0] for k in wanted})
+    if not wanted:
+        present = sorted({k[1] for k in adapters})
+        raise ValueError(f"This victim has no '{module}' adapter: its adapters sit on {', '.join(present)}; select "
+                         f"one of those (e.g. 'lora.{present[0]}.A').")
+    if layers is None:
+        layer_ids = tuple(carried)
+    else:
+        layer_ids = _layer_indices(layers, model.config.num_hidden_layers, component)
+        bare = [layer for layer in layer_ids if layer not in carried]
+        if bare:
+            raise ValueError(f"Layer {bare[0]} carries no adapter for '{component}': this victim has them on "
+                             f"layers {carried}; pass some of those (or layers=None for all).")
+    names = [n for k, n in wanted.items() if k[0] in layer_ids]
+    named = dict(model.named_parameters())
+    return Selection(
+        component=component,
+        layers=layer_ids,
+        names=tuple(names),
+        numel=sum(named[n].numel() for n in names),
+        total=sum(p.numel() for p in named.values()),
+    )

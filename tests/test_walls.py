@@ -105,8 +105,8 @@ def test_the_layers_are_where_the_package_says():
     assert layers == {"library", "gilib.attack", "gilib.studies", "gilib.book"}
     library = sorted(n for n in _modules() if _layer(n) == "library")
     assert library == ["gilib", "gilib.client", "gilib.data", "gilib.dp", "gilib.federated", "gilib.finetune",
-                       "gilib.finetune.__main__", "gilib.metrics", "gilib.models", "gilib.secure", "gilib.selection",
-                       "gilib.update"]
+                       "gilib.finetune.__main__", "gilib.lora", "gilib.metrics", "gilib.models", "gilib.secure",
+                       "gilib.selection", "gilib.update"]
 
 
 def test_the_attack_imports_only_the_selection_the_message_and_the_model():

@@ -18,7 +18,10 @@ entry point                 settings                 diagnostics
   several clients at once; a language-model prior (:class:`NgramPrior`,
   :class:`GPT2Prior`) can steer its reordering rounds.
 * :func:`span_attack`: exact recovery from a layer-0 query, key or value
-  weight gradient (the row-space check), peeling for batches.
+  weight gradient (the row-space check), peeling for batches; on a LoRA
+  victim from its stacked layer-0 ``A`` adapter gradients, and
+  :func:`adapter_span_attack` from several rounds' (the rank rule,
+  :mod:`~gilib.attack.adapters`).
 
 The white-box pieces, for a reader who wants to see inside:
 :mod:`~gilib.attack.rowspace` (the row-space check, chapter 5 teaches from
@@ -34,7 +37,7 @@ from .config import AttackConfig, SpanConfig
 from .optimization import attack_clients, optimization_attack
 from .priors import GPT2Prior, NgramPrior, Prior
 from .result import AttackResult, OptimizationDiagnostics, SpanDiagnostics
-from .span import span_attack
+from .span import adapter_span_attack, span_attack
 
 __all__ = [
     "AttackConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "Prior",
     "SpanConfig",
     "SpanDiagnostics",
+    "adapter_span_attack",
     "attack_clients",
     "optimization_attack",
     "span_attack",

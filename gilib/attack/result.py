@@ -33,7 +33,8 @@ class SpanDiagnostics:
     """What the span check saw.
 
     Attributes:
-        weight: the layer-0 query, key or value weight whose row space was checked.
+        weight: the layer-0 query, key or value weight whose row space was
+            checked (on a LoRA victim, the stacked ``A`` adapters' names joined by ``+``).
         verifier: the weight that checked a batch's sentences (layer 1's
             query or value weight, layer 0's FFN weight, or the layer-0
             weight's own output gradients); ``None`` at batch size 1.

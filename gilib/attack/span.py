@@ -1,10 +1,13 @@
-"""The exact attack: the span check at batch size 1, peeling for batches.
+"""The exact attack: the span check at batch size 1, peeling for batches, and on LoRA adapters.
 
 :func:`span_attack` is the entry point of the optimisation-free attack of
 chapter 5. It checks the server's message, runs the row-space check of
 :mod:`gilib.attack.rowspace` on a layer-0 query, key or value weight (DAGER,
 Petrov et al., NeurIPS 2024), reads a single sentence off directly and
-hands a batch to :func:`gilib.attack.peeling.peel`.
+hands a batch to :func:`gilib.attack.peeling.peel`. On a LoRA victim it
+checks the stacked layer-0 ``A`` adapter gradients instead
+(:mod:`gilib.attack.adapters`), and :func:`adapter_span_attack` stacks
+several rounds' messages of one sentence.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
+from .adapters import layer0_adapter_names, stacked_adapter_rows, stacked_label
 from .config import SpanConfig
 from .likelihood import likely_sentence
 from .objectives import GradientMatcher
@@ -44,10 +48,25 @@ def _layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: S
     for name, gradient in zip(selection.names, shared_grads):
         if name in wanted:
             return name, gradient
+    if layer0_adapter_names(model, selection):
+        # A LoRA victim: every layer-0 query/key/value A gradient, stacked
+        # (:mod:`gilib.attack.adapters`); their rows lie in the inputs' span.
+        names, stacked = stacked_adapter_rows(model, selection, shared_grads)
+        return stacked_label(names), stacked
     raise ValueError(
-        f"The span check needs the gradient of layer 0's query, key or value weight, and "
-        f"{selection.label} has none: select e.g. select(model, 'attention.query', 0) or 'layer', 0."
+        f"The span check needs the gradient of layer 0's query, key or value weight (or, on a LoRA victim, of "
+        f"a layer-0 query, key or value A adapter), and {selection.label} has none: select e.g. "
+        f"select(model, 'attention.query', 0), 'layer', 0, or select(model, 'lora.A', 0) on a LoRA victim."
     )
+
+
+def _shift_invariant(name: str) -> bool:
+    """Whether the checked weight (or every stacked adapter) is a key's: its rows span ``x_i - x_[CLS]``."""
+    return all(part.endswith("self.key.weight") or ".self.key.lora_A." in part for part in name.split("+"))
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_A." in name
 
 
 def _checked(model, update: SharedUpdate, selection: Selection) -> tuple[SharedUpdate, str, torch.Tensor]:
@@ -61,6 +80,7 @@ def _checked(model, update: SharedUpdate, selection: Selection) -> tuple[SharedU
         raise ValueError(f"The span check enumerates BERT's layer-0 inputs; got a {model.config.model_type!r} model.")
     update = checked_update(update, model, selection)
     name, gradient = _layer0_weight(model, selection, update.shared_grads)
+    _adapter_batch(name, update.lengths)
     tokens, hidden = sum(update.lengths), gradient.shape[1]
     if tokens >= hidden:
         raise ValueError(
@@ -69,6 +89,13 @@ def _checked(model, update: SharedUpdate, selection: Selection) -> tuple[SharedU
             f"sentences, or use the optimisation attack."
         )
     return update, name, gradient
+
+
+def _adapter_batch(name: str, lengths: Sequence[int]) -> None:
+    """Adapters' A gradients are checked at batch size 1 (peeling reads a plain weight's output gradients)."""
+    if _is_adapter(name) and len(lengths) != 1:
+        raise ValueError(f"The span check on LoRA adapters runs at batch size 1; this message holds {len(lengths)} "
+                         f"sentences. Attack one client's sentence at a time.")
 
 
 def _batch_distance(model, shared_grads, selection, ids, lengths, labels) -> float:
@@ -126,7 +153,12 @@ def span_attack(
             threat model. The labels are not used: peeling finds each
             sentence's label (``diagnostics.labels``).
         selection: must contain layer 0's query, key or value weight (the
-            first one is used); add layer 1's query or value weight (e.g.
+            first one is used), or, on a LoRA victim (:mod:`gilib.lora`),
+            layer 0's query, key or value ``A`` adapters (``select(model,
+            "lora.A", 0)``, ``"lora", 0``), whose gradients are stacked
+            (:mod:`gilib.attack.adapters`; batch size 1, no ``weights`` or
+            ``noise``; exact when the stacked rank reaches the token count,
+            ``diagnostics.rank``); add layer 1's query or value weight (e.g.
             ``select(model, "attention.query", [0, 1])``) or share all of
             layer 0 (``select(model, "layer", 0)``) for the faster, sharper
             check of batches.
@@ -201,6 +233,70 @@ def span_attack(
     if not isinstance(cfg, SpanConfig):
         raise TypeError(f"config must be a SpanConfig (or None for the defaults), got a {type(cfg).__name__}.")
     update, name, gradient = _checked(model, update, selection)
+    if _is_adapter(name) and (weights is not None or noise is not None or clipped):
+        raise ValueError("The span check on LoRA adapters reads an exact message: weights, noise and clipped "
+                         "are for a plain weight's noisy message. Pass none of them.")
+    return _span_check(model, tokenizer, update, selection, cfg, name, gradient, start, weights=weights,
+                       clipped=clipped, noise=noise)
+
+
+def adapter_span_attack(
+    model: torch.nn.Module,
+    tokenizer,
+    updates: Sequence[SharedUpdate],
+    selection: Selection,
+    config: SpanConfig | None = None,
+) -> AttackResult:
+    """The span check on several rounds' LoRA messages of one sentence, their layer-0 ``A`` gradients stacked.
+
+    Each round's ``A`` gradient lies in the span of the sentence's layer-0
+    inputs and spans at most ``r`` of its dimensions; stacking rounds (and
+    query with value) raises the rank (:func:`gilib.attack.adapters.stacked_adapter_rows`).
+    The sentence is recovered exactly once the stacked rank reaches its
+    token count (the rank rule; ``diagnostics.rank``); below it, each
+    position's best token within what the stacked subspace lets through.
+
+    Args:
+        model: the LoRA victim as the server holds it. The rounds'
+            messages may come from different global weights (``B`` moves
+            from round to round, which is what lifts the stacked rank): the
+            check reads only the rows' span, which every round shares, and
+            the embeddings, which a LoRA client never trains.
+        tokenizer: its tokenizer.
+        updates: one :class:`~gilib.update.SharedUpdate` per round, each of
+            ``selection`` and of the same single sentence (same length).
+        selection: holds layer-0 query, key or value ``A`` adapters
+            (e.g. ``select(model, "lora.A", 0)`` or ``select(model, "lora", 0)``).
+        config: the settings (defaults: :class:`~gilib.attack.SpanConfig`).
+
+    Returns:
+        An :class:`~gilib.attack.AttackResult` as :func:`span_attack`'s at batch size 1.
+
+    Raises:
+        TypeError: as :func:`span_attack`.
+        ValueError: for no update, messages that do not fit the model and
+            the selection, rounds of different lengths or of several
+            sentences, or a selection without layer-0 ``A`` adapters.
+    """
+    start = time.perf_counter()
+    cfg = SpanConfig() if config is None else config
+    if not isinstance(cfg, SpanConfig):
+        raise TypeError(f"config must be a SpanConfig (or None for the defaults), got a {type(cfg).__name__}.")
+    updates = list(updates)
+    if not updates:
+        raise ValueError("No update given: pass one SharedUpdate per round.")
+    checked = [_checked(model, u, selection)[0] for u in updates]
+    if len({tuple(u.lengths) for u in checked}) != 1:
+        raise ValueError(f"The rounds' lengths differ ({[u.lengths for u in checked]}): stack the messages of one "
+                         f"sentence only.")
+    names, stacked = stacked_adapter_rows(model, selection, [u.shared_grads for u in checked])
+    return _span_check(model, tokenizer, checked[0], selection, cfg, stacked_label(names), stacked, start)
+
+
+def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cfg: SpanConfig, name: str,
+                gradient: torch.Tensor, start: float, *, weights=None, clipped: bool = False,
+                noise=None) -> AttackResult:
+    """:func:`span_attack` after its checks: the row space of ``gradient`` (``(m, d_in)``) against every token."""
     noise = _checked_noise(noise, gradient, weights)
     if weights is not None:
         return _noisy_attack(model, tokenizer, update, selection, cfg, _checked_weights(weights, update), start,
@@ -213,7 +309,7 @@ def span_attack(
     tokens = TokenSpace(model, tokenizer)
     # A key weight's gradient spans x_i - x_[CLS]: one direction fewer per sentence.
     space, residuals, sets = check_positions(model, tokens, gradient, lengths,
-                                             shift_invariant=name.endswith("key.weight"), threshold=cfg.threshold,
+                                             shift_invariant=_shift_invariant(name), threshold=cfg.threshold,
                                              capped=batch == 1, noise=noise)
     # How far the split between chosen and rejected tokens sits from the next token.
     widest = max((len(c) for c in sets), default=0)
@@ -221,7 +317,7 @@ def span_attack(
     gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
     check_seconds = time.perf_counter() - start
     diagnostics = SpanDiagnostics(weight=name, verifier=None, rank=space.rank, min_gap=min(gaps), candidates=sets)
-    if batch == 1 and noise is not None and not name.endswith("key.weight"):
+    if batch == 1 and noise is not None and not _shift_invariant(name):
         # Under noise the most likely sentence, not each position's best token
         # alone. Each position's best token, by the z-scores and by the plain
         # residuals (the better of the two at small noise), starts the search.
