@@ -231,10 +231,11 @@ def test_chapter6_the_secure_mean_gives_way_to_a_check_judged_against_its_roundi
     assert facts["secagg_new_slow_tokens_8"] > facts["secagg_new_done_tokens_8"]
 
 
-def test_chapter6_sixteen_mixed_sentences_hide_neither_words_nor_mostly_their_order():
-    # Chapter 6, the README and the conclusion: on six mixed batches of 16 the span check rebuilds most
-    # sentences with or without the position split; the two intervals overlap (no ranking claimed), and
-    # every batch it did not finish ran out of its 5 minutes.
+def test_chapter6_sixteen_mixed_sentences_hide_neither_words_nor_their_order():
+    # Chapter 6, the README and the conclusion: on six mixed batches of 16 the new check (position split,
+    # faster search) rebuilds at least the 80 % of the sentences, every miss in a batch that ran
+    # out of its 5 minutes; the old whole-bag search rebuilt less (the Wilson intervals do not overlap),
+    # and the prose does not divide that gain between the split and the speed.
     from gilib.metrics import share_interval
     from gilib.studies import federated as federated_study
     from tests.claims.cached import ROOT
@@ -248,8 +249,10 @@ def test_chapter6_sixteen_mixed_sentences_hide_neither_words_nor_mostly_their_or
         bounds[check] = share_interval(int(part["exact"].sum()), int(part["sentences"].sum()))
         assert bounds[check][0] > 0.5 and facts[f"mixed_{check}_exact"] < 1
         assert part[part["exact"] < part["sentences"]]["timed_out"].all()
+        assert (part["seconds"] < 302).all()
+    assert facts["mixed_new_exact"] >= 0.8 and facts["mixed_new_timed_out"] == 1
     (_, old_low, old_high), (_, new_low, new_high) = bounds["old"], bounds["new"]
-    assert old_low < new_high and new_low < old_high
+    assert old_high < new_low
 
 
 def test_chapter6_the_optimisation_attack_loses_on_every_adamw_message():
