@@ -72,6 +72,17 @@ CANDIDATES = (8, 32)
 first number until no single change helps, then one wider pass with the
 second (a true token that ranked ninth to thirty-second)."""
 
+PAIRS = 16
+"""Tokens per position of the pair moves that end :func:`polish` when single
+changes leave the sentence short of a sharp minimum: two neighbouring wrong
+tokens (a word split differently, "##iche street" for "##s ,") can each
+make the other's fix look worse, and only both at once lower the distance."""
+
+PAIR_POSITIONS = 4
+"""Positions whose neighbourhoods the pair moves try: those whose token is
+furthest down its own residual ranking (a position the residuals disagree
+with), each with its left and right neighbour."""
+
 REFITS = 4
 """Times :func:`gilib.attack.span_attack` refits the span from the sentence
 the residuals point at (:func:`completed_space`'s ``start``), until that
@@ -243,7 +254,7 @@ class Polished(NamedTuple):
 
 def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, weights: torch.Tensor,
            ids: Sequence[int], residuals: torch.Tensor, candidates: Sequence[int] = CANDIDATES,
-           sweeps: int = 16, deadline: float | None = None, clipped: bool = False) -> Polished:
+           sweeps: int = 16, deadline: float | None = None, clipped: bool = False, pairs: int = 0) -> Polished:
     """Judge each position's best few tokens on the message itself, under its noise model.
 
     Args:
@@ -265,6 +276,12 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             parameter, which the server does not see): each candidate's
             gradient is scaled by its least-squares factor before the
             distance is taken.
+        pairs: after the single changes, if the sentence is still not a
+            sharp minimum, try changing two neighbouring positions at once,
+            each to one of its ``pairs`` best tokens, around the
+            :data:`PAIR_POSITIONS` positions whose token ranks lowest by
+            its residual; a pair that helps is made and the widest single
+            stage runs again. 0: no pair moves.
 
     Returns:
         A :class:`Polished`: the sentence, its weighted squared distance to
@@ -310,5 +327,24 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             (current, ids), moves = best, moves + 1
         if runner_up >= SHARP * current:
             break
+    if pairs and runner_up < SHARP * current:
+        ranks = [int((residuals[p - 1] < residuals[p - 1, t]).sum()) for p, t in enumerate(ids[1:-1], start=1)]
+        suspects = sorted(range(1, len(ids) - 1), key=lambda p: -ranks[p - 1])[:PAIR_POSITIONS]
+        spans = sorted({(a, a + 1) for p in suspects for a in (p - 1, p) if 1 <= a and a + 1 <= len(ids) - 2})
+        options = residuals.topk(min(pairs, residuals.shape[1]), dim=1, largest=False).indices.tolist()
+        best = (current, None)
+        for a, b in spans:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            trials = [ids[:a] + [s, t] + ids[b + 1:] for s in options[a - 1] for t in options[b - 1]
+                      if s != ids[a] and t != ids[b]]
+            for value, trial in zip(distances(trials, label), trials):
+                if value < best[0]:
+                    best = (value, trial)
+        if best[1] is not None:
+            # Made; then the widest single stage once more from it.
+            again = polish(model, names, matrix, weights, best[1], residuals, candidates=candidates[-1:],
+                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs)
+            return again if again.distance < best[0] else Polished(best[1], best[0], False)
     current = min(distances([ids], y)[0] for y in classes)
     return Polished(ids, current, runner_up >= SHARP * current)

@@ -27,7 +27,7 @@ from .likelihood import likely_sentence
 from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .completion import (CANDIDATES, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share,
+from .completion import (CANDIDATES, PAIRS, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share,
                          polish, sentence_inputs, stacked_projections)
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
@@ -455,7 +455,7 @@ def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, 
             found, residuals = second, again
     if not found.sharp:
         found = polish(model, names, matrix, stacked_weights, found.ids, residuals, candidates=CANDIDATES[1:],
-                       deadline=deadline, clipped=clipped)
+                       deadline=deadline, clipped=clipped, pairs=PAIRS)
     ids = found.ids
     outside = outside_share(matrix, sentence_inputs(model, ids))
     sets = [[t] for t in ids[1:-1]]

@@ -195,3 +195,25 @@ def test_the_clipped_search_fits_the_factor_dp_clipping_applied(minilm):
     scale = float(gradient.abs().mean()) ** 2
     assert clipped.distance < 1e-6 * scale
     assert plain.distance > 1e3 * clipped.distance
+
+
+def test_a_pair_move_fixes_two_neighbouring_tokens_at_once(minilm):
+    # Two neighbouring wrong tokens: the pair stage tries both positions' best
+    # tokens together, around the positions the residuals disagree with.
+    model, _ = minilm
+    names = ["bert.encoder.layer.0.attention.self." + s for s in ("query.weight", "value.weight")]
+    generator = torch.Generator().manual_seed(2)
+    truth = torch.randint(1000, 20000, (9,), generator=generator)
+    truth[0], truth[-1] = 101, 102
+    message = candidate_gradients(model, names, truth[None], 1)[0]
+    weights = torch.ones_like(message)
+    start = truth.tolist()
+    start[4], start[5] = 2000, 3000
+    residuals = torch.ones(7, model.config.vocab_size)
+    residuals[torch.arange(7), truth[1:-1]] = 0.5
+    residuals[3, 2000] = residuals[4, 3000] = 0.0  # the wrong tokens rank first, the true ones second
+    residuals[[0, 1, 2, 5, 6], truth[[1, 2, 3, 6, 7]]] = 0.0
+    unpaired = polish(model, names, message, weights, start, residuals, candidates=())
+    paired = polish(model, names, message, weights, start, residuals, candidates=(), pairs=2)
+    assert unpaired.ids == start and paired.ids == truth.tolist()
+    assert paired.distance < 1e-6 * unpaired.distance
