@@ -18,10 +18,12 @@ def minilm():
     return load_model("minilm", seed=0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _deterministic_threads():
     # Tests compare floats between runs; fixing the thread count keeps the
-    # reduction order, and so the last bits, the same.
+    # reduction order, and so the last bits, the same. Session-wide, so that
+    # module fixtures (a client's message) and the test bodies that compare
+    # against them use the same one.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
