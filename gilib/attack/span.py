@@ -16,9 +16,11 @@ from typing import Sequence
 
 import torch
 
+from ..models import is_decoder
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
 from .config import SpanConfig
+from .decoder import decoder_span_attack
 from .likelihood import likely_sentence
 from .objectives import GradientMatcher
 from .peeling import peel
@@ -106,6 +108,12 @@ def span_attack(
     noise: float | str | None = None,
 ) -> AttackResult:
     """Recover a batch from the gradient of a layer-0 query, key or value weight.
+
+    A GPT-2-style decoder (:func:`gilib.models.is_decoder`) is handed to
+    :func:`gilib.attack.decoder.decoder_span_attack`: layer 0's fused
+    ``c_attn`` weight gives the candidates and the causal mask an exact
+    left-to-right search (``weights``, ``clipped`` and ``noise`` do not
+    apply to it).
 
     At batch size 1 each position's token is the one with the smallest
     residual. A batch is recovered sentence by sentence
@@ -196,6 +204,11 @@ def span_attack(
             positive number below the message's largest entry, or comes
             with ``weights``.
     """
+    if is_decoder(model):
+        if weights is not None or clipped or noise is not None:
+            raise ValueError("weights, clipped and noise describe a noisy message, which the decoder's span check "
+                             "does not model: attack a decoder's plain message without them.")
+        return decoder_span_attack(model, tokenizer, update, selection, config)
     start = time.perf_counter()
     cfg = SpanConfig() if config is None else config
     if not isinstance(cfg, SpanConfig):
