@@ -154,8 +154,9 @@ class CausalCheck:
         shape = (len(token_ids), self.heads, self.size)
         return tuple(part.reshape(shape) for part in mixed.split(self.width, dim=-1))
 
-    def extend(self, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> dict:
-        """Every candidate appended to every prefix: ``(K, C)`` residuals and the candidates' keys and values.
+    def activations(self, keys: torch.Tensor, values: torch.Tensor,
+                    token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the verifier weight reads at position ``k``, for every candidate appended to every prefix.
 
         Args:
             keys: ``(K, k, heads, size)`` the prefixes' cached keys (positions ``0 .. k - 1``).
@@ -163,8 +164,8 @@ class CausalCheck:
             token_ids: ``(C,)`` candidates for position ``k``.
 
         Returns:
-            ``residual`` ``(K, C)``, and ``key`` / ``value`` ``(C, heads, size)``
-            of the candidates, to extend a surviving prefix's cache.
+            ``(K, C, width)`` activations, and the candidates' own key and
+            value ``(C, heads, size)``, to extend a surviving prefix's cache.
         """
         k_, k = keys.shape[:2]
         c = len(token_ids)
@@ -177,8 +178,21 @@ class CausalCheck:
             mixed = torch.einsum("kchn,knhd->kchd", weights[..., :k], values) + weights[..., k:] * value
             mixed = mixed.reshape(k_ * c, self.width)
             hidden = self._hidden(token_ids, k).expand(k_, c, self.width).reshape(k_ * c, self.width)
-            residual = self._residual(self._finish(mixed, hidden)).view(k_, c)
-        return {"residual": residual.cpu(), "key": key, "value": value}
+            out = self._finish(mixed, hidden)
+        return out.view(k_, c, -1), key, value
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> dict:
+        """Every candidate appended to every prefix: ``(K, C)`` residuals and the candidates' keys and values.
+
+        Args:
+            keys, values, token_ids: as :meth:`activations`.
+
+        Returns:
+            ``residual`` ``(K, C)`` (relative, against the verifier's span),
+            and ``key`` / ``value`` ``(C, heads, size)`` of the candidates.
+        """
+        out, key, value = self.activations(keys, values, token_ids)
+        return {"residual": self._residual(out).cpu(), "key": key, "value": value}
 
     def _finish(self, mixed: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Layer 0 from the heads' mixed values on, as far as :attr:`reads`: ``(N, d)`` to ``(N, width)``."""
@@ -400,10 +414,15 @@ def _assemble(check: CausalCheck, residuals: torch.Tensor, search: _Search, leng
 
     A complete prefix that no longer sentence continues (a leaf of the
     tree) must be a sentence; one that continues may be one too (a
-    sentence that is another's prefix), and is taken only for a length no
-    leaf fills. A length still unfilled (a sentence twice in the batch
-    takes its leaf again; else the search lost it) is filled greedily from
-    the deepest dead prefix: each next position's best token by the check.
+    sentence that is another's prefix), and is taken after the leaves of
+    its length. A length with more sentences than complete prefixes holds
+    a sentence twice, and a leaf is repeated. Spans carry no multiplicity,
+    so where a length has more candidates than sentences *and* a sentence
+    may repeat, no span tells the two apart: ``a cat sat`` twice beside
+    ``the dog ran far away`` gives the spans of ``a cat sat``, ``the dog
+    ran`` and ``the dog ran far away``; distinct sentences are preferred.
+    A length with none (the search lost it) is filled greedily from the
+    deepest dead prefix: each next position's best token by the check.
 
     Returns:
         ``(token rows, found, uncertain positions, largest residual)``.

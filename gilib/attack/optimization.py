@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..models import is_decoder
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
 from .config import AttackConfig
@@ -90,7 +91,8 @@ def optimization_attack(
         ValueError: if the update does not fit the model and the selection
             (:meth:`~gilib.update.SharedUpdate.validated`: tensor count,
             shape, dtype, device, NaN or infinite values, an all-zero
-            gradient, lengths, labels), or carries no labels.
+            gradient, lengths, labels), carries no labels, or comes from a
+            decoder (use :func:`~gilib.attack.span_attack`).
     """
     return attack_clients(model, tokenizer, [update], selection, config, prior=prior)[0]
 
@@ -263,6 +265,12 @@ def _finish(engine: Engine, run: _Run, start: float) -> list[AttackResult]:
 
 def _validated(update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
     """One client's message, checked and in canonical form, with labels (the attack needs them)."""
+    if is_decoder(model):
+        raise ValueError(
+            "The optimisation attack matches a classifier's gradient at the batch's known labels; a decoder's "
+            "next-token labels are the unknown text itself, which it does not model yet. Attack a decoder with "
+            "span_attack."
+        )
     update = checked_update(update, model, selection)
     if update.labels is None:
         raise ValueError(
