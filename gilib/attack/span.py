@@ -192,7 +192,9 @@ def span_attack(
     Raises:
         TypeError: if ``update`` is not a :class:`~gilib.update.SharedUpdate`
             or ``config`` not a :class:`~gilib.attack.SpanConfig`.
-        ValueError: if the model is not a BERT, the update does not fit the
+        ValueError: if the model is not a BERT (a decoder: as
+            :func:`~gilib.attack.decoder.decoder_span_attack`, and for any of
+            ``weights``, ``clipped`` or ``noise``), the update does not fit the
             model and the selection (:meth:`~gilib.update.SharedUpdate.validated`:
             tensor count, shape, dtype, device, NaN or infinite values, an
             all-zero gradient, lengths, labels), no layer-0 query/key/value
