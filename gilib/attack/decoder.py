@@ -24,6 +24,20 @@ in two steps, which this module follows:
    once, several sentences may share a prefix, and a sentence of length
    ``n`` is a surviving prefix of ``n - 1`` tokens with the end token added.
 
+What does and does not depend on trained weights. Both steps are linear
+algebra on activations the attacker computes from the weights it holds, and
+the search is exact for any weights (the causal mask). The candidate sets'
+size is not: with ``ln_1``'s initial gain 1 and bias 0, ``sigma x = z -
+mean(z)`` is linear in ``z = wte[t] + wpe[p]``, so up to each input's own
+scale (which a span ignores) a batch's inputs are sums of a token's and a
+position's vector, and every word of the batch at every position of its
+token-position graph's component lies exactly in the span: at random
+weights a batch's candidates are its bag of words, and the search does all
+the sorting (``tests/attack/test_decoder.py`` checks the rank this
+predicts). A trained ``ln_1`` bias breaks that linearity, trained position
+embeddings are smooth (chapter 5's impostors): the candidate sets, and so
+the seconds, change with trained weights; the exactness does not.
+
 The end token's own activations are never in any span: the last position
 predicts nothing and no position attends to it, so its output gradient is
 zero. That is why :func:`gilib.models.encode_lm` ends every sentence with
