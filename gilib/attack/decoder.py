@@ -316,7 +316,7 @@ def decoder_span_attack(
     verifier_gradient = update.shared_grads[selection.names.index(verifier_name)]
     check = CausalCheck(model, input_space(verifier_gradient, lengths), reads)
     search = _search(check, residuals, sets, lengths, bos, beam=max(cfg.beam, 2 * len(lengths)), deadline=deadline)
-    rows, found, uncertain, final = _assemble(check, residuals, search, lengths, bos, eos)
+    rows, found, uncertain, final = _assemble(check, residuals, search, lengths, bos, eos, deadline)
     diagnostics.rounds, diagnostics.found, diagnostics.uncertain = search.depth, found, uncertain
     diagnostics.timed_out = search.timed_out
     return _result(rows, tokens, final, cfg, start, check_seconds, diagnostics)
@@ -423,7 +423,7 @@ def _kept(prefix: _Prefix, grown: dict, row: int, candidates: torch.Tensor) -> l
 
 
 def _assemble(check: CausalCheck, residuals: torch.Tensor, search: _Search, lengths: list[int], bos: int,
-              eos: int) -> tuple[list[list[int]], list[bool], list[list[int]], float]:
+              eos: int, deadline: float | None) -> tuple[list[list[int]], list[bool], list[list[int]], float]:
     """One sentence per length, from the search's complete prefixes, the rest by the fallback.
 
     A complete prefix that no longer sentence continues (a leaf of the
@@ -436,7 +436,8 @@ def _assemble(check: CausalCheck, residuals: torch.Tensor, search: _Search, leng
     ``the dog ran far away`` gives the spans of ``a cat sat``, ``the dog
     ran`` and ``the dog ran far away``; distinct sentences are preferred.
     A length with none (the search lost it) is filled greedily from the
-    deepest dead prefix: each next position's best token by the check.
+    deepest dead prefix: each next position's best token by the check
+    (past the deadline, by the layer-0 residual alone).
 
     Returns:
         ``(token rows, found, uncertain positions, largest residual)``.
@@ -460,7 +461,7 @@ def _assemble(check: CausalCheck, residuals: torch.Tensor, search: _Search, leng
             uncertain.append([])
             worst = max(worst, prefix.worst)
         else:
-            ids, guessed, residual = _fallback(check, residuals, search.dead, n, bos)
+            ids, guessed, residual = _fallback(check, residuals, search.dead, n, bos, deadline)
             rows.append(ids + [eos])
             found.append(False)
             uncertain.append(guessed)
@@ -469,9 +470,13 @@ def _assemble(check: CausalCheck, residuals: torch.Tensor, search: _Search, leng
     return rows, found, uncertain, worst
 
 
-def _fallback(check: CausalCheck, residuals: torch.Tensor, dead: list[_Prefix], n: int,
-              bos: int) -> tuple[list[int], list[int], float]:
+def _fallback(check: CausalCheck, residuals: torch.Tensor, dead: list[_Prefix], n: int, bos: int,
+              deadline: float | None) -> tuple[list[int], list[int], float]:
     """A sentence of length ``n`` the search did not find: its deepest dead prefix, then each position's best token.
+
+    Each next token is the best of the position's :data:`WIDEN` best
+    layer-0 tokens by the check; past the deadline, the best layer-0 token
+    itself (the check's residual then counts as 1: unverified).
 
     Returns:
         ``(ids without the end token, positions guessed, largest residual)``.
@@ -485,6 +490,9 @@ def _fallback(check: CausalCheck, residuals: torch.Tensor, dead: list[_Prefix], 
     guessed, worst = [], prefix.worst
     while len(prefix.ids) < n - 1:
         position = len(prefix.ids)
+        if deadline is not None and time.perf_counter() > deadline:
+            rest = residuals[position - 1:n - 2].argmin(dim=1).tolist()
+            return prefix.ids + rest, guessed + list(range(position, n - 1)), 1.0
         options = residuals[position - 1].topk(min(WIDEN, residuals.shape[1]), largest=False).indices
         grown = check.extend(prefix.keys[None], prefix.values[None], options)
         j = int(grown["residual"][0].argmin())
