@@ -14,7 +14,8 @@ entry point                 settings                 diagnostics
 ==========================  =======================  ===========================
 
 * :func:`optimization_attack`: LAMP-style gradient matching (cos / L2 /
-  TAG) for any selection of parameters; :func:`attack_clients` runs it for
+  TAG) for any selection of parameters (a decoder's at the next-token
+  loss); :func:`attack_clients` runs it for
   several clients at once; a language-model prior (:class:`NgramPrior`,
   :class:`GPT2Prior`) can steer its reordering rounds.
 * :func:`span_attack`: exact recovery from a layer-0 query, key or value

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from gilib.attack import SpanConfig, SpanDiagnostics, optimization_attack, span_attack
+from gilib.attack import AttackConfig, SpanConfig, SpanDiagnostics, optimization_attack, span_attack
 from gilib.attack.decoder import ACCEPT, CausalCheck, decoder_span_attack, input_space, verifier_of
+from gilib.attack.objectives import GradientMatcher
+from gilib.attack.tokens import TokenSpace
 from gilib.attack.rowspace import layer0_inputs
 from gilib.client import client_update
 from gilib.data import load_split
@@ -215,11 +217,41 @@ def test_clear_refusals(gpt2_tiny, tiny):
     long = encode_lm(tokenizer, [" ".join(["word"] * 70)] * 2)  # 2 x 72 tokens in 128 dimensions
     with pytest.raises(ValueError, match="at least the model's 128 dimensions"):
         span_attack(model, tokenizer, client_update(model, layer, long).shared, layer)
-    with pytest.raises(ValueError, match="optimisation attack .* decoder"):
-        optimization_attack(model, tokenizer, update, layer)
 
 
 def test_a_bert_batch_given_to_a_decoder_is_refused(gpt2_tiny):
     model, tokenizer = gpt2_tiny
     with pytest.raises(ValueError, match="encode_lm"):
         client_update(model, select(model, "layer", 0), encode(tokenizer, ["a cat"], [1]))
+
+
+def test_the_matcher_takes_a_decoders_gradient_as_its_client_does(gpt2_tiny):
+    """At the true words, the candidate's labels are the true next tokens: the client's very gradient."""
+    model, tokenizer = gpt2_tiny
+    selection = select(model, "layer", 0)
+    true_batch = encode_lm(tokenizer, SENTENCES[:2])
+    update = client_update(model, selection, true_batch).shared
+    matcher = GradientMatcher(model, selection.names, "cos", tokens=TokenSpace(model, tokenizer))
+    target = matcher.target(update.shared_grads, selection.names, None, true_batch["attention_mask"])
+    embeds = model.get_input_embeddings().weight[true_batch["input_ids"]]
+    for got, sent in zip(matcher.gradients(embeds, target), update.shared_grads):
+        torch.testing.assert_close(got.detach(), sent, rtol=1e-4, atol=1e-7)
+    assert float(matcher.loss(embeds, target)) < 1e-5
+    with pytest.raises(ValueError, match="token space"):
+        GradientMatcher(model, selection.names)
+
+
+def test_the_optimisation_attack_runs_on_a_decoder_on_both_engines(gpt2_tiny):
+    model, tokenizer = gpt2_tiny
+    selection = select(model, "layer", 0)
+    true_batch = encode_lm(tokenizer, ["the film was a quiet delight .", "a cat sat"])
+    update = client_update(model, selection, true_batch).shared
+    config = AttackConfig(steps=20, init_candidates=4, swap_every=10, progress=False)
+    fast = optimization_attack(model, tokenizer, update, selection, config)
+    plain = optimization_attack(model, tokenizer, update, selection, AttackConfig(**{**config.__dict__,
+                                                                                    "batched": False}))
+    assert fast.token_ids == plain.token_ids
+    assert [len(row) for row in fast.token_ids] == update.lengths
+    assert all(row[0] == 101 and row[-1] == 102 for row in fast.token_ids)  # the known start and end tokens
+    history = fast.diagnostics.loss_history
+    assert history[-1] < history[0]  # the next-token gradients move toward the client's
