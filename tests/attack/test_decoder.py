@@ -236,7 +236,7 @@ def test_the_matcher_takes_a_decoders_gradient_as_its_client_does(gpt2_tiny):
     embeds = model.get_input_embeddings().weight[true_batch["input_ids"]]
     for got, sent in zip(matcher.gradients(embeds, target), update.shared_grads):
         torch.testing.assert_close(got.detach(), sent, rtol=1e-4, atol=1e-7)
-    assert float(matcher.loss(embeds, target)) < 1e-5
+    assert float(matcher.loss(embeds, target).detach()) < 1e-5
     with pytest.raises(ValueError, match="token space"):
         GradientMatcher(model, selection.names)
 
@@ -246,7 +246,7 @@ def test_the_optimisation_attack_runs_on_a_decoder_on_both_engines(gpt2_tiny):
     selection = select(model, "layer", 0)
     true_batch = encode_lm(tokenizer, ["the film was a quiet delight .", "a cat sat"])
     update = client_update(model, selection, true_batch).shared
-    config = AttackConfig(steps=20, init_candidates=4, swap_every=10, progress=False)
+    config = AttackConfig(steps=12, init_candidates=2, swap_every=6, progress=False)
     fast = optimization_attack(model, tokenizer, update, selection, config)
     plain = optimization_attack(model, tokenizer, update, selection, AttackConfig(**{**config.__dict__,
                                                                                     "batched": False}))
