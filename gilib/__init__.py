@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 _FLOW = {
     "load_model": "models",
     "encode": "models",
+    "encode_lm": "models",
     "load_split": "data",
     "sample_batches": "data",
     "lora_victim": "lora",

@@ -27,6 +27,15 @@ partial-gradient paper (Li, Xu and Dras, EMNLP 2024). Four protocols:
   invertible map of the gradient, which the server undoes with
   :meth:`AdamW.gradient` (weight decay and every setting are public).
 
+A decoder client (a GPT-2-style victim, :func:`gilib.models.is_decoder`)
+fine-tunes a language model, as federated LM fine-tuning does: its loss is
+the next-token cross-entropy (each position predicts the following token,
+padding ignored), its batch (:func:`gilib.models.encode_lm`) has no class
+labels, and its message's ``labels`` are ``None``. The same protocols run
+on it through the same code (:func:`training_loss`): plain, FedAvg and
+AdamW; DP-SGD's per-example clipping is not wired for the decoder's loss
+and is refused.
+
 Every chapter, study, benchmark and test computes a client's update here.
 The client's truth stays with the caller: it reaches the metrics, never an
 attack.
@@ -42,6 +51,7 @@ from typing import Sequence, Union
 import torch
 
 from .dp import DPGradients, central_aggregate, check_dp_settings, dp_sgd_step
+from .models import is_decoder
 from .selection import Selection
 from .update import SharedUpdate, check_labels
 
@@ -410,21 +420,30 @@ def client_update(
             mode: no dropout); left unchanged.
         selection: which parameters' update the client shares.
         true_batch: ``input_ids``, ``attention_mask`` ``(B, T)`` and
-            ``labels`` ``(B,)``, as :func:`gilib.models.encode` returns them.
+            ``labels`` ``(B,)``, as :func:`gilib.models.encode` returns them;
+            for a decoder ``input_ids`` and ``attention_mask`` only
+            (:func:`gilib.models.encode_lm`): the next-token labels come
+            from the ids (:func:`lm_labels`).
         protocol: ``None`` (the plain gradient), :class:`DPSGD`,
-            :class:`CentralDP`, :class:`FedAvg` or :class:`AdamW`.
+            :class:`CentralDP`, :class:`FedAvg` or :class:`AdamW`
+            (a decoder: ``None``, :class:`FedAvg` or :class:`AdamW`).
 
     Returns:
-        A :class:`ClientUpdate`; its ``shared`` is the server's message.
+        A :class:`ClientUpdate`; its ``shared`` is the server's message
+        (``labels`` ``None`` for a decoder: it has no classes).
 
     Raises:
         ValueError: for a batch the model cannot take (missing fields,
             sentences longer than its position table, labels outside its
-            classes) or an unknown protocol.
+            classes, class labels given to a decoder), an unknown protocol,
+            or DP-SGD on a decoder.
     """
     labels, lengths = _checked_batch(model, true_batch)
+    if is_decoder(model) and isinstance(protocol, (DPSGD, CentralDP)):
+        raise ValueError(f"{type(protocol).__name__} is not available for a decoder: per-example clipping is "
+                         f"wired for the classifiers' loss only. Use protocol=None, FedAvg(...) or AdamW(...).")
     if protocol is None:
-        loss = model(**true_batch).loss
+        loss = training_loss(model, true_batch)
         grads = [g.detach() for g in torch.autograd.grad(loss, selection.parameters(model))]
         return ClientUpdate(SharedUpdate(grads, labels, lengths))
     if isinstance(protocol, DPSGD):
@@ -455,7 +474,7 @@ def _local_training(model: torch.nn.Module, selection: Selection, true_batch: di
         optimizer = torch.optim.AdamW(params, lr=protocol.lr, betas=protocol.betas, eps=protocol.eps,
                                       weight_decay=protocol.weight_decay, foreach=False)
     for _ in range(protocol.local_steps):
-        loss = local(**true_batch).loss
+        loss = training_loss(local, true_batch)
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             if isinstance(protocol, AdamW):
@@ -470,12 +489,41 @@ def _local_training(model: torch.nn.Module, selection: Selection, true_batch: di
             for before, after, p in zip(start, selection.parameters(local), selection.parameters(model))]
 
 
-def _checked_batch(model: torch.nn.Module, true_batch: dict) -> tuple[torch.Tensor, list[int]]:
-    """The batch's labels and lengths, after checking that the model can take it."""
-    missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in true_batch]
+def lm_labels(true_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A decoder batch's next-token labels: ``(B, T)``, the ids with ``-100`` (ignored) on padding.
+
+    ``GPT2LMHeadModel`` shifts them itself: position ``p``'s logits are
+    scored against the token at ``p + 1``, and the last real token's logits
+    against nothing.
+    """
+    return true_batch["input_ids"].masked_fill(true_batch["attention_mask"] == 0, -100)
+
+
+def training_loss(model: torch.nn.Module, true_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss a client trains on: one function for every protocol.
+
+    A classifier's mean cross-entropy over the batch's labels; a decoder's
+    next-token cross-entropy, the mean over every predicted token of the
+    batch (:func:`lm_labels`), as ``GPT2LMHeadModel`` computes it.
+    """
+    if is_decoder(model):
+        return model(input_ids=true_batch["input_ids"], attention_mask=true_batch["attention_mask"],
+                     labels=lm_labels(true_batch)).loss
+    return model(**true_batch).loss
+
+
+def _checked_batch(model: torch.nn.Module, true_batch: dict) -> tuple[torch.Tensor | None, list[int]]:
+    """The batch's labels (``None`` for a decoder) and lengths, after checking that the model can take it."""
+    decoder = is_decoder(model)
+    if decoder and "labels" in true_batch:
+        raise ValueError("A decoder learns the next token and has no class labels, but this batch carries "
+                         "'labels': build it with gilib.models.encode_lm(tokenizer, texts) (no labels); the "
+                         "client derives the next-token labels from the ids.")
+    fields = ("input_ids", "attention_mask") if decoder else ("input_ids", "attention_mask", "labels")
+    missing = [k for k in fields if k not in true_batch]
     if missing:
-        raise ValueError(f"The client's batch lacks {missing}: build it with gilib.models.encode(tokenizer, "
-                         f"texts, labels).")
+        how = "encode_lm(tokenizer, texts)" if decoder else "encode(tokenizer, texts, labels)"
+        raise ValueError(f"The client's batch lacks {missing}: build it with gilib.models.{how}.")
     ids = true_batch["input_ids"]
     if ids.dim() != 2 or ids.shape[0] == 0:
         raise ValueError(f"input_ids must be (B, T) with at least one sentence, got shape {tuple(ids.shape)}.")
@@ -485,6 +533,6 @@ def _checked_batch(model: torch.nn.Module, true_batch: dict) -> tuple[torch.Tens
             f"The batch has {ids.shape[1]} tokens per sentence but this model takes at most {max_tokens}; "
             f"use shorter sentences or a larger model."
         )
-    labels = check_labels(model, true_batch["labels"], ids.shape[0])
+    labels = None if decoder else check_labels(model, true_batch["labels"], ids.shape[0])
     lengths = [int(n) for n in true_batch["attention_mask"].sum(dim=1)]
     return labels, lengths

@@ -1,9 +1,10 @@
-"""The victim: a BERT-family classifier and its tokenizer.
+"""The victim: a BERT-family classifier or a GPT-2-style decoder, and its tokenizer.
 
-Four kinds of victim, all loaded as ``BertForSequenceClassification`` with
-two labels and **eager attention** (PyTorch's fused ``sdpa`` attention has no
-double backward on CPU, and every optimisation attack differentiates through
-a gradient):
+Five kinds of victim. The first four are loaded as
+``BertForSequenceClassification`` with two labels, every victim with
+**eager attention** (PyTorch's fused ``sdpa`` attention has no double
+backward on CPU, and every optimisation attack differentiates through a
+gradient):
 
 * ``"minilm"`` (the offline default): the pretrained all-MiniLM-L6-v2
   sentence encoder (Wang et al., 2020; Reimers & Gurevych, 2019), a 6-layer,
@@ -29,9 +30,32 @@ a gradient):
   reachable; :data:`HUB_MODELS` lists the paper's three (online only: no
   wheel ships their weights) with the offline shape of each.
 
+The fifth kind is a decoder (:data:`DECODER_MODELS`), a
+``GPT2LMHeadModel`` trained with the next-token loss, as federated
+fine-tuning of a language model sends it:
+
+* ``"gpt2-shape"``: GPT-2 small's shape (Radford et al., 2019: 12 layers
+  x 768, 12 heads, 1024 positions, pre-LayerNorm blocks, fused
+  query/key/value ``Conv1D`` weights, word embeddings tied with the LM
+  head) and ``"gpt2-tiny"`` (2 x 128, for unit tests), both with random,
+  seeded weights over bert-base-uncased's vocabulary, offline;
+* ``"gpt2"``: OpenAI's pretrained GPT-2 small from the hub (online only)
+  with its own byte-level BPE tokenizer.
+
+What the random weights leave intact: the span check is linear algebra on
+the layer-0 inputs ``ln_1(wte[t] + wpe[p])``, which the attacker computes
+for any weights, and the causal mask that makes each prefix its own exact
+check holds for any weights too, so exact recovery, the candidate sets'
+sizes and the attack's seconds carry over to a trained GPT-2 up to how
+far apart its embeddings sit (trained position embeddings are smooth, so a
+batch's token at a nearby position lies closer to the span, as chapter 5
+measures for BERT). What needs trained weights: anything the model's
+*predictions* decide (the loss value, how large each position's output
+gradient is, the optimisation attack, a language-model prior's help).
+
 Only the classification head (and a pooler the checkpoint lacks) is freshly
 initialised; it is initialised from ``seed``, so two loads give the same
-model.
+model. A random-weight decoder is drawn from ``seed`` as a whole.
 """
 
 from __future__ import annotations
@@ -43,14 +67,24 @@ import socket
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config,
+                          GPT2LMHeadModel)
 from transformers.utils import logging as hf_logging
 
 FINETUNED_MODELS = ("minilm-cola", "minilm-sst2", "minilm-rotten_tomatoes")
 """MiniLM fine-tuned on each dataset's train split (:mod:`gilib.finetune`): built on first use, then cached."""
 
+_DECODER_SHAPES = {
+    # GPT-2 small (the config.json of openai-community/gpt2) over bert-base-uncased's vocabulary.
+    "gpt2-shape": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    "gpt2-tiny": dict(n_embd=128, n_layer=2, n_head=2, n_positions=128),
+}
+DECODER_MODELS = (*_DECODER_SHAPES, "gpt2")
+"""The decoders (``GPT2LMHeadModel``, next-token loss): two random-weight
+shapes offline and OpenAI's GPT-2 small from the hub."""
+
 OFFLINE_MODELS = ("minilm", "bert-base-shape", "tinybert-4-shape", "tinybert-6-shape", "minilm-shape", "tiny",
-                  *FINETUNED_MODELS)
+                  *FINETUNED_MODELS, *_DECODER_SHAPES)
 """Names that load with no network."""
 
 HUB_MODELS = {
@@ -115,7 +149,7 @@ def load_tokenizer(name: str = "minilm") -> BertTokenizerFast:
     from the bundled MiniLM checkpoint. A hub name loads that checkpoint's
     own tokenizer.
     """
-    if name in OFFLINE_MODELS:
+    if name in OFFLINE_MODELS:  # the decoder shapes too: bert-base-uncased's vocabulary
         return BertTokenizerFast.from_pretrained(str(minilm_path()))
     _require_hub(name)
     with _hub_errors(name):
@@ -136,8 +170,10 @@ def load_model(
             :data:`OFFLINE_MODELS` (random weights of a given shape, or MiniLM
             fine-tuned on a dataset: :data:`FINETUNED_MODELS`), or a
             Hugging Face checkpoint such as ``"bert-base-uncased"`` (needs
-            the hub; :data:`HUB_MODELS`).
-        num_labels: classes of the classification head.
+            the hub; :data:`HUB_MODELS`). A name of :data:`DECODER_MODELS`
+            gives a ``GPT2LMHeadModel`` (no classification head).
+        num_labels: classes of the classification head (a decoder has none:
+            it must stay at the default).
         seed: seeds every freshly initialised weight (the head, and all
             weights of a random-config model); for a fine-tuned victim, its
             recipe's seed (another seed, another checkpoint).
@@ -150,7 +186,10 @@ def load_model(
     Raises:
         RuntimeError: for a hub name when the hub is unreachable, naming the
             offline choices.
+        ValueError: for ``num_labels`` other than the default on a decoder.
     """
+    if name in DECODER_MODELS:
+        return _decoder(name, num_labels, seed, device)
     if name in FINETUNED_MODELS:
         return _finetuned(name, num_labels, seed, device)
     tokenizer = load_tokenizer(name)
@@ -170,6 +209,50 @@ def load_model(
         _reinit_head(model, seed)
     model.config.name_or_path = name
     return model.to(device).eval(), tokenizer
+
+
+def _decoder(name: str, num_labels: int, seed: int, device) -> tuple[GPT2LMHeadModel, BertTokenizerFast]:
+    """A GPT-2-style decoder: random weights of a shape from ``seed``, or GPT-2 small from the hub."""
+    if num_labels != NUM_LABELS:
+        raise ValueError(f"'{name}' is a language model: it predicts the next token and has no classes, so "
+                         f"num_labels={num_labels} does not apply. Leave num_labels at its default.")
+    tokenizer = load_tokenizer(name)
+    if name == "gpt2":
+        _require_hub(name)
+        with _hub_errors(name):
+            model = GPT2LMHeadModel.from_pretrained(name, attn_implementation="eager")
+    else:
+        bos, eos, pad = lm_special_ids(tokenizer)
+        config = GPT2Config(vocab_size=tokenizer.vocab_size, bos_token_id=bos, eos_token_id=eos,
+                            pad_token_id=pad, **_DECODER_SHAPES[name])
+        config._attn_implementation = "eager"
+        with _seeded(seed):
+            model = GPT2LMHeadModel(config)
+    # The next-token loss, named: transformers cannot tell it from the class name and warns at every call.
+    model.loss_type = "ForCausalLM"
+    model.config.name_or_path = name
+    return model.to(device).eval(), tokenizer
+
+
+def is_decoder(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a GPT-2-style decoder (next-token loss, causal mask) rather than a BERT classifier."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+
+
+def lm_special_ids(tokenizer) -> tuple[int, int, int]:
+    """The ids a decoder's sentence starts, ends and is padded with: ``(bos, eos, pad)``.
+
+    bert-base-uncased's ``[CLS]`` and ``[SEP]`` play the parts of GPT-2's
+    ``<|endoftext|>`` before and after a training text, ``[PAD]`` pads;
+    GPT-2's own tokenizer has one ``<|endoftext|>`` for all three.
+    """
+    bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if bos is None or eos is None:
+        raise ValueError("This tokenizer has neither [CLS]/[SEP] nor a BOS/EOS token: a decoder's sentence "
+                         "needs a start and an end token.")
+    return int(bos), int(eos), int(pad)
 
 
 def cached_model(
@@ -284,7 +367,8 @@ def _seeded(seed: int):
 
 def _offline_message(name: str) -> str:
     # A paper victim's offline stand-in is named first: same shape, random weights.
-    shape = f" '{HUB_MODELS[name]}' has its shape with random weights." if name in HUB_MODELS else ""
+    shapes = {**HUB_MODELS, "gpt2": "gpt2-shape"}
+    shape = f" '{shapes[name]}' has its shape with random weights." if name in shapes else ""
     return (
         f"Could not load '{name}' from the Hugging Face hub. Check the name and your "
         f"connection; with no network use one of the offline models: "
@@ -352,3 +436,61 @@ def encode(
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["labels"] = torch.tensor(labels, dtype=torch.long, device=device)
     return batch
+
+
+def encode_lm(
+    tokenizer: BertTokenizerFast,
+    texts: list[str] | str,
+    *,
+    max_tokens: int = 1024,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Tokenize a decoder client's private batch: each sentence between a start and an end token.
+
+    A decoder learns the next token, so the batch carries no class labels;
+    :func:`gilib.client.client_update` derives the next-token labels from
+    ``input_ids``. Each sentence is wrapped as ``[CLS] words [SEP]``
+    (:func:`lm_special_ids`: GPT-2's ``<|endoftext|>`` on either side, as
+    fine-tuning texts are joined), for two reasons. The end token makes the
+    last word a *predicting* position: without it the last word would be
+    no position's input that the loss reads (the last position's logits
+    predict nothing), its layer-0 output gradient would be zero and no span
+    check could see it. And the lengths then count the same two special
+    tokens as a BERT batch's, so the server's message
+    (:class:`~gilib.update.SharedUpdate`) and the metrics are the same.
+    Padding is on the right, where the causal mask keeps it out of every
+    real position.
+
+    Args:
+        tokenizer: the decoder's tokenizer.
+        texts: B sentences (or one).
+        max_tokens: the longest sequence allowed, both special tokens
+            included (the model's position table bounds it).
+        device: where the tensors live.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, each ``(B, T)``, padded to the
+        longest sentence.
+
+    Raises:
+        ValueError: for an empty batch or sentence, or a sentence longer
+            than ``max_tokens`` tokens.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("The batch is empty: pass at least one sentence.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Sentence {i} is empty (or not a string): every sentence needs at least one word.")
+    bos, eos, pad = lm_special_ids(tokenizer)
+    rows = [[bos, *ids, eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    if len(rows[longest]) > max_tokens:
+        raise ValueError(
+            f"Sentence {longest} has {len(rows[longest])} tokens with its start and end tokens, more than the "
+            f"{max_tokens} this model takes; shorten it or pick shorter sentences."
+        )
+    width = len(rows[longest])
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

@@ -1,4 +1,4 @@
-"""What the attacker sees: named selections of a BERT's parameters.
+"""What the attacker sees: named selections of a BERT's or a GPT-2 decoder's parameters.
 
 Li, Xu and Dras (EMNLP 2024) show that the gradient of a *part* of a
 Transformer leaks the training text: one encoder layer, or one linear weight
@@ -55,6 +55,28 @@ tokens the sentence uses, so sharing it hands over the bag of words with no
 attack at all; an optimisation attack, which works on continuous embeddings,
 has no way to match it.
 
+A GPT-2-style decoder (:func:`gilib.models.is_decoder`) has the same
+components under its own names, in ``transformer.h.L``:
+
+============================  ==============================================
+name                          parameters of ``transformer.h.L``
+============================  ==============================================
+``layer``                     every parameter of the block
+``attention.qkv``             ``attn.c_attn.weight`` (query, key, value fused)
+``attention.output``          ``attn.c_proj.weight``
+``ffn.intermediate``          ``mlp.c_fc.weight``
+``ffn.output``                ``mlp.c_proj.weight``
+============================  ==============================================
+
+GPT-2's linear layers are ``Conv1D`` s whose weight is stored ``(in, out)``,
+the transpose of ``nn.Linear``'s: the gradient is ``X^T Delta`` and the
+inputs span its *columns*. Query, key and value are one fused weight, so
+``attention.query``, ``attention.key`` and ``attention.value`` do not
+exist on a decoder (select ``attention.qkv``). ``encoder`` is every block;
+``full`` is every parameter but the word embeddings, which GPT-2 ties to
+its LM head, so ``full`` leaves out the LM head's weight too (it is the
+same tensor).
+
 Names are matched exactly, never by substring: ``ffn.output`` is
 ``layer.L.output.dense.weight`` and must not pick up
 ``layer.L.attention.output.dense.weight``.
@@ -82,6 +104,13 @@ _LINEAR = {
     "ffn.intermediate": ("intermediate.dense.weight",),
     "ffn.output": ("output.dense.weight",),
 }
+_DECODER_LINEAR = {
+    "attention.qkv": ("attn.c_attn.weight",),
+    "attention.output": ("attn.c_proj.weight",),
+    "ffn.intermediate": ("mlp.c_fc.weight",),
+    "ffn.output": ("mlp.c_proj.weight",),
+}
+"""A GPT-2 block's weights under the same component names (query, key and value are fused)."""
 PER_LAYER = ("layer", *_LINEAR)
 """Components that take a layer index, a list of indices or ``"all"``."""
 WHOLE = ("full", "encoder")
@@ -102,6 +131,7 @@ ADAPTER_COMPONENTS = ("lora", "lora.A", "lora.B", *(f"lora.{m}{ab}" for m in LOR
 """The LoRA family: every adapter, every ``A`` or ``B``, one module's pair, one module's ``A`` or ``B``."""
 
 _WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+_DECODER_WORD_EMBEDDINGS = "wte.weight"
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[tuple[int, str, str], str]:
@@ -200,7 +230,8 @@ def select(
     """Name the part of ``model`` whose gradient the attacker receives.
 
     Args:
-        model: a BERT-family model (``BertForSequenceClassification``).
+        model: a BERT-family model (``BertForSequenceClassification``) or a
+            GPT-2-style decoder (``GPT2LMHeadModel``).
         component: one of :data:`COMPONENTS`.
         layers: for a per-layer component, an index, a list of indices or
             ``"all"``; must be ``None`` for ``full`` and ``encoder``.
@@ -211,7 +242,8 @@ def select(
 
     Raises:
         ValueError: for an unknown component, a missing or out-of-range
-            layer, or a layer given to ``full`` / ``encoder``; the message
+            layer, a layer given to ``full`` / ``encoder``, or a query, key or
+            value weight on a decoder (fused: ``attention.qkv``); the message
             lists the valid choices.
     """
     if component in ADAPTER_COMPONENTS:
@@ -226,6 +258,16 @@ def select(
     n_layers = model.config.num_hidden_layers
     # A LoRA client shares only what it trains; a plain model trains everything (and keeps its old names).
     lora = has_adapters(model)
+    # A decoder's names (GPT-2's); the model module is not imported here, so read its type off the config.
+    decoder = getattr(model.config, "model_type", None) == "gpt2"
+    linear = _DECODER_LINEAR if decoder else _LINEAR
+    blocks = f"{prefix}h." if decoder else f"{prefix}encoder.layer."
+    words = prefix + (_DECODER_WORD_EMBEDDINGS if decoder else _WORD_EMBEDDINGS)
+    if decoder and component in PER_LAYER and component not in ("layer", *linear):
+        raise ValueError(
+            f"'{component}' does not exist on a GPT-2 decoder: its query, key and value share one fused weight "
+            f"(attn.c_attn). Choose one of: {', '.join(('layer', *linear))}, or {', '.join(WHOLE)}."
+        )
 
     if component in WHOLE:
         if layers is not None:
@@ -234,9 +276,9 @@ def select(
                 f"use one of {', '.join(PER_LAYER)} to select a layer."
             )
         if component == "full":
-            names = [n for n in named if n != prefix + _WORD_EMBEDDINGS]
+            names = [n for n in named if n != words]
         else:
-            names = [n for n in named if n.startswith(prefix + "encoder.layer.")]
+            names = [n for n in named if n.startswith(blocks)]
         if lora:
             names = [n for n in names if named[n].requires_grad]
         layer_ids: tuple[int, ...] = tuple(range(n_layers)) if component == "encoder" else ()
@@ -244,11 +286,11 @@ def select(
         layer_ids = _layer_indices(layers, n_layers, component)
         names = []
         for layer in layer_ids:
-            stem = f"{prefix}encoder.layer.{layer}."
+            stem = f"{blocks}{layer}."
             if component == "layer":
                 names += [n for n in named if n.startswith(stem)]
             else:
-                names += [stem + suffix for suffix in _LINEAR[component]]
+                names += [stem + suffix for suffix in linear[component]]
         missing = [n for n in names if n not in named]
         if missing and lora:
             raise ValueError(
@@ -258,7 +300,8 @@ def select(
             )
         if missing:
             raise ValueError(
-                f"This model has no parameter {missing[0]}: selections expect a BERT-family model."
+                f"This model has no parameter {missing[0]}: selections expect a BERT-family model or a GPT-2 "
+                f"decoder."
             )
         if lora and component == "layer":
             names = [n for n in names if named[n].requires_grad]

@@ -31,8 +31,11 @@ class SharedUpdate(NamedTuple):
         shared_grads: one tensor per name of the selection, each of its
             parameter's shape.
         labels: ``(B,)`` class labels, or ``None`` where the attack does not
-            need them (the span check at batch size 1).
-        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included.
+            need them (the span check at batch size 1), and always ``None``
+            from a decoder, which has no classes (its next-token labels are
+            the text itself).
+        lengths: B token counts, ``[CLS]`` and ``[SEP]`` included (a
+            decoder's start and end tokens: :func:`gilib.models.encode_lm`).
     """
 
     shared_grads: Sequence[torch.Tensor]

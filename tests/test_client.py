@@ -5,7 +5,7 @@ import torch
 
 from gilib.client import DPSGD, AdamW, CentralDP, FedAvg, client_update
 from gilib.dp import batch_inputs, dp_sgd_step
-from gilib.models import encode
+from gilib.models import encode, encode_lm, load_model
 from gilib.selection import select
 from gilib.update import SharedUpdate
 
@@ -311,3 +311,47 @@ def test_adamw_in_float32_keeps_the_gradients_sign_and_loses_large_magnitudes(mi
     assert torch.equal(step[moved].sign(), plain[moved].sign())
     (recovered,) = protocol.gradient(message, model, selection).shared_grads
     assert torch.equal(recovered[moved].sign(), plain[moved].sign())
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    model, tokenizer = load_model("gpt2-tiny")
+    return model, encode_lm(tokenizer, ["the film was good", "a cat sat on the mat"])
+
+
+def test_a_decoder_client_sends_the_next_token_gradient_without_labels(decoder):
+    model, batch = decoder
+    selection = select(model, "layer", 0)
+    update = client_update(model, selection, batch).shared
+    assert update.labels is None and update.lengths == [6, 8]
+    # The next-token loss by hand: each position predicts the next token, padding ignored.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    expected = torch.autograd.grad(loss, selection.parameters(model))
+    for got, want in zip(update.shared_grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_decoder_client_runs_fedavg_and_adamw_through_the_same_loss(decoder):
+    model, batch = decoder
+    selection = select(model, "attention.qkv", 0)
+    gradient = client_update(model, selection, batch).shared.shared_grads[0]
+    fedavg = client_update(model, selection, batch, FedAvg(local_steps=1, lr=1e-3, precision="float64")).shared
+    torch.testing.assert_close(fedavg.shared_grads[0], gradient, rtol=1e-4, atol=1e-7)
+    adamw = AdamW(lr=1e-4, precision="float64", weight_decay=0.0)
+    recovered = adamw.gradient(client_update(model, selection, batch, adamw).shared, model, selection)
+    assert torch.nn.functional.cosine_similarity(recovered.shared_grads[0].flatten(), gradient.flatten(), 0) > 0.99
+
+
+def test_a_decoder_client_refuses_class_labels_long_batches_and_dp(decoder):
+    model, batch = decoder
+    selection = select(model, "layer", 0)
+    with pytest.raises(ValueError, match="has no class labels.*encode_lm"):
+        client_update(model, selection, {**batch, "labels": torch.tensor([0, 1])})
+    too_long = {"input_ids": torch.ones(1, 129, dtype=torch.long), "attention_mask": torch.ones(1, 129, dtype=torch.long)}
+    with pytest.raises(ValueError, match="129 tokens per sentence but this model takes at most 128"):
+        client_update(model, selection, too_long)
+    for protocol in (DPSGD(noise_multiplier=1.0), CentralDP(noise_multiplier=1.0)):
+        with pytest.raises(ValueError, match="not available for a decoder"):
+            client_update(model, selection, batch, protocol)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from gilib.models import HUB_MODELS, OFFLINE_MODELS, encode, load_model, model_facts
+from gilib.models import (DECODER_MODELS, HUB_MODELS, OFFLINE_MODELS, encode, encode_lm, is_decoder, lm_special_ids,
+                          load_model, model_facts)
 
 
 def test_minilm_is_the_pretrained_offline_default(minilm):
@@ -132,3 +133,47 @@ def test_encode_rejects_bad_input(tiny, texts, labels, message):
     _, tokenizer = tiny
     with pytest.raises(ValueError, match=message):
         encode(tokenizer, texts, labels)
+
+
+def test_the_gpt2_small_shape_decoder_has_gpt2_smalls_body_over_berts_vocabulary():
+    model, tokenizer = load_model("gpt2-shape")
+    facts = model_facts(model)
+    assert (facts["layers"], facts["hidden"], facts["heads"], facts["max_tokens"]) == (12, 768, 12, 1024)
+    assert facts["vocab"] == tokenizer.vocab_size == 30522
+    # GPT-2 small's 124,439,808 parameters hold 50257 x 768 word embeddings; here 30522 rows.
+    assert facts["params"] == 124_439_808 - (50257 - 30522) * 768
+    assert model.config._attn_implementation == "eager" and not model.training
+    assert is_decoder(model) and not is_decoder(load_model("tiny")[0])
+    # The LM head is the word-embedding table (tied): one tensor, counted once.
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_decoders_are_seeded_and_refuse_classes():
+    model, _ = load_model("gpt2-tiny", seed=0)
+    again, _ = load_model("gpt2-tiny", seed=0)
+    other, _ = load_model("gpt2-tiny", seed=1)
+    weight = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(dict(model.named_parameters())[weight], dict(again.named_parameters())[weight])
+    assert not torch.equal(dict(model.named_parameters())[weight], dict(other.named_parameters())[weight])
+    with pytest.raises(ValueError, match="no classes"):
+        load_model("gpt2-tiny", num_labels=3)
+
+
+def test_gpt2_is_online_only_and_names_its_offline_shape(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert {"gpt2-shape", "gpt2-tiny"} <= set(OFFLINE_MODELS) and "gpt2" in DECODER_MODELS
+    with pytest.raises(RuntimeError, match="'gpt2-shape' has its shape with random weights"):
+        load_model("gpt2")
+
+
+def test_encode_lm_wraps_each_sentence_and_carries_no_labels():
+    _, tokenizer = load_model("gpt2-tiny")
+    batch = encode_lm(tokenizer, ["a cat", "the film was long"])
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].tolist() == [[101, 1037, 4937, 102, 0, 0], [101, 1996, 2143, 2001, 2146, 102]]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [4, 6]
+    assert lm_special_ids(tokenizer) == (101, 102, 0)
+    with pytest.raises(ValueError, match="Sentence 1 is empty"):
+        encode_lm(tokenizer, ["a cat", "  "])
+    with pytest.raises(ValueError, match="Sentence 0 has 6 tokens .* more than the 5"):
+        encode_lm(tokenizer, "the film was long", max_tokens=5)

@@ -82,3 +82,45 @@ def test_an_empty_selection_and_a_selection_of_another_model_are_refused(tiny, b
     foreign = select(bert_base, "attention.query", 11)  # MiniLM-sized models have no layer 11
     with pytest.raises(ValueError, match="made for another model"):
         foreign.parameters(tiny[0])
+
+
+@pytest.fixture(scope="module")
+def gpt2_tiny():
+    return load_model("gpt2-tiny")[0]
+
+
+@pytest.mark.parametrize("component, layers, names", [
+    ("attention.qkv", 0, ["transformer.h.0.attn.c_attn.weight"]),
+    ("attention.output", 1, ["transformer.h.1.attn.c_proj.weight"]),
+    ("ffn.intermediate", "all", [f"transformer.h.{i}.mlp.c_fc.weight" for i in (0, 1)]),
+    ("ffn.output", -1, ["transformer.h.1.mlp.c_proj.weight"]),  # never attn.c_proj
+])
+def test_decoder_components_select_exact_names(gpt2_tiny, component, layers, names):
+    assert list(select(gpt2_tiny, component, layers).names) == names
+
+
+def test_decoder_weights_are_conv1d_shaped_in_by_out(gpt2_tiny):
+    params = dict(gpt2_tiny.named_parameters())
+    d = gpt2_tiny.config.hidden_size
+    shapes = {c: tuple(params[select(gpt2_tiny, c, 0).names[0]].shape)
+              for c in ("attention.qkv", "attention.output", "ffn.intermediate", "ffn.output")}
+    assert shapes == {"attention.qkv": (d, 3 * d), "attention.output": (d, d), "ffn.intermediate": (d, 4 * d),
+                      "ffn.output": (4 * d, d)}
+
+
+def test_decoder_layer_encoder_and_full(gpt2_tiny):
+    layer = select(gpt2_tiny, "layer", 1)
+    assert all(n.startswith("transformer.h.1.") for n in layer.names) and len(layer.names) == 12
+    encoder = select(gpt2_tiny, "encoder")
+    assert len(encoder.names) == 24 and encoder.layers == (0, 1)
+    full = select(gpt2_tiny, "full")
+    # Every parameter but the word embeddings, which the LM head shares (tied: not a parameter of its own).
+    assert "transformer.wte.weight" not in full.names and "lm_head.weight" not in full.names
+    assert full.names[0] == "transformer.wpe.weight" and full.names[-1] == "transformer.ln_f.bias"
+    assert full.numel == full.total - gpt2_tiny.transformer.wte.weight.numel()
+
+
+@pytest.mark.parametrize("component", ["attention.query", "attention.key", "attention.value"])
+def test_a_decoder_has_no_separate_query_key_or_value(gpt2_tiny, component):
+    with pytest.raises(ValueError, match="fused weight .* attention.qkv"):
+        select(gpt2_tiny, component, 0)

@@ -14,19 +14,23 @@ entry point                 settings                 diagnostics
 ==========================  =======================  ===========================
 
 * :func:`optimization_attack`: LAMP-style gradient matching (cos / L2 /
-  TAG) for any selection of parameters; :func:`attack_clients` runs it for
+  TAG) for any selection of parameters (a decoder's at the next-token
+  loss); :func:`attack_clients` runs it for
   several clients at once; a language-model prior (:class:`NgramPrior`,
   :class:`GPT2Prior`) can steer its reordering rounds.
 * :func:`span_attack`: exact recovery from a layer-0 query, key or value
   weight gradient (the row-space check), peeling for batches; on a LoRA
   victim from its stacked layer-0 ``A`` adapter gradients, and
   :func:`adapter_span_attack` from several rounds' (the rank rule,
-  :mod:`~gilib.attack.adapters`).
+  :mod:`~gilib.attack.adapters`); on a GPT-2-style decoder, from layer 0's
+  fused ``c_attn`` weight and a causal left-to-right search
+  (:mod:`~gilib.attack.decoder`).
 
 The white-box pieces, for a reader who wants to see inside:
 :mod:`~gilib.attack.rowspace` (the row-space check, chapter 5 teaches from
 it), :mod:`~gilib.attack.checks`, :mod:`~gilib.attack.searches` and
-:mod:`~gilib.attack.peeling` (batches), :mod:`~gilib.attack.positions`
+:mod:`~gilib.attack.peeling` (batches), :mod:`~gilib.attack.decoder`
+(a decoder's batches, by the causal mask), :mod:`~gilib.attack.positions`
 (a large batch's word order from the gradient's position parts),
 :mod:`~gilib.attack.objectives`,
 :mod:`~gilib.attack.engines` and :mod:`~gilib.attack.ghost` (the

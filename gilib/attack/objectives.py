@@ -12,7 +12,9 @@
 selected parameters, exactly as the client did, and its distance to
 ``shared_grads``. It is written with :mod:`torch.func`, so the same code
 scores one candidate or, under :func:`torch.func.vmap`, many at once (each
-with its own per-candidate gradient).
+with its own per-candidate gradient). For a GPT-2-style decoder the
+client's loss is the next-token cross-entropy under a causal mask, taken at
+the labels the candidate's own nearest words give.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ..models import is_decoder, lm_special_ids
+from .tokens import TokenSpace
+
 OBJECTIVES = ("cos", "l2", "tag")
 _ROUND_OFF = 1e-6  # relative gradient norm below which a tensor is numerically zero
+FREE = -1
+"""In a decoder's label template (:meth:`GradientMatcher.target`): a label the candidate's own tokens give."""
 
 
 def gradient_distance(
@@ -59,18 +66,24 @@ def gradient_distance(
     return total
 
 
-def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32, *,
+                   causal: bool = False) -> torch.Tensor:
     """The ``(B, 1, T, T)`` additive attention mask BERT's eager attention adds to its scores.
 
     Handing the model this prepared mask, rather than the ``(B, T)`` 0/1
     mask, skips transformers' data-dependent mask construction, which
     :func:`torch.func.vmap` cannot trace. The values are the ones
     transformers would build: 0 where attention is allowed, the dtype's
-    minimum where it is not.
+    minimum where it is not. ``causal``: a decoder's mask, where position
+    ``p`` also sees no position after it.
     """
     batch, width = attention_mask.shape
     blocked = (1.0 - attention_mask.to(dtype)) * torch.finfo(dtype).min
-    return blocked[:, None, None, :].expand(batch, 1, width, width)
+    mask = blocked[:, None, None, :].expand(batch, 1, width, width)
+    if causal:
+        later = torch.ones(width, width, dtype=torch.bool, device=mask.device).triu(1)
+        mask = mask.masked_fill(later, torch.finfo(dtype).min)
+    return mask
 
 
 class Target(NamedTuple):
@@ -78,7 +91,8 @@ class Target(NamedTuple):
 
     Attributes:
         shared_grads: one tensor per matched parameter.
-        labels: ``(B,)`` class labels.
+        labels: ``(B,)`` class labels; for a decoder, the ``(B, T)`` label
+            template of :meth:`GradientMatcher.target`.
         mask: ``(B, 1, T, T)`` additive attention mask (:func:`_additive_mask`).
     """
 
@@ -96,11 +110,19 @@ class GradientMatcher:
     serves many clients and :func:`torch.func.vmap` can batch over clients
     as well as over candidates.
 
+    A decoder (:func:`gilib.models.is_decoder`) is matched on the client's
+    own loss, the next-token cross-entropy. Its labels are the text itself,
+    which the attack is looking for: a candidate is scored with the labels
+    its own nearest words give (detached: the candidate's gradient is
+    taken at them, as a classifier's at its known labels), the end token
+    and padding known from the lengths. That needs the token space.
+
     Args:
         model: the victim, in ``eval()`` mode.
         names: exact names of the selected parameters.
         objective: one of :data:`OBJECTIVES`.
         tag_l1_weight: weight of TAG's L1 term.
+        tokens: the victim's token space; required for a decoder.
     """
 
     def __init__(
@@ -109,9 +131,15 @@ class GradientMatcher:
         names: Sequence[str],
         objective: str = "cos",
         tag_l1_weight: float = 0.01,
+        tokens: TokenSpace | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"Unknown objective '{objective}'. Choose one of: {', '.join(OBJECTIVES)}.")
+        self.decoder = is_decoder(model)
+        if self.decoder and tokens is None:
+            raise ValueError("A decoder's gradient is taken at its next tokens: give the matcher the token space "
+                             "(tokens=TokenSpace(model, tokenizer)).")
+        self.tokens = tokens
         self.model = model
         self.names = list(names)
         self.objective = objective
@@ -142,7 +170,8 @@ class GradientMatcher:
             keep |= {n for n, v in zip(self.names, norms) if v > _ROUND_OFF * max(norms)}
         if not keep:
             raise ValueError("Every shared gradient tensor is zero: there is nothing to match.")
-        return GradientMatcher(self.model, [n for n in self.names if n in keep], self.objective, self.tag_l1_weight)
+        return GradientMatcher(self.model, [n for n in self.names if n in keep], self.objective, self.tag_l1_weight,
+                               self.tokens)
 
     def target(
         self, shared_grads: Sequence[torch.Tensor], names: Sequence[str], labels: torch.Tensor, attention_mask: torch.Tensor
@@ -153,13 +182,27 @@ class GradientMatcher:
             shared_grads: the client's gradients, one per name in ``names``.
             names: the names ``shared_grads`` belong to (a superset of
                 :attr:`names`).
-            labels: ``(B,)`` class labels.
+            labels: ``(B,)`` class labels (ignored for a decoder).
             attention_mask: ``(B, T)``, 1 on real tokens.
+
+        For a decoder the labels are a ``(B, T)`` template: the end token at
+        each sentence's last position, ``-100`` (ignored) on padding and
+        :data:`FREE` where the candidate's own tokens give them.
         """
         by_name = dict(zip(names, shared_grads))
-        return Target(tuple(by_name[n].detach() for n in self.names), labels, _additive_mask(attention_mask))
+        grads = tuple(by_name[n].detach() for n in self.names)
+        if not self.decoder:
+            return Target(grads, labels, _additive_mask(attention_mask))
+        _, eos, _ = lm_special_ids(self.tokens.tokenizer)
+        lengths = attention_mask.sum(dim=1)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
+        template = torch.where(positions == (lengths[:, None] - 1), eos, FREE)
+        template = torch.where(attention_mask.bool(), template, -100)
+        return Target(grads, template, _additive_mask(attention_mask, causal=True))
 
     def _client_loss(self, selected: dict[str, torch.Tensor], embeds: torch.Tensor, target: Target) -> torch.Tensor:
+        if self.decoder:
+            return self._next_token_loss(selected, embeds, target)
         out = functional_call(
             self.model,
             {**self._frozen, **selected},
@@ -167,6 +210,16 @@ class GradientMatcher:
             kwargs={"inputs_embeds": embeds, "attention_mask": target.mask, "labels": target.labels},
         )
         return out.loss
+
+    def _next_token_loss(self, selected: dict[str, torch.Tensor], embeds: torch.Tensor,
+                         target: Target) -> torch.Tensor:
+        """A decoder's loss, as the client computes it, at the labels the candidate's nearest words give."""
+        logits = functional_call(self.model, {**self._frozen, **selected}, args=(),
+                                 kwargs={"inputs_embeds": embeds, "attention_mask": target.mask}).logits
+        labels = torch.where(target.labels == FREE, self.tokens.nearest(embeds.detach()), target.labels)
+        # Position p predicts the token at p + 1, padding ignored: the mean over predicted tokens.
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
 
     def gradients(self, embeds: torch.Tensor, target: Target) -> list[torch.Tensor]:
         """Gradient of the classification loss on the selected parameters.

@@ -22,7 +22,11 @@ Gradients with Language Model Priors", NeurIPS 2022) as Li, Xu and Dras
    score the reordering rounds use, on the discrete tokens.
 
 The ``[CLS]`` / ``[SEP]`` tokens and each sentence's length are known to the
-attacker and held fixed. The attack receives only what the server has: the
+attacker and held fixed. A GPT-2-style decoder's client trains on the
+next-token loss, whose labels are the text itself: a candidate's gradient
+is taken at the labels its own nearest words give
+(:class:`~gilib.attack.objectives.GradientMatcher`), so the attack runs on
+a decoder unchanged, with no labels in the message. The attack receives only what the server has: the
 model, the selection and the client's message, a
 :class:`~gilib.update.SharedUpdate` (gradients, labels, lengths).
 
@@ -49,6 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..models import is_decoder
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
 from .config import AttackConfig
@@ -90,7 +95,8 @@ def optimization_attack(
         ValueError: if the update does not fit the model and the selection
             (:meth:`~gilib.update.SharedUpdate.validated`: tensor count,
             shape, dtype, device, NaN or infinite values, an all-zero
-            gradient, lengths, labels), or carries no labels.
+            gradient, lengths, labels), or carries no labels (a classifier's;
+            a decoder's message has none, and needs none).
     """
     return attack_clients(model, tokenizer, [update], selection, config, prior=prior)[0]
 
@@ -195,7 +201,7 @@ def _prepare(
     space = TokenSpace(model, tokenizer)
     width = max(max(u.lengths) for u in updates)
     layouts = [Layout(u.lengths, width, tokenizer, space, device) for u in updates]
-    matcher = GradientMatcher(model, selection.names, cfg.objective, cfg.tag_l1_weight)
+    matcher = GradientMatcher(model, selection.names, cfg.objective, cfg.tag_l1_weight, space)
     matcher = matcher.matched([u.shared_grads for u in updates])
     targets = [
         matcher.target(u.shared_grads, selection.names, u.labels, layout.attention_mask)
@@ -264,7 +270,7 @@ def _finish(engine: Engine, run: _Run, start: float) -> list[AttackResult]:
 def _validated(update: SharedUpdate, model: torch.nn.Module, selection: Selection) -> SharedUpdate:
     """One client's message, checked and in canonical form, with labels (the attack needs them)."""
     update = checked_update(update, model, selection)
-    if update.labels is None:
+    if update.labels is None and not is_decoder(model):  # a decoder's labels are its candidates' own words
         raise ValueError(
             "The optimisation attack needs the batch's labels (the candidate's gradient is taken at them); "
             "the update has none. Pass the labels the server knows, one per sentence."

@@ -42,9 +42,12 @@ class SpanDiagnostics:
         min_gap: the smallest gap, over positions, between the last chosen
             and the first rejected token's residual.
         candidates: each interior position's candidate tokens.
-        rounds: peeling rounds run (0 at batch size 1).
+        rounds: peeling rounds run (0 at batch size 1); on a decoder, the
+            positions the causal search extended.
         found: per sentence of a batch, whether peeling verified it
-            (``None`` at batch size 1, where there is no peeling).
+            (``None`` at batch size 1, where there is no peeling); on a
+            decoder, whether the causal search found it whole, at every
+            batch size (``None`` without a verifier weight).
         labels: per sentence of a batch, the label its peeling showed
             (``None`` where it was not found; the list is ``None`` at batch size 1).
         uncertain: per sentence of a batch, the positions whose check

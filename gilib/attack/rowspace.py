@@ -197,23 +197,41 @@ def row_space(gradient: torch.Tensor, max_rank: int | None = None, noise: float 
     return RowSpace(vh[:rank].T.contiguous(), s, rank, tolerance)
 
 
+def layer0_parts(model: torch.nn.Module, token_type: int = 0):
+    """What layer 0's input projections read, before their LayerNorm: ``(words, positions, segment, norm)``.
+
+    A BERT's input is ``LayerNorm(word + position + segment embedding)``
+    (the embeddings' own LayerNorm); a GPT-2 decoder's is its first block's
+    ``ln_1(wte + wpe)`` (pre-LayerNorm, no segments: ``segment`` is 0).
+
+    Returns:
+        ``words`` ``(V, d)``, ``positions`` ``(P_max, d)``, ``segment``
+        ``(d,)`` and the ``LayerNorm`` module.
+    """
+    if getattr(model.config, "model_type", None) == "gpt2":
+        base = model.base_model
+        words = base.wte.weight
+        return words, base.wpe.weight, torch.zeros_like(words[0]), base.h[0].ln_1
+    emb = model.base_model.embeddings
+    return (emb.word_embeddings.weight, emb.position_embeddings.weight, emb.token_type_embeddings.weight[token_type],
+            emb.LayerNorm)
+
+
 def layer0_inputs(model: torch.nn.Module, position: int, token_type: int = 0,
                   token_ids: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
     """The input a token would give layer 0 at ``position``: ``(V, d)``, or ``(K, d)`` for ``K`` token ids.
 
     Args:
-        model: the victim.
+        model: the victim (a BERT, or a GPT-2 decoder: :func:`layer0_parts`).
         position: the token's position.
-        token_type: its segment.
+        token_type: its segment (a BERT's).
         token_ids: the tokens to compute (default: the whole vocabulary).
     """
-    emb = model.base_model.embeddings
+    words, positions, segment, norm = layer0_parts(model, token_type)
     with torch.no_grad():
-        words = emb.word_embeddings.weight
         if token_ids is not None:
             words = words[torch.as_tensor(token_ids, device=words.device)]
-        x = words + emb.position_embeddings.weight[position] + emb.token_type_embeddings.weight[token_type]
-        return emb.LayerNorm(x)
+        return norm(words + positions[position] + segment)
 
 
 def token_residuals(
@@ -275,7 +293,8 @@ class _ClosedForm:
     Layer 0's input is ``x = gamma * (z - mu) / s + beta`` with
     ``z = e_v + q_p`` (word embedding plus the position's and segment's
     embedding), ``mu`` and ``s^2`` the mean and variance of ``z``. With
-    ``u = A z - mu A 1`` and ``A = V^T diag(gamma)``, the projection is
+    ``u = A z - mu A 1`` and ``A = V^T diag(gamma)`` (a GPT-2 decoder's
+    ``ln_1(wte + wpe)`` alike, with no segment: :func:`layer0_parts`), the projection is
     ``V^T x = u / s + V^T beta``; every term of ``||x||^2`` and
     ``||V^T x||^2`` expands into a per-token constant (computed once), a
     per-position constant and a token-position dot product (one matrix
@@ -288,15 +307,13 @@ class _ClosedForm:
     """
 
     def __init__(self, model: torch.nn.Module, basis: torch.Tensor, anchor: torch.Tensor | None) -> None:
-        emb = model.base_model.embeddings
-        norm = emb.LayerNorm
-        self.words = emb.word_embeddings.weight.detach().double()
+        words, positions, segment, norm = layer0_parts(model)
+        self.words = words.detach().double()
         self.device = self.words.device
         self.eps = float(norm.eps)
         self.gamma = norm.weight.detach().double()
         self.beta = norm.bias.detach().double()
-        self.shift = (emb.position_embeddings.weight.detach().double(),
-                      emb.token_type_embeddings.weight.detach().double()[0])
+        self.shift = (positions.detach().double(), segment.detach().double())
         basis = basis.to(self.device, torch.float64)
         self.dim = self.words.shape[1]
         self.g2, self.gb = self.gamma.square(), self.gamma * self.beta

@@ -19,10 +19,12 @@ from typing import Sequence
 
 import torch
 
+from ..models import is_decoder
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
 from .adapters import layer0_adapter_names, stacked_adapter_rows, stacked_label
 from .config import SpanConfig
+from .decoder import decoder_span_attack
 from .likelihood import likely_sentence
 from .objectives import GradientMatcher
 from .peeling import peel
@@ -134,6 +136,12 @@ def span_attack(
 ) -> AttackResult:
     """Recover a batch from the gradient of a layer-0 query, key or value weight.
 
+    A GPT-2-style decoder (:func:`gilib.models.is_decoder`) is handed to
+    :func:`gilib.attack.decoder.decoder_span_attack`: layer 0's fused
+    ``c_attn`` weight gives the candidates and the causal mask an exact
+    left-to-right search (``weights``, ``clipped`` and ``noise`` do not
+    apply to it).
+
     At batch size 1 each position's token is the one with the smallest
     residual. A batch is recovered sentence by sentence
     (:func:`gilib.attack.peeling.peel`): candidates from the span check,
@@ -216,7 +224,9 @@ def span_attack(
     Raises:
         TypeError: if ``update`` is not a :class:`~gilib.update.SharedUpdate`
             or ``config`` not a :class:`~gilib.attack.SpanConfig`.
-        ValueError: if the model is not a BERT, the update does not fit the
+        ValueError: if the model is not a BERT (a decoder: as
+            :func:`~gilib.attack.decoder.decoder_span_attack`, and for any of
+            ``weights``, ``clipped`` or ``noise``), the update does not fit the
             model and the selection (:meth:`~gilib.update.SharedUpdate.validated`:
             tensor count, shape, dtype, device, NaN or infinite values, an
             all-zero gradient, lengths, labels), no layer-0 query/key/value
@@ -228,6 +238,11 @@ def span_attack(
             positive number below the message's largest entry, or comes
             with ``weights``.
     """
+    if is_decoder(model):
+        if weights is not None or clipped or noise is not None:
+            raise ValueError("weights, clipped and noise describe a noisy message, which the decoder's span check "
+                             "does not model: attack a decoder's plain message without them.")
+        return decoder_span_attack(model, tokenizer, update, selection, config)
     start = time.perf_counter()
     cfg = SpanConfig() if config is None else config
     if not isinstance(cfg, SpanConfig):

@@ -1,0 +1,132 @@
+"""The exact span check on a GPT-2-style decoder: exact share and seconds per batch, batch sizes 1 to 8.
+
+What it measures
+----------------
+A decoder client (GPT-2 small's shape, ``gpt2-shape``: 12 x 768, random
+seeded weights over bert-base-uncased's vocabulary) fine-tunes on the
+next-token loss and shares all of layer 0 (``select(model, "layer", 0)``,
+the paper's single-layer setting); the server runs
+:func:`gilib.attack.span_attack`, which hands a decoder to
+:func:`gilib.attack.decoder.decoder_span_attack`: candidates from layer 0's
+fused ``c_attn`` gradient, then the causal left-to-right search checked by
+layer 0's ``mlp.c_fc`` gradient. For each batch: whether it came back token
+for token (as a multiset of sentences: a batch's order is its own), the
+share of its sentences that did, the seconds of the attack (and of its
+layer-0 check), whether the time budget ran out, and the layer-0 rank.
+
+Sentences: the seeded sample (``gilib.studies.sample.sample``, as
+``bench/noisy_span.py``) of the three datasets in ``/work/shared/data``
+(CoLA, SST-2, Rotten Tomatoes; the book's grid splits), from position
+``--offset`` on, held out from the book's earlier draws; batch ``k`` of
+size B is that sample's sentences ``k B`` to ``(k + 1) B - 1``. Nothing is
+asserted; the seconds are for one machine, one thread.
+
+What the random weights leave out: the search's exactness holds for any
+weights (the causal mask), but a trained GPT-2's LayerNorm biases and
+smooth position embeddings change how many impostors the layer-0
+candidates hold (here, with ``ln_1``'s bias 0, every batch's bag of words,
+:func:`gilib.attack.decoder.decoder_span_attack`), so the seconds, not the
+exactness, may differ on ``gpt2``.
+
+Usage::
+
+    python bench/decoder_span.py [--sizes 1 2 4 8] [--batches 10] [--offset 300] [--time-budget 60]
+                                 [--out data/bench/decoder_span.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from gilib.attack import SpanConfig, span_attack
+from gilib.client import client_update
+from gilib.data import git_commit
+from gilib.metrics import interval_text, share_interval, true_token_ids
+from gilib.models import cached_model, encode_lm
+from gilib.selection import select
+from gilib.studies.sample import sample
+from gilib.studies.span import DATASETS
+
+MODEL = "gpt2-shape"
+SIZES = (1, 2, 4, 8)
+
+
+def measure(sizes, batches: int, offset: int, time_budget: float | None) -> list[dict]:
+    """One line per batch: exact or not, its sentences' exact share, seconds."""
+    model, tokenizer = cached_model(MODEL)
+    selection = select(model, "layer", 0)
+    config = SpanConfig(time_budget=time_budget)
+    rows = []
+    for size in sizes:
+        for dataset in DATASETS:
+            for index, batch in enumerate(sample(dataset, batches, size, offset=offset)):
+                true_batch = encode_lm(tokenizer, [e.text for e in batch])
+                message = client_update(model, selection, true_batch).shared  # labels None: a decoder has none
+                start = time.perf_counter()
+                result = span_attack(model, tokenizer, message, selection, config)
+                seconds = time.perf_counter() - start
+                # The client's truth reaches only this comparison.
+                truth = Counter(map(tuple, true_token_ids(true_batch)))
+                found = Counter(map(tuple, result.token_ids))
+                rows.append({"model": MODEL, "dataset": dataset, "batch_size": size, "batch": index,
+                             "row_ids": " ".join(str(e.row_id) for e in batch), "tokens": sum(message.lengths),
+                             "exact": found == truth, "sentences_exact": sum((found & truth).values()) / size,
+                             "seconds": seconds, "check_seconds": result.timings["check"],
+                             "timed_out": result.diagnostics.timed_out, "rank": result.diagnostics.rank,
+                             "verifier": result.diagnostics.verifier})
+                print(size, dataset, index, sum(message.lengths), rows[-1]["exact"], round(seconds, 2), flush=True)
+    return rows
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per batch size: batches, exact share with its Wilson interval, sentences exact, seconds per batch."""
+    lines = []
+    for size, group in frame.groupby("batch_size"):
+        lines.append({"batch size": size, "batches": len(group), "tokens (mean)": round(group["tokens"].mean(), 1),
+                      "exact batches": interval_text(*share_interval(int(group["exact"].sum()), len(group)),
+                                                     percent=True, digits=0),
+                      "sentences exact": f"{100 * group['sentences_exact'].mean():.1f} %",
+                      "s/batch (mean)": round(group["seconds"].mean(), 2),
+                      "s/batch (max)": round(group["seconds"].max(), 2),
+                      "timed out": int(group["timed_out"].sum())})
+    return pd.DataFrame(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="batch sizes")
+    parser.add_argument("--batches", type=int, default=10, help="batches per dataset and batch size")
+    parser.add_argument("--offset", type=int, default=300, help="sentences of the seeded sample to skip first")
+    parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack")
+    parser.add_argument("--out", type=Path, default=None, help="also write every line here (CSV)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    frame = pd.DataFrame(measure(args.sizes, args.batches, args.offset, args.time_budget))
+    table = summary(frame)
+    print(table.to_string(index=False))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out, index=False)
+        settings = {"command": "python bench/decoder_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "model": MODEL, "selection": "layer 0 (all of transformer.h.0)", "sizes": args.sizes,
+                    "batches": args.batches, "datasets": list(DATASETS), "offset": args.offset,
+                    "time_budget": args.time_budget, "threads": 1,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+                    "commit": git_commit(), "wall_seconds": round(time.perf_counter() - started, 1),
+                    "summary": table.to_dict(orient="records")}
+        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
