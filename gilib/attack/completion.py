@@ -45,7 +45,8 @@ Four steps, each a standard tool:
    ``sum w (M - G(sentence))^2`` with the label that fits best, and the
    single best change is made until none helps. If the result is not a
    sharp minimum (:data:`SHARP`) the server refits once more from it and
-   searches again, then widens to each position's 32 best tokens.
+   searches again, then widens to each position's 32 best tokens, and
+   last tries pairs of neighbouring positions at once (:data:`PAIRS`).
 
 The noise model comes from the protocol (:meth:`gilib.client.FedAvg.entry_weights`,
 :meth:`gilib.client.AdamW.entry_weights`); the attack is
