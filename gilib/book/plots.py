@@ -777,7 +777,7 @@ def threat_model(ax: Axes | None = None, *, title: str | None = None) -> Axes:
     # 2. What leaves the client.
     arrow((2.15, 2.0), (2.55, 2.0), shared)
     box(3.65, 2.0, "part of $g$:\nall parameters (ch. 1)\none layer (ch. 2)\none linear weight $W$\n"
-                   "(ch. 3, 5)\nadapters (LoRA, later)", shared)
+                   "(ch. 3, 5)\nadapters (LoRA, ch. 7)", shared)
     # 3. DP-SGD, on the client (local DP) or on the server's sum (central DP).
     arrow((4.75, 2.0), (5.0, 2.0), shared)
     box(6.0, 2.0, "DP-SGD (ch. 4):\nclip each example\nto norm $C$, add\n"
