@@ -589,6 +589,52 @@ def residual_curves(
     return ax
 
 
+def rank_rule(
+    lines: pd.DataFrame,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """LoRA's rank rule: each attacked sentence's residual against the stacked rank's share of its tokens.
+
+    One point per sentence and setting: x is the stacked ``A`` rows'
+    capacity (``r`` times the adapters) over the sentence's ``n`` distinct
+    layer-0 inputs, on a log-2 axis with a line at 1 (the rule's
+    threshold); y is the largest residual among the chosen tokens, on a
+    log scale. Exact sentences and the others get their own marker.
+
+    Args:
+        lines: ``bench/lora_rank.py``'s lines (``capacity``, ``tokens``,
+            ``residual``, ``exact``).
+        ax: Axes to draw on; a new figure is created if None.
+        title: Optional title.
+
+    Returns:
+        The Axes drawn on.
+
+    Raises:
+        ValueError: if a column is missing or there are no lines.
+    """
+    missing = [c for c in ("capacity", "tokens", "residual", "exact") if c not in lines.columns]
+    if missing:
+        raise ValueError(f"lines have no column(s) {missing}; they have {list(lines.columns)}")
+    if lines.empty:
+        raise ValueError("no lines: nothing to plot")
+    ax = _get_ax(ax)
+    ratio = lines["capacity"] / lines["tokens"]
+    exact = lines["exact"].astype(bool)
+    for i, (mask, label, marker) in enumerate(((exact, "rebuilt exactly", "o"),
+                                               (~exact, "not exact", "x"))):
+        if mask.any():
+            ax.scatter(ratio[mask], lines.loc[mask, "residual"], marker=marker, color=_color(i),
+                       label=label, alpha=0.8)
+    ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    return _finish(ax, xlabel="stacked rank capacity r × adapters / tokens n",
+                   ylabel="largest residual of the chosen tokens", title=title, legend=True)
+
+
 def residual_map(
     residuals: np.ndarray,
     tokens: Sequence[Sequence[str]],
@@ -731,7 +777,7 @@ def threat_model(ax: Axes | None = None, *, title: str | None = None) -> Axes:
     # 2. What leaves the client.
     arrow((2.15, 2.0), (2.55, 2.0), shared)
     box(3.65, 2.0, "part of $g$:\nall parameters (ch. 1)\none layer (ch. 2)\none linear weight $W$\n"
-                   "(ch. 3, 5)\nadapters (LoRA, later)", shared)
+                   "(ch. 3, 5)\nadapters (LoRA, ch. 7)", shared)
     # 3. DP-SGD, on the client (local DP) or on the server's sum (central DP).
     arrow((4.75, 2.0), (5.0, 2.0), shared)
     box(6.0, 2.0, "DP-SGD (ch. 4):\nclip each example\nto norm $C$, add\n"

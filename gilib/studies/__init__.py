@@ -18,6 +18,7 @@ study           what it measures                                   chapter
 ``dp-cost``     accuracy and epsilon after DP fine-tuning          4
 ``span``        the span check: exactness, other weights, batches  5
 ``federated``   FedAvg, float32, batch size, SecAgg+ rounds         6
+``partial``     LoRA's rank rule, the decoder (reads the benches)  7
 ``shapes``      BERT-base and TinyBERT shapes: shares, span check  3, 5
 ``headlines``   the README's and the conclusion's numbers          (reads)
 ==============  =================================================  =========
@@ -33,6 +34,6 @@ def all_studies() -> list:
     """Every study of the book, in the order of its chapters."""
     # Imported here, not at the top: each study loads torch and its data,
     # which `import gilib.studies.store` alone does not need.
-    from . import dp_cost, federated, grids, headlines, shapes, span
+    from . import dp_cost, federated, grids, headlines, partial, shapes, span
 
-    return [grids.STUDY, dp_cost.STUDY, span.STUDY, federated.STUDY, shapes.STUDY, headlines.STUDY]
+    return [grids.STUDY, dp_cost.STUDY, span.STUDY, federated.STUDY, partial.STUDY, shapes.STUDY, headlines.STUDY]

@@ -89,7 +89,7 @@ def test_the_workload_command_prints_every_chapter():
 
 def test_the_course_pages_cpu_claims_hold_for_the_cached_times():
     # chapters/course.md: "Fast mode ... runs each chapter in two minutes or
-    # less on two cores"; "With the full settings, chapters 2 to 6 still run on a
+    # less on two cores"; "With the full settings, chapters 2 to 7 still run on a
     # CPU ...; chapter 1's full run is the longest."
     table = course.table(CACHED).set_index("chapter")
     assert (table["fast (s)"] <= 120).all()

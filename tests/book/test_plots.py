@@ -348,3 +348,15 @@ def test_heatmap_writes_the_annotation_column_in_each_cell():
     assert [t.get_text() for t in ax.texts] == list(table["text"])
     assert len(ax.figure.axes) == 1  # no colour bar
     assert ax.get_xlabel() == "lr" and ax.get_ylabel() == "E"
+
+
+def test_rank_rule_puts_exact_and_failed_sentences_on_either_side_of_the_threshold():
+    lines = pd.DataFrame({"capacity": [4, 16, 32, 8], "tokens": [10, 10, 20, 20],
+                          "residual": [0.4, 1e-6, 2e-6, 0.3], "exact": [False, True, True, False]})
+    ax = plots.rank_rule(lines)
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert ax.get_xlabel() and ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["rebuilt exactly", "not exact"]
+    with pytest.raises(ValueError, match="residual"):
+        plots.rank_rule(lines.drop(columns="residual"))
+    plt.close("all")

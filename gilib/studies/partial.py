@@ -1,0 +1,179 @@
+"""Chapter 7's bench readers: LoRA's rank rule and the span check on a GPT-2-style decoder.
+
+Chapter 7 ("Partial by design") quotes two cached benches, not a runner
+study: ``bench/lora_rank.py`` (``data/bench/lora_rank.csv``: the span check
+on a LoRA client's adapter gradients, one line per sentence and setting)
+and ``bench/decoder_span.py`` (``data/bench/decoder_span.csv``: the causal
+span check on a decoder client's layer 0, one line per batch). Each reader
+turns a CSV into ``(table, facts)``: a table with rounded numbers and
+Wilson 95 % intervals (:func:`gilib.metrics.share_interval`: an exact rate
+is a binomial share), and the facts the chapter, the conclusion and the
+claims tests quote. :data:`STUDY` prints the tables in Markdown, as the
+README quotes them::
+
+    python -m gilib.studies partial rank-rule data/bench/lora_rank.csv
+    python -m gilib.studies partial decoder data/bench/decoder_span.csv
+
+It reads only; it has nothing to run (``plan`` is ``None``, as for
+:mod:`gilib.studies.headlines`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..metrics import interval_text, share_interval
+from .study import Study, Table, markdown_table, option
+
+RANK_RULE_BENCH = "data/bench/lora_rank.csv"
+"""``python bench/lora_rank.py --per-dataset 4 --out data/bench/lora_rank.csv``."""
+DECODER_BENCH = "data/bench/decoder_span.csv"
+"""``python bench/decoder_span.py --batches 10 --out data/bench/decoder_span.csv``."""
+ADAPTER_NAMES = {"query": "query", "value": "value", "both": "query + value"}
+
+
+def _frame(path: str | Path | pd.DataFrame) -> pd.DataFrame:
+    return path if isinstance(path, pd.DataFrame) else pd.read_csv(path)
+
+
+def _percent(hits: int, n: int) -> tuple[str, float, float, float]:
+    share, low, high = share_interval(hits, n)
+    return interval_text(share, low, high, 0, percent=True), share, low, high
+
+
+def rank_rule_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The span check on LoRA adapter gradients, by rank, adapters and whether the sentence fits.
+
+    A sentence *fits* a setting when its ``n`` distinct layer-0 inputs are
+    at most the stacked ``A`` rows' capacity, ``r`` times the adapters
+    (the rank rule's condition for an exact check).
+
+    Args:
+        path: ``bench/lora_rank.py``'s CSV (one line per sentence and
+            setting: ``r``, ``adapters``, ``tokens``, ``capacity``,
+            ``fits``, ``exact``, ``residual``, ``b_exact``,
+            ``b_passing_median``, ...), or its lines.
+
+    Returns:
+        ``(table, facts)``. The table has one row per ``(r, adapters,
+        fits)``: the stacked capacity, the sentences and their median token
+        count, the exact rate [Wilson 95 %] and the share of sentences
+        ``B``'s gradient alone pins. The facts: ``lora_lines``,
+        ``lora_sentences``, ``lora_settings``, ``lora_tokens_min`` /
+        ``_max``; ``lora_fit_lines``, ``lora_fit_exact``, ``lora_fit_low``,
+        ``lora_fit_residual_max``; the same ``lora_nofit_*`` (with
+        ``_high`` and ``_residual_min``); ``lora_rule_holds`` (every
+        fitting line exact, no other); ``lora_b_small_lines`` /
+        ``_exact`` (``n < r``: ``B`` alone), ``lora_b_large_lines`` /
+        ``_exact`` and ``lora_b_large_passing`` (``n >= r``: the median
+        count of tokens that pass per position); ``lora_seconds_max``.
+    """
+    frame = _frame(path)
+    fits = frame["fits"].astype(bool)
+    exact = frame["exact"].astype(bool)
+    rows = []
+    for (r, adapters, fit), part in frame.groupby(["r", "adapters", "fits"], sort=True):
+        text, *_ = _percent(int(part["exact"].sum()), len(part))
+        rows.append({"r": int(r), "adapters": ADAPTER_NAMES.get(adapters, adapters),
+                     "stacked rank ≤": int(part["capacity"].iloc[0]),
+                     "fits (n ≤ rank)": "yes" if fit else "no", "sentences": len(part),
+                     "tokens n (median)": int(part["tokens"].median()),
+                     "exact [95 %]": text,
+                     "B alone exact": f"{100 * part['b_exact'].mean():.0f}%"})
+    order = list(ADAPTER_NAMES.values())
+    table = pd.DataFrame(rows).sort_values(
+        ["r", "adapters", "fits (n ≤ rank)"], key=lambda c: c.map(order.index) if c.name == "adapters" else c,
+        kind="stable", ignore_index=True)
+    facts: dict = {"lora_lines": len(frame),
+                   "lora_sentences": int(frame[["dataset", "row_id"]].drop_duplicates().shape[0]),
+                   "lora_settings": int(frame[["r", "adapters"]].drop_duplicates().shape[0]),
+                   "lora_tokens_min": int(frame["tokens"].min()), "lora_tokens_max": int(frame["tokens"].max()),
+                   "lora_rule_holds": bool((exact == fits).all()),
+                   "lora_seconds_max": round(float(frame["seconds"].max()), 1)}
+    for key, mask in (("fit", fits), ("nofit", ~fits)):
+        part = frame[mask]
+        _, share, low, high = _percent(int(part["exact"].sum()), len(part))
+        facts.update({f"lora_{key}_lines": len(part), f"lora_{key}_exact": round(share, 4),
+                      f"lora_{key}_low": round(low, 4), f"lora_{key}_high": round(high, 4)})
+    facts["lora_fit_residual_max"] = float(f"{frame.loc[fits, 'residual'].max():.1e}")
+    facts["lora_nofit_residual_min"] = round(float(frame.loc[~fits, "residual"].min()), 2)
+    small = frame["tokens"] < frame["r"]
+    facts.update({"lora_b_small_lines": int(small.sum()),
+                  "lora_b_small_exact": round(float(frame.loc[small, "b_exact"].mean()), 4),
+                  "lora_b_large_lines": int((~small).sum()),
+                  "lora_b_large_exact": round(float(frame.loc[~small, "b_exact"].mean()), 4),
+                  "lora_b_large_passing": int(frame.loc[~small, "b_passing_median"].median())})
+    return table, facts
+
+
+def rank_rule_markdown(path: str | Path | pd.DataFrame) -> str:
+    """:func:`rank_rule_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = rank_rule_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
+def decoder_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The causal span check on a decoder client's layer 0, per batch size.
+
+    Args:
+        path: ``bench/decoder_span.py``'s CSV (one line per batch:
+            ``batch_size``, ``tokens``, ``exact``, ``sentences_exact``,
+            ``seconds``, ``timed_out``, ...), or its lines.
+
+    Returns:
+        ``(table, facts)``. The table has one row per batch size: the
+        batches, their mean token count, the batches rebuilt exactly
+        [Wilson 95 %], the sentences rebuilt exactly, the mean and largest
+        seconds per batch and the batches out of time. The facts:
+        ``decoder_exact_<B>``, ``decoder_low_<B>``, ``decoder_seconds_<B>``
+        (mean) and ``decoder_batches_<B>`` per batch size ``B``;
+        ``decoder_sizes``, ``decoder_batches``, ``decoder_all_exact``,
+        ``decoder_timed_out``, ``decoder_seconds_max``,
+        ``decoder_tokens_max`` (the largest batch's tokens).
+    """
+    frame = _frame(path)
+    rows, facts = [], {}
+    for size, part in frame.groupby("batch_size", sort=True):
+        text, share, low, _ = _percent(int(part["exact"].sum()), len(part))
+        rows.append({"batch size": int(size), "batches": len(part),
+                     "tokens (mean)": round(float(part["tokens"].mean()), 1),
+                     "batches exact [95 %]": text,
+                     "sentences exact": f"{100 * part['sentences_exact'].mean():.0f}%",
+                     "s / batch (mean)": round(float(part["seconds"].mean()), 1),
+                     "s / batch (max)": round(float(part["seconds"].max()), 1),
+                     "out of time": int(part["timed_out"].sum())})
+        facts.update({f"decoder_exact_{size}": round(share, 4), f"decoder_low_{size}": round(low, 4),
+                      f"decoder_seconds_{size}": round(float(part["seconds"].mean()), 1),
+                      f"decoder_batches_{size}": len(part)})
+    facts.update({"decoder_sizes": [int(s) for s in sorted(frame["batch_size"].unique())],
+                  "decoder_batches": len(frame),
+                  "decoder_all_exact": bool(frame["exact"].astype(bool).all()),
+                  "decoder_timed_out": int(frame["timed_out"].sum()),
+                  "decoder_seconds_max": round(float(frame["seconds"].max()), 1),
+                  "decoder_tokens_max": int(frame["tokens"].max())})
+    return pd.DataFrame(rows), facts
+
+
+def decoder_markdown(path: str | Path | pd.DataFrame) -> str:
+    """:func:`decoder_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = decoder_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
+STUDY = Study(
+    name="partial",
+    description="chapter 7: LoRA's rank rule and the decoder's span check, read from the cached benches",
+    tables=(
+        Table("rank-rule", "LoRA adapters: the span check's exact rate [Wilson 95 %] by rank, adapters and "
+                           "whether the sentence fits the stacked rank (bench/lora_rank.py)",
+              lambda args: rank_rule_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/lora_rank.csv)"),)),
+        Table("decoder", "a GPT-2-shape decoder sharing layer 0: batches rebuilt exactly [Wilson 95 %] and "
+                         "seconds per batch size (bench/decoder_span.py)",
+              lambda args: decoder_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/decoder_span.csv)"),)),
+    ),
+)
+"""Chapter 7's tables (``python -m gilib.studies partial ...``); nothing to run."""

@@ -1,0 +1,100 @@
+"""Chapter 7 (partial by design: LoRA adapters and a decoder): its prose claims, checked against the cached benches.
+
+Each test quotes a sentence of the chapter (or of the README and the
+conclusion, which repeat it) and checks it against ``data/bench``; a test
+fails when its sentence is false of those numbers, and then the prose or
+the numbers need fixing, not the test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from gilib.studies import partial
+
+from tests.claims.cached import ROOT
+
+RANK_BENCH = ROOT / partial.RANK_RULE_BENCH
+DECODER_BENCH = ROOT / partial.DECODER_BENCH
+
+
+def _lora() -> pd.DataFrame:
+    return pd.read_csv(RANK_BENCH)
+
+
+def test_chapter7_the_rank_bench_is_the_setting_the_chapter_describes():
+    # "attacks 12 held-out sentences (4 each from CoLA, SST-2 and Rotten Tomatoes, 10 to 31 tokens) under
+    # 12 settings: r in {4, 8, 16, 64} with alpha = 2r, adapters on layer 0's query, value or both, three
+    # warm-up rounds, one FedSGD message each".
+    lines = _lora()
+    settings = json.loads(RANK_BENCH.with_suffix(".json").read_text())
+    _, facts = partial.rank_rule_summary(RANK_BENCH)
+    assert (facts["lora_sentences"], facts["lora_settings"], facts["lora_lines"]) == (12, 12, 144)
+    assert (facts["lora_tokens_min"], facts["lora_tokens_max"]) == (10, 31)
+    assert sorted(lines["r"].unique()) == [4, 8, 16, 64] and settings["alpha"] == "2 r"
+    assert set(lines["adapters"]) == {"query", "value", "both"}
+    assert settings["warmup"] == 3 and settings["layers"] == [0] and settings["per_dataset"] == 4
+    assert lines.groupby("dataset")["row_id"].nunique().to_dict() == {"cola": 4, "sst2": 4,
+                                                                      "rotten_tomatoes": 4}
+    assert (lines["capacity"] == lines["r"] * lines["adapters"].map({"query": 1, "value": 1, "both": 2})).all()
+    assert (lines["fits"] == (lines["capacity"] >= lines["tokens"])).all()
+
+
+def test_chapter7_the_rank_rule_exact_in_every_fitting_setting_and_in_none_elsewhere():
+    # "the check was exact in all 63 sentence-settings whose tokens fit the stacked rank (100%, Wilson
+    # interval from 94%) and in none of the 81 others (0%, at most 5%)"; README and conclusion: the same.
+    lines = _lora()
+    _, facts = partial.rank_rule_summary(RANK_BENCH)
+    assert facts["lora_rule_holds"] and (lines["exact"] == lines["fits"]).all()
+    assert (facts["lora_fit_lines"], facts["lora_nofit_lines"]) == (63, 81)
+    assert facts["lora_fit_exact"] == 1.0 and round(facts["lora_fit_low"], 2) == 0.94
+    assert facts["lora_nofit_exact"] == 0.0 and round(facts["lora_nofit_high"], 2) == 0.05
+
+
+def test_chapter7_fitting_tokens_sit_at_round_off_the_others_far_above():
+    # "The fitting sentences' chosen tokens sit at round-off (residual at most 3e-05), the others' at
+    # 0.14 or more."
+    lines = _lora()
+    assert lines.loc[lines["fits"], "residual"].max() < 1e-4
+    assert lines.loc[~lines["fits"], "residual"].min() > 0.1
+
+
+def test_chapter7_rank_64_fits_every_sentence_rank_8_only_both_on_short_ones():
+    # "Rank 64 fits every sentence; at rank 8 only query and value together fit the short ones."
+    lines = _lora()
+    assert lines.loc[lines["r"] == 64, "fits"].all()
+    fit8 = lines[(lines["r"] == 8) & lines["fits"]]
+    assert set(fit8["adapters"]) == {"both"} and 0 < len(fit8) < 12
+    assert not lines.loc[lines["r"] == 4, "fits"].any()  # "the bench's rank-4 adapters missed every sentence"
+    assert not lines.loc[lines["r"] == 4, "exact"].any()
+
+
+def test_chapter7_b_alone_pins_sentences_shorter_than_r_and_nothing_else():
+    # "B alone ... pinned every sentence shorter than r (100% of 51) and none of the others (0%): there a
+    # median of 29523 tokens passed per position."
+    lines = _lora()
+    _, facts = partial.rank_rule_summary(RANK_BENCH)
+    shorter = lines["tokens"] < lines["r"]
+    assert lines.loc[shorter, "b_exact"].all() and not lines.loc[~shorter, "b_exact"].any()
+    assert (facts["lora_b_small_lines"], facts["lora_b_small_exact"], facts["lora_b_large_exact"]) == (51, 1.0, 0.0)
+    assert facts["lora_b_large_passing"] == 29523 and (lines.loc[~shorter, "b_passing_median"] > 29000).all()
+
+
+def test_chapter7_every_decoder_batch_comes_back_exactly():
+    # "rebuilt every batch exactly at every size: at 8 sentences (258 tokens in the largest batch) the
+    # Wilson interval starts at 89%. No batch ran out of time (0); a batch of 8 took 3.7 s on average, the
+    # slowest of all 6.9 s"; "10 batches per dataset and size, held-out sentences, one thread, 60 s each".
+    lines = pd.read_csv(DECODER_BENCH)
+    settings = json.loads(DECODER_BENCH.with_suffix(".json").read_text())
+    table, facts = partial.decoder_summary(DECODER_BENCH)
+    assert facts["decoder_sizes"] == [1, 2, 4, 8] and facts["decoder_batches"] == 120
+    assert all(facts[f"decoder_batches_{b}"] == 30 for b in (1, 2, 4, 8))
+    assert facts["decoder_all_exact"] and lines["exact"].all() and (lines["sentences_exact"] == 1).all()
+    assert round(facts["decoder_low_8"], 2) == 0.89 and facts["decoder_tokens_max"] == 258
+    assert facts["decoder_timed_out"] == 0
+    assert (facts["decoder_seconds_8"], facts["decoder_seconds_max"]) == (3.7, 6.9)
+    assert settings["batches"] == 10 and settings["threads"] == 1 and settings["time_budget"] == 60
+    assert settings["model"] == "gpt2-shape" and set(lines["model"]) == {"gpt2-shape"}
+    assert table["batches exact [95 %]"].tolist() == ["100% [89%, 100%]"] * 4

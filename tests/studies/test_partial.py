@@ -1,0 +1,73 @@
+"""Chapter 7's bench readers (gilib.studies.partial) on small frames, and their command line."""
+
+import pandas as pd
+import pytest
+
+from gilib.studies import all_studies, partial
+from gilib.studies.study import main
+
+
+def _lora_lines() -> pd.DataFrame:
+    # Two sentences (n = 10 and 20) at r = 4 (query: no fit) and r = 16 (query: fits only the short one).
+    rows = []
+    for r in (4, 16):
+        for row_id, n in ((1, 10), (2, 20)):
+            fits = r >= n
+            rows.append({"r": r, "adapters": "query", "dataset": "cola", "row_id": row_id, "tokens": n,
+                         "capacity": r, "fits": fits, "rank": min(r, n), "exact": fits,
+                         "token_accuracy": 1.0 if fits else 0.2, "residual": 1e-6 if fits else 0.3,
+                         "seconds": 0.5, "b_module": "query", "b_rank": min(r, n), "b_exact": n < r,
+                         "b_passing_median": 1.0 if n < r else 29523.0})
+    return pd.DataFrame(rows)
+
+
+def test_rank_rule_summary_splits_each_setting_by_fit_with_wilson_intervals():
+    table, facts = partial.rank_rule_summary(_lora_lines())
+    assert list(table[["r", "fits (n ≤ rank)", "sentences"]].itertuples(index=False, name=None)) == [
+        (4, "no", 2), (16, "no", 1), (16, "yes", 1)]
+    assert table["exact [95 %]"].tolist() == ["0% [0%, 66%]", "0% [0%, 79%]", "100% [21%, 100%]"]
+    assert facts["lora_rule_holds"] is True
+    assert (facts["lora_fit_lines"], facts["lora_fit_exact"], facts["lora_nofit_lines"]) == (1, 1.0, 3)
+    assert facts["lora_nofit_high"] == pytest.approx(0.5615, abs=1e-4)
+    assert (facts["lora_tokens_min"], facts["lora_tokens_max"], facts["lora_sentences"]) == (10, 20, 2)
+    assert (facts["lora_b_small_lines"], facts["lora_b_small_exact"]) == (1, 1.0)
+    assert (facts["lora_b_large_exact"], facts["lora_b_large_passing"]) == (0.0, 29523)
+    assert facts["lora_fit_residual_max"] == 1e-6 and facts["lora_nofit_residual_min"] == 0.3
+
+
+def test_rank_rule_summary_sees_a_broken_rule_and_orders_adapters():
+    lines = _lora_lines()
+    lines.loc[0, "exact"] = True  # a sentence exact although it does not fit
+    both = lines.assign(adapters="both", capacity=lines["capacity"] * 2)
+    table, facts = partial.rank_rule_summary(pd.concat([both, lines]))
+    assert facts["lora_rule_holds"] is False
+    assert table.loc[table["r"] == 4, "adapters"].tolist() == ["query", "query + value"]
+
+
+def _decoder_lines() -> pd.DataFrame:
+    return pd.DataFrame({"batch_size": [1, 1, 2, 2], "batch": [0, 1, 0, 1], "tokens": [10, 12, 20, 30],
+                         "exact": [True, True, True, False], "sentences_exact": [1.0, 1.0, 1.0, 0.5],
+                         "seconds": [1.0, 2.0, 3.0, 5.0], "timed_out": [False, False, False, True]})
+
+
+def test_decoder_summary_gives_each_batch_size_its_interval_and_seconds():
+    table, facts = partial.decoder_summary(_decoder_lines())
+    assert table["batch size"].tolist() == [1, 2]
+    assert table["batches exact [95 %]"].tolist() == ["100% [34%, 100%]", "50% [9%, 91%]"]
+    assert table["sentences exact"].tolist() == ["100%", "75%"]
+    assert table["s / batch (mean)"].tolist() == [1.5, 4.0] and table["out of time"].tolist() == [0, 1]
+    assert facts["decoder_all_exact"] is False and facts["decoder_timed_out"] == 1
+    assert (facts["decoder_exact_2"], facts["decoder_seconds_max"], facts["decoder_tokens_max"]) == (0.5, 5.0, 30)
+    assert facts["decoder_sizes"] == [1, 2] and facts["decoder_batches_1"] == 2
+
+
+def test_the_partial_tables_print_in_markdown(tmp_path, capsys):
+    lora, decoder = tmp_path / "lora.csv", tmp_path / "decoder.csv"
+    _lora_lines().to_csv(lora, index=False)
+    _decoder_lines().to_csv(decoder, index=False)
+    assert main(all_studies(), ["partial", "rank-rule", str(lora)]) == 0
+    assert capsys.readouterr().out.strip() == partial.rank_rule_markdown(lora)
+    assert main(all_studies(), ["partial", "decoder", str(decoder)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == partial.decoder_markdown(decoder) and printed.startswith("| batch size |")
+    assert partial.STUDY.plan is None  # a reader: nothing to run
