@@ -94,11 +94,18 @@ class ForwardCheck:
         model: the victim (a BERT).
         space: row space of the verifier weight's gradient.
         reads: which activations the verifier weight reads (:data:`READS`).
+        sketch: whether a wide span's residual may be measured through a
+            random sketch of its complement (:func:`_outside_map`): right
+            for an exact message, where a true sentence measures round-off
+            and the sketch's 10 % only ranks hypotheses far apart; wrong
+            under noise (SecAgg+'s rounding), where true and near-true
+            sentences differ by less than that.
     """
 
     model: torch.nn.Module
     space: RowSpace
     reads: str = "layer"
+    sketch: bool = True
 
     def __post_init__(self) -> None:
         if self.reads not in READS:
@@ -107,7 +114,7 @@ class ForwardCheck:
         self.embeddings, self.layer = base.embeddings, base.encoder.layer[0]
         device = next(self.model.parameters()).device
         self.basis = self.space.basis.float().to(device)
-        outside = _outside_map(self.space.basis.double())
+        outside = _outside_map(self.space.basis.double(), sketch=self.sketch)
         self.outside = None if outside is None else outside.float().to(device)
 
     def _finish(self, attended: torch.Tensor) -> torch.Tensor:
@@ -297,7 +304,7 @@ SKETCH = 128
 too wide for an exact projection to be cheap (:func:`_outside_map`)."""
 
 
-def _outside_map(basis: torch.Tensor) -> torch.Tensor | None:
+def _outside_map(basis: torch.Tensor, sketch: bool = True) -> torch.Tensor | None:
     """A ``(d, k)`` map whose output's norm is a vector's distance to the span of ``basis``, or ``None``.
 
     The distance of ``v`` to the span of ``r`` orthonormal columns ``Q``
@@ -315,6 +322,7 @@ def _outside_map(basis: torch.Tensor) -> torch.Tensor | None:
 
     Args:
         basis: ``(d, r)`` orthonormal columns, in float64.
+        sketch: whether the sketch may be used (else only exact maps).
 
     Returns:
         ``(d, k)`` (``k`` the complement's width or :data:`SKETCH`), or
@@ -324,7 +332,7 @@ def _outside_map(basis: torch.Tensor) -> torch.Tensor | None:
     if width - rank < 2 * rank and width - rank <= 2 * SKETCH:
         q, _ = torch.linalg.qr(basis, mode="complete")
         return q[:, rank:]
-    if min(2 * rank, width - rank) <= 2 * SKETCH:
+    if not sketch or min(2 * rank, width - rank) <= 2 * SKETCH:
         return None
     generator = torch.Generator().manual_seed(0)
     sketch = torch.randn(width, SKETCH, generator=generator, dtype=basis.dtype) / math.sqrt(SKETCH)

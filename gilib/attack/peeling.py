@@ -218,7 +218,9 @@ class _Peeler:
                                        repeated=self.effort > 1)
         if self.verifier is not None:
             space = row_space(self.grads[self.verifier], max_rank=tokens_left)
-            check: SentenceCheck = ForwardCheck(self.model, space, reads_of(self.verifier))
+            # Under noise, exact residuals: the sketch's spread would blur near-true hypotheses.
+            check: SentenceCheck = ForwardCheck(self.model, space, reads_of(self.verifier),
+                                                sketch=self.noise is None)
         else:
             space = row_space(self.grads[self.weight].T, max_rank=tokens_left)
             check = OutputCheck(self.model, self.module, space, self.classes)

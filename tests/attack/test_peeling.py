@@ -238,3 +238,11 @@ def test_the_enumeration_baseline_finds_a_batch_of_two(minilm):
                           update.lengths, threshold=1e-4, budget=1000)
     assert sorted(ids[i, :n].tolist() for i, n in enumerate(update.lengths)) == sorted(
         true_token_ids(true_batch))
+
+
+def test_a_check_under_noise_measures_residuals_exactly():
+    # The sketch is for exact messages; a noisy one's check projects exactly.
+    generator = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(1536, 300, generator=generator, dtype=torch.float64))[0]
+    assert _outside_map(basis).shape == (1536, SKETCH)
+    assert _outside_map(basis, sketch=False) is None
