@@ -37,10 +37,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -50,7 +46,7 @@ import torch
 
 from gilib.attack import SpanConfig, span_attack
 from gilib.client import client_update
-from gilib.data import git_commit
+from gilib.data import write_settings
 from gilib.metrics import interval_text, share_interval, true_token_ids
 from gilib.models import cached_model, encode_lm
 from gilib.selection import select
@@ -118,14 +114,11 @@ def main(argv=None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
-        settings = {"command": "python bench/decoder_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "model": MODEL, "selection": "layer 0 (all of transformer.h.0)", "sizes": args.sizes,
-                    "batches": args.batches, "datasets": list(DATASETS), "offset": args.offset,
-                    "time_budget": args.time_budget, "threads": 1,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": git_commit(), "wall_seconds": round(time.perf_counter() - started, 1),
-                    "summary": table.to_dict(orient="records")}
-        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_settings(args.out, "bench/decoder_span.py", argv,
+                       model=MODEL, selection="layer 0 (all of transformer.h.0)", sizes=args.sizes,
+                       batches=args.batches, datasets=list(DATASETS), offset=args.offset,
+                       time_budget=args.time_budget, wall_seconds=round(time.perf_counter() - started, 1),
+                       summary=table.to_dict(orient="records"))
 
 
 if __name__ == "__main__":

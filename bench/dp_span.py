@@ -28,10 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +36,7 @@ import torch
 
 from gilib.attack import span_attack
 from gilib.client import DPSGD, client_update
-from gilib.data import git_commit
+from gilib.data import write_settings
 from gilib.models import cached_model, encode
 from gilib.selection import select
 from gilib.studies.sample import sample
@@ -89,12 +85,9 @@ def main(argv=None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
-        settings = {"command": "python bench/dp_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "sigmas": args.sigmas, "sentences": args.sentences, "max_grad_norm": 1.0,
-                    "selection": "layer 0's query weight", "threads": 1,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": git_commit()}
-        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_settings(args.out, "bench/dp_span.py", argv,
+                       sigmas=args.sigmas, sentences=args.sentences, max_grad_norm=1.0,
+                       selection="layer 0's query weight")
 
 
 if __name__ == "__main__":

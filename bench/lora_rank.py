@@ -38,10 +38,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -51,7 +47,7 @@ import torch
 from gilib.attack import span_attack
 from gilib.attack.adapters import b_check
 from gilib.client import client_update
-from gilib.data import git_commit
+from gilib.data import write_settings
 from gilib.lora import lora_victim
 from gilib.models import cached_model, encode
 from gilib.selection import select
@@ -126,13 +122,10 @@ def main(argv=None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
-        settings = {"command": "python bench/lora_rank.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "model": "minilm", "ranks": args.ranks, "alpha": "2 r", "adapters": args.adapters,
-                    "layers": [0], "warmup": args.warmup, "warmup_lr": 1e-3, "per_dataset": args.per_dataset,
-                    "offset": args.offset, "datasets": list(DATASETS), "threads": 1,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": git_commit()}
-        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_settings(args.out, "bench/lora_rank.py", argv,
+                       model="minilm", ranks=args.ranks, alpha="2 r", adapters=args.adapters,
+                       layers=[0], warmup=args.warmup, warmup_lr=1e-3, per_dataset=args.per_dataset,
+                       offset=args.offset, datasets=list(DATASETS))
     print(table(rows).to_string(index=False))
 
 

@@ -29,10 +29,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -41,7 +37,7 @@ import torch
 
 from gilib.attack import SpanConfig, span_attack
 from gilib.client import client_update
-from gilib.data import git_commit
+from gilib.data import write_settings
 from gilib.models import cached_model, encode
 from gilib.selection import select
 from gilib.studies.federated import mixed_summary
@@ -113,11 +109,8 @@ def main(argv=None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
-        settings = {"command": "python bench/mixed_batches.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "mix": dict(MIX), "offset": OFFSET, "time_budget": args.time_budget, "threads": 1,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": git_commit()}
-        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_settings(args.out, "bench/mixed_batches.py", argv,
+                       mix=dict(MIX), offset=OFFSET, time_budget=args.time_budget)
     if rows:
         print(mixed_summary(pd.DataFrame(rows))[0].to_string(index=False))
 

@@ -56,11 +56,7 @@ result (``timed_out`` in the CSV).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -70,7 +66,7 @@ import torch
 
 from gilib.attack import SpanConfig, optimization_attack, span_attack
 from gilib.client import AdamW, FedAvg, client_update
-from gilib.data import git_commit
+from gilib.data import write_settings
 from gilib.metrics import interval_text, score_batch, share_interval
 from gilib.models import cached_model, encode
 from gilib.secure import SecAgg, secure_mean
@@ -252,14 +248,11 @@ def main(argv=None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
-        settings = {"command": "python bench/noisy_span.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "held_out": args.held_out, "held_out_offset": HELD_OUT_OFFSET, "protocols": args.protocols,
-                    "local_steps": args.local_steps, "adamw_rates": args.adamw_rates, "adamw_steps": args.adamw_steps, "clients": args.clients,
-                    "secure_held_out_offset": SECURE_HELD_OUT_OFFSET,
-                    "time_budget": args.time_budget, "threads": 1,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                    "commit": git_commit()}
-        args.out.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_settings(args.out, "bench/noisy_span.py", argv,
+                       held_out=args.held_out, held_out_offset=HELD_OUT_OFFSET, protocols=args.protocols,
+                       local_steps=args.local_steps, adamw_rates=args.adamw_rates, adamw_steps=args.adamw_steps, clients=args.clients,
+                       secure_held_out_offset=SECURE_HELD_OUT_OFFSET,
+                       time_budget=args.time_budget)
     print(table(rows).to_string(index=False))
 
 

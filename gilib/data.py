@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,31 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def write_settings(out: str | Path, script: str, argv: Sequence[str] | None, **settings) -> dict:
+    """Write a bench's settings beside its CSV (``out`` with a ``.json`` suffix): its command and the machine.
+
+    Every bench stamps the same facts after its own: the command that made
+    the file, one torch thread, the machine, torch's version and the commit.
+
+    Args:
+        out: the bench's CSV path.
+        script: the bench script's path from the repository root (``bench/....py``).
+        argv: the script's arguments (``None``: the process's own).
+        **settings: the bench's own settings, written first.
+
+    Returns:
+        The settings written.
+    """
+    import torch  # here: the data module does not need it otherwise
+
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    stamped = {"command": " ".join(["python", script, *arguments]), **settings, "threads": 1,
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+               "commit": git_commit()}
+    Path(out).with_suffix(".json").write_text(json.dumps(stamped, indent=2) + "\n")
+    return stamped
 
 
 def cpu_model() -> str:

@@ -223,3 +223,17 @@ def test_local_splits_name_what_load_split_reads():
     assert local_splits("rotten_tomatoes") == ("train", "validation", "test")
     with pytest.raises(ValueError, match="Unknown dataset 'imdb'"):
         local_splits("imdb")
+
+
+def test_a_bench_writes_its_command_and_machine_beside_its_csv(tmp_path):
+    import json
+
+    from gilib.data import write_settings
+
+    out = tmp_path / "bench.csv"
+    written = write_settings(out, "bench/x.py", ["--batches", "2"], batches=2, sizes=[1, 2])
+    stored = json.loads(out.with_suffix(".json").read_text())
+    assert stored == written
+    assert stored["command"] == "python bench/x.py --batches 2"
+    assert list(stored)[:3] == ["command", "batches", "sizes"] and stored["threads"] == 1
+    assert stored["commit"] and stored["torch"] and "cores" in stored["machine"]
