@@ -305,6 +305,12 @@ def select(
             )
         if lora and component == "layer":
             names = [n for n in names if named[n].requires_grad]
+    return _selection(component, layer_ids, names, named)
+
+
+def _selection(component: str, layer_ids: tuple[int, ...], names: Sequence[str],
+               named: dict[str, torch.nn.Parameter]) -> Selection:
+    """The :class:`Selection` of ``names`` among the model's ``named`` parameters."""
     return Selection(
         component=component,
         layers=layer_ids,
@@ -369,11 +375,4 @@ def _adapter_selection(model: torch.nn.Module, component: str, layers) -> Select
             raise ValueError(f"Layer {bare[0]} carries no adapter for '{component}': this victim has them on "
                              f"layers {carried}; pass some of those (or layers=None for all).")
     names = [n for k, n in wanted.items() if k[0] in layer_ids]
-    named = dict(model.named_parameters())
-    return Selection(
-        component=component,
-        layers=layer_ids,
-        names=tuple(names),
-        numel=sum(named[n].numel() for n in names),
-        total=sum(p.numel() for p in named.values()),
-    )
+    return _selection(component, layer_ids, names, dict(model.named_parameters()))
