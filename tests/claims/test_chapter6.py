@@ -222,9 +222,9 @@ def test_chapter6_the_secure_mean_gives_way_to_a_check_judged_against_its_roundi
         assert facts[f"secagg_new_exact_{clients}"] >= facts[f"secagg_old_exact_{clients}"]
     assert facts["secagg_old_exact_4"] < 1 == facts["secagg_new_exact_4"]
     assert facts["secagg_new_seconds_max_4"] < 60 and facts["secagg_new_timed_out_4"] == 0
-    # Behind 8: 43 of 48 (90 % rounded), better than the old check beyond its interval, and every miss is in the one batch
-    # out of time, holding more tokens than any batch that finished.
-    assert facts["secagg_new_exact_8"] > 0.85 and facts["secagg_new_low_8"] > facts["secagg_old_exact_8"]
+    # Behind 8: 44 of 48 (the 90 % met), better than the old check beyond its interval, and every miss is in
+    # the one batch out of time, holding more tokens than any batch that finished.
+    assert facts["secagg_new_exact_8"] >= 0.9 and facts["secagg_new_low_8"] > facts["secagg_old_exact_8"]
     lines = pd.read_csv(ROOT / federated_study.SECURE_BENCH)
     new8 = lines[(lines["protocol"] == "SecAgg+ 8 clients") & (lines["check"] == "new")]
     assert new8[~new8["exact"]]["timed_out"].all() and facts["secagg_new_timed_out_8"] == 1
