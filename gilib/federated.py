@@ -385,7 +385,7 @@ def run_round(
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds must be a whole number of at least 1, got {rounds!r}.")
     if protocol is not None and not isinstance(protocol, (FedAvg, AdamW)):
-        raise ValueError(f"A Flower client runs FedSGD (protocol=None), FedAvg(local_steps, lr) or "
+        raise ValueError(f"A Flower client runs FedSGD (protocol=None) or FedAvg(local_steps, lr) or "
                          f"AdamW(local_steps, lr), got {protocol!r}.")
     if lora is not None and not isinstance(lora, LoraRecipe):
         raise ValueError(f"lora must be None or a gilib.lora.LoraRecipe(targets, r, alpha, layers, seed, warmup), "
