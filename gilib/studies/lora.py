@@ -69,9 +69,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
