@@ -25,6 +25,9 @@ weight's gradient,
 Selections name the adapters exactly (``lora``, ``lora.query.A``, ...:
 :mod:`gilib.selection`), and :func:`gilib.client.client_update` computes a
 LoRA client's FedSGD, FedAvg or AdamW message as for any other model.
+:class:`LoraRecipe` holds a victim's settings as a picklable value, so that
+Flower's server and clients (:func:`gilib.federated.run_round` with
+``lora=``) rebuild the same global model in their own processes.
 """
 
 from __future__ import annotations
