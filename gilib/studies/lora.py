@@ -202,8 +202,8 @@ GRIDS = {
                  attack=AttackConfig(objective="cos", steps=40, init_candidates=10, swap_every=20,
                                      swap_candidates=10, progress=False)),
 }
-"""``full``: the cached run (``data/results/ch7_lora.jsonl``, about half an hour on one core);
-``fast``: a few minutes, for a reader's first try."""
+"""``full``: the cached run (``data/results/ch7_lora.jsonl``: 690 tasks, 26 minutes on one core of a
+2-core CPU); ``fast``: 48 tasks, under 2 minutes, for a reader's first try."""
 
 
 # --------------------------------------------------------------------------
@@ -716,7 +716,7 @@ STUDY = Study(
     line_key=_line_key,
     label=_label,
     run_options=(option("--grid", default="full", choices=list(GRIDS),
-                        help="full: the cached run (about 30 minutes on one core); fast: a few minutes"),
+                        help="full: the cached run (26 minutes on one core); fast: under 2 minutes"),
                  option("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="which parts to run")),
     tables=(
         Table("rank", "the span check's exact rate per r and adapters (FedSGD, one round), with the stacked capacity",
