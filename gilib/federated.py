@@ -24,6 +24,14 @@ calling process. This module plugs the book's threat model into it:
   all clients. The callback then receives one message, the mean update,
   with every client's lengths and labels; for FedSGD clients it is the
   gradient of all their sentences together, one big batch.
+* LoRA clients (Hu et al., ICLR 2022): with ``lora=LoraRecipe(...)``
+  (:class:`gilib.lora.LoraRecipe`) the server and every client build the
+  same LoRA victim (seeded adapters, the public warm-up), the selection
+  names adapters (``"lora", 0``, ``"lora.A", 0``, ...), and each reply is
+  the adapters' update, computed by the same
+  :func:`gilib.client.client_update` (FedSGD, :class:`~gilib.client.FedAvg`
+  or one-or-more :class:`~gilib.client.AdamW` steps); the frozen base
+  weights never travel.
 * :func:`run_round`: one simulation, sandboxed: telemetry off, Flower's and
   Ray's files in a temporary folder that is removed afterwards, Flower's
   and Ray's log lines silenced unless asked for, Ray shut down (a test
@@ -66,7 +74,8 @@ except ImportError as err:  # pragma: no cover - the message is the point
         "(make installs it; Ray needs Python 3.11 or newer)."
     ) from err
 
-from .client import FedAvg, Protocol, client_update
+from .client import AdamW, FedAvg, Protocol, client_update
+from .lora import LoraRecipe
 from .models import cached_model, encode
 from .secure import SecAgg
 from .selection import select
@@ -135,6 +144,17 @@ class _ClientSpec:
     batches: tuple[tuple[tuple[str, int], ...], ...]
     seed: int
     secure: bool = False
+    lora: LoraRecipe | None = None
+
+
+def _victim(model: str, seed: int, lora: LoraRecipe | None) -> torch.nn.Module:
+    """The global model as the server and every client build it: the plain victim, or its LoRA victim.
+
+    The plain victim is the shared cached model (callers copy it before
+    training); a LoRA victim is a new model, rebuilt from its recipe.
+    """
+    pristine, _ = cached_model(model, seed)
+    return pristine if lora is None else lora.victim(pristine)
 
 
 def client_batches(batches: Sequence[Sequence]) -> tuple[tuple[tuple[str, int], ...], ...]:
@@ -180,8 +200,10 @@ class _VictimClient(NumPyClient):
 
     def fit(self, parameters, config):
         torch.set_num_threads(1)
-        pristine, tokenizer = cached_model(self.spec.model, self.spec.seed)
-        model = copy.deepcopy(pristine)
+        _, tokenizer = cached_model(self.spec.model, self.spec.seed)
+        model = _victim(self.spec.model, self.spec.seed, self.spec.lora)
+        if self.spec.lora is None:
+            model = copy.deepcopy(model)  # the cached model is shared; a LoRA victim is already a copy
         selection = select(model, self.spec.component, self.spec.layers)
         with torch.no_grad():
             for p, array in zip(selection.parameters(model), parameters):
@@ -206,6 +228,7 @@ def client_app(
     protocol: Protocol = None,
     secure: bool = False,
     seed: int = 0,
+    lora: LoraRecipe | None = None,
 ) -> ClientApp:
     """The ClientApp of a round: client ``i`` (Flower's ``partition-id``) holds ``batches[i]``.
 
@@ -217,14 +240,14 @@ def client_app(
     Flower's SecAgg+ client mod and sends float64 arrays.
 
     Args:
-        batches, component, layers, model, protocol, secure, seed: as in
-            :func:`run_round`, which builds this app.
+        batches, component, layers, model, protocol, secure, seed, lora: as
+            in :func:`run_round`, which builds this app.
 
     Raises:
         ValueError: for no clients or a client with an empty batch
             (:func:`client_batches`).
     """
-    spec = _ClientSpec(model, component, layers, protocol, client_batches(batches), seed, secure)
+    spec = _ClientSpec(model, component, layers, protocol, client_batches(batches), seed, secure, lora)
 
     def client_fn(context: Context):
         return _VictimClient(spec, int(context.node_config["partition-id"])).to_client()
@@ -311,6 +334,7 @@ def run_round(
     rounds: int = 1,
     server_lr: float | None = None,
     seed: int = 0,
+    lora: LoraRecipe | None = None,
     timeout: float = 600.0,
     quiet: bool = True,
 ) -> FederatedRun:
@@ -320,20 +344,29 @@ def run_round(
         batches: one private batch per client (:func:`client_batches`).
         component, layers: the selection the clients share
             (:func:`gilib.selection.select`), e.g. ``"attention.query", 0``
-            or ``"layer", 0``.
+            or ``"layer", 0``; with ``lora``, an adapter selection such as
+            ``"lora", 0`` or ``"lora.A", 0``.
         model: the victim every client and the server load (seed ``seed``).
-        protocol: ``None`` (FedSGD: the gradient) or
-            :class:`gilib.client.FedAvg` (E local steps).
+        protocol: ``None`` (FedSGD: the gradient), :class:`gilib.client.FedAvg`
+            (E local SGD steps) or :class:`gilib.client.AdamW` (E local
+            AdamW steps; the message is the weight difference over
+            ``lr * E``, which the server may invert with
+            :meth:`~gilib.client.AdamW.gradient` at ``E = 1``).
         secure: run Flower's SecAgg+ (the server sees only the mean).
         secagg: its settings.
         on_reply: called with every :class:`Reply` as it arrives (the
             attack's hook); every reply is also in the result.
         rounds: federated rounds.
-        server_lr: the server's step along the mean update; default: FedAvg's
+        server_lr: the server's step along the mean update; default: FedAvg's or AdamW's
             ``lr * E`` (the mean of the clients' local models), else
             :data:`SERVER_LR`.
         seed: seeds the victim's fresh weights and the quantisation's
             rounding.
+        lora: ``None`` (the plain victim) or a :class:`gilib.lora.LoraRecipe`:
+            the server and every client train that LoRA victim, and each
+            reply is its adapters' update (the selection must name
+            adapters). The server's global model is ``lora.victim(...)`` of
+            the seeded model, which the caller can rebuild to attack.
         timeout: seconds a round waits for its clients.
         quiet: silence Flower's and Ray's log lines.
 
@@ -343,21 +376,31 @@ def run_round(
     Raises:
         ValueError: for an unknown model, selection or protocol, no clients
             or a client with an empty batch, fewer than 2 clients with
-            ``secure`` (or fewer than 1 round).
+            ``secure`` (or fewer than 1 round), a ``lora`` that is not a
+            :class:`~gilib.lora.LoraRecipe`, or, on a LoRA victim, a
+            selection without adapters.
         RuntimeError: if the simulation could not run (Ray failed to start)
             or no client replied; the message says which.
     """
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds must be a whole number of at least 1, got {rounds!r}.")
-    if protocol is not None and not isinstance(protocol, FedAvg):
-        raise ValueError(f"A Flower client runs FedSGD (protocol=None) or FedAvg(local_steps, lr), got {protocol!r}.")
+    if protocol is not None and not isinstance(protocol, (FedAvg, AdamW)):
+        raise ValueError(f"A Flower client runs FedSGD (protocol=None) or FedAvg(local_steps, lr) or "
+                         f"AdamW(local_steps, lr), got {protocol!r}.")
+    if lora is not None and not isinstance(lora, LoraRecipe):
+        raise ValueError(f"lora must be None or a gilib.lora.LoraRecipe(targets, r, alpha, layers, seed, warmup), "
+                         f"got {lora!r}.")
     checked = client_batches(batches)
     if secure and len(checked) < 2:
         raise ValueError("Secure aggregation needs at least 2 clients: with one, the mean is its own reply.")
-    server_model, _ = cached_model(model, seed)
+    server_model = _victim(model, seed, lora)
     selection = select(server_model, component, layers)
+    if lora is not None and any(not p.requires_grad for p in selection.parameters(server_model)):
+        raise ValueError(f"The selection {selection.label} holds frozen weights of the LoRA victim: a LoRA client "
+                         f"shares its adapters alone. Select them, e.g. component='lora', layers=0.")
     if server_lr is None:
-        server_lr = protocol.lr * protocol.local_steps if isinstance(protocol, FedAvg) else SERVER_LR
+        local = isinstance(protocol, (FedAvg, AdamW))
+        server_lr = protocol.lr * protocol.local_steps if local else SERVER_LR
     replies: list[Reply] = []
     callback_errors: list[BaseException] = []
 
@@ -382,7 +425,7 @@ def run_round(
         try:
             np.random.seed(seed)  # SecAgg+ rounds stochastically with NumPy's global generator
             clients = client_app(checked, component, layers, model=model, protocol=protocol, secure=secure,
-                                 seed=seed)
+                                 seed=seed, lora=lora)
             run_simulation(server_app=server, client_app=clients, num_supernodes=len(checked),
                            backend_config=backend)
         except SystemExit as err:

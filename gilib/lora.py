@@ -25,6 +25,9 @@ weight's gradient,
 Selections name the adapters exactly (``lora``, ``lora.query.A``, ...:
 :mod:`gilib.selection`), and :func:`gilib.client.client_update` computes a
 LoRA client's FedSGD, FedAvg or AdamW message as for any other model.
+:class:`LoraRecipe` holds a victim's settings as a picklable value, so that
+Flower's server and clients (:func:`gilib.federated.run_round` with
+``lora=``) rebuild the same global model in their own processes.
 """
 
 from __future__ import annotations
@@ -174,6 +177,47 @@ def lora_victim(
     if steps:
         _warm_up(victim, steps, warmup_batch, float(warmup_lr))
     return victim
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """How to build a LoRA victim from a plain one, as a value: what a Flower client and the server share.
+
+    :func:`lora_victim` is deterministic in its arguments (seeded ``A``,
+    ``B = 0``, a deterministic warm-up), so a recipe rebuilds the same
+    global model in any process: the server's and every Ray actor's. It
+    pickles (Flower's clients run in other processes) and never holds a
+    model.
+
+    Attributes:
+        targets: the adapted modules (keys of :data:`gilib.selection.LORA_MODULES`).
+        r: the adapters' rank.
+        alpha: LoRA's ``alpha``.
+        layers: an index, a tuple of indices, ``"all"`` or ``None`` (every layer).
+        seed: seeds ``A``'s draw.
+        warmup: AdamW warm-up steps on the public warm-up batch (``None`` or 0: fresh, ``B = 0``).
+    """
+
+    targets: tuple[str, ...] = ("query", "value")
+    r: int = 8
+    alpha: float = 16
+    layers: int | tuple[int, ...] | str | None = 0
+    seed: int = 0
+    warmup: int | None = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", _checked_targets(self.targets))
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def victim(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The LoRA victim of ``model`` (a new model; ``model`` is never modified).
+
+        Raises:
+            ValueError: as :func:`lora_victim`, for settings that do not fit ``model``.
+        """
+        return lora_victim(model, self.targets, r=self.r, alpha=self.alpha, layers=self.layers, seed=self.seed,
+                           warmup=self.warmup)
 
 
 def _checked_targets(target_modules) -> tuple[str, ...]:

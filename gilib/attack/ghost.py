@@ -30,7 +30,11 @@ attack's optimisation step. The results equal those of
 :class:`~gilib.attack.objectives.GradientMatcher` up to floating-point
 round-off (tested). Supported: BERT-family sequence classifiers (linear,
 LayerNorm and embedding parameters, single-label cross-entropy) with the
-``"cos"`` and ``"l2"`` objectives; :func:`supports` says when.
+``"cos"`` and ``"l2"`` objectives; :func:`supports` says when. LoRA
+adapters (Hu et al., ICLR 2022) are covered as they are: peft's ``lora_A``
+(``r x d_in``) and ``lora_B`` (``d_out x r``) are ``Linear`` modules that
+the forward calls inside the adapted projection, so their hooks see their
+own inputs (``x`` and ``A x``) and output gradients.
 """
 
 from __future__ import annotations
@@ -132,11 +136,15 @@ class GhostMatcher:
         self._shared_cache: dict = {}
         # Modules the packed forward runs at each sentence's [CLS] only
         # (_packed_logits): their tensors are (S, .), one row per sentence.
+        # Their submodules too: a LoRA adapter on the last layer's query
+        # (peft's lora_A / lora_B / base_layer inside the wrapped module) runs
+        # at [CLS] only as well.
         last = model.bert.encoder.layer[-1]
         self._per_sentence = {
-            id(m) for m in (model.bert.pooler.dense, model.classifier, last.attention.self.query,
-                             last.attention.output.dense, last.attention.output.LayerNorm,
-                             last.intermediate.dense, last.output.dense, last.output.LayerNorm)
+            id(sub) for m in (model.bert.pooler.dense, model.classifier, last.attention.self.query,
+                              last.attention.output.dense, last.attention.output.LayerNorm,
+                              last.intermediate.dense, last.output.dense, last.output.LayerNorm)
+            for sub in m.modules()
         }
         owners = _owners(model, self.names)
         # Each module is hooked once, whatever number of its parameters is selected.

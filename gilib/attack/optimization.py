@@ -21,6 +21,16 @@ Gradients with Language Model Priors", NeurIPS 2022) as Li, Xu and Dras
    nearest tokens, keeping a substitution only when it lowers the same
    score the reordering rounds use, on the discrete tokens.
 
+The selection may be any part of the model, LoRA adapters included (Hu et
+al., ICLR 2022; a victim from :func:`gilib.lora.lora_victim`): with
+``select(victim, "lora", 0)``, ``"lora.A"``, ``"lora.query.B"``, ... the
+candidate's gradient is taken with respect to the adapters' ``A`` and ``B``
+(the frozen base weights are constants of the forward, as the client's
+are), and the attack differentiates that gradient with respect to the
+dummy embeddings like any other. Ghost scoring covers adapters too: peft's
+``lora_A`` and ``lora_B`` are linear layers the forward calls
+(:mod:`gilib.attack.ghost`).
+
 The ``[CLS]`` / ``[SEP]`` tokens and each sentence's length are known to the
 attacker and held fixed. A GPT-2-style decoder's client trains on the
 next-token loss, whose labels are the text itself: a candidate's gradient

@@ -18,6 +18,8 @@ study           what it measures                                   chapter
 ``dp-cost``     accuracy and epsilon after DP fine-tuning          4
 ``span``        the span check: exactness, other weights, batches  5
 ``federated``   FedAvg, float32, batch size, SecAgg+ rounds         6
+``lora``        LoRA adapters: span check and optimisation attack  7
+                against r, adapters, rounds, length, AdamW
 ``partial``     LoRA's rank rule, the decoder (reads the benches)  7
 ``shapes``      BERT-base and TinyBERT shapes: shares, span check  3, 5
 ``headlines``   the README's and the conclusion's numbers          (reads)
@@ -34,6 +36,7 @@ def all_studies() -> list:
     """Every study of the book, in the order of its chapters."""
     # Imported here, not at the top: each study loads torch and its data,
     # which `import gilib.studies.store` alone does not need.
-    from . import dp_cost, federated, grids, headlines, partial, shapes, span
+    from . import dp_cost, federated, grids, headlines, lora, partial, shapes, span
 
-    return [grids.STUDY, dp_cost.STUDY, span.STUDY, federated.STUDY, partial.STUDY, shapes.STUDY, headlines.STUDY]
+    return [grids.STUDY, dp_cost.STUDY, span.STUDY, federated.STUDY, lora.STUDY, partial.STUDY, shapes.STUDY,
+            headlines.STUDY]

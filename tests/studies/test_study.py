@@ -44,7 +44,8 @@ def test_one_study_runs_resumes_and_prints_its_table_from_the_command_line(tmp_p
 
 def test_every_book_study_has_a_name_a_description_and_one_command_shape(capsys):
     studies = all_studies()
-    assert [s.name for s in studies] == ["grids", "dp-cost", "span", "federated", "partial", "shapes", "headlines"]
+    assert [s.name for s in studies] == ["grids", "dp-cost", "span", "federated", "lora", "partial", "shapes",
+                                         "headlines"]
     for study in studies:
         assert study.description and study.tables, study.name
         if study.plan is not None:
