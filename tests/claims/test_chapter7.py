@@ -98,3 +98,29 @@ def test_chapter7_every_decoder_batch_comes_back_exactly():
     assert settings["batches"] == 10 and settings["threads"] == 1 and settings["time_budget"] == 60
     assert settings["model"] == "gpt2-shape" and set(lines["model"]) == {"gpt2-shape"}
     assert table["batches exact [95 %]"].tolist() == ["100% [89%, 100%]"] * 4
+
+
+def test_chapter7_rounds_stack_and_the_optimisation_attack_needs_no_rank_rule():
+    # Chapter 7, its summary and the README: "One query adapter of rank 8 gave back 8% of the sentences from
+    # one round and 92% from four"; "Rank 4 on query and value together reached 92% after four rounds";
+    # "Rank-8 adapters on query and value reach ROUGE-1 0.38 against the reference's 0.49 ... a gap a little
+    # over 0.1. From r = 16, the value adapter alone or adapters on every layer, the difference is within
+    # 0.1"; "An AdamW client ... stopped the exact check on adapters here (exact 0% at r = 16), while the
+    # optimisation attack read its messages as well as FedSGD's (0.38 at r = 8)".
+    from gilib.studies import lora
+
+    results = ROOT / "data" / "results" / "ch7_lora.jsonl"
+    _, rounds = lora.rounds_summary(results)
+    assert rounds["span_rounds1_query_8_exact"] < 0.1 and rounds["span_rounds4_query_8_exact"] > 0.9
+    assert rounds["span_rounds1_both_4_exact"] < 0.1 < 0.9 < rounds["span_rounds4_both_4_exact"]
+    for r in (4, 8, 16):
+        assert rounds[f"span_rounds1_query_{r}_exact"] <= rounds[f"span_rounds4_query_{r}_exact"]
+    _, opt = lora.optimization_summary(results)
+    assert (opt["opt_r8_both_rouge1"], opt["opt_ref_rouge1"]) == (0.38, 0.49)
+    assert -0.15 < opt["opt_r8_both_diff"] < -0.1 and opt["opt_r8_both_diff_high"] < 0
+    assert not opt["opt_r4_both_within"] and not opt["opt_r8_both_within"]
+    assert opt["opt_r16_both_within"] and opt["opt_r64_both_within"]
+    assert opt["opt_r8_value_within"] and opt["opt_r8_all_layers_within"]
+    _, protocol = lora.protocol_summary(results)
+    assert all(protocol[f"adamw_span_{r}_exact"] == 0 for r in (4, 8, 16, 64))
+    assert protocol["adamw_opt_8_rouge1"] == protocol["fedsgd_opt_8_rouge1"] == 0.38
