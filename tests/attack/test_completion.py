@@ -174,15 +174,23 @@ def test_balanced_weights_give_every_row_one_vote():
     assert float(out[2].abs().sum()) == 0.0
 
 
+STACKED = ["bert.encoder.layer.0.attention.self." + s for s in ("query.weight", "value.weight")]
+
+
+def _random_sentence(model, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """A seeded 9-token sentence, its stacked query and value gradient (label 1), and the generator after it."""
+    generator = torch.Generator().manual_seed(seed)
+    truth = torch.randint(1000, 20000, (9,), generator=generator)
+    truth[0], truth[-1] = 101, 102
+    return truth, candidate_gradients(model, STACKED, truth[None], 1)[0], generator
+
+
 def test_the_clipped_search_fits_the_factor_dp_clipping_applied(minilm):
     # DP-SGD clips each example's gradient over every parameter: the server sees
     # the layer's gradient times an unknown factor (here 0.2) plus noise.
     model, _ = minilm
-    names = ["bert.encoder.layer.0.attention.self." + s for s in ("query.weight", "value.weight")]
-    generator = torch.Generator().manual_seed(1)
-    truth = torch.randint(1000, 20000, (9,), generator=generator)
-    truth[0], truth[-1] = 101, 102
-    gradient = candidate_gradients(model, names, truth[None], 1)[0]
+    names = STACKED
+    truth, gradient, generator = _random_sentence(model, 1)
     message = 0.2 * gradient + 1e-4 * float(gradient.abs().mean()) * torch.randn(gradient.shape, generator=generator,
                                                                                  dtype=gradient.dtype)
     weights = torch.ones_like(message)
@@ -205,11 +213,8 @@ def test_a_pair_move_fixes_two_neighbouring_tokens_at_once(minilm):
     # Two neighbouring wrong tokens: the pair stage tries both positions' best
     # tokens together, around the positions the residuals disagree with.
     model, _ = minilm
-    names = ["bert.encoder.layer.0.attention.self." + s for s in ("query.weight", "value.weight")]
-    generator = torch.Generator().manual_seed(2)
-    truth = torch.randint(1000, 20000, (9,), generator=generator)
-    truth[0], truth[-1] = 101, 102
-    message = candidate_gradients(model, names, truth[None], 1)[0]
+    names = STACKED
+    truth, message, _ = _random_sentence(model, 2)
     weights = torch.ones_like(message)
     start = truth.tolist()
     start[4], start[5] = 2000, 3000
