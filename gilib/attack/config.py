@@ -239,3 +239,17 @@ class SpanConfig:
         for name, least in (("restarts", 1), ("kicks", 0), ("max_effort", 1), ("beam", 1)):
             _whole(self, name, least)
         _whole(self, "seed", 0, maximum=2**63 - 1)  # torch.Generator's seeds are 64-bit
+
+
+def checked_config(config, kind: type):
+    """``config``, or ``kind()`` for ``None``: a :class:`AttackConfig` or :class:`SpanConfig` an attack runs with.
+
+    Raises:
+        TypeError: for anything but ``None`` or a ``kind``.
+    """
+    cfg = kind() if config is None else config
+    if not isinstance(cfg, kind):
+        article = "an" if kind.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"config must be {article} {kind.__name__} (or None for the defaults), "
+                        f"got a {type(cfg).__name__}.")
+    return cfg

@@ -69,7 +69,7 @@ import torch
 from ..models import is_decoder, lm_special_ids
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
-from .config import SpanConfig
+from .config import SpanConfig, checked_config
 from .result import AttackResult, SpanDiagnostics
 from .rowspace import RowSpace, candidate_sets, position_counts, row_space, token_residuals
 from .tokens import TokenSpace
@@ -287,9 +287,7 @@ def decoder_span_attack(
             tokens as the model is wide, or a batch with no verifier weight.
     """
     start = time.perf_counter()
-    cfg = SpanConfig() if config is None else config
-    if not isinstance(cfg, SpanConfig):
-        raise TypeError(f"config must be a SpanConfig (or None for the defaults), got a {type(cfg).__name__}.")
+    cfg = checked_config(config, SpanConfig)
     update, name, gradient = _checked(model, update, selection)
     lengths = list(update.lengths)
     deadline = None if cfg.time_budget is None else start + cfg.time_budget

@@ -66,7 +66,7 @@ from tqdm import tqdm
 from ..models import is_decoder
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
-from .config import AttackConfig
+from .config import AttackConfig, checked_config
 from .engines import Engine, FastEngine, Layout, PlainEngine, Problem
 from .objectives import GradientMatcher
 from .priors import Prior
@@ -152,9 +152,7 @@ def attack_clients(
             batch sizes.
     """
     start = time.perf_counter()
-    cfg = AttackConfig() if config is None else config
-    if not isinstance(cfg, AttackConfig):
-        raise TypeError(f"config must be an AttackConfig (or None for the defaults), got a {type(cfg).__name__}.")
+    cfg = checked_config(config, AttackConfig)
     if engine is not None and not (isinstance(engine, type) and issubclass(engine, Engine)):
         raise TypeError(f"engine must be a subclass of gilib.attack.engines.Engine, got {engine!r}.")
     problem = _prepare(model, tokenizer, updates, selection, cfg)

@@ -23,7 +23,7 @@ from ..models import is_decoder
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
 from .adapters import layer0_adapter_names, stacked_adapter_rows, stacked_label
-from .config import SpanConfig
+from .config import SpanConfig, checked_config
 from .decoder import decoder_span_attack
 from .likelihood import likely_sentence
 from .objectives import GradientMatcher
@@ -244,9 +244,7 @@ def span_attack(
                              "does not model: attack a decoder's plain message without them.")
         return decoder_span_attack(model, tokenizer, update, selection, config)
     start = time.perf_counter()
-    cfg = SpanConfig() if config is None else config
-    if not isinstance(cfg, SpanConfig):
-        raise TypeError(f"config must be a SpanConfig (or None for the defaults), got a {type(cfg).__name__}.")
+    cfg = checked_config(config, SpanConfig)
     update, name, gradient = _checked(model, update, selection)
     if _is_adapter(name) and (weights is not None or noise is not None or clipped):
         raise ValueError("The span check on LoRA adapters reads an exact message: weights, noise and clipped "
@@ -294,9 +292,7 @@ def adapter_span_attack(
             sentences, or a selection without layer-0 ``A`` adapters.
     """
     start = time.perf_counter()
-    cfg = SpanConfig() if config is None else config
-    if not isinstance(cfg, SpanConfig):
-        raise TypeError(f"config must be a SpanConfig (or None for the defaults), got a {type(cfg).__name__}.")
+    cfg = checked_config(config, SpanConfig)
     updates = list(updates)
     if not updates:
         raise ValueError("No update given: pass one SharedUpdate per round.")
