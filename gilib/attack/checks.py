@@ -310,15 +310,16 @@ def _outside_map(basis: torch.Tensor, sketch: bool = True) -> torch.Tensor | Non
     The distance of ``v`` to the span of ``r`` orthonormal columns ``Q``
     costs two ``(d, r)`` products as ``|v - Q Q^T v|``. Two cheaper maps:
 
-    * where ``d - r < 2 r`` (a large batch in a narrow layer), the span's
-      orthogonal complement ``C``: ``|C^T v|`` is the distance itself, in one
-      ``(d, d - r)`` product and without cancellation;
-    * where both are wider than ``2 k`` (``k`` = :data:`SKETCH`; the FFN's
-      1536 activations with hundreds of tokens), a seeded Gaussian sketch
-      of the complement, ``P = (I - Q Q^T) S / sqrt(k)``: ``|P^T v|`` is the
-      distance to within about ``1 / sqrt(k)`` (Johnson and Lindenstrauss,
-      1984), enough to rank hypotheses, and a true sentence still measures
-      its float32 floor, far under :data:`FOUND`.
+    * where both exact maps are wider than ``2 k`` (``k`` = :data:`SKETCH`;
+      the FFN's 1536 activations with hundreds of tokens) and ``sketch``
+      allows it, a seeded Gaussian sketch of the complement,
+      ``P = (I - Q Q^T) S / sqrt(k)``: ``|P^T v|`` is the distance to within
+      about ``1 / sqrt(k)`` (Johnson and Lindenstrauss, 1984), enough to
+      rank hypotheses, and a true sentence still measures its float32
+      floor, far under :data:`FOUND`;
+    * else, where ``d - r < 2 r`` (a large batch in a narrow layer), the
+      span's orthogonal complement ``C``: ``|C^T v|`` is the distance
+      itself, in one ``(d, d - r)`` product and without cancellation.
 
     Args:
         basis: ``(d, r)`` orthonormal columns, in float64.
@@ -329,11 +330,11 @@ def _outside_map(basis: torch.Tensor, sketch: bool = True) -> torch.Tensor | Non
         ``None`` where the exact projection is the cheapest.
     """
     width, rank = basis.shape
-    if width - rank < 2 * rank and width - rank <= 2 * SKETCH:
+    if sketch and min(2 * rank, width - rank) > 2 * SKETCH:
+        generator = torch.Generator().manual_seed(0)
+        gaussian = torch.randn(width, SKETCH, generator=generator, dtype=basis.dtype) / math.sqrt(SKETCH)
+        return gaussian - basis @ (basis.T @ gaussian)
+    if width - rank < 2 * rank:
         q, _ = torch.linalg.qr(basis, mode="complete")
         return q[:, rank:]
-    if not sketch or min(2 * rank, width - rank) <= 2 * SKETCH:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    sketch = torch.randn(width, SKETCH, generator=generator, dtype=basis.dtype) / math.sqrt(SKETCH)
-    return sketch - basis @ (basis.T @ sketch)
+    return None
