@@ -137,16 +137,9 @@ class ForwardCheck:
         return [getattr(attention, name)(vectors).view(shape) for name in projections]
 
     def _residual(self, vectors: torch.Tensor) -> torch.Tensor:
-        # In the activations' own float32 (the projection adds float32
-        # round-off, far under FOUND), through the cheapest map of the
-        # residual (:func:`_outside_map`): the searches of large batches
-        # spend most of their time here.
-        vectors = vectors.float()
-        if self.outside is None:
-            outside = (vectors - (vectors @ self.basis) @ self.basis.T).norm(dim=-1)
-        else:
-            outside = (vectors @ self.outside).norm(dim=-1)
-        return (outside / vectors.norm(dim=-1).clamp_min(1e-30)).double()
+        # Through the cheapest map of the residual (:func:`_outside_map`):
+        # the searches of large batches spend most of their time here.
+        return relative_residual(vectors, self.basis, self.outside)
 
     def position_residuals(self, hypotheses: torch.Tensor) -> torch.Tensor:
         """``(K, n)`` ids to ``(K, n - 2)`` relative residuals of the interior positions' activations."""
@@ -297,6 +290,26 @@ def output_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: torch
     finally:
         handle.remove()
     return delta.detach().cpu()
+
+
+def relative_residual(vectors: torch.Tensor, basis: torch.Tensor, outside: torch.Tensor | None = None) -> torch.Tensor:
+    """Each vector's distance to the span of ``basis``, relative to its length: ``(..., d)`` to ``(...,)`` float64.
+
+    Computed in the activations' own float32: the projection adds float32
+    round-off (about 1e-7), far under the checks' thresholds.
+
+    Args:
+        vectors: ``(..., d)`` activations.
+        basis: ``(d, r)`` orthonormal columns, float32.
+        outside: a map whose output's norm is the distance (:func:`_outside_map`),
+            or ``None`` for the two projections onto ``basis``.
+    """
+    vectors = vectors.float()
+    if outside is None:
+        distance = (vectors - (vectors @ basis) @ basis.T).norm(dim=-1)
+    else:
+        distance = (vectors @ outside).norm(dim=-1)
+    return (distance / vectors.norm(dim=-1).clamp_min(1e-30)).double()
 
 
 SKETCH = 128

@@ -69,6 +69,7 @@ import torch
 from ..models import is_decoder, lm_special_ids
 from ..selection import Selection
 from ..update import SharedUpdate, checked_update
+from .checks import relative_residual
 from .config import SpanConfig, checked_config
 from .result import AttackResult, SpanDiagnostics
 from .rowspace import RowSpace, candidate_sets, position_counts, row_space, token_residuals
@@ -225,8 +226,7 @@ class CausalCheck:
     def _residual(self, vectors: torch.Tensor) -> torch.Tensor:
         # In float32, the activations' own precision: the projection's
         # round-off (1e-7) is far under ACCEPT.
-        inside = (vectors @ self.basis) @ self.basis.T
-        return ((vectors - inside).norm(dim=-1) / vectors.norm(dim=-1).clamp_min(1e-30)).double()
+        return relative_residual(vectors, self.basis)
 
 
 @dataclass
