@@ -42,7 +42,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from .models import encode, load_tokenizer
-from .selection import LORA_MODULES, _layer_indices, adapter_parameters
+from .selection import LORA_MODULES, _layer_indices, adapter_parameters, has_adapters
 
 ADAPTER = "default"
 """The name peft gives the one adapter a victim carries (``...query.lora_A.default.weight``)."""
@@ -258,7 +258,7 @@ def _warm_up(victim: torch.nn.Module, steps: int, batch: dict | None, lr: float)
 
 def is_lora(model: torch.nn.Module) -> bool:
     """Whether ``model`` carries LoRA adapters (e.g. one :func:`lora_victim` built)."""
-    return bool(adapter_parameters(model))
+    return has_adapters(model)
 
 
 def lora_settings(model: torch.nn.Module) -> LoraSettings:
