@@ -35,6 +35,15 @@ def _shared(model, tokenizer, layers, examples, component="attention.query"):
     return selection, true_batch, client_update(model, selection, true_batch).shared
 
 
+def _layer1_check(minilm):
+    """Three bundled sentences' message of layers 0 and 1's queries, and the layer-1 check of that batch."""
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
+    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
+                                         max_rank=sum(update.lengths)))
+    return true_batch, update, check
+
+
 def test_a_weak_direction_under_numpys_tolerance_stays_in_the_row_space():
     torch.manual_seed(0)
     basis = torch.linalg.qr(torch.randn(64, 6))[0]
@@ -47,10 +56,7 @@ def test_a_weak_direction_under_numpys_tolerance_stays_in_the_row_space():
 
 
 def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
-    model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
-    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
-                                         max_rank=sum(update.lengths)))
+    true_batch, update, check = _layer1_check(minilm)
     n = update.lengths[0]
     h = true_batch["input_ids"][0, :n]
     positions = torch.arange(1, n - 1)
@@ -64,10 +70,7 @@ def test_the_local_score_is_the_layer1_residual_at_the_current_tokens(minilm):
 
 
 def test_the_appended_score_is_the_prefix_residual_at_its_new_position(minilm):
-    model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
-    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
-                                         max_rank=sum(update.lengths)))
+    true_batch, update, check = _layer1_check(minilm)
     prefixes = true_batch["input_ids"][:2, :4]
     options = true_batch["input_ids"][:, 4]
     cheap = check.appended(prefixes, options)
@@ -78,10 +81,7 @@ def test_the_appended_score_is_the_prefix_residual_at_its_new_position(minilm):
 
 
 def test_the_local_score_of_several_hypotheses_is_each_ones_own(minilm):
-    model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:3])
-    check = ForwardCheck(model, row_space(update.shared_grads[selection.names.index(QUERY1)],
-                                         max_rank=sum(update.lengths)))
+    true_batch, update, check = _layer1_check(minilm)
     n = update.lengths[0]
     hypotheses = true_batch["input_ids"][0, :n].repeat(3, 1)
     hypotheses[1, 2], hypotheses[2, 3] = 2000, 3000
