@@ -233,7 +233,7 @@ def test_chapter6_the_secure_mean_gives_way_to_a_check_judged_against_its_roundi
 
 def test_chapter6_sixteen_mixed_sentences_hide_neither_words_nor_their_order():
     # Chapter 6, the README and the conclusion: on six mixed batches of 16 the new check (position split,
-    # faster search) rebuilds at least the 80 % of the sentences, every miss in a batch that ran
+    # cheaper search) rebuilds at least the 80 % of the sentences, every miss in a batch that ran
     # out of its 5 minutes; the old whole-bag search rebuilt less (the Wilson intervals do not overlap),
     # and the prose does not divide that gain between the split and the speed.
     from gilib.metrics import share_interval

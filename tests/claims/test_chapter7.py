@@ -106,7 +106,7 @@ def test_chapter7_rounds_stack_and_the_optimisation_attack_needs_no_rank_rule():
     # "Rank-8 adapters on query and value reach ROUGE-1 0.38 against the reference's 0.49 ... a gap a little
     # over 0.1. From r = 16, the value adapter alone or adapters on every layer, the difference is within
     # 0.1"; "An AdamW client ... stopped the exact check on adapters here (exact 0% at r = 16), while the
-    # optimisation attack read its messages as well as FedSGD's (0.38 at r = 8)".
+    # optimisation attack read its messages about as well as FedSGD's (0.38 at r = 8)".
     from gilib.studies import lora
 
     results = ROOT / "data" / "results" / "ch7_lora.jsonl"
