@@ -57,30 +57,58 @@ MODEL = "gpt2-shape"
 SIZES = (1, 2, 4, 8)
 
 
-def measure(sizes, batches: int, offset: int, time_budget: float | None) -> list[dict]:
+def batches(tokenizer, sizes, count: int, offset: int):
+    """The bench's batches, in order: ``(size, dataset, index, examples, true_batch)``.
+
+    Batch ``index`` of size B from a dataset is the seeded sample's sentences
+    ``offset + index B`` to ``offset + (index + 1) B - 1``, encoded for a
+    decoder (:func:`gilib.models.encode_lm`: ``true_batch`` holds
+    ``input_ids`` and ``attention_mask``, each ``(B, T)``).
+    """
+    for size in sizes:
+        for dataset in DATASETS:
+            for index, examples in enumerate(sample(dataset, count, size, offset=offset)):
+                yield size, dataset, index, examples, encode_lm(tokenizer, [e.text for e in examples])
+
+
+def exact_sentences(token_ids, true_batch) -> list[bool]:
+    """Per true sentence, whether the attack gave it back token for token (a multiset match: any order).
+
+    Args:
+        token_ids: the attack's ``B`` sentences (``AttackResult.token_ids``).
+        true_batch: the client's batch (``input_ids``, ``attention_mask``: ``(B, T)``).
+
+    Returns:
+        ``B`` booleans in the batch's order; a sentence the batch holds twice
+        needs two reconstructions.
+    """
+    found = Counter(map(tuple, token_ids))
+    hits = []
+    for sentence in map(tuple, true_token_ids(true_batch)):
+        hits.append(found[sentence] > 0)
+        found[sentence] -= 1
+    return hits
+
+
+def measure(sizes, count: int, offset: int, time_budget: float | None) -> list[dict]:
     """One line per batch: exact or not, its sentences' exact share, seconds."""
     model, tokenizer = cached_model(MODEL)
     selection = select(model, "layer", 0)
     config = SpanConfig(time_budget=time_budget)
     rows = []
-    for size in sizes:
-        for dataset in DATASETS:
-            for index, batch in enumerate(sample(dataset, batches, size, offset=offset)):
-                true_batch = encode_lm(tokenizer, [e.text for e in batch])
-                message = client_update(model, selection, true_batch).shared  # labels None: a decoder has none
-                start = time.perf_counter()
-                result = span_attack(model, tokenizer, message, selection, config)
-                seconds = time.perf_counter() - start
-                # The client's truth reaches only this comparison.
-                truth = Counter(map(tuple, true_token_ids(true_batch)))
-                found = Counter(map(tuple, result.token_ids))
-                rows.append({"model": MODEL, "dataset": dataset, "batch_size": size, "batch": index,
-                             "row_ids": " ".join(str(e.row_id) for e in batch), "tokens": sum(message.lengths),
-                             "exact": found == truth, "sentences_exact": sum((found & truth).values()) / size,
-                             "seconds": seconds, "check_seconds": result.timings["check"],
-                             "timed_out": result.diagnostics.timed_out, "rank": result.diagnostics.rank,
-                             "verifier": result.diagnostics.verifier})
-                print(size, dataset, index, sum(message.lengths), rows[-1]["exact"], round(seconds, 2), flush=True)
+    for size, dataset, index, batch, true_batch in batches(tokenizer, sizes, count, offset):
+        message = client_update(model, selection, true_batch).shared  # labels None: a decoder has none
+        start = time.perf_counter()
+        result = span_attack(model, tokenizer, message, selection, config)
+        seconds = time.perf_counter() - start
+        hits = exact_sentences(result.token_ids, true_batch)  # the client's truth reaches only this comparison
+        rows.append({"model": MODEL, "dataset": dataset, "batch_size": size, "batch": index,
+                     "row_ids": " ".join(str(e.row_id) for e in batch), "tokens": sum(message.lengths),
+                     "exact": all(hits), "sentences_exact": sum(hits) / size,
+                     "seconds": seconds, "check_seconds": result.timings["check"],
+                     "timed_out": result.diagnostics.timed_out, "rank": result.diagnostics.rank,
+                     "verifier": result.diagnostics.verifier})
+        print(size, dataset, index, sum(message.lengths), rows[-1]["exact"], round(seconds, 2), flush=True)
     return rows
 
 
