@@ -1,10 +1,13 @@
-"""Chapter 7's bench readers: LoRA's rank rule and the span check on a GPT-2-style decoder.
+"""Chapter 7's bench readers: LoRA's rank rule, and the span check and the optimisation attack on a GPT-2-style decoder.
 
-Chapter 7 ("Partial by design") quotes two cached benches, not a runner
+Chapter 7 ("Partial by design") quotes three cached benches, not a runner
 study: ``bench/lora_rank.py`` (``data/bench/lora_rank.csv``: the span check
-on a LoRA client's adapter gradients, one line per sentence and setting)
-and ``bench/decoder_span.py`` (``data/bench/decoder_span.csv``: the causal
-span check on a decoder client's layer 0, one line per batch). Each reader
+on a LoRA client's adapter gradients, one line per sentence and setting),
+``bench/decoder_span.py`` (``data/bench/decoder_span.csv``: the causal
+span check on a decoder client's layer 0, one line per batch) and
+``bench/decoder_optimization.py`` (``data/bench/decoder_optimization.csv``:
+LAMP's optimisation attack, Balunović et al., 2022, on the same messages,
+one line per sentence). Each reader
 turns a CSV into ``(table, facts)``: a table with rounded numbers and
 Wilson 95 % intervals (:func:`gilib.metrics.share_interval`: an exact rate
 is a binomial share), and the facts the chapter, the conclusion and the
@@ -13,6 +16,7 @@ README quotes them::
 
     python -m gilib.studies partial rank-rule data/bench/lora_rank.csv
     python -m gilib.studies partial decoder data/bench/decoder_span.csv
+    python -m gilib.studies partial decoder-optimization data/bench/decoder_optimization.csv
 
 It reads only; it has nothing to run (``plan`` is ``None``, as for
 :mod:`gilib.studies.headlines`).
@@ -25,12 +29,15 @@ from pathlib import Path
 import pandas as pd
 
 from ..metrics import interval_text, share_interval
+from .federated import intervals
 from .study import Study, Table, markdown_table, option
 
 RANK_RULE_BENCH = "data/bench/lora_rank.csv"
 """``python bench/lora_rank.py --per-dataset 4 --out data/bench/lora_rank.csv``."""
 DECODER_BENCH = "data/bench/decoder_span.csv"
 """``python bench/decoder_span.py --batches 10 --out data/bench/decoder_span.csv``."""
+DECODER_OPTIMIZATION_BENCH = "data/bench/decoder_optimization.csv"
+"""``python bench/decoder_optimization.py --out data/bench/decoder_optimization.csv``."""
 ADAPTER_NAMES = {"query": "query", "value": "value", "both": "query + value"}
 
 
@@ -38,7 +45,7 @@ def _frame(path: str | Path | pd.DataFrame) -> pd.DataFrame:
     return path if isinstance(path, pd.DataFrame) else pd.read_csv(path)
 
 
-def _percent(hits: int, n: int) -> tuple[str, float, float, float]:
+def _percent(hits: float, n: int) -> tuple[str, float, float, float]:
     share, low, high = share_interval(hits, n)
     return interval_text(share, low, high, 0, percent=True), share, low, high
 
@@ -162,9 +169,75 @@ def decoder_markdown(path: str | Path | pd.DataFrame) -> str:
     return markdown_table(list(table.columns), table.itertuples(index=False))
 
 
+def decoder_optimization_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The optimisation attack on a decoder client's layer 0, per batch size.
+
+    A batch's sentences share one message, so the batch is the unit: the
+    exact share is a Wilson interval over batches (each counts its share of
+    sentences, :func:`gilib.metrics.share_interval`), and ROUGE's interval
+    resamples batches (:func:`gilib.studies.federated.intervals`).
+
+    Args:
+        path: ``bench/decoder_optimization.py``'s CSV (one line per
+            sentence: ``dataset``, ``batch_size``, ``row_ids`` (its
+            batch's), ``tokens``, ``exact``, ``rouge1``, ``rouge2``,
+            ``seconds`` (its batch's), ``steps``, ...), or its lines.
+
+    Returns:
+        ``(table, facts)``. The table has one row per batch size: the
+        batches and sentences, the sentences rebuilt exactly [Wilson 95 %],
+        mean ROUGE-1 and ROUGE-2 [bootstrap 95 %] and the mean seconds per
+        batch. The facts, per batch size ``B``:
+        ``decoder_opt_batches_<B>``, ``decoder_opt_sentences_<B>``,
+        ``decoder_opt_exact_<B>`` (with ``_low_`` and ``_high_``),
+        ``decoder_opt_rouge1_<B>`` and ``decoder_opt_rouge2_<B>`` (each
+        with ``_low_`` and ``_high_``), ``decoder_opt_seconds_<B>``; and
+        ``decoder_opt_sizes``, ``decoder_opt_sentences``,
+        ``decoder_opt_exact_sentences`` (a count), ``decoder_opt_steps``.
+
+    Raises:
+        ValueError: for lines of several step counts (one table, one setting).
+    """
+    frame = _frame(path)
+    steps = sorted(frame["steps"].unique())
+    if len(steps) != 1:
+        raise ValueError(f"The lines hold attacks of several step counts {steps}: summarise one setting at a time.")
+    frame = frame.assign(message=frame["dataset"] + " " + frame["row_ids"].astype(str))
+    rouge = {name: intervals(frame, ["batch_size"], name).set_index("batch_size") for name in ("rouge1", "rouge2")}
+    rows, facts = [], {}
+    for size, part in frame.groupby("batch_size", sort=True):
+        batches = part.groupby("message")
+        text, share, low, high = _percent(float(batches["exact"].mean().sum()), batches.ngroups)
+        rows.append({"batch size": int(size), "batches": batches.ngroups, "sentences": len(part),
+                     "sentences exact [95 %]": text,
+                     "ROUGE-1 [95 %]": rouge["rouge1"].loc[size, "text"],
+                     "ROUGE-2 [95 %]": rouge["rouge2"].loc[size, "text"],
+                     "s / batch (mean)": round(float(batches["seconds"].first().mean()), 1)})
+        facts.update({f"decoder_opt_batches_{size}": batches.ngroups, f"decoder_opt_sentences_{size}": len(part),
+                      f"decoder_opt_exact_{size}": round(share, 4), f"decoder_opt_exact_low_{size}": round(low, 4),
+                      f"decoder_opt_exact_high_{size}": round(high, 4),
+                      f"decoder_opt_seconds_{size}": round(float(batches["seconds"].first().mean()), 1)})
+        for name, cells in rouge.items():
+            facts.update({f"decoder_opt_{name}_{size}": round(float(cells.loc[size, name]), 2),
+                          f"decoder_opt_{name}_low_{size}": round(float(cells.loc[size, "low"]), 2),
+                          f"decoder_opt_{name}_high_{size}": round(float(cells.loc[size, "high"]), 2)})
+    facts.update({"decoder_opt_sizes": [int(s) for s in sorted(frame["batch_size"].unique())],
+                  "decoder_opt_sentences": len(frame),
+                  "decoder_opt_exact_sentences": int(frame["exact"].astype(bool).sum()),
+                  "decoder_opt_steps": int(steps[0])})
+    return pd.DataFrame(rows), facts
+
+
+def decoder_optimization_markdown(path: str | Path | pd.DataFrame) -> str:
+    """:func:`decoder_optimization_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = decoder_optimization_summary(path)
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
 STUDY = Study(
     name="partial",
-    description="chapter 7: LoRA's rank rule and the decoder's span check, read from the cached benches",
+    description="chapter 7: LoRA's rank rule, the decoder's span check and optimisation attack, "
+                "read from the cached benches",
     tables=(
         Table("rank-rule", "LoRA adapters: the span check's exact rate [Wilson 95 %] by rank, adapters and "
                            "whether the sentence fits the stacked rank (bench/lora_rank.py)",
@@ -174,6 +247,11 @@ STUDY = Study(
                          "seconds per batch size (bench/decoder_span.py)",
               lambda args: decoder_markdown(args.results),
               (option("results", type=Path, help="the bench's CSV (data/bench/decoder_span.csv)"),)),
+        Table("decoder-optimization", "a GPT-2-shape decoder sharing layer 0: LAMP's optimisation attack, "
+                                      "sentences exact [Wilson 95 %] and ROUGE-1/2 [bootstrap 95 % over "
+                                      "batches] per batch size (bench/decoder_optimization.py)",
+              lambda args: decoder_optimization_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/decoder_optimization.csv)"),)),
     ),
 )
 """Chapter 7's tables (``python -m gilib.studies partial ...``); nothing to run."""

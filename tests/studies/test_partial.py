@@ -61,10 +61,46 @@ def test_decoder_summary_gives_each_batch_size_its_interval_and_seconds():
     assert facts["decoder_sizes"] == [1, 2] and facts["decoder_batches_1"] == 2
 
 
+def _decoder_optimization_lines() -> pd.DataFrame:
+    # Size 1: two batches, one exact. Size 2: batch "3 4" half exact, batch "5 6" not at all.
+    return pd.DataFrame({"dataset": ["cola"] * 6, "batch_size": [1, 1, 2, 2, 2, 2],
+                         "row_ids": ["1", "2", "3 4", "3 4", "5 6", "5 6"], "row_id": [1, 2, 3, 4, 5, 6],
+                         "exact": [True, False, True, False, False, False],
+                         "rouge1": [1.0, 0.5, 1.0, 0.2, 0.2, 0.2], "rouge2": [1.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+                         "seconds": [10.0, 20.0, 40.0, 40.0, 60.0, 60.0], "steps": [100] * 6})
+
+
+def test_decoder_optimization_summary_counts_batches_as_the_unit():
+    table, facts = partial.decoder_optimization_summary(_decoder_optimization_lines())
+    assert table[["batch size", "batches", "sentences"]].values.tolist() == [[1, 2, 2], [2, 2, 4]]
+    # Size 2: half a batch's sentences of two batches is 25 %, Wilson over the 2 batches.
+    assert table["sentences exact [95 %]"].tolist() == ["50% [9%, 91%]", "25% [3%, 80%]"]
+    # ROUGE resamples batches: size 2's batch means are 0.6 and 0.2.
+    assert table["ROUGE-1 [95 %]"].tolist() == ["0.75 [0.50, 1.00]", "0.40 [0.20, 0.60]"]
+    assert table["ROUGE-2 [95 %]"].tolist() == ["0.50 [0.00, 1.00]", "0.25 [0.00, 0.50]"]
+    assert table["s / batch (mean)"].tolist() == [15.0, 50.0]
+    assert (facts["decoder_opt_exact_2"], facts["decoder_opt_rouge1_2"], facts["decoder_opt_rouge1_low_2"]) == (
+        0.25, 0.4, 0.2)
+    assert (facts["decoder_opt_sentences"], facts["decoder_opt_exact_sentences"]) == (6, 2)
+    assert facts["decoder_opt_sizes"] == [1, 2] and facts["decoder_opt_steps"] == 100
+
+
+def test_decoder_optimization_summary_refuses_mixed_settings():
+    lines = _decoder_optimization_lines()
+    lines.loc[0, "steps"] = 200
+    with pytest.raises(ValueError, match="several step counts"):
+        partial.decoder_optimization_summary(lines)
+
+
 def test_the_partial_tables_print_in_markdown(tmp_path, capsys):
     lora, decoder = tmp_path / "lora.csv", tmp_path / "decoder.csv"
+    optimization = tmp_path / "decoder_optimization.csv"
     _lora_lines().to_csv(lora, index=False)
     _decoder_lines().to_csv(decoder, index=False)
+    _decoder_optimization_lines().to_csv(optimization, index=False)
+    assert main(all_studies(), ["partial", "decoder-optimization", str(optimization)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == partial.decoder_optimization_markdown(optimization) and "| ROUGE-1 [95 %] |" in printed
     assert main(all_studies(), ["partial", "rank-rule", str(lora)]) == 0
     assert capsys.readouterr().out.strip() == partial.rank_rule_markdown(lora)
     assert main(all_studies(), ["partial", "decoder", str(decoder)]) == 0
