@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 from gilib.studies.study import markdown_table
 
@@ -146,3 +148,28 @@ def test_the_mixed_batches_hold_sixteen_distinct_sentences_under_the_width(minil
         tokens = int(encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
                      ["attention_mask"].sum())
         assert 250 < tokens < WIDTH
+
+
+@pytest.mark.slow
+def test_decoder_optimization_writes_a_line_per_sentence_and_its_settings(tmp_path):
+    out = tmp_path / "decoder_optimization.csv"
+    done = subprocess.run([sys.executable, "bench/decoder_optimization.py", "--sizes", "2", "--steps", "1",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sentences exact [95 %]" in done.stdout, done.stdout
+    lines = pd.read_csv(out)
+    # One batch of 2 per dataset: the sentences of bench/decoder_span.py's first batches of 2.
+    assert len(lines) == 6 and lines.groupby("dataset")["row_ids"].nunique().tolist() == [1, 1, 1]
+    assert (lines["steps"] == 1).all() and lines["rouge1"].between(0, 1).all()
+    settings = json.loads(out.with_suffix(".json").read_text())
+    assert settings["attack"]["steps"] == 1 and settings["attack"]["lr"] == 0.003 and settings["batches"] == 1
+
+
+def test_a_decoder_bench_counts_a_sentence_held_twice_only_when_given_back_twice():
+    sys.path.insert(0, str(REPO / "bench"))
+    from decoder_span import exact_sentences
+
+    ids = torch.tensor([[101, 7, 102, 0], [101, 7, 102, 0], [101, 8, 9, 102]])
+    true_batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    assert exact_sentences([[101, 8, 9, 102], [101, 7, 102], [101, 5, 102]], true_batch) == [True, False, True]
+    assert exact_sentences([[101, 7, 102], [101, 7, 102], [101, 8, 9, 102]], true_batch) == [True, True, True]
