@@ -23,7 +23,7 @@ learning rate, 0.003, for GPT-2's smaller word embeddings (initialised
 with standard deviation 0.02), chosen in a trial at batch size 1 on the
 attack's own gradient distance (no truth read).
 
-Sentences: those of ``bench/decoder_span.py`` (:func:`decoder_span.batches`),
+Sentences: those of ``bench/decoder_span.py`` (:func:`decoder_span.attacked`),
 ``--batches`` per dataset and size (default 1: three batches per size).
 Nothing is asserted; the seconds are for one machine, one thread.
 
@@ -39,25 +39,18 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-from decoder_span import MODEL, SIZES, batches, exact_sentences  # bench/ is the script's own folder
+from decoder_span import attacked, exact_sentences, options, save  # bench/: the script's own folder
 from gilib.attack import optimization_attack
-from gilib.client import client_update
-from gilib.data import write_settings
 from gilib.metrics import score_batch
-from gilib.models import cached_model
-from gilib.selection import select
 from gilib.studies.federated import ATTACK as CHAPTER6_ATTACK
 from gilib.studies.partial import decoder_optimization_summary
-from gilib.studies.span import DATASETS
 
 ATTACK = dataclasses.replace(CHAPTER6_ATTACK, steps=100, init_candidates=20, swap_every=40, swap_candidates=10,
                              lr=0.003)
@@ -66,50 +59,31 @@ ATTACK = dataclasses.replace(CHAPTER6_ATTACK, steps=100, init_candidates=20, swa
 
 def measure(sizes, count: int, offset: int, config=ATTACK) -> list[dict]:
     """One line per sentence: exact or not, ROUGE-1/2, its batch's seconds and final gradient distance."""
-    model, tokenizer = cached_model(MODEL)
-    selection = select(model, "layer", 0)
     rows = []
-    for size, dataset, index, batch, true_batch in batches(tokenizer, sizes, count, offset):
-        message = client_update(model, selection, true_batch).shared  # labels None: a decoder has none
-        start = time.perf_counter()
-        result = optimization_attack(model, tokenizer, message, selection, config)
-        seconds = time.perf_counter() - start
+    for batch in attacked(sizes, count, offset, lambda *message: optimization_attack(*message, config)):
+        result = batch.result
         # The client's truth reaches only these comparisons.
-        hits = exact_sentences(result.token_ids, true_batch)
-        scores = score_batch(result.texts, [e.text for e in batch])
-        for example, tokens, hit, score in zip(batch, message.lengths, hits, scores):
-            rows.append({"model": MODEL, "dataset": dataset, "batch_size": size, "batch": index,
-                         "row_ids": " ".join(str(e.row_id) for e in batch), "row_id": example.row_id,
-                         "tokens": tokens, "exact": hit, "rouge1": score["rouge1"], "rouge2": score["rouge2"],
-                         "seconds": seconds, "loss": result.diagnostics.loss_history[-1],
-                         "steps": config.steps})
-        print(size, dataset, index, sum(message.lengths), sum(hits),
-              round(statistics.fmean(s["rouge1"] for s in scores), 2), round(seconds, 1), flush=True)
+        hits = exact_sentences(result.token_ids, batch.true_batch)
+        scores = score_batch(result.texts, [e.text for e in batch.examples])
+        for example, tokens, hit, score in zip(batch.examples, batch.message.lengths, hits, scores):
+            rows.append({**batch.line(), "row_id": example.row_id, "tokens": tokens, "exact": hit,
+                         "rouge1": score["rouge1"], "rouge2": score["rouge2"], "seconds": batch.seconds,
+                         "loss": result.diagnostics.loss_history[-1], "steps": config.steps})
+        print(batch.size, batch.dataset, batch.index, sum(batch.message.lengths), sum(hits),
+              round(statistics.fmean(s["rouge1"] for s in scores), 2), round(batch.seconds, 1), flush=True)
     return rows
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="batch sizes")
-    parser.add_argument("--batches", type=int, default=1, help="batches per dataset and batch size")
-    parser.add_argument("--offset", type=int, default=300, help="sentences of the seeded sample to skip first")
+    parser = options(__doc__.split("\n")[0], batches=1)
     parser.add_argument("--steps", type=int, default=ATTACK.steps, help="Adam steps per attack")
-    parser.add_argument("--out", type=Path, default=None, help="also write every line here (CSV)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = dataclasses.replace(ATTACK, steps=args.steps)
     started = time.perf_counter()
     frame = pd.DataFrame(measure(args.sizes, args.batches, args.offset, config))
     table, _ = decoder_optimization_summary(frame)
-    print(table.to_string(index=False))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(args.out, index=False)
-        write_settings(args.out, "bench/decoder_optimization.py", argv,
-                       model=MODEL, selection="layer 0 (all of transformer.h.0)", sizes=args.sizes,
-                       batches=args.batches, datasets=list(DATASETS), offset=args.offset,
-                       attack=dataclasses.asdict(config), wall_seconds=round(time.perf_counter() - started, 1),
-                       summary=table.to_dict(orient="records"))
+    save(frame, table, args, argv, "bench/decoder_optimization.py", started, attack=dataclasses.asdict(config))
 
 
 if __name__ == "__main__":

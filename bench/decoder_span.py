@@ -40,11 +40,12 @@ import argparse
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import pandas as pd
 import torch
 
-from gilib.attack import SpanConfig, span_attack
+from gilib.attack import AttackResult, SpanConfig, span_attack
 from gilib.client import client_update
 from gilib.data import write_settings
 from gilib.metrics import interval_text, share_interval, true_token_ids
@@ -52,23 +53,56 @@ from gilib.models import cached_model, encode_lm
 from gilib.selection import select
 from gilib.studies.sample import sample
 from gilib.studies.span import DATASETS
+from gilib.update import SharedUpdate
 
 MODEL = "gpt2-shape"
 SIZES = (1, 2, 4, 8)
 
 
-def batches(tokenizer, sizes, count: int, offset: int):
-    """The bench's batches, in order: ``(size, dataset, index, examples, true_batch)``.
+class Attacked(NamedTuple):
+    """One batch of a decoder bench, attacked (:func:`attacked`)."""
+
+    size: int
+    dataset: str
+    index: int
+    examples: list
+    true_batch: dict  # the client's truth: input_ids and attention_mask, each (B, T)
+    message: SharedUpdate  # what the server sees: layer 0's gradients, no labels
+    result: AttackResult
+    seconds: float  # the attack's
+
+    def line(self) -> dict:
+        """The fields every line of this batch starts with."""
+        return {"model": MODEL, "dataset": self.dataset, "batch_size": self.size, "batch": self.index,
+                "row_ids": " ".join(str(e.row_id) for e in self.examples)}
+
+
+def attacked(sizes, count: int, offset: int, attack) -> Iterator[Attacked]:
+    """Every batch of the bench, sent by the decoder client and attacked, in order.
 
     Batch ``index`` of size B from a dataset is the seeded sample's sentences
     ``offset + index B`` to ``offset + (index + 1) B - 1``, encoded for a
-    decoder (:func:`gilib.models.encode_lm`: ``true_batch`` holds
-    ``input_ids`` and ``attention_mask``, each ``(B, T)``).
+    decoder (:func:`gilib.models.encode_lm`); the client takes one
+    next-token step and shares all of layer 0.
+
+    Args:
+        sizes: batch sizes.
+        count: batches per dataset and size.
+        offset: sentences of the seeded sample to skip first.
+        attack: ``attack(model, tokenizer, message, selection)``, timed, returns an
+            :class:`~gilib.attack.AttackResult`.
     """
+    model, tokenizer = cached_model(MODEL)
+    selection = select(model, "layer", 0)
     for size in sizes:
         for dataset in DATASETS:
             for index, examples in enumerate(sample(dataset, count, size, offset=offset)):
-                yield size, dataset, index, examples, encode_lm(tokenizer, [e.text for e in examples])
+                true_batch = encode_lm(tokenizer, [e.text for e in examples])
+                message = client_update(model, selection, true_batch).shared  # labels None: a decoder has none
+                start = time.perf_counter()
+                result = attack(model, tokenizer, message, selection)
+                yield Attacked(size, dataset, index, examples, true_batch, message, result,
+                               time.perf_counter() - start)
 
 
 def exact_sentences(token_ids, true_batch) -> list[bool]:
@@ -92,23 +126,16 @@ def exact_sentences(token_ids, true_batch) -> list[bool]:
 
 def measure(sizes, count: int, offset: int, time_budget: float | None) -> list[dict]:
     """One line per batch: exact or not, its sentences' exact share, seconds."""
-    model, tokenizer = cached_model(MODEL)
-    selection = select(model, "layer", 0)
     config = SpanConfig(time_budget=time_budget)
     rows = []
-    for size, dataset, index, batch, true_batch in batches(tokenizer, sizes, count, offset):
-        message = client_update(model, selection, true_batch).shared  # labels None: a decoder has none
-        start = time.perf_counter()
-        result = span_attack(model, tokenizer, message, selection, config)
-        seconds = time.perf_counter() - start
-        hits = exact_sentences(result.token_ids, true_batch)  # the client's truth reaches only this comparison
-        rows.append({"model": MODEL, "dataset": dataset, "batch_size": size, "batch": index,
-                     "row_ids": " ".join(str(e.row_id) for e in batch), "tokens": sum(message.lengths),
-                     "exact": all(hits), "sentences_exact": sum(hits) / size,
-                     "seconds": seconds, "check_seconds": result.timings["check"],
+    for batch in attacked(sizes, count, offset, lambda *message: span_attack(*message, config)):
+        result, size, tokens = batch.result, batch.size, sum(batch.message.lengths)
+        hits = exact_sentences(result.token_ids, batch.true_batch)  # the client's truth reaches only this
+        rows.append({**batch.line(), "tokens": tokens, "exact": all(hits), "sentences_exact": sum(hits) / size,
+                     "seconds": batch.seconds, "check_seconds": result.timings["check"],
                      "timed_out": result.diagnostics.timed_out, "rank": result.diagnostics.rank,
                      "verifier": result.diagnostics.verifier})
-        print(size, dataset, index, sum(message.lengths), rows[-1]["exact"], round(seconds, 2), flush=True)
+        print(size, batch.dataset, batch.index, tokens, rows[-1]["exact"], round(batch.seconds, 2), flush=True)
     return rows
 
 
@@ -126,27 +153,38 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def options(description: str, batches: int) -> argparse.ArgumentParser:
+    """The options both decoder benches take: ``--sizes``, ``--batches`` (default: ``batches``), ``--offset``,
+    ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="batch sizes")
-    parser.add_argument("--batches", type=int, default=10, help="batches per dataset and batch size")
+    parser.add_argument("--batches", type=int, default=batches, help="batches per dataset and batch size")
     parser.add_argument("--offset", type=int, default=300, help="sentences of the seeded sample to skip first")
-    parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack")
     parser.add_argument("--out", type=Path, default=None, help="also write every line here (CSV)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    frame = pd.DataFrame(measure(args.sizes, args.batches, args.offset, args.time_budget))
-    table = summary(frame)
+    return parser
+
+
+def save(frame: pd.DataFrame, table: pd.DataFrame, args, argv, script: str, started: float, **settings) -> None:
+    """Print a decoder bench's table; with ``args.out``, write its lines there and its settings beside them."""
     print(table.to_string(index=False))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
-        write_settings(args.out, "bench/decoder_span.py", argv,
+        write_settings(args.out, script, argv,
                        model=MODEL, selection="layer 0 (all of transformer.h.0)", sizes=args.sizes,
-                       batches=args.batches, datasets=list(DATASETS), offset=args.offset,
-                       time_budget=args.time_budget, wall_seconds=round(time.perf_counter() - started, 1),
+                       batches=args.batches, datasets=list(DATASETS), offset=args.offset, **settings,
+                       wall_seconds=round(time.perf_counter() - started, 1),
                        summary=table.to_dict(orient="records"))
+
+
+def main(argv=None) -> None:
+    parser = options(__doc__.split("\n")[0], batches=10)
+    parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    frame = pd.DataFrame(measure(args.sizes, args.batches, args.offset, args.time_budget))
+    save(frame, summary(frame), args, argv, "bench/decoder_span.py", started, time_budget=args.time_budget)
 
 
 if __name__ == "__main__":
