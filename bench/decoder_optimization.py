@@ -15,9 +15,10 @@ and ROUGE-2 (:func:`gilib.metrics.score_batch`, matched within the batch),
 and its batch's seconds and final gradient distance.
 
 Settings (:data:`ATTACK`): chapter 6's (:data:`gilib.studies.federated.ATTACK`:
-cosine, reordering rounds) with a smaller budget, so that the bench fits
-about 40 minutes of one thread (each Adam step runs the whole 12-layer
-model forward and twice backward): ``--steps`` Adam steps (100), 20 random
+cosine, reordering rounds) with a smaller budget, so that the whole bench
+runs in one sitting on one thread (each Adam step runs the whole 12-layer
+model forward and twice backward; the JSON has the wall time): ``--steps``
+Adam steps (100), 20 random
 starts, two reordering rounds of 10 orders per sentence; and a smaller
 learning rate, 0.003, for GPT-2's smaller word embeddings (initialised
 with standard deviation 0.02), chosen in a trial at batch size 1 on the
