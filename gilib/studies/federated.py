@@ -55,7 +55,7 @@ from ..models import cached_model, encode
 from ..selection import select
 from .sample import GRID_SPLITS, sample
 from .store import study_frame
-from .study import Measurements, Study, Table, markdown_table, option
+from .study import Measurements, Study, Table, frame_markdown, markdown_table, option
 
 MODEL = "minilm"
 SELECTION = ("layer", 0)
@@ -634,7 +634,7 @@ def adamw_optimisation_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
 def adamw_optimisation_markdown(path: str | Path) -> str:
     """:func:`adamw_optimisation_summary`'s table as Markdown (the README repeats it)."""
     table, _ = adamw_optimisation_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 SECURE_BENCH = Path("data") / "bench" / "noisy_span_secagg.csv"
@@ -725,19 +725,19 @@ def mixed_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 def mixed_markdown(path: str | Path) -> str:
     """:func:`mixed_summary`'s table as Markdown (the README repeats it)."""
     table, _ = mixed_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 def secure_noise_markdown(path: str | Path) -> str:
     """:func:`secure_noise_summary`'s table as Markdown (the README repeats it)."""
     table, _ = secure_noise_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 def adamw_markdown(path: str | Path) -> str:
     """:func:`adamw_summary`'s table as Markdown (the README repeats it)."""
     table, _ = adamw_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 def noise_markdown(path: str | Path) -> str:

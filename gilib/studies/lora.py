@@ -87,7 +87,7 @@ from ..selection import Selection, select
 from .federated import ATTACK
 from .sample import GRID_SPLITS, sample
 from .store import study_frame
-from .study import Measurements, Study, Table, markdown_table, option
+from .study import Measurements, Study, Table, frame_markdown, markdown_table, option
 
 MODEL = "minilm"
 DATASETS = GRID_SPLITS
@@ -694,7 +694,7 @@ def optimization_markdown(path) -> str:
 
 
 def _cells_markdown(table: pd.DataFrame) -> str:
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 def _label(lines: list[dict]) -> str:

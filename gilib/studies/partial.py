@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..metrics import interval_text, share_interval
 from .federated import intervals
-from .study import Study, Table, markdown_table, option
+from .study import Study, Table, frame_markdown, option
 
 RANK_RULE_BENCH = "data/bench/lora_rank.csv"
 """``python bench/lora_rank.py --per-dataset 4 --out data/bench/lora_rank.csv``."""
@@ -118,7 +118,7 @@ def rank_rule_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, di
 def rank_rule_markdown(path: str | Path | pd.DataFrame) -> str:
     """:func:`rank_rule_summary`'s table as Markdown (the README repeats it)."""
     table, _ = rank_rule_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 def decoder_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -166,7 +166,7 @@ def decoder_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict
 def decoder_markdown(path: str | Path | pd.DataFrame) -> str:
     """:func:`decoder_summary`'s table as Markdown (the README repeats it)."""
     table, _ = decoder_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 def decoder_optimization_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -231,7 +231,7 @@ def decoder_optimization_summary(path: str | Path | pd.DataFrame) -> tuple[pd.Da
 def decoder_optimization_markdown(path: str | Path | pd.DataFrame) -> str:
     """:func:`decoder_optimization_summary`'s table as Markdown (the README repeats it)."""
     table, _ = decoder_optimization_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 STUDY = Study(

@@ -57,7 +57,7 @@ from ..models import cached_model, encode
 from ..selection import select
 from .sample import GRID_SPLITS, sample
 from .store import read_lines, study_frame
-from .study import Measurements, Study, Table, markdown_table, option
+from .study import Measurements, Study, Table, frame_markdown, markdown_table, option
 
 DATASETS = tuple(GRID_SPLITS)
 """The batch-1 studies attack the cached optimisation grids' sentences
@@ -630,7 +630,7 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
 def dp_likelihood_markdown(path: str | Path) -> str:
     """:func:`dp_likelihood_summary`'s table as Markdown (the README repeats it)."""
     table, _ = dp_likelihood_summary(path)
-    return markdown_table(list(table.columns), table.itertuples(index=False))
+    return frame_markdown(table)
 
 
 STUDY = Study(

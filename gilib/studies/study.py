@@ -209,6 +209,11 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def frame_markdown(table) -> str:
+    """A summary table (a DataFrame of formatted cells) as :func:`markdown_table` prints it."""
+    return markdown_table(list(table.columns), table.itertuples(index=False))
+
+
 def mean_sd(mean: float, sd: float) -> str:
     """``0.80 ± 0.19``: a mean and standard deviation as the tables print them."""
     return f"{mean:.2f} ± {sd:.2f}"
