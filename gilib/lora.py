@@ -1,4 +1,4 @@
-"""LoRA victims: a BERT whose client trains and shares only low-rank adapters.
+"""LoRA victims: a BERT or a GPT-2-style decoder whose client trains and shares only low-rank adapters.
 
 LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR
 2022) freezes a pretrained weight ``W`` (``d_out x d_in``) and trains a
@@ -22,8 +22,20 @@ weight's gradient,
 * ``grad B = (alpha / r) G A^T = (alpha / r) sum_i delta_i (A x_i)^T``: it
   sees the inputs only through their ``r``-dimensional projections ``A x_i``.
 
-Selections name the adapters exactly (``lora``, ``lora.query.A``, ...:
-:mod:`gilib.selection`), and :func:`gilib.client.client_update` computes a
+A decoder (:func:`gilib.models.is_decoder`) takes adapters on its blocks'
+``Conv1D`` s, named as GPT-2 names them (:data:`gilib.selection.DECODER_LORA_MODULES`:
+``c_attn``, the fused query/key/value, ``attn.c_proj``, ``mlp.c_fc``,
+``mlp.c_proj``). A ``Conv1D`` stores its weight ``(d_in, d_out)``, so peft
+is told ``fan_in_fan_out=True``; that flag only transposes the merged
+update ``B A``: the adapters themselves are ``nn.Linear`` s with ``A``
+``(r, d_in)`` and ``B`` ``(d_out, r)`` as on a BERT, and ``grad A = s B^T G``
+with ``G`` the frozen weight's gradient in ``(d_out, d_in)`` orientation
+(the transpose of what the ``Conv1D`` stores), so ``A``'s rows lie in the
+span of the module's inputs as on a BERT. The decoder's warm-up trains on
+the next-token loss (:func:`gilib.client.training_loss`).
+
+Selections name the adapters exactly (``lora``, ``lora.query.A``,
+``lora.c_attn.A``, ...: :mod:`gilib.selection`), and :func:`gilib.client.client_update` computes a
 LoRA client's FedSGD, FedAvg or AdamW message as for any other model.
 :class:`LoraRecipe` holds a victim's settings as a picklable value, so that
 Flower's server and clients (:func:`gilib.federated.run_round` with
@@ -41,8 +53,10 @@ from typing import Sequence
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from .models import encode, load_tokenizer
-from .selection import LORA_MODULES, _layer_indices, adapter_parameters, has_adapters
+from .client import training_loss
+from .models import encode, encode_lm, is_decoder, load_tokenizer
+from .selection import (DECODER_LORA_MODULES, LORA_MODULES, _layer_indices, adapter_parameters, has_adapters,
+                        lora_modules)
 
 ADAPTER = "default"
 """The name peft gives the one adapter a victim carries (``...query.lora_A.default.weight``)."""
@@ -54,9 +68,13 @@ WARMUP_TEXTS = (
     "the committee will vote on the budget next month .",
 )
 """Public warm-up sentences (written for this module, in no dataset the book samples): the global
-model's earlier rounds, which move ``B`` off zero. Labels alternate 1, 0."""
+model's earlier rounds, which move ``B`` off zero. Labels alternate 1, 0 (a decoder's warm-up has none: it
+learns the next token)."""
 WARMUP_LR = 1e-3
 """The warm-up's AdamW learning rate: LoRA is trained at 1e-4 to 1e-3 (Hu et al. use 2e-4 to 5e-4 on GLUE)."""
+DEFAULT_TARGETS = {"bert": ("query", "value"), "gpt2": ("c_attn",)}
+"""What :func:`lora_victim` adapts when no targets are given: Hu et al.'s query and value on a BERT; on
+GPT-2, whose query, key and value are one fused weight, ``c_attn`` (peft's own default for GPT-2)."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +84,9 @@ class LoraSettings:
     Attributes:
         r: the adapters' rank.
         alpha: LoRA's ``alpha``; the update is scaled by ``alpha / r``.
-        targets: the adapted modules, keys of :data:`gilib.selection.LORA_MODULES`, in table order.
-        layers: the encoder layers that carry adapters, ascending.
+        targets: the adapted modules, keys of :data:`gilib.selection.LORA_MODULES` (a decoder's:
+            :data:`gilib.selection.DECODER_LORA_MODULES`), in table order.
+        layers: the layers (encoder layers or decoder blocks) that carry adapters, ascending.
     """
 
     r: int
@@ -83,7 +102,7 @@ class LoraSettings:
 
 def lora_victim(
     model: torch.nn.Module,
-    target_modules: Sequence[str] = ("query", "value"),
+    target_modules: Sequence[str] | None = None,
     r: int = 8,
     alpha: float = 16,
     layers: int | Sequence[int] | str | None = None,
@@ -97,7 +116,7 @@ def lora_victim(
 
     The adapters are injected with :func:`peft.inject_adapter_in_model`
     rather than :func:`peft.get_peft_model`: injection keeps the model a
-    ``BertForSequenceClassification`` with its own ``config``,
+    ``BertForSequenceClassification`` (or ``GPT2LMHeadModel``) with its own ``config``,
     ``base_model_prefix`` and parameter names (``bert.encoder.layer.0...``),
     so every ``base_model_prefix``-based lookup of the library and the
     attack keeps working; ``get_peft_model`` would wrap it in a
@@ -108,15 +127,20 @@ def lora_victim(
     ``eval()`` mode and keeps the input's (eager) attention.
 
     Args:
-        model: a BERT-family victim (:func:`gilib.models.load_model`); never
-            modified (it may be the shared :func:`~gilib.models.cached_model`).
+        model: a BERT-family victim or a GPT-2-style decoder
+            (:func:`gilib.models.load_model`); never modified (it may be the
+            shared :func:`~gilib.models.cached_model`).
         target_modules: keys of :data:`gilib.selection.LORA_MODULES`
             (``"query"``, ``"key"``, ``"value"``, ``"attention.output"``,
-            ``"ffn.intermediate"``, ``"ffn.output"``).
+            ``"ffn.intermediate"``, ``"ffn.output"``) for a BERT, of
+            :data:`gilib.selection.DECODER_LORA_MODULES` (``"c_attn"``,
+            ``"attn.c_proj"``, ``"mlp.c_fc"``, ``"mlp.c_proj"``) for a
+            decoder; ``None``: :data:`DEFAULT_TARGETS` (query and value; a
+            decoder's ``c_attn``).
         r: the adapters' rank, ``1 .. min(d_out, d_in)`` of every target.
         alpha: LoRA's ``alpha`` (positive); the update is ``(alpha / r) B A x``.
-        layers: the encoder layers to adapt: an index, a list, ``"all"`` or
-            ``None`` (every layer).
+        layers: the layers to adapt (a BERT's encoder layers, a decoder's
+            blocks): an index, a list, ``"all"`` or ``None`` (every layer).
         seed: seeds ``A``'s draw.
         warmup: ``None`` or 0 for a fresh adapter (``B = 0``: ``A``'s
             gradient is zero), else this many full-batch AdamW steps
@@ -126,30 +150,38 @@ def lora_victim(
             sent it, knows every weight of it.
         warmup_batch: the warm-up's batch (``input_ids``, ``attention_mask``
             ``(B, T)``, ``labels`` ``(B,)``, as :func:`gilib.models.encode`
-            returns); default :data:`WARMUP_TEXTS`, encoded with the victim's
-            tokenizer.
+            returns; a decoder's without ``labels``, as
+            :func:`gilib.models.encode_lm` returns, trained on the
+            next-token loss); default :data:`WARMUP_TEXTS`, encoded with the
+            victim's tokenizer.
         warmup_lr: the warm-up's learning rate (positive).
 
     Returns:
-        The LoRA victim, a ``BertForSequenceClassification`` whose only
-        trainable parameters are the adapters
-        (``...<module>.lora_A.default.weight``, ``(r, d_in)``, and
-        ``...lora_B.default.weight``, ``(d_out, r)``).
+        The LoRA victim, of the model's class, whose only trainable
+        parameters are the adapters (``...<module>.lora_A.default.weight``,
+        ``(r, d_in)``, and ``...lora_B.default.weight``, ``(d_out, r)``, on
+        a decoder's ``Conv1D`` s too).
 
     Raises:
         ValueError: for a model that already carries adapters, an unknown
-            target (the message lists the valid ones), ``r`` outside
+            target or one the model lacks (the message lists the model's), ``r`` outside
             ``1 .. min(d_out, d_in)``, a non-positive or non-finite
-            ``alpha``, bad ``layers``, or a bad ``warmup`` / ``warmup_lr``.
+            ``alpha``, bad ``layers``, a bad ``warmup`` / ``warmup_lr``, or
+            a ``warmup_batch`` that does not fit the model (a decoder's
+            with class labels).
     """
     if adapter_parameters(model):
         raise ValueError("This model already carries LoRA adapters: pass the plain victim to lora_victim.")
-    targets = _checked_targets(target_modules)
+    decoder = is_decoder(model)
+    stem, table = lora_modules(model)
+    if target_modules is None:
+        target_modules = DEFAULT_TARGETS["gpt2" if decoder else "bert"]
+    targets = _checked_targets(target_modules, table, "a GPT-2 decoder" if decoder else "a BERT")
     n_layers = model.config.num_hidden_layers
     layer_ids = tuple(range(n_layers)) if layers is None else _layer_indices(layers, n_layers, "lora_victim")
-    stem = f"{model.base_model_prefix}.encoder.layer."
     modules = dict(model.named_modules())
-    smallest = min(min(modules[f"{stem}{layer}.{LORA_MODULES[t]}"].weight.shape)
+    # A Conv1D's weight is (d_in, d_out), a Linear's (d_out, d_in): the smallest side is the same either way.
+    smallest = min(min(modules[f"{stem}{layer}.{table[t]}"].weight.shape)
                    for t in targets for layer in layer_ids)
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= smallest:
         raise ValueError(f"r must be a whole number in 1..{smallest} (the smallest dimension of the adapted "
@@ -166,9 +198,10 @@ def lora_victim(
     # (re.fullmatch): exact modules of exact layers, so 'ffn.output'
     # (output.dense) never catches attention.output.dense by substring.
     pattern = (re.escape(stem) + "(" + "|".join(map(str, layer_ids)) + r")\."
-               + "(" + "|".join(re.escape(LORA_MODULES[t]) for t in targets) + ")")
+               + "(" + "|".join(re.escape(table[t]) for t in targets) + ")")
+    # GPT-2's Conv1D stores (d_in, d_out): peft must transpose B A when it merges (and warns without the flag).
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=pattern, lora_dropout=0.0, bias="none",
-                        init_lora_weights=True)
+                        init_lora_weights=True, fan_in_fan_out=decoder)
     victim = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -190,7 +223,9 @@ class LoraRecipe:
     model.
 
     Attributes:
-        targets: the adapted modules (keys of :data:`gilib.selection.LORA_MODULES`).
+        targets: the adapted modules (keys of :data:`gilib.selection.LORA_MODULES`, or of
+            :data:`gilib.selection.DECODER_LORA_MODULES` for a decoder; :meth:`victim` checks
+            them against the model's table).
         r: the adapters' rank.
         alpha: LoRA's ``alpha``.
         layers: an index, a tuple of indices, ``"all"`` or ``None`` (every layer).
@@ -206,7 +241,9 @@ class LoraRecipe:
     warmup: int | None = 3
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", _checked_targets(self.targets))
+        # Without the model yet: every target of either table; victim() checks the model's own.
+        object.__setattr__(self, "targets", _checked_targets(self.targets, {**LORA_MODULES, **DECODER_LORA_MODULES},
+                                                             "a BERT or a GPT-2 decoder"))
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
 
@@ -220,36 +257,49 @@ class LoraRecipe:
                            warmup=self.warmup)
 
 
-def _checked_targets(target_modules) -> tuple[str, ...]:
-    """The target modules as a tuple in table order, or a clear error."""
+def _checked_targets(target_modules, table: dict[str, str], kind: str) -> tuple[str, ...]:
+    """The target modules as a tuple in ``table``'s order (the modules of ``kind``), or a clear error."""
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     targets = tuple(target_modules)
-    unknown = [t for t in targets if t not in LORA_MODULES]
+    unknown = [t for t in targets if t not in table]
     if unknown or not targets:
         raise ValueError(f"Unknown LoRA target {unknown[0] if unknown else 'list (empty)'}: choose modules among "
-                         f"{', '.join(LORA_MODULES)}.")
+                         f"{', '.join(table)} (the targets of {kind}).")
     if len(set(targets)) != len(targets):
         raise ValueError(f"The targets {list(targets)} repeat a module; list each once.")
-    return tuple(t for t in LORA_MODULES if t in targets)
+    return tuple(t for t in table if t in targets)
 
 
 def _warm_up(victim: torch.nn.Module, steps: int, batch: dict | None, lr: float) -> None:
-    """``steps`` full-batch AdamW steps of the adapters (in place), deterministic: no dropout, fixed batch."""
+    """``steps`` full-batch AdamW steps of the adapters (in place), deterministic: no dropout, fixed batch.
+
+    A classifier trains on its labels, a decoder on the next-token loss (the client's own,
+    :func:`gilib.client.training_loss`).
+    """
+    decoder = is_decoder(victim)
+    how = "encode_lm(tokenizer, texts)" if decoder else "encode(tokenizer, texts, labels)"
     if batch is None:
         try:
             tokenizer = load_tokenizer(victim.config.name_or_path)
         except Exception as err:  # a hub name offline, a model loaded by hand
             raise ValueError(f"No tokenizer for the victim {victim.config.name_or_path!r} to encode the warm-up "
-                             f"sentences: pass warmup_batch=gilib.models.encode(tokenizer, texts, labels).") from err
-        batch = encode(tokenizer, list(WARMUP_TEXTS), [(i + 1) % 2 for i in range(len(WARMUP_TEXTS))])
-    missing = [k for k in ("input_ids", "attention_mask", "labels") if not isinstance(batch, dict) or k not in batch]
+                             f"sentences: pass warmup_batch=gilib.models.{how}.") from err
+        if decoder:
+            batch = encode_lm(tokenizer, list(WARMUP_TEXTS))
+        else:
+            batch = encode(tokenizer, list(WARMUP_TEXTS), [(i + 1) % 2 for i in range(len(WARMUP_TEXTS))])
+    fields = ("input_ids", "attention_mask") if decoder else ("input_ids", "attention_mask", "labels")
+    missing = [k for k in fields if not isinstance(batch, dict) or k not in batch]
     if missing:
-        raise ValueError(f"warmup_batch lacks {missing}: build it with gilib.models.encode(tokenizer, texts, labels).")
+        raise ValueError(f"warmup_batch lacks {missing}: build it with gilib.models.{how}.")
+    if decoder and "labels" in batch:
+        raise ValueError("A decoder learns the next token and has no class labels, but warmup_batch carries "
+                         "'labels': build it with gilib.models.encode_lm(tokenizer, texts) (no labels).")
     params = [p for p in victim.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, foreach=False)
     for _ in range(steps):
-        loss = victim(**batch).loss
+        loss = training_loss(victim, batch)
         for p, g in zip(params, torch.autograd.grad(loss, params)):
             p.grad = g
         optimizer.step()
@@ -288,5 +338,6 @@ def lora_settings(model: torch.nn.Module) -> LoraSettings:
         raise ValueError(f"The adapters differ in rank {sorted(ranks)} or alpha {sorted(alphas)}: one LoraSettings "
                          f"describes adapters of one rank and one alpha.")
     present = {k[1] for k in adapters}
-    return LoraSettings(r=ranks.pop(), alpha=alphas.pop(), targets=tuple(t for t in LORA_MODULES if t in present),
+    _, table = lora_modules(model)
+    return LoraSettings(r=ranks.pop(), alpha=alphas.pop(), targets=tuple(t for t in table if t in present),
                         layers=tuple(sorted({k[0] for k in adapters})))

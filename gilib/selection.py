@@ -42,7 +42,13 @@ name                          parameters of ``encoder.layer.L``
 with ``M`` one of :data:`LORA_MODULES` (``query``, ``key``, ``value``,
 ``attention.output``, ``ffn.intermediate``, ``ffn.output``); ``A`` is
 ``M....lora_A.<adapter>.weight``, e.g. ``lora.query.A`` at layer 0 is
-``encoder.layer.0.attention.self.query.lora_A.default.weight``. Asked of a
+``encoder.layer.0.attention.self.query.lora_A.default.weight``. A LoRA
+decoder's modules (:data:`DECODER_LORA_MODULES`) keep GPT-2's own names,
+as peft users target them: ``c_attn`` (the fused query/key/value),
+``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj``, so ``lora.c_attn.A`` at
+layer 0 is ``transformer.h.0.attn.c_attn.lora_A.default.weight`` (``r x
+d_in`` as on a BERT: peft's adapters are ``nn.Linear`` s even on GPT-2's
+``Conv1D``). Asked of a
 model without adapters they raise a ``ValueError``. On a LoRA victim,
 ``full`` and ``encoder`` name only the *trainable* parameters: a LoRA
 client trains and shares its adapters alone, and the frozen base weights
@@ -127,11 +133,34 @@ LORA_MODULES = {
     "ffn.output": "output.dense",
 }
 """The linear modules of a BERT layer that can carry a LoRA adapter: short name -> module path in the layer."""
-ADAPTER_COMPONENTS = ("lora", "lora.A", "lora.B", *(f"lora.{m}{ab}" for m in LORA_MODULES for ab in ("", ".A", ".B")))
-"""The LoRA family: every adapter, every ``A`` or ``B``, one module's pair, one module's ``A`` or ``B``."""
+DECODER_LORA_MODULES = {
+    "c_attn": "attn.c_attn",
+    "attn.c_proj": "attn.c_proj",
+    "mlp.c_fc": "mlp.c_fc",
+    "mlp.c_proj": "mlp.c_proj",
+}
+"""The ``Conv1D`` modules of a GPT-2 block that can carry a LoRA adapter, under GPT-2's own names (``c_attn``
+is the fused query/key/value; the two ``c_proj`` s keep their parent to tell them apart)."""
+ADAPTER_COMPONENTS = ("lora", "lora.A", "lora.B", *(f"lora.{m}{ab}" for m in (*LORA_MODULES, *DECODER_LORA_MODULES)
+                                                    for ab in ("", ".A", ".B")))
+"""The LoRA family: every adapter, every ``A`` or ``B``, one module's pair, one module's ``A`` or ``B``
+(a BERT's modules and a decoder's: each model answers for its own)."""
 
 _WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 _DECODER_WORD_EMBEDDINGS = "wte.weight"
+
+
+def lora_modules(model: torch.nn.Module) -> tuple[str, dict[str, str]]:
+    """Where ``model``'s layers sit and which of their modules may carry adapters: ``(stem, table)``.
+
+    A BERT's layers are ``<prefix>.encoder.layer.L`` with :data:`LORA_MODULES`;
+    a GPT-2 decoder's (``config.model_type == "gpt2"``, read off the config:
+    the model module is not imported here) are ``transformer.h.L`` with
+    :data:`DECODER_LORA_MODULES`. ``stem`` ends with the dot before ``L``.
+    """
+    if getattr(model.config, "model_type", None) == "gpt2":
+        return f"{model.base_model_prefix}.h.", DECODER_LORA_MODULES
+    return f"{model.base_model_prefix}.encoder.layer.", LORA_MODULES
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[tuple[int, str, str], str]:
@@ -139,15 +168,18 @@ def adapter_parameters(model: torch.nn.Module) -> dict[tuple[int, str, str], str
 
     Returns:
         ``{(layer, module, "A" or "B"): parameter name}`` in the model's order,
-        ``module`` a key of :data:`LORA_MODULES`; empty for a plain model.
+        ``module`` a key of the model's table (:func:`lora_modules`:
+        :data:`LORA_MODULES` for a BERT, :data:`DECODER_LORA_MODULES` for a
+        decoder); empty for a plain model.
 
     Raises:
         ValueError: for a module carrying two adapters (a selection names one).
     """
-    prefix = re.escape(f"{model.base_model_prefix}.encoder.layer.")
-    modules = "|".join(re.escape(path) for path in LORA_MODULES.values())
+    stem, table = lora_modules(model)
+    prefix = re.escape(stem)
+    modules = "|".join(re.escape(path) for path in table.values())
     pattern = re.compile(rf"{prefix}(\d+)\.({modules})\.lora_([AB])\.([^.]+)\.weight")
-    short = {path: name for name, path in LORA_MODULES.items()}
+    short = {path: name for name, path in table.items()}
     found: dict[tuple[int, str, str], str] = {}
     for name, _ in model.named_parameters():
         match = pattern.fullmatch(name)
@@ -296,7 +328,7 @@ def select(
             raise ValueError(
                 f"This LoRA victim has no parameter {missing[0]}: peft froze the base weight (now "
                 f"'...base_layer.weight', no gradient to share). Select its adapters instead, e.g. "
-                f"select(model, 'lora.query.A', 0)."
+                f"select(model, 'lora.A', 0)."
             )
         if missing:
             raise ValueError(
