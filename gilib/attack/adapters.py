@@ -24,6 +24,15 @@ inputs ``x_i`` of the batch:
   subspace of ``R^r``: the opposite rank rule, ``B`` alone leaks when the
   rank is *large*.
 
+On a GPT-2-style decoder the same holds for the fused ``c_attn``'s adapter
+(peft's ``A`` is ``r x d_in`` on a ``Conv1D`` too, and its rows lie in the
+span of the block's inputs ``ln_1(wte[t] + wpe[p])``), with ``n`` the
+sentence's *predicting* positions (its token count less the end token,
+whose output gradient is zero: :mod:`gilib.attack.decoder`); the decoder's
+attack takes the stacked rows for its candidates and, where an adapter on a
+weight that reads layer 0's activations is shared with rank enough, its
+``A`` rows for the causal prefix check (:func:`gilib.attack.decoder.decoder_span_attack`).
+
 The server knows ``A`` and ``B``: they are the global model it sent.
 Adapter names come from :func:`gilib.selection.adapter_parameters` (exact
 patterns, never substrings), so this module needs nothing of peft.
@@ -40,19 +49,26 @@ from ..selection import Selection, adapter_parameters
 from .rowspace import DEFAULT_THRESHOLD, layer0_inputs, row_space
 from .tokens import TokenSpace
 
-INPUT_MODULES = ("query", "key", "value")
-"""The adapted modules whose input is layer 0's (enumerable) input: their ``A`` gradients feed the span check."""
+INPUT_MODULES = ("query", "key", "value", "c_attn")
+"""The adapted modules whose input is layer 0's (enumerable) input: their ``A`` gradients feed the span check
+(a BERT's query, key and value; a decoder's fused ``c_attn``)."""
 
 
-def layer0_adapter_names(model: torch.nn.Module, selection: Selection, half: str = "A") -> list[str]:
-    """The selection's layer-0 query, key and value adapter weights (``A`` or ``B``), in selection order."""
-    wanted = {name for (layer, module, ab), name in adapter_parameters(model).items()
-              if layer == 0 and module in INPUT_MODULES and ab == half}
+def layer0_adapter_names(model: torch.nn.Module, selection: Selection, half: str = "A", *,
+                         modules: Sequence[str] = INPUT_MODULES, layer: int = 0) -> list[str]:
+    """The selection's adapter weights (``A`` or ``B``) on ``modules`` of ``layer``, in selection order.
+
+    By default layer 0's query, key and value (a decoder's ``c_attn``): the span check's; the decoder's
+    prefix check asks for one other module (e.g. ``modules=("mlp.c_fc",)``).
+    """
+    wanted = {name for (at, module, ab), name in adapter_parameters(model).items()
+              if at == layer and module in modules and ab == half}
     return [name for name in selection.names if name in wanted]
 
 
 def stacked_adapter_rows(model: torch.nn.Module, selection: Selection,
-                         shared_grads: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]]
+                         shared_grads: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]], *,
+                         modules: Sequence[str] = INPUT_MODULES, layer: int = 0
                          ) -> tuple[list[str], torch.Tensor]:
     """The layer-0 ``A`` gradients of one message or several rounds' messages, stacked: ``(names, (m, d_in))``.
 
@@ -69,19 +85,22 @@ def stacked_adapter_rows(model: torch.nn.Module, selection: Selection,
         shared_grads: one message's tensors (one per name of ``selection``)
             or a list of such messages, one per round, all of the same
             selection and sentence.
+        modules, layer: whose ``A`` gradients to stack (:func:`layer0_adapter_names`):
+            by default layer 0's query, key and value (a decoder's ``c_attn``).
 
     Returns:
         The names of the stacked ``A`` weights (each round's in turn, once
         per round) and the ``(m, d_in)`` stack, in the messages' dtype.
 
     Raises:
-        ValueError: if the selection holds no layer-0 query/key/value ``A``
-            adapter, or a message has the wrong number of tensors.
+        ValueError: if the selection holds no such ``A`` adapter, or a
+            message has the wrong number of tensors.
     """
-    names = layer0_adapter_names(model, selection)
+    names = layer0_adapter_names(model, selection, modules=modules, layer=layer)
     if not names:
-        raise ValueError(f"The span check on adapters needs the gradient of a layer-0 query, key or value LoRA A "
-                         f"weight, and {selection.label} has none: select e.g. select(model, 'lora.A', 0).")
+        what = "query, key or value (a decoder's c_attn)" if tuple(modules) == INPUT_MODULES else " or ".join(modules)
+        raise ValueError(f"The span check on adapters needs the gradient of a layer-{layer} {what} LoRA A weight, "
+                         f"and {selection.label} has none: select e.g. select(model, 'lora.A', {layer}).")
     rounds = [shared_grads] if isinstance(shared_grads[0], torch.Tensor) else list(shared_grads)
     blocks, stacked_names = [], []
     for grads in rounds:
@@ -97,7 +116,7 @@ def stacked_adapter_rows(model: torch.nn.Module, selection: Selection,
                 blocks.append(block / norm)
                 stacked_names.append(name)
     if not blocks:
-        raise ValueError("Every layer-0 A gradient is zero: B was zero when the client computed them (a fresh "
+        raise ValueError(f"Every layer-{layer} A gradient is zero: B was zero when the client computed them (a fresh "
                          "adapter), so A's gradient carries nothing. Attack a later round (lora_victim(..., warmup=)) "
                          "or the B gradients (gilib.attack.adapters.b_check).")
     return stacked_names, torch.cat(blocks)

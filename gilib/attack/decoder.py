@@ -52,8 +52,36 @@ shares (:data:`VERIFIERS`): layer 0's FFN input weight (``mlp.c_fc``, reads
 0)`` shares the first three. Without any of them a single sentence is read off step 1 directly
 (each position's best token); a batch needs one.
 
+**LoRA on the decoder** (Hu et al., ICLR 2022; :func:`gilib.lora.lora_victim`).
+A LoRA client shares its adapters alone. peft's adapter on layer 0's
+``c_attn`` is an ``nn.Linear`` pair even on a ``Conv1D`` (``A`` ``(r, d)``,
+``B`` ``(3 d, r)``; ``fan_in_fan_out`` only transposes the merged update),
+and with ``G = Delta^T X`` the frozen weight's gradient in ``(out, in)``
+orientation, ``grad A = s B^T G = s (Delta B)^T X``: ``A``'s rows lie in the
+span of the same inputs ``ln_1(wte[t] + wpe[p])`` and span ``min(r, n)``
+of its ``n`` dimensions, ``n`` the batch's predicting positions (its tokens
+less each end token, less the shared start token's repeats). Step 1 reads
+the stacked ``A`` rows of layer-0 ``c_attn`` adapters (and of several rounds'
+messages, :func:`gilib.attack.adapters.stacked_adapter_rows`) instead of
+``G``: exact candidates when ``r`` times the blocks stacked reaches ``n``
+(the rank rule of :mod:`gilib.attack.adapters`), a subspace of the span
+beyond, where each position's true token is only the likeliest, not a
+certain one. Step 2 needs no new code either: an adapter's ``A`` gradient on
+a weight that reads layer 0's activations (layer 0's ``mlp.c_fc``,
+``attn.c_proj``, ``mlp.c_proj``, layer 1's ``c_attn``) has its rows in the
+span of those activations, so its rows are a :class:`CausalCheck`'s space,
+exact when they reach ``n`` (:func:`adapter_verifier`); with fewer a true
+prefix falls outside that subspace and the check would reject it, so such
+an adapter is not used. Unlike layer 0's inputs, those activations depend
+on the adapters (``c_attn``'s moves the attention), so they are the
+client's only at the weights the server attacks with: of several rounds'
+messages the check reads the first (its global model must be ``model``),
+while step 1 stacks every round's. Without a verifier, a single sentence is
+read off step 1 (each position's best token) and a batch is refused.
+
 :func:`decoder_span_attack` runs the attack; :func:`gilib.attack.span_attack`
-hands a decoder to it.
+(and :func:`gilib.attack.adapter_span_attack` for several rounds) hands a
+decoder to it.
 """
 
 from __future__ import annotations
@@ -67,8 +95,9 @@ from typing import Sequence
 import torch
 
 from ..models import is_decoder, lm_special_ids
-from ..selection import Selection
+from ..selection import DECODER_LORA_MODULES, Selection
 from ..update import SharedUpdate, checked_update
+from .adapters import layer0_adapter_names, stacked_adapter_rows, stacked_label
 from .checks import relative_residual
 from .config import SpanConfig, checked_config
 from .result import AttackResult, SpanDiagnostics
@@ -90,6 +119,20 @@ reads the attention's mix alone; ``mlp.c_proj`` and layer 1's ``c_attn`` cost a 
 READS = {"ffn": "layer 0's FFN activations (GELU, 4 d wide)", "mlp": "ln_2 of layer 0's residual stream",
          "layer": "ln_1 of layer 0's output (layer 1's input)", "attention": "layer 0's mixed attention values"}
 """What a :class:`CausalCheck` computes, by the weight whose gradient it checks against."""
+
+
+def _adapter_verifiers() -> tuple[tuple[int, str, str], ...]:
+    """:data:`VERIFIERS` as LoRA modules: ``(layer, module of DECODER_LORA_MODULES, reads)``, same order."""
+    short = {path: name for name, path in DECODER_LORA_MODULES.items()}
+    out = []
+    for suffix, reads in VERIFIERS:
+        layer, path = suffix.removesuffix(".weight").split(".", 1)
+        out.append((int(layer), short[path], reads))
+    return tuple(out)
+
+
+ADAPTER_VERIFIERS = _adapter_verifiers()
+"""The adapters whose ``A`` gradient can check a prefix (:func:`adapter_verifier`), in :data:`VERIFIERS`' order."""
 
 ACCEPT = 1e-3
 """Relative residual under which a prefix's newest position counts as inside the verifier's span.
@@ -115,16 +158,66 @@ def verifier_of(selection: Selection) -> tuple[str, str] | None:
     return None
 
 
-def input_space(gradient: torch.Tensor, lengths: Sequence[int]) -> RowSpace:
+def predicting_inputs(lengths: Sequence[int]) -> int:
+    """The most distinct inputs a batch gives a layer that the loss reads: ``sum(n - 1) - (B - 1)``.
+
+    Every position but the last predicts a token (the last one's output
+    gradient is zero), and position 0 holds the same start token in every
+    sentence. At batch size 1, the token count less one.
+    """
+    lengths = [int(n) for n in lengths]
+    return sum(n - 1 for n in lengths) - (len(lengths) - 1)
+
+
+def input_space(gradient: torch.Tensor, lengths: Sequence[int], *, rows: bool = False) -> RowSpace:
     """The span of the inputs of a ``Conv1D`` weight (stored ``(in, out)``) from its gradient ``X^T Delta``.
 
     The inputs span the gradient's columns: the row space of its
-    transpose. Its rank is at most the number of positions that predict a
-    token, ``sum(n - 1)`` (the last position's output gradient is zero),
-    less ``B - 1``: position 0 holds the same start token in every sentence.
+    transpose. Its rank is at most :func:`predicting_inputs`.
+
+    Args:
+        gradient: the ``Conv1D`` weight's gradient ``(in, out)``; with
+            ``rows=True``, a matrix whose *rows* lie in the inputs' span
+            (stacked LoRA ``A`` gradients, ``(m, in)``).
+        lengths: the batch's token counts.
+        rows: whether ``gradient`` is given row-wise.
     """
-    lengths = [int(n) for n in lengths]
-    return row_space(gradient.T, max_rank=sum(n - 1 for n in lengths) - (len(lengths) - 1))
+    return row_space(gradient if rows else gradient.T, max_rank=predicting_inputs(lengths))
+
+
+def adapter_verifier(model: torch.nn.Module, selection: Selection, messages: Sequence[Sequence[torch.Tensor]],
+                     lengths: Sequence[int]) -> tuple[str, str, RowSpace] | None:
+    """A LoRA decoder's prefix check: the first :data:`VERIFIERS` module whose shared ``A`` rows reach ``n``.
+
+    ``grad A = s B^T G`` of an adapter on a weight that reads layer 0's
+    activations has its rows in those activations' span, but spans only
+    ``min(m, n)`` of its dimensions (``m``: the ``A`` rows stacked over
+    rounds, ``n`` = :func:`predicting_inputs`). With ``m >= n`` the rows span
+    it all and the check is as exact as the frozen weight's gradient's; with
+    fewer a true prefix's activation leaves the subspace, so the adapter is
+    passed over (its capacity ``m``, not its numerical rank, decides: a
+    shared prefix repeats activations and lowers the rank, never the need).
+
+    Args:
+        model: the LoRA decoder.
+        selection: the shared selection.
+        messages: one message's tensors per round (one per name of ``selection``).
+        lengths: the batch's token counts.
+
+    Returns:
+        ``(stacked names, what it reads, its row space)``, or ``None``.
+    """
+    need = predicting_inputs(lengths)
+    for layer, module, reads in ADAPTER_VERIFIERS:
+        if not layer0_adapter_names(model, selection, modules=(module,), layer=layer):
+            continue
+        try:
+            names, stacked = stacked_adapter_rows(model, selection, messages, modules=(module,), layer=layer)
+        except ValueError:  # every block zero (B = 0, a fresh adapter): nothing to check against
+            continue
+        if stacked.shape[0] >= need:
+            return stacked_label(names), reads, input_space(stacked, lengths, rows=True)
+    return None
 
 
 @dataclass
@@ -243,23 +336,31 @@ class _Prefix:
 def decoder_span_attack(
     model: torch.nn.Module,
     tokenizer,
-    update: SharedUpdate,
+    update: SharedUpdate | Sequence[SharedUpdate],
     selection: Selection,
     config: SpanConfig | None = None,
 ) -> AttackResult:
-    """Recover a decoder client's batch from layer 0's ``c_attn`` gradient, exactly.
+    """Recover a decoder client's batch from layer 0's ``c_attn`` gradient (or its LoRA ``A``'s), exactly.
 
     Args:
-        model: the decoder (``GPT2LMHeadModel``), as the server holds it.
+        model: the decoder (``GPT2LMHeadModel``), as the server holds it;
+            or a LoRA decoder (:func:`gilib.lora.lora_victim`).
         tokenizer: its tokenizer.
         update: what the client sent (``gilib.client.client_update(...).shared``):
             one gradient per name of ``selection``, ``labels`` ``None`` (a
             decoder has no classes; unused anyway) and the batch's token
             counts, start and end tokens included, which the server must
-            know, as in LAMP's threat model.
-        selection: must hold layer 0's ``attn.c_attn.weight``; for a batch
-            also a weight that checks prefixes (:data:`VERIFIERS`):
-            ``select(model, "layer", 0)`` shares all of them.
+            know, as in LAMP's threat model. On a LoRA decoder also a list
+            of several rounds' messages of the same batch, whose ``c_attn``
+            ``A`` gradients are stacked (:func:`gilib.attack.adapter_span_attack`);
+            the first round's global model must be ``model`` (the prefix
+            check reads that round's message).
+        selection: must hold layer 0's ``attn.c_attn.weight``, or on a LoRA
+            decoder a layer-0 ``c_attn`` ``A`` adapter (``select(model,
+            "lora.A", 0)``); for a batch also a weight that checks prefixes
+            (:data:`VERIFIERS`; ``select(model, "layer", 0)`` shares all of
+            them), or an ``A`` adapter on one of them whose stacked rows
+            reach the batch's predicting inputs (:func:`adapter_verifier`).
         config: the settings (:class:`~gilib.attack.SpanConfig`): ``threshold``
             (layer-0 candidates), ``beam`` (at most ``max(beam, 2 B)``
             prefixes kept per position) and ``time_budget``; the others
@@ -283,17 +384,20 @@ def decoder_span_attack(
         TypeError: as :func:`gilib.attack.span_attack`.
         ValueError: for a model that is not a GPT-2 decoder, an update that
             does not fit the model and the selection, a selection without
-            layer 0's ``c_attn``, a batch with at least as many predicting
-            tokens as the model is wide, or a batch with no verifier weight.
+            layer 0's ``c_attn`` (or its ``A`` adapter), a batch with at least
+            as many predicting tokens as the model is wide, a batch with no
+            verifier weight (or only adapters too short for it), or several
+            rounds of different lengths or without adapters.
     """
     start = time.perf_counter()
     cfg = checked_config(config, SpanConfig)
-    update, name, gradient = _checked(model, update, selection)
+    updates, name, rows, verifier = _checked(model, update, selection)
+    update = updates[0]
     lengths = list(update.lengths)
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
     tokens = TokenSpace(model, tokenizer)
     bos, eos, _ = lm_special_ids(tokenizer)
-    space = input_space(gradient, lengths)
+    space = input_space(rows, lengths, rows=True)
     positions = range(1, max(lengths) - 1)
     residuals = token_residuals(model, tokens, space, positions)
     counts = position_counts(lengths)
@@ -302,7 +406,6 @@ def decoder_span_attack(
                              largest=False).values
     gaps = [float(row[len(s)] - row[len(s) - 1]) for row, s in zip(ordered, sets)] or [0.0]
     check_seconds = time.perf_counter() - start
-    verifier = verifier_of(selection)
     diagnostics = SpanDiagnostics(weight=name, verifier=None if verifier is None else verifier[0], rank=space.rank,
                                   min_gap=min(gaps), candidates=sets)
     if verifier is None:
@@ -310,9 +413,8 @@ def decoder_span_attack(
         ids = [bos, *residuals.argmin(dim=1).tolist(), eos]
         final = float(residuals.min(dim=1).values.max()) if len(residuals) else 0.0
         return _result([ids], tokens, final, cfg, start, check_seconds, diagnostics)
-    verifier_name, reads = verifier
-    verifier_gradient = update.shared_grads[selection.names.index(verifier_name)]
-    check = CausalCheck(model, input_space(verifier_gradient, lengths), reads)
+    _, reads, verifier_space = verifier
+    check = CausalCheck(model, verifier_space, reads)
     search = _search(check, residuals, sets, lengths, bos, beam=max(cfg.beam, 2 * len(lengths)), deadline=deadline)
     rows, found, uncertain, final = _assemble(check, residuals, search, lengths, bos, eos, deadline)
     diagnostics.rounds, diagnostics.found, diagnostics.uncertain = search.depth, found, uncertain
@@ -320,33 +422,71 @@ def decoder_span_attack(
     return _result(rows, tokens, final, cfg, start, check_seconds, diagnostics)
 
 
-def _checked(model, update: SharedUpdate, selection: Selection) -> tuple[SharedUpdate, str, torch.Tensor]:
-    """The message checked, and layer 0's ``c_attn`` gradient: ``(update, name, gradient)``."""
+def _verifier(model, selection: Selection, updates: list[SharedUpdate],
+              lengths: list[int]) -> tuple[str, str, RowSpace] | None:
+    """The prefix check's ``(name, reads, space)``: a shared verifier weight, else an adapter's ``A`` rows."""
+    found = verifier_of(selection)
+    if found is not None:
+        name, reads = found
+        return name, reads, input_space(updates[0].shared_grads[selection.names.index(name)], lengths)
+    # The first round's only: the activations a verifier reads move with the adapters from round to round,
+    # and CausalCheck computes them at model's weights, the first round's global model.
+    return adapter_verifier(model, selection, [updates[0].shared_grads], lengths)
+
+
+def _checked(model, update: SharedUpdate | Sequence[SharedUpdate],
+             selection: Selection) -> tuple[list[SharedUpdate], str, torch.Tensor, tuple | None]:
+    """The messages checked, rows in layer 0's input span and the prefix check: ``(updates, name, (m, d) rows,
+    verifier)`` (:func:`_verifier`'s, ``None`` without one).
+
+    The rows are ``c_attn``'s gradient transposed (``Conv1D`` stores ``(in, out)``), or on a LoRA decoder the
+    stacked ``A`` gradients of layer 0's ``c_attn`` adapter (every round's).
+    """
     if not is_decoder(model):
         raise ValueError(f"decoder_span_attack reads a GPT-2 decoder's layer 0; got a "
                          f"{getattr(model.config, 'model_type', type(model).__name__)!r} model: use span_attack.")
-    update = checked_update(update, model, selection)
+    if isinstance(update, SharedUpdate):
+        updates = [checked_update(update, model, selection)]
+    else:
+        updates = [checked_update(u, model, selection) for u in update]
+        if not updates:
+            raise ValueError("No update given: pass one SharedUpdate per round.")
+        if len({tuple(u.lengths) for u in updates}) != 1:
+            raise ValueError(f"The rounds' lengths differ ({[u.lengths for u in updates]}): stack the messages of "
+                             f"one batch only.")
+    lengths = updates[0].lengths
     name = _decoder_weight(selection, "0." + QKV)
-    if name is None:
+    if name is not None and len(updates) > 1:
+        raise ValueError("Several rounds' messages are stacked for a LoRA decoder's A adapters; a plain "
+                         "c_attn gradient already spans every input: attack one round.")
+    if name is not None:
+        rows = updates[0].shared_grads[selection.names.index(name)].T
+    elif layer0_adapter_names(model, selection, modules=("c_attn",)):
+        # A LoRA decoder: grad A = s B^T G, rows in the span of layer 0's inputs.
+        names, rows = stacked_adapter_rows(model, selection, [u.shared_grads for u in updates], modules=("c_attn",))
+        name = stacked_label(names)
+    else:
         raise ValueError(
-            f"The span check needs the gradient of layer 0's query/key/value weight (attn.c_attn), and "
-            f"{selection.label} has none: select e.g. select(model, 'attention.qkv', 0) or 'layer', 0."
+            f"The span check needs the gradient of layer 0's query/key/value weight (attn.c_attn), or on a LoRA "
+            f"decoder of its A adapter, and {selection.label} has none: select e.g. select(model, "
+            f"'attention.qkv', 0) or 'layer', 0 (on a LoRA decoder select(model, 'lora.c_attn.A', 0))."
         )
-    gradient = update.shared_grads[selection.names.index(name)]
-    predicting, width = sum(update.lengths) - len(update.lengths), gradient.shape[0]
+    predicting, width = sum(lengths) - len(lengths), rows.shape[1]
     if predicting >= width:
         raise ValueError(
             f"The batch has {predicting} predicting tokens, at least the model's {width} dimensions: the span "
             f"can then hold every input, so the check cannot tell tokens apart. Attack fewer or shorter sentences."
         )
-    if len(update.lengths) > 1 and verifier_of(selection) is None:
+    verifier = _verifier(model, selection, updates, lengths)
+    if len(lengths) > 1 and verifier is None:
         raise ValueError(
-            f"A batch of {len(update.lengths)} sentences needs a weight that reads layer 0's activations to tell "
+            f"A batch of {len(lengths)} sentences needs a weight that reads layer 0's activations to tell "
             f"its sentences apart, and {selection.label} has none: share all of layer 0 "
             f"(select(model, 'layer', 0)), or one of layer 0's attn.c_proj, mlp.c_fc, mlp.c_proj or layer 1's "
-            f"attn.c_attn beside layer 0's attn.c_attn."
+            f"attn.c_attn beside layer 0's attn.c_attn (on a LoRA decoder, an A adapter on one of them whose "
+            f"rows, r times the rounds, reach the batch's {predicting_inputs(lengths)} predicting inputs)."
         )
-    return update, name, gradient
+    return updates, name, rows, verifier
 
 
 @dataclass

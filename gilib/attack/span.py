@@ -268,6 +268,10 @@ def adapter_span_attack(
     The sentence is recovered exactly once the stacked rank reaches its
     token count (the rank rule; ``diagnostics.rank``); below it, each
     position's best token within what the stacked subspace lets through.
+    A LoRA decoder's rounds go to :func:`gilib.attack.decoder.decoder_span_attack`
+    (layer 0's ``c_attn`` ``A`` rows stacked; the rank rule counts its
+    predicting inputs, the token count less the end token; a prefix check
+    reads the first round's message, computed at ``model``'s weights).
 
     Args:
         model: the LoRA victim as the server holds it. The rounds'
@@ -291,6 +295,9 @@ def adapter_span_attack(
             the selection, rounds of different lengths or of several
             sentences, or a selection without layer-0 ``A`` adapters.
     """
+    if is_decoder(model):
+        # A LoRA decoder: the stacked c_attn A rows give the candidates, the causal search the order.
+        return decoder_span_attack(model, tokenizer, list(updates), selection, config)
     start = time.perf_counter()
     cfg = checked_config(config, SpanConfig)
     updates = list(updates)
