@@ -1,11 +1,12 @@
-"""LoRA victims: what lora_victim builds, what it refuses, how selections name adapters, what a LoRA client sends."""
+"""LoRA victims (a BERT's and a GPT-2 decoder's): what lora_victim builds, what it refuses, how selections name
+adapters, what a LoRA client sends."""
 
 import pytest
 import torch
 
-from gilib.client import DPSGD, AdamW, FedAvg, _local_training, client_update
-from gilib.lora import LoraSettings, is_lora, lora_settings, lora_victim
-from gilib.models import encode
+from gilib.client import DPSGD, AdamW, FedAvg, _local_training, client_update, training_loss
+from gilib.lora import LoraRecipe, LoraSettings, is_lora, lora_settings, lora_victim
+from gilib.models import encode, encode_lm, load_model
 from gilib.selection import ADAPTER_COMPONENTS, Selection, adapter_parameters, select
 
 TEXTS = ["the film was a quiet delight .", "a cat sat on the mat"]
@@ -195,3 +196,122 @@ def test_a_dp_sgd_client_privatises_the_adapters(victim, true_batch):
     plain = client_update(victim, selection, true_batch).shared.shared_grads
     for r, g in zip(raw, plain):
         torch.testing.assert_close(r, g, rtol=1e-4, atol=1e-7)
+
+
+# --- LoRA on a GPT-2-style decoder (the tiny one: 2 blocks, 128 wide) --------------------------------------------
+
+H = "transformer.h."
+
+
+@pytest.fixture(scope="module")
+def gpt2_tiny():
+    return load_model("gpt2-tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def decoder_victim(gpt2_tiny):
+    """Rank-4 adapters on every Conv1D of both blocks, warmed up on the next-token loss."""
+    return lora_victim(gpt2_tiny[0], ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), r=4, alpha=8, warmup=2)
+
+
+def test_decoder_adapters_have_exact_names_and_linear_shapes(gpt2_tiny, decoder_victim):
+    adapters = adapter_parameters(decoder_victim)
+    assert len(adapters) == 2 * 4 * 2
+    assert adapters[(0, "c_attn", "A")] == H + "0.attn.c_attn.lora_A.default.weight"
+    assert adapters[(1, "mlp.c_proj", "B")] == H + "1.mlp.c_proj.lora_B.default.weight"
+    params = dict(decoder_victim.named_parameters())
+    # peft's adapters are nn.Linear even on GPT-2's Conv1D (weight (in, out)): A is (r, d_in), B (d_out, r).
+    shapes = {m: (tuple(params[adapters[(0, m, "A")]].shape), tuple(params[adapters[(0, m, "B")]].shape))
+              for m in ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert shapes == {"c_attn": ((4, 128), (384, 4)), "attn.c_proj": ((4, 128), (128, 4)),
+                      "mlp.c_fc": ((4, 128), (512, 4)), "mlp.c_proj": ((4, 512), (128, 4))}
+    assert {n for n, p in params.items() if p.requires_grad} == set(adapters.values())
+    module = dict(decoder_victim.named_modules())[H + "0.attn.c_attn"]
+    assert module.fan_in_fan_out and type(decoder_victim).__name__ == "GPT2LMHeadModel"
+    assert not decoder_victim.training and not is_lora(gpt2_tiny[0])
+    assert lora_settings(decoder_victim) == LoraSettings(r=4, alpha=8.0, targets=(
+        "c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), layers=(0, 1))
+
+
+def test_a_decoder_adapter_adds_s_b_a_x_to_the_frozen_conv1d(decoder_victim):
+    module = dict(decoder_victim.named_modules())[H + "0.attn.c_attn"]
+    base, a, b = module.base_layer, module.lora_A["default"].weight, module.lora_B["default"].weight
+    assert b.abs().max() > 0  # the warm-up moved B off zero
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = x @ base.weight + base.bias + 2.0 * (x @ a.T) @ b.T  # Conv1D: x W + b, W stored (in, out)
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_decoder_default_target_is_c_attn_and_the_warm_up_is_next_token(gpt2_tiny):
+    fresh = lora_victim(gpt2_tiny[0], r=2, layers=0)
+    assert lora_settings(fresh).targets == ("c_attn",)
+    warm = lora_victim(gpt2_tiny[0], r=2, layers=0, warmup=1)
+    name = H + "0.attn.c_attn.lora_B.default.weight"
+    assert not dict(fresh.named_parameters())[name].any() and dict(warm.named_parameters())[name].any()
+    batch = encode_lm(gpt2_tiny[1], ["a public sentence for the warm-up ."])
+    own = lora_victim(gpt2_tiny[0], r=2, layers=0, warmup=1, warmup_batch=batch)
+    assert not torch.equal(dict(own.named_parameters())[name], dict(warm.named_parameters())[name])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": 0}, r"r must be a whole number in 1\.\.128"),
+    ({"r": 129}, r"1\.\.128"),
+    ({"alpha": -1}, "alpha must be a positive, finite number"),
+    ({"target_modules": ("query",)},
+     "Unknown LoRA target query: choose modules among c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"),
+    ({"target_modules": ("c_proj",)}, "Unknown LoRA target c_proj"),
+    ({"layers": 2}, "out of range"),
+    ({"warmup": 1, "warmup_batch": {"input_ids": torch.ones(1, 3, dtype=torch.long),
+                                    "attention_mask": torch.ones(1, 3, dtype=torch.long),
+                                    "labels": torch.zeros(1, dtype=torch.long)}}, "has no class labels"),
+    ({"warmup": 1, "warmup_batch": {"input_ids": torch.ones(1, 3, dtype=torch.long)}},
+     r"warmup_batch lacks \['attention_mask'\].*encode_lm"),
+])
+def test_bad_decoder_settings_raise_clear_errors(gpt2_tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lora_victim(gpt2_tiny[0], **kwargs)
+
+
+def test_a_bert_target_on_a_decoder_recipe_is_refused_when_built(gpt2_tiny, tiny):
+    recipe = LoraRecipe(targets=("c_attn", "mlp.c_fc"), r=4, layers=0, warmup=1)
+    assert lora_settings(recipe.victim(gpt2_tiny[0])).targets == ("c_attn", "mlp.c_fc")
+    with pytest.raises(ValueError, match="Unknown LoRA target c_attn: .*the targets of a BERT"):
+        recipe.victim(tiny[0])
+    with pytest.raises(ValueError, match="Unknown LoRA target dense"):
+        LoraRecipe(targets=("dense",))
+
+
+def test_decoder_adapter_selections_name_exact_parameters(gpt2_tiny, decoder_victim):
+    a = H + "{}.{}.lora_{}.default.weight"
+    assert select(decoder_victim, "lora.c_attn.A", 0).names == (a.format(0, "attn.c_attn", "A"),)
+    # the two c_proj's are told apart by their parent, never by substring
+    assert select(decoder_victim, "lora.mlp.c_proj", 1).names == (a.format(1, "mlp.c_proj", "A"),
+                                                                   a.format(1, "mlp.c_proj", "B"))
+    assert select(decoder_victim, "lora.attn.c_proj.B", "all").names == tuple(
+        a.format(layer, "attn.c_proj", "B") for layer in (0, 1))
+    assert select(decoder_victim, "lora.A", 0).names == tuple(
+        a.format(0, m, "A") for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert select(decoder_victim, "full").names == select(decoder_victim, "lora").names
+    assert len(select(decoder_victim, "lora").names) == 16
+    with pytest.raises(ValueError, match="no 'query' adapter: its adapters sit on attn.c_proj, c_attn"):
+        select(decoder_victim, "lora.query.A", 0)
+    with pytest.raises(ValueError, match="peft froze the base weight"):
+        select(decoder_victim, "attention.qkv", 0)
+    with pytest.raises(ValueError, match="selects LoRA adapters and this model has none"):
+        select(gpt2_tiny[0], "lora.c_attn.A", 0)
+
+
+def test_a_lora_decoder_clients_fedsgd_message_is_its_adapters_gradient(gpt2_tiny, decoder_victim):
+    batch = encode_lm(gpt2_tiny[1], TEXTS)
+    selection = select(decoder_victim, "lora", 0)
+    message = client_update(decoder_victim, selection, batch).shared
+    assert message.labels is None and message.lengths == [9, 8]
+    decoder_victim.zero_grad(set_to_none=True)
+    training_loss(decoder_victim, batch).backward()
+    params = dict(decoder_victim.named_parameters())
+    for name, g in zip(selection.names, message.shared_grads):
+        torch.testing.assert_close(g, params[name].grad)
+        assert g.abs().max() > 0
+    assert params[H + "0.attn.c_attn.base_layer.weight"].grad is None  # frozen: nothing to share
+    decoder_victim.zero_grad(set_to_none=True)
