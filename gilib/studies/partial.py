@@ -1,13 +1,16 @@
 """Chapter 7's bench readers: LoRA's rank rule, and the span check and the optimisation attack on a GPT-2-style decoder.
 
-Chapter 7 ("Partial by design") quotes three cached benches, not a runner
+Chapter 7 ("Partial by design") quotes four cached benches, not a runner
 study: ``bench/lora_rank.py`` (``data/bench/lora_rank.csv``: the span check
 on a LoRA client's adapter gradients, one line per sentence and setting),
 ``bench/decoder_span.py`` (``data/bench/decoder_span.csv``: the causal
 span check on a decoder client's layer 0, one line per batch) and
 ``bench/decoder_optimization.py`` (``data/bench/decoder_optimization.csv``:
 LAMP's optimisation attack, Balunović et al., 2022, on the same messages,
-one line per sentence). Each reader
+one line per sentence) and ``bench/lora_decoder.py``
+(``data/bench/lora_decoder.csv``: the span check on a LoRA decoder
+client's layer-0 adapter gradients, one line per sentence and setting).
+Each reader
 turns a CSV into ``(table, facts)``: a table with rounded numbers and
 Wilson 95 % intervals (:func:`gilib.metrics.share_interval`: an exact rate
 is a binomial share), and the facts the chapter, the conclusion and the
@@ -17,6 +20,7 @@ README quotes them::
     python -m gilib.studies partial rank-rule data/bench/lora_rank.csv
     python -m gilib.studies partial decoder data/bench/decoder_span.csv
     python -m gilib.studies partial decoder-optimization data/bench/decoder_optimization.csv
+    python -m gilib.studies partial lora-decoder data/bench/lora_decoder.csv
 
 It reads only; it has nothing to run (``plan`` is ``None``, as for
 :mod:`gilib.studies.headlines`).
@@ -28,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..metrics import interval_text, share_interval
+from ..metrics import interval_text, mean_interval, share_interval
 from .federated import intervals
 from .study import Study, Table, frame_markdown, option
 
@@ -38,7 +42,10 @@ DECODER_BENCH = "data/bench/decoder_span.csv"
 """``python bench/decoder_span.py --batches 10 --out data/bench/decoder_span.csv``."""
 DECODER_OPTIMIZATION_BENCH = "data/bench/decoder_optimization.csv"
 """``python bench/decoder_optimization.py --out data/bench/decoder_optimization.csv``."""
+LORA_DECODER_BENCH = "data/bench/lora_decoder.csv"
+"""``python bench/lora_decoder.py --per-dataset 5 --out data/bench/lora_decoder.csv``."""
 ADAPTER_NAMES = {"query": "query", "value": "value", "both": "query + value"}
+DECODER_ADAPTER_NAMES = {"c_attn": "c_attn", "c_attn+mlp": "c_attn + mlp.c_fc"}
 
 
 def _frame(path: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -234,10 +241,83 @@ def decoder_optimization_markdown(path: str | Path | pd.DataFrame) -> str:
     return frame_markdown(table)
 
 
+def lora_decoder_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The span check on a LoRA decoder's layer-0 adapter gradients, by rank, adapters and whether the sentence fits.
+
+    A sentence *fits* when its distinct inputs (its tokens less the end
+    token, whose output gradient is zero) are at most ``r``, the rows of
+    the ``c_attn`` adapter's ``A`` gradient: the rank rule's condition for
+    a certified check. Below it the check reads each position's best token
+    within a subspace of the inputs' span, which may be right or not.
+
+    Args:
+        path: ``bench/lora_decoder.py``'s CSV (one line per sentence and
+            setting: ``r``, ``adapters``, ``tokens``, ``inputs``, ``fits``,
+            ``verified``, ``found``, ``exact``, ``token_accuracy``,
+            ``rouge1``, ``residual``, ``seconds``, ...), or its lines.
+
+    Returns:
+        ``(table, facts)``. The table has one row per ``(r, adapters,
+        fits)``: the sentences and their median token count, the exact rate
+        [Wilson 95 %], the share whose prefixes the ``mlp.c_fc`` adapter
+        checked, the mean ROUGE-1 [bootstrap 95 % over sentences] and the
+        mean seconds. The facts: ``lora_dec_lines``, ``lora_dec_sentences``,
+        ``lora_dec_settings``, ``lora_dec_tokens_min`` / ``_max``;
+        ``lora_dec_fit_lines``, ``lora_dec_fit_exact`` (with ``_low``),
+        ``lora_dec_fit_residual_max``; ``lora_dec_nofit_lines``,
+        ``lora_dec_nofit_exact_lines`` (a count: exact, uncertified),
+        ``lora_dec_nofit_residual_min``; ``lora_dec_fit_all_exact`` (every
+        fitting line exact); ``lora_dec_verified_lines`` and
+        ``lora_dec_verified_found`` (every checked line found whole);
+        ``lora_dec_rouge1_<r>`` (mean over ``c_attn``'s lines at rank
+        ``r``); ``lora_dec_seconds_max``.
+    """
+    frame = _frame(path)
+    fits = frame["fits"].astype(bool)
+    exact = frame["exact"].astype(bool)
+    rows = []
+    order = list(DECODER_ADAPTER_NAMES)
+    keys = sorted(frame.groupby(["r", "adapters", "fits"]).groups,
+                  key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order), not k[2]))
+    for r, adapters, fit in keys:
+        part = frame[(frame["r"] == r) & (frame["adapters"] == adapters) & (fits == fit)]
+        text, *_ = _percent(int(part["exact"].sum()), len(part))
+        rouge = interval_text(*mean_interval(part["rouge1"].astype(float)), 2)
+        rows.append({"r": int(r), "adapters": DECODER_ADAPTER_NAMES.get(adapters, adapters),
+                     "fits (n - 1 ≤ r)": "yes" if fit else "no", "sentences": len(part),
+                     "tokens n (median)": int(part["tokens"].median()), "exact [95 %]": text,
+                     "prefixes checked": f"{100 * part['verified'].astype(bool).mean():.0f}%",
+                     "ROUGE-1 [95 %]": rouge, "s (mean)": round(float(part["seconds"].mean()), 1)})
+    verified = frame["verified"].astype(bool)
+    _, share, low, _ = _percent(int(exact[fits].sum()), int(fits.sum()))
+    facts: dict = {"lora_dec_lines": len(frame),
+                   "lora_dec_sentences": int(frame[["dataset", "row_id"]].drop_duplicates().shape[0]),
+                   "lora_dec_settings": int(frame[["r", "adapters"]].drop_duplicates().shape[0]),
+                   "lora_dec_tokens_min": int(frame["tokens"].min()), "lora_dec_tokens_max": int(frame["tokens"].max()),
+                   "lora_dec_fit_lines": int(fits.sum()), "lora_dec_fit_exact": round(share, 4),
+                   "lora_dec_fit_low": round(low, 4), "lora_dec_fit_all_exact": bool(exact[fits].all()),
+                   "lora_dec_fit_residual_max": float(f"{frame.loc[fits, 'residual'].max():.1e}"),
+                   "lora_dec_nofit_lines": int((~fits).sum()),
+                   "lora_dec_nofit_exact_lines": int(exact[~fits].sum()),
+                   "lora_dec_nofit_residual_min": round(float(frame.loc[~fits, "residual"].min()), 2),
+                   "lora_dec_verified_lines": int(verified.sum()),
+                   "lora_dec_verified_found": bool(frame.loc[verified, "found"].astype(bool).all()),
+                   "lora_dec_seconds_max": round(float(frame["seconds"].max()), 1)}
+    for r, part in frame[frame["adapters"] == "c_attn"].groupby("r"):
+        facts[f"lora_dec_rouge1_{int(r)}"] = round(float(part["rouge1"].mean()), 2)
+    return pd.DataFrame(rows), facts
+
+
+def lora_decoder_markdown(path: str | Path | pd.DataFrame) -> str:
+    """:func:`lora_decoder_summary`'s table as Markdown."""
+    table, _ = lora_decoder_summary(path)
+    return frame_markdown(table)
+
+
 STUDY = Study(
     name="partial",
-    description="chapter 7: LoRA's rank rule, the decoder's span check and optimisation attack, "
-                "read from the cached benches",
+    description="chapter 7: LoRA's rank rule, the decoder's span check and optimisation attack, LoRA on the "
+                "decoder, read from the cached benches",
     tables=(
         Table("rank-rule", "LoRA adapters: the span check's exact rate [Wilson 95 %] by rank, adapters and "
                            "whether the sentence fits the stacked rank (bench/lora_rank.py)",
@@ -252,6 +332,11 @@ STUDY = Study(
                                       "batches] per batch size (bench/decoder_optimization.py)",
               lambda args: decoder_optimization_markdown(args.results),
               (option("results", type=Path, help="the bench's CSV (data/bench/decoder_optimization.csv)"),)),
+        Table("lora-decoder", "a GPT-2-shape LoRA decoder sharing its layer-0 adapters' A gradients: exact "
+                              "[Wilson 95 %] and ROUGE-1 [bootstrap 95 %] by rank, adapters and whether the "
+                              "sentence fits the rank (bench/lora_decoder.py)",
+              lambda args: lora_decoder_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/lora_decoder.csv)"),)),
     ),
 )
 """Chapter 7's tables (``python -m gilib.studies partial ...``); nothing to run."""

@@ -107,3 +107,49 @@ def test_the_partial_tables_print_in_markdown(tmp_path, capsys):
     printed = capsys.readouterr().out.strip()
     assert printed == partial.decoder_markdown(decoder) and printed.startswith("| batch size |")
     assert partial.STUDY.plan is None  # a reader: nothing to run
+
+
+def _lora_decoder_lines() -> pd.DataFrame:
+    # Two sentences (10 and 20 tokens: 9 and 19 inputs) at r = 4 (no fit) and r = 16 (fits the short one),
+    # c_attn alone and with mlp.c_fc; one sentence exact although it does not fit (uncertified).
+    rows = []
+    for r in (4, 16):
+        for adapters in ("c_attn", "c_attn+mlp"):
+            for row_id, n in ((1, 10), (2, 20)):
+                fits = r >= n - 1
+                lucky = (r, adapters, row_id) == (16, "c_attn", 2)
+                rows.append({"model": "gpt2-shape", "r": r, "adapters": adapters, "dataset": "sst2",
+                             "row_id": row_id, "tokens": n, "inputs": n - 1, "capacity": r, "fits": fits,
+                             "rank": min(r, n - 1), "verified": fits and adapters != "c_attn",
+                             "found": fits and adapters != "c_attn", "exact": fits or lucky,
+                             "token_accuracy": 1.0 if fits or lucky else 0.5,
+                             "rouge1": 1.0 if fits or lucky else 0.4 + r / 100, "rouge2": 0.0,
+                             "residual": 1e-6 if fits else 0.5, "seconds": 0.7})
+    return pd.DataFrame(rows)
+
+
+def test_lora_decoder_summary_splits_each_setting_by_fit_and_counts_uncertified_hits():
+    table, facts = partial.lora_decoder_summary(_lora_decoder_lines())
+    assert list(table[["r", "adapters", "fits (n - 1 ≤ r)", "sentences"]].itertuples(index=False, name=None)) == [
+        (4, "c_attn", "no", 2), (4, "c_attn + mlp.c_fc", "no", 2), (16, "c_attn", "yes", 1),
+        (16, "c_attn", "no", 1), (16, "c_attn + mlp.c_fc", "yes", 1), (16, "c_attn + mlp.c_fc", "no", 1)]
+    assert table["exact [95 %]"].tolist()[:4] == ["0% [0%, 66%]", "0% [0%, 66%]", "100% [21%, 100%]",
+                                                  "100% [21%, 100%]"]
+    assert table["prefixes checked"].tolist() == ["0%", "0%", "0%", "0%", "100%", "0%"]
+    assert (facts["lora_dec_fit_lines"], facts["lora_dec_nofit_lines"], facts["lora_dec_nofit_exact_lines"]) == (
+        2, 6, 1)
+    assert facts["lora_dec_fit_all_exact"] and facts["lora_dec_verified_lines"] == 1
+    assert (facts["lora_dec_rouge1_4"], facts["lora_dec_rouge1_16"]) == (0.44, 1.0)
+    assert (facts["lora_dec_sentences"], facts["lora_dec_settings"], facts["lora_dec_tokens_max"]) == (2, 4, 20)
+    assert facts["lora_dec_fit_residual_max"] == 1e-6 and facts["lora_dec_nofit_residual_min"] == 0.5
+    lines = _lora_decoder_lines()
+    lines.loc[lines["fits"], "exact"] = False  # a fitting sentence missed: the rule broken
+    assert partial.lora_decoder_summary(lines)[1]["lora_dec_fit_all_exact"] is False
+
+
+def test_the_lora_decoder_table_prints_in_markdown(tmp_path, capsys):
+    path = tmp_path / "lora_decoder.csv"
+    _lora_decoder_lines().to_csv(path, index=False)
+    assert main(all_studies(), ["partial", "lora-decoder", str(path)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == partial.lora_decoder_markdown(path) and printed.startswith("| r | adapters |")
