@@ -57,6 +57,7 @@ def test_chapter7_the_decoder_batch_comes_back_exactly(ch7):
 def test_chapter7_cached_facts_are_the_benches(ch7):
     # The chapter's cached tables read the same facts the claims tests check (tests/claims/test_chapter7.py).
     assert ch7["lora_rule_holds"] is True and ch7["decoder_all_exact"] is True
+    assert ch7["lora_dec_fit_all_exact"] is True and ch7["lora_dec_nofit_exact_lines"] == 7
     assert (ch7["decoder_opt_exact_sentences"], ch7["decoder_opt_sentences"]) == (1, 45)
 
 

@@ -166,3 +166,48 @@ def test_chapter7_rounds_stack_and_the_optimisation_attack_needs_no_rank_rule():
     _, protocol = lora.protocol_summary(results)
     assert all(protocol[f"adamw_span_{r}_exact"] == 0 for r in (4, 8, 16, 64))
     assert protocol["adamw_opt_8_rouge1"] == protocol["fedsgd_opt_8_rouge1"] == 0.38
+
+
+LORA_DECODER_BENCH = ROOT / partial.LORA_DECODER_BENCH
+
+
+def test_chapter7_the_lora_decoder_bench_is_the_setting_the_chapter_describes():
+    # "attacks 15 held-out sentences (5 per dataset, the decoder bench's) under 8 settings: r in {4, 8, 16, 64}
+    # with alpha = 2r, adapters on layer 0's c_attn alone or with mlp.c_fc, three warm-up rounds, one FedSGD
+    # message each"; "the rank rule asks n - 1 <= r".
+    lines = pd.read_csv(LORA_DECODER_BENCH)
+    settings = json.loads(LORA_DECODER_BENCH.with_suffix(".json").read_text())
+    _, facts = partial.lora_decoder_summary(LORA_DECODER_BENCH)
+    assert (facts["lora_dec_sentences"], facts["lora_dec_settings"], facts["lora_dec_lines"]) == (15, 8, 120)
+    assert lines.groupby("dataset")["row_id"].nunique().to_dict() == {"cola": 5, "sst2": 5, "rotten_tomatoes": 5}
+    assert sorted(lines["r"].unique()) == [4, 8, 16, 64] and settings["alpha"] == "2 r"
+    assert set(lines["adapters"]) == {"c_attn", "c_attn+mlp"} and set(lines["model"]) == {"gpt2-shape"}
+    assert settings["warmup"] == 3 and settings["layers"] == [0] and settings["per_dataset"] == 5
+    assert settings["offset"] == 300  # bench/decoder_span.py's default: its batches of 1
+    assert (lines["inputs"] == lines["tokens"] - 1).all() and (lines["fits"] == (lines["r"] >= lines["inputs"])).all()
+
+
+def test_chapter7_lora_decoder_fitting_sentences_are_exact_the_others_uncertified():
+    # "Every one of the 46 sentence-settings whose inputs fit the rank came back exactly (Wilson interval from
+    # 92%), each chosen token at round-off; below the rule nothing is certified (residuals from 0.46), though
+    # 7 of the 74 others came back too, and ROUGE-1 with c_attn alone rose from 0.23 at r = 4 to 0.9 at r = 16".
+    lines = pd.read_csv(LORA_DECODER_BENCH)
+    _, facts = partial.lora_decoder_summary(LORA_DECODER_BENCH)
+    fits = lines["fits"].astype(bool)
+    assert facts["lora_dec_fit_all_exact"] and lines.loc[fits, "exact"].all()
+    assert (facts["lora_dec_fit_lines"], round(facts["lora_dec_fit_low"], 2)) == (46, 0.92)
+    assert lines.loc[fits, "residual"].max() < 1e-4
+    assert (facts["lora_dec_nofit_lines"], facts["lora_dec_nofit_exact_lines"]) == (74, 7)
+    assert facts["lora_dec_nofit_residual_min"] == 0.46 and lines.loc[~fits, "residual"].min() > 0.1
+    assert (facts["lora_dec_rouge1_4"], facts["lora_dec_rouge1_16"]) == (0.23, 0.9)
+    assert facts["lora_dec_rouge1_4"] < facts["lora_dec_rouge1_8"] < facts["lora_dec_rouge1_16"]
+
+
+def test_chapter7_an_mlp_adapter_checks_prefixes_only_when_it_fits():
+    # "An adapter on mlp.c_fc checks prefixes only when its rows reach the inputs too; otherwise each
+    # position's best token is read off, uncertified."
+    lines = pd.read_csv(LORA_DECODER_BENCH)
+    _, facts = partial.lora_decoder_summary(LORA_DECODER_BENCH)
+    verified = lines["verified"].astype(bool)
+    assert (verified == ((lines["adapters"] == "c_attn+mlp") & lines["fits"])).all()
+    assert facts["lora_dec_verified_lines"] == 23 and facts["lora_dec_verified_found"]
