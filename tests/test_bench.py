@@ -175,3 +175,19 @@ def test_a_decoder_bench_counts_a_sentence_held_twice_only_when_given_back_twice
     true_batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
     assert exact_sentences([[101, 8, 9, 102], [101, 7, 102], [101, 5, 102]], true_batch) == [True, False, True]
     assert exact_sentences([[101, 7, 102], [101, 7, 102], [101, 8, 9, 102]], true_batch) == [True, True, True]
+
+
+@pytest.mark.slow
+def test_lora_decoder_writes_a_line_per_sentence_and_setting_and_its_settings(tmp_path):
+    out = tmp_path / "lora_decoder.csv"
+    # Rank 64, one sentence per dataset: each fits, so each comes back exactly (the rank rule).
+    done = subprocess.run([sys.executable, "bench/lora_decoder.py", "--ranks", "64", "--per-dataset", "1",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "token_accuracy" in done.stdout, done.stdout
+    lines = pd.read_csv(out)
+    assert len(lines) == 3 * 2 and set(lines["adapters"]) == {"c_attn", "c_attn+mlp"}
+    assert lines["fits"].all() and lines["exact"].all() and (lines["inputs"] == lines["tokens"] - 1).all()
+    assert lines.loc[lines["adapters"] == "c_attn+mlp", "verified"].all()
+    settings = json.loads(out.with_suffix(".json").read_text())
+    assert settings["ranks"] == [64] and settings["model"] == "gpt2-shape" and settings["offset"] == 300
