@@ -23,8 +23,8 @@ entry point                 settings                 diagnostics
   victim from its stacked layer-0 ``A`` adapter gradients, and
   :func:`adapter_span_attack` from several rounds' (the rank rule,
   :mod:`~gilib.attack.adapters`); on a GPT-2-style decoder, from layer 0's
-  fused ``c_attn`` weight and a causal left-to-right search
-  (:mod:`~gilib.attack.decoder`).
+  fused ``c_attn`` weight (on a LoRA decoder, its adapter's ``A``) and a
+  causal left-to-right search (:mod:`~gilib.attack.decoder`).
 
 The white-box pieces, for a reader who wants to see inside:
 :mod:`~gilib.attack.rowspace` (the row-space check, chapter 5 teaches from

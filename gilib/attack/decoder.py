@@ -77,7 +77,12 @@ on the adapters (``c_attn``'s moves the attention), so they are the
 client's only at the weights the server attacks with: of several rounds'
 messages the check reads the first (its global model must be ``model``),
 while step 1 stacks every round's. Without a verifier, a single sentence is
-read off step 1 (each position's best token) and a batch is refused.
+read off step 1 (each position's best token) and a batch is refused. What
+the weights decide, as above: a sentence whose inputs fit the rows is
+exact for any weights; below the rule, how often a position's best token
+is still the true one (uncertified) depends on how close other tokens'
+inputs come, which random embeddings keep far apart and trained ones bring
+near (``bench/lora_decoder.py`` measures it at random weights).
 
 :func:`decoder_span_attack` runs the attack; :func:`gilib.attack.span_attack`
 (and :func:`gilib.attack.adapter_span_attack` for several rounds) hands a
