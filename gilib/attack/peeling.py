@@ -15,6 +15,7 @@ cross-entropy), and nothing else.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -267,19 +268,20 @@ class _Peeler:
         return False
 
     def _take(self, h: torch.Tensor) -> bool:
-        """Peel ``h`` off the gradients if it passes the peel test for some class."""
+        """Peel ``h`` off the gradients if it passes the peel test for some class (and count of copies)."""
         n = len(h)
         slots = [i for i in self.remaining if self.lengths[i] == n]
         if not slots:
             return False
-        label, parts = _peel_label(self.model, self.grads, self.weight, h, self.classes, self.batch,
-                                   sum(self.lengths[i] for i in self.remaining), self.noise)
-        if label is None:
+        labels, parts = _peel_label(self.model, self.grads, self.weight, h, self.classes, self.batch,
+                                    sum(self.lengths[i] for i in self.remaining), self.noise, copies=len(slots))
+        if labels is None:
             return False
         for name, part in zip(self.grads, parts):
             self.grads[name] = self.grads[name] - part.to(self.grads[name].device)
-        self.remaining.remove(slots[0])
-        self.ids[slots[0], :n], self.found[slots[0]], self.labels[slots[0]] = h, True, label
+        for slot, label in zip(slots, labels):  # a sentence the client holds twice fills two slots
+            self.remaining.remove(slot)
+            self.ids[slot, :n], self.found[slot], self.labels[slot] = h, True, label
         self.peeled.append(h)
         return True
 
@@ -306,8 +308,8 @@ class _Peeler:
 
 
 def _peel_label(model, grads, weight, h, classes, batch, tokens_left,
-                noise=None) -> tuple[int | None, list[torch.Tensor]]:
-    """The class whose subtraction lowers the gradient's rank, if one does (under :data:`PEELED`).
+                noise=None, copies: int = 1) -> tuple[tuple[int, ...] | None, list[torch.Tensor]]:
+    """The labels whose subtraction lowers the gradient's rank, if some do (under :data:`PEELED`).
 
     The rank tested is the gradient's own numerical rank, less one, not
     the token count: in a large batch whose words repeat (``[CLS]`` in
@@ -320,18 +322,34 @@ def _peel_label(model, grads, weight, h, classes, batch, tokens_left,
     model the rank is read against the noise and the test passes below
     the larger of :data:`PEELED` and the rank's noise floor (relative).
 
+    A sentence the client holds ``m`` times (a batch of one sentence
+    repeated, a duplicated example) adds ``m`` times its gradient: taking
+    one copy off leaves the others' directions in, and the rank never
+    drops. Where one copy passes no test, ``2 .. copies`` copies are tried
+    with every multiset of labels; taking off too many leaves the
+    sentence's directions in as well (with the opposite sign), so only the
+    true count passes.
+
+    Args:
+        copies: the most copies to try: the sentences left of ``h``'s length.
+
     Returns:
-        ``(label, parts)``: the class (``None`` if none passes) and the
-        sentence's gradient for it on every weight of ``grads``, in order.
+        ``(labels, parts)``: one class per copy peeled (``None`` if no
+        count and labels pass) and the copies' summed gradient on every
+        weight of ``grads``, in order.
     """
     names = list(grads)
     space = row_space(grads[weight], max_rank=tokens_left, noise=noise)
     rank = space.rank - 1
     passes = PEELED if space.noise == 0 else max(PEELED, space.tolerance / float(space.singular_values[0]))
-    scores, parts = {}, {}
-    for label in classes:
-        parts[label] = sentence_gradients(model, names, h, label, batch)
-        part = parts[label][names.index(weight)]
-        scores[label] = peel_test(grads[weight], part.to(grads[weight].device), rank)
-    best = min(scores, key=scores.get)
-    return (best, parts[best]) if scores[best] < passes else (None, [])
+    one = {label: sentence_gradients(model, names, h, label, batch) for label in classes}
+    for count in range(1, max(int(copies), 1) + 1):
+        scores, parts = {}, {}
+        for labels in itertools.combinations_with_replacement(classes, count):
+            parts[labels] = [sum(one[y][k] for y in labels) for k in range(len(names))]
+            part = parts[labels][names.index(weight)]
+            scores[labels] = peel_test(grads[weight], part.to(grads[weight].device), rank)
+        best = min(scores, key=scores.get)
+        if scores[best] < passes:
+            return best, parts[best]
+    return None, []

@@ -195,6 +195,31 @@ def test_a_batch_comes_back_exactly_with_and_without_layer_1(minilm, component, 
     assert result.diagnostics.verifier == (verifier or f"{QUERY0} (output gradients)")
 
 
+@pytest.mark.parametrize("component, layers, rows, labels", [
+    # Three copies of one sentence, checked by layer 1: one copy off leaves the others' directions in.
+    ("attention.query", [0, 1], [3, 3, 3], [1, 1, 1]),
+    # Two copies with different labels beside another sentence; the layer-0 weight's own output gradients.
+    ("attention.query", [0], [2, 2, 1], [1, 0, 1]),
+])
+def test_a_sentence_the_client_holds_twice_peels_with_each_copys_label(minilm, component, layers, rows, labels):
+    model, tokenizer = minilm
+    sample = load_split("sample")
+    selection = select(model, component, layers)
+    true_batch = encode(tokenizer, [sample[i].text for i in rows], labels)
+    update = client_update(model, selection, true_batch).shared
+    result = span_attack(model, tokenizer, update._replace(labels=None), selection, SpanConfig(seed=1))
+    assert sorted(result.token_ids) == sorted(true_token_ids(true_batch))
+    assert result.diagnostics.found == [True] * len(rows)
+    # Copies of one text are interchangeable: their labels come back as a multiset, per text.
+    by_text = {}
+    for ids, label in zip(result.token_ids, result.diagnostics.labels):
+        by_text.setdefault(tuple(ids), []).append(label)
+    truth = {}
+    for ids, label in zip(true_token_ids(true_batch), labels):
+        truth.setdefault(tuple(ids), []).append(label)
+    assert {t: sorted(y) for t, y in by_text.items()} == {t: sorted(y) for t, y in truth.items()}
+
+
 @pytest.mark.slow
 def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(minilm):
     model, tokenizer = minilm
