@@ -43,13 +43,15 @@ book: $(STAMP)
 	# instead of executing every chapter a second time.
 	$(BIN)/python -m gilib.book.executed stamp
 
+# On every core (pytest-xdist): each test runs torch on one thread; the
+# tests that start Ray or execute chapters share one worker (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 # Every test not marked slow (tests/conftest.py says what is): for a
 # contributor's edit-test loop; `make test` still runs the whole suite.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
 
 # The browser test of the built book (tests/book/test_browser.py): every page in
 # headless Chromium, screenshots into _build/screenshots/. It tests the book

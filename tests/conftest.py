@@ -28,3 +28,16 @@ def _deterministic_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+RAY_TESTS = ("tests/test_federated.py", "tests/test_federated_lora.py", "tests/chapters/", "tests/book/test_executed.py")
+"""Tests that start Ray (Flower rounds) or may execute chapters (chapter 6 runs a round; an executed
+chapter is recorded in one manifest): ``make test`` runs the suite on several workers
+(``pytest -n auto --dist loadgroup``), and these stay in one of them, one after another."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path.as_posix()
+        if any(f"/{part}" in path if part.endswith("/") else path.endswith(part) for part in RAY_TESTS):
+            item.add_marker(pytest.mark.xdist_group("ray"))
