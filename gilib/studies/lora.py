@@ -32,21 +32,26 @@ layer 0, one round, FedSGD):
 * the rounds observed (:data:`ROUNDS`): the same client's messages of one
   sentence in ``k`` consecutive rounds, the global model one more public
   warm-up step further each round (a stand-in for the other clients'
-  aggregate moving ``B``), stacked by the span check. The optimisation
-  attack matches one message (LAMP's objective has one target gradient);
-  it runs at one round only;
+  aggregate moving ``B``), stacked by the span check; the optimisation
+  attack matches them all at once (:func:`gilib.attack.optimization_rounds_attack`:
+  the mean over rounds of LAMP's objective, each round's candidate
+  gradient at that round's model), at the base setting;
 * the protocol: FedSGD against one local AdamW step at ``lr = 5e-5``
   (:data:`ADAMW`). The server reads the AdamW message by inverting the
   step (:meth:`gilib.client.AdamW.gradient`, as ``bench/noisy_span.py``
   does), and **both attacks get that reading**. Each line records how much
   of the message was invertible (``invertible``: entries whose step is
   below 1 in size) and the cosine between the reading and the client's
-  true gradient (``cosine_to_gradient``, a measurement only).
+  true gradient (``cosine_to_gradient``, a measurement only). The span
+  check reads the AdamW reading twice: as it is, and with the inversion's
+  noise model (``weighted``: :meth:`gilib.client.AdamW.entry_weights`, the
+  entries to trust, passed as ``span_attack(..., weights=)``, as
+  ``bench/noisy_span.py`` does for full weights).
 
 The span grid crosses ``r`` x adapters x rounds (FedSGD) and ``r`` with
-AdamW, on :attr:`Grid.span_sentences` sentences per dataset; the
-optimisation grid is the one-at-a-time sweep around :data:`BASE` plus
-:data:`REFERENCE`, on the first :attr:`Grid.optimization_sentences` of
+AdamW (with and without the noise model), on :attr:`Grid.span_sentences`
+sentences per dataset; the optimisation grid is the one-at-a-time sweep
+around :data:`BASE` (rounds included) plus :data:`REFERENCE`, on the first :attr:`Grid.optimization_sentences` of
 those sentences (paired: the same sentences in every setting). Sentences
 are the seeded sample (:func:`gilib.studies.sample.sample`) of CoLA, SST-2
 and Rotten Tomatoes, the first ones: chapter 6's protocol sentences. One
@@ -78,7 +83,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..attack import AttackConfig, adapter_span_attack, optimization_attack, span_attack
+from ..attack import (AttackConfig, Round, adapter_span_attack, optimization_attack, optimization_rounds_attack,
+                      span_attack)
 from ..client import AdamW, client_update
 from ..lora import WARMUP_LR, lora_victim
 from ..metrics import interval_text, mean_interval, score_batch, share_interval, true_token_ids
@@ -118,14 +124,17 @@ class Setting(NamedTuple):
     Attributes:
         r: the adapters' rank (0 for the reference, which has none).
         adapters: a key of :data:`ADAPTERS`, or :data:`REFERENCE_NAME`.
-        rounds: the same client's messages the server stacks (the span check only).
+        rounds: the same client's messages the server stacks (span check) or matches at once (optimisation).
         protocol: ``"FedSGD"`` or ``"AdamW"`` (:data:`ADAMW`).
+        weighted: the span check gets the AdamW inversion's entry weights
+            (:meth:`gilib.client.AdamW.entry_weights`); AdamW only.
     """
 
     r: int
     adapters: str
     rounds: int = 1
     protocol: str = "FedSGD"
+    weighted: bool = False
 
 
 REFERENCE = Setting(0, REFERENCE_NAME)
@@ -142,7 +151,7 @@ class Grid:
         name: the grid's name (``fast`` or ``full``); every line records it.
         ranks: the ranks swept.
         adapters: keys of :data:`ADAPTERS` swept.
-        rounds: rounds the span check stacks.
+        rounds: rounds the span check stacks; those above 1 also for the optimisation attack at :attr:`base`.
         protocols: among :data:`PROTOCOLS`.
         span_sentences: sentences per dataset for the span check.
         optimization_sentences: the first this many of them get the optimisation attack.
@@ -178,21 +187,24 @@ class Grid:
         return Setting(8 if 8 in self.ranks else self.ranks[0], "both")
 
     def span_settings(self) -> list[Setting]:
-        """``r`` x adapters x rounds (FedSGD), ``r`` with AdamW (query and value, one round), the reference."""
+        """``r`` x adapters x rounds (FedSGD), ``r`` with AdamW (query and value, one round; without and with
+        the noise model), the reference."""
         settings = [Setting(r, a, k) for r, a, k in itertools.product(self.ranks, self.adapters, self.rounds)] \
             if "FedSGD" in self.protocols else []
         if "AdamW" in self.protocols:
             settings += [Setting(r, "both", 1, "AdamW") for r in self.ranks]
+            settings += [Setting(r, "both", 1, "AdamW", True) for r in self.ranks]
         return settings + [REFERENCE]
 
     def optimization_settings(self) -> list[Setting]:
-        """One at a time around :attr:`base`: every rank, every other adapter set, AdamW; the reference."""
+        """One at a time around :attr:`base`: every rank, every other adapter set, AdamW, the reference; then
+        every number of rounds above 1 (after the reference, so that a resumed run adds them last)."""
         base = self.base
         settings = [base._replace(r=r) for r in self.ranks]
         settings += [base._replace(adapters=a) for a in self.adapters if a != base.adapters]
         if "AdamW" in self.protocols:
             settings.append(base._replace(protocol="AdamW"))
-        return settings + [REFERENCE]
+        return settings + [REFERENCE] + [base._replace(rounds=k) for k in self.rounds if k > 1]
 
 
 GRIDS = {
@@ -244,18 +256,21 @@ def _server_reading(setting: Setting, victim, selection, true_batch) -> tuple:
         :meth:`~gilib.client.AdamW.gradient` for AdamW) and the line's
         protocol fields (for AdamW: the invertible share of the message and
         the cosine between the reading and the true gradient; the truth
-        reaches only that measurement).
+        reaches only that measurement; with ``setting.weighted`` also
+        ``"weights"``, the inversion's entry weights, which the caller
+        takes out of the line and gives the span check).
     """
     if setting.protocol == "FedSGD":
         return client_update(victim, selection, true_batch).shared, {}
     message = client_update(victim, selection, true_batch, ADAMW).shared
+    weights = {"weights": ADAMW.entry_weights(message, victim, selection)} if setting.weighted else {}
     starts = selection.parameters(victim)
     steps = [m.double() - ADAMW.weight_decay * p.detach().double() for m, p in zip(message.shared_grads, starts)]
     reading = ADAMW.gradient(message, victim, selection)
     gradient = client_update(victim, selection, true_batch).shared.shared_grads
     flat = [torch.cat([t.double().reshape(-1) for t in ts]) for ts in (reading.shared_grads, gradient)]
     return reading, {"invertible": float(torch.cat([(u.abs() < 1).reshape(-1) for u in steps]).double().mean()),
-                     "cosine_to_gradient": float(torch.nn.functional.cosine_similarity(*flat, dim=0))}
+                     "cosine_to_gradient": float(torch.nn.functional.cosine_similarity(*flat, dim=0)), **weights}
 
 
 def _line(part: str, grid: str, dataset: str, example, setting: Setting, selection: Selection, tokens: int) -> dict:
@@ -266,6 +281,7 @@ def _line(part: str, grid: str, dataset: str, example, setting: Setting, selecti
             "targets": list(targets), "layers": layers, "rounds": setting.rounds, "protocol": setting.protocol,
             "warmup": WARMUP if setting.r else None, "warmup_lr": WARMUP_LR if setting.r else None,
             **({"adamw_lr": ADAMW.lr, "adamw_steps": ADAMW.local_steps} if setting.protocol == "AdamW" else {}),
+            **({"weighted": True} if setting.weighted else {}),
             "shared_parameters": selection.numel, "fraction": selection.fraction}
 
 
@@ -302,9 +318,10 @@ def measure_span(part: str, grid: str, dataset: str, example, setting: Setting) 
     for victim in victims:
         reading, extra = _server_reading(setting, victim, selection, true_batch)
         readings.append(reading._replace(labels=None))  # the check needs no labels
+    weights = extra.pop("weights", None)  # the noise model goes to the check, not into the line
     start = time.perf_counter()
     if len(readings) == 1:
-        result = span_attack(victims[0], tokenizer, readings[0], selection)
+        result = span_attack(victims[0], tokenizer, readings[0], selection, weights=weights)
     else:
         result = adapter_span_attack(victims[0], tokenizer, readings, selection)
     seconds = time.perf_counter() - start
@@ -330,16 +347,28 @@ def measure_optimization(part: str, grid: str, dataset: str, example, setting: S
 
     Returns:
         One line: ROUGE-1/2, ``exact``, ``final_loss`` (the gradient
-        distance of the rebuilt tokens), ``steps`` and ``seconds``.
+        distance of the rebuilt tokens; over several rounds the mean over
+        rounds), ``steps`` and ``seconds``.
+
+    Raises:
+        ValueError: for a setting with the noise model (the span check's alone).
     """
-    if setting.rounds != 1:
-        raise ValueError(f"The optimisation attack matches one message; got a setting of {setting.rounds} rounds.")
+    if setting.weighted:
+        raise ValueError("The noise model (weighted) is the span check's; the optimisation attack matches the "
+                         "reading itself.")
     model, tokenizer = cached_model(MODEL)
     true_batch = encode(tokenizer, [example.text], [example.label])
     (truth,) = true_token_ids(true_batch)
-    (victim,), selection = _client(setting, 1)
-    reading, extra = _server_reading(setting, victim, selection, true_batch)
-    result = optimization_attack(victim, tokenizer, reading, selection, attack)
+    victims, selection = _client(setting, setting.rounds)
+    rounds, extra = [], {}
+    for victim in victims:
+        reading, own = _server_reading(setting, victim, selection, true_batch)
+        rounds.append(Round(victim, reading))
+        extra = extra or own  # the first round's protocol fields
+    if len(rounds) == 1:
+        result = optimization_attack(victims[0], tokenizer, rounds[0].update, selection, attack)
+    else:
+        result = optimization_rounds_attack(tokenizer, rounds, selection, attack)
     (scores,) = score_batch(result.texts, [example.text])
     return [{**_line(part, grid, dataset, example, setting, selection, len(truth)), "attack": "optimisation",
              "exact": result.token_ids[0] == truth, "rouge1": scores["rouge1"], "rouge2": scores["rouge2"],
@@ -390,8 +419,10 @@ def plan(grid: Grid | str = "full", parts=PARTS) -> list[tuple]:
     return tasks
 
 
-def _key(part: str, grid: str, dataset: str, row_id: int, setting) -> str:
-    return json.dumps([part, grid, dataset, row_id, *setting])
+def _key(part: str, grid: str, dataset: str, row_id: int, setting: Setting) -> str:
+    # ``weighted`` only where set: the lines written before it existed keep their keys.
+    fields = list(setting) if setting.weighted else list(setting)[:4]
+    return json.dumps([part, grid, dataset, row_id, *fields])
 
 
 def _task_key(name: str, part: str, grid: str, dataset: str, example, setting: Setting, *attack) -> list[str]:
@@ -399,7 +430,8 @@ def _task_key(name: str, part: str, grid: str, dataset: str, example, setting: S
 
 
 def _line_key(line: dict) -> str:
-    setting = Setting(line["r"], line["adapters"], line["rounds"], line["protocol"])
+    setting = Setting(line["r"], line["adapters"], line["rounds"], line["protocol"],
+                      bool(line.get("weighted") is True))
     return _key(line["study"], line["grid"], line["dataset"], line["row_id"], setting)
 
 
