@@ -83,8 +83,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..attack import (AttackConfig, Round, adapter_span_attack, optimization_attack, optimization_rounds_attack,
-                      span_attack)
+from ..attack import (AttackConfig, Round, SpanConfig, adapter_span_attack, optimization_attack,
+                      optimization_rounds_attack, span_attack)
 from ..client import AdamW, client_update
 from ..lora import WARMUP_LR, lora_victim
 from ..metrics import interval_text, mean_interval, score_batch, share_interval, true_token_ids
@@ -113,6 +113,10 @@ WARMUP = 3
 """Public AdamW warm-up rounds before the first attacked round (``B`` off zero), as ``bench/lora_rank.py``."""
 ADAMW = AdamW(local_steps=1, lr=5e-5)
 """The FedAvg-AdamW client: one local step at a fine-tuning learning rate; torch's defaults otherwise."""
+NOISE_MODEL_BUDGET = 30.0
+"""Seconds the span check with the noise model may search (``SpanConfig.time_budget``; its best partial
+result after that, ``timed_out`` in the line): on one thread a 25-token sentence's full search took 2.5 to 5
+minutes, where the plain check takes under one second."""
 PROTOCOLS = ("FedSGD", "AdamW")
 PARTS = ("span", "optimisation")
 """The parts of the study; each line names its part in its ``study`` field."""
@@ -320,8 +324,9 @@ def measure_span(part: str, grid: str, dataset: str, example, setting: Setting) 
         readings.append(reading._replace(labels=None))  # the check needs no labels
     weights = extra.pop("weights", None)  # the noise model goes to the check, not into the line
     start = time.perf_counter()
+    config = SpanConfig(time_budget=NOISE_MODEL_BUDGET) if weights is not None else None
     if len(readings) == 1:
-        result = span_attack(victims[0], tokenizer, readings[0], selection, weights=weights)
+        result = span_attack(victims[0], tokenizer, readings[0], selection, config, weights=weights)
     else:
         result = adapter_span_attack(victims[0], tokenizer, readings, selection)
     seconds = time.perf_counter() - start
@@ -333,7 +338,9 @@ def measure_span(part: str, grid: str, dataset: str, example, setting: Setting) 
              "exact": found == truth, "rouge1": scores["rouge1"], "rouge2": scores["rouge2"],
              "token_accuracy": sum(a == b for a, b in zip(found[1:-1], truth[1:-1])) / interior,
              "rank": result.diagnostics.rank, "capacity": capacity, "fits": capacity >= len(truth),
-             "residual": result.final_loss, "seconds": seconds, **extra}]
+             "residual": result.final_loss, "seconds": seconds, **extra,
+             **({"time_budget": NOISE_MODEL_BUDGET, "timed_out": bool(result.diagnostics.timed_out)}
+                if weights is not None else {})}]
 
 
 def measure_optimization(part: str, grid: str, dataset: str, example, setting: Setting,
@@ -581,7 +588,7 @@ def length_summary(path) -> tuple[pd.DataFrame, dict]:
     table = exact_cells(span, ["length", "r"]).rename(columns={"text": "span check: exact [95 %]"})
     try:
         opt = load(path, "optimisation")
-        opt = opt[(opt["adapters"] == "both") & (opt["protocol"] == "FedSGD")].copy()
+        opt = opt[(opt["adapters"] == "both") & (opt["protocol"] == "FedSGD") & (opt["rounds"] == 1)].copy()
     except ValueError:
         opt = pd.DataFrame()
     if len(opt):
@@ -603,6 +610,17 @@ def length_markdown(path) -> str:
     return markdown_table(columns, table[columns].fillna("–").itertuples(index=False))
 
 
+NOISE_MODEL = "span check, noise model"
+"""The ``attack`` the protocol table gives the span check with the AdamW inversion's entry weights."""
+
+
+def _weighted(lines: pd.DataFrame) -> pd.Series:
+    """Whether each line's span check had the noise model (lines written before the field: no)."""
+    if "weighted" not in lines:
+        return pd.Series(False, index=lines.index)
+    return lines["weighted"].eq(True)
+
+
 def protocol_summary(path) -> tuple[pd.DataFrame, dict]:
     """FedSGD against one AdamW step (lr 5e-5), the server attacking its one-step inversion.
 
@@ -610,9 +628,12 @@ def protocol_summary(path) -> tuple[pd.DataFrame, dict]:
         ``(table, facts)``: one row per protocol, attack and ``r``
         (adapters on layer 0's query and value, one round): exact [Wilson
         95 %], ROUGE-1 [bootstrap 95 %], the invertible share of the
-        message and the cosine of the reading to the true gradient (AdamW);
-        facts ``<protocol>_<attack>_<r>_exact`` / ``_rouge1``,
-        ``adamw_invertible`` and ``adamw_cosine`` (means over the AdamW lines).
+        message and the cosine of the reading to the true gradient (AdamW).
+        The span check on the AdamW reading appears twice: as it is and
+        with the inversion's noise model (attack :data:`NOISE_MODEL`).
+        Facts ``<protocol>_<attack>_<r>_exact`` / ``_rouge1`` (attack
+        ``span``, ``span_weighted`` or ``opt``), ``adamw_invertible`` and
+        ``adamw_cosine`` (means over the AdamW lines).
     """
     frames = []
     for part in PARTS:
@@ -621,7 +642,8 @@ def protocol_summary(path) -> tuple[pd.DataFrame, dict]:
         except ValueError:
             continue
     lines = pd.concat(frames, ignore_index=True)
-    lines = lines[(lines["adapters"] == "both") & (lines["rounds"] == 1)]
+    lines = lines[(lines["adapters"] == "both") & (lines["rounds"] == 1)].copy()
+    lines.loc[_weighted(lines), "attack"] = NOISE_MODEL
     lines = lines[lines["r"].isin(set(lines.loc[lines["protocol"] == "AdamW", "r"]))]
     by = ["protocol", "attack", "r"]
     table = exact_cells(lines, by).rename(columns={"text": "exact [95 %]"})
@@ -633,8 +655,9 @@ def protocol_summary(path) -> tuple[pd.DataFrame, dict]:
     readings = lines.groupby(by, sort=False)[["invertible", "cosine_to_gradient"]].mean().reset_index()
     table = table.merge(readings, on=by).sort_values(["attack", "r", "protocol"], ignore_index=True)
     facts = {}
+    attacks = {"span check": "span", NOISE_MODEL: "span_weighted", "optimisation": "opt"}
     for r in table.itertuples():
-        key = f"{r.protocol.lower()}_{'span' if r.attack == 'span check' else 'opt'}_{r.r}"
+        key = f"{r.protocol.lower()}_{attacks[r.attack]}_{r.r}"
         facts[f"{key}_exact"] = round(r.exact, 4)
         facts[f"{key}_rouge1"] = round(r.rouge1_mean, 2)
     adamw = lines[lines["protocol"] == "AdamW"]
@@ -661,7 +684,16 @@ def _setting_label(row) -> str:
     if row["adapters"] == REFERENCE_NAME:
         return "full layer-0 query+value (plain victim)"
     label = f"r={row['r']}, {row['adapters']}"
-    return label if row["protocol"] == "FedSGD" else f"{label}, {row['protocol']}"
+    label = label if row["protocol"] == "FedSGD" else f"{label}, {row['protocol']}"
+    return label if row["rounds"] == 1 else f"{label}, {row['rounds']} rounds"
+
+
+def _slug_of(row) -> str:
+    """A setting's name in the facts: ``ref``, ``r8_both``, ``r8_both_adamw``, ``r8_both_rounds2``."""
+    if row["adapters"] == REFERENCE_NAME:
+        return "ref"
+    return (f"r{row['r']}_{_slug(row['adapters'])}" + ("" if row["protocol"] == "FedSGD" else "_adamw")
+            + ("" if row["rounds"] == 1 else f"_rounds{row['rounds']}"))
 
 
 def optimization_summary(path) -> tuple[pd.DataFrame, dict]:
@@ -672,11 +704,15 @@ def optimization_summary(path) -> tuple[pd.DataFrame, dict]:
         [bootstrap 95 % over sentences], the share of the parameters
         shared, and ROUGE-1 minus the reference's on the same sentences
         [paired bootstrap 95 %]; ``within 0.1`` says whether the mean
-        difference is at least -0.1 (the issue's target). Facts:
+        difference is at least -0.1 (the issue's target). A setting of
+        ``k > 1`` rounds (every message matched at once) also gets its
+        ROUGE-1 minus the same setting's at one round, on the same
+        sentences [paired bootstrap 95 %]. Facts:
         ``opt_ref_rouge1``, ``opt_<slug>_rouge1`` / ``_rouge2`` /
         ``_diff`` / ``_diff_low`` / ``_diff_high`` / ``_within``
-        (``<slug>`` e.g. ``r8_both``, ``r8_both_adamw``), and
-        ``opt_sentences``.
+        (``<slug>`` e.g. ``r8_both``, ``r8_both_adamw``,
+        ``r8_both_rounds2``), ``opt_<slug>_vs1`` / ``_vs1_low`` /
+        ``_vs1_high`` for rounds, and ``opt_sentences``.
 
     Raises:
         ValueError: if the lines hold no reference.
@@ -688,8 +724,10 @@ def optimization_summary(path) -> tuple[pd.DataFrame, dict]:
         raise ValueError("The optimisation lines hold no reference (the plain victim's layer-0 query+value): "
                          "run the optimisation part of the grid.")
     rows, facts = [], {"opt_sentences": len(reference)}
+    by_sentence = lines.set_index(["dataset", "row_id"])
     for setting, part in lines.groupby("setting", sort=False):
         first = part.iloc[0]
+        slug = _slug_of(first)
         row = {"setting": setting, "r": int(first["r"]), "adapters": first["adapters"],
                "protocol": first["protocol"], "sentences": len(part),
                "shared parameters": int(first["shared_parameters"]), "share": float(first["fraction"])}
@@ -703,9 +741,18 @@ def optimization_summary(path) -> tuple[pd.DataFrame, dict]:
         row.update({"diff": mean, "diff_low": low, "diff_high": high,
                     "ROUGE-1 - reference [95 %]": interval_text(mean, low, high, signed=True),
                     "within 0.1": bool(mean >= -0.1)})
+        if first["rounds"] > 1:
+            # Paired with the same setting at one round: what matching more messages adds.
+            one = by_sentence[(by_sentence["r"] == first["r"]) & (by_sentence["adapters"] == first["adapters"])
+                              & (by_sentence["protocol"] == first["protocol"]) & (by_sentence["rounds"] == 1)]
+            gain = (part.set_index(["dataset", "row_id"])["rouge1"] - one["rouge1"]).dropna()
+            if len(gain):
+                g_mean, g_low, g_high = mean_interval(gain)
+                row.update({"vs1": g_mean, "vs1_low": g_low, "vs1_high": g_high,
+                            "ROUGE-1 - one round [95 %]": interval_text(g_mean, g_low, g_high, signed=True)})
+                facts.update({f"opt_{slug}_vs1": round(g_mean, 2), f"opt_{slug}_vs1_low": round(g_low, 2),
+                              f"opt_{slug}_vs1_high": round(g_high, 2)})
         rows.append(row)
-        slug = "ref" if first["adapters"] == REFERENCE_NAME else \
-            f"r{first['r']}_{_slug(first['adapters'])}" + ("" if first["protocol"] == "FedSGD" else "_adamw")
         facts.update({f"opt_{slug}_rouge1": round(row["rouge1"], 2), f"opt_{slug}_rouge2": round(row["rouge2"], 2)})
         if slug != "ref":
             facts.update({f"opt_{slug}_diff": round(mean, 2), f"opt_{slug}_diff_low": round(low, 2),
@@ -716,13 +763,19 @@ def optimization_summary(path) -> tuple[pd.DataFrame, dict]:
 def optimization_markdown(path) -> str:
     """:func:`optimization_summary`'s table as Markdown."""
     table, _ = optimization_summary(path)
+    rounds = "ROUGE-1 - one round [95 %]"
+
+    def versus_one(r) -> str:
+        return r[rounds] if rounds in r and isinstance(r[rounds], str) else "–"
+
     rows = ([r["setting"], f"{r['shared parameters']:,} ({100 * r['share']:.3g} %)", r["sentences"],
              r["rouge1 [95 %]"], r["rouge2 [95 %]"],
              "–" if r["adapters"] == REFERENCE_NAME else r["ROUGE-1 - reference [95 %]"],
-             "–" if r["adapters"] == REFERENCE_NAME else ("yes" if r["within 0.1"] else "no")]
+             "–" if r["adapters"] == REFERENCE_NAME else ("yes" if r["within 0.1"] else "no"), versus_one(r)]
             for _, r in table.iterrows())
     return markdown_table(["client shares", "parameters", "sentences", "ROUGE-1 [95 %]", "ROUGE-2 [95 %]",
-                           "ROUGE-1 - reference [paired 95 %]", "within 0.1"], rows)
+                           "ROUGE-1 - reference [paired 95 %]", "within 0.1", "ROUGE-1 - one round [paired 95 %]"],
+                          rows)
 
 
 def _cells_markdown(table: pd.DataFrame) -> str:
@@ -732,8 +785,9 @@ def _cells_markdown(table: pd.DataFrame) -> str:
 def _label(lines: list[dict]) -> str:
     line = lines[0]
     score = f"exact={line['exact']}" if line["attack"] == "span check" else f"ROUGE-1={line['rouge1']:.2f}"
+    protocol = f"{line['protocol']}{' (noise model)' if line.get('weighted') is True else ''}"
     return (f"{line['study']} {line['dataset']} r={line['r']} {line['adapters']} rounds={line['rounds']} "
-            f"{line['protocol']} tokens={line['tokens']} {score} ({line['seconds']:.1f} s)")
+            f"{protocol} tokens={line['tokens']} {score} ({line['seconds']:.1f} s)")
 
 
 _RESULTS = option("results", type=Path, help="this study's results (data/results/ch7_lora.jsonl)")
@@ -757,9 +811,11 @@ STUDY = Study(
               lambda args: _cells_markdown(rounds_summary(args.results)[0]), (_RESULTS,)),
         Table("length", "exact rate and ROUGE-1 per sentence length (query+value adapters on layer 0)",
               lambda args: length_markdown(args.results), (_RESULTS,)),
-        Table("protocol", "FedSGD against one AdamW step (the server attacks the step's inversion)",
+        Table("protocol", "FedSGD against one AdamW step (the server attacks the step's inversion; the span "
+                          "check with and without its noise model)",
               lambda args: protocol_markdown(args.results), (_RESULTS,)),
-        Table("optimisation", "the optimisation attack per setting against the full layer-0 query+value reference",
+        Table("optimisation", "the optimisation attack per setting (rounds too) against the full layer-0 "
+                              "query+value reference and, for rounds, against one round",
               lambda args: optimization_markdown(args.results), (_RESULTS,)),
     ),
 )
