@@ -16,7 +16,9 @@ entry point                 settings                 diagnostics
 * :func:`optimization_attack`: LAMP-style gradient matching (cos / L2 /
   TAG) for any selection of parameters (a decoder's at the next-token
   loss); :func:`attack_clients` runs it for
-  several clients at once; a language-model prior (:class:`NgramPrior`,
+  several clients at once, :func:`optimization_rounds_attack` one client's
+  messages of several rounds (:class:`Round`: each at its own global
+  model) matched at once; a language-model prior (:class:`NgramPrior`,
   :class:`GPT2Prior`) can steer its reordering rounds.
 * :func:`span_attack`: exact recovery from a layer-0 query, key or value
   weight gradient (the row-space check), peeling for batches; on a LoRA
@@ -38,7 +40,7 @@ optimisation attack's loss and where it is computed).
 """
 
 from .config import AttackConfig, SpanConfig
-from .optimization import attack_clients, optimization_attack
+from .optimization import Round, attack_clients, optimization_attack, optimization_rounds_attack
 from .priors import GPT2Prior, NgramPrior, Prior
 from .result import AttackResult, OptimizationDiagnostics, SpanDiagnostics
 from .span import adapter_span_attack, span_attack
@@ -50,10 +52,12 @@ __all__ = [
     "NgramPrior",
     "OptimizationDiagnostics",
     "Prior",
+    "Round",
     "SpanConfig",
     "SpanDiagnostics",
     "adapter_span_attack",
     "attack_clients",
     "optimization_attack",
+    "optimization_rounds_attack",
     "span_attack",
 ]

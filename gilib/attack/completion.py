@@ -116,6 +116,38 @@ def stacked_projections(model: torch.nn.Module, names: Sequence[str], tensors: S
     return [n for n, _ in chosen], torch.cat([t.detach().double() for _, t in chosen])
 
 
+def stacked_adapter_entries(selection_names: Sequence[str], messages: Sequence[Sequence[torch.Tensor]], weights: Sequence[Sequence[torch.Tensor]],
+                            adapter_names: Sequence[str]) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:
+    """Layer-0 ``A`` adapter gradients of one or several rounds and their entry weights, stacked row-wise.
+
+    The weighted counterpart of :func:`gilib.attack.adapters.stacked_adapter_rows`:
+    every ``A`` gradient's rows lie in the span of the sentence's layer-0
+    inputs, so the stack is a low-rank matrix seen through the noise its
+    weights describe, as :func:`stacked_projections`' is. Blocks are kept
+    at their own scale (the weights carry it: scaling a block would scale
+    its noise too); a zero block (``B = 0``) adds nothing and is left out.
+
+    Args:
+        selection_names: the selection's names, one per tensor of a message.
+        messages: one list of tensors per round (one per selection name).
+        weights: one list of entry weights per round, the messages' shapes.
+        adapter_names: the ``A`` weights to stack (query and value of layer 0).
+
+    Returns:
+        ``(names per round, (m, d_in) matrix, (m, d_in) weights)`` in float64.
+    """
+    names, blocks, block_weights = [], [], []
+    for message, entry in zip(messages, weights):
+        by_name, by_weight = dict(zip(selection_names, message)), dict(zip(selection_names, entry))
+        own = [n for n in adapter_names if bool(by_name[n].detach().abs().max() > 0)]
+        names.append(own)
+        blocks += [by_name[n].detach().double() for n in own]
+        block_weights += [by_weight[n].detach().double() for n in own]
+    if not blocks:
+        return names, torch.empty(0, 0, dtype=torch.float64), torch.empty(0, 0, dtype=torch.float64)
+    return names, torch.cat(blocks), torch.cat(block_weights)
+
+
 def completed_space(matrix: torch.Tensor, weights: torch.Tensor, rank: int,
                     iterations: int = ITERATIONS, start: torch.Tensor | None = None) -> RowSpace:
     """The row space of the weighted rank-``rank`` fit of ``matrix``.
@@ -192,18 +224,22 @@ def candidate_gradients(model: torch.nn.Module, names: Sequence[str], sentences:
     sentence's gradient (the batch's sentences do not interact: no padding,
     the loss a sum). The same numbers as
     :func:`gilib.attack.peeling.sentence_gradients` sentence by sentence.
+    A LoRA adapter's ``A`` (Hu et al., ICLR 2022) is such a linear layer
+    too (peft's ``lora_A``, whose input is the projection's input ``x``
+    and output ``A x``), so the same einsum gives its gradient.
 
     Args:
-        model: the victim (a BERT).
-        names: parameter names from :func:`stacked_projections`.
+        model: the victim (a BERT, or a LoRA victim of one).
+        names: parameter names from :func:`stacked_projections`, or
+            layer-0 ``lora_A`` weights (:func:`stacked_adapter_entries`).
         sentences: ``(B, T)`` token ids, every sentence the same length.
         label: the class every sentence is scored with.
 
     Returns:
         ``(B, k * d_out, d_in)`` in float64, stacked as :func:`stacked_projections` does.
     """
-    attention = model.base_model.encoder.layer[0].attention.self
-    modules = [getattr(attention, name.rsplit(".", 2)[-2]) for name in names]
+    # Each weight's own module: the projection, or the adapter's lora_A inside it.
+    modules = [model.get_submodule(name.rsplit(".", 1)[0]) for name in names]
     seen: dict[int, tuple] = {}
     hooks = [m.register_forward_hook(lambda _m, inputs, output, k=k: seen.__setitem__(k, (inputs[0], output)))
              for k, m in enumerate(modules)]

@@ -254,8 +254,10 @@ class FastEngine(Engine):
     def __init__(self, problem: Problem, cfg: "AttackConfig", prior: Prior | None = None) -> None:
         super().__init__(problem, cfg, prior)
         batch, width = problem.layouts[0].free.shape
-        if cfg.ghost and ghost.supports(problem.model, self.matcher.names, cfg.objective):
-            self.ghost_matcher = ghost.GhostMatcher(problem.model, self.matcher.names, cfg.objective, cfg.precision)
+        models = getattr(self.matcher, "models", [problem.model])  # each round's model (RoundsMatcher)
+        if cfg.ghost and all(ghost.supports(m, self.matcher.names, cfg.objective) for m in models):
+            ghosts = [ghost.GhostMatcher(m, self.matcher.names, cfg.objective, cfg.precision) for m in models]
+            self.ghost_matcher = ghosts[0] if len(ghosts) == 1 else ghost.RoundsGhostMatcher(ghosts)
             self.chunk = cfg.chunk_size or _ghost_chunk(problem.model.config, batch, width)
         else:
             self.ghost_matcher = None

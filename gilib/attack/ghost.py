@@ -34,7 +34,9 @@ LayerNorm and embedding parameters, single-label cross-entropy) with the
 adapters (Hu et al., ICLR 2022) are covered as they are: peft's ``lora_A``
 (``r x d_in``) and ``lora_B`` (``d_out x r``) are ``Linear`` modules that
 the forward calls inside the adapted projection, so their hooks see their
-own inputs (``x`` and ``A x``) and output gradients.
+own inputs (``x`` and ``A x``) and output gradients. Several rounds'
+messages of one batch (each round's at its own model) are scored by
+:class:`RoundsGhostMatcher`, the mean of one ghost matcher per round.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 from transformers.activations import ACT2FN
 
-from .objectives import Target
+from .objectives import Target, round_targets
 
 GHOST_OBJECTIVES = ("cos", "l2")
 PRECISIONS = ("float32", "bfloat16")
@@ -510,3 +512,28 @@ def _packed_logits(model: torch.nn.Module, embeds: torch.Tensor, packing: Packin
     first = ffn.LayerNorm(ffn.dense(act(last.intermediate.dense(first))) + first)
     pooled = torch.tanh(bert.pooler.dense(first))
     return model.classifier(pooled)
+
+
+class RoundsGhostMatcher:
+    """Ghost scoring over several rounds: the mean of one :class:`GhostMatcher` per round's model.
+
+    The fast counterpart of :class:`~gilib.attack.objectives.RoundsMatcher`
+    (same targets, split by :func:`~gilib.attack.objectives.round_targets`).
+
+    Args:
+        matchers: one :class:`GhostMatcher` per round, over the same names.
+    """
+
+    def __init__(self, matchers: Sequence[GhostMatcher]) -> None:
+        self.rounds_matchers = list(matchers)
+        self.rounds = len(self.rounds_matchers)
+        self.names = self.rounds_matchers[0].names
+
+    def losses(self, embeds: torch.Tensor, target: Target, **options) -> torch.Tensor:
+        """``(K,)`` mean over rounds of :meth:`GhostMatcher.losses` (same options)."""
+        parts = [m.losses(embeds, t, **options) for m, t in zip(self.rounds_matchers,
+                                                                 round_targets(target, self.rounds))]
+        return torch.stack(parts).mean(dim=0)
+
+    loss = GhostMatcher.loss
+    score = GhostMatcher.score

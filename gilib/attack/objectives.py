@@ -125,6 +125,9 @@ class GradientMatcher:
         tokens: the victim's token space; required for a decoder.
     """
 
+    rounds = 1
+    """Messages of one batch the loss matches (:class:`RoundsMatcher` for several)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -266,3 +269,116 @@ class GradientMatcher:
             ``(K,)`` losses.
         """
         return vmap(self.loss, in_dims=(0, None), chunk_size=chunk_size)(candidates, target)
+
+
+def round_targets(target: Target, rounds: int) -> list[Target]:
+    """A several-rounds :class:`Target` split into one per round.
+
+    A rounds target holds every round's gradients one round after another
+    (``len(names)`` tensors each) beside the labels and mask they share,
+    so that clients' targets stack field by field as one round's do (the
+    fast engine batches clients that way).
+
+    Args:
+        target: the concatenated target (:meth:`RoundsMatcher.target`).
+        rounds: how many rounds it holds.
+
+    Returns:
+        ``rounds`` targets, in order.
+    """
+    per = len(target.shared_grads) // rounds
+    return [target._replace(shared_grads=tuple(target.shared_grads[k * per:(k + 1) * per])) for k in range(rounds)]
+
+
+class RoundsMatcher(GradientMatcher):
+    """The reconstruction loss over several rounds' messages of one batch: the mean of the rounds' losses.
+
+    A server that sent a client a different global model in each of ``k``
+    rounds and received each round's gradient of the same batch can ask a
+    candidate to match all of them: its gradient in round ``j`` is taken at
+    round ``j``'s model (:class:`GradientMatcher` per round) and compared
+    with round ``j``'s message. The mean rather than the sum keeps the
+    distance on one round's scale, so LAMP's regulariser weight and the
+    learning rate keep the balance they were tuned for (Balunovic et al.,
+    NeurIPS 2022). One round's matcher gives the same loss as
+    :class:`GradientMatcher` itself.
+
+    Args:
+        matchers: one :class:`GradientMatcher` per round, each on its
+            round's model, all over the same names, objective and TAG weight.
+
+    Raises:
+        ValueError: for no matcher, or matchers that differ in names,
+            objective or weight.
+    """
+
+    def __init__(self, matchers: Sequence[GradientMatcher]) -> None:
+        matchers = list(matchers)
+        if not matchers:
+            raise ValueError("A rounds matcher needs one matcher per round; got none.")
+        first = matchers[0]
+        for m in matchers[1:]:
+            if (m.names, m.objective, m.tag_l1_weight, m.decoder) != (first.names, first.objective,
+                                                                      first.tag_l1_weight, first.decoder):
+                raise ValueError("Every round's matcher must match the same parameters with the same objective.")
+        self.rounds_matchers = matchers
+        self.rounds = len(matchers)
+        # The first round's stand for the rounds' where one is asked for (the engine's model, the token space).
+        self.model, self.names, self.objective = first.model, first.names, first.objective
+        self.tag_l1_weight, self.decoder, self.tokens = first.tag_l1_weight, first.decoder, first.tokens
+        self._selected, self._frozen = first._selected, first._frozen
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """Each round's model, in order."""
+        return [m.model for m in self.rounds_matchers]
+
+    def matched(self, shared_grads_per_client: Sequence[Sequence[torch.Tensor]]) -> "RoundsMatcher":
+        """Every round's matcher restricted to the tensors that carry a direction in some round or client.
+
+        Args:
+            shared_grads_per_client: every client's and every round's
+                gradients, one list of tensors (one per name) each.
+        """
+        names = self.rounds_matchers[0].matched(shared_grads_per_client).names
+        return RoundsMatcher([GradientMatcher(m.model, names, m.objective, m.tag_l1_weight, m.tokens)
+                              for m in self.rounds_matchers])
+
+    def target(self, shared_grads: Sequence[Sequence[torch.Tensor]], names: Sequence[str], labels: torch.Tensor,
+               attention_mask: torch.Tensor) -> Target:
+        """Package one client's messages of every round for :meth:`loss`.
+
+        Args:
+            shared_grads: one list of tensors per round (one per name in
+                ``names``), in round order.
+            names, labels, attention_mask: as :meth:`GradientMatcher.target`
+                (the rounds share the batch, so its labels and lengths).
+
+        Returns:
+            A :class:`Target` whose ``shared_grads`` are the rounds' matched
+            tensors one round after another (:func:`round_targets` splits it).
+        """
+        if len(shared_grads) != self.rounds:
+            raise ValueError(f"Got {len(shared_grads)} messages for a matcher of {self.rounds} rounds.")
+        parts = [m.target(grads, names, labels, attention_mask) for m, grads in zip(self.rounds_matchers,
+                                                                                      shared_grads)]
+        return parts[0]._replace(shared_grads=tuple(g for part in parts for g in part.shared_grads))
+
+    def gradients(self, embeds: torch.Tensor, target: Target) -> list[torch.Tensor]:
+        """The candidate's gradients in every round, one round after another (``rounds * len(names)`` tensors)."""
+        return [g for m, t in zip(self.rounds_matchers, round_targets(target, self.rounds))
+                for g in m.gradients(embeds, t)]
+
+    def loss(self, embeds: torch.Tensor, target: Target) -> torch.Tensor:
+        """The mean over rounds of the distance between the candidate's gradient at that round's model and
+        that round's message.
+
+        Args:
+            embeds: ``(B, T, d)`` candidate word embeddings.
+            target: every round's message (:meth:`target`).
+
+        Returns:
+            A scalar, differentiable with respect to ``embeds``.
+        """
+        losses = [m.loss(embeds, t) for m, t in zip(self.rounds_matchers, round_targets(target, self.rounds))]
+        return torch.stack(losses).mean()

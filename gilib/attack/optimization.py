@@ -40,6 +40,16 @@ a decoder unchanged, with no labels in the message. The attack receives only wha
 model, the selection and the client's message, a
 :class:`~gilib.update.SharedUpdate` (gradients, labels, lengths).
 
+**Several rounds** (:func:`optimization_rounds_attack`): a server that sent
+the same client a different global model in each of ``k`` rounds and got
+back each round's message of the same batch (a LoRA client whose adapters
+the other clients move between rounds, chapter 7) matches all of them at
+once: the objective is the mean over rounds of the gradient distance, each
+round's candidate gradient taken at that round's model
+(:class:`~gilib.attack.objectives.RoundsMatcher`). Everything else (starts,
+steps, reordering, polish) is the one-round attack's, on that objective;
+one round gives exactly :func:`optimization_attack`'s result.
+
 :func:`attack_clients` is three steps: check the messages and lay out
 every client's problem, run the random starts, Adam steps and reordering
 rounds, then project, polish and report. Between them an engine does the
@@ -57,7 +67,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -68,13 +78,25 @@ from ..selection import Selection
 from ..update import SharedUpdate, checked_update
 from .config import AttackConfig, checked_config
 from .engines import Engine, FastEngine, Layout, PlainEngine, Problem
-from .objectives import GradientMatcher
+from .objectives import GradientMatcher, RoundsMatcher
 from .priors import Prior
 from .result import AttackResult, OptimizationDiagnostics
 from .tokens import TokenSpace
 
 TIMINGS = ("init", "optimization", "reordering", "polish")
 """The phases :attr:`AttackResult.timings` reports, in seconds."""
+
+
+class Round(NamedTuple):
+    """One round the server observed: the global model it sent and the client's message computed at it.
+
+    Attributes:
+        model: the global model of the round, as the server sent it (``eval()`` mode).
+        update: the client's :class:`~gilib.update.SharedUpdate` of that round.
+    """
+
+    model: torch.nn.Module
+    update: SharedUpdate
 
 
 def optimization_attack(
@@ -109,6 +131,58 @@ def optimization_attack(
             a decoder's message has none, and needs none).
     """
     return attack_clients(model, tokenizer, [update], selection, config, prior=prior)[0]
+
+
+def optimization_rounds_attack(
+    tokenizer,
+    rounds: Sequence[Round],
+    selection: Selection,
+    config: AttackConfig | None = None,
+    *,
+    prior: Prior | None = None,
+) -> AttackResult:
+    """Rebuild one client's batch from its messages of several rounds, matched at once.
+
+    Each :class:`Round` holds the global model the server sent that round
+    and the client's message of the *same* batch computed at it. A
+    candidate's objective is the mean over rounds of its gradient distance,
+    round ``j``'s candidate gradient taken at round ``j``'s model
+    (:class:`~gilib.attack.objectives.RoundsMatcher`); the embedding space
+    and the token ids are the first round's (a LoRA client never trains the
+    embeddings). The rounds' counterpart of
+    :func:`gilib.attack.adapter_span_attack`, for LAMP's attack (Balunovic
+    et al., NeurIPS 2022); with one round it is :func:`optimization_attack`.
+
+    Args:
+        tokenizer: the victim's tokenizer.
+        rounds: the observed rounds, in order, at least one.
+        selection: the parameters every message covers (the same names in
+            every round's model).
+        config: attack settings (defaults: :class:`AttackConfig`); the
+            seed gives the starts and reorderings, so a seed gives one result.
+        prior: optional language-model prior for the reordering rounds.
+
+    Returns:
+        An :class:`AttackResult`; ``final_loss`` and the loss history are
+        the mean over rounds.
+
+    Raises:
+        TypeError: if a round is not a :class:`Round` (or its update not a
+            :class:`~gilib.update.SharedUpdate`).
+        ValueError: for no round; a message that does not fit its round's
+            model and the selection (as :func:`optimization_attack`); rounds
+            whose models hold the selection's parameters in other shapes or
+            not at all; or rounds of different batches (lengths or labels).
+    """
+    rounds = _checked_rounds(rounds, selection)
+    model = rounds[0].model
+    if len(rounds) == 1:
+        return optimization_attack(model, tokenizer, rounds[0].update, selection, config, prior=prior)
+    start = time.perf_counter()
+    cfg = checked_config(config, AttackConfig)
+    problem = _prepare(model, tokenizer, [rounds[0].update], selection, cfg, later=[rounds[1:]])
+    engine = (FastEngine if cfg.batched else PlainEngine)(problem, cfg, prior)
+    return _finish(engine, _optimize(engine), start)[0]
 
 
 def attack_clients(
@@ -186,12 +260,18 @@ def _prepare(
     updates: Sequence[SharedUpdate],
     selection: Selection,
     cfg: AttackConfig,
+    later: Sequence[Sequence[Round]] | None = None,
 ) -> Problem:
     """Check what the clients sent and lay out their problems.
 
     Every update is checked with :meth:`~gilib.update.SharedUpdate.validated`
     before anything is computed from it, so a malformed message fails here
     with a message that says what to do.
+
+    Args:
+        later: per client, its later rounds (:class:`Round`, already
+            checked by :func:`_checked_rounds`), every client as many; the
+            loss is then a :class:`~gilib.attack.objectives.RoundsMatcher`.
 
     Raises:
         TypeError: for an update that is not a :class:`~gilib.update.SharedUpdate`.
@@ -209,13 +289,70 @@ def _prepare(
     space = TokenSpace(model, tokenizer)
     width = max(max(u.lengths) for u in updates)
     layouts = [Layout(u.lengths, width, tokenizer, space, device) for u in updates]
-    matcher = GradientMatcher(model, selection.names, cfg.objective, cfg.tag_l1_weight, space)
-    matcher = matcher.matched([u.shared_grads for u in updates])
+    if later:
+        # Per client its rounds' gradients; one matcher per round's model, on the tensors any round moves.
+        if len({len(rs) for rs in later}) != 1 or len(later) != len(updates):
+            raise ValueError("Every client attacked over rounds must come with as many later rounds.")
+        models = [model, *(r.model for r in later[0])]
+        matcher = RoundsMatcher([GradientMatcher(m, selection.names, cfg.objective, cfg.tag_l1_weight, space)
+                                 for m in models])
+        grads = [[u.shared_grads, *(_validated(r.update, r.model, selection).shared_grads for r in rs)]
+                 for u, rs in zip(updates, later)]
+        matcher = matcher.matched([g for client in grads for g in client])
+    else:
+        matcher = GradientMatcher(model, selection.names, cfg.objective, cfg.tag_l1_weight, space)
+        matcher = matcher.matched([u.shared_grads for u in updates])
+        grads = [u.shared_grads for u in updates]
     targets = [
-        matcher.target(u.shared_grads, selection.names, u.labels, layout.attention_mask)
-        for u, layout in zip(updates, layouts)
+        matcher.target(g, selection.names, u.labels, layout.attention_mask)
+        for g, u, layout in zip(grads, updates, layouts)
     ]
     return Problem(model, matcher, space, layouts, targets)
+
+
+def _checked_rounds(rounds: Sequence[Round], selection: Selection) -> list[Round]:
+    """The rounds of one batch, checked before anything is computed from them.
+
+    Each message is checked against its own round's model (and must carry
+    labels, as :func:`optimization_attack`'s); here what rounds add: at
+    least one, every model holding the selection's parameters in the first
+    round's shapes, and one batch (lengths and labels) in every round.
+    """
+    if isinstance(rounds, Round) or not isinstance(rounds, Sequence):
+        raise TypeError("rounds must be a list of gilib.attack.Round(model, update), one per observed round.")
+    rounds = list(rounds)
+    if not rounds:
+        raise ValueError("No round given: pass at least one Round(model, update).")
+    for j, r in enumerate(rounds):
+        if not isinstance(r, Round):
+            raise TypeError(f"rounds[{j}] must be a gilib.attack.Round(model, update), got {type(r).__name__}.")
+    shapes = None
+    checked = []
+    for j, r in enumerate(rounds):
+        params = dict(r.model.named_parameters())
+        missing = [n for n in selection.names if n not in params]
+        if missing:
+            raise ValueError(f"Round {j}'s model has no parameter {missing[0]!r} of {selection.label}: every "
+                             f"round's model must be the same architecture, adapters included.")
+        own = [tuple(params[n].shape) for n in selection.names]
+        if shapes is not None and own != shapes:
+            bad = next(n for n, a, b in zip(selection.names, own, shapes) if a != b)
+            raise ValueError(f"Round {j}'s model holds {bad!r} in another shape than round 0's "
+                             f"({params[bad].shape} against {shapes[selection.names.index(bad)]}): the rounds must "
+                             f"be one architecture.")
+        shapes = own
+        checked.append(Round(r.model, _validated(r.update, r.model, selection)))
+    first = checked[0].update
+    for j, r in enumerate(checked[1:], start=1):
+        if list(r.update.lengths) != list(first.lengths):
+            raise ValueError(f"Round {j}'s message is of sentences of lengths {list(r.update.lengths)}, round 0's "
+                             f"of {list(first.lengths)}: stack the rounds of one batch only.")
+        same = (first.labels is None) == (r.update.labels is None) and (
+            first.labels is None or torch.equal(torch.as_tensor(first.labels).cpu(),
+                                                torch.as_tensor(r.update.labels).cpu()))
+        if not same:
+            raise ValueError(f"Round {j}'s labels differ from round 0's: stack the rounds of one batch only.")
+    return checked
 
 
 def _optimize(engine: Engine) -> _Run:

@@ -30,13 +30,16 @@ from .objectives import GradientMatcher
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
 from .completion import (CANDIDATES, PAIRS, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share,
-                         polish, sentence_inputs, stacked_projections)
+                         polish, sentence_inputs, stacked_adapter_entries, stacked_projections)
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
 _LAYER0_INPUTS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
 _LAYER1_INPUTS = ("attention.self.query.weight", "attention.self.value.weight")
 _LAYER0_FFN = ("output.dense.weight", "intermediate.dense.weight")
+_NOISY_ADAPTERS = ("query", "value")
+"""The adapters whose ``A`` gradients the weighted check stacks: as for full weights
+(:data:`gilib.attack.completion.LAYER0_PROJECTIONS`), the key's is left out."""
 
 
 def _layer0_weight(model: torch.nn.Module, selection: Selection, shared_grads: Sequence[torch.Tensor]):
@@ -164,8 +167,8 @@ def span_attack(
             first one is used), or, on a LoRA victim (:mod:`gilib.lora`),
             layer 0's query, key or value ``A`` adapters (``select(model,
             "lora.A", 0)``, ``"lora", 0``), whose gradients are stacked
-            (:mod:`gilib.attack.adapters`; batch size 1, no ``weights`` or
-            ``noise``; exact when the stacked rank reaches the token count,
+            (:mod:`gilib.attack.adapters`; batch size 1, no ``noise`` or
+            ``clipped``; exact when the stacked rank reaches the token count,
             ``diagnostics.rank``); add layer 1's query or value weight (e.g.
             ``select(model, "attention.query", [0, 1])``) or share all of
             layer 0 (``select(model, "layer", 0)``) for the faster, sharper
@@ -183,7 +186,11 @@ def span_attack(
             points at and searches each position's candidates against the
             message (:mod:`gilib.attack.completion`); batch
             size 1 only. ``diagnostics.outside`` is the stacked message's
-            share outside the found inputs' span. For DP-SGD's Gaussian
+            share outside the found inputs' span. On a LoRA selection the
+            layer-0 query and value ``A`` gradients are stacked instead,
+            with their weights, and fitted at rank ``min(n, rows)``: below
+            the rank rule the fit is the stack's own subspace and the refits
+            (which start from a sentence's ``n`` inputs) are skipped. For DP-SGD's Gaussian
             noise, ``DPSGD(...).entry_weights(update)``: every entry alike.
         clipped: with ``weights``: the message is the gradient times an
             unknown factor in ``[0, 1]``, as DP-SGD's per-example clipping
@@ -246,9 +253,10 @@ def span_attack(
     start = time.perf_counter()
     cfg = checked_config(config, SpanConfig)
     update, name, gradient = _checked(model, update, selection)
-    if _is_adapter(name) and (weights is not None or noise is not None or clipped):
-        raise ValueError("The span check on LoRA adapters reads an exact message: weights, noise and clipped "
-                         "are for a plain weight's noisy message. Pass none of them.")
+    if _is_adapter(name) and (noise is not None or clipped):
+        raise ValueError("The span check on LoRA adapters models a noisy message by its entry weights alone "
+                         "(weights=, e.g. AdamW(...).entry_weights(...)): noise and clipped are a plain "
+                         "weight's. Pass neither.")
     return _span_check(model, tokenizer, update, selection, cfg, name, gradient, start, weights=weights,
                        clipped=clipped, noise=noise)
 
@@ -259,6 +267,8 @@ def adapter_span_attack(
     updates: Sequence[SharedUpdate],
     selection: Selection,
     config: SpanConfig | None = None,
+    *,
+    weights: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> AttackResult:
     """The span check on several rounds' LoRA messages of one sentence, their layer-0 ``A`` gradients stacked.
 
@@ -285,6 +295,16 @@ def adapter_span_attack(
         selection: holds layer-0 query, key or value ``A`` adapters
             (e.g. ``select(model, "lora.A", 0)`` or ``select(model, "lora", 0)``).
         config: the settings (defaults: :class:`~gilib.attack.SpanConfig`).
+        weights: for messages seen through known noise (e.g. the AdamW
+            inversion's, ``AdamW(...).entry_weights(update, round_model,
+            selection)``), one list of entry weights per round, shaped as
+            that round's message, as :func:`span_attack`'s ``weights``. The
+            rounds' layer-0 query and value ``A`` gradients and their
+            weights are stacked and fitted together (the span every round
+            shares); the search that judges candidate sentences on the
+            message itself reads the first round's block only, whose
+            gradient ``model`` computes (a later round's needs its own
+            global model). BERT only.
 
     Returns:
         An :class:`~gilib.attack.AttackResult` as :func:`span_attack`'s at batch size 1.
@@ -293,9 +313,15 @@ def adapter_span_attack(
         TypeError: as :func:`span_attack`.
         ValueError: for no update, messages that do not fit the model and
             the selection, rounds of different lengths or of several
-            sentences, or a selection without layer-0 ``A`` adapters.
+            sentences, or a selection without layer-0 ``A`` adapters; for
+            ``weights`` that are not one list per round fitting its message
+            (count, shapes, negative or non-finite values, none positive),
+            or with a decoder.
     """
     if is_decoder(model):
+        if weights is not None:
+            raise ValueError("weights describe a noisy message, which the decoder's span check does not model: "
+                             "attack a decoder's plain messages without them.")
         # A LoRA decoder: the stacked c_attn A rows give the candidates, the causal search the order.
         return decoder_span_attack(model, tokenizer, list(updates), selection, config)
     start = time.perf_counter()
@@ -308,6 +334,13 @@ def adapter_span_attack(
         raise ValueError(f"The rounds' lengths differ ({[u.lengths for u in checked]}): stack the messages of one "
                          f"sentence only.")
     names, stacked = stacked_adapter_rows(model, selection, [u.shared_grads for u in checked])
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) != len(checked):
+            raise ValueError(f"weights holds {len(weights)} lists for {len(checked)} rounds: give one list of "
+                             f"entry weights per round's message.")
+        weights = [_checked_weights(w, u) for w, u in zip(weights, checked)]
+        return _noisy_attack(model, tokenizer, checked, selection, cfg, weights, start)
     return _span_check(model, tokenizer, checked[0], selection, cfg, stacked_label(names), stacked, start)
 
 
@@ -317,7 +350,7 @@ def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cf
     """:func:`span_attack` after its checks: the row space of ``gradient`` (``(m, d_in)``) against every token."""
     noise = _checked_noise(noise, gradient, weights)
     if weights is not None:
-        return _noisy_attack(model, tokenizer, update, selection, cfg, _checked_weights(weights, update), start,
+        return _noisy_attack(model, tokenizer, [update], selection, cfg, [_checked_weights(weights, update)], start,
                              clipped=bool(clipped))
     if clipped:
         raise ValueError("clipped=True describes a noisy message: pass the protocol's entry weights with it "
@@ -423,63 +456,96 @@ def _checked_weights(weights, update: SharedUpdate) -> list[torch.Tensor]:
     return [w.detach().double() for w in weights]
 
 
-def _noisy_attack(model, tokenizer, update: SharedUpdate, selection: Selection, cfg: SpanConfig,
-                  weights: list[torch.Tensor], start: float, clipped: bool = False) -> AttackResult:
-    """One sentence from a message seen through known noise (:mod:`gilib.attack.completion`)."""
-    shared_grads, _, lengths = update
-    (n,) = lengths
-    names, matrix = stacked_projections(model, selection.names, shared_grads)
-    if not names:
-        raise ValueError(f"With entry weights the span check reads layer 0's query or value weight, and "
-                         f"{selection.label} has neither: select e.g. select(model, 'layer', 0).")
-    _, stacked_weights = stacked_projections(model, selection.names, weights)
+def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Selection, cfg: SpanConfig,
+                  weights: list[list[torch.Tensor]], start: float, clipped: bool = False) -> AttackResult:
+    """One sentence from messages seen through known noise (:mod:`gilib.attack.completion`).
+
+    Args:
+        updates: one message, or (LoRA ``A`` adapters) one per round of the same sentence.
+        weights: per message, its entry weights (checked).
+    """
+    (n,) = updates[0].lengths
+    adapters = layer0_adapter_names(model, selection, modules=_NOISY_ADAPTERS)
+    if adapters:
+        # A LoRA victim: the A gradients' rows, every round's, lie in the inputs' span (the rank rule:
+        # the stack has rank min(n, rows), so the fit's rank is that).
+        per_round, matrix, stacked_weights = stacked_adapter_entries(
+            selection.names, [u.shared_grads for u in updates], weights, adapters)
+        if not matrix.numel():
+            raise ValueError("Every layer-0 query and value A gradient is zero: B was zero when the client computed "
+                             "them (a fresh adapter). Attack a later round.")
+        names = per_round[0]
+        rank = min(n, len(matrix))
+        # The search judges candidates on the first round's block: its gradient is the one `model` computes.
+        first = sum(dict(zip(selection.names, updates[0].shared_grads))[a].shape[0] for a in names)
+        polish_matrix = matrix[:first]
+    else:
+        if len(updates) != 1:
+            raise ValueError("Several rounds' messages are stacked for LoRA A adapters only.")
+        names, matrix = stacked_projections(model, selection.names, updates[0].shared_grads)
+        if not names:
+            raise ValueError(f"With entry weights the span check reads layer 0's query or value weight (or, on a "
+                             f"LoRA victim, their A adapters), and {selection.label} has none: select e.g. "
+                             f"select(model, 'layer', 0) or select(model, 'lora.A', 0).")
+        _, stacked_weights = stacked_projections(model, selection.names, weights[0])
+        rank = n
+        polish_matrix = matrix
     if not bool((stacked_weights > 0).any()):
-        raise ValueError("No entry of layer 0's query or value weight survived the noise model: "
+        raise ValueError("No entry of layer 0's query or value weight (or A adapter) survived the noise model: "
                          "nothing is left for the span check.")
+    if adapters and not names:
+        raise ValueError("The first round's query and value A gradients are zero (B was zero): put a round "
+                         "with a moved B first.")
     tokens = TokenSpace(model, tokenizer)
     # The protocol's noise plus what no rank-n matrix explains (local steps' drift).
     # A 0/1 mask (AdamW's, with entries left out) gives no noise scale:
     # every row then counts alike. Weights of 1 / noise^2 (FedAvg's, DP's)
     # already weigh each row by its noise.
     mask = bool(((stacked_weights == 0) | (stacked_weights == 1)).all() and (stacked_weights == 0).any())
-    stacked_weights = floored(stacked_weights, matrix, n)
+    stacked_weights = floored(stacked_weights, matrix, rank)
     fit_weights = balanced(stacked_weights, matrix) if mask else stacked_weights
+    polish_weights = stacked_weights[:len(polish_matrix)]  # the first round's rows (all, for one message)
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
-    space = completed_space(matrix, fit_weights, n)
+    space = completed_space(matrix, fit_weights, rank)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
     check_seconds = time.perf_counter() - start
     # Refit from the sentence the residuals point at: its right tokens'
     # inputs hold the fit near the true span, so the next residuals rank
-    # more true tokens first; repeat to a fixed point, then search.
+    # more true tokens first; repeat to a fixed point, then search. A fit
+    # below the token count (an adapter stack short of the rank rule)
+    # cannot start from a sentence's n inputs: it keeps the first fit.
     def refit(sentence: list[int]) -> torch.Tensor:
+        if rank < n:
+            return residuals
         space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
                                 start=sentence_inputs(model, sentence))
         return token_residuals(model, tokens, space, range(1, n - 1))
 
     ids = _argmin_sentence(tokenizer, residuals)
-    for _ in range(REFITS):
+    for _ in range(REFITS if rank == n else 0):
         residuals = refit(ids)
         ids, previous = _argmin_sentence(tokenizer, residuals), ids
         if ids == previous or (deadline is not None and time.perf_counter() > deadline):
             break
-    found = polish(model, names, matrix, stacked_weights, ids, residuals, candidates=CANDIDATES[:1],
+    found = polish(model, names, polish_matrix, polish_weights, ids, residuals, candidates=CANDIDATES[:1],
                    deadline=deadline, clipped=clipped)
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
         again = refit(found.ids)
-        second = polish(model, names, matrix, stacked_weights, _argmin_sentence(tokenizer, again), again,
+        second = polish(model, names, polish_matrix, polish_weights, _argmin_sentence(tokenizer, again), again,
                         candidates=CANDIDATES[:1], deadline=deadline, clipped=clipped)
         if second.distance < found.distance:
             found, residuals = second, again
     if not found.sharp:
-        found = polish(model, names, matrix, stacked_weights, found.ids, residuals, candidates=CANDIDATES[1:],
+        found = polish(model, names, polish_matrix, polish_weights, found.ids, residuals, candidates=CANDIDATES[1:],
                        deadline=deadline, clipped=clipped, pairs=PAIRS)
     ids = found.ids
     outside = outside_share(matrix, sentence_inputs(model, ids))
     sets = [[t] for t in ids[1:-1]]
     ordered = residuals.topk(min(2, residuals.shape[1]), dim=1, largest=False).values
     gaps = [float(row[1] - row[0]) for row in ordered] or [0.0]
-    diagnostics = SpanDiagnostics(weight="+".join(names), verifier=None, rank=n, min_gap=min(gaps),
+    weight = "+".join(n for round_names in per_round for n in round_names) if adapters else "+".join(names)
+    diagnostics = SpanDiagnostics(weight=weight, verifier=None, rank=rank, min_gap=min(gaps),
                                   candidates=sets, outside=outside,
                                   timed_out=deadline is not None and time.perf_counter() > deadline)
     seconds = time.perf_counter() - start

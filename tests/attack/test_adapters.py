@@ -119,7 +119,7 @@ def test_adapter_messages_are_refused_where_the_check_cannot_read_them(minilm, v
     with pytest.raises(ValueError, match="runs at batch size 1"):
         span_attack(victim, tokenizer, client_update(victim, selection, pair).shared, selection)
     shared = client_update(victim, selection, true_batch).shared
-    with pytest.raises(ValueError, match="reads an exact message"):
+    with pytest.raises(ValueError, match="noise and clipped are a plain weight"):
         span_attack(victim, tokenizer, shared, selection, noise=1e-6)
     b_only = select(victim, "lora.B", 0)
     with pytest.raises(ValueError, match="or, on a LoRA victim, of a layer-0 query, key or value A adapter"):
@@ -148,3 +148,60 @@ def test_at_the_boundary_a_rank_equal_to_the_token_count_is_enough_for_a_but_not
     assert result.diagnostics.rank == 8 and result.token_ids[0] == truth
     check = b_check(victim, tokenizer, shared.shared_grads, selection, len(truth))
     assert check.rank == check.r == 8 and min(check.passing) > 29000
+
+
+def test_candidate_gradients_read_a_lora_a_weight_as_the_client_computes_it(minilm, victims, true_batch):
+    from gilib.attack.completion import candidate_gradients
+
+    victim = victims[(16, ("query", "value"))]
+    selection = select(victim, "lora", 0)
+    shared = client_update(victim, selection, true_batch).shared
+    names = [n for n in selection.names if ".lora_A." in n]
+    own = candidate_gradients(victim, names, true_batch["input_ids"], 1)[0]  # (2 r, d_in), query's rows first
+    by_name = dict(zip(selection.names, shared.shared_grads))
+    want = torch.cat([by_name[n].double() for n in names])
+    assert own.shape == (32, 384)
+    assert float((own - want).norm() / want.norm()) < 1e-5
+
+
+def _adamw(victim, selection, true_batch):
+    """One AdamW step's message (lr 5e-5), the server's inversion of it and the inversion's entry weights."""
+    from gilib.client import AdamW
+
+    adamw = AdamW(local_steps=1, lr=5e-5)
+    message = client_update(victim, selection, true_batch, adamw).shared
+    return adamw.gradient(message, victim, selection)._replace(labels=None), adamw.entry_weights(message, victim,
+                                                                                                    selection)
+
+
+def test_an_adamw_reading_of_fitting_adapters_is_exact_with_the_noise_model(minilm, victims, true_batch):
+    """r = 16 on query and value (32 rows, 9 tokens): the plain check misreads the AdamW inversion, the weighted
+    fit and search read it exactly, for one message and for two rounds stacked."""
+    model, tokenizer = minilm
+    victim = victims[(16, ("query", "value"))]
+    selection = select(victim, "lora", 0)
+    reading, weights = _adamw(victim, selection, true_batch)
+    truth = true_batch["input_ids"][0].tolist()
+    assert 0.3 < float(torch.cat([w.reshape(-1) for w in weights]).mean()) < 1  # some entries lost
+    found = span_attack(victim, tokenizer, reading, selection, weights=weights)
+    assert found.token_ids[0] == truth
+    assert found.diagnostics.rank == 9 and found.diagnostics.outside < 0.5
+    later = lora_victim(model, ("query", "value"), r=16, layers=0, warmup=4)
+    second, second_weights = _adamw(later, selection, true_batch)
+    both = adapter_span_attack(victim, tokenizer, [reading, second], selection, weights=[weights, second_weights])
+    assert both.token_ids[0] == truth
+
+
+def test_adapter_noise_models_that_do_not_fit_are_refused(minilm, victims, true_batch):
+    model, tokenizer = minilm
+    victim = victims[(16, ("query", "value"))]
+    selection = select(victim, "lora", 0)
+    reading, weights = _adamw(victim, selection, true_batch)
+    with pytest.raises(ValueError, match="weights holds 1 lists for 2 rounds"):
+        adapter_span_attack(victim, tokenizer, [reading, reading], selection, weights=[weights])
+    with pytest.raises(ValueError, match=r"weights\[0\] must be a tensor of the message's shape"):
+        span_attack(victim, tokenizer, reading, selection, weights=[torch.ones(3)] + list(weights[1:]))
+    with pytest.raises(ValueError, match="Every entry weight is 0"):
+        span_attack(victim, tokenizer, reading, selection, weights=[torch.zeros_like(w) for w in weights])
+    with pytest.raises(ValueError, match="noise and clipped are a plain weight"):
+        span_attack(victim, tokenizer, reading, selection, weights=weights, clipped=True)

@@ -168,6 +168,44 @@ def test_chapter7_rounds_stack_and_the_optimisation_attack_needs_no_rank_rule():
     assert protocol["adamw_opt_8_rouge1"] == protocol["fedsgd_opt_8_rouge1"] == 0.38
 
 
+def test_chapter7_matching_rounds_at_once_adds_little_to_the_optimisation_attack():
+    # Chapter 7: "At r = 8 on query and value, ROUGE-1 went from 0.38 (one round) to 0.41 (two) and 0.43
+    # (four). The paired gain over one round ... is too small to tell from none on six sentences: the first
+    # interval starts at zero, the second below it. With four rounds the gap to the reference is within 0.1,
+    # though its interval still excludes zero".
+    from gilib.studies import lora
+
+    table, opt = lora.optimization_summary(ROOT / "data" / "results" / "ch7_lora.jsonl")
+    assert (opt["opt_r8_both_rouge1"], opt["opt_r8_both_rounds2_rouge1"], opt["opt_r8_both_rounds4_rouge1"]) \
+        == (0.38, 0.41, 0.43)
+    rows = table.set_index("setting")
+    assert rows.loc["r=8, both, 2 rounds", "sentences"] == rows.loc["r=8, both, 4 rounds", "sentences"] == 6
+    assert opt["opt_r8_both_rounds2_vs1_low"] == 0.0 and opt["opt_r8_both_rounds4_vs1_low"] < 0
+    assert opt["opt_r8_both_rounds4_within"] and opt["opt_r8_both_rounds4_diff_high"] < 0
+
+
+def test_chapter7_the_adamw_noise_model_brings_the_span_check_back_within_the_rank_rule():
+    # Chapter 7: "Read as it is, the AdamW reading gave no sentence back exactly at any rank ...; With the
+    # noise model ... 14 of the 29 sentence-settings whose tokens fit the stacked rank were exact, none of the
+    # 19 others. At r = 64 it was exact in 50% of the sentences, at ROUGE-1 0.92 against 0.42 without the
+    # noise model (the intervals do not overlap) ... 35 of the 48 searches used up their budget".
+    from gilib.studies import lora
+
+    table, facts = lora.protocol_summary(ROOT / "data" / "results" / "ch7_lora.jsonl")
+    assert all(facts[f"adamw_span_{r}_exact"] == 0 for r in (4, 8, 16, 64))
+    assert (facts["adamw_weighted_fits_exact"], facts["adamw_weighted_fits_n"]) == (14, 29)
+    assert (facts["adamw_weighted_short_exact"], facts["adamw_weighted_short_n"]) == (0, 19)
+    assert facts["adamw_span_weighted_64_exact"] == 0.5 and facts["adamw_weighted_timed_out"] == 35
+    assert (facts["adamw_span_weighted_64_rouge1"], facts["adamw_span_64_rouge1"]) == (0.92, 0.42)
+    assert facts["adamw_weighted_budget"] == 30.0 and facts["fedsgd_span_16_exact"] == 1.0
+    r64 = table[(table["protocol"] == "AdamW") & (table["r"] == 64)].set_index("attack")
+    weighted, plain = r64.loc[lora.NOISE_MODEL], r64.loc["span check"]
+    assert weighted["low"] > plain["high"]  # the Wilson intervals of the exact rates do not overlap
+    rouge = lora.rouge_cells(lora.load(ROOT / "data" / "results" / "ch7_lora.jsonl", "span").assign(
+        weighted=lambda d: lora._weighted(d)).query("protocol == 'AdamW' and r == 64"), ["weighted"])
+    assert rouge.set_index("weighted").loc[True, "low"] > rouge.set_index("weighted").loc[False, "high"]
+
+
 LORA_DECODER_BENCH = ROOT / partial.LORA_DECODER_BENCH
 
 

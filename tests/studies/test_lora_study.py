@@ -14,27 +14,33 @@ TINY = lora_study.Grid("tiny", ranks=(16,), adapters=("both",), rounds=(1, 2), s
                        optimization_sentences=1,
                        attack=AttackConfig(steps=4, init_candidates=2, swap_every=2, swap_candidates=2,
                                            progress=False))
-"""One rank, query and value on layer 0, one and two rounds, FedSGD and AdamW: a few seconds per sentence."""
+"""One rank, query and value on layer 0, one and two rounds, FedSGD and AdamW (with and without the noise model):
+a few seconds per sentence."""
 
 
 def test_the_full_grid_crosses_the_span_check_and_sweeps_the_optimisation_attack_around_the_base():
     grid = lora_study.GRIDS["full"]
     span = grid.span_settings()
-    assert len(span) == 4 * 4 * 3 + 4 + 1  # r x adapters x rounds (FedSGD), r with AdamW, the reference
+    # r x adapters x rounds (FedSGD), r with AdamW without and with the noise model, the reference
+    assert len(span) == 4 * 4 * 3 + 4 + 4 + 1
+    assert {s.r for s in span if s.weighted} == set(lora_study.RANKS)
+    assert all(s.protocol == "AdamW" and s.adapters == "both" and s.rounds == 1 for s in span if s.weighted)
     assert lora_study.REFERENCE in span and lora_study.REFERENCE in grid.optimization_settings()
     optimised = grid.optimization_settings()
-    assert all(s.rounds == 1 for s in optimised)  # LAMP matches one message
+    # Rounds at the base setting only: every round's message matched at once.
+    assert {s for s in optimised if s.rounds > 1} == {lora_study.BASE._replace(rounds=k) for k in (2, 4)}
+    assert not any(s.weighted for s in optimised)
     assert {s.r for s in optimised if s.adapters == "both" and s.protocol == "FedSGD"} == set(lora_study.RANKS)
     assert {s.adapters for s in optimised} == {*lora_study.ADAPTERS, lora_study.REFERENCE_NAME}
     assert lora_study.BASE._replace(protocol="AdamW") in optimised
-    assert len(optimised) == len(set(optimised)) == 4 + 3 + 1 + 1
+    assert len(optimised) == len(set(optimised)) == 4 + 3 + 1 + 1 + 2
 
 
 def test_the_plan_pairs_the_optimisation_sentences_with_the_span_checks_and_keys_each_line_once():
     tasks = lora_study.plan("full")
     span = [t for t in tasks if t[1] == "span"]
     optimised = [t for t in tasks if t[1] == "optimisation"]
-    assert len(span) == 53 * 12 and len(optimised) == 9 * 6
+    assert len(span) == 57 * 12 and len(optimised) == 11 * 6
     span_rows = {(t[3], t[4].row_id) for t in span}
     by_setting = {}
     for t in optimised:
@@ -79,11 +85,17 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_writes_one_keyed_line_per_task_and_resumes_without_work(tiny_run):
     out, tasks, lines = tiny_run
-    assert len(tasks) == 4 + 3  # span: r16 both x rounds 1, 2; AdamW; the reference / opt: base, AdamW, reference
+    # span: r16 both x rounds 1, 2; AdamW without and with the noise model; the reference /
+    # opt: base, AdamW, reference, two rounds
+    assert len(tasks) == 5 + 4
     assert sorted(map(lora_study._line_key, lines)) == sorted(k for t in tasks for k in lora_study._task_key(*t))
     assert all(line["commit"] and line["grid"] == "tiny" and "text" not in line for line in lines)
     assert lora_study.STUDY.run(out, tasks, progress=False) == lines  # every key present: nothing reruns
-    span = {(l["rounds"], l["protocol"], l["adapters"]): l for l in lines if l["study"] == "span"}
+    span = {(l["rounds"], l["protocol"], l["adapters"]): l for l in lines if l["study"] == "span"
+            and not l.get("weighted")}
+    (weighted,) = [l for l in lines if l.get("weighted")]
+    assert weighted["protocol"] == "AdamW" and weighted["time_budget"] == lora_study.NOISE_MODEL_BUDGET
+    assert isinstance(weighted["timed_out"], bool) and "weights" not in weighted
     # CoLA's first sentence has 12 tokens, inside the 32 stacked rows of two rank-16 adapters: exact.
     assert span[(1, "FedSGD", "both")]["exact"] and span[(1, "FedSGD", "both")]["fits"]
     assert span[(2, "FedSGD", "both")]["capacity"] == 64
@@ -92,6 +104,7 @@ def test_a_tiny_run_writes_one_keyed_line_per_task_and_resumes_without_work(tiny
     assert 0 < adamw["invertible"] <= 1 and -1 <= adamw["cosine_to_gradient"] <= 1
     optimised = [l for l in lines if l["study"] == "optimisation"]
     assert {l["steps"] for l in optimised} == {4} and all(0 <= l["rouge1"] <= 1 for l in optimised)
+    assert {l["rounds"] for l in optimised} == {1, 2}
     reference = next(l for l in optimised if l["adapters"] == lora_study.REFERENCE_NAME)
     assert reference["shared_parameters"] == 2 * 384 * 384 and reference["r"] == 0
 
@@ -108,9 +121,14 @@ def test_the_tables_and_their_facts_read_the_tiny_run(tiny_run):
     assert list(length["length"]) == ["<= 16 tokens"] and facts["length_short_16_exact"] == 1.0
     protocol, facts = lora_study.protocol_summary(out)
     assert set(protocol["protocol"]) == {"FedSGD", "AdamW"} and "adamw_invertible" in facts
-    assert facts["fedsgd_span_16_exact"] == 1.0
+    assert facts["fedsgd_span_16_exact"] == 1.0 and "adamw_span_weighted_16_exact" in facts
+    assert lora_study.NOISE_MODEL in set(protocol["attack"])
     optimised, facts = lora_study.optimization_summary(out)
-    assert len(optimised) == 3 and {"opt_ref_rouge1", "opt_r16_both_diff", "opt_r16_both_adamw_within"} <= set(facts)
+    assert len(optimised) == 4 and {"opt_ref_rouge1", "opt_r16_both_diff", "opt_r16_both_adamw_within",
+                                    "opt_r16_both_rounds2_vs1"} <= set(facts)
+    two = optimised.set_index("setting").loc["r=16, both, 2 rounds"]
+    one = optimised.set_index("setting").loc["r=16, both"]
+    assert two["vs1"] == pytest.approx(two["rouge1"] - one["rouge1"])  # one sentence: the paired difference
     row = optimised.set_index("setting").loc["r=16, both"]
     assert row["diff"] == pytest.approx(row["rouge1"] - facts["opt_ref_rouge1"], abs=0.006)
     # The same tables from the lines in memory, and an error that says how to make a missing part.
