@@ -51,9 +51,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -67,6 +65,7 @@ from gilib.models import cached_model, encode_lm
 from gilib.selection import select
 from gilib.studies.sample import sample
 from gilib.studies.span import DATASETS
+from lora_rank import options  # bench/: the script's own folder
 
 MODEL = "gpt2-shape"
 RANKS = (4, 8, 16, 64)
@@ -114,13 +113,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS))
-    parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
-    parser.add_argument("--per-dataset", type=int, default=3, help="sentences per dataset")
-    parser.add_argument("--offset", type=int, default=OFFSET, help="position in the seeded sample to start at")
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up AdamW rounds before the attacked one")
-    parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
+    parser = options(__doc__.split("\n")[0], RANKS, ADAPTERS, OFFSET)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()

@@ -101,15 +101,21 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return frame.groupby(["r", "adapters", "fits"], sort=False).agg(**aggregations).reset_index().round(3)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS))
-    parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
+def options(description: str, ranks=RANKS, adapters=ADAPTERS, offset: int = OFFSET) -> argparse.ArgumentParser:
+    """The LoRA benches' shared command line (this one's and ``bench/lora_decoder.py``'s)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--ranks", nargs="+", type=int, default=list(ranks))
+    parser.add_argument("--adapters", nargs="+", default=list(adapters), choices=list(adapters))
     parser.add_argument("--per-dataset", type=int, default=3, help="sentences per dataset")
-    parser.add_argument("--offset", type=int, default=OFFSET, help="position in the seeded sample to start at")
+    parser.add_argument("--offset", type=int, default=offset, help="position in the seeded sample to start at")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up AdamW rounds before the attacked one")
-    parser.add_argument("--no-b", action="store_true", help="skip the B-gradient check")
     parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = options(__doc__.split("\n")[0])
+    parser.add_argument("--no-b", action="store_true", help="skip the B-gradient check")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     examples = [(d, b[0]) for d in DATASETS for b in sample(d, args.per_dataset, offset=args.offset)]
