@@ -296,8 +296,7 @@ def _prepare(
         models = [model, *(r.model for r in later[0])]
         matcher = RoundsMatcher([GradientMatcher(m, selection.names, cfg.objective, cfg.tag_l1_weight, space)
                                  for m in models])
-        grads = [[u.shared_grads, *(_validated(r.update, r.model, selection).shared_grads for r in rs)]
-                 for u, rs in zip(updates, later)]
+        grads = [[u.shared_grads, *(r.update.shared_grads for r in rs)] for u, rs in zip(updates, later)]
         matcher = matcher.matched([g for client in grads for g in client])
     else:
         matcher = GradientMatcher(model, selection.names, cfg.objective, cfg.tag_l1_weight, space)
