@@ -32,6 +32,9 @@ calling process. This module plugs the book's threat model into it:
   :func:`gilib.client.client_update` (FedSGD, :class:`~gilib.client.FedAvg`
   or one-or-more :class:`~gilib.client.AdamW` steps); the frozen base
   weights never travel.
+* :func:`global_model`: the model the server holds at the start of the
+  first round (what an attack in its hook reads), built as the clients
+  build it.
 * :func:`run_round`: one simulation, sandboxed: telemetry off, Flower's and
   Ray's files in a temporary folder that is removed afterwards, Flower's
   and Ray's log lines silenced unless asked for, Ray shut down (a test
@@ -155,6 +158,44 @@ def _victim(model: str, seed: int, lora: LoraRecipe | None) -> torch.nn.Module:
     """
     pristine, _ = cached_model(model, seed)
     return pristine if lora is None else lora.victim(pristine)
+
+
+def global_model(model: str = "minilm", *, seed: int = 0, lora: LoraRecipe | None = None) -> torch.nn.Module:
+    """The global model the server of :func:`run_round` holds at the start of round 1: what its attacks read.
+
+    :func:`run_round`'s server and every client build this model, each in
+    its own process: the server sends the selection's weights of it, and
+    each client trains from them. A curious server's ``on_reply`` hook
+    attacks a round-1 reply with this model (a LoRA victim's adapters
+    after the recipe's warm-up, which moved ``B``, and the frozen weights
+    that never travel). After round 1 the selection's weights move;
+    :attr:`FederatedRun.global_weights` holds them after the last round.
+
+    Args:
+        model: the victim's name, as in :func:`run_round`.
+        seed: the seed of :func:`run_round` (the victim's fresh weights).
+        lora: ``None`` (the plain victim) or the round's
+            :class:`gilib.lora.LoraRecipe`.
+
+    Returns:
+        A new model in ``eval()`` mode (never the shared cached victim):
+        changing it changes no round.
+
+    Raises:
+        ValueError: for a ``lora`` that is not a :class:`~gilib.lora.LoraRecipe`,
+            or a recipe that does not fit the model (:func:`gilib.lora.lora_victim`).
+        RuntimeError: for a model name that cannot be loaded here
+            (:func:`gilib.models.load_model` names the offline choices).
+    """
+    _check_lora(lora)
+    victim = _victim(model, seed, lora)
+    return copy.deepcopy(victim) if lora is None else victim
+
+
+def _check_lora(lora) -> None:
+    if lora is not None and not isinstance(lora, LoraRecipe):
+        raise ValueError(f"lora must be None or a gilib.lora.LoraRecipe(targets, r, alpha, layers, seed, warmup), "
+                         f"got {lora!r}.")
 
 
 def client_batches(batches: Sequence[Sequence]) -> tuple[tuple[tuple[str, int], ...], ...]:
@@ -366,7 +407,7 @@ def run_round(
             the server and every client train that LoRA victim, and each
             reply is its adapters' update (the selection must name
             adapters). The server's global model is ``lora.victim(...)`` of
-            the seeded model, which the caller can rebuild to attack.
+            the seeded model: :func:`global_model` gives it, to attack.
         timeout: seconds a round waits for its clients.
         quiet: silence Flower's and Ray's log lines.
 
@@ -387,9 +428,7 @@ def run_round(
     if protocol is not None and not isinstance(protocol, (FedAvg, AdamW)):
         raise ValueError(f"A Flower client runs FedSGD (protocol=None) or FedAvg(local_steps, lr) or "
                          f"AdamW(local_steps, lr), got {protocol!r}.")
-    if lora is not None and not isinstance(lora, LoraRecipe):
-        raise ValueError(f"lora must be None or a gilib.lora.LoraRecipe(targets, r, alpha, layers, seed, warmup), "
-                         f"got {lora!r}.")
+    _check_lora(lora)
     checked = client_batches(batches)
     if secure and len(checked) < 2:
         raise ValueError("Secure aggregation needs at least 2 clients: with one, the mean is its own reply.")

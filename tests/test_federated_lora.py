@@ -3,6 +3,8 @@
 Each round starts Ray (5 to 10 s); a round that cannot start fails the test with run_round's RuntimeError.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from gilib import federated
 from gilib.attack import span_attack
 from gilib.client import AdamW, client_update
 from gilib.lora import LoraRecipe, lora_victim
-from gilib.models import encode
+from gilib.models import cached_model, encode
 from gilib.selection import select
 
 CLIENTS = [[("the cat sat on the mat", 1)], [("a dog barked at night", 0)]]
@@ -28,7 +30,7 @@ def _truth(victim, tokenizer, client, protocol=None):
 
 def test_a_lora_fedsgd_round_sends_the_adapters_gradient_and_the_curious_server_reads_it(minilm):
     model, tokenizer = minilm
-    victim = RECIPE.victim(model)  # the server's global model: it built and sent it
+    victim = federated.global_model("minilm", lora=RECIPE)  # the server's global model: it built and sent it
     selection = select(victim, "lora", 0)
     rebuilt = {}
 
@@ -39,7 +41,7 @@ def test_a_lora_fedsgd_round_sends_the_adapters_gradient_and_the_curious_server_
     run = federated.run_round(CLIENTS, "lora", 0, lora=RECIPE, on_reply=attack)
     assert sorted(r.client for r in run.replies) == [0, 1] and run.skipped == []
     for reply in run.replies:
-        truth = _truth(victim, tokenizer, reply.client)
+        truth = _truth(RECIPE.victim(model), tokenizer, reply.client)  # the client's own model, rebuilt
         # Only the four adapter matrices travel: A (16 x 384) and B (384 x 16) of query and value.
         assert [tuple(g.shape) for g in reply.update.shared_grads] == [(16, 384), (384, 16)] * 2
         for got, want in zip(reply.update.shared_grads, truth.shared_grads):
@@ -85,3 +87,31 @@ def test_a_recipe_rebuilds_the_same_victim_and_checks_its_targets(minilm):
     assert RECIPE.targets == ("query", "value")
     with pytest.raises(ValueError, match="Unknown LoRA target"):
         LoraRecipe(targets=("querry",))
+
+
+def test_the_global_model_is_the_warmed_up_victim_every_client_builds(minilm):
+    # What the server's hook attacks with: the recipe's victim of the seeded model, B moved by the warm-up.
+    server = federated.global_model("minilm", lora=RECIPE)
+    client = RECIPE.victim(minilm[0])
+    for (name, a), (_, b) in zip(server.named_parameters(), client.named_parameters()):
+        assert torch.equal(a, b), name
+    params = dict(server.named_parameters())
+    b_names = [n for n in params if ".lora_B." in n]
+    assert len(b_names) == 2 and not server.training
+    # Three AdamW steps at 1e-3 move each entry by at most about 3e-3, and the largest that far.
+    for name in b_names:
+        assert 2.9e-3 < float(params[name].detach().abs().max()) < 3.1e-3, name
+    fresh = federated.global_model("minilm", lora=dataclasses.replace(RECIPE, warmup=0))
+    assert all(float(p.detach().abs().max()) == 0.0 for n, p in fresh.named_parameters() if ".lora_B." in n)
+
+
+def test_the_plain_global_model_is_a_copy_and_bad_recipes_are_refused():
+    plain, cached = federated.global_model("minilm"), cached_model("minilm", 0)[0]
+    assert plain is not cached
+    with torch.no_grad():
+        next(plain.parameters()).add_(1.0)
+    assert not torch.equal(next(plain.parameters()), next(cached.parameters()))
+    with pytest.raises(ValueError, match="LoraRecipe"):
+        federated.global_model(lora={"r": 8})
+    with pytest.raises(ValueError, match="r must be a whole number in 1..384"):
+        federated.global_model(lora=dataclasses.replace(RECIPE, r=500))
