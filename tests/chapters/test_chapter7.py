@@ -24,11 +24,20 @@ def test_chapter7_the_adapter_gradients_match_the_equations(ch7):
 
 
 def test_chapter7_the_live_lora_round_rebuilds_every_client(ch7):
-    # "3 of the 3 sentences came back token for token, each in at most 0.4 s. Each has at most 9 tokens,
+    # "Each of the 3 clients sent 24,576 numbers, its four adapter matrices and nothing else, and 3 of the 3
+    # sentences came back token for token, each in at most 0.4 s of the hook. Each has at most 9 tokens,
     # and the two adapters stack 32 rows: the stacked rank reaches the token count".
-    assert ch7["live_exact"] == ch7["live_clients"] == 3
+    assert ch7["live_exact"] == ch7["live_clients"] == 3 and ch7["live_skipped"] == 0
+    assert ch7["live_sent_min"] == ch7["live_sent"] == ch7["live_adapter_numbers"] == 4 * 16 * 384
     assert ch7["live_tokens_max"] <= ch7["live_capacity"] == 32
     assert ch7["live_seconds"] < 10
+
+
+def test_chapter7_the_live_round_is_a_flower_round_that_trains_as_usual(ch7):
+    # "The round took 40 s, Ray's start included ... the strategy averaged the same replies and moved the
+    # global adapters as usual": FedSGD's server step (1e-4 times the mean gradient) moves them a little.
+    assert 0 < ch7["live_round_seconds"] < 120
+    assert 0 < ch7["live_global_moved"] < 1e-3
 
 
 def test_chapter7_stacking_rounds_lifts_a_rank_4_adapter_over_the_rank_rule(ch7):
