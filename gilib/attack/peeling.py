@@ -25,9 +25,9 @@ import torch
 
 from .checks import FOUND, ForwardCheck, OutputCheck, SentenceCheck, reads_of
 from .config import SpanConfig
-from .positions import bag_filled, position_sets
+from .positions import bag_filled, position_sets, position_shares
 from .rowspace import check_positions, row_space
-from .searches import beam_search, search_sentence, sweep
+from .searches import beam_search, completed_beam, search_sentence
 from .tokens import TokenSpace
 
 PEELED = 1e-5
@@ -108,8 +108,8 @@ def peel(
     :func:`~gilib.attack.searches.beam_search` for every remaining length
     at once, and each sentence it closes that passes :func:`peel_test` for
     some class is subtracted from every shared weight gradient. Where that
-    peels nothing, :func:`~gilib.attack.searches.sweep` from the beam's best
-    of each length, shortest first, and at full effort (or with the
+    peels nothing at full effort, :func:`~gilib.attack.searches.completed_beam`
+    for each length left, shortest first, then (or with the
     :class:`~gilib.attack.checks.OutputCheck`, at once)
     :func:`~gilib.attack.searches.search_sentence` until one sentence
     passes. Each peel cleans the next round's candidate sets and check. A
@@ -146,7 +146,7 @@ class _Peeler:
 
     :meth:`run` repeats rounds; a round takes fresh candidate sets and a
     fresh check from what is left (:meth:`_start_round`), then tries its
-    searches in turn (:meth:`_beam`, :meth:`_sweep`, :meth:`_local_search`),
+    searches in turn (:meth:`_beam`, :meth:`_completed`, :meth:`_local_search`),
     each sentence a search closes going through :meth:`_take`; the effort
     doubles after a fruitless round (:meth:`_next_effort`) and the
     sentences left at the end get the searches' best guesses
@@ -188,8 +188,9 @@ class _Peeler:
             progress = False
             for h in sorted(hits, key=hits.get):  # every sentence the beam closed, best first
                 progress |= self._take(torch.tensor(h))
-            if not progress and self.verifier is not None and not self._out_of_time():
-                progress = self._sweep(check, candidates, left, best)
+            if not progress and self.verifier is not None and self.effort == self.config.max_effort \
+                    and not self._out_of_time():
+                progress = self._completed(check, candidates, left, layer0)
             if not progress and (self.verifier is None or self.effort == self.config.max_effort) \
                     and not self._out_of_time():
                 progress = self._local_search(check, candidates, left, best)
@@ -237,21 +238,33 @@ class _Peeler:
             self.last[n] = (h, loss)
         return hits, best
 
-    def _sweep(self, check, candidates, left, best) -> bool:
-        """Sweeps, forth and back, from the beam's best of each length, shortest first."""
+    def _completed(self, check, candidates, left, layer0) -> bool:
+        """At full effort, one :func:`~gilib.attack.searches.completed_beam` per length left, shortest first.
+
+        Each prefix is completed with the position split's likeliest token at
+        every undecided position (:func:`~gilib.attack.positions.position_shares`;
+        the best layer-0 residual among the candidates where the split is
+        not unique).
+        """
+        specials = (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
+        bag = sorted({int(t) for c in candidates for t in c} | set(specials))
+        shares = position_shares(self.model, self.grads[self.weight], bag, max(left))
+        index = {t: j for j, t in enumerate(bag)}
+
+        def likeliest(p: int) -> int:
+            options = [int(t) for t in candidates[p - 1]]
+            if shares is None:
+                return min(options, key=lambda t: float(layer0[p - 1, t]))
+            return max(options, key=lambda t: float(shares[index[t], p]))
+
         for n in sorted(set(left)):
-            if n not in best:  # the beam ran out of time before this length
-                continue
-            h, loss = best[n]
-            for reverse in (False, True):
-                h, loss = sweep(check, candidates, h, width=self.config.beam * self.effort, reverse=reverse,
-                                stop=self._out_of_time)
-                if loss < self.last[n][1]:
-                    self.last[n] = (h, loss)
-                if loss < FOUND:
-                    break
-            if loss < 100 * FOUND and self._take(h):
-                return True
+            if self._out_of_time():
+                return False
+            hits = completed_beam(check, candidates, n, [likeliest(p) for p in range(1, n - 1)], self.tokenizer,
+                                  width=max(self.config.beam * self.effort // 2, 1), layer0=layer0, stop=self._out_of_time)
+            for h in sorted(hits, key=hits.get):
+                if self._take(torch.tensor(h)):
+                    return True
         return False
 
     def _local_search(self, check, candidates, left, best) -> bool:

@@ -261,60 +261,76 @@ def _diverse(score: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Ten
     return torch.tensor(sorted(kept, key=lambda i: float(score[i])), dtype=torch.long)
 
 
-def sweep(
+COMPLETED_STAGE = 16
+"""Extensions per kept prefix that :func:`completed_beam`'s cheap first stage passes to its full check."""
+
+
+def completed_beam(
     check: ForwardCheck,
     candidates: Sequence[Sequence[int]],
-    start: torch.Tensor,
+    length: int,
+    fill: Sequence[int],
+    tokenizer,
     *,
     width: int = BEAM,
-    reverse: bool = False,
+    stage: int = COMPLETED_STAGE,
+    layer0: torch.Tensor | None = None,
     found: float = FOUND,
     stop: Callable[[], bool] | None = None,
-) -> tuple[torch.Tensor, float]:
-    """A beam over one whole sentence, position by position, from a start hypothesis.
+) -> dict[tuple[int, ...], float]:
+    """A beam over the prefixes of one sentence length, each checked *completed* to that length.
 
-    Where :func:`beam_search` goes wrong, its best hypothesis is often two
-    true sentences joined (one's first half, another's second): every
-    position but those near the joint has the right neighbours. The sweep
-    keeps ``width`` whole hypotheses and at each position in turn tries
-    every candidate there (ranked cheaply by :meth:`ForwardCheck.local`,
-    then ``4 * width`` checked whole), so the joint can travel to the
-    sentence's end, one position at a time, while the rest stays fixed.
+    :func:`beam_search` checks a prefix cut off from the rest of its
+    sentence, so its last positions miss their right neighbours' keys and
+    values; in long sentences under noise a true token's newest position
+    can measure worse than a wrong one's, and the beam drops the true
+    prefix early. Here each prefix of ``k`` tokens is completed to
+    ``length`` with ``fill`` (a guess per undecided position: the position
+    split's likeliest token, :mod:`gilib.attack.positions`) and ``[SEP]``,
+    and scored by the whole hypothesis's residuals at positions ``1 .. k``:
+    the decided positions see a right context close to the true one.
+    Dearer than :func:`beam_search` (a full forward per extension, one
+    length at a time), so peeling runs it at full effort only.
 
     Args:
-        check: the forward check (layer 1's weight or layer 0's FFN).
+        check: the forward check.
         candidates: token ids for positions ``1 ..``.
-        start: ``(n,)`` the hypothesis to improve.
-        width: hypotheses kept.
-        reverse: sweep from the last position to the first.
-        found: loss under which the sweep stops.
-        stop: called before each position; once it returns ``True`` the
-            sweep ends with the best hypothesis met.
+        length: the sentence length sought (``[CLS]`` and ``[SEP]`` included).
+        fill: ``length - 2`` token ids, a guess for positions ``1 .. length - 2``.
+        tokenizer: the victim's tokenizer (special tokens).
+        width: prefixes kept per position.
+        stage: extensions per kept prefix that the cheap score
+            (:meth:`ForwardCheck.appended`) passes to the full check.
+        layer0: ``(P, V)`` layer-0 span residuals (a prior, as in :func:`beam_search`).
+        found: mean residual under which a closed hypothesis is a sentence.
+        stop: called before each position; once it returns ``True`` the search ends.
 
     Returns:
-        ``(ids, loss)``: the best ``(n,)`` hypothesis met and its loss.
+        Every closed hypothesis under ``found``, with its loss.
     """
-    n = len(start)
-    beams = start[None].clone()
-    residuals = check.position_residuals(beams)
-    best, best_loss = beams[0], float(residuals.mean())
-    positions = range(n - 2, 0, -1) if reverse else range(1, n - 1)
-    for p in positions:
-        if best_loss < found or (stop is not None and stop()):
-            break
-        options = torch.tensor(list(candidates[p - 1]))
-        cheap = (residuals.sum(-1) - residuals[:, p - 1])[:, None] \
-            + check.local(beams, options, torch.full_like(options, p))
-        keep = cheap.flatten().topk(min(4 * width, cheap.numel()), largest=False).indices
-        moved = beams[keep // len(options)].clone()
-        moved[:, p] = options[keep % len(options)]
-        moved = torch.unique(torch.cat([beams, moved]), dim=0)
-        scored = check.position_residuals(moved)
-        order = scored.sum(-1).argsort()[:width]
-        beams, residuals = moved[order], scored[order]
-        if float(residuals[0].mean()) < best_loss:
-            best, best_loss = beams[0], float(residuals[0].mean())
-    return best, best_loss
+    if len(fill) != length - 2:
+        raise ValueError(f"fill must hold length - 2 = {length - 2} token ids, got {len(fill)}.")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    beams = torch.tensor([[cls_id]])
+    tail = torch.tensor([*map(int, fill), sep_id])  # tail[p - 1]: the guess at position p
+    for k in range(1, length - 1):
+        if stop is not None and stop():
+            return {}
+        options = torch.tensor(list(candidates[k - 1]))
+        prior = torch.zeros(len(options), dtype=torch.float64)
+        if layer0 is not None:
+            prior = LAYER0_WEIGHT * layer0[k - 1, options].double().clamp_min(1e-12).log()
+        cheap = check.appended(beams, options).double() + prior[None]
+        keep = cheap.flatten().topk(min(stage * width, cheap.numel()), largest=False).indices
+        parents, children = keep // len(options), keep % len(options)
+        extended = torch.cat([beams[parents], options[children, None]], 1)
+        completed = torch.cat([extended, tail[k:].expand(len(extended), -1)], 1)
+        residuals = check.position_residuals(completed)  # (K, length - 2): positions 1 .. length - 2
+        score = residuals[:, :k].sum(-1) + prior[children]
+        beams = extended[_diverse(score, extended[:, 1], width)]
+    closed = torch.cat([beams, torch.full((len(beams), 1), sep_id)], 1)
+    losses = check.loss(closed)
+    return {tuple(h.tolist()): float(v) for h, v in zip(closed, losses) if v < found}
 
 
 def _scored(h: torch.Tensor, check) -> tuple[torch.Tensor, float]:
