@@ -333,6 +333,62 @@ def completed_beam(
     return {tuple(h.tolist()): float(v) for h, v in zip(closed, losses) if v < found}
 
 
+def sweep(
+    check: ForwardCheck,
+    candidates: Sequence[Sequence[int]],
+    start: torch.Tensor,
+    *,
+    width: int = BEAM,
+    reverse: bool = False,
+    found: float = FOUND,
+    stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """A beam over one whole sentence, position by position, from a start hypothesis.
+
+    Where :func:`beam_search` goes wrong, its best hypothesis is often two
+    true sentences joined (one's first half, another's second): every
+    position but those near the joint has the right neighbours. The sweep
+    keeps ``width`` whole hypotheses and at each position in turn tries
+    every candidate there (ranked cheaply by :meth:`ForwardCheck.local`,
+    then ``4 * width`` checked whole), so the joint can travel to the
+    sentence's end, one position at a time, while the rest stays fixed.
+
+    Args:
+        check: the forward check (layer 1's weight or layer 0's FFN).
+        candidates: token ids for positions ``1 ..``.
+        start: ``(n,)`` the hypothesis to improve.
+        width: hypotheses kept.
+        reverse: sweep from the last position to the first.
+        found: loss under which the sweep stops.
+        stop: called before each position; once it returns ``True`` the
+            sweep ends with the best hypothesis met.
+
+    Returns:
+        ``(ids, loss)``: the best ``(n,)`` hypothesis met and its loss.
+    """
+    n = len(start)
+    beams = start[None].clone()
+    residuals = check.position_residuals(beams)
+    best, best_loss = beams[0], float(residuals.mean())
+    positions = range(n - 2, 0, -1) if reverse else range(1, n - 1)
+    for p in positions:
+        if best_loss < found or (stop is not None and stop()):
+            break
+        options = torch.tensor(list(candidates[p - 1]))
+        cheap = (residuals.sum(-1) - residuals[:, p - 1])[:, None] \
+            + check.local(beams, options, torch.full_like(options, p))
+        keep = cheap.flatten().topk(min(4 * width, cheap.numel()), largest=False).indices
+        moved = beams[keep // len(options)].clone()
+        moved[:, p] = options[keep % len(options)]
+        moved = torch.unique(torch.cat([beams, moved]), dim=0)
+        scored = check.position_residuals(moved)
+        order = scored.sum(-1).argsort()[:width]
+        beams, residuals = moved[order], scored[order]
+        if float(residuals[0].mean()) < best_loss:
+            best, best_loss = beams[0], float(residuals[0].mean())
+    return best, best_loss
+
+
 def _scored(h: torch.Tensor, check) -> tuple[torch.Tensor, float]:
     return h, float(check.loss(h[None])[0])
 
