@@ -25,10 +25,13 @@ import torch
 
 from .checks import FOUND, ForwardCheck, OutputCheck, SentenceCheck, reads_of
 from .config import SpanConfig
-from .positions import bag_filled, position_sets
+from .positions import bag_filled, position_sets, position_shares
 from .rowspace import check_positions, row_space
-from .searches import beam_search, search_sentence, sweep
+from .searches import beam_search, completed_beam, search_sentence, sweep
 from .tokens import TokenSpace
+
+SWEEP_SHARE = 4.0
+"""Below full effort, the sweeps of a round stop after this many times the round's beam search time."""
 
 PEELED = 1e-5
 """Relative singular value at the gradient's numerical rank less one, after
@@ -108,9 +111,12 @@ def peel(
     :func:`~gilib.attack.searches.beam_search` for every remaining length
     at once, and each sentence it closes that passes :func:`peel_test` for
     some class is subtracted from every shared weight gradient. Where that
-    peels nothing, :func:`~gilib.attack.searches.sweep` from the beam's best
-    of each length, shortest first, and at full effort (or with the
-    :class:`~gilib.attack.checks.OutputCheck`, at once)
+    peels nothing: at full effort, :func:`~gilib.attack.searches.completed_beam`
+    for each length left, shortest first; then
+    :func:`~gilib.attack.searches.sweep` from the beam's best of each
+    length (below full effort for at most :data:`SWEEP_SHARE` times the
+    beam's time); then, at full effort (or with the
+    :class:`~gilib.attack.checks.OutputCheck`, at once),
     :func:`~gilib.attack.searches.search_sentence` until one sentence
     passes. Each peel cleans the next round's candidate sets and check. A
     round that finds none is rerun with more search (up to
@@ -146,7 +152,7 @@ class _Peeler:
 
     :meth:`run` repeats rounds; a round takes fresh candidate sets and a
     fresh check from what is left (:meth:`_start_round`), then tries its
-    searches in turn (:meth:`_beam`, :meth:`_sweep`, :meth:`_local_search`),
+    searches in turn (:meth:`_beam`, :meth:`_completed`, :meth:`_sweep`, :meth:`_local_search`),
     each sentence a search closes going through :meth:`_take`; the effort
     doubles after a fruitless round (:meth:`_next_effort`) and the
     sentences left at the end get the searches' best guesses
@@ -184,12 +190,19 @@ class _Peeler:
         while self.remaining and not self._out_of_time():
             self.rounds += 1
             left, candidates, layer0, check = self._start_round()
+            began = time.perf_counter()
             hits, best = self._beam(check, candidates, left, layer0)
+            beam_seconds = time.perf_counter() - began
             progress = False
             for h in sorted(hits, key=hits.get):  # every sentence the beam closed, best first
                 progress |= self._take(torch.tensor(h))
+            full = self.effort == self.config.max_effort
+            if not progress and self.verifier is not None and full and not self._out_of_time():
+                progress = self._completed(check, candidates, left, layer0)
             if not progress and self.verifier is not None and not self._out_of_time():
-                progress = self._sweep(check, candidates, left, best)
+                # Below full effort the sweeps are a side bet: capped at a few times the beam's own time.
+                cap = None if full else time.perf_counter() + SWEEP_SHARE * beam_seconds
+                progress = self._sweep(check, candidates, left, best, cap)
             if not progress and (self.verifier is None or self.effort == self.config.max_effort) \
                     and not self._out_of_time():
                 progress = self._local_search(check, candidates, left, best)
@@ -237,21 +250,56 @@ class _Peeler:
             self.last[n] = (h, loss)
         return hits, best
 
-    def _sweep(self, check, candidates, left, best) -> bool:
-        """Sweeps, forth and back, from the beam's best of each length, shortest first."""
+    def _completed(self, check, candidates, left, layer0) -> bool:
+        """At full effort, one :func:`~gilib.attack.searches.completed_beam` per length left, shortest first.
+
+        Each prefix is completed with the position split's likeliest token at
+        every undecided position (:func:`~gilib.attack.positions.position_shares`;
+        the best layer-0 residual among the candidates where the split is
+        not unique).
+        """
+        specials = (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
+        bag = sorted({int(t) for c in candidates for t in c} | set(specials))
+        shares = position_shares(self.model, self.grads[self.weight], bag, max(left))
+        index = {t: j for j, t in enumerate(bag)}
+
+        def likeliest(p: int) -> int:
+            options = [int(t) for t in candidates[p - 1]]
+            if shares is None:
+                return min(options, key=lambda t: float(layer0[p - 1, t]))
+            return max(options, key=lambda t: float(shares[index[t], p]))
+
+        for n in sorted(set(left)):
+            if self._out_of_time():
+                return False
+            hits = completed_beam(check, candidates, n, [likeliest(p) for p in range(1, n - 1)], self.tokenizer,
+                                  width=max(self.config.beam * self.effort // 2, 1), layer0=layer0, stop=self._out_of_time)
+            for h in sorted(hits, key=hits.get):
+                if self._take(torch.tensor(h)):
+                    return True
+        return False
+
+    def _sweep(self, check, candidates, left, best, until: float | None = None) -> bool:
+        """Sweeps, forth and back, from the beam's best of each length, shortest first, until ``until`` (perf_counter)."""
+
+        def stop() -> bool:
+            return self._out_of_time() or (until is not None and time.perf_counter() >= until)
+
         for n in sorted(set(left)):
             if n not in best:  # the beam ran out of time before this length
                 continue
             h, loss = best[n]
             for reverse in (False, True):
                 h, loss = sweep(check, candidates, h, width=self.config.beam * self.effort, reverse=reverse,
-                                stop=self._out_of_time)
+                                stop=stop)
                 if loss < self.last[n][1]:
                     self.last[n] = (h, loss)
                 if loss < FOUND:
                     break
             if loss < 100 * FOUND and self._take(h):
                 return True
+            if stop():
+                break
         return False
 
     def _local_search(self, check, candidates, left, best) -> bool:

@@ -261,6 +261,78 @@ def _diverse(score: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Ten
     return torch.tensor(sorted(kept, key=lambda i: float(score[i])), dtype=torch.long)
 
 
+COMPLETED_STAGE = 16
+"""Extensions per kept prefix that :func:`completed_beam`'s cheap first stage passes to its full check."""
+
+
+def completed_beam(
+    check: ForwardCheck,
+    candidates: Sequence[Sequence[int]],
+    length: int,
+    fill: Sequence[int],
+    tokenizer,
+    *,
+    width: int = BEAM,
+    stage: int = COMPLETED_STAGE,
+    layer0: torch.Tensor | None = None,
+    found: float = FOUND,
+    stop: Callable[[], bool] | None = None,
+) -> dict[tuple[int, ...], float]:
+    """A beam over the prefixes of one sentence length, each checked *completed* to that length.
+
+    :func:`beam_search` checks a prefix cut off from the rest of its
+    sentence, so its last positions miss their right neighbours' keys and
+    values; in long sentences under noise a true token's newest position
+    can measure worse than a wrong one's, and the beam drops the true
+    prefix early. Here each prefix of ``k`` tokens is completed to
+    ``length`` with ``fill`` (a guess per undecided position: the position
+    split's likeliest token, :mod:`gilib.attack.positions`) and ``[SEP]``,
+    and scored by the whole hypothesis's residuals at positions ``1 .. k``:
+    the decided positions see a right context close to the true one.
+    Dearer than :func:`beam_search` (a full forward per extension, one
+    length at a time), so peeling runs it at full effort only.
+
+    Args:
+        check: the forward check.
+        candidates: token ids for positions ``1 ..``.
+        length: the sentence length sought (``[CLS]`` and ``[SEP]`` included).
+        fill: ``length - 2`` token ids, a guess for positions ``1 .. length - 2``.
+        tokenizer: the victim's tokenizer (special tokens).
+        width: prefixes kept per position.
+        stage: extensions per kept prefix that the cheap score
+            (:meth:`ForwardCheck.appended`) passes to the full check.
+        layer0: ``(P, V)`` layer-0 span residuals (a prior, as in :func:`beam_search`).
+        found: mean residual under which a closed hypothesis is a sentence.
+        stop: called before each position; once it returns ``True`` the search ends.
+
+    Returns:
+        Every closed hypothesis under ``found``, with its loss.
+    """
+    if len(fill) != length - 2:
+        raise ValueError(f"fill must hold length - 2 = {length - 2} token ids, got {len(fill)}.")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    beams = torch.tensor([[cls_id]])
+    tail = torch.tensor([*map(int, fill), sep_id])  # tail[p - 1]: the guess at position p
+    for k in range(1, length - 1):
+        if stop is not None and stop():
+            return {}
+        options = torch.tensor(list(candidates[k - 1]))
+        prior = torch.zeros(len(options), dtype=torch.float64)
+        if layer0 is not None:
+            prior = LAYER0_WEIGHT * layer0[k - 1, options].double().clamp_min(1e-12).log()
+        cheap = check.appended(beams, options).double() + prior[None]
+        keep = cheap.flatten().topk(min(stage * width, cheap.numel()), largest=False).indices
+        parents, children = keep // len(options), keep % len(options)
+        extended = torch.cat([beams[parents], options[children, None]], 1)
+        completed = torch.cat([extended, tail[k:].expand(len(extended), -1)], 1)
+        residuals = check.position_residuals(completed)  # (K, length - 2): positions 1 .. length - 2
+        score = residuals[:, :k].sum(-1) + prior[children]
+        beams = extended[_diverse(score, extended[:, 1], width)]
+    closed = torch.cat([beams, torch.full((len(beams), 1), sep_id)], 1)
+    losses = check.loss(closed)
+    return {tuple(h.tolist()): float(v) for h, v in zip(closed, losses) if v < found}
+
+
 def sweep(
     check: ForwardCheck,
     candidates: Sequence[Sequence[int]],

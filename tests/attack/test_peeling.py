@@ -6,12 +6,13 @@ import torch
 from gilib.attack import SpanConfig, span_attack
 from gilib.attack.span import verifier_weight
 from gilib.attack.checks import SKETCH, ForwardCheck, _outside_map, reads_of
-from gilib.attack.searches import _diverse, beam_search, enumerate_batch
+from gilib.attack.searches import _diverse, beam_search, completed_beam, enumerate_batch
 from gilib.attack.peeling import (
     PEELED,
     peel_test,
     sentence_gradients,
 )
+from gilib.attack.positions import position_shares
 from gilib.attack.rowspace import check_positions, row_space
 from gilib.attack.tokens import TokenSpace
 from gilib.client import client_update
@@ -127,6 +128,27 @@ def test_the_beam_closes_the_true_sentences_of_a_bag(minilm):
     assert hits and all(list(h) in truth for h in hits)
     assert set(best) == set(update.lengths)
     assert all(len(h) == n for n, (h, _) in best.items())
+
+
+def test_the_completed_beam_closes_a_sentence_of_the_length_it_is_given(minilm):
+    # Sixteen sentences, the bag at every position. The fill is the position split's likeliest token at
+    # each position, which is not the true sentence: the sentence must come from the search.
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:16])
+    grads = dict(zip(selection.names, update.shared_grads))
+    _, layer0, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[QUERY0], update.lengths,
+                                            shift_invariant=False, threshold=1e-4, capped=False)
+    check = ForwardCheck(model, row_space(grads[QUERY1], max_rank=sum(update.lengths)))
+    truth = true_token_ids(true_batch)
+    bag = sorted({int(t) for c in candidates for t in c} | {tokenizer.cls_token_id, tokenizer.sep_token_id})
+    shares = position_shares(model, grads[QUERY0], bag, max(update.lengths))
+    n = min(update.lengths)
+    fill = [max(candidates[p - 1], key=lambda t: float(shares[bag.index(int(t)), p])) for p in range(1, n - 1)]
+    assert not any(t[1:-1] == fill for t in truth)
+    hits = completed_beam(check, candidates, n, fill, tokenizer, width=16, layer0=layer0)
+    assert hits and all(list(h) in truth and len(h) == n for h in hits)
+    with pytest.raises(ValueError, match="fill must hold"):
+        completed_beam(check, candidates, n, fill[:-1], tokenizer)
 
 
 def test_each_verifier_weight_reads_its_own_activations(minilm):
