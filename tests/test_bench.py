@@ -191,3 +191,25 @@ def test_lora_decoder_writes_a_line_per_sentence_and_setting_and_its_settings(tm
     assert lines.loc[lines["adapters"] == "c_attn+mlp", "verified"].all()
     settings = json.loads(out.with_suffix(".json").read_text())
     assert settings["ranks"] == [64] and settings["model"] == "gpt2-shape" and settings["offset"] == 300
+
+
+def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_less(minilm):
+    # bench/dp_energy.py compares the energy tr(P_X G^T G) the true and the found sentence capture: without
+    # noise the query gradient's rows lie in the span of the sentence's inputs, so the truth captures all of
+    # ||G||^2 and a sentence with one token changed captures less.
+    sys.path.insert(0, str(REPO))
+    from bench.dp_energy import captured_energy
+    from gilib.client import client_update
+    from gilib.models import encode
+    from gilib.selection import select
+
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    true_batch = encode(tokenizer, ["the cat sat on the mat ."], [1])
+    gradient = client_update(model, selection, true_batch).shared.shared_grads[0].double()
+    gram = gradient.T @ gradient
+    truth = true_batch["input_ids"][0].tolist()
+    wrong = truth[:2] + [tokenizer.convert_tokens_to_ids("dog")] + truth[3:]
+    total = float(gradient.square().sum())
+    assert captured_energy(model, truth, gram) == pytest.approx(total, rel=1e-6)
+    assert captured_energy(model, wrong, gram) < 0.999 * total

@@ -1,0 +1,99 @@
+"""Is the DP search's miss a search failure? The true sentence's likelihood against the sentence found.
+
+What it measures
+----------------
+``bench/dp_span.py``'s DP-SGD messages (chapter 5's sentences, layer 0's
+query weight, clipping norm 1, noise multiplier ``sigma``), read with the
+noise model (``span_attack(..., noise=DPSGD(...).noise_std(1))``): the
+most likely sentence under Gaussian noise is the one whose layer-0 inputs'
+span captures the most of the message's energy, ``tr(P_X G^T G)``
+(:mod:`gilib.attack.likelihood`). For each sentence and ``sigma``, the
+found sentence's token accuracy and the relative difference between the
+energy the *true* sentence's span captures and the found one's. A positive
+difference means the search missed a likelier sentence (a better search
+would help); a negative one means the likelihood itself prefers the wrong
+sentence, and no search over it can find the truth. The truth reaches only
+this comparison. Nothing is asserted.
+
+Usage::
+
+    python bench/dp_energy.py [--sigmas 3e-5 1e-4] [--sentences 4] [--out data/bench/dp_energy.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from gilib.attack import span_attack
+from gilib.attack.rowspace import layer0_inputs
+from gilib.client import DPSGD, client_update
+from gilib.data import write_settings
+from gilib.models import cached_model, encode
+from gilib.selection import select
+from gilib.studies.sample import sample
+from gilib.studies.span import DATASETS
+
+SIGMAS = (3e-5, 1e-4)
+"""Where token accuracy crosses one half with the noise model (bench/dp_span.py)."""
+
+
+def captured_energy(model: torch.nn.Module, ids, gram: torch.Tensor) -> float:
+    """``tr(P_X M)``: the energy of ``M = G^T G`` (``(d, d)``) in the span of sentence ``ids``'s layer-0 inputs."""
+    inputs = torch.stack([layer0_inputs(model, p, token_ids=[t])[0].double() for p, t in enumerate(ids)])
+    basis = torch.linalg.qr(inputs.T).Q
+    return float(torch.trace(basis.T @ gram @ basis))
+
+
+def measure(sigmas, sentences: int) -> list[dict]:
+    """Every sentence's DP-SGD message at every ``sigma``: accuracy and the truth's energy against the found one's."""
+    model, tokenizer = cached_model("minilm")
+    selection = select(model, "attention.query", 0)
+    rows = []
+    for dataset in DATASETS:
+        for (example,) in sample(dataset, sentences):
+            true_batch = encode(tokenizer, [example.text], [example.label])
+            n = int(true_batch["attention_mask"].sum())
+            truth = true_batch["input_ids"][0, :n].tolist()
+            for sigma in sigmas:
+                protocol = DPSGD(sigma, 1.0, seed=int(example.row_id))
+                message = client_update(model, selection, true_batch, protocol).shared._replace(labels=None)
+                start = time.perf_counter()
+                found = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1)).token_ids[0]
+                seconds = time.perf_counter() - start
+                gradient = message.shared_grads[0].double()
+                gram = gradient.T @ gradient
+                true_energy, found_energy = captured_energy(model, truth, gram), captured_energy(model, found, gram)
+                rows.append({"dataset": dataset, "row_id": example.row_id, "tokens": n, "sigma": sigma,
+                             "token_accuracy": sum(a == b for a, b in zip(found[1:-1], truth[1:-1])) / (n - 2),
+                             "exact": found == truth,
+                             "truth_minus_found": (true_energy - found_energy) / abs(found_energy),
+                             "seconds": seconds})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sigmas", nargs="+", type=float, default=list(SIGMAS), help="DP-SGD noise multipliers")
+    parser.add_argument("--sentences", type=int, default=4, help="sentences per dataset (chapter 5: 4)")
+    parser.add_argument("--out", type=Path, default=None, help="also write every line here (CSV)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    frame = pd.DataFrame(measure(args.sigmas, args.sentences))
+    missed = frame[~frame["exact"]]
+    print(missed.groupby("sigma")["truth_minus_found"].agg(
+        missed="size", truth_likelier=lambda s: int((s > 0).sum()), median="median").to_string())
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out, index=False)
+        write_settings(args.out, "bench/dp_energy.py", argv, sigmas=args.sigmas, sentences=args.sentences,
+                       max_grad_norm=1.0, selection="layer 0's query weight")
+
+
+if __name__ == "__main__":
+    main()
