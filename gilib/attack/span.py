@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -368,7 +368,7 @@ def _round_messages(model: torch.nn.Module, updates) -> tuple[list[SharedUpdate]
     round's whole forward). The messages themselves are checked later,
     each against its own round's model.
     """
-    if isinstance(updates, (SharedUpdate, Round)) or not isinstance(updates, Sequence):
+    if isinstance(updates, (SharedUpdate, Round, torch.Tensor)) or not isinstance(updates, Iterable):
         raise TypeError("updates must be a list with one entry per round: SharedUpdates, or gilib.attack.Round("
                         "global model, update) to give the search each round's global model.")
     updates = list(updates)
