@@ -24,7 +24,8 @@ entry point                 settings                 diagnostics
   weight gradient (the row-space check), peeling for batches; on a LoRA
   victim from its stacked layer-0 ``A`` adapter gradients, and
   :func:`adapter_span_attack` from several rounds' (the rank rule,
-  :mod:`~gilib.attack.adapters`); on a GPT-2-style decoder, from layer 0's
+  :mod:`~gilib.attack.adapters`; given as :class:`Round` s, a noisy
+  message's search reads every round's block at its own global model); on a GPT-2-style decoder, from layer 0's
   fused ``c_attn`` weight (on a LoRA decoder, its adapter's ``A``) and a
   causal left-to-right search (:mod:`~gilib.attack.decoder`).
 

@@ -28,7 +28,11 @@ On a GPT-2-style decoder the same holds for the fused ``c_attn``'s adapter
 (peft's ``A`` is ``r x d_in`` on a ``Conv1D`` too, and its rows lie in the
 span of the block's inputs ``ln_1(wte[t] + wpe[p])``), with ``n`` the
 sentence's *predicting* positions (its token count less the end token,
-whose output gradient is zero: :mod:`gilib.attack.decoder`); the decoder's
+whose output gradient is zero: :mod:`gilib.attack.decoder`), for ``A``'s
+rule and for ``B``'s alike (:func:`b_check` reads the ``c_attn`` adapter's
+``B``: ``B`` alone pins the tokens once ``r`` exceeds the predicting
+positions, a rank one smaller than a BERT sentence of as many tokens
+needs); the decoder's
 attack takes the stacked rows for its candidates and, where an adapter on a
 weight that reads layer 0's activations is shared with rank enough, its
 ``A`` rows for the causal prefix check (:func:`gilib.attack.decoder.decoder_span_attack`).
@@ -45,6 +49,7 @@ from typing import Sequence
 
 import torch
 
+from ..models import is_decoder, lm_special_ids
 from ..selection import Selection, adapter_parameters
 from .rowspace import DEFAULT_THRESHOLD, layer0_inputs, row_space
 from .tokens import TokenSpace
@@ -52,6 +57,9 @@ from .tokens import TokenSpace
 INPUT_MODULES = ("query", "key", "value", "c_attn")
 """The adapted modules whose input is layer 0's (enumerable) input: their ``A`` gradients feed the span check
 (a BERT's query, key and value; a decoder's fused ``c_attn``)."""
+BERT_INPUT_MODULES = ("query", "key", "value")
+DECODER_INPUT_MODULES = ("c_attn",)
+"""Of :data:`INPUT_MODULES`, a BERT's and a GPT-2 decoder's (:func:`b_check`'s ``module``)."""
 
 
 def layer0_adapter_names(model: torch.nn.Module, selection: Selection, half: str = "A", *,
@@ -133,7 +141,9 @@ class BCheck:
 
     Attributes:
         weight: the ``B`` adapter weight read.
-        rank: the numerical rank of its gradient (at most ``min(r, n)``).
+        rank: the numerical rank of its gradient (at most ``min(r, n)``,
+            ``n`` the sentence's inputs the loss reads: its token count on
+            a BERT, its predicting positions, one fewer, on a decoder).
         r: the adapter's rank; ``rank == r`` means the projected inputs'
             span is all of ``R^r`` and every token passes.
         residuals: ``(P, V)`` relative residual of each token's projected
@@ -141,7 +151,8 @@ class BCheck:
             position (``inf`` for tokens that never occur in text).
         passing: per position, how many allowed tokens lie within
             ``threshold`` of the span (1 would pin the token).
-        ids: each position's smallest-residual token, between ``[CLS]`` and ``[SEP]``.
+        ids: each position's smallest-residual token, between ``[CLS]``
+            and ``[SEP]`` (a decoder's start and end tokens).
     """
 
     weight: str
@@ -160,38 +171,74 @@ def b_check(model: torch.nn.Module, tokenizer, shared_grads: Sequence[torch.Tens
     projected inputs, at most ``min(r, n)`` dimensions of ``R^r``. A token at
     a position passes when its ``A x`` lies in that span.
 
+    On a GPT-2-style decoder (:func:`gilib.models.is_decoder`) the adapter is
+    the fused ``c_attn``'s (peft's ``B`` is ``(3 d, r)`` there too:
+    ``fan_in_fan_out`` only transposes the merged update), ``x`` is block 0's
+    input ``ln_1(wte[t] + wpe[p])`` and ``n`` counts the predicting
+    positions (the token count less the end token, whose output gradient is
+    zero: :func:`gilib.attack.decoder.predicting_inputs`), so ``B`` pins the
+    tokens once ``r`` exceeds the token count less one.
+
     Args:
-        model: the LoRA victim (the server knows ``A``: it sent it).
+        model: the LoRA victim, a BERT or a decoder (the server knows ``A``: it sent it).
         tokenizer: its tokenizer.
         shared_grads: one message, one tensor per name of ``selection``.
-        selection: must hold a layer-0 query, key or value ``B`` adapter.
-        length: the sentence's token count (``[CLS]`` and ``[SEP]`` included; batch size 1).
-        module: ``"query"``, ``"key"`` or ``"value"``: whose ``B`` to read
-            (default: the first the selection holds).
+        selection: must hold a layer-0 query, key or value ``B`` adapter
+            (a decoder's: layer 0's ``c_attn`` ``B``).
+        length: the sentence's token count (``[CLS]`` and ``[SEP]``, a
+            decoder's start and end tokens, included; batch size 1).
+        module: ``"query"``, ``"key"`` or ``"value"`` (a decoder's:
+            ``"c_attn"``): whose ``B`` to read (default: the first the
+            selection holds).
         threshold: relative residual under which a token passes.
 
     Returns:
         A :class:`BCheck`.
 
     Raises:
-        ValueError: if the selection has no such ``B`` adapter, or ``length`` is not 3 .. the model's positions.
+        ValueError: for a ``module`` the model's layer-0 input does not
+            feed, a selection without that ``B`` adapter, a message with
+            another tensor count than the selection, or ``length`` not
+            3 .. the model's positions.
     """
-    names = layer0_adapter_names(model, selection, "B")
+    decoder = is_decoder(model)
+    modules = DECODER_INPUT_MODULES if decoder else BERT_INPUT_MODULES
+    kind = "a GPT-2 decoder" if decoder else "a BERT"
+    if module is not None and module not in modules:
+        reads = ("its fused query/key/value; the other adapted modules (attn.c_proj, mlp.c_fc, mlp.c_proj) do not "
+                 "read layer 0's input" if decoder else "the projections that read layer 0's input")
+        raise ValueError(f"module must be {' or '.join(map(repr, modules))} on {kind} ({reads}), got {module!r}.")
+    names = layer0_adapter_names(model, selection, "B", modules=modules)
     adapters = adapter_parameters(model)
     if module is not None:
         names = [n for n in names if n == adapters.get((0, module, "B"))]
     if not names:
+        if decoder:
+            raise ValueError(f"{selection.label} holds no layer-0 c_attn LoRA B weight: on a GPT-2 decoder only the "
+                             f"fused c_attn's adapter reads layer 0's input; select e.g. "
+                             f"select(model, 'lora.c_attn.B', 0) on a victim with c_attn adapters "
+                             f"(lora_victim(model, ('c_attn',), layers=0)).")
         raise ValueError(f"{selection.label} holds no layer-0 {module or 'query, key or value'} LoRA B weight: "
                          f"select e.g. select(model, 'lora.query.B', 0).")
+    shared_grads = list(shared_grads)
+    if len(shared_grads) != len(selection.names):
+        raise ValueError(f"The message holds {len(shared_grads)} tensors for the {len(selection.names)} of "
+                         f"{selection.label}: pass one tensor per name, in the selection's order.")
     most = model.config.max_position_embeddings
     if isinstance(length, bool) or not isinstance(length, int) or not 3 <= length <= most:
-        raise ValueError(f"length must be the sentence's token count, 3..{most}, "
+        tokens_with = "its start and end tokens" if decoder else "[CLS] and [SEP]"
+        raise ValueError(f"length must be the sentence's token count with {tokens_with}, 3..{most}, "
                          f"got {length!r}.")
     name = names[0]
     gradient = dict(zip(selection.names, shared_grads))[name]
     a_name = name.replace(".lora_B.", ".lora_A.")
     a = dict(model.named_parameters())[a_name].detach().double()  # (r, d_in), the server's own weight
-    space = row_space(gradient, max_rank=length)
+    if tuple(gradient.shape) != tuple(model.get_parameter(name).shape):
+        raise ValueError(f"The gradient of {name} is {tuple(gradient.shape)}, the weight "
+                         f"{tuple(model.get_parameter(name).shape)}: the message does not fit the model.")
+    # The inputs the loss reads: every token on a BERT; on a decoder all but the end token.
+    inputs = length - 1 if decoder else length
+    space = row_space(gradient, max_rank=inputs)
     tokens = TokenSpace(model, tokenizer)
     allowed = tokens.allowed.cpu()
     rows = []
@@ -202,5 +249,6 @@ def b_check(model: torch.nn.Module, tokenizer, shared_grads: Sequence[torch.Tens
         rows.append(residual)
     residuals = torch.stack(rows) if rows else torch.empty(0, len(allowed), dtype=torch.float64)
     passing = [int((row < threshold).sum()) for row in residuals]
-    ids = [tokenizer.cls_token_id, *residuals.argmin(dim=1).tolist(), tokenizer.sep_token_id]
+    start, end = lm_special_ids(tokenizer)[:2] if decoder else (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    ids = [start, *residuals.argmin(dim=1).tolist(), end]
     return BCheck(weight=name, rank=space.rank, r=a.shape[0], residuals=residuals, passing=passing, ids=ids)

@@ -47,6 +47,10 @@ Four steps, each a standard tool:
    sharp minimum (:data:`SHARP`) the server refits once more from it and
    searches again, then widens to each position's 32 best tokens, and
    last tries pairs of neighbouring positions at once (:data:`PAIRS`).
+   Several rounds' LoRA messages of one sentence
+   (:func:`gilib.attack.adapter_span_attack` given each round's global
+   model) are judged block by block, each round's candidate gradient at
+   that round's model, the distances summed (``polish``'s ``later``).
 
 The noise model comes from the protocol (:meth:`gilib.client.FedAvg.entry_weights`,
 :meth:`gilib.client.AdamW.entry_weights`); the attack is
@@ -291,13 +295,15 @@ class Polished(NamedTuple):
 
 def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, weights: torch.Tensor,
            ids: Sequence[int], residuals: torch.Tensor, candidates: Sequence[int] = CANDIDATES,
-           sweeps: int = 16, deadline: float | None = None, clipped: bool = False, pairs: int = 0) -> Polished:
+           sweeps: int = 16, deadline: float | None = None, clipped: bool = False, pairs: int = 0,
+           later: Sequence[tuple[torch.nn.Module, Sequence[str]]] = ()) -> Polished:
     """Judge each position's best few tokens on the message itself, under its noise model.
 
     Args:
-        model: the victim.
+        model: the victim (the first round's global model, with ``later``).
         names: the stacked tensors' parameter names (:func:`stacked_projections`).
-        matrix: ``(m, d)`` the stacked message.
+        matrix: ``(m, d)`` the stacked message: ``names``' rows, then each
+            ``later`` round's.
         weights: ``(m, d)`` its entry weights.
         ids: the sentence so far, ``[CLS]`` and ``[SEP]`` included.
         residuals: ``(n - 2, V)`` every token's residual at each interior position.
@@ -319,6 +325,15 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             :data:`PAIR_POSITIONS` positions whose token ranks lowest by
             its residual; a pair that helps is made and the widest single
             stage runs again. 0: no pair moves.
+        later: several rounds' messages of one sentence (LoRA ``A``
+            adapters, :func:`gilib.attack.adapter_span_attack`): per later
+            round, ``(its global model, its stacked names)``, in the order
+            of ``matrix``'s blocks (:func:`stacked_adapter_entries`). A
+            candidate's gradient is then every round's block, each taken at
+            its own round's model, and the distance sums over all of them
+            (with ``clipped``, each round's block gets its own factor: each
+            round's client clipped its own gradient). Empty: one message,
+            ``names`` at ``model``.
 
     Returns:
         A :class:`Polished`: the sentence, its weighted squared distance to
@@ -327,13 +342,30 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
     """
     scale = weights / weights[weights > 0].mean()
     entries = int((weights > 0).sum())
+    # Each round's block: its global model, its names and its rows of ``matrix``.
+    blocks, row = [], 0
+    for block_model, block_names in [(model, names), *later]:
+        block_names = list(block_names)
+        rows = sum(block_model.get_parameter(n).shape[0] for n in block_names)
+        if block_names:
+            blocks.append((block_model, block_names, slice(row, row + rows)))
+        row += rows
+    if row != len(matrix):
+        raise ValueError(f"The message stacks {len(matrix)} rows, and the rounds' names {row}: give each round's "
+                         f"(model, names) in the order its block was stacked.")
 
     def distances(sentences: list[list[int]], label: int) -> list[float]:
-        own = candidate_gradients(model, names, torch.tensor(sentences), label)
-        if clipped:
-            # The least-squares factor in [0, 1] that the client's clipping applied.
-            factor = (scale * matrix * own).sum(dim=(1, 2)) / (scale * own.square()).sum(dim=(1, 2))
-            own = own * factor.clamp(0.0, 1.0).nan_to_num(0.0)[:, None, None]
+        batch = torch.tensor(sentences)
+        parts = []
+        for block_model, block_names, rows in blocks:
+            own = candidate_gradients(block_model, block_names, batch, label)
+            if clipped:
+                # The least-squares factor in [0, 1] that the client's clipping applied.
+                seen, noise = matrix[rows], scale[rows]
+                factor = (noise * seen * own).sum(dim=(1, 2)) / (noise * own.square()).sum(dim=(1, 2))
+                own = own * factor.clamp(0.0, 1.0).nan_to_num(0.0)[:, None, None]
+            parts.append(own)
+        own = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return ((scale * (matrix - own).square()).sum(dim=(1, 2)) / entries).tolist()
 
     ids = list(ids)
@@ -381,7 +413,7 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         if best[1] is not None:
             # Made; then the widest single stage once more from it.
             again = polish(model, names, matrix, weights, best[1], residuals, candidates=candidates[-1:],
-                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs)
+                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later)
             return again if again.distance < best[0] else Polished(best[1], best[0], False)
     current = min(distances([ids], y)[0] for y in classes)
     return Polished(ids, current, runner_up >= SHARP * current)

@@ -15,18 +15,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from ..models import is_decoder
-from ..selection import Selection
+from ..selection import Selection, adapter_parameters
 from ..update import SharedUpdate, checked_update
 from .adapters import layer0_adapter_names, stacked_adapter_rows, stacked_label
 from .config import SpanConfig, checked_config
 from .decoder import decoder_span_attack
 from .likelihood import likely_sentence
 from .objectives import GradientMatcher
+from .optimization import Round
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
 from .completion import (CANDIDATES, PAIRS, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share,
@@ -264,7 +265,7 @@ def span_attack(
 def adapter_span_attack(
     model: torch.nn.Module,
     tokenizer,
-    updates: Sequence[SharedUpdate],
+    updates: Sequence[SharedUpdate] | Sequence[Round],
     selection: Selection,
     config: SpanConfig | None = None,
     *,
@@ -284,14 +285,23 @@ def adapter_span_attack(
     reads the first round's message, computed at ``model``'s weights).
 
     Args:
-        model: the LoRA victim as the server holds it. The rounds'
-            messages may come from different global weights (``B`` moves
-            from round to round, which is what lifts the stacked rank): the
-            check reads only the rows' span, which every round shares, and
-            the embeddings, which a LoRA client never trains.
+        model: the LoRA victim as the server holds it: the first round's
+            global model. The rounds' messages may come from different
+            global weights (``B`` moves from round to round, which is what
+            lifts the stacked rank): the check reads only the rows' span,
+            which every round shares, and the embeddings, which a LoRA
+            client never trains.
         tokenizer: its tokenizer.
         updates: one :class:`~gilib.update.SharedUpdate` per round, each of
-            ``selection`` and of the same single sentence (same length).
+            ``selection`` and of the same single sentence (same length);
+            or one :class:`~gilib.attack.Round` per round (``Round(its
+            global model, its message)``, as
+            :func:`~gilib.attack.optimization_rounds_attack` takes them),
+            the first round's model being ``model``. Every round's model
+            must be the same victim (the same parameters and adapters, in
+            the same shapes), its weights moved. The models matter only
+            with ``weights``, to the search (below); the plain check reads
+            the rows' span alone.
         selection: holds layer-0 query, key or value ``A`` adapters
             (e.g. ``select(model, "lora.A", 0)`` or ``select(model, "lora", 0)``).
         config: the settings (defaults: :class:`~gilib.attack.SpanConfig`).
@@ -301,23 +311,31 @@ def adapter_span_attack(
             that round's message, as :func:`span_attack`'s ``weights``. The
             rounds' layer-0 query and value ``A`` gradients and their
             weights are stacked and fitted together (the span every round
-            shares); the search that judges candidate sentences on the
-            message itself reads the first round's block only, whose
-            gradient ``model`` computes (a later round's needs its own
-            global model). BERT only.
+            shares). The search that judges candidate sentences on the
+            message itself computes each candidate's gradient at a global
+            model: given :class:`~gilib.attack.Round` s, every round's block
+            at its own round's model, the distance summed over all blocks;
+            given bare messages, the first round's block only, at ``model``
+            (a later round's block needs its own global model). One round
+            gives the same result either way. BERT only.
 
     Returns:
         An :class:`~gilib.attack.AttackResult` as :func:`span_attack`'s at batch size 1.
 
     Raises:
-        TypeError: as :func:`span_attack`.
+        TypeError: as :func:`span_attack`; for ``updates`` that are not a
+            list, or that mix :class:`~gilib.attack.Round` s with bare messages.
         ValueError: for no update, messages that do not fit the model and
-            the selection, rounds of different lengths or of several
-            sentences, or a selection without layer-0 ``A`` adapters; for
-            ``weights`` that are not one list per round fitting its message
-            (count, shapes, negative or non-finite values, none positive),
-            or with a decoder.
+            the selection (a :class:`~gilib.attack.Round`'s: its own model),
+            rounds of different lengths or of several sentences, or a
+            selection without layer-0 ``A`` adapters; for rounds whose first
+            model is not ``model``'s weights, or whose models are not
+            ``model``'s architecture (parameter names, adapters, shapes);
+            for ``weights`` that are not one list per round fitting its
+            message (count, shapes, negative or non-finite values, none
+            positive), or with a decoder.
     """
+    updates, models = _round_messages(model, updates)
     if is_decoder(model):
         if weights is not None:
             raise ValueError("weights describe a noisy message, which the decoder's span check does not model: "
@@ -326,10 +344,7 @@ def adapter_span_attack(
         return decoder_span_attack(model, tokenizer, list(updates), selection, config)
     start = time.perf_counter()
     cfg = checked_config(config, SpanConfig)
-    updates = list(updates)
-    if not updates:
-        raise ValueError("No update given: pass one SharedUpdate per round.")
-    checked = [_checked(model, u, selection)[0] for u in updates]
+    checked = [_checked(m, u, selection)[0] for m, u in zip(models or [model] * len(updates), updates)]
     if len({tuple(u.lengths) for u in checked}) != 1:
         raise ValueError(f"The rounds' lengths differ ({[u.lengths for u in checked]}): stack the messages of one "
                          f"sentence only.")
@@ -340,8 +355,58 @@ def adapter_span_attack(
             raise ValueError(f"weights holds {len(weights)} lists for {len(checked)} rounds: give one list of "
                              f"entry weights per round's message.")
         weights = [_checked_weights(w, u) for w, u in zip(weights, checked)]
-        return _noisy_attack(model, tokenizer, checked, selection, cfg, weights, start)
+        return _noisy_attack(model, tokenizer, checked, selection, cfg, weights, start, models=models)
     return _span_check(model, tokenizer, checked[0], selection, cfg, stacked_label(names), stacked, start)
+
+
+def _round_messages(model: torch.nn.Module, updates) -> tuple[list[SharedUpdate], list[torch.nn.Module] | None]:
+    """:func:`adapter_span_attack`'s rounds: ``(messages, each round's global model or None for bare messages)``.
+
+    Given :class:`~gilib.attack.Round` s, the first round's model must hold
+    ``model``'s weights and every later one ``model``'s parameters in the
+    same shapes (the same victim, adapters included: the search runs each
+    round's whole forward). The messages themselves are checked later,
+    each against its own round's model.
+    """
+    if isinstance(updates, (SharedUpdate, Round, torch.Tensor)) or not isinstance(updates, Iterable):
+        raise TypeError("updates must be a list with one entry per round: SharedUpdates, or gilib.attack.Round("
+                        "global model, update) to give the search each round's global model.")
+    updates = list(updates)
+    if not updates:
+        raise ValueError("No update given: pass one SharedUpdate (or Round(model, update)) per round.")
+    rounds = [isinstance(u, Round) for u in updates]
+    if not any(rounds):
+        return updates, None
+    if not all(rounds):
+        raise TypeError("updates mixes Round(model, update) entries and bare messages: give every round as "
+                        "Round(its global model, its message), or every message bare (the search then reads the "
+                        "first round's block only).")
+    first = updates[0].model
+    if first is not model:
+        own, wanted = dict(first.named_parameters()), dict(model.named_parameters())
+        if own.keys() != wanted.keys() or any(not torch.equal(own[n], p) for n, p in wanted.items()):
+            raise ValueError("Round 0's model is not `model`: `model` is the first round's global model (the check's "
+                             "token space and its first block's gradients are computed at it). Pass "
+                             "Round(model, first_update) first.")
+    reference = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    adapters = adapter_parameters(model)
+    for j, r in enumerate(updates[1:], start=1):
+        own = [(n, tuple(p.shape)) for n, p in r.model.named_parameters()]
+        if own != reference:
+            theirs, ours = dict(own), dict(reference)
+            their_adapters = adapter_parameters(r.model)
+            # The adapters first: peft renames the weights it wraps, so a missing adapter shows as a base weight too.
+            missing = next((n for k, n in adapters.items() if k not in their_adapters), None)
+            extra = next((n for k, n in their_adapters.items() if k not in adapters), None)
+            missing = missing or next((n for n in ours if n not in theirs), None)
+            extra = extra or next((n for n in theirs if n not in ours), None)
+            changed = next((n for n in ours if n in theirs and theirs[n] != ours[n]), None)
+            what = (f"it has no parameter {missing!r}" if missing else f"it has a parameter {extra!r} that model "
+                    f"has not" if extra else f"it holds {changed!r} as {theirs[changed]}, model as {ours[changed]}")
+            raise ValueError(f"Round {j}'s model is not model's architecture ({what}): every round's global model "
+                             f"must be the same victim, adapters included (the same lora_victim settings), with "
+                             f"its weights moved.")
+    return [r.update for r in updates], [r.model for r in updates]
 
 
 def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cfg: SpanConfig, name: str,
@@ -457,15 +522,19 @@ def _checked_weights(weights, update: SharedUpdate) -> list[torch.Tensor]:
 
 
 def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Selection, cfg: SpanConfig,
-                  weights: list[list[torch.Tensor]], start: float, clipped: bool = False) -> AttackResult:
+                  weights: list[list[torch.Tensor]], start: float, clipped: bool = False,
+                  models: list[torch.nn.Module] | None = None) -> AttackResult:
     """One sentence from messages seen through known noise (:mod:`gilib.attack.completion`).
 
     Args:
         updates: one message, or (LoRA ``A`` adapters) one per round of the same sentence.
         weights: per message, its entry weights (checked).
+        models: per message, the global model it was computed at (checked; the first is ``model``):
+            the search then judges candidates on every round's block. ``None``: on the first round's only.
     """
     (n,) = updates[0].lengths
     adapters = layer0_adapter_names(model, selection, modules=_NOISY_ADAPTERS)
+    later = []  # the later rounds' (global model, stacked names) the search also reads
     if adapters:
         # A LoRA victim: the A gradients' rows, every round's, lie in the inputs' span (the rank rule:
         # the stack has rank min(n, rows), so the fit's rank is that).
@@ -476,9 +545,14 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
                              "them (a fresh adapter). Attack a later round.")
         names = per_round[0]
         rank = min(n, len(matrix))
-        # The search judges candidates on the first round's block: its gradient is the one `model` computes.
-        first = sum(dict(zip(selection.names, updates[0].shared_grads))[a].shape[0] for a in names)
-        polish_matrix = matrix[:first]
+        if models is not None:
+            # The search judges candidates on every round's block, each at its own round's model.
+            later = list(zip(models[1:], per_round[1:]))
+            polish_matrix = matrix
+        else:
+            # Without the later rounds' models, on the first round's block: the one `model` computes.
+            first = sum(dict(zip(selection.names, updates[0].shared_grads))[a].shape[0] for a in names)
+            polish_matrix = matrix[:first]
     else:
         if len(updates) != 1:
             raise ValueError("Several rounds' messages are stacked for LoRA A adapters only.")
@@ -493,9 +567,10 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     if not bool((stacked_weights > 0).any()):
         raise ValueError("No entry of layer 0's query or value weight (or A adapter) survived the noise model: "
                          "nothing is left for the span check.")
-    if adapters and not names:
+    if adapters and not names and models is None:
         raise ValueError("The first round's query and value A gradients are zero (B was zero): put a round "
-                         "with a moved B first.")
+                         "with a moved B first, or pass Round(model, update) per round so that the search reads "
+                         "every round's block.")
     tokens = TokenSpace(model, tokenizer)
     # The protocol's noise plus what no rank-n matrix explains (local steps' drift).
     # A 0/1 mask (AdamW's, with entries left out) gives no noise scale:
@@ -504,7 +579,7 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     mask = bool(((stacked_weights == 0) | (stacked_weights == 1)).all() and (stacked_weights == 0).any())
     stacked_weights = floored(stacked_weights, matrix, rank)
     fit_weights = balanced(stacked_weights, matrix) if mask else stacked_weights
-    polish_weights = stacked_weights[:len(polish_matrix)]  # the first round's rows (all, for one message)
+    polish_weights = stacked_weights[:len(polish_matrix)]  # the rows the search reads (all, for one message)
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
     space = completed_space(matrix, fit_weights, rank)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
@@ -528,17 +603,17 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
         if ids == previous or (deadline is not None and time.perf_counter() > deadline):
             break
     found = polish(model, names, polish_matrix, polish_weights, ids, residuals, candidates=CANDIDATES[:1],
-                   deadline=deadline, clipped=clipped)
+                   deadline=deadline, clipped=clipped, later=later)
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
         again = refit(found.ids)
         second = polish(model, names, polish_matrix, polish_weights, _argmin_sentence(tokenizer, again), again,
-                        candidates=CANDIDATES[:1], deadline=deadline, clipped=clipped)
+                        candidates=CANDIDATES[:1], deadline=deadline, clipped=clipped, later=later)
         if second.distance < found.distance:
             found, residuals = second, again
     if not found.sharp:
         found = polish(model, names, polish_matrix, polish_weights, found.ids, residuals, candidates=CANDIDATES[1:],
-                       deadline=deadline, clipped=clipped, pairs=PAIRS)
+                       deadline=deadline, clipped=clipped, pairs=PAIRS, later=later)
     ids = found.ids
     outside = outside_share(matrix, sentence_inputs(model, ids))
     sets = [[t] for t in ids[1:-1]]

@@ -32,7 +32,11 @@ layer 0, one round, FedSGD):
 * the rounds observed (:data:`ROUNDS`): the same client's messages of one
   sentence in ``k`` consecutive rounds, the global model one more public
   warm-up step further each round (a stand-in for the other clients'
-  aggregate moving ``B``), stacked by the span check; the optimisation
+  aggregate moving ``B``), stacked by the span check
+  (:func:`gilib.attack.adapter_span_attack`, given each round's global
+  model as a :class:`~gilib.attack.Round`: the plain check reads the
+  rows' span alone, the noise model's search every round's block at its
+  own model; the grids weigh one round only); the optimisation
   attack matches them all at once (:func:`gilib.attack.optimization_rounds_attack`:
   the mean over rounds of LAMP's objective, each round's candidate
   gradient at that round's model), at the base setting;
@@ -319,17 +323,21 @@ def measure_span(part: str, grid: str, dataset: str, example, setting: Setting) 
     true_batch = encode(tokenizer, [example.text], [example.label])
     (truth,) = true_token_ids(true_batch)
     victims, selection = _client(setting, setting.rounds)
-    readings, extra = [], {}
+    readings, weights, extra = [], [], {}
     for victim in victims:
         reading, extra = _server_reading(setting, victim, selection, true_batch)
         readings.append(reading._replace(labels=None))  # the check needs no labels
-    weights = extra.pop("weights", None)  # the noise model goes to the check, not into the line
+        weights.append(extra.pop("weights", None))  # the noise model goes to the check, not into the line
+    weights = weights if weights[0] is not None else None
     start = time.perf_counter()
     config = SpanConfig(time_budget=NOISE_MODEL_BUDGET) if weights is not None else None
     if len(readings) == 1:
-        result = span_attack(victims[0], tokenizer, readings[0], selection, config, weights=weights)
+        result = span_attack(victims[0], tokenizer, readings[0], selection, config,
+                             weights=None if weights is None else weights[0])
     else:
-        result = adapter_span_attack(victims[0], tokenizer, readings, selection)
+        # Each round at its own global model: with the noise model, its search judges every round's block.
+        result = adapter_span_attack(victims[0], tokenizer, [Round(v, r) for v, r in zip(victims, readings)],
+                                     selection, config, weights=weights)
     seconds = time.perf_counter() - start
     found = result.token_ids[0]
     capacity = _capacity(setting, model.config.hidden_size)

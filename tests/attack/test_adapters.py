@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gilib.attack import adapter_span_attack, span_attack
+from gilib.attack import Round, adapter_span_attack, span_attack
 from gilib.attack.adapters import b_check, stacked_adapter_rows
 from gilib.attack.rowspace import layer0_inputs
 from gilib.client import client_update
@@ -190,6 +190,10 @@ def test_an_adamw_reading_of_fitting_adapters_is_exact_with_the_noise_model(mini
     second, second_weights = _adamw(later, selection, true_batch)
     both = adapter_span_attack(victim, tokenizer, [reading, second], selection, weights=[weights, second_weights])
     assert both.token_ids[0] == truth
+    # With each round's global model the search judges candidates on both blocks: still exact.
+    rounds = adapter_span_attack(victim, tokenizer, [Round(victim, reading), Round(later, second)], selection,
+                                 weights=[weights, second_weights])
+    assert rounds.token_ids[0] == truth and rounds.diagnostics.rank == 9
 
 
 def test_adapter_noise_models_that_do_not_fit_are_refused(minilm, victims, true_batch):
@@ -205,3 +209,80 @@ def test_adapter_noise_models_that_do_not_fit_are_refused(minilm, victims, true_
         span_attack(victim, tokenizer, reading, selection, weights=[torch.zeros_like(w) for w in weights])
     with pytest.raises(ValueError, match="noise and clipped are a plain weight"):
         span_attack(victim, tokenizer, reading, selection, weights=weights, clipped=True)
+
+
+@pytest.mark.slow
+def test_one_round_as_a_round_gives_exactly_the_bare_messages_result(minilm, victims, true_batch):
+    model, tokenizer = minilm
+    victim = victims[(16, ("query", "value"))]
+    selection = select(victim, "lora", 0)
+    reading, weights = _adamw(victim, selection, true_batch)
+    bare = adapter_span_attack(victim, tokenizer, [reading], selection, weights=[weights])
+    as_round = adapter_span_attack(victim, tokenizer, [Round(victim, reading)], selection, weights=[weights])
+    assert as_round.token_ids == bare.token_ids == true_batch["input_ids"].tolist()
+    assert as_round.final_loss == bare.final_loss
+    d, b = as_round.diagnostics, bare.diagnostics
+    assert (d.weight, d.rank, d.min_gap, d.outside, d.candidates) == (b.weight, b.rank, b.min_gap, b.outside,
+                                                                    b.candidates)
+
+
+def test_the_search_scores_each_rounds_block_at_its_own_global_model(minilm, true_batch):
+    """Two FedSGD rounds of a rank-4 query and value adapter (global models 3 warm-up steps apart): the true
+    sentence's gradients match both blocks to round-off when each is taken at its own round's model, and the
+    second block misses by far at the first round's model; one wrong token misses both."""
+    from gilib.attack.completion import polish, stacked_adapter_entries
+
+    model, tokenizer = minilm
+    truth = true_batch["input_ids"][0].tolist()
+    rounds = [lora_victim(model, ("query", "value"), r=4, layers=0, warmup=w) for w in (3, 6)]
+    selection = select(rounds[0], "lora.A", 0)
+    messages = [client_update(v, selection, true_batch).shared.shared_grads for v in rounds]
+    ones = [[torch.ones_like(g) for g in m] for m in messages]
+    per_round, matrix, weights = stacked_adapter_entries(selection.names, messages, ones, selection.names)
+    assert matrix.shape == (16, 384)  # query and value, 4 rows each, two rounds
+    residuals = torch.ones(len(truth) - 2, 30522, dtype=torch.float64)
+    scale = float(matrix.square().mean())
+
+    def distance(ids, later, rows=16):
+        found = polish(rounds[0], per_round[0], matrix[:rows], weights[:rows], ids, residuals, candidates=(),
+                       later=later)
+        return found.distance / scale
+
+    own = [(rounds[1], per_round[1])]
+    assert distance(truth, own) < 1e-9
+    assert distance(truth, [], rows=8) < 1e-9  # the first round's block alone, as without the rounds' models
+    assert distance(truth, [(rounds[0], per_round[1])]) > 1e-2  # round 1's block at round 0's model
+    wrong = truth[:3] + [tokenizer.convert_tokens_to_ids("dog")] + truth[4:]
+    assert distance(wrong, own) > 1e-2 and distance(wrong, [], rows=8) > 1e-2
+    with pytest.raises(ValueError, match="The message stacks 16 rows, and the rounds' names 8"):
+        polish(rounds[0], per_round[0], matrix, weights, truth, residuals, candidates=())
+
+
+def test_rounds_that_do_not_fit_the_model_are_refused(minilm, victims, true_batch):
+    model, tokenizer = minilm
+    victim = victims[(16, ("query", "value"))]
+    selection = select(victim, "lora", 0)
+    reading, weights = _adamw(victim, selection, true_batch)
+    later = lora_victim(model, ("query", "value"), r=16, layers=0, warmup=4)
+    second, second_weights = _adamw(later, selection, true_batch)
+    both = [weights, second_weights]
+    with pytest.raises(TypeError, match="must be a list with one entry per round"):
+        adapter_span_attack(victim, tokenizer, reading, selection)
+    with pytest.raises(TypeError, match="mixes Round"):
+        adapter_span_attack(victim, tokenizer, [Round(victim, reading), second], selection, weights=both)
+    with pytest.raises(ValueError, match="Round 0's model is not `model`"):
+        adapter_span_attack(victim, tokenizer, [Round(later, second), Round(victim, reading)], selection,
+                            weights=[second_weights, weights])
+    other_rank = lora_victim(model, ("query", "value"), r=8, layers=0, warmup=4)
+    with pytest.raises(ValueError, match=r"Round 1's model is not model's architecture \(it holds "
+                                         r"'bert.encoder.layer.0.attention.self.query.lora_A.default.weight' as "
+                                         r"\(8, 384\), model as \(16, 384\)\)"):
+        adapter_span_attack(victim, tokenizer, [Round(victim, reading), Round(other_rank, second)], selection,
+                            weights=both)
+    query_only = victims[(16, ("query",))]
+    with pytest.raises(ValueError, match="Round 1's model is not model's architecture \\(it has no parameter "
+                                         "'bert.encoder.layer.0.attention.self.value.lora_A"):
+        adapter_span_attack(victim, tokenizer, [Round(victim, reading), Round(query_only, second)], selection)
+    with pytest.raises(ValueError, match="weights holds 1 lists for 2 rounds"):
+        adapter_span_attack(victim, tokenizer, [Round(victim, reading), Round(later, second)], selection,
+                            weights=[weights])

@@ -125,3 +125,56 @@ def test_lora_decoder_messages_are_refused_where_the_check_cannot_read_them(gpt2
         adapter_span_attack(victim, gpt2_tiny[1], messages, selection)
     with pytest.raises(ValueError, match="No update given"):
         adapter_span_attack(victim, gpt2_tiny[1], [], selection)
+
+
+@pytest.mark.parametrize("r", [4, 8, 9, 16])
+def test_b_alone_on_the_decoder_pins_the_tokens_once_r_exceeds_the_predicting_inputs(gpt2_tiny, true_batch, r):
+    """c_attn's B gradient spans the 8 predicting inputs' projections A x in R^r (a BERT sentence of 9 tokens
+    would need r = 10). At r = 9 (the token count) every position's smallest residual is the true token, with a
+    few impostors under the threshold (one spare dimension); at r = 16 the true token alone passes. At r = 8 (the
+    predicting inputs) and 4 the span fills R^r and the whole vocabulary passes."""
+    from gilib.attack.adapters import b_check
+
+    truth = true_batch["input_ids"][0].tolist()
+    victim = _victim(gpt2_tiny, r)
+    selection = select(victim, "lora.B", 0)
+    message = client_update(victim, selection, true_batch).shared
+    check = b_check(victim, gpt2_tiny[1], message.shared_grads, selection, len(truth))
+    assert check.weight == "transformer.h.0.attn.c_attn.lora_B.default.weight" and check.r == r
+    assert check.rank == min(r, 8)  # the end token's output gradient is zero: 8 inputs, not 9
+    true_residuals = [float(row[t]) for row, t in zip(check.residuals, truth[1:-1])]
+    assert max(true_residuals) < 1e-5  # every true token's A x lies in the span
+    allowed = int(torch.isfinite(check.residuals[0]).sum())
+    second = check.residuals.topk(2, dim=1, largest=False).values[:, 1]  # each position's runner-up
+    if r == 9:
+        assert check.ids == truth  # the truth is each position's smallest residual ...
+        assert all(1 < p < 30 for p in check.passing)  # ... with a few impostors under the threshold
+        assert float(second.min()) > 10 * max(true_residuals)
+    elif r == 16:
+        # Eight of sixteen dimensions: B alone pins the sentence, the runner-up far outside.
+        assert check.ids == truth and check.passing == [1] * 7 and float(second.min()) > 1e-2
+    else:
+        assert check.passing == [allowed] * 7 and allowed > 29000
+
+
+def test_b_check_on_the_decoder_refuses_what_it_cannot_read(gpt2_tiny, true_batch):
+    from gilib.attack.adapters import b_check
+
+    tokenizer = gpt2_tiny[1]
+    victim = _victim(gpt2_tiny, 16, ("c_attn", "mlp.c_fc"))
+    selection = select(victim, "lora", 0)
+    message = client_update(victim, selection, true_batch).shared
+    with pytest.raises(ValueError, match="module must be 'c_attn' on a GPT-2 decoder"):
+        b_check(victim, tokenizer, message.shared_grads, selection, 9, module="query")
+    with pytest.raises(ValueError, match="module must be 'c_attn' on a GPT-2 decoder"):
+        b_check(victim, tokenizer, message.shared_grads, selection, 9, module="mlp.c_fc")
+    a_only = select(victim, "lora.A", 0)
+    with pytest.raises(ValueError, match=r"holds no layer-0 c_attn LoRA B weight.*lora\.c_attn\.B"):
+        b_check(victim, tokenizer, message.shared_grads[:2], a_only, 9)
+    mlp_only = select(victim, "lora.mlp.c_fc.B", 0)
+    with pytest.raises(ValueError, match="only the fused c_attn's adapter reads layer 0's input"):
+        b_check(victim, tokenizer, message.shared_grads[:1], mlp_only, 9)
+    with pytest.raises(ValueError, match="with its start and end tokens, 3..128"):
+        b_check(victim, tokenizer, message.shared_grads, selection, 2)
+    with pytest.raises(ValueError, match="The message holds 3 tensors for the 4"):
+        b_check(victim, tokenizer, message.shared_grads[:3], selection, 9)
