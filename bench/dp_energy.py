@@ -29,14 +29,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dp_span import messages  # bench/: the script's own folder
 from gilib.attack import span_attack
 from gilib.attack.rowspace import layer0_inputs
-from gilib.client import DPSGD, client_update
 from gilib.data import write_settings
-from gilib.models import cached_model, encode
+from gilib.models import cached_model
 from gilib.selection import select
-from gilib.studies.sample import sample
-from gilib.studies.span import DATASETS
 
 SIGMAS = (3e-5, 1e-4)
 """Where token accuracy crosses one half with the noise model (bench/dp_span.py)."""
@@ -54,26 +52,18 @@ def measure(sigmas, sentences: int) -> list[dict]:
     model, tokenizer = cached_model("minilm")
     selection = select(model, "attention.query", 0)
     rows = []
-    for dataset in DATASETS:
-        for (example,) in sample(dataset, sentences):
-            true_batch = encode(tokenizer, [example.text], [example.label])
-            n = int(true_batch["attention_mask"].sum())
-            truth = true_batch["input_ids"][0, :n].tolist()
-            for sigma in sigmas:
-                protocol = DPSGD(sigma, 1.0, seed=int(example.row_id))
-                message = client_update(model, selection, true_batch, protocol).shared._replace(labels=None)
-                start = time.perf_counter()
-                found = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1)).token_ids[0]
-                seconds = time.perf_counter() - start
-                gradient = message.shared_grads[0].double()
-                gram = gradient.T @ gradient
-                true_energy, found_energy = captured_energy(model, truth, gram), captured_energy(model, found, gram)
-                rows.append({"dataset": dataset, "row_id": example.row_id, "tokens": n, "sigma": sigma,
-                             "token_accuracy": sum(a == b for a, b in zip(found[1:-1], truth[1:-1])) / (n - 2),
-                             "exact": found == truth,
-                             "truth_minus_found": (true_energy - found_energy) / abs(found_energy),
-                             "seconds": seconds})
-                print(rows[-1], flush=True)
+    for dataset, row_id, truth, sigma, protocol, message in messages(model, tokenizer, selection, sigmas, sentences):
+        start = time.perf_counter()
+        found = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1)).token_ids[0]
+        seconds = time.perf_counter() - start
+        gradient = message.shared_grads[0].double()
+        gram = gradient.T @ gradient
+        true_energy, found_energy = captured_energy(model, truth, gram), captured_energy(model, found, gram)
+        rows.append({"dataset": dataset, "row_id": row_id, "tokens": len(truth), "sigma": sigma,
+                     "token_accuracy": sum(a == b for a, b in zip(found[1:-1], truth[1:-1])) / (len(truth) - 2),
+                     "exact": found == truth, "truth_minus_found": (true_energy - found_energy) / abs(found_energy),
+                     "seconds": seconds})
+        print(rows[-1], flush=True)
     return rows
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import pandas as pd
 import torch
@@ -39,17 +40,26 @@ from gilib.client import DPSGD, client_update
 from gilib.data import write_settings
 from gilib.models import cached_model, encode
 from gilib.selection import select
+from gilib.update import SharedUpdate
 from gilib.studies.sample import sample
 from gilib.studies.span import DATASETS
 
 SIGMAS = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 
 
-def measure(sigmas, sentences: int) -> list[dict]:
-    """Both readings of every sentence's DP-SGD message at every ``sigma``."""
-    model, tokenizer = cached_model("minilm")
-    selection = select(model, "attention.query", 0)
-    rows = []
+class Message(NamedTuple):
+    """One sentence's DP-SGD message and, for the comparison only, its truth."""
+
+    dataset: str
+    row_id: int
+    truth: list
+    sigma: float
+    protocol: DPSGD
+    message: SharedUpdate
+
+
+def messages(model, tokenizer, selection, sigmas, sentences: int) -> Iterator[Message]:
+    """Every chapter-5 sentence's DP-SGD message of ``selection`` at every ``sigma`` (seeded by its row id)."""
     for dataset in DATASETS:
         for (example,) in sample(dataset, sentences):
             true_batch = encode(tokenizer, [example.text], [example.label])
@@ -57,18 +67,28 @@ def measure(sigmas, sentences: int) -> list[dict]:
             truth = true_batch["input_ids"][0, :n].tolist()
             for sigma in sigmas:
                 protocol = DPSGD(sigma, 1.0, seed=int(example.row_id))
-                # The server needs no labels; the truth reaches only the comparison below.
+                # The server needs no labels; the truth reaches only the comparisons.
                 message = client_update(model, selection, true_batch, protocol).shared._replace(labels=None)
-                for check, extra in (("old", {}), ("new", {"noise": protocol.noise_std(1)})):
-                    start = time.perf_counter()
-                    got = span_attack(model, tokenizer, message, selection, **extra).token_ids[0]
-                    rows.append({"dataset": dataset, "row_id": example.row_id, "tokens": n, "sigma": sigma,
-                                 "check": check,
-                                 "token_accuracy": sum(a == b for a, b in zip(got[1:-1], truth[1:-1])) / (n - 2),
-                                 "exact": got == truth, "seconds": time.perf_counter() - start})
-                print(dataset, example.row_id, n, sigma,
-                      *(round(r["token_accuracy"], 2) for r in rows[-2:]), round(rows[-1]["seconds"], 1),
-                      flush=True)
+                yield Message(dataset, example.row_id, truth, sigma, protocol, message)
+
+
+def measure(sigmas, sentences: int) -> list[dict]:
+    """Both readings of every sentence's DP-SGD message at every ``sigma``."""
+    model, tokenizer = cached_model("minilm")
+    selection = select(model, "attention.query", 0)
+    rows = []
+    for dataset, row_id, truth, sigma, protocol, message in messages(model, tokenizer, selection, sigmas, sentences):
+        n = len(truth)
+        for check, extra in (("old", {}), ("new", {"noise": protocol.noise_std(1)})):
+            start = time.perf_counter()
+            got = span_attack(model, tokenizer, message, selection, **extra).token_ids[0]
+            rows.append({"dataset": dataset, "row_id": row_id, "tokens": n, "sigma": sigma,
+                         "check": check,
+                         "token_accuracy": sum(a == b for a, b in zip(got[1:-1], truth[1:-1])) / (n - 2),
+                         "exact": got == truth, "seconds": time.perf_counter() - start})
+        print(dataset, row_id, n, sigma,
+              *(round(r["token_accuracy"], 2) for r in rows[-2:]), round(rows[-1]["seconds"], 1),
+              flush=True)
     return rows
 
 

@@ -197,8 +197,8 @@ def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_
     # bench/dp_energy.py compares the energy tr(P_X G^T G) the true and the found sentence capture: without
     # noise the query gradient's rows lie in the span of the sentence's inputs, so the truth captures all of
     # ||G||^2 and a sentence with one token changed captures less.
-    sys.path.insert(0, str(REPO))
-    from bench.dp_energy import captured_energy
+    sys.path.insert(0, str(REPO / "bench"))
+    from dp_energy import captured_energy
     from gilib.client import client_update
     from gilib.models import encode
     from gilib.selection import select
