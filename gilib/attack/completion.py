@@ -419,7 +419,8 @@ def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequen
     position (one of the :data:`PAIR_POSITIONS` whose token ranks lowest by
     its residual, as the pair stage picks them, or a token that repeats its
     neighbour), two moves are tried, each with every one of the ``tokens``
-    best tokens ``t`` (by residual) of the position it frees:
+    best tokens ``t`` (by residual) of the position it frees, and with the
+    token it drops (a rotation of the window; two neighbours swapped):
 
     * left: drop ``ids[a]``, move ``ids[a + 1 .. b]`` one to the left, put ``t`` at ``b``;
     * right: drop ``ids[b]``, move ``ids[a .. b - 1]`` one to the right, put ``t`` at ``a``.
@@ -459,8 +460,10 @@ def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequen
         repeats = [p for p in range(1, last + 1) if ids[p] in (ids[p - 1], ids[p + 1])]
         windows = sorted({(a, a + size - 1) for p in suspects + repeats for size in range(2, window + 1)
                           for a in range(p - size + 1, p + 1) if 1 <= a and a + size - 1 <= last})
-        groups = [[ids[:a] + ids[a + 1:b + 1] + [t] + ids[b + 1:] for t in options[b - 1]]
-                  + [ids[:a] + [t] + ids[a:b] + ids[b + 1:] for t in options[a - 1]] for a, b in windows]
+        # The dropped token is tried at the freed position too: a rotation (a swap, for two positions).
+        groups = [[ids[:a] + ids[a + 1:b + 1] + [t] + ids[b + 1:] for t in options[b - 1] + [ids[a]]]
+                  + [ids[:a] + [t] + ids[a:b] + ids[b + 1:] for t in options[a - 1] + [ids[b]]]
+                  for a, b in windows]
         best, seen = (current, None), {tuple(ids)}
         for group in groups:
             if deadline is not None and time.perf_counter() > deadline:
