@@ -46,7 +46,8 @@ Four steps, each a standard tool:
    single best change is made until none helps. If the result is not a
    sharp minimum (:data:`SHARP`) the server refits once more from it and
    searches again, then widens to each position's 32 best tokens, and
-   last tries pairs of neighbouring positions at once (:data:`PAIRS`).
+   last tries pairs of neighbouring positions at once (:data:`PAIRS`) and
+   then shifts of a short window by one position (:func:`shift_moves`).
    Several rounds' LoRA messages of one sentence
    (:func:`gilib.attack.adapter_span_attack` given each round's global
    model) are judged block by block, each round's candidate gradient at
@@ -60,7 +61,7 @@ The noise model comes from the protocol (:meth:`gilib.client.FedAvg.entry_weight
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -87,6 +88,16 @@ PAIR_POSITIONS = 4
 """Positions whose neighbourhoods the pair moves try: those whose token is
 furthest down its own residual ranking (a position the residuals disagree
 with), each with its left and right neighbour."""
+
+SHIFT_WINDOW = 4
+"""Longest window :func:`shift_moves` shifts by one position (0: no shift
+moves). A search from residuals can settle on a stretch of the sentence one
+position off ("hackney ##ed movie" where the truth is "##y hackney ##ed"):
+every token of it is wrong where it stands, so no single or pair change
+helps, and only the whole stretch moved back does."""
+
+SHIFT_TOKENS = 8
+"""Tokens :func:`shift_moves` tries at the position a shift frees, by increasing residual."""
 
 REFITS = 4
 """Times :func:`gilib.attack.span_attack` refits the span from the sentence
@@ -324,7 +335,11 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             each to one of its ``pairs`` best tokens, around the
             :data:`PAIR_POSITIONS` positions whose token ranks lowest by
             its residual; a pair that helps is made and the widest single
-            stage runs again. 0: no pair moves.
+            stage runs again. 0: no pair moves. If no pair helps either,
+            :func:`shift_moves` tries shifting a short window around the
+            same positions (or a repeated token) by one
+            (:data:`SHIFT_WINDOW`); a shift that helps is made and the
+            widest single stage runs again.
         later: several rounds' messages of one sentence (LoRA ``A``
             adapters, :func:`gilib.attack.adapter_span_attack`): per later
             round, ``(its global model, its stacked names)``, in the order
@@ -415,5 +430,84 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             again = polish(model, names, matrix, weights, best[1], residuals, candidates=candidates[-1:],
                            sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later)
             return again if again.distance < best[0] else Polished(best[1], best[0], False)
+    if pairs and runner_up < SHARP * current:
+        # Still not a sharp minimum after the pair moves: try shifting a stretch by one position.
+        shifted = shift_moves(lambda trials: distances(trials, label), ids, current, residuals, deadline=deadline)
+        if shifted.ids != ids:
+            # Made; then the widest single stage once more from it.
+            again = polish(model, names, matrix, weights, shifted.ids, residuals, candidates=candidates[-1:],
+                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later)
+            return again if again.distance < shifted.distance else shifted
     current = min(distances([ids], y)[0] for y in classes)
     return Polished(ids, current, runner_up >= SHARP * current)
+
+
+def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequence[int], current: float,
+                residuals: torch.Tensor, window: int | None = None, tokens: int = SHIFT_TOKENS,
+                deadline: float | None = None) -> Polished:
+    """Best-improvement descent over shifts of a short window by one position, the last stage of :func:`polish`.
+
+    For each window ``[a, b]`` of 2 to ``window`` positions around a suspect
+    position (one of the :data:`PAIR_POSITIONS` whose token ranks lowest by
+    its residual, as the pair stage picks them, or a token that repeats its
+    neighbour), two moves are tried, each with every one of the ``tokens``
+    best tokens ``t`` (by residual) of the position it frees, and with the
+    token it drops (a rotation of the window; two neighbours swapped):
+
+    * left: drop ``ids[a]``, move ``ids[a + 1 .. b]`` one to the left, put ``t`` at ``b``;
+    * right: drop ``ids[b]``, move ``ids[a .. b - 1]`` one to the right, put ``t`` at ``a``.
+
+    Tokens outside the window keep their positions, so the sentence keeps
+    its length (the rank fixed it). The single best move is made, the
+    suspects are found again, and the search repeats until no move helps or
+    ``deadline`` passes. A shifted stretch is a local minimum that single
+    and pair changes cannot leave: every one of its tokens is wrong where
+    it stands, and fixing one alone puts it next to a wrong neighbour.
+
+    Args:
+        distances: a batch of candidate sentences' distances to the message
+            (:func:`polish`'s, with its label).
+        ids: the sentence, ``[CLS]`` and ``[SEP]`` included.
+        current: its distance.
+        residuals: ``(n - 2, V)`` every token's residual at each interior position.
+        window: the longest window shifted; ``None``: :data:`SHIFT_WINDOW`.
+        tokens: tokens tried at the freed position.
+        deadline: a :func:`time.perf_counter` time to stop at.
+
+    Returns:
+        A :class:`Polished` with the sentence after the moves made (``ids``
+        if none helped), its distance, and ``sharp`` False (the caller
+        judges sharpness with its single stage).
+    """
+    window = SHIFT_WINDOW if window is None else window
+    ids, last = list(ids), len(ids) - 2
+    options = residuals.topk(min(tokens, residuals.shape[1]), dim=1, largest=False).indices.tolist()
+    improved = True
+    while improved and window >= 2:
+        improved = False
+        ranks = [int((residuals[p - 1] < residuals[p - 1, t]).sum()) for p, t in enumerate(ids[1:-1], start=1)]
+        suspects = sorted(range(1, last + 1), key=lambda p: -ranks[p - 1])[:PAIR_POSITIONS]
+        # A shifted stretch's tokens can each rank well where they stand (neighbouring
+        # positions' inputs differ little); its seam often repeats a token.
+        repeats = [p for p in range(1, last + 1) if ids[p] in (ids[p - 1], ids[p + 1])]
+        windows = sorted({(a, a + size - 1) for p in suspects + repeats for size in range(2, window + 1)
+                          for a in range(p - size + 1, p + 1) if 1 <= a and a + size - 1 <= last})
+        # The dropped token is tried at the freed position too: a rotation (a swap, for two positions).
+        groups = [[ids[:a] + ids[a + 1:b + 1] + [t] + ids[b + 1:] for t in options[b - 1] + [ids[a]]]
+                  + [ids[:a] + [t] + ids[a:b] + ids[b + 1:] for t in options[a - 1] + [ids[b]]]
+                  for a, b in windows]
+        best, seen = (current, None), {tuple(ids)}
+        for group in groups:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            trials = []
+            for trial in group:
+                if tuple(trial) not in seen:
+                    seen.add(tuple(trial))
+                    trials.append(trial)
+            for value, trial in zip(distances(trials) if trials else [], trials):
+                if value < best[0]:
+                    best = (value, trial)
+        if best[1] is not None:
+            (current, ids), improved = best, True
+    return Polished(ids, current, False)

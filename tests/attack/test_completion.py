@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gilib.attack import span_attack
+from gilib.attack import completion
 from gilib.attack.completion import (balanced, candidate_gradients, completed_space, outside_share, polish,
                                      sentence_inputs,
                                      stacked_projections)
@@ -226,3 +227,25 @@ def test_a_pair_move_fixes_two_neighbouring_tokens_at_once(minilm):
     paired = polish(model, names, message, weights, start, residuals, candidates=(), pairs=2)
     assert unpaired.ids == start and paired.ids == truth.tolist()
     assert paired.distance < 1e-6 * unpaired.distance
+
+
+def test_a_shift_move_undoes_a_stretch_one_position_off(minilm, monkeypatch):
+    # A bundled 8-token sentence; the search starts with positions 3-5 one to the
+    # left ("b c X" where the truth is "a b c"): each position's best tokens hold
+    # the true one, but no single or pair change from there lowers the distance.
+    model, tokenizer = minilm
+    example = load_split("sample")[4]
+    truth = encode(tokenizer, [example.text], [example.label])["input_ids"][0].tolist()
+    assert len(truth) == 8
+    message = candidate_gradients(model, STACKED, torch.tensor([truth]), example.label)[0]
+    weights = torch.ones_like(message)
+    start = truth[:3] + truth[4:6] + [2000] + truth[6:]
+    residuals = torch.ones(6, model.config.vocab_size)
+    residuals[torch.arange(6), truth[1:-1]] = 0.5
+    residuals[torch.arange(6), start[1:-1]] = 0.0  # the found tokens rank first, the true ones second
+    monkeypatch.setattr(completion, "SHIFT_WINDOW", 0)
+    unshifted = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), pairs=2)
+    monkeypatch.undo()
+    shifted = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), pairs=2)
+    assert unshifted.ids != truth and unshifted.distance > 0
+    assert shifted.ids == truth and shifted.distance < 1e-6 * unshifted.distance
