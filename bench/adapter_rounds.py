@@ -29,8 +29,11 @@ bootstrap interval. Sentences: the seeded sample
 (:func:`gilib.studies.sample.sample`) of each dataset from ``--offset``,
 ``--per-dataset`` each, kept when the stacked rows (``2 r`` per round) reach
 their token count (the fit's condition) and they have at most
-``--max-tokens`` tokens. Nothing is asserted; the seconds are for one
-machine.
+``--max-tokens`` tokens. Every block costs the search about twice the
+seconds per candidate (two rounds' gradients), so at the study's 30 s
+budget (:data:`gilib.studies.lora.NOISE_MODEL_BUDGET`) it is stopped more
+often; ``--time-budget 120`` compares the two searches run to their end.
+Nothing is asserted; the seconds are for one machine.
 
 Usage::
 
