@@ -22,14 +22,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from dp_span import messages  # bench/: the script's own folder
+from dp_span import messages, options  # bench/: the script's own folder
 from gilib.attack import span_attack
 from gilib.attack.rowspace import layer0_inputs
 from gilib.data import write_settings
@@ -68,11 +67,7 @@ def measure(sigmas, sentences: int) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sigmas", nargs="+", type=float, default=list(SIGMAS), help="DP-SGD noise multipliers")
-    parser.add_argument("--sentences", type=int, default=4, help="sentences per dataset (chapter 5: 4)")
-    parser.add_argument("--out", type=Path, default=None, help="also write every line here (CSV)")
-    args = parser.parse_args(argv)
+    args = options(__doc__.split("\n")[0], SIGMAS).parse_args(argv)
     torch.set_num_threads(1)
     frame = pd.DataFrame(measure(args.sigmas, args.sentences))
     missed = frame[~frame["exact"]]

@@ -92,12 +92,17 @@ def measure(sigmas, sentences: int) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sigmas", nargs="+", type=float, default=list(SIGMAS), help="DP-SGD noise multipliers")
+def options(description: str, sigmas) -> argparse.ArgumentParser:
+    """The DP benches' command line: ``--sigmas`` (default ``sigmas``), ``--sentences``, ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sigmas", nargs="+", type=float, default=list(sigmas), help="DP-SGD noise multipliers")
     parser.add_argument("--sentences", type=int, default=4, help="sentences per dataset (chapter 5: 4)")
     parser.add_argument("--out", type=Path, default=None, help="also write every line here (CSV)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = options(__doc__.split("\n")[0], SIGMAS).parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(args.sigmas, args.sentences)
     frame = pd.DataFrame(rows)
