@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
