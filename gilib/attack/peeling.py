@@ -25,7 +25,7 @@ import torch
 
 from .checks import FOUND, ForwardCheck, OutputCheck, SentenceCheck, reads_of
 from .config import SpanConfig
-from .positions import bag_filled, position_sets, position_shares
+from .positions import bag_filled, bag_shares, position_sets
 from .rowspace import check_positions, row_space
 from .searches import beam_search, completed_beam, search_sentence, sweep
 from .tokens import TokenSpace
@@ -258,9 +258,8 @@ class _Peeler:
         the best layer-0 residual among the candidates where the split is
         not unique).
         """
-        specials = (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id)
-        bag = sorted({int(t) for c in candidates for t in c} | set(specials))
-        shares = position_shares(self.model, self.grads[self.weight], bag, max(left))
+        bag, shares = bag_shares(self.model, self.grads[self.weight], candidates,
+                                 (self.tokenizer.cls_token_id, self.tokenizer.sep_token_id), max(left))
         index = {t: j for j, t in enumerate(bag)}
 
         def likeliest(p: int) -> int:

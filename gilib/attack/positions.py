@@ -81,6 +81,13 @@ def position_shares(model: torch.nn.Module, gradient: torch.Tensor, bag: Sequenc
     return torch.linalg.lstsq(tokens, places).solution
 
 
+def bag_shares(model: torch.nn.Module, gradient: torch.Tensor, sets: Sequence[Sequence[int]],
+               specials: Sequence[int], positions: int) -> tuple[list[int], torch.Tensor | None]:
+    """The bag of ``sets`` and ``specials`` (sorted token ids) and its :func:`position_shares` (``None``: not unique)."""
+    bag = sorted({int(t) for s in sets for t in s} | {int(t) for t in specials})
+    return bag, position_shares(model, gradient, bag, positions)
+
+
 def bag_filled(sets: Sequence[Sequence[int]], lengths: Sequence[int]) -> bool:
     """Whether the candidate sets have become the batch's bag of words.
 
@@ -118,8 +125,7 @@ def position_sets(model: torch.nn.Module, gradient: torch.Tensor, sets: Sequence
         unique.
     """
     positions = max(lengths)
-    bag = sorted({int(t) for s in sets for t in s} | {int(t) for t in specials})
-    shares = position_shares(model, gradient, bag, positions)
+    bag, shares = bag_shares(model, gradient, sets, specials, positions)
     if shares is None:
         return [list(s) for s in sets]
     special = {int(t) for t in specials}

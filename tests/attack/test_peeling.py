@@ -12,7 +12,7 @@ from gilib.attack.peeling import (
     peel_test,
     sentence_gradients,
 )
-from gilib.attack.positions import position_shares
+from gilib.attack.positions import bag_shares
 from gilib.attack.rowspace import check_positions, row_space
 from gilib.attack.tokens import TokenSpace
 from gilib.client import client_update
@@ -113,16 +113,22 @@ def test_each_residual_map_measures_the_distance_to_the_span(width, rank, kind):
     assert float((inside @ outside).norm(dim=-1).max()) < 1e-9 * float(inside.norm(dim=-1).max())
 
 
-@pytest.mark.slow
-def test_the_beam_closes_the_true_sentences_of_a_bag(minilm):
-    # Sixteen sentences: the candidate sets hold more tokens than there are sentences.
-    model, tokenizer = minilm
+def _sixteen(model, tokenizer):
+    """The 16 bundled sentences' layer-0 and layer-1 query message: its layer-0 sets and the layer-1 check."""
     selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:16])
     grads = dict(zip(selection.names, update.shared_grads))
     _, layer0, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[QUERY0], update.lengths,
                                             shift_invariant=False, threshold=1e-4, capped=False)
-    assert min(len(c) for c in candidates[:6]) > 16
     check = ForwardCheck(model, row_space(grads[QUERY1], max_rank=sum(update.lengths)))
+    return true_batch, update, grads, layer0, candidates, check
+
+
+@pytest.mark.slow
+def test_the_beam_closes_the_true_sentences_of_a_bag(minilm):
+    # Sixteen sentences: the candidate sets hold more tokens than there are sentences.
+    model, tokenizer = minilm
+    true_batch, update, _, layer0, candidates, check = _sixteen(model, tokenizer)
+    assert min(len(c) for c in candidates[:6]) > 16
     hits, best = beam_search(check, candidates, update.lengths, tokenizer, layer0=layer0)
     truth = true_token_ids(true_batch)
     assert hits and all(list(h) in truth for h in hits)
@@ -134,14 +140,10 @@ def test_the_completed_beam_closes_a_sentence_of_the_length_it_is_given(minilm):
     # Sixteen sentences, the bag at every position. The fill is the position split's likeliest token at
     # each position, which is not the true sentence: the sentence must come from the search.
     model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:16])
-    grads = dict(zip(selection.names, update.shared_grads))
-    _, layer0, candidates = check_positions(model, TokenSpace(model, tokenizer), grads[QUERY0], update.lengths,
-                                            shift_invariant=False, threshold=1e-4, capped=False)
-    check = ForwardCheck(model, row_space(grads[QUERY1], max_rank=sum(update.lengths)))
+    true_batch, update, grads, layer0, candidates, check = _sixteen(model, tokenizer)
     truth = true_token_ids(true_batch)
-    bag = sorted({int(t) for c in candidates for t in c} | {tokenizer.cls_token_id, tokenizer.sep_token_id})
-    shares = position_shares(model, grads[QUERY0], bag, max(update.lengths))
+    bag, shares = bag_shares(model, grads[QUERY0], candidates, (tokenizer.cls_token_id, tokenizer.sep_token_id),
+                             max(update.lengths))
     n = min(update.lengths)
     fill = [max(candidates[p - 1], key=lambda t: float(shares[bag.index(int(t)), p])) for p in range(1, n - 1)]
     assert not any(t[1:-1] == fill for t in truth)
