@@ -48,6 +48,10 @@ Four steps, each a standard tool:
    searches again, then widens to each position's 32 best tokens, and
    last tries pairs of neighbouring positions at once (:data:`PAIRS`) and
    then shifts of a short window by one position (:func:`shift_moves`).
+   That last stage sweeps the :func:`suspects` first, each with its
+   :data:`SUSPECT_TOKENS` best tokens, and makes a change that helps there
+   before sweeping the other positions; after a pair or shift move the
+   single stages run again from the narrow width.
    Several rounds' LoRA messages of one sentence
    (:func:`gilib.attack.adapter_span_attack` given each round's global
    model) are judged block by block, each round's candidate gradient at
@@ -98,6 +102,14 @@ helps, and only the whole stretch moved back does."""
 
 SHIFT_TOKENS = 8
 """Tokens :func:`shift_moves` tries at the position a shift frees, by increasing residual."""
+
+SUSPECT_TOKENS = 64
+"""Tokens per position the last stage of :func:`polish` (the one with pair
+moves) tries first at the :func:`suspects`, by increasing residual. A long
+sentence far from the truth (59 tokens, one AdamW step at lr 2e-5) can hold
+a true token that ranks past the widest stage's 32 where it stands ("##s"
+33rd behind "##iche", the token of its neighbour); trying it at every
+position would double that stage's cost, at the few suspects it is cheap."""
 
 REFITS = 4
 """Times :func:`gilib.attack.span_attack` refits the span from the sentence
@@ -334,12 +346,15 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             sharp minimum, try changing two neighbouring positions at once,
             each to one of its ``pairs`` best tokens, around the
             :data:`PAIR_POSITIONS` positions whose token ranks lowest by
-            its residual; a pair that helps is made and the widest single
-            stage runs again. 0: no pair moves. If no pair helps either,
-            :func:`shift_moves` tries shifting a short window around the
-            same positions (or a repeated token) by one
-            (:data:`SHIFT_WINDOW`); a shift that helps is made and the
-            widest single stage runs again.
+            its residual; a pair that helps is made and the single stages
+            run again (the narrow width first, then ``candidates``' last).
+            0: no pair moves. If no pair helps either, :func:`shift_moves`
+            tries shifting a short window around the same positions (or a
+            repeated token) by one (:data:`SHIFT_WINDOW`); a shift that
+            helps is made and the single stages run again. With ``pairs``,
+            each sweep of the single stages first tries the
+            :func:`suspects`' :data:`SUSPECT_TOKENS` best tokens, and makes
+            the best change that helps there before sweeping the rest.
         later: several rounds' messages of one sentence (LoRA ``A``
             adapters, :func:`gilib.attack.adapter_span_attack`): per later
             round, ``(its global model, its stacked names)``, in the order
@@ -394,27 +409,40 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
     # distance by orders of magnitude, while a first-improvement search
     # takes whichever small gain elsewhere it meets first.
     moves, runner_up = 0, 0.0
+    # The last stage (the one with pair moves) sweeps the suspects first, each with
+    # its SUSPECT_TOKENS best tokens, and makes a change that helps there before
+    # sweeping the rest: on a long sentence a sweep costs seconds per position.
+    wide = residuals.topk(min(SUSPECT_TOKENS, residuals.shape[1]), dim=1, largest=False).indices.tolist()
     for width in candidates:
         options = residuals.topk(min(width, residuals.shape[1]), dim=1, largest=False).indices.tolist()
         while moves < sweeps:
             best, runner_up = (current, None), float("inf")
-            for position, tokens in enumerate(options, start=1):
-                if deadline is not None and time.perf_counter() > deadline:
-                    break
-                trials = [ids[:position] + [t] + ids[position + 1:] for t in tokens if t != ids[position]]
-                for value, trial in zip(distances(trials, label), trials):
-                    runner_up = min(runner_up, value)
-                    if value < best[0]:
-                        best = (value, trial)
+            first = suspects(ids, residuals) if pairs else []
+            groups = ([(p, wide[p - 1]) for p in first],
+                      [(p, options[p - 1]) for p in range(1, len(ids) - 1) if p not in first])
+            for group in groups:
+                if best[1] is not None:
+                    break  # a suspect's change helps: made before the other positions are swept
+                for position, tokens in group:
+                    if deadline is not None and time.perf_counter() > deadline:
+                        break
+                    trials = [ids[:position] + [t] + ids[position + 1:] for t in tokens if t != ids[position]]
+                    for value, trial in zip(distances(trials, label), trials):
+                        runner_up = min(runner_up, value)
+                        if value < best[0]:
+                            best = (value, trial)
             if best[1] is None:
                 break
             (current, ids), moves = best, moves + 1
         if runner_up >= SHARP * current:
             break
+    # After a pair or shift move, the single stages run again from the narrow
+    # width: a move that reached the truth leaves a sharp minimum that one
+    # narrow sweep shows (a wide sweep of a 59-token sentence costs about 50 s).
+    confirm = tuple(sorted({w for last in candidates[-1:] for w in (min(CANDIDATES[0], last), last)}))
     if pairs and runner_up < SHARP * current:
-        ranks = [int((residuals[p - 1] < residuals[p - 1, t]).sum()) for p, t in enumerate(ids[1:-1], start=1)]
-        suspects = sorted(range(1, len(ids) - 1), key=lambda p: -ranks[p - 1])[:PAIR_POSITIONS]
-        spans = sorted({(a, a + 1) for p in suspects for a in (p - 1, p) if 1 <= a and a + 1 <= len(ids) - 2})
+        spans = sorted({(a, a + 1) for p in suspects(ids, residuals, repeats=False) for a in (p - 1, p)
+                        if 1 <= a and a + 1 <= len(ids) - 2})
         options = residuals.topk(min(pairs, residuals.shape[1]), dim=1, largest=False).indices.tolist()
         best = (current, None)
         for a, b in spans:
@@ -426,20 +454,46 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
                 if value < best[0]:
                     best = (value, trial)
         if best[1] is not None:
-            # Made; then the widest single stage once more from it.
-            again = polish(model, names, matrix, weights, best[1], residuals, candidates=candidates[-1:],
+            # Made; then the single stages once more from it, the narrow one first.
+            again = polish(model, names, matrix, weights, best[1], residuals, candidates=confirm,
                            sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later)
             return again if again.distance < best[0] else Polished(best[1], best[0], False)
     if pairs and runner_up < SHARP * current:
         # Still not a sharp minimum after the pair moves: try shifting a stretch by one position.
         shifted = shift_moves(lambda trials: distances(trials, label), ids, current, residuals, deadline=deadline)
         if shifted.ids != ids:
-            # Made; then the widest single stage once more from it.
-            again = polish(model, names, matrix, weights, shifted.ids, residuals, candidates=candidates[-1:],
+            # Made; then the single stages once more from it, the narrow one first.
+            again = polish(model, names, matrix, weights, shifted.ids, residuals, candidates=confirm,
                            sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later)
             return again if again.distance < shifted.distance else shifted
     current = min(distances([ids], y)[0] for y in classes)
     return Polished(ids, current, runner_up >= SHARP * current)
+
+
+def suspects(ids: Sequence[int], residuals: torch.Tensor, repeats: bool = True) -> list[int]:
+    """The positions a search from residuals most likely got wrong.
+
+    The :data:`PAIR_POSITIONS` positions whose token ranks lowest by its own
+    residual (ties: the earlier first), then, with ``repeats``, every
+    position whose token repeats a neighbour's. A shifted stretch's tokens
+    can each rank well where they stand (neighbouring positions' inputs
+    differ little), and so can a neighbour's token copied over a short true
+    one ("##iche ##iche" for "##iche ##s"): its seam repeats a token.
+
+    Args:
+        ids: the sentence, ``[CLS]`` and ``[SEP]`` included.
+        residuals: ``(n - 2, V)`` every token's residual at each interior position.
+        repeats: add the positions that repeat a neighbour's token.
+
+    Returns:
+        Interior positions, lowest-ranked first, each once.
+    """
+    last = len(ids) - 2
+    ranks = [int((residuals[p - 1] < residuals[p - 1, t]).sum()) for p, t in enumerate(ids[1:-1], start=1)]
+    chosen = sorted(range(1, last + 1), key=lambda p: -ranks[p - 1])[:PAIR_POSITIONS]
+    if repeats:
+        chosen += [p for p in range(1, last + 1) if ids[p] in (ids[p - 1], ids[p + 1]) and p not in chosen]
+    return chosen
 
 
 def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequence[int], current: float,
@@ -485,12 +539,7 @@ def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequen
     improved = True
     while improved and window >= 2:
         improved = False
-        ranks = [int((residuals[p - 1] < residuals[p - 1, t]).sum()) for p, t in enumerate(ids[1:-1], start=1)]
-        suspects = sorted(range(1, last + 1), key=lambda p: -ranks[p - 1])[:PAIR_POSITIONS]
-        # A shifted stretch's tokens can each rank well where they stand (neighbouring
-        # positions' inputs differ little); its seam often repeats a token.
-        repeats = [p for p in range(1, last + 1) if ids[p] in (ids[p - 1], ids[p + 1])]
-        windows = sorted({(a, a + size - 1) for p in suspects + repeats for size in range(2, window + 1)
+        windows = sorted({(a, a + size - 1) for p in suspects(ids, residuals) for size in range(2, window + 1)
                           for a in range(p - size + 1, p + 1) if 1 <= a and a + size - 1 <= last})
         # The dropped token is tried at the freed position too: a rotation (a swap, for two positions).
         groups = [[ids[:a] + ids[a + 1:b + 1] + [t] + ids[b + 1:] for t in options[b - 1] + [ids[a]]]

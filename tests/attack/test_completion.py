@@ -249,3 +249,30 @@ def test_a_shift_move_undoes_a_stretch_one_position_off(minilm, monkeypatch):
     shifted = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), pairs=2)
     assert unshifted.ids != truth and unshifted.distance > 0
     assert shifted.ids == truth and shifted.distance < 1e-6 * unshifted.distance
+
+
+def test_the_last_stage_reaches_a_true_token_ranked_past_its_width_at_a_repeated_position(minilm, monkeypatch):
+    # A bundled 8-token sentence; the search starts with position 6 holding its
+    # neighbour's token (a repeat, as a long AdamW sentence's short true tokens
+    # are lost to their neighbours') and the true token ranks 40th there: past
+    # every stage's width, and position 6 is not among the lowest-ranked four.
+    model, tokenizer = minilm
+    example = load_split("sample")[4]
+    truth = encode(tokenizer, [example.text], [example.label])["input_ids"][0].tolist()
+    assert len(truth) == 8
+    message = candidate_gradients(model, STACKED, torch.tensor([truth]), example.label)[0]
+    weights = torch.ones_like(message)
+    start = truth[:6] + [truth[5]] + truth[7:]
+    residuals = torch.ones(6, model.config.vocab_size)
+    residuals[torch.arange(6), start[1:-1]] = 0.0  # the found tokens rank first
+    decoys = [t for t in range(2000, 2100) if t not in truth][:38]
+    residuals[5, decoys] = 0.5
+    residuals[5, truth[6]] = 0.6  # the true token 40th at position 6
+    assert int((residuals[5] < residuals[5, truth[6]]).sum()) == 39
+    monkeypatch.setattr(completion, "SUSPECT_TOKENS", 4)
+    narrow = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), pairs=2)
+    monkeypatch.undo()
+    wide = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), pairs=2)
+    assert narrow.ids != truth and narrow.distance > 0
+    assert wide.ids == truth and wide.distance < 1e-6 * narrow.distance
+    assert completion.suspects(start, residuals) == [1, 2, 3, 4, 5, 6]
