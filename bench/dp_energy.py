@@ -12,8 +12,19 @@ found sentence's token accuracy and the relative difference between the
 energy the *true* sentence's span captures and the found one's. A positive
 difference means the search missed a likelier sentence (a better search
 would help); a negative one means the likelihood itself prefers the wrong
-sentence, and no search over it can find the truth. The truth reaches only
-this comparison. Nothing is asserted.
+sentence, and no search over it can find the truth.
+
+The span's likelihood leaves the inputs' output gradients ``Delta`` free
+(``G = Delta^T X``). The server also knows the model, so it can compute
+each candidate's own gradient and compare it with the message: the
+**model's likelihood**, the message's squared distance to the candidate's
+gradient scaled by its least-squares clipping factor (what
+:func:`gilib.attack.completion.polish` minimises with ``clipped=True``,
+DP's noise being the same in every entry), at the label that fits best.
+``model_truth_minus_found`` is the truth's distance minus the found
+sentence's, over the found one's: negative where the model's likelihood
+prefers the truth. The truth reaches only these comparisons. Nothing is
+asserted.
 
 Usage::
 
@@ -29,6 +40,7 @@ import torch
 
 from dp_span import messages, options  # bench/: the script's own folder
 from gilib.attack import span_attack
+from gilib.attack.completion import polish, stacked_projections
 from gilib.attack.rowspace import layer0_inputs
 from gilib.data import write_settings
 from gilib.models import cached_model
@@ -45,6 +57,18 @@ def captured_energy(model: torch.nn.Module, ids, gram: torch.Tensor) -> float:
     return float(torch.trace(basis.T @ gram @ basis))
 
 
+def model_distance(model: torch.nn.Module, names, matrix: torch.Tensor, ids) -> float:
+    """The model's likelihood of sentence ``ids``: the message's distance to its own (clipped) gradient.
+
+    :func:`gilib.attack.completion.polish` with no moves returns its start's
+    distance: the squared distance per entry between ``matrix`` (``(m, d)``,
+    the stacked message) and the sentence's gradient times its
+    least-squares factor in ``[0, 1]``, at the label that fits best.
+    """
+    unused = torch.zeros(len(ids) - 2, 1)  # no moves: no candidates are read
+    return polish(model, names, matrix, torch.ones_like(matrix), ids, unused, sweeps=0, clipped=True).distance
+
+
 def measure(sigmas, sentences: int) -> list[dict]:
     """Every sentence's DP-SGD message at every ``sigma``: accuracy and the truth's energy against the found one's."""
     model, tokenizer = cached_model("minilm")
@@ -57,9 +81,12 @@ def measure(sigmas, sentences: int) -> list[dict]:
         gradient = message.shared_grads[0].double()
         gram = gradient.T @ gradient
         true_energy, found_energy = captured_energy(model, truth, gram), captured_energy(model, found, gram)
+        names, matrix = stacked_projections(model, selection.names, message.shared_grads)
+        true_distance, found_distance = (model_distance(model, names, matrix, ids) for ids in (truth, found))
         rows.append({"dataset": dataset, "row_id": row_id, "tokens": len(truth), "sigma": sigma,
                      "token_accuracy": sum(a == b for a, b in zip(found[1:-1], truth[1:-1])) / (len(truth) - 2),
                      "exact": found == truth, "truth_minus_found": (true_energy - found_energy) / abs(found_energy),
+                     "model_truth_minus_found": (true_distance - found_distance) / found_distance,
                      "seconds": seconds})
         print(rows[-1], flush=True)
     return rows
@@ -72,6 +99,9 @@ def main(argv=None) -> None:
     missed = frame[~frame["exact"]]
     print(missed.groupby("sigma")["truth_minus_found"].agg(
         missed="size", truth_likelier=lambda s: int((s > 0).sum()), median="median").to_string())
+    print("the model's likelihood:")
+    print(missed.groupby("sigma")["model_truth_minus_found"].agg(
+        missed="size", truth_likelier=lambda s: int((s < 0).sum()), median="median").to_string())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)

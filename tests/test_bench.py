@@ -213,3 +213,26 @@ def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_
     total = float(gradient.square().sum())
     assert captured_energy(model, truth, gram) == pytest.approx(total, rel=1e-6)
     assert captured_energy(model, wrong, gram) < 0.999 * total
+
+
+def test_the_models_likelihood_puts_a_clipped_noiseless_message_at_the_truth(minilm):
+    # bench/dp_energy.py's model_distance: the message against each sentence's own gradient, scaled by its
+    # least-squares clipping factor. A clipped (halved) noiseless gradient sits at distance 0 from the truth,
+    # and a sentence with one token changed is far from it.
+    sys.path.insert(0, str(REPO / "bench"))
+    from dp_energy import model_distance
+    from gilib.attack.completion import stacked_projections
+    from gilib.client import client_update
+    from gilib.models import encode
+    from gilib.selection import select
+
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    true_batch = encode(tokenizer, ["the cat sat on the mat ."], [1])
+    grads = [0.5 * g for g in client_update(model, selection, true_batch).shared.shared_grads]
+    names, matrix = stacked_projections(model, selection.names, grads)
+    truth = true_batch["input_ids"][0].tolist()
+    wrong = truth[:2] + [tokenizer.convert_tokens_to_ids("dog")] + truth[3:]
+    scale = float(matrix.square().mean())
+    assert model_distance(model, names, matrix, truth) < 1e-10 * scale
+    assert model_distance(model, names, matrix, wrong) > 1e-3 * scale
