@@ -229,16 +229,21 @@ def test_a_pair_move_fixes_two_neighbouring_tokens_at_once(minilm):
     assert paired.distance < 1e-6 * unpaired.distance
 
 
-def test_a_shift_move_undoes_a_stretch_one_position_off(minilm, monkeypatch):
-    # A bundled 8-token sentence; the search starts with positions 3-5 one to the
-    # left ("b c X" where the truth is "a b c"): each position's best tokens hold
-    # the true one, but no single or pair change from there lowers the distance.
+def _bundled_eight(minilm):
+    """A bundled 8-token sentence, its stacked gradient as the message, and uniform weights."""
     model, tokenizer = minilm
     example = load_split("sample")[4]
     truth = encode(tokenizer, [example.text], [example.label])["input_ids"][0].tolist()
     assert len(truth) == 8
     message = candidate_gradients(model, STACKED, torch.tensor([truth]), example.label)[0]
-    weights = torch.ones_like(message)
+    return model, truth, message, torch.ones_like(message)
+
+
+def test_a_shift_move_undoes_a_stretch_one_position_off(minilm, monkeypatch):
+    # A bundled 8-token sentence; the search starts with positions 3-5 one to the
+    # left ("b c X" where the truth is "a b c"): each position's best tokens hold
+    # the true one, but no single or pair change from there lowers the distance.
+    model, truth, message, weights = _bundled_eight(minilm)
     start = truth[:3] + truth[4:6] + [2000] + truth[6:]
     residuals = torch.ones(6, model.config.vocab_size)
     residuals[torch.arange(6), truth[1:-1]] = 0.5
@@ -256,12 +261,7 @@ def test_the_last_stage_reaches_a_true_token_ranked_past_its_width_at_a_repeated
     # neighbour's token (a repeat, as a long AdamW sentence's short true tokens
     # are lost to their neighbours') and the true token ranks 40th there: past
     # every stage's width, and position 6 is not among the lowest-ranked four.
-    model, tokenizer = minilm
-    example = load_split("sample")[4]
-    truth = encode(tokenizer, [example.text], [example.label])["input_ids"][0].tolist()
-    assert len(truth) == 8
-    message = candidate_gradients(model, STACKED, torch.tensor([truth]), example.label)[0]
-    weights = torch.ones_like(message)
+    model, truth, message, weights = _bundled_eight(minilm)
     start = truth[:6] + [truth[5]] + truth[7:]
     residuals = torch.ones(6, model.config.vocab_size)
     residuals[torch.arange(6), start[1:-1]] = 0.0  # the found tokens rank first
