@@ -23,8 +23,17 @@ gradient scaled by its least-squares clipping factor (what
 DP's noise being the same in every entry), at the label that fits best.
 ``model_truth_minus_found`` is the truth's distance minus the found
 sentence's, over the found one's: negative where the model's likelihood
-prefers the truth. The truth reaches only these comparisons. Nothing is
-asserted.
+prefers the truth.
+
+Why a search over the model's likelihood is not one token at a time
+(``--single-changes``, at the given sigmas): at each position the found
+sentence has wrong, with every other token as found, the true token's
+rank among the vocabulary by the energy it adds to the others' span
+(``true_rank_median``), whether the true token alone lowers the model's
+distance (``fix_lowers``), and whether it is the best of the
+:data:`CANDIDATES` tokens of most energy there (``fix_best``: the best
+change at that position, when it is among them; ``in_candidates``). The
+truth reaches only these comparisons. Nothing is asserted.
 
 Usage::
 
@@ -42,12 +51,16 @@ from dp_span import messages, options  # bench/: the script's own folder
 from gilib.attack import span_attack
 from gilib.attack.completion import polish, stacked_projections
 from gilib.attack.rowspace import layer0_inputs
+from gilib.attack.tokens import TokenSpace
 from gilib.data import write_settings
 from gilib.models import cached_model
 from gilib.selection import select
 
 SIGMAS = (3e-5, 1e-4)
 """Where token accuracy crosses one half with the noise model (bench/dp_span.py)."""
+
+CANDIDATES = 64
+"""Tokens per wrong position tried by ``--single-changes``, by the energy they add to the others' span."""
 
 
 def captured_energy(model: torch.nn.Module, ids, gram: torch.Tensor) -> float:
@@ -69,10 +82,48 @@ def model_distance(model: torch.nn.Module, names, matrix: torch.Tensor, ids) -> 
     return polish(model, names, matrix, torch.ones_like(matrix), ids, unused, sweeps=0, clipped=True).distance
 
 
-def measure(sigmas, sentences: int) -> list[dict]:
+def single_changes(model: torch.nn.Module, tokens: TokenSpace, names, matrix: torch.Tensor, found, truth
+                   ) -> dict:
+    """At each position ``found`` has wrong: the true token's energy rank and whether fixing it alone helps.
+
+    Returns:
+        ``wrong``, ``fix_lowers`` (the true token alone lowers the model's
+        distance), ``in_candidates`` (it is among the :data:`CANDIDATES`
+        tokens adding the most energy to the other tokens' span), ``fix_best``
+        (and is the best change of those there) and ``true_rank_median``.
+    """
+    gram = matrix.T @ matrix
+    inputs = torch.stack([layer0_inputs(model, p, token_ids=[t])[0].double() for p, t in enumerate(found)])
+    current = model_distance(model, names, matrix, found)
+    counts = dict.fromkeys(("wrong", "fix_lowers", "in_candidates", "fix_best"), 0)
+    ranks = []
+    for p in range(1, len(found) - 1):
+        if found[p] == truth[p]:
+            continue
+        others = torch.linalg.qr(torch.cat([inputs[:p], inputs[p + 1:]]).T).Q
+        x = layer0_inputs(model, p).double()
+        r = x - (x @ others) @ others.T
+        added = (((r @ gram) * r).sum(1) / r.square().sum(1).clamp_min(1e-12)).masked_fill(~tokens.allowed,
+                                                                                          -float("inf"))
+        ranks.append(int((added > added[truth[p]]).sum()))
+        fixed = model_distance(model, names, matrix, found[:p] + [truth[p]] + found[p + 1:])
+        counts["wrong"] += 1
+        counts["fix_lowers"] += fixed < current
+        top = added.topk(CANDIDATES).indices.tolist()
+        if truth[p] in top:
+            counts["in_candidates"] += 1
+            others_best = min(model_distance(model, names, matrix, found[:p] + [t] + found[p + 1:])
+                              for t in top if t not in (truth[p], found[p]))
+            counts["fix_best"] += fixed < others_best
+    return {**counts, "true_rank_median": float(torch.tensor(ranks, dtype=torch.float).median()) if ranks
+            else float("nan")}
+
+
+def measure(sigmas, sentences: int, diagnosed=()) -> list[dict]:
     """Every sentence's DP-SGD message at every ``sigma``: accuracy and the truth's energy against the found one's."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "attention.query", 0)
+    tokens = TokenSpace(model, tokenizer)
     rows = []
     for dataset, row_id, truth, sigma, protocol, message in messages(model, tokenizer, selection, sigmas, sentences):
         start = time.perf_counter()
@@ -88,25 +139,34 @@ def measure(sigmas, sentences: int) -> list[dict]:
                      "exact": found == truth, "truth_minus_found": (true_energy - found_energy) / abs(found_energy),
                      "model_truth_minus_found": (true_distance - found_distance) / found_distance,
                      "seconds": seconds})
+        if sigma in diagnosed:
+            rows[-1].update(single_changes(model, tokens, names, matrix, found, truth))
         print(rows[-1], flush=True)
     return rows
 
 
 def main(argv=None) -> None:
-    args = options(__doc__.split("\n")[0], SIGMAS).parse_args(argv)
+    parser = options(__doc__.split("\n")[0], SIGMAS)
+    parser.add_argument("--single-changes", nargs="*", type=float, default=[],
+                        help="sigmas at which to measure the wrong positions' single changes")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    frame = pd.DataFrame(measure(args.sigmas, args.sentences))
+    frame = pd.DataFrame(measure(args.sigmas, args.sentences, args.single_changes))
     missed = frame[~frame["exact"]]
     print(missed.groupby("sigma")["truth_minus_found"].agg(
         missed="size", truth_likelier=lambda s: int((s > 0).sum()), median="median").to_string())
     print("the model's likelihood:")
     print(missed.groupby("sigma")["model_truth_minus_found"].agg(
         missed="size", truth_likelier=lambda s: int((s < 0).sum()), median="median").to_string())
+    if args.single_changes:
+        print("single changes at the found sentence's wrong positions:")
+        print(frame.groupby("sigma")[["wrong", "fix_lowers", "in_candidates", "fix_best"]].sum().to_string())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
         write_settings(args.out, "bench/dp_energy.py", argv, sigmas=args.sigmas, sentences=args.sentences,
-                       max_grad_norm=1.0, selection="layer 0's query weight")
+                       max_grad_norm=1.0, selection="layer 0's query weight",
+                       single_changes=args.single_changes, candidates=CANDIDATES)
 
 
 if __name__ == "__main__":
