@@ -236,3 +236,26 @@ def test_the_models_likelihood_puts_a_clipped_noiseless_message_at_the_truth(min
     scale = float(matrix.square().mean())
     assert model_distance(model, names, matrix, truth) < 1e-10 * scale
     assert model_distance(model, names, matrix, wrong) > 1e-3 * scale
+
+
+def test_single_changes_find_the_true_fix_first_without_noise(minilm):
+    # bench/dp_energy.py --single-changes: a found sentence one token off a noiseless message. Its wrong
+    # position's true token adds the most energy to the others' span (rank 0), fixing it alone lowers the
+    # model's distance, and no other of the 64 candidates lowers it as much.
+    sys.path.insert(0, str(REPO / "bench"))
+    from dp_energy import single_changes
+    from gilib.attack.completion import stacked_projections
+    from gilib.attack.tokens import TokenSpace
+    from gilib.client import client_update
+    from gilib.models import encode
+    from gilib.selection import select
+
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    true_batch = encode(tokenizer, ["the cat sat on the mat ."], [1])
+    names, matrix = stacked_projections(model, selection.names,
+                                        client_update(model, selection, true_batch).shared.shared_grads)
+    truth = true_batch["input_ids"][0].tolist()
+    found = truth[:2] + [tokenizer.convert_tokens_to_ids("dog")] + truth[3:]
+    counts = single_changes(model, TokenSpace(model, tokenizer), names, matrix, found, truth)
+    assert counts == {"wrong": 1, "fix_lowers": 1, "in_candidates": 1, "fix_best": 1, "true_rank_median": 0.0}
