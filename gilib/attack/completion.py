@@ -412,7 +412,8 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
     # The last stage (the one with pair moves) sweeps the suspects first, each with
     # its SUSPECT_TOKENS best tokens, and makes a change that helps there before
     # sweeping the rest: on a long sentence a sweep costs seconds per position.
-    wide = residuals.topk(min(SUSPECT_TOKENS, residuals.shape[1]), dim=1, largest=False).indices.tolist()
+    wide = residuals.topk(min(SUSPECT_TOKENS, residuals.shape[1]), dim=1, largest=False).indices.tolist() \
+        if pairs else []
     for width in candidates:
         options = residuals.topk(min(width, residuals.shape[1]), dim=1, largest=False).indices.tolist()
         while moves < sweeps:
@@ -438,8 +439,8 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             break
     # After a pair or shift move, the single stages run again from the narrow
     # width: a move that reached the truth leaves a sharp minimum that one
-    # narrow sweep shows (a wide sweep of a 59-token sentence costs about 50 s).
-    confirm = tuple(sorted({w for last in candidates[-1:] for w in (min(CANDIDATES[0], last), last)}))
+    # narrow sweep shows (a wide sweep of a long sentence costs tens of seconds).
+    confirm = tuple(sorted({min(CANDIDATES[0], candidates[-1]), candidates[-1]})) if candidates else ()
     if pairs and runner_up < SHARP * current:
         spans = sorted({(a, a + 1) for p in suspects(ids, residuals, repeats=False) for a in (p - 1, p)
                         if 1 <= a and a + 1 <= len(ids) - 2})
