@@ -49,7 +49,7 @@ import torch
 
 from dp_span import messages, options  # bench/: the script's own folder
 from gilib.attack import span_attack
-from gilib.attack.completion import polish, stacked_projections
+from gilib.attack.completion import polish, sentence_inputs, stacked_projections
 from gilib.attack.rowspace import layer0_inputs
 from gilib.attack.tokens import TokenSpace
 from gilib.data import write_settings
@@ -65,8 +65,7 @@ CANDIDATES = 64
 
 def captured_energy(model: torch.nn.Module, ids, gram: torch.Tensor) -> float:
     """``tr(P_X M)``: the energy of ``M = G^T G`` (``(d, d)``) in the span of sentence ``ids``'s layer-0 inputs."""
-    inputs = torch.stack([layer0_inputs(model, p, token_ids=[t])[0].double() for p, t in enumerate(ids)])
-    basis = torch.linalg.qr(inputs.T).Q
+    basis = torch.linalg.qr(sentence_inputs(model, ids).T).Q
     return float(torch.trace(basis.T @ gram @ basis))
 
 
@@ -93,7 +92,7 @@ def single_changes(model: torch.nn.Module, tokens: TokenSpace, names, matrix: to
         (and is the best change of those there) and ``true_rank_median``.
     """
     gram = matrix.T @ matrix
-    inputs = torch.stack([layer0_inputs(model, p, token_ids=[t])[0].double() for p, t in enumerate(found)])
+    inputs = sentence_inputs(model, found)
     current = model_distance(model, names, matrix, found)
     counts = dict.fromkeys(("wrong", "fix_lowers", "in_candidates", "fix_best"), 0)
     ranks = []

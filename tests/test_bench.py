@@ -193,12 +193,15 @@ def test_lora_decoder_writes_a_line_per_sentence_and_setting_and_its_settings(tm
     assert settings["ranks"] == [64] and settings["model"] == "gpt2-shape" and settings["offset"] == 300
 
 
-def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_less(minilm):
-    # bench/dp_energy.py compares the energy tr(P_X G^T G) the true and the found sentence capture: without
-    # noise the query gradient's rows lie in the span of the sentence's inputs, so the truth captures all of
-    # ||G||^2 and a sentence with one token changed captures less.
+def _noiseless_query_message(minilm):
+    """The DP energy benches' noiseless case: layer 0's query gradient of one sentence, the sentence, and it
+    with one token changed. Puts bench/ on the path (the benches import their siblings from there).
+
+    Returns:
+        ``(model, token space, selection, the message's tensors, true ids, ids with "dog" at position 2)``.
+    """
     sys.path.insert(0, str(REPO / "bench"))
-    from dp_energy import captured_energy
+    from gilib.attack.tokens import TokenSpace
     from gilib.client import client_update
     from gilib.models import encode
     from gilib.selection import select
@@ -206,10 +209,21 @@ def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)
     true_batch = encode(tokenizer, ["the cat sat on the mat ."], [1])
-    gradient = client_update(model, selection, true_batch).shared.shared_grads[0].double()
-    gram = gradient.T @ gradient
+    grads = client_update(model, selection, true_batch).shared.shared_grads
     truth = true_batch["input_ids"][0].tolist()
     wrong = truth[:2] + [tokenizer.convert_tokens_to_ids("dog")] + truth[3:]
+    return model, TokenSpace(model, tokenizer), selection, grads, truth, wrong
+
+
+def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_less(minilm):
+    # bench/dp_energy.py compares the energy tr(P_X G^T G) the true and the found sentence capture: without
+    # noise the query gradient's rows lie in the span of the sentence's inputs, so the truth captures all of
+    # ||G||^2 and a sentence with one token changed captures less.
+    from dp_energy import captured_energy
+
+    model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
+    gradient = grads[0].double()
+    gram = gradient.T @ gradient
     total = float(gradient.square().sum())
     assert captured_energy(model, truth, gram) == pytest.approx(total, rel=1e-6)
     assert captured_energy(model, wrong, gram) < 0.999 * total
@@ -219,20 +233,11 @@ def test_the_models_likelihood_puts_a_clipped_noiseless_message_at_the_truth(min
     # bench/dp_energy.py's model_distance: the message against each sentence's own gradient, scaled by its
     # least-squares clipping factor. A clipped (halved) noiseless gradient sits at distance 0 from the truth,
     # and a sentence with one token changed is far from it.
-    sys.path.insert(0, str(REPO / "bench"))
     from dp_energy import model_distance
     from gilib.attack.completion import stacked_projections
-    from gilib.client import client_update
-    from gilib.models import encode
-    from gilib.selection import select
 
-    model, tokenizer = minilm
-    selection = select(model, "attention.query", 0)
-    true_batch = encode(tokenizer, ["the cat sat on the mat ."], [1])
-    grads = [0.5 * g for g in client_update(model, selection, true_batch).shared.shared_grads]
-    names, matrix = stacked_projections(model, selection.names, grads)
-    truth = true_batch["input_ids"][0].tolist()
-    wrong = truth[:2] + [tokenizer.convert_tokens_to_ids("dog")] + truth[3:]
+    model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
+    names, matrix = stacked_projections(model, selection.names, [0.5 * g for g in grads])
     scale = float(matrix.square().mean())
     assert model_distance(model, names, matrix, truth) < 1e-10 * scale
     assert model_distance(model, names, matrix, wrong) > 1e-3 * scale
@@ -242,20 +247,10 @@ def test_single_changes_find_the_true_fix_first_without_noise(minilm):
     # bench/dp_energy.py --single-changes: a found sentence one token off a noiseless message. Its wrong
     # position's true token adds the most energy to the others' span (rank 0), fixing it alone lowers the
     # model's distance, and no other of the 64 candidates lowers it as much.
-    sys.path.insert(0, str(REPO / "bench"))
     from dp_energy import single_changes
     from gilib.attack.completion import stacked_projections
-    from gilib.attack.tokens import TokenSpace
-    from gilib.client import client_update
-    from gilib.models import encode
-    from gilib.selection import select
 
-    model, tokenizer = minilm
-    selection = select(model, "attention.query", 0)
-    true_batch = encode(tokenizer, ["the cat sat on the mat ."], [1])
-    names, matrix = stacked_projections(model, selection.names,
-                                        client_update(model, selection, true_batch).shared.shared_grads)
-    truth = true_batch["input_ids"][0].tolist()
-    found = truth[:2] + [tokenizer.convert_tokens_to_ids("dog")] + truth[3:]
-    counts = single_changes(model, TokenSpace(model, tokenizer), names, matrix, found, truth)
+    model, tokens, selection, grads, truth, found = _noiseless_query_message(minilm)
+    names, matrix = stacked_projections(model, selection.names, grads)
+    counts = single_changes(model, tokens, names, matrix, found, truth)
     assert counts == {"wrong": 1, "fix_lowers": 1, "in_candidates": 1, "fix_best": 1, "true_rank_median": 0.0}
