@@ -149,6 +149,9 @@ def main(argv=None) -> None:
     parser.add_argument("--single-changes", nargs="*", type=float, default=[],
                         help="sigmas at which to measure the wrong positions' single changes")
     args = parser.parse_args(argv)
+    if set(args.single_changes) - set(args.sigmas):
+        parser.error(f"--single-changes {sorted(set(args.single_changes) - set(args.sigmas))} are not among "
+                     f"--sigmas {args.sigmas}: the single changes are measured on those sigmas' messages only.")
     torch.set_num_threads(1)
     frame = pd.DataFrame(measure(args.sigmas, args.sentences, args.single_changes))
     missed = frame[~frame["exact"]]

@@ -254,3 +254,13 @@ def test_single_changes_find_the_true_fix_first_without_noise(minilm):
     names, matrix = stacked_projections(model, selection.names, grads)
     counts = single_changes(model, tokens, names, matrix, found, truth)
     assert counts == {"wrong": 1, "fix_lowers": 1, "in_candidates": 1, "fix_best": 1, "true_rank_median": 0.0}
+
+
+def test_dp_energy_refuses_single_changes_at_a_sigma_it_does_not_run(capsys):
+    # A sigma given to --single-changes but not to --sigmas would measure nothing without a word.
+    sys.path.insert(0, str(REPO / "bench"))
+    from dp_energy import main
+
+    with pytest.raises(SystemExit):
+        main(["--sigmas", "3e-5", "--single-changes", "1e-4"])
+    assert "are not among --sigmas" in capsys.readouterr().err
