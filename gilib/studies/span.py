@@ -567,6 +567,8 @@ def dp_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
 
 DP_BENCH = Path("data") / "bench" / "dp_span.csv"
 """Chapter 5's check against the most likely sentence under DP-SGD's noise (``python bench/dp_span.py``)."""
+DP_ENERGY_BENCH = Path("data") / "bench" / "dp_energy.csv"
+"""Where that sentence missed: the truth's likelihoods against the found one's (``python bench/dp_energy.py``)."""
 
 
 def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -633,6 +635,50 @@ def dp_likelihood_markdown(path: str | Path) -> str:
     return frame_markdown(table)
 
 
+def dp_model_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Which likelihood prefers the truth where the most likely sentence missed, and how narrowly.
+
+    Args:
+        path: ``bench/dp_energy.py``'s CSV (one line per sentence and sigma;
+            the ``excess_*`` columns where it ran with ``--basin``).
+
+    Returns:
+        ``(table, facts)``: per sigma with ``--basin`` lines, the sentences
+        missed, in how many of them the span's energy and the model's
+        likelihood each prefer the truth, and the medians over them of the
+        found sentence's excess over the noise floor (a share of the floor)
+        and of the truth's excess with one and with half of the found
+        sentence's wrong tokens put back (shares of the found one's). The
+        facts (``dpm_<name>_<sigma>``, sigma written as ``3e-05``):
+        ``missed``, ``energy``, ``model``, ``found``, ``one``, ``half``.
+    """
+    frame = pd.read_csv(path)
+    if "excess_one_wrong" not in frame:
+        raise ValueError(f"{path} has no --basin lines: run python bench/dp_energy.py with --basin SIGMAS.")
+    rows, facts = [], {}
+    for sigma, part in frame[frame["excess_one_wrong"].notna()].groupby("sigma"):
+        missed = frame[(frame["sigma"] == sigma) & ~frame["exact"].astype(bool)]
+        key = f"{sigma:.0e}"
+        values = {"missed": len(missed), "energy": int((missed["truth_minus_found"] > 0).sum()),
+                  "model": int((missed["model_truth_minus_found"] < 0).sum()),
+                  "found": float(missed["excess_found"].median()), "one": float(missed["excess_one_wrong"].median()),
+                  "half": float(missed["excess_half_wrong"].median())}
+        facts.update({f"dpm_{name}_{key}": value for name, value in values.items()})
+        rows.append({"sigma": key, "missed": values["missed"],
+                     "span's energy prefers the truth": values["energy"],
+                     "model's likelihood prefers the truth": values["model"],
+                     "found: excess over the floor": f"{100 * values['found']:.0f} %",
+                     "truth, one found token back: share of the found's excess": f"{100 * values['one']:.0f} %",
+                     "truth, half of them back": f"{100 * values['half']:.0f} %"})
+    return pd.DataFrame(rows), facts
+
+
+def dp_model_markdown(path: str | Path) -> str:
+    """:func:`dp_model_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = dp_model_summary(path)
+    return frame_markdown(table)
+
+
 STUDY = Study(
     name="span",
     description="the span check of chapter 5: batch size 1, other weights, batches, DP noise",
@@ -658,6 +704,10 @@ STUDY = Study(
                           "sentence (bench/dp_span.py's CSV)",
               lambda args: dp_likelihood_markdown(args.results),
               (option("results", type=Path, help="the bench's CSV (data/bench/dp_span.csv)"),)),
+        Table("dp-model", "where the most likely sentence missed under DP-SGD's noise: which likelihood prefers "
+                          "the truth, and how narrowly the model's does (bench/dp_energy.py's CSV)",
+              lambda args: dp_model_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/dp_energy.csv, with --basin)"),)),
     ),
 )
 """Chapter 5's measurements as a study (``python -m gilib.studies span ...``)."""

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -99,6 +100,31 @@ def test_the_dp_summary_handles_a_check_that_never_breaks(tmp_path):
              for s in (0.0, 1e-6)]
     levels, facts = span_study.dp_summary(_lines_file(tmp_path, lines))
     assert facts == {"dp_half_sigma": None, "dp_exact_sigma0": 1.0, "dp_signal": 0.01, "dp_accuracy_1e-06": 1.0}
+
+
+def test_the_model_likelihood_summary_counts_misses_and_refuses_a_file_without_basin_lines(tmp_path):
+    lines = [
+        # sigma 3e-5: two misses (one the energy prefers, both the model), one exact sentence.
+        {"sigma": 3e-5, "exact": False, "truth_minus_found": 0.01, "model_truth_minus_found": -0.1,
+         "excess_found": 0.2, "excess_truth": 0.0, "excess_one_wrong": 0.3, "excess_half_wrong": 0.8},
+        {"sigma": 3e-5, "exact": False, "truth_minus_found": -0.02, "model_truth_minus_found": -0.2,
+         "excess_found": 0.4, "excess_truth": 0.0, "excess_one_wrong": 0.5, "excess_half_wrong": 1.0},
+        {"sigma": 3e-5, "exact": True, "truth_minus_found": 0.0, "model_truth_minus_found": 0.0,
+         "excess_found": None, "excess_truth": None, "excess_one_wrong": None, "excess_half_wrong": None},
+        # sigma 1e-3: no --basin: no row.
+        {"sigma": 1e-3, "exact": False, "truth_minus_found": -0.2, "model_truth_minus_found": -0.001,
+         "excess_found": None, "excess_truth": None, "excess_one_wrong": None, "excess_half_wrong": None},
+    ]
+    path = tmp_path / "dp_energy.csv"
+    pd.DataFrame(lines).to_csv(path, index=False)
+    table, facts = span_study.dp_model_summary(path)
+    assert table["sigma"].tolist() == ["3e-05"]
+    assert (facts["dpm_missed_3e-05"], facts["dpm_energy_3e-05"], facts["dpm_model_3e-05"]) == (2, 1, 2)
+    assert facts["dpm_one_3e-05"] == pytest.approx(0.4) and facts["dpm_half_3e-05"] == pytest.approx(0.9)
+    assert table.iloc[0]["found: excess over the floor"] == "30 %"
+    pd.DataFrame(lines).drop(columns=[c for c in lines[0] if c.startswith("excess")]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="--basin"):
+        span_study.dp_model_summary(path)
 
 
 def test_the_readme_tables_carry_an_interval_for_every_rouge_mean_and_exact_share():
