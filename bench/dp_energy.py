@@ -65,7 +65,7 @@ import torch
 
 from dp_span import messages, options  # bench/: the script's own folder
 from gilib.attack import span_attack
-from gilib.attack.completion import polish, sentence_inputs, stacked_projections
+from gilib.attack.completion import model_distance, sentence_inputs, stacked_projections
 from gilib.attack.rowspace import layer0_inputs
 from gilib.attack.tokens import TokenSpace
 from gilib.data import write_settings
@@ -86,18 +86,6 @@ def captured_energy(model: torch.nn.Module, ids, gram: torch.Tensor) -> float:
     """``tr(P_X M)``: the energy of ``M = G^T G`` (``(d, d)``) in the span of sentence ``ids``'s layer-0 inputs."""
     basis = torch.linalg.qr(sentence_inputs(model, ids).T).Q
     return float(torch.trace(basis.T @ gram @ basis))
-
-
-def model_distance(model: torch.nn.Module, names, matrix: torch.Tensor, ids) -> float:
-    """The model's likelihood of sentence ``ids``: the message's distance to its own (clipped) gradient.
-
-    :func:`gilib.attack.completion.polish` with no moves returns its start's
-    distance: the squared distance per entry between ``matrix`` (``(m, d)``,
-    the stacked message) and the sentence's gradient times its
-    least-squares factor in ``[0, 1]``, at the label that fits best.
-    """
-    unused = torch.zeros(len(ids) - 2, 1)  # no moves: no candidates are read
-    return polish(model, names, matrix, torch.ones_like(matrix), ids, unused, sweeps=0, clipped=True).distance
 
 
 def single_changes(model: torch.nn.Module, tokens: TokenSpace, names, matrix: torch.Tensor, found, truth

@@ -15,6 +15,11 @@ whether the whole sentence is, for
   (``noise=DPSGD(...).noise_std(1)``): the most likely sentence under
   Gaussian noise (:func:`gilib.attack.likelihood.likely_sentence`).
 
+For the new check, ``floor_z``: how far the found sentence sits above the
+noise floor of the model's likelihood, in the floor's standard deviations
+(``diagnostics.floor_z``): whether the server can tell, without the truth,
+that the sentence it found is the client's (near 0) or not.
+
 Sentences: chapter 5's, the seeded sample's first four per dataset (those of
 ``data/results/ch5_span.jsonl``). Nothing is asserted; the seconds are for
 one machine.
@@ -81,11 +86,13 @@ def measure(sigmas, sentences: int) -> list[dict]:
         n = len(truth)
         for check, extra in (("old", {}), ("new", {"noise": protocol.noise_std(1)})):
             start = time.perf_counter()
-            got = span_attack(model, tokenizer, message, selection, **extra).token_ids[0]
+            result = span_attack(model, tokenizer, message, selection, **extra)
+            got = result.token_ids[0]
             rows.append({"dataset": dataset, "row_id": row_id, "tokens": n, "sigma": sigma,
                          "check": check,
                          "token_accuracy": sum(a == b for a, b in zip(got[1:-1], truth[1:-1])) / (n - 2),
-                         "exact": got == truth, "seconds": time.perf_counter() - start})
+                         "exact": got == truth, "seconds": time.perf_counter() - start,
+                         "floor_z": result.diagnostics.floor_z})
         print(dataset, row_id, n, sigma,
               *(round(r["token_accuracy"], 2) for r in rows[-2:]), round(rows[-1]["seconds"], 1),
               flush=True)
@@ -107,6 +114,12 @@ def main(argv=None) -> None:
     rows = measure(args.sigmas, args.sentences)
     frame = pd.DataFrame(rows)
     print(frame.groupby(["sigma", "check"])[["token_accuracy", "exact", "seconds"]].mean().round(3).to_string())
+    new = frame[frame["check"] == "new"]
+    print("the new check's floor_z (exact sentences near 0, misses above):")
+    print(new.groupby("sigma").apply(lambda part: pd.Series({
+        "exact": int(part["exact"].sum()), "exact_max_abs_z": part.loc[part["exact"], "floor_z"].abs().max(),
+        "missed_min_z": part.loc[~part["exact"], "floor_z"].min(),
+        "missed_under_3": int((part.loc[~part["exact"], "floor_z"] < 3).sum())}), include_groups=False).to_string())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)

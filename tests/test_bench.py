@@ -231,12 +231,11 @@ def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_
 
 
 def test_the_models_likelihood_puts_a_clipped_noiseless_message_at_the_truth(minilm):
-    # bench/dp_energy.py's model_distance: the message against each sentence's own gradient, scaled by its
+    # completion.model_distance (bench/dp_energy.py's likelihood): the message against each sentence's own gradient, scaled by its
     # least-squares clipping factor. A clipped (halved) noiseless gradient sits at distance 0 from the truth,
     # and a sentence with one token changed is far from it.
     model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
-    from dp_energy import model_distance  # bench/: on sys.path once the message is made
-    from gilib.attack.completion import stacked_projections
+    from gilib.attack.completion import model_distance, stacked_projections
 
     names, matrix = stacked_projections(model, selection.names, [0.5 * g for g in grads])
     scale = float(matrix.square().mean())

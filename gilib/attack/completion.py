@@ -64,6 +64,7 @@ The noise model comes from the protocol (:meth:`gilib.client.FedAvg.entry_weight
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -469,6 +470,42 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             return again if again.distance < shifted.distance else shifted
     current = min(distances([ids], y)[0] for y in classes)
     return Polished(ids, current, runner_up >= SHARP * current)
+
+
+def model_distance(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, ids: Sequence[int],
+                   clipped: bool = True) -> float:
+    """The model's likelihood of one sentence: the message's distance to the sentence's own gradient.
+
+    :func:`polish` with no moves returns its start's distance: the mean
+    squared difference per entry between ``matrix`` and the sentence's
+    gradient (times its least-squares factor in ``[0, 1]`` with ``clipped``),
+    at the label that fits best. Under Gaussian noise of standard deviation
+    ``s`` per entry the client's sentence sits at about ``s^2`` (the noise
+    floor, :func:`floor_z`); a sentence with a wrong token sits above it.
+
+    Args:
+        model: the victim.
+        names: the stacked tensors' parameter names (:func:`stacked_projections`).
+        matrix: ``(m, d)`` the stacked message.
+        ids: the sentence, ``[CLS]`` and ``[SEP]`` included.
+        clipped: fit the clipping factor (DP-SGD's messages).
+    """
+    unused = torch.zeros(len(ids) - 2, 1)  # no moves: no candidates are read
+    return polish(model, names, matrix, torch.ones_like(matrix), ids, unused, sweeps=0, clipped=clipped).distance
+
+
+def floor_z(distance: float, noise: float, entries: int) -> float:
+    """How far a sentence's :func:`model_distance` sits above the noise floor, in the floor's standard deviations.
+
+    With Gaussian noise of standard deviation ``noise`` in each of
+    ``entries`` entries, the client's sentence leaves the noise alone: a
+    mean square of ``noise^2`` with standard deviation
+    ``noise^2 sqrt(2 / entries)`` (a chi-square). About 0 (within 3) for the
+    client's sentence; a sentence with a wrong token sits higher, by as
+    much as the model's gradient tells the two apart.
+    """
+    floor = noise ** 2
+    return (distance - floor) / (floor * math.sqrt(2 / entries))
 
 
 def suspects(ids: Sequence[int], residuals: torch.Tensor, repeats: bool = True) -> list[int]:

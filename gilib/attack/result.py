@@ -60,6 +60,14 @@ class SpanDiagnostics:
             the share of the stacked layer-0 message's squared norm outside
             the rebuilt inputs' span: the noise's share when the sentence is
             right; ``None`` otherwise.
+        floor_z: at batch size 1 under a noise model (the most likely
+            sentence, :mod:`gilib.attack.likelihood`), how far the found
+            sentence's distance to the message, under the model's own
+            gradient with the clipping factor fitted, sits above the noise
+            floor, in the floor's standard deviations
+            (:func:`gilib.attack.completion.floor_z`): near 0 (within about
+            3) for the client's sentence, higher for a wrong one as far as
+            the model tells them apart; ``None`` otherwise.
     """
 
     weight: str
@@ -73,6 +81,7 @@ class SpanDiagnostics:
     uncertain: list[list[int]] | None = None
     timed_out: bool = False
     outside: float | None = None
+    floor_z: float | None = None
 
 
 @dataclass

@@ -30,8 +30,9 @@ from .objectives import GradientMatcher
 from .optimization import Round
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .completion import (CANDIDATES, PAIRS, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share,
-                         polish, sentence_inputs, stacked_adapter_entries, stacked_projections)
+from .completion import (CANDIDATES, PAIRS, REFIT_ITERATIONS, REFITS, balanced, completed_space, floor_z, floored,
+                         model_distance, outside_share, polish, sentence_inputs, stacked_adapter_entries,
+                         stacked_projections)
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -442,6 +443,11 @@ def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cf
         starts = [[tokenizer.cls_token_id, *(s[0] for s in found), tokenizer.sep_token_id] for found in (sets, plain)]
         ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0], starts=starts)])
         final_loss = float(max((residuals[i, t] for i, t in enumerate(ids[0, 1:-1].tolist())), default=0.0))
+        # The server can tell whether it is right: the client's sentence leaves
+        # the model's likelihood at the noise floor, a wrong one above it.
+        names, matrix = stacked_projections(model, [name], [gradient])
+        diagnostics.floor_z = floor_z(model_distance(model, names, matrix, ids[0].tolist()), space.noise,
+                                      matrix.numel())
     elif batch == 1:
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))

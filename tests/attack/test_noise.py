@@ -116,10 +116,28 @@ def test_the_most_likely_sentence_survives_dp_noise_the_residual_check_does_not(
     model, tokenizer = minilm
     selection, messages = dp_messages
     old = [_accuracy(span_attack(model, tokenizer, m, selection).token_ids[0], t) for _, m, t in messages]
-    new = [_accuracy(span_attack(model, tokenizer, m, selection, noise=p.noise_std(1)).token_ids[0], t)
-           for p, m, t in messages]
+    results = [span_attack(model, tokenizer, m, selection, noise=p.noise_std(1)) for p, m, t in messages]
+    new = [_accuracy(r.token_ids[0], t) for r, (_, _, t) in zip(results, messages)]
     # Chapter 5's check keeps under 60 % of each sentence's tokens; the most likely sentence is the sentence.
     assert max(old) < 0.6 and new == [1.0] * len(messages)
+    # And the server can tell: the found sentence sits at the noise floor of the model's likelihood.
+    assert all(abs(r.diagnostics.floor_z) < 3 for r in results), [r.diagnostics.floor_z for r in results]
+
+
+def test_a_wrong_token_lifts_the_models_likelihood_above_the_noise_floor(minilm, dp_messages):
+    # completion.floor_z: the truth's distance is the noise's (about 0 standard deviations above its
+    # floor); one token changed puts the sentence far above it at sigma = 1e-5.
+    from gilib.attack.completion import floor_z, model_distance, stacked_projections
+
+    model, tokenizer = minilm
+    selection, messages = dp_messages
+    dog = tokenizer.convert_tokens_to_ids("dog")
+    for protocol, message, truth in messages:
+        names, matrix = stacked_projections(model, selection.names, message.shared_grads)
+        noise = protocol.noise_std(1)
+        assert abs(floor_z(model_distance(model, names, matrix, truth), noise, matrix.numel())) < 3
+        wrong = truth[:2] + [dog] + truth[3:]
+        assert floor_z(model_distance(model, names, matrix, wrong), noise, matrix.numel()) > 30
 
 
 def test_without_noise_the_most_likely_sentence_is_the_sentence(minilm):
