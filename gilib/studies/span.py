@@ -590,6 +590,10 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         below one half over the old one's, and ``dpl_<check>_half``: the
         sigma where the accuracy crosses one half, interpolated
         log-linearly between those two (``dpl_half_ratio``: new over old).
+        Where the CSV has ``floor_z`` (the found sentence above the noise
+        floor of the model's likelihood), the table counts the misses it
+        tells apart (above 3) and ``dpl_exact_z_max`` is the largest
+        ``|floor_z|`` of a sentence rebuilt exactly.
     """
     frame = pd.read_csv(path)
     rows, facts = [], {}
@@ -606,6 +610,12 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         exact = part[part["check"] == "new"]["exact"]
         row.update({"exact (new)": f"{int(exact.sum())} of {len(exact)}",
                     "s (new, median)": round(float(part[part["check"] == "new"]["seconds"].median()), 1)})
+        if "floor_z" in part:
+            # Whether the server can tell a miss without the truth: above the model's noise floor.
+            z = part[part["check"] == "new"]["floor_z"]
+            row["missed, told apart (z > 3)"] = f"{int((z[~exact] > 3).sum())} of {int((~exact).sum())}"
+            if exact.any():
+                facts["dpl_exact_z_max"] = max(facts.get("dpl_exact_z_max", 0.0), round(float(z[exact].abs().max()), 2))
         rows.append(row)
     table = pd.DataFrame(rows)
     sigmas = sorted(frame["sigma"].unique())

@@ -248,3 +248,17 @@ def test_chapter5_the_models_likelihood_prefers_the_truth_but_rewards_it_only_at
     missed = lines[~lines["exact"] & lines["excess_truth"].notna()]
     over_floor = (missed["excess_truth"] * missed["excess_found"]).abs()
     assert (over_floor < 3 * math.sqrt(2 / 384**2)).all()
+
+
+def test_chapter5_the_server_tells_its_exact_sentences_from_its_misses_up_to_3e_5():
+    # Chapter 5 and the README: every exact sentence within 0.93 standard deviations of the noise floor
+    # (floor_z), every miss up to 3e-5 at 4.6 or more; at 1e-4 two of the 12 misses under 3, from 3e-4 all.
+    from gilib.studies import span as span_study
+
+    path = ROOT / span_study.DP_BENCH
+    table, facts = span_study.dp_likelihood_summary(path)
+    assert facts["dpl_exact_z_max"] == 0.93
+    assert table["missed, told apart (z > 3)"].tolist() == ["4 of 4", "10 of 10", "11 of 11", "10 of 12",
+                                                           "0 of 12", "0 of 12"]
+    new = pd.read_csv(path).query("check == 'new'")
+    assert round(new[(new["sigma"] <= 3e-5) & ~new["exact"]]["floor_z"].min(), 1) == 4.6
