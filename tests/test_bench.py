@@ -231,9 +231,9 @@ def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_
 
 
 def test_the_models_likelihood_puts_a_clipped_noiseless_message_at_the_truth(minilm):
-    # completion.model_distance (bench/dp_energy.py's likelihood): the message against each sentence's own gradient, scaled by its
-    # least-squares clipping factor. A clipped (halved) noiseless gradient sits at distance 0 from the truth,
-    # and a sentence with one token changed is far from it.
+    # completion.model_distance (bench/dp_energy.py's likelihood): the message against each sentence's own
+    # gradient, scaled by its least-squares clipping factor. A clipped (halved) noiseless gradient sits at
+    # distance 0 from the truth, and a sentence with one token changed is far from it.
     model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
     from gilib.attack.completion import model_distance, stacked_projections
 
