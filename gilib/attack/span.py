@@ -602,18 +602,25 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
         ids, previous = _argmin_sentence(tokenizer, residuals), ids
         if ids == previous or (deadline is not None and time.perf_counter() > deadline):
             break
+    # AdamW's messages (the mask) leave a long sentence many tokens off after the
+    # refits, and the search makes one change per sweep: there it sweeps the
+    # suspects first and makes several helpful changes at once (polish's eager),
+    # and the second search goes on from the first's sentence with the refit's
+    # candidates instead of starting over from the refit's residuals. Only AdamW's
+    # messages were timed this way; the other protocols' searches are unchanged.
     found = polish(model, names, polish_matrix, polish_weights, ids, residuals, candidates=CANDIDATES[:1],
-                   deadline=deadline, clipped=clipped, later=later)
+                   deadline=deadline, clipped=clipped, later=later, eager=mask)
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
         again = refit(found.ids)
-        second = polish(model, names, polish_matrix, polish_weights, _argmin_sentence(tokenizer, again), again,
-                        candidates=CANDIDATES[:1], deadline=deadline, clipped=clipped, later=later)
+        restart = found.ids if mask else _argmin_sentence(tokenizer, again)
+        second = polish(model, names, polish_matrix, polish_weights, restart, again, candidates=CANDIDATES[:1],
+                        deadline=deadline, clipped=clipped, later=later, eager=mask)
         if second.distance < found.distance:
             found, residuals = second, again
     if not found.sharp:
         found = polish(model, names, polish_matrix, polish_weights, found.ids, residuals, candidates=CANDIDATES[1:],
-                       deadline=deadline, clipped=clipped, pairs=PAIRS, later=later)
+                       deadline=deadline, clipped=clipped, pairs=PAIRS, later=later, eager=mask)
     ids = found.ids
     outside = outside_share(matrix, sentence_inputs(model, ids))
     sets = [[t] for t in ids[1:-1]]

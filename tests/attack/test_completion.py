@@ -276,3 +276,22 @@ def test_the_last_stage_reaches_a_true_token_ranked_past_its_width_at_a_repeated
     assert narrow.ids != truth and narrow.distance > 0
     assert wide.ids == truth and wide.distance < 1e-6 * narrow.distance
     assert completion.suspects(start, residuals) == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_eager_sweep_makes_several_helpful_changes_at_once(minilm):
+    # A bundled 8-token sentence with two wrong tokens apart (positions 2 and 4,
+    # among the suspects: every found token ranks first, ties go to the earlier);
+    # each position's residuals rank the found token first and the true one second.
+    # One sweep makes one change; with eager it also tries the sweep's helpful
+    # changes together (completion.combined) and fixes both.
+    model, truth, message, weights = _bundled_eight(minilm)
+    start = list(truth)
+    start[2], start[4] = 2000, 2001
+    residuals = torch.ones(6, model.config.vocab_size)
+    residuals[torch.arange(6), truth[1:-1]] = 0.5
+    residuals[torch.arange(6), start[1:-1]] = 0.0
+    one = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1)
+    eager = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1, eager=True)
+    assert sum(a != b for a, b in zip(one.ids, truth)) == 1
+    assert eager.ids == truth and eager.distance < 1e-6 * one.distance
+    assert completion.combined(start, {2: (1.0, truth[2]), 3: (2.0, 7), 4: (3.0, truth[4])}) == [truth]
