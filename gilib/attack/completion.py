@@ -51,7 +51,10 @@ Four steps, each a standard tool:
    That last stage sweeps the :func:`suspects` first, each with its
    :data:`SUSPECT_TOKENS` best tokens, and makes a change that helps there
    before sweeping the other positions; after a pair or shift move the
-   single stages run again from the narrow width.
+   single stages run again from the narrow width. On AdamW's messages
+   (``polish``'s ``eager``) every stage sweeps the suspects first, and a
+   sweep also tries its helpful changes made together (:func:`combined`):
+   a long sentence left many tokens off then needs fewer sweeps.
    Several rounds' LoRA messages of one sentence
    (:func:`gilib.attack.adapter_span_attack` given each round's global
    model) are judged block by block, each round's candidate gradient at
