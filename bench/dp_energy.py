@@ -33,15 +33,31 @@ rank among the vocabulary by the energy it adds to the others' span
 distance (``fix_lowers``), and whether it is the best of the
 :data:`CANDIDATES` tokens of most energy there (``fix_best``: the best
 change at that position, when it is among them; ``in_candidates``). The
-truth reaches only these comparisons. Nothing is asserted.
+truth reaches only these comparisons.
+
+How narrow the model's likelihood is around the truth (``--basin``, at
+the given sigmas): the noise alone puts every sentence's distance at least
+near ``(sigma C)^2`` per entry (the *floor*); what a sentence adds above it
+is its *excess*. For each missed sentence, the found sentence's excess
+over the floor (``excess_found``, a share of the floor), and, as shares of
+the found sentence's excess, the truth's (``excess_truth``, near 0), the
+truth's with one of the found sentence's wrong tokens put back
+(``excess_one_wrong``, the mean over those positions) and with half of
+them put back (``excess_half_wrong``, the mean over :data:`SUBSETS` seeded
+draws). Near 1 at one wrong token: the likelihood rewards the truth only
+once (nearly) every token is right, so no descent from a sentence half
+right is led to it. Nothing is asserted.
 
 Usage::
 
-    python bench/dp_energy.py [--sigmas 3e-5 1e-4] [--sentences 4] [--out data/bench/dp_energy.csv]
+    python bench/dp_energy.py [--sigmas 3e-5 1e-4] [--sentences 4] [--single-changes 3e-5]
+                              [--basin 3e-5] [--out data/bench/dp_energy.csv]
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
 
 import pandas as pd
@@ -61,6 +77,9 @@ SIGMAS = (3e-5, 1e-4)
 
 CANDIDATES = 64
 """Tokens per wrong position tried by ``--single-changes``, by the energy they add to the others' span."""
+
+SUBSETS = 8
+"""Seeded draws of half the wrong positions, per sentence, for ``--basin``."""
 
 
 def captured_energy(model: torch.nn.Module, ids, gram: torch.Tensor) -> float:
@@ -118,7 +137,43 @@ def single_changes(model: torch.nn.Module, tokens: TokenSpace, names, matrix: to
             else float("nan")}
 
 
-def measure(sigmas, sentences: int, diagnosed=()) -> list[dict]:
+def basin(model: torch.nn.Module, names, matrix: torch.Tensor, found, truth, floor: float, seed: int) -> dict:
+    """The model's likelihood between the truth and ``found``: excess over the noise floor, as shares.
+
+    Args:
+        model: the victim.
+        names: the stacked tensors' names.
+        matrix: ``(m, d)`` the stacked message.
+        found: the sentence found, ``[CLS]`` and ``[SEP]`` included.
+        truth: the client's sentence, as long as ``found``.
+        floor: the noise's expected squared size per entry, ``(sigma C / B)^2``.
+        seed: seeds the draws of half the wrong positions.
+
+    Returns:
+        ``excess_found`` (over ``floor``, a share of it), then ``excess_truth``,
+        ``excess_one_wrong`` and ``excess_half_wrong`` as shares of the found
+        sentence's excess (the module docstring says what each is).
+    """
+    wrong = [p for p in range(1, len(found) - 1) if found[p] != truth[p]]
+    excess = {"excess_found": float("nan"), "excess_truth": float("nan"),
+              "excess_one_wrong": float("nan"), "excess_half_wrong": float("nan")}
+    if not wrong:
+        return excess
+    found_excess = model_distance(model, names, matrix, found) - floor
+
+    def share(put_back) -> float:
+        ids = [found[p] if p in put_back else t for p, t in enumerate(truth)]
+        return (model_distance(model, names, matrix, ids) - floor) / found_excess
+
+    draws = random.Random(seed)
+    half = math.ceil(len(wrong) / 2)
+    return {"excess_found": found_excess / floor if floor > 0 else float("inf"),
+            "excess_truth": share(()),
+            "excess_one_wrong": sum(share({p}) for p in wrong) / len(wrong),
+            "excess_half_wrong": sum(share(set(draws.sample(wrong, half))) for _ in range(SUBSETS)) / SUBSETS}
+
+
+def measure(sigmas, sentences: int, diagnosed=(), basins=()) -> list[dict]:
     """Every sentence's DP-SGD message at every ``sigma``: accuracy and the truth's energy against the found one's."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "attention.query", 0)
@@ -140,6 +195,8 @@ def measure(sigmas, sentences: int, diagnosed=()) -> list[dict]:
                      "seconds": seconds})
         if sigma in diagnosed:
             rows[-1].update(single_changes(model, tokens, names, matrix, found, truth))
+        if sigma in basins:
+            rows[-1].update(basin(model, names, matrix, found, truth, protocol.noise_std(1) ** 2, int(row_id)))
         print(rows[-1], flush=True)
     return rows
 
@@ -148,12 +205,15 @@ def main(argv=None) -> None:
     parser = options(__doc__.split("\n")[0], SIGMAS)
     parser.add_argument("--single-changes", nargs="*", type=float, default=[],
                         help="sigmas at which to measure the wrong positions' single changes")
+    parser.add_argument("--basin", nargs="*", type=float, default=[],
+                        help="sigmas at which to measure the excess of sentences between the truth and the found one")
     args = parser.parse_args(argv)
-    if set(args.single_changes) - set(args.sigmas):
-        parser.error(f"--single-changes {sorted(set(args.single_changes) - set(args.sigmas))} are not among "
-                     f"--sigmas {args.sigmas}: the single changes are measured on those sigmas' messages only.")
+    for flag, chosen in (("--single-changes", args.single_changes), ("--basin", args.basin)):
+        if set(chosen) - set(args.sigmas):
+            parser.error(f"{flag} {sorted(set(chosen) - set(args.sigmas))} are not among --sigmas {args.sigmas}: "
+                         f"it is measured on those sigmas' messages only.")
     torch.set_num_threads(1)
-    frame = pd.DataFrame(measure(args.sigmas, args.sentences, args.single_changes))
+    frame = pd.DataFrame(measure(args.sigmas, args.sentences, args.single_changes, args.basin))
     missed = frame[~frame["exact"]]
     print(missed.groupby("sigma")["truth_minus_found"].agg(
         missed="size", truth_likelier=lambda s: int((s > 0).sum()), median="median").to_string())
@@ -163,12 +223,17 @@ def main(argv=None) -> None:
     if args.single_changes:
         print("single changes at the found sentence's wrong positions:")
         print(frame.groupby("sigma")[["wrong", "fix_lowers", "in_candidates", "fix_best"]].sum().to_string())
+    if args.basin:
+        print("the model's likelihood between the truth and the found sentence (medians over missed sentences):")
+        print(missed.groupby("sigma")[["excess_found", "excess_truth", "excess_one_wrong",
+                                       "excess_half_wrong"]].median().dropna().round(3).to_string())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
         write_settings(args.out, "bench/dp_energy.py", argv, sigmas=args.sigmas, sentences=args.sentences,
                        max_grad_norm=1.0, selection="layer 0's query weight",
-                       single_changes=args.single_changes, candidates=CANDIDATES)
+                       single_changes=args.single_changes, candidates=CANDIDATES, basin=args.basin,
+                       subsets=SUBSETS)
 
 
 if __name__ == "__main__":

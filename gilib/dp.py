@@ -33,11 +33,12 @@ the batch, and the position table gets no per-example gradient.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from opacus import PrivacyEngine
@@ -154,6 +155,19 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
         )
 
 
+@contextlib.contextmanager
+def quiet_hooks() -> Iterator[None]:
+    """Silence Opacus's notice on a backward pass through its hooks.
+
+    Opacus's full backward hooks warn when the module's input needs no
+    gradient (token ids, or a frozen base under LoRA adapters): expected
+    here, and otherwise printed into every chapter that runs a DP client.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        yield
+
+
 def _private(module: torch.nn.Module, dataset, batch_size: int, noise_multiplier: float, max_grad_norm: float,
              seed: int, lr: float, poisson: bool):
     """A DP-SGD (plain SGD) client over ``dataset``: ``(wrapped module, DP optimizer, loader)``."""
@@ -203,7 +217,8 @@ def dp_sgd_step(
     wrapped, optimizer, _ = _private(client, dataset, len(labels), noise_multiplier, max_grad_norm, seed,
                                      lr=0.0, poisson=False)
     optimizer.zero_grad(set_to_none=True)
-    wrapped(**inputs, labels=labels).loss.backward()
+    with quiet_hooks():
+        wrapped(**inputs, labels=labels).loss.backward()
     named = dict(client.named_parameters())
     selected = [named[n] for n in selection.names]
     raw = [p.grad.detach().clone() for p in selected]

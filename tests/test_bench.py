@@ -4,6 +4,7 @@ Timings and memory are figures for the reader, never checked here.
 """
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -219,9 +220,9 @@ def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_
     # bench/dp_energy.py compares the energy tr(P_X G^T G) the true and the found sentence capture: without
     # noise the query gradient's rows lie in the span of the sentence's inputs, so the truth captures all of
     # ||G||^2 and a sentence with one token changed captures less.
-    from dp_energy import captured_energy
-
     model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
+    from dp_energy import captured_energy  # bench/: on sys.path once the message is made
+
     gradient = grads[0].double()
     gram = gradient.T @ gradient
     total = float(gradient.square().sum())
@@ -233,10 +234,10 @@ def test_the_models_likelihood_puts_a_clipped_noiseless_message_at_the_truth(min
     # bench/dp_energy.py's model_distance: the message against each sentence's own gradient, scaled by its
     # least-squares clipping factor. A clipped (halved) noiseless gradient sits at distance 0 from the truth,
     # and a sentence with one token changed is far from it.
-    from dp_energy import model_distance
+    model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
+    from dp_energy import model_distance  # bench/: on sys.path once the message is made
     from gilib.attack.completion import stacked_projections
 
-    model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
     names, matrix = stacked_projections(model, selection.names, [0.5 * g for g in grads])
     scale = float(matrix.square().mean())
     assert model_distance(model, names, matrix, truth) < 1e-10 * scale
@@ -247,20 +248,38 @@ def test_single_changes_find_the_true_fix_first_without_noise(minilm):
     # bench/dp_energy.py --single-changes: a found sentence one token off a noiseless message. Its wrong
     # position's true token adds the most energy to the others' span (rank 0), fixing it alone lowers the
     # model's distance, and no other of the 64 candidates lowers it as much.
-    from dp_energy import single_changes
+    model, tokens, selection, grads, truth, found = _noiseless_query_message(minilm)
+    from dp_energy import single_changes  # bench/: on sys.path once the message is made
     from gilib.attack.completion import stacked_projections
 
-    model, tokens, selection, grads, truth, found = _noiseless_query_message(minilm)
     names, matrix = stacked_projections(model, selection.names, grads)
     counts = single_changes(model, tokens, names, matrix, found, truth)
     assert counts == {"wrong": 1, "fix_lowers": 1, "in_candidates": 1, "fix_best": 1, "true_rank_median": 0.0}
 
 
-def test_dp_energy_refuses_single_changes_at_a_sigma_it_does_not_run(capsys):
-    # A sigma given to --single-changes but not to --sigmas would measure nothing without a word.
+def test_the_basin_puts_the_truth_at_the_floor_and_one_wrong_token_above_it(minilm):
+    # bench/dp_energy.py --basin on a noiseless message (floor 0), the found sentence two tokens off: the
+    # truth has no excess, and the truth with one of them wrong has some, less than the found sentence's.
+    model, tokens, selection, grads, truth, one_off = _noiseless_query_message(minilm)
+    from dp_energy import basin  # bench/: on sys.path once the message is made
+    from gilib.attack.completion import stacked_projections
+
+    found = one_off[:4] + [one_off[1]] + one_off[5:]
+    names, matrix = stacked_projections(model, selection.names, grads)
+    excess = basin(model, names, matrix, found, truth, floor=0.0, seed=0)
+    assert excess["excess_found"] == float("inf")
+    assert abs(excess["excess_truth"]) < 1e-6
+    assert 0.01 < excess["excess_one_wrong"] < 0.99
+    assert 0.01 < excess["excess_half_wrong"] < 0.99  # half of two: one, drawn
+    assert all(math.isnan(v) for v in basin(model, names, matrix, truth, truth, floor=0.0, seed=0).values())
+
+
+@pytest.mark.parametrize("flag", ["--single-changes", "--basin"])
+def test_dp_energy_refuses_a_diagnosis_at_a_sigma_it_does_not_run(capsys, flag):
+    # A sigma given to --single-changes or --basin but not to --sigmas would measure nothing without a word.
     sys.path.insert(0, str(REPO / "bench"))
     from dp_energy import main
 
     with pytest.raises(SystemExit):
-        main(["--sigmas", "3e-5", "--single-changes", "1e-4"])
-    assert "are not among --sigmas" in capsys.readouterr().err
+        main(["--sigmas", "3e-5", flag, "1e-4"])
+    assert f"{flag} [0.0001] are not among --sigmas" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -49,6 +50,15 @@ def test_without_noise_the_privatised_gradient_is_the_clipped_mean(client):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     assert (out.per_example_norms > 0.5).all()  # so clipping did act, and the two differ
     assert out.cosine() < 1.0
+
+
+def test_a_dp_client_step_prints_no_opacus_hook_notice(client):
+    # Opacus warns that the token ids need no gradient; every chapter with a DP client printed it.
+    model, _, batch = client
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dp.dp_sgd_step(model, select(model, "attention.query", 0), batch, noise_multiplier=0.3, max_grad_norm=1.0)
+    assert [str(w.message) for w in caught if "Full backward hook" in str(w.message)] == []
 
 
 def test_the_privatised_gradient_is_what_the_dp_optimizer_applies(client):

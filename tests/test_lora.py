@@ -188,8 +188,6 @@ def test_the_one_step_adamw_message_inverts_to_the_adapters_gradient(victim, tru
         assert cosine > 0.999
 
 
-# Opacus's hooks on the adapters' Linear layers warn that the frozen base passes no input gradient: expected here.
-@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_a_dp_sgd_client_privatises_the_adapters(victim, true_batch):
     selection = select(victim, "lora", 0)
     raw = client_update(victim, selection, true_batch, DPSGD(0.5, 1.0, seed=1, reading="raw")).shared.shared_grads

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -47,7 +46,7 @@ import pandas as pd
 import torch
 
 from ..data import load_split
-from ..dp import GRAD_SAMPLE_MODES, batch_inputs, check_dp_settings, epsilon, make_private
+from ..dp import GRAD_SAMPLE_MODES, batch_inputs, check_dp_settings, epsilon, make_private, quiet_hooks
 from ..metrics import bootstrap_interval, interval_text, matthews
 from ..models import load_model
 from .grids import intervals, paired_differences
@@ -243,9 +242,7 @@ def dp_finetune(
     else:
         (wrapped, optimizer, loader), criterion = private, torch.nn.CrossEntropyLoss()
     taken, drawn = 0, 0
-    with warnings.catch_warnings():
-        # Opacus's hooks on a model whose input (token ids) needs no gradient: a notice, not a problem.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    with quiet_hooks():
         while taken < steps:
             for batch_ids, batch_mask, batch_labels in loader:
                 if taken == steps:
