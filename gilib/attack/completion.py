@@ -80,6 +80,10 @@ LAYER0_PROJECTIONS = ("attention.self.query.weight", "attention.self.value.weigh
 ITERATIONS = 100
 """Alternating least-squares sweeps of :func:`completed_space`."""
 
+MASK_ITERATIONS = 40
+"""The first fit's sweeps for a 0/1 mask (one AdamW step's message, rows
+balanced): it settles sooner, and a long sentence's search needs the time."""
+
 CANDIDATES = (8, 32)
 """Tokens per position :func:`polish` tries, by increasing residual: the
 first number until no single change helps, then one wider pass with the

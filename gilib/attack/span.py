@@ -30,8 +30,8 @@ from .objectives import GradientMatcher
 from .optimization import Round
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
-from .completion import (CANDIDATES, PAIRS, REFIT_ITERATIONS, REFITS, balanced, completed_space, floored, outside_share,
-                         polish, sentence_inputs, stacked_adapter_entries, stacked_projections)
+from .completion import (CANDIDATES, ITERATIONS, MASK_ITERATIONS, PAIRS, REFIT_ITERATIONS, REFITS, SHARP, balanced,
+                         completed_space, floored, outside_share, polish, sentence_inputs, stacked_adapter_entries, stacked_projections)
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -581,7 +581,9 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     fit_weights = balanced(stacked_weights, matrix) if mask else stacked_weights
     polish_weights = stacked_weights[:len(polish_matrix)]  # the rows the search reads (all, for one message)
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
-    space = completed_space(matrix, fit_weights, rank)
+    # A mask's balanced fit settles in fewer rounds (RT 7347, 59 tokens: the same
+    # sentence after 40 as after 100, 4 s sooner).
+    space = completed_space(matrix, fit_weights, rank, iterations=MASK_ITERATIONS if mask else ITERATIONS)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
     check_seconds = time.perf_counter() - start
     # Refit from the sentence the residuals point at: its right tokens'
@@ -605,15 +607,25 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     # AdamW's messages (the mask) leave a long sentence many tokens off after the
     # refits, and the search makes one change per sweep: there it sweeps the
     # suspects first and makes several helpful changes at once (polish's eager),
-    # and the second search goes on from the first's sentence with the refit's
-    # candidates instead of starting over from the refit's residuals. Only AdamW's
+    # and the second search goes on from the first's sentence where that is clearly
+    # closer to the message than the refit's (below). Only AdamW's
     # messages were timed this way; the other protocols' searches are unchanged.
     found = polish(model, names, polish_matrix, polish_weights, ids, residuals, candidates=CANDIDATES[:1],
                    deadline=deadline, clipped=clipped, later=later, eager=mask)
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
         again = refit(found.ids)
-        restart = found.ids if mask else _argmin_sentence(tokenizer, again)
+        restart = _argmin_sentence(tokenizer, again)
+        if mask and restart != found.ids:
+            # Eager, the first search can make many changes (a long sentence from 6 wrong
+            # tokens to 1): it goes on from its own sentence where that is SHARP-fold
+            # closer to the message than the refit's; within that factor the distance
+            # does not rank them (RT 2089 at lr 2e-5: the search's sentence, 4 off, is
+            # 1.9-fold closer than the refit's, 1 off), and the search starts over.
+            fresh = polish(model, names, polish_matrix, polish_weights, restart, again, candidates=(),
+                           clipped=clipped, later=later)
+            if SHARP * found.distance < fresh.distance:
+                restart = found.ids
         second = polish(model, names, polish_matrix, polish_weights, restart, again, candidates=CANDIDATES[:1],
                         deadline=deadline, clipped=clipped, later=later, eager=mask)
         if second.distance < found.distance:
