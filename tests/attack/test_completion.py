@@ -295,3 +295,30 @@ def test_an_eager_sweep_makes_several_helpful_changes_at_once(minilm):
     assert sum(a != b for a, b in zip(one.ids, truth)) == 1
     assert eager.ids == truth and eager.distance < 1e-6 * one.distance
     assert completion.combined(start, {2: (1.0, truth[2]), 3: (2.0, 7), 4: (3.0, truth[4])}) == [truth]
+
+
+def test_a_mask_message_first_fit_runs_fewer_sweeps_and_fedavg_keeps_its_own(minilm, fedavg_message, monkeypatch):
+    # One AdamW step's weights are a 0/1 mask: its first fit runs MASK_ITERATIONS
+    # sweeps (a long sentence's search needs the time); FedAvg's 1 / noise^2
+    # weights keep ITERATIONS. Both bundled sentences come back exact.
+    import gilib.attack.span as span
+    model, tokenizer = minilm
+    first = []
+    fit = span.completed_space
+    monkeypatch.setattr(span, "completed_space", lambda *a, **k: (first.append(k.get("iterations")), fit(*a, **k))[1]
+                        if k.get("start") is None else fit(*a, **k))
+    selection = select(model, "layer", 0)
+    example = load_split("sample")[4]
+    true_batch = encode(tokenizer, [example.text], [example.label])
+    protocol = AdamW(1, 2e-5)
+    message = client_update(model, selection, true_batch, protocol).shared
+    weights = protocol.entry_weights(message, model, selection)
+    assert {float(v) for w in weights for v in w.unique()} == {0.0, 1.0}
+    inverted = protocol.gradient(message, model, selection)._replace(labels=None)
+    result = span_attack(model, tokenizer, inverted, selection, weights=weights)
+    assert result.token_ids[0] == true_batch["input_ids"][0].tolist()
+    fedavg, fedavg_selection, shared, truth = fedavg_message
+    result = span_attack(model, tokenizer, shared, fedavg_selection,
+                         weights=fedavg.entry_weights(shared, model, fedavg_selection))
+    assert result.token_ids[0] == truth
+    assert first == [completion.MASK_ITERATIONS, completion.ITERATIONS] and completion.MASK_ITERATIONS < 100
