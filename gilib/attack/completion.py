@@ -81,8 +81,9 @@ ITERATIONS = 100
 """Alternating least-squares sweeps of :func:`completed_space`."""
 
 MASK_ITERATIONS = 40
-"""The first fit's sweeps for a 0/1 mask (one AdamW step's message, rows
-balanced): it settles sooner, and a long sentence's search needs the time."""
+"""The first fit's sweeps for a 0/1 mask (one AdamW step's message of layer
+0's own weights, rows balanced; not a LoRA victim's adapters): it settles
+sooner, and a long sentence's search needs the time."""
 
 CANDIDATES = (8, 32)
 """Tokens per position :func:`polish` tries, by increasing residual: the
