@@ -51,7 +51,10 @@ Four steps, each a standard tool:
    That last stage sweeps the :func:`suspects` first, each with its
    :data:`SUSPECT_TOKENS` best tokens, and makes a change that helps there
    before sweeping the other positions; after a pair or shift move the
-   single stages run again from the narrow width.
+   single stages run again from the narrow width. On AdamW's messages
+   (``polish``'s ``eager``) every stage sweeps the suspects first, and a
+   sweep also tries its helpful changes made together (:func:`combined`):
+   a long sentence left many tokens off then needs fewer sweeps.
    Several rounds' LoRA messages of one sentence
    (:func:`gilib.attack.adapter_span_attack` given each round's global
    model) are judged block by block, each round's candidate gradient at
@@ -77,6 +80,11 @@ LAYER0_PROJECTIONS = ("attention.self.query.weight", "attention.self.value.weigh
 
 ITERATIONS = 100
 """Alternating least-squares sweeps of :func:`completed_space`."""
+
+MASK_ITERATIONS = 40
+"""The first fit's sweeps for a 0/1 mask (one AdamW step's message of layer
+0's own weights, rows balanced; not a LoRA victim's adapters): it settles
+sooner, and a long sentence's search needs the time."""
 
 CANDIDATES = (8, 32)
 """Tokens per position :func:`polish` tries, by increasing residual: the
@@ -320,7 +328,7 @@ class Polished(NamedTuple):
 def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, weights: torch.Tensor,
            ids: Sequence[int], residuals: torch.Tensor, candidates: Sequence[int] = CANDIDATES,
            sweeps: int = 16, deadline: float | None = None, clipped: bool = False, pairs: int = 0,
-           later: Sequence[tuple[torch.nn.Module, Sequence[str]]] = ()) -> Polished:
+           later: Sequence[tuple[torch.nn.Module, Sequence[str]]] = (), eager: bool = False) -> Polished:
     """Judge each position's best few tokens on the message itself, under its noise model.
 
     Args:
@@ -365,6 +373,11 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             (with ``clipped``, each round's block gets its own factor: each
             round's client clipped its own gradient). Empty: one message,
             ``names`` at ``model``.
+        eager: for a long sentence far from the truth, where a sweep costs
+            a batched pass per position and each sweep makes one change:
+            every stage (not only the last) sweeps the :func:`suspects`
+            first, and a sweep also tries its helpful changes made together
+            (:func:`combined`), keeping the best single change or group.
 
     Returns:
         A :class:`Polished`: the sentence, its weighted squared distance to
@@ -410,18 +423,20 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
     # distance by orders of magnitude, while a first-improvement search
     # takes whichever small gain elsewhere it meets first.
     moves, runner_up = 0, 0.0
-    # The last stage (the one with pair moves) sweeps the suspects first, each with
-    # its SUSPECT_TOKENS best tokens, and makes a change that helps there before
-    # sweeping the rest: on a long sentence a sweep costs seconds per position.
+    # The last stage (the one with pair moves; with eager, every stage) sweeps the
+    # suspects first, in the last stage each with its SUSPECT_TOKENS best tokens, and
+    # makes a change that helps there before sweeping the rest: on a long sentence a
+    # sweep costs seconds per position.
     wide = residuals.topk(min(SUSPECT_TOKENS, residuals.shape[1]), dim=1, largest=False).indices.tolist() \
         if pairs else []
     for width in candidates:
         options = residuals.topk(min(width, residuals.shape[1]), dim=1, largest=False).indices.tolist()
         while moves < sweeps:
             best, runner_up = (current, None), float("inf")
-            first = suspects(ids, residuals) if pairs else []
-            groups = ([(p, wide[p - 1]) for p in first],
-                      [(p, options[p - 1]) for p in range(1, len(ids) - 1) if p not in first])
+            changes: dict[int, tuple[float, int]] = {}  # each position's best change that helps
+            ahead = suspects(ids, residuals) if pairs or eager else []
+            groups = ([(p, (wide or options)[p - 1]) for p in ahead],
+                      [(p, options[p - 1]) for p in range(1, len(ids) - 1) if p not in ahead])
             for group in groups:
                 if best[1] is not None:
                     break  # a suspect's change helps: made before the other positions are swept
@@ -431,10 +446,17 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
                     trials = [ids[:position] + [t] + ids[position + 1:] for t in tokens if t != ids[position]]
                     for value, trial in zip(distances(trials, label), trials):
                         runner_up = min(runner_up, value)
+                        if value < changes.get(position, (current,))[0]:
+                            changes[position] = (value, trial[position])
                         if value < best[0]:
                             best = (value, trial)
             if best[1] is None:
                 break
+            # With eager, the sweep's other helpful changes too, together, where that fits better still.
+            together = combined(ids, changes) if eager else []
+            for value, trial in zip(distances(together, label) if together else [], together):
+                if value < best[0]:
+                    best = (value, trial)
             (current, ids), moves = best, moves + 1
         if runner_up >= SHARP * current:
             break
@@ -458,7 +480,7 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         if best[1] is not None:
             # Made; then the single stages once more from it, the narrow one first.
             again = polish(model, names, matrix, weights, best[1], residuals, candidates=confirm,
-                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later)
+                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later, eager=eager)
             return again if again.distance < best[0] else Polished(best[1], best[0], False)
     if pairs and runner_up < SHARP * current:
         # Still not a sharp minimum after the pair moves: try shifting a stretch by one position.
@@ -466,7 +488,7 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         if shifted.ids != ids:
             # Made; then the single stages once more from it, the narrow one first.
             again = polish(model, names, matrix, weights, shifted.ids, residuals, candidates=confirm,
-                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later)
+                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later, eager=eager)
             return again if again.distance < shifted.distance else shifted
     current = min(distances([ids], y)[0] for y in classes)
     return Polished(ids, current, runner_up >= SHARP * current)
@@ -506,6 +528,42 @@ def floor_z(distance: float, noise: float, entries: int) -> float:
     """
     floor = noise ** 2
     return (distance - floor) / (floor * math.sqrt(2 / entries))
+
+
+def combined(ids: Sequence[int], changes: dict[int, tuple[float, int]]) -> list[list[int]]:
+    """Sentences that make several of one sweep's helpful single changes at once.
+
+    On a long sentence far from the truth one sweep of :func:`polish` costs
+    a batched pass per position, and each sweep used to make one change:
+    a sentence with many wrong tokens took as many sweeps. Most of the
+    wrong tokens' fixes each help on their own (the true token lowers the
+    distance wherever it stands), so the sweep's other helpful changes are
+    made too, as a few candidates judged like any other: the best two,
+    four, eight and so on, and all of them (the caller keeps whichever,
+    single change or group, is closest to the message). Neighbouring
+    positions are never changed together: their changes are often two
+    fixes of one error (a token copied onto its neighbour can be replaced
+    at either end), and only one of them is right.
+
+    Args:
+        ids: the sentence, ``[CLS]`` and ``[SEP]`` included.
+        changes: per position, the distance its best helpful change reaches and that change's token.
+
+    Returns:
+        Sentences with 2 or more changes, fewest first (none if fewer than two can be combined).
+    """
+    chosen: list[int] = []
+    for position in sorted(changes, key=lambda p: changes[p][0]):
+        if all(abs(position - other) > 1 for other in chosen):
+            chosen.append(position)
+    sizes = sorted({min(2 ** k, len(chosen)) for k in range(1, max(len(chosen), 2).bit_length() + 1)})
+    sentences = []
+    for size in (s for s in sizes if s >= 2):
+        sentence = list(ids)
+        for position in chosen[:size]:
+            sentence[position] = changes[position][1]
+        sentences.append(sentence)
+    return sentences
 
 
 def suspects(ids: Sequence[int], residuals: torch.Tensor, repeats: bool = True) -> list[int]:

@@ -286,3 +286,26 @@ def test_rounds_that_do_not_fit_the_model_are_refused(minilm, victims, true_batc
     with pytest.raises(ValueError, match="weights holds 1 lists for 2 rounds"):
         adapter_span_attack(victim, tokenizer, [Round(victim, reading), Round(later, second)], selection,
                             weights=[weights])
+
+
+def test_an_adamw_reading_of_adapters_keeps_the_full_first_fit_and_the_plain_search(minilm, victims, true_batch,
+                                                                                     monkeypatch):
+    """A LoRA victim's AdamW reading is a 0/1 mask too, but the shorter first fit and the eager search are
+    for layer 0's own weights (chapter 7 timed the adapters' search as it was): here every fit from the
+    SVD runs ITERATIONS sweeps and no search is eager; still exact."""
+    import gilib.attack.span as span
+    from gilib.attack import completion
+
+    _, tokenizer = minilm
+    victim = victims[(16, ("query", "value"))]
+    selection = select(victim, "lora", 0)
+    reading, weights = _adamw(victim, selection, true_batch)
+    assert {float(v) for w in weights for v in w.unique()} == {0.0, 1.0}
+    fits, eager = [], []
+    fit, search = span.completed_space, span.polish
+    monkeypatch.setattr(span, "completed_space", lambda *a, **k: (
+        fits.append(k.get("iterations")) if k.get("start") is None else None, fit(*a, **k))[1])
+    monkeypatch.setattr(span, "polish", lambda *a, **k: (eager.append(k.get("eager", False)), search(*a, **k))[1])
+    found = span_attack(victim, tokenizer, reading, selection, weights=weights)
+    assert found.token_ids[0] == true_batch["input_ids"][0].tolist()
+    assert fits == [completion.ITERATIONS] and eager and not any(eager)

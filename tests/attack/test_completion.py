@@ -276,3 +276,49 @@ def test_the_last_stage_reaches_a_true_token_ranked_past_its_width_at_a_repeated
     assert narrow.ids != truth and narrow.distance > 0
     assert wide.ids == truth and wide.distance < 1e-6 * narrow.distance
     assert completion.suspects(start, residuals) == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_eager_sweep_makes_several_helpful_changes_at_once(minilm):
+    # A bundled 8-token sentence with two wrong tokens apart (positions 2 and 4,
+    # among the suspects: every found token ranks first, ties go to the earlier);
+    # each position's residuals rank the found token first and the true one second.
+    # One sweep makes one change; with eager it also tries the sweep's helpful
+    # changes together (completion.combined) and fixes both.
+    model, truth, message, weights = _bundled_eight(minilm)
+    start = list(truth)
+    start[2], start[4] = 2000, 2001
+    residuals = torch.ones(6, model.config.vocab_size)
+    residuals[torch.arange(6), truth[1:-1]] = 0.5
+    residuals[torch.arange(6), start[1:-1]] = 0.0
+    one = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1)
+    eager = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1, eager=True)
+    assert sum(a != b for a, b in zip(one.ids, truth)) == 1
+    assert eager.ids == truth and eager.distance < 1e-6 * one.distance
+    assert completion.combined(start, {2: (1.0, truth[2]), 3: (2.0, 7), 4: (3.0, truth[4])}) == [truth]
+
+
+def test_a_mask_message_first_fit_runs_fewer_sweeps_and_fedavg_keeps_its_own(minilm, fedavg_message, monkeypatch):
+    # One AdamW step's weights are a 0/1 mask: its first fit runs MASK_ITERATIONS
+    # sweeps (a long sentence's search needs the time); FedAvg's 1 / noise^2
+    # weights keep ITERATIONS. Both bundled sentences come back exact.
+    import gilib.attack.span as span
+    model, tokenizer = minilm
+    first = []
+    fit = span.completed_space
+    monkeypatch.setattr(span, "completed_space", lambda *a, **k: (first.append(k.get("iterations")), fit(*a, **k))[1]
+                        if k.get("start") is None else fit(*a, **k))
+    selection = select(model, "layer", 0)
+    example = load_split("sample")[4]
+    true_batch = encode(tokenizer, [example.text], [example.label])
+    protocol = AdamW(1, 2e-5)
+    message = client_update(model, selection, true_batch, protocol).shared
+    weights = protocol.entry_weights(message, model, selection)
+    assert {float(v) for w in weights for v in w.unique()} == {0.0, 1.0}
+    inverted = protocol.gradient(message, model, selection)._replace(labels=None)
+    result = span_attack(model, tokenizer, inverted, selection, weights=weights)
+    assert result.token_ids[0] == true_batch["input_ids"][0].tolist()
+    fedavg, fedavg_selection, shared, truth = fedavg_message
+    result = span_attack(model, tokenizer, shared, fedavg_selection,
+                         weights=fedavg.entry_weights(shared, model, fedavg_selection))
+    assert result.token_ids[0] == truth
+    assert first == [completion.MASK_ITERATIONS, completion.ITERATIONS] and completion.MASK_ITERATIONS < 100
