@@ -525,7 +525,16 @@ def floor_z(distance: float, noise: float, entries: int) -> float:
     ``noise^2 sqrt(2 / entries)`` (a chi-square). About 0 (within 3) for the
     client's sentence; a sentence with a wrong token sits higher, by as
     much as the model's gradient tells the two apart.
+
+    Raises:
+        ValueError: ``noise`` is not a positive finite number (without
+            noise there is no floor to stand above), or ``entries`` < 1.
     """
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0:
+        raise ValueError(f"noise must be the message's per-entry noise standard deviation, a positive number, "
+                         f"got {noise!r}: a noiseless message has no floor to measure against.")
+    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
+        raise ValueError(f"entries must be the message's entry count, a whole number of at least 1, got {entries!r}.")
     floor = noise ** 2
     return (distance - floor) / (floor * math.sqrt(2 / entries))
 

@@ -444,10 +444,12 @@ def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cf
         ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0], starts=starts)])
         final_loss = float(max((residuals[i, t] for i, t in enumerate(ids[0, 1:-1].tolist())), default=0.0))
         # The server can tell whether it is right: the client's sentence leaves
-        # the model's likelihood at the noise floor, a wrong one above it.
-        names, matrix = stacked_projections(model, [name], [gradient])
-        diagnostics.floor_z = floor_z(model_distance(model, names, matrix, ids[0].tolist()), space.noise,
-                                      matrix.numel())
+        # the model's likelihood at the noise floor, a wrong one above it. (A
+        # spectrum that reads no noise at all leaves no floor: None.)
+        if space.noise > 0:
+            names, matrix = stacked_projections(model, [name], [gradient])
+            diagnostics.floor_z = floor_z(model_distance(model, names, matrix, ids[0].tolist()), space.noise,
+                                          matrix.numel())
     elif batch == 1:
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))

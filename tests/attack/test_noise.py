@@ -160,3 +160,16 @@ def test_a_start_of_the_wrong_length_is_refused(minilm):
     gradient = torch.ones(384, 384)
     with pytest.raises(ValueError, match="A start has 2 tokens; the sentence has 5"):
         likely_sentence(model, TokenSpace(model, tokenizer), gradient, 5, starts=[[101, 102]])
+
+
+@pytest.mark.parametrize("noise, entries, message", [
+    (0.0, 10, "a positive number"), (-1e-5, 10, "a positive number"), (float("nan"), 10, "a positive number"),
+    (1e-5, 0, "at least 1"), (1e-5, 2.5, "at least 1")])
+def test_floor_z_refuses_a_message_without_noise_or_entries(noise, entries, message):
+    from gilib.attack.completion import floor_z
+
+    with pytest.raises(ValueError, match=message):
+        floor_z(1e-10, noise, entries)
+    # The floor 1e-10 and its standard deviation 1e-10 * sqrt(2 / 20000) = 1e-12: one above it.
+    assert floor_z(1.01e-10, 1e-5, 20000) == pytest.approx(1.0)
+
