@@ -15,7 +15,17 @@ whether the whole sentence is, for
   (``noise=DPSGD(...).noise_std(1)``): the most likely sentence under
   Gaussian noise (:func:`gilib.attack.likelihood.likely_sentence`).
 
-For the new check, ``floor_z``: how far the found sentence sits above the
+* **prior**: the new check with a language prior
+  (:class:`gilib.attack.NgramPrior`, counted from every local split but
+  the attacked one, :func:`gilib.data.prior_texts`), weighted by
+  ``--prior-weight`` (:data:`gilib.attack.config.PRIOR_WEIGHT`): the most
+  probable sentence rather than the most likely.
+
+``--tune W1 W2 ...`` chooses that weight: it runs the prior check alone at
+each weight on sentences no study attacks (the seeded sample from position
+:data:`TUNE_OFFSET` on, ``--sentences`` per dataset).
+
+For the new checks, ``floor_z``: how far the found sentence sits above the
 noise floor of the model's likelihood, in the floor's standard deviations
 (``diagnostics.floor_z``): whether the server can tell, without the truth,
 that the sentence it found is the client's (near 0) or not.
@@ -26,7 +36,8 @@ one machine.
 
 Usage::
 
-    python bench/dp_span.py [--sigmas 1e-6 1e-5 3e-5 1e-4 3e-4 1e-3] [--sentences 4]
+    python bench/dp_span.py [--sigmas 1e-6 3e-6 1e-5 3e-5 5e-5 1e-4 3e-4 1e-3] [--sentences 4]
+                            [--checks old new prior] [--prior-weight 6] [--tune 2 4 8 16]
                             [--out data/bench/dp_span.csv]
 """
 
@@ -40,16 +51,20 @@ from typing import Iterator, NamedTuple
 import pandas as pd
 import torch
 
-from gilib.attack import span_attack
+from gilib.attack import NgramPrior, SpanConfig, span_attack
+from gilib.attack.config import PRIOR_WEIGHT
 from gilib.client import DPSGD, client_update
-from gilib.data import write_settings
+from gilib.data import prior_texts, write_settings
 from gilib.models import cached_model, encode
 from gilib.selection import select
 from gilib.update import SharedUpdate
-from gilib.studies.sample import sample
+from gilib.studies.sample import GRID_SPLITS, sample
 from gilib.studies.span import DATASETS
 
-SIGMAS = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+SIGMAS = (1e-6, 3e-6, 1e-5, 3e-5, 5e-5, 1e-4, 3e-4, 1e-3)
+CHECKS = ("old", "new", "prior")
+TUNE_OFFSET = 200
+"""Where the sentences that choose the prior's weight start in the seeded sample (no study reaches it)."""
 
 
 class Message(NamedTuple):
@@ -63,10 +78,13 @@ class Message(NamedTuple):
     message: SharedUpdate
 
 
-def messages(model, tokenizer, selection, sigmas, sentences: int) -> Iterator[Message]:
-    """Every chapter-5 sentence's DP-SGD message of ``selection`` at every ``sigma`` (seeded by its row id)."""
+def messages(model, tokenizer, selection, sigmas, sentences: int, offset: int = 0) -> Iterator[Message]:
+    """Every chapter-5 sentence's DP-SGD message of ``selection`` at every ``sigma`` (seeded by its row id).
+
+    ``offset``: start that far into the seeded sample instead (other sentences).
+    """
     for dataset in DATASETS:
-        for (example,) in sample(dataset, sentences):
+        for (example,) in sample(dataset, sentences, offset=offset):
             true_batch = encode(tokenizer, [example.text], [example.label])
             n = int(true_batch["attention_mask"].sum())
             truth = true_batch["input_ids"][0, :n].tolist()
@@ -77,24 +95,34 @@ def messages(model, tokenizer, selection, sigmas, sentences: int) -> Iterator[Me
                 yield Message(dataset, example.row_id, truth, sigma, protocol, message)
 
 
-def measure(sigmas, sentences: int) -> list[dict]:
-    """Both readings of every sentence's DP-SGD message at every ``sigma``."""
+def language_prior(tokenizer, dataset: str) -> NgramPrior:
+    """The attacker's n-gram prior for ``dataset``'s sentences: every local split but the attacked one."""
+    return NgramPrior.from_texts(tokenizer, prior_texts((dataset, GRID_SPLITS[dataset]))[0])
+
+
+def measure(sigmas, sentences: int, checks=CHECKS, prior_weights=(PRIOR_WEIGHT,), offset: int = 0) -> list[dict]:
+    """Each check's reading of every sentence's DP-SGD message at every ``sigma`` (the prior's at each weight)."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "attention.query", 0)
+    priors = {d: language_prior(tokenizer, d) for d in DATASETS} if "prior" in checks else {}
     rows = []
-    for dataset, row_id, truth, sigma, protocol, message in messages(model, tokenizer, selection, sigmas, sentences):
+    for dataset, row_id, truth, sigma, protocol, message in messages(model, tokenizer, selection, sigmas, sentences,
+                                                                     offset):
         n = len(truth)
-        for check, extra in (("old", {}), ("new", {"noise": protocol.noise_std(1)})):
+        runs = [(c, None, {} if c == "old" else {"noise": protocol.noise_std(1)}) for c in checks if c != "prior"]
+        runs += [("prior", w, {"noise": protocol.noise_std(1), "prior": priors[dataset],
+                               "config": SpanConfig(prior_weight=w)}) for w in prior_weights if "prior" in checks]
+        for check, weight, extra in runs:
             start = time.perf_counter()
             result = span_attack(model, tokenizer, message, selection, **extra)
             got = result.token_ids[0]
             rows.append({"dataset": dataset, "row_id": row_id, "tokens": n, "sigma": sigma,
-                         "check": check,
+                         "check": check, "prior_weight": weight,
                          "token_accuracy": sum(a == b for a, b in zip(got[1:-1], truth[1:-1])) / (n - 2),
                          "exact": got == truth, "seconds": time.perf_counter() - start,
                          "floor_z": result.diagnostics.floor_z})
         print(dataset, row_id, n, sigma,
-              *(round(r["token_accuracy"], 2) for r in rows[-2:]), round(rows[-1]["seconds"], 1),
+              *(round(r["token_accuracy"], 2) for r in rows[-len(runs):]), round(rows[-1]["seconds"], 1),
               flush=True)
     return rows
 
@@ -108,24 +136,47 @@ def options(description: str, sigmas) -> argparse.ArgumentParser:
     return parser
 
 
+def tune(args, argv) -> None:
+    """``--tune``: the prior check's token accuracy at each weight, on sentences no study attacks."""
+    frame = pd.DataFrame(measure(args.sigmas, args.sentences, ("prior",), args.tune, offset=TUNE_OFFSET))
+    print(frame.pivot_table(index="prior_weight", columns="sigma", values="token_accuracy").round(3).to_string())
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out, index=False)
+        write_settings(args.out, "bench/dp_span.py", argv, sigmas=args.sigmas, sentences=args.sentences,
+                       prior_weights=args.tune, offset=TUNE_OFFSET, max_grad_norm=1.0,
+                       selection="layer 0's query weight")
+
+
 def main(argv=None) -> None:
-    args = options(__doc__.split("\n")[0], SIGMAS).parse_args(argv)
+    parser = options(__doc__.split("\n")[0], SIGMAS)
+    parser.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS), help="the checks to run")
+    parser.add_argument("--prior-weight", type=float, default=PRIOR_WEIGHT, help="the prior check's weight")
+    parser.add_argument("--tune", nargs="+", type=float, default=None,
+                        help="only choose the prior's weight: these weights, on the tuning sentences")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = measure(args.sigmas, args.sentences)
+    if args.tune:
+        return tune(args, argv)
+    rows = measure(args.sigmas, args.sentences, args.checks, (args.prior_weight,))
     frame = pd.DataFrame(rows)
     print(frame.groupby(["sigma", "check"])[["token_accuracy", "exact", "seconds"]].mean().round(3).to_string())
-    new = frame[frame["check"] == "new"]
-    print("the new check's floor_z (exact sentences near 0, misses above):")
-    print(new.groupby("sigma").apply(lambda part: pd.Series({
-        "exact": int(part["exact"].sum()), "exact_max_abs_z": part.loc[part["exact"], "floor_z"].abs().max(),
-        "missed_min_z": part.loc[~part["exact"], "floor_z"].min(),
-        "missed_under_3": int((part.loc[~part["exact"], "floor_z"] < 3).sum())}), include_groups=False).to_string())
+    for check in ("new", "prior"):
+        new = frame[frame["check"] == check]
+        if new.empty:
+            continue
+        print(f"the {check} check's floor_z (exact sentences near 0, misses above):")
+        print(new.groupby("sigma").apply(lambda part: pd.Series({
+            "exact": int(part["exact"].sum()), "exact_max_abs_z": part.loc[part["exact"], "floor_z"].abs().max(),
+            "missed_min_z": part.loc[~part["exact"], "floor_z"].min(),
+            "missed_under_3": int((part.loc[~part["exact"], "floor_z"] < 3).sum())}),
+            include_groups=False).to_string())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
         write_settings(args.out, "bench/dp_span.py", argv,
-                       sigmas=args.sigmas, sentences=args.sentences, max_grad_norm=1.0,
-                       selection="layer 0's query weight")
+                       sigmas=args.sigmas, sentences=args.sentences, checks=args.checks,
+                       prior_weight=args.prior_weight, max_grad_norm=1.0, selection="layer 0's query weight")
 
 
 if __name__ == "__main__":

@@ -184,6 +184,16 @@ def _switch(config, name: str) -> None:
     object.__setattr__(config, name, bool(value))
 
 
+PRIOR_WEIGHT = 16.0
+"""The language prior's weight in the span check's search under noise
+(:func:`gilib.attack.likelihood.likely_sentence`). Bayes' rule would give
+1 if the likelihood were the model's own; the search's likelihood lets each
+token's input take any gradient row, so it credits a wrong token with the
+noise it happens to explain, and the prior must count for more. Chosen on
+sentences that no study attacks, the best of a doubling grid
+(``bench/dp_span.py --tune``, ``data/bench/dp_prior_tune.csv``)."""
+
+
 @dataclass(frozen=True)
 class SpanConfig:
     """Settings of the span check (:func:`gilib.attack.span_attack`).
@@ -213,12 +223,16 @@ class SpanConfig:
             words added after a fruitless round and the whole bag again at
             ``max_effort``; ``False`` runs the searches on the whole bag
             (chapter 6's earlier check).
+        prior_weight: with a language prior (``span_attack``'s ``prior``):
+            the prior's weight against the noisy message's log-likelihood
+            (:data:`PRIOR_WEIGHT`).
 
     Raises:
         ValueError: for a count that is not a whole number or is below its
             minimum, a threshold that is not a finite number above 0, a
             time budget that is not ``None`` or a finite number of seconds
-            above 0, or ``positions`` that is not a bool.
+            above 0, ``positions`` that is not a bool, or a prior weight that
+            is not a finite number of at least 0.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -229,9 +243,11 @@ class SpanConfig:
     seed: int = 0
     time_budget: float | None = None
     positions: bool = True
+    prior_weight: float = PRIOR_WEIGHT
 
     def __post_init__(self) -> None:
         _real(self, "threshold", "greater than 0", lambda v: v > 0)
+        _real(self, "prior_weight", "of at least 0", lambda v: v >= 0)
         _switch(self, "positions")
         if self.time_budget is not None:
             _real(self, "time_budget", "of seconds above 0 (or None for no limit)", lambda v: v > 0)

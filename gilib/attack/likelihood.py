@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from .priors import NgramPrior
 from .rowspace import layer0_inputs
 from .tokens import TokenSpace
 
@@ -41,7 +42,8 @@ RECHECK = 16
 
 
 def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.Tensor, length: int, *,
-                    starts: Sequence[Sequence[int]] = (), sweeps: int = SWEEPS) -> list[int]:
+                    starts: Sequence[Sequence[int]] = (), sweeps: int = SWEEPS, prior: NgramPrior | None = None,
+                    prior_weight: float = 0.0, noise: float | None = None) -> list[int]:
     """The sentence of ``length`` tokens whose layer-0 inputs capture the most of ``gradient``'s energy.
 
     Every allowed token competes at every position (a pre-selection by a
@@ -63,6 +65,15 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
             covers two true ones in part, a trap that one change at a time
             does not leave.
         sweeps: coordinate-ascent passes at most (:data:`SWEEPS`).
+        prior: a language prior over token ids: the search then ends in the
+            most *probable* sentence, the captured energy over ``2 noise^2``
+            (the log-likelihood in nats, up to a constant) plus
+            ``prior_weight`` times the sentence's log-prior, by a coordinate
+            ascent from each ascent's result above (each position scores the
+            whole vocabulary at once: :meth:`NgramPrior.position_log_probs`).
+        prior_weight: the prior's weight (1: Bayes' rule with this
+            likelihood; see :data:`gilib.attack.config.SpanConfig`).
+        noise: the message's noise standard deviation per entry (with ``prior``).
 
     Returns:
         The sentence's token ids, ``[CLS]`` and ``[SEP]`` included.
@@ -87,30 +98,50 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
             / (norms[p] - a.square().sum(1)).clamp_min(1e-6 * float(norms[p].mean()))
         return added.masked_fill(banned, -float("inf"))
 
-    def exact_best(p: int, scores: torch.Tensor, basis: torch.Tensor) -> tuple[float, int]:
-        """The best of the float32 leaders, rescored in float64."""
+    def exact_best(p: int, scores: torch.Tensor, basis: torch.Tensor,
+                   bonus: torch.Tensor | None = None) -> tuple[float, int]:
+        """The best of the float32 leaders, rescored in float64 (``bonus``: ``(V,)`` added to both)."""
+        if bonus is not None:
+            scores = scores + bonus.to(scores)
         top = scores.topk(RECHECK).indices
         x, q = inputs[p][top].double(), basis.double()
         r = x - (x @ q) @ q.T
         exact = ((r @ gram) * r).sum(1) / r.square().sum(1)
+        if bonus is not None:
+            exact = exact + bonus[top]
         k = int(exact.argmax())
         return float(exact[k]), int(top[k])
 
-    def ascend(picks: dict, chosen: dict) -> tuple[float, dict]:
-        """Coordinate ascent, each position given all the others: ``(captured energy, picks)``."""
+    # A log-prior in the energy's units: the log-likelihood is the captured
+    # energy over 2 noise^2, so a nat of prior is worth 2 noise^2 of energy.
+    scale = 0.0 if prior is None else 2 * noise ** 2 * prior_weight
+
+    def bonus(p: int, picks: dict) -> torch.Tensor:
+        """The prior's weighted log-probability of every token at ``p``, the others as picked: ``(V,)``."""
+        return scale * prior.position_log_probs([picks[q] for q in interior], p - 1).to(gram.device)
+
+    def ascend(picks: dict, chosen: dict, with_prior: bool = False) -> tuple[float, dict]:
+        """Coordinate ascent, each position given all the others: ``(objective, picks)``.
+
+        The objective is the captured energy, plus the weighted log-prior ``with_prior``.
+        """
         picks, chosen = dict(picks), dict(chosen)
         for _ in range(sweeps):
             changed = False
             for p in interior:
                 others = torch.stack([v for q, v in chosen.items() if q != p]).T.double()
                 basis = torch.linalg.qr(others).Q.float()
-                _, t = exact_best(p, gains(p, inputs[p] @ basis, inputs[p] @ (gram32 @ basis), basis), basis)
+                _, t = exact_best(p, gains(p, inputs[p] @ basis, inputs[p] @ (gram32 @ basis), basis), basis,
+                                  bonus(p, picks) if with_prior else None)
                 if t != picks[p]:
                     picks[p], chosen[p], changed = t, inputs[p][t], True
             if not changed:
                 break
         span = torch.linalg.qr(torch.stack(list(chosen.values())).T.double()).Q
-        return float(torch.trace(span.T @ gram @ span)), picks
+        energy = float(torch.trace(span.T @ gram @ span))
+        if with_prior:
+            energy += scale * -prior([picks[q] for q in interior]) * (len(interior) + 1)
+        return energy, picks
 
     chosen = {p: layer0_inputs(model, p, token_ids=[t])[0].to(gram.device) for p, t in ends.items()}
     basis = torch.linalg.qr(torch.stack(list(chosen.values())).T.double()).Q.float()
@@ -137,5 +168,9 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         begun = {p: start[p] for p in interior}
         ascents.append(ascend(begun, {**{p: chosen[p] for p in ends},
                                       **{p: inputs[p][t] for p, t in begun.items()}}))
+    if prior is not None:
+        # The most probable sentence: the prior re-picks from every ascent's end.
+        ascents = [ascend(picks, {**{p: chosen[p] for p in ends}, **{p: inputs[p][t] for p, t in picks.items()}},
+                          with_prior=True) for _, picks in ascents]
     _, picks = max(ascents, key=lambda a: a[0])
     return [ends[0], *(picks[p] for p in interior), ends[length - 1]]

@@ -114,11 +114,106 @@ class NgramPrior:
             p += l3 * self.trigrams[(u, v, w)] / self._trigram_ctx[(u, v)]
         return math.log(p)
 
+    def position_log_probs(self, ids: Sequence[int], position: int) -> torch.Tensor:
+        """The log-prior of every vocabulary token at ``position``, the rest of ``ids`` fixed: ``(V,)`` float64.
+
+        The sum of the three terms of the sentence's log-likelihood that
+        involve the token there (it is predicted, then it predicts the next
+        two), so that entry ``w`` minus entry ``w'`` is the whole sentence's
+        log-likelihood with ``w`` minus that with ``w'``. A search that
+        re-picks one position at a time (:func:`gilib.attack.likelihood.likely_sentence`)
+        scores the whole vocabulary at once with it.
+
+        Args:
+            ids: token ids of one sentence, no special tokens.
+            position: an index into ``ids``.
+
+        Raises:
+            IndexError: for a position outside ``ids``.
+        """
+        ids = [int(t) for t in ids]
+        if not 0 <= position < len(ids):
+            raise IndexError(f"position {position} is outside a sentence of {len(ids)} tokens.")
+        if not hasattr(self, "_index"):
+            self._build_index()
+        framed = [self.bos, self.bos, *ids, self.eos]
+        q = position + 2
+        u, v = framed[q - 2], framed[q - 1]
+        logp = self._predicted(u, v).log()
+        logp += self._context(v, framed[q + 1], second=True).log()
+        if q + 2 < len(framed):
+            logp += self._context(framed[q + 1], framed[q + 2], second=False).log()
+        return logp
+
+    def _build_index(self) -> None:
+        """Count tables keyed for :meth:`position_log_probs`: which tokens complete each pair or triple."""
+        def table(pairs):
+            # Plain lists: the few entries a sentence looks up become tensors then (_entries).
+            grouped: dict = {}
+            for key, token, count in pairs:
+                entry = grouped.get(key)
+                if entry is None:
+                    entry = grouped[key] = ([], [])
+                entry[0].append(token)
+                entry[1].append(count)
+            return grouped
+        unigrams = torch.zeros(self.vocab_size, dtype=torch.float64)
+        for w, c in self.unigrams.items():
+            unigrams[w] = c
+        self._base = self.weights[0] / self.vocab_size + self.weights[1] * unigrams / self._total
+        self._bigram_rows = torch.zeros(self.vocab_size, dtype=torch.float64)  # each history's count
+        for v, c in self._bigram_ctx.items():
+            self._bigram_rows[v] = c
+        self._index = {
+            "next": table((v, w, c) for (v, w), c in self.bigrams.items()),  # v -> (w, count)
+            "prev": table((w, v, c) for (v, w), c in self.bigrams.items()),  # w -> (v, count)
+            "after": table(((u, v), w, c) for (u, v, w), c in self.trigrams.items()),  # (u, v) -> w
+            "middle": table(((u, w), v, c) for (u, v, w), c in self.trigrams.items()),  # (u, w) -> v
+            "before": table(((v, w), u, c) for (u, v, w), c in self.trigrams.items()),  # (v, w) -> u
+        }
+
+    def _predicted(self, u: int, v: int) -> torch.Tensor:
+        """``P(w | u, v)`` for every ``w``: ``(V,)``."""
+        _, _, l2, l3 = self.weights
+        p = self._base.clone()
+        if self._bigram_ctx[v]:
+            tokens, counts = _entries(self._index["next"][v])
+            p.index_add_(0, tokens, l2 * counts / self._bigram_ctx[v])
+        if self._trigram_ctx[(u, v)]:
+            tokens, counts = _entries(self._index["after"][(u, v)])
+            p.index_add_(0, tokens, l3 * counts / self._trigram_ctx[(u, v)])
+        return p
+
+    def _context(self, a: int, b: int, *, second: bool) -> torch.Tensor:
+        """For every ``w``: ``P(b | a, w)`` (``second``) or ``P(b | w, a)``: ``(V,)``."""
+        _, _, l2, l3 = self.weights
+        if second:  # w is the last token of b's history: it sets the bigram term too
+            p = torch.full((self.vocab_size,), float(self._base[b]), dtype=torch.float64)
+            if b in self._index["prev"]:
+                tokens, counts = _entries(self._index["prev"][b])
+                p.index_add_(0, tokens, l2 * counts / self._bigram_rows[tokens])
+            key, table = (a, b), self._index["middle"]
+            histories = lambda tokens: [self._trigram_ctx[(a, int(w))] for w in tokens]  # noqa: E731
+        else:  # P(b | w, a): the bigram term is w's no more
+            bigram = l2 * self.bigrams[(a, b)] / self._bigram_ctx[a] if self._bigram_ctx[a] else 0.0
+            p = torch.full((self.vocab_size,), float(self._base[b]) + bigram, dtype=torch.float64)
+            key, table = (a, b), self._index["before"]
+            histories = lambda tokens: [self._trigram_ctx[(int(w), a)] for w in tokens]  # noqa: E731
+        if key in table:
+            tokens, counts = _entries(table[key])
+            p.index_add_(0, tokens, l3 * counts / torch.tensor(histories(tokens), dtype=torch.float64))
+        return p
+
     def __call__(self, ids: Sequence[int]) -> float:
         """Mean negative log-likelihood per token (end marker included)."""
         framed = [self.bos, self.bos, *ids, self.eos]
         nll = -sum(self.log_prob(w, u, v) for u, v, w in zip(framed, framed[1:], framed[2:]))
         return nll / (len(framed) - 2)
+
+
+def _entries(entry: tuple[list, list]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A count table's ``(tokens, counts)`` lists as tensors: ``(k,)`` int64 and float64."""
+    return torch.tensor(entry[0]), torch.tensor(entry[1], dtype=torch.float64)
 
 
 class GPT2Prior:

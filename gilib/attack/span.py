@@ -29,6 +29,7 @@ from .likelihood import likely_sentence
 from .objectives import GradientMatcher
 from .optimization import Round
 from .peeling import peel
+from .priors import NgramPrior
 from .result import AttackResult, SpanDiagnostics
 from .completion import (CANDIDATES, ITERATIONS, MASK_ITERATIONS, PAIRS, REFIT_ITERATIONS, REFITS, SHARP, balanced,
                          completed_space, floor_z, floored, model_distance, outside_share, polish, sentence_inputs,
@@ -138,6 +139,7 @@ def span_attack(
     weights: Sequence[torch.Tensor] | None = None,
     clipped: bool = False,
     noise: float | str | None = None,
+    prior: NgramPrior | None = None,
 ) -> AttackResult:
     """Recover a batch from the gradient of a layer-0 query, key or value weight.
 
@@ -211,6 +213,11 @@ def span_attack(
             smallest residual (:func:`gilib.attack.likelihood.likely_sentence`:
             for DP-SGD, ``noise=DPSGD(...).noise_std(1)``).
             ``None``: float32 round-off, the fixed thresholds.
+        prior: with ``noise`` at batch size 1 (a query or value weight): a
+            language prior (:class:`~gilib.attack.NgramPrior`, counted from
+            text other than the attacked split, ``gilib.data.prior_texts``):
+            the sentence is then the most *probable* one, the likelihood
+            times the prior to the power ``config.prior_weight``.
 
     Returns:
         An :class:`~gilib.attack.AttackResult` with ``method="span"``, in
@@ -245,12 +252,13 @@ def span_attack(
             shapes, negative or non-finite values, none positive) or come
             with a batch, or ``noise`` is neither ``"spectrum"`` nor a
             positive number below the message's largest entry, or comes
-            with ``weights``.
+            with ``weights``, or ``prior`` is not an n-gram prior or comes
+            without a numeric ``noise`` or with a batch.
     """
     if is_decoder(model):
-        if weights is not None or clipped or noise is not None:
-            raise ValueError("weights, clipped and noise describe a noisy message, which the decoder's span check "
-                             "does not model: attack a decoder's plain message without them.")
+        if weights is not None or clipped or noise is not None or prior is not None:
+            raise ValueError("weights, clipped, noise and prior describe a noisy message, which the decoder's span "
+                             "check does not model: attack a decoder's plain message without them.")
         return decoder_span_attack(model, tokenizer, update, selection, config)
     start = time.perf_counter()
     cfg = checked_config(config, SpanConfig)
@@ -259,8 +267,19 @@ def span_attack(
         raise ValueError("The span check on LoRA adapters models a noisy message by its entry weights alone "
                          "(weights=, e.g. AdamW(...).entry_weights(...)): noise and clipped are a plain "
                          "weight's. Pass neither.")
+    if prior is not None:
+        if not isinstance(prior, NgramPrior):
+            raise ValueError(f"prior must be an NgramPrior (the search scores the whole vocabulary at a position "
+                             f"at once), got a {type(prior).__name__}: use gilib.attack.NgramPrior.from_texts("
+                             f"tokenizer, gilib.data.prior_texts((dataset, split))[0]).")
+        if isinstance(noise, str) or noise is None or weights is not None or len(update.lengths) != 1 \
+                or _shift_invariant(name):
+            raise ValueError("A prior steers the search for the most likely sentence under known noise: pass it "
+                             "with noise= (the per-entry standard deviation, e.g. DPSGD(...).noise_std(1)) for one "
+                             "sentence's query or value weight, not with weights, a batch, a key weight or "
+                             '"spectrum".')
     return _span_check(model, tokenizer, update, selection, cfg, name, gradient, start, weights=weights,
-                       clipped=clipped, noise=noise)
+                       clipped=clipped, noise=noise, prior=prior)
 
 
 def adapter_span_attack(
@@ -412,7 +431,7 @@ def _round_messages(model: torch.nn.Module, updates) -> tuple[list[SharedUpdate]
 
 def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cfg: SpanConfig, name: str,
                 gradient: torch.Tensor, start: float, *, weights=None, clipped: bool = False,
-                noise=None) -> AttackResult:
+                noise=None, prior: NgramPrior | None = None) -> AttackResult:
     """:func:`span_attack` after its checks: the row space of ``gradient`` (``(m, d_in)``) against every token."""
     noise = _checked_noise(noise, gradient, weights)
     if weights is not None:
@@ -441,7 +460,8 @@ def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cf
         _, _, plain = check_positions(model, tokens, gradient, lengths, shift_invariant=False,
                                       threshold=cfg.threshold, capped=True)
         starts = [[tokenizer.cls_token_id, *(s[0] for s in found), tokenizer.sep_token_id] for found in (sets, plain)]
-        ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0], starts=starts)])
+        ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0], starts=starts, prior=prior,
+                                            prior_weight=cfg.prior_weight, noise=noise)])
         final_loss = float(max((residuals[i, t] for i, t in enumerate(ids[0, 1:-1].tolist())), default=0.0))
         # The server can tell whether it is right: the client's sentence leaves
         # the model's likelihood at the noise floor, a wrong one above it. (A

@@ -619,29 +619,83 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         rows.append(row)
     table = pd.DataFrame(rows)
     sigmas = sorted(frame["sigma"].unique())
-    for check in ("old", "new"):
-        above = [s for s in sigmas if facts[f"dpl_{check}_{s:.0e}"] >= 0.5]
-        below = [s for s in sigmas if facts[f"dpl_{check}_{s:.0e}"] < 0.5]
+    checks = [c for c in ("old", "new", "prior") if (frame["check"] == c).any()]
+    for check in checks:
+        if check == "prior":
+            for sigma, part in frame[frame["check"] == "prior"].groupby("sigma"):
+                facts[f"dpl_prior_{sigma:.0e}"] = round(float(part["token_accuracy"].mean()), 4)
+        above = [s for s in sigmas if facts.get(f"dpl_{check}_{s:.0e}", 0.0) >= 0.5]
+        below = [s for s in sigmas if facts.get(f"dpl_{check}_{s:.0e}", 1.0) < 0.5]
         facts[f"dpl_{check}_above"] = float(max(above)) if above else None
         facts[f"dpl_{check}_below"] = float(min(below)) if below else None
     facts["dpl_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
     if facts["dpl_old_below"] and facts["dpl_new_below"]:
         facts["dpl_ratio"] = round(facts["dpl_new_below"] / facts["dpl_old_below"], 1)
-    for check in ("old", "new"):
+    for check in checks:
         low, high = facts[f"dpl_{check}_above"], facts[f"dpl_{check}_below"]
         if low is not None and high is not None and low < high:
             # Log-linear between the last sigma at or above one half and the next one measured.
             a, b = facts[f"dpl_{check}_{low:.0e}"], facts[f"dpl_{check}_{high:.0e}"]
             share = (a - 0.5) / (a - b)
             facts[f"dpl_{check}_half"] = float(f"{low * (high / low) ** share:.1e}")
-    if "dpl_old_half" in facts and "dpl_new_half" in facts:
-        facts["dpl_half_ratio"] = round(facts["dpl_new_half"] / facts["dpl_old_half"], 1)
+    for check in ("new", "prior"):
+        if "dpl_old_half" in facts and f"dpl_{check}_half" in facts:
+            name = "dpl_half_ratio" if check == "new" else "dpl_prior_half_ratio"
+            facts[name] = round(facts[f"dpl_{check}_half"] / facts["dpl_old_half"], 1)
     return table, facts
+
+
+def dp_prior_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Token accuracy under DP-SGD's noise: the most likely sentence against the most probable (a language prior).
+
+    Args:
+        path: ``bench/dp_span.py``'s CSV with ``prior`` lines.
+
+    Returns:
+        ``(table, facts)``: per sigma, the mean token accuracy of the most
+        likely sentence and of the most probable one with 95 % bootstrap
+        intervals over sentences, their paired difference (prior - likely),
+        the sentences the prior check rebuilds exactly, its median seconds
+        and the misses it tells apart (``floor_z`` above 3); the facts are
+        :func:`dp_likelihood_summary`'s (``dpl_prior_<sigma>``,
+        ``dpl_prior_half``, ``dpl_prior_half_ratio``: over the old check's)
+        with ``dpl_prior_weight``, the weight the bench ran with.
+
+    Raises:
+        ValueError: for a CSV without ``prior`` lines.
+    """
+    frame = pd.read_csv(path)
+    if not (frame["check"] == "prior").any():
+        raise ValueError(f"{path} has no prior lines: run python bench/dp_span.py with --checks old new prior.")
+    _, facts = dp_likelihood_summary(path)
+    rows = []
+    for sigma, part in frame.groupby("sigma"):
+        accuracy = {c: part[part["check"] == c].set_index(["dataset", "row_id"])["token_accuracy"]
+                    for c in ("new", "prior")}
+        prior = part[part["check"] == "prior"]
+        exact = prior["exact"].astype(bool)
+        rows.append({"sigma": f"{sigma:.0e}",
+                     "most likely sentence": interval_text(*mean_interval(accuracy["new"].tolist())),
+                     "with the prior": interval_text(*mean_interval(accuracy["prior"].tolist())),
+                     "difference": interval_text(*mean_interval((accuracy["prior"] - accuracy["new"]).dropna()
+                                                                .tolist()), signed=True),
+                     "exact (prior)": f"{int(exact.sum())} of {len(exact)}",
+                     "s (prior, median)": round(float(prior["seconds"].median()), 1),
+                     "missed, told apart (z > 3)":
+                         f"{int((prior['floor_z'][~exact] > 3).sum())} of {int((~exact).sum())}"})
+    facts["dpl_prior_weight"] = float(frame.loc[frame["check"] == "prior", "prior_weight"].iloc[0])
+    return pd.DataFrame(rows), facts
 
 
 def dp_likelihood_markdown(path: str | Path) -> str:
     """:func:`dp_likelihood_summary`'s table as Markdown (the README repeats it)."""
     table, _ = dp_likelihood_summary(path)
+    return frame_markdown(table)
+
+
+def dp_prior_markdown(path: str | Path) -> str:
+    """:func:`dp_prior_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = dp_prior_summary(path)
     return frame_markdown(table)
 
 
@@ -713,6 +767,10 @@ STUDY = Study(
         Table("dp-noise", "token accuracy under DP-SGD's noise: chapter 5's check against the most likely "
                           "sentence (bench/dp_span.py's CSV)",
               lambda args: dp_likelihood_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/dp_span.csv)"),)),
+        Table("dp-prior", "token accuracy under DP-SGD's noise: the most likely sentence against the most "
+                          "probable one, with a language prior (bench/dp_span.py's CSV)",
+              lambda args: dp_prior_markdown(args.results),
               (option("results", type=Path, help="the bench's CSV (data/bench/dp_span.csv)"),)),
         Table("dp-model", "where the most likely sentence missed under DP-SGD's noise: which likelihood prefers "
                           "the truth, and how narrowly the model's does (bench/dp_energy.py's CSV)",

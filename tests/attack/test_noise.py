@@ -173,3 +173,44 @@ def test_floor_z_refuses_a_message_without_noise_or_entries(noise, entries, mess
     # The floor 1e-10 and its standard deviation 1e-10 * sqrt(2 / 20000) = 1e-12: one above it.
     assert floor_z(1.01e-10, 1e-5, 20000) == pytest.approx(1.0)
 
+
+
+def test_a_prior_that_the_search_cannot_use_or_a_message_without_noise_is_refused(minilm, dp_messages):
+    from gilib.attack import NgramPrior
+
+    model, tokenizer = minilm
+    selection, messages = dp_messages
+    protocol, message, _ = messages[0]
+    prior = NgramPrior.from_texts(tokenizer, ["the film was good ."])
+    with pytest.raises(ValueError, match="prior must be an NgramPrior"):
+        span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1), prior=lambda ids: 0.0)
+    for noise in (None, "spectrum"):
+        with pytest.raises(ValueError, match="pass it with noise="):
+            span_attack(model, tokenizer, message, selection, noise=noise, prior=prior)
+    batch = message._replace(shared_grads=[g * 2 for g in message.shared_grads],
+                             lengths=[message.lengths[0], message.lengths[0]])
+    with pytest.raises(ValueError, match="pass it with noise="):
+        span_attack(model, tokenizer, batch, selection, noise=protocol.noise_std(1), prior=prior)
+
+
+@pytest.mark.skipif(__import__("gilib.data", fromlist=["default_data_dir"]).default_data_dir() is None,
+                    reason="the prior is counted from the benchmark files (../shared/data)")
+def test_a_language_prior_rebuilds_sentences_the_most_likely_sentence_misses(minilm):
+    # At sigma = 3e-5 the most likely sentence misses tokens of the first two bundled sentences (measured:
+    # 5 of 7 right in each), and the server sees it (far above the noise floor); with the n-gram prior,
+    # counted from every split but the bundled one, both come back whole, at the floor.
+    from gilib.attack import NgramPrior
+    from gilib.data import prior_texts
+
+    model, tokenizer = minilm
+    selection = select(model, "attention.query", 0)
+    prior = NgramPrior.from_texts(tokenizer, prior_texts(("sample", "train"))[0])
+    for example in load_split("sample")[:2]:
+        true_batch = encode(tokenizer, [example.text], [example.label])
+        truth = true_batch["input_ids"][0].tolist()
+        protocol = DPSGD(3e-5, 1.0, seed=int(example.row_id))
+        message = client_update(model, selection, true_batch, protocol).shared._replace(labels=None)
+        likely = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1))
+        probable = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1), prior=prior)
+        assert _accuracy(likely.token_ids[0], truth) < 0.8 and likely.diagnostics.floor_z > 3
+        assert probable.token_ids[0] == truth and abs(probable.diagnostics.floor_z) < 3

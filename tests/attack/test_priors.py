@@ -68,3 +68,25 @@ def test_gpt2_prior_offline_gives_a_clear_error(tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match=r"NgramPrior\.from_texts\(tokenizer, gilib\.data\.prior_texts\("):
         GPT2Prior(tiny[1])
+
+
+def test_position_log_probs_are_the_sentences_log_likelihood_token_by_token(tiny):
+    # Entry w minus entry w' is the whole sentence's log-likelihood with w at the position minus with w':
+    # what lets the span check's search score the whole vocabulary at a position at once.
+    _, tokenizer = tiny
+    prior = NgramPrior.from_texts(tokenizer, ["the film was good .", "the plot was thin .", "a good film ."])
+    ids = tokenizer("the film was thin .", add_special_tokens=False)["input_ids"]
+
+    def total(sentence):
+        framed = [prior.bos, prior.bos, *sentence, prior.eos]
+        return sum(prior.log_prob(w, u, v) for u, v, w in zip(framed, framed[1:], framed[2:]))
+
+    others = tokenizer.convert_tokens_to_ids(["good", "plot", "a", "."]) + [7, 1000, tokenizer.vocab_size - 1]
+    for position in range(len(ids)):
+        scores = prior.position_log_probs(ids, position)
+        assert scores.shape == (tokenizer.vocab_size,)
+        for w in others:
+            changed = ids[:position] + [w] + ids[position + 1:]
+            assert float(scores[w] - scores[ids[position]]) == pytest.approx(total(changed) - total(ids), abs=1e-9)
+    with pytest.raises(IndexError, match="position 5 is outside a sentence of 5 tokens"):
+        prior.position_log_probs(ids, 5)

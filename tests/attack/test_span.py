@@ -153,6 +153,9 @@ def test_the_key_weight_batch_path_recovers_two_sentences(minilm):
     ([8], None, dict(time_budget=math.nan), "time_budget must be a finite number of seconds above 0"),
     ([8], None, dict(time_budget=True), "time_budget must be a finite number of seconds above 0"),
     ([8], None, dict(time_budget="60"), "time_budget must be a finite number of seconds above 0"),
+    ([8], None, dict(prior_weight=-1.0), "prior_weight must be a finite number of at least 0"),
+    ([8], None, dict(prior_weight=math.inf), "prior_weight must be a finite number of at least 0"),
+    ([8], None, dict(prior_weight="6"), "prior_weight must be a finite number of at least 0"),
 ])
 def test_bad_lengths_labels_and_settings_are_refused_clearly(minilm, lengths, labels, settings, message):
     model, tokenizer = minilm
