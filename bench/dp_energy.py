@@ -140,7 +140,8 @@ def basin(model: torch.nn.Module, names, matrix: torch.Tensor, found, truth, flo
     Returns:
         ``excess_found`` (over ``floor``, a share of it), then ``excess_truth``,
         ``excess_one_wrong`` and ``excess_half_wrong`` as shares of the found
-        sentence's excess (the module docstring says what each is).
+        sentence's excess (the module docstring says what each is); NaN
+        shares where the found sentence has no excess (at or below the floor).
     """
     wrong = [p for p in range(1, len(found) - 1) if found[p] != truth[p]]
     excess = {"excess_found": float("nan"), "excess_truth": float("nan"),
@@ -148,6 +149,10 @@ def basin(model: torch.nn.Module, names, matrix: torch.Tensor, found, truth, flo
     if not wrong:
         return excess
     found_excess = model_distance(model, names, matrix, found) - floor
+    if found_excess <= 0:
+        # The found sentence explains the message as well as the noise allows:
+        # no excess to take shares of (the truth's would divide by zero or flip sign).
+        return {**excess, "excess_found": found_excess / floor}
 
     def share(put_back) -> float:
         ids = [found[p] if p in put_back else t for p, t in enumerate(truth)]

@@ -271,6 +271,9 @@ def test_the_basin_puts_the_truth_at_the_floor_and_one_wrong_token_above_it(mini
     assert 0.01 < excess["excess_one_wrong"] < 0.99
     assert 0.01 < excess["excess_half_wrong"] < 0.99  # half of two: one, drawn
     assert all(math.isnan(v) for v in basin(model, names, matrix, truth, truth, floor=0.0, seed=0).values())
+    # A floor above the found sentence's distance leaves it no excess to take shares of: NaN, not a sign flip.
+    below = basin(model, names, matrix, found, truth, floor=1.0, seed=0)
+    assert below["excess_found"] < 0 and all(math.isnan(below[k]) for k in below if k != "excess_found")
 
 
 @pytest.mark.parametrize("flag", ["--single-changes", "--basin"])

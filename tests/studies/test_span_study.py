@@ -127,6 +127,32 @@ def test_the_model_likelihood_summary_counts_misses_and_refuses_a_file_without_b
         span_study.dp_model_summary(path)
 
 
+def test_the_prior_summary_compares_the_most_probable_sentence_and_refuses_a_file_without_it(tmp_path):
+    # Two sentences at two sigmas: the old check crosses one half between 1e-6 and 1e-5, the prior check
+    # between 1e-5 and 1e-4 (log-linear: 0.7 -> 0.3 at 1e-5 -> 1e-4 crosses at 1e-5 * 10^0.5).
+    accuracy = {("old", 1e-6): (0.6, 0.8), ("old", 1e-5): (0.2, 0.4), ("new", 1e-6): (0.9, 0.9),
+                ("new", 1e-5): (0.5, 0.7), ("prior", 1e-6): (1.0, 1.0), ("prior", 1e-5): (0.6, 0.8),
+                ("old", 1e-4): (0.0, 0.0), ("new", 1e-4): (0.1, 0.1), ("prior", 1e-4): (0.2, 0.4)}
+    lines = [{"dataset": "cola", "row_id": row, "tokens": 8, "sigma": sigma, "check": check,
+              "prior_weight": 16.0 if check == "prior" else None, "token_accuracy": values[row],
+              "exact": values[row] == 1.0, "seconds": 10.0 + row, "floor_z": 0.1 if values[row] == 1.0 else 9.0}
+             for (check, sigma), values in accuracy.items() for row in (0, 1)]
+    path = tmp_path / "dp_span.csv"
+    pd.DataFrame(lines).to_csv(path, index=False)
+    table, facts = span_study.dp_prior_summary(path)
+    assert table["sigma"].tolist() == ["1e-06", "1e-05", "1e-04"]
+    assert table["exact (prior)"].tolist() == ["2 of 2", "0 of 2", "0 of 2"]
+    assert table["missed, told apart (z > 3)"].tolist() == ["0 of 0", "2 of 2", "2 of 2"]
+    assert table["s (prior, median)"].tolist() == [10.5] * 3
+    assert (facts["dpl_prior_1e-05"], facts["dpl_prior_weight"]) == (0.7, 16.0)
+    assert facts["dpl_old_half"] == float(f"{1e-6 * 10 ** (0.2 / 0.4):.1e}")
+    assert facts["dpl_prior_half"] == float(f"{1e-5 * 10 ** 0.5:.1e}")
+    assert facts["dpl_prior_half_ratio"] == round(facts["dpl_prior_half"] / facts["dpl_old_half"], 1)
+    pd.DataFrame([line for line in lines if line["check"] != "prior"]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="--checks old new prior"):
+        span_study.dp_prior_summary(path)
+
+
 def test_the_readme_tables_carry_an_interval_for_every_rouge_mean_and_exact_share():
     from gilib.metrics import share_interval
 
