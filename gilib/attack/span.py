@@ -594,19 +594,21 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
     # A mask's balanced fit settles in fewer rounds (RT 7347, 59 tokens: the same
     # sentence after 40 as after 100, 4 s sooner).
-    space = completed_space(matrix, fit_weights, rank, iterations=MASK_ITERATIONS if eager else ITERATIONS)
+    space = completed_space(matrix, fit_weights, rank, iterations=MASK_ITERATIONS if eager else ITERATIONS,
+                            deadline=deadline)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
     check_seconds = time.perf_counter() - start
     # Refit from the sentence the residuals point at: its right tokens'
     # inputs hold the fit near the true span, so the next residuals rank
     # more true tokens first; repeat to a fixed point, then search. A fit
     # below the token count (an adapter stack short of the rank rule)
-    # cannot start from a sentence's n inputs: it keeps the first fit.
+    # cannot start from a sentence's n inputs: it keeps the first fit. Past the
+    # deadline no refit starts (the residuals stay), and a refit stops at it.
     def refit(sentence: list[int]) -> torch.Tensor:
-        if rank < n:
+        if rank < n or (deadline is not None and time.perf_counter() > deadline):
             return residuals
         space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
-                                start=sentence_inputs(model, sentence))
+                                start=sentence_inputs(model, sentence), deadline=deadline)
         return token_residuals(model, tokens, space, range(1, n - 1))
 
     ids = _argmin_sentence(tokenizer, residuals)
