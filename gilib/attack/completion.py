@@ -36,7 +36,9 @@ Four steps, each a standard tool:
    tokens hold the fit near the true span, so the next residuals rank
    more true tokens first; repeated until the sentence stops changing.
    (A search from a sentence with many wrong tokens stalls; the refit
-   does not need the search.)
+   does not need the search.) On AdamW's messages the sentence repeats no
+   token at neighbouring positions (:func:`distinct_neighbours`): a thin
+   message lets a token's copy stand for its short neighbour.
 4. **Search** (:func:`polish`): starting from each position's best token,
    the server computes candidate sentences' own gradients
    (:func:`candidate_gradients`, a position's candidates in one batched
@@ -608,6 +610,38 @@ def combined(ids: Sequence[int], changes: dict[int, tuple[float, int]]) -> list[
             sentence[position] = changes[position][1]
         sentences.append(sentence)
     return sentences
+
+
+def distinct_neighbours(ids: Sequence[int], residuals: torch.Tensor) -> list[int]:
+    """The sentence with no token repeated by its neighbour: each repeat's worse-fitting copy replaced.
+
+    Where the message is thin (one AdamW step at a small learning rate) a
+    short true token ("s", "to", ",") often ranks behind its neighbour's
+    token, whose input differs from the neighbour's own only by a position:
+    the residuals then read "tough tough" for "s tough". Of the two copies
+    the wrong one is the one whose residual is the larger (the token fits
+    its own position better), and it takes its best token that repeats
+    neither neighbour. A refit started from such a sentence spans one more
+    of the inputs' directions per repeat than from the repeats themselves.
+    A true repeat ("- -") is lost here, and its token still ranks first at
+    that position for the search to put back.
+
+    Args:
+        ids: the sentence, ``[CLS]`` and ``[SEP]`` included.
+        residuals: ``(n - 2, V)`` every token's residual at each interior position.
+
+    Returns:
+        The sentence, left to right with no interior token equal to the one before it.
+    """
+    ids = list(ids)
+    for position in range(1, len(ids) - 2):
+        if ids[position] != ids[position + 1]:
+            continue
+        token = ids[position]
+        worse = max((position, position + 1), key=lambda p: float(residuals[p - 1, token]))
+        ranked = residuals[worse - 1].topk(min(8, residuals.shape[1]), largest=False).indices.tolist()
+        ids[worse] = next((t for t in ranked if t not in (ids[worse - 1], ids[worse + 1])), token)
+    return ids
 
 
 def suspects(ids: Sequence[int], residuals: torch.Tensor, repeats: bool = True) -> list[int]:

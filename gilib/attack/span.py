@@ -31,8 +31,8 @@ from .optimization import Round
 from .peeling import peel
 from .result import AttackResult, SpanDiagnostics
 from .completion import (CANDIDATES, ITERATIONS, MASK_ITERATIONS, PAIRS, REFIT_ITERATIONS, REFITS, SHARP, balanced,
-                         completed_space, floor_z, floored, model_distance, outside_share, polish, sentence_inputs,
-                         stacked_adapter_entries, stacked_projections)
+                         completed_space, distinct_neighbours, floor_z, floored, model_distance, outside_share, polish,
+                         sentence_inputs, stacked_adapter_entries, stacked_projections)
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -611,10 +611,16 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
                                 start=sentence_inputs(model, sentence), deadline=deadline)
         return token_residuals(model, tokens, space, range(1, n - 1))
 
-    ids = _argmin_sentence(tokenizer, residuals)
+    # One AdamW step's message (eager): no token repeated by its neighbour
+    # (distinct_neighbours: the residuals often copy a token over its short neighbour).
+    def sentence(residuals: torch.Tensor) -> list[int]:
+        ids = _argmin_sentence(tokenizer, residuals)
+        return distinct_neighbours(ids, residuals) if eager else ids
+
+    ids = sentence(residuals)
     for _ in range(REFITS if rank == n else 0):
         residuals = refit(ids)
-        ids, previous = _argmin_sentence(tokenizer, residuals), ids
+        ids, previous = sentence(residuals), ids
         if ids == previous or (deadline is not None and time.perf_counter() > deadline):
             break
     # AdamW's messages (the mask, layer 0's own weights) leave a long sentence many tokens off after the
@@ -628,7 +634,7 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
         again = refit(found.ids)
-        restart = _argmin_sentence(tokenizer, again)
+        restart = sentence(again)
         if eager and restart != found.ids:
             # Eager, the first search can make many changes (a long sentence from 6 wrong
             # tokens to 1): it goes on from its own sentence where that is SHARP-fold

@@ -386,3 +386,20 @@ def test_a_fit_past_its_deadline_stops_after_one_sweep():
     assert torch.equal(late.basis, one.basis)
     assert torch.equal(full.basis, completed_space(matrix * seen, seen, 3, iterations=200).basis)
     assert not torch.allclose(late.basis.abs(), full.basis.abs())
+
+
+def test_distinct_neighbours_replaces_the_worse_fitting_copy_of_a_repeated_token():
+    # Positions 2 and 3 both hold token 7: it fits position 3 worse (0.3 against
+    # 0.1), so position 3 takes its best token that repeats neither neighbour
+    # (9 repeats position 4's, 8 does not). Position 5 and 6's repeat of 4 keeps
+    # position 5 (0.2 against 0.4) and gives position 6 its next best, 6.
+    residuals = torch.ones(6, 12)
+    ids = [101, 5, 7, 7, 9, 4, 4, 102]
+    residuals[1, 7], residuals[2, 7] = 0.1, 0.3
+    residuals[2, 9], residuals[2, 8] = 0.35, 0.4
+    residuals[4, 4], residuals[5, 4] = 0.2, 0.4
+    residuals[5, 6] = 0.5
+    residuals[0, 5], residuals[3, 9] = 0.0, 0.0
+    assert completion.distinct_neighbours(ids, residuals) == [101, 5, 7, 8, 9, 4, 6, 102]
+    # A sentence without repeats comes back as it was.
+    assert completion.distinct_neighbours([101, 5, 7, 9, 102], residuals[:3]) == [101, 5, 7, 9, 102]
