@@ -619,10 +619,11 @@ def distinct_neighbours(ids: Sequence[int], residuals: torch.Tensor) -> list[int
     short true token ("s", "to", ",") often ranks behind its neighbour's
     token, whose input differs from the neighbour's own only by a position:
     the residuals then read "tough tough" for "s tough". Of the two copies
-    the wrong one is the one whose residual is the larger (the token fits
-    its own position better), and it takes its best token that repeats
-    neither neighbour. A refit started from such a sentence spans one more
-    of the inputs' directions per repeat than from the repeats themselves.
+    the wrong one is most often the one whose residual is the larger (the
+    token fits its own position better), and it takes its best token (of
+    the narrow stage's :data:`CANDIDATES`) that repeats neither neighbour.
+    A refit started from such a sentence spans one more of the inputs'
+    directions per repeat than from the repeats themselves.
     A true repeat ("- -") is lost here, and its token still ranks first at
     that position for the search to put back.
 
@@ -631,7 +632,8 @@ def distinct_neighbours(ids: Sequence[int], residuals: torch.Tensor) -> list[int
         residuals: ``(n - 2, V)`` every token's residual at each interior position.
 
     Returns:
-        The sentence, left to right with no interior token equal to the one before it.
+        The sentence, left to right with no interior token equal to the one before it (a
+        copy none of whose best tokens differs from both neighbours is kept).
     """
     ids = list(ids)
     for position in range(1, len(ids) - 2):
@@ -639,7 +641,8 @@ def distinct_neighbours(ids: Sequence[int], residuals: torch.Tensor) -> list[int
             continue
         token = ids[position]
         worse = max((position, position + 1), key=lambda p: float(residuals[p - 1, token]))
-        ranked = residuals[worse - 1].topk(min(8, residuals.shape[1]), largest=False).indices.tolist()
+        width = min(CANDIDATES[0], residuals.shape[1])
+        ranked = residuals[worse - 1].topk(width, largest=False).indices.tolist()
         ids[worse] = next((t for t in ranked if t not in (ids[worse - 1], ids[worse + 1])), token)
     return ids
 
