@@ -36,7 +36,9 @@ Four steps, each a standard tool:
    tokens hold the fit near the true span, so the next residuals rank
    more true tokens first; repeated until the sentence stops changing.
    (A search from a sentence with many wrong tokens stalls; the refit
-   does not need the search.)
+   does not need the search.) On AdamW's messages the sentence repeats no
+   token at neighbouring positions (:func:`distinct_neighbours`): a thin
+   message lets a token's copy stand for its short neighbour.
 4. **Search** (:func:`polish`): starting from each position's best token,
    the server computes candidate sentences' own gradients
    (:func:`candidate_gradients`, a position's candidates in one batched
@@ -52,9 +54,12 @@ Four steps, each a standard tool:
    :data:`SUSPECT_TOKENS` best tokens, and makes a change that helps there
    before sweeping the other positions; after a pair or shift move the
    single stages run again from the narrow width. On AdamW's messages
-   (``polish``'s ``eager``) every stage sweeps the suspects first, and a
-   sweep also tries its helpful changes made together (:func:`combined`):
-   a long sentence left many tokens off then needs fewer sweeps.
+   (``polish``'s ``eager``) every stage sweeps the suspects first, each
+   with its :data:`EAGER_SUSPECT_TOKENS` best tokens, then the other
+   positions a few at a time, most doubtful first, and stops at the first
+   group with a change that helps (:data:`EAGER_CHUNK`); a sweep also tries
+   its helpful changes made together (:func:`combined`): a long sentence
+   left many tokens off then needs fewer and cheaper sweeps.
    Several rounds' LoRA messages of one sentence
    (:func:`gilib.attack.adapter_span_attack` given each round's global
    model) are judged block by block, each round's candidate gradient at
@@ -119,6 +124,20 @@ sentence far from the truth (59 tokens, one AdamW step at lr 2e-5) can hold
 a true token that ranks past the widest stage's 32 where it stands ("##s"
 33rd behind "##iche", the token of its neighbour); trying it at every
 position would double that stage's cost, at the few suspects it is cheap."""
+
+EAGER_SUSPECT_TOKENS = 16
+"""Tokens per position an eager :func:`polish` (one AdamW step's message) tries
+at the :func:`suspects` in its stages before the last, by increasing residual.
+Where a neighbour's token was copied over a short true one ("##iche ##iche"
+for "##iche ##s") the true token can rank just past the narrow stage's 8
+there, and only the widest stage, after the slowest sweeps, would try it."""
+
+EAGER_CHUNK = 8
+"""Positions per group an eager :func:`polish` sweeps after the suspects,
+most doubtful first (the largest residual of the token they hold): a group
+with a change that helps ends the sweep, and only a sweep that finds nothing
+reaches every position. On a long sentence a full sweep costs seconds, and
+its helpful changes are mostly at the doubtful positions."""
 
 REFITS = 4
 """Times :func:`gilib.attack.span_attack` refits the span from the sentence
@@ -185,7 +204,8 @@ def stacked_adapter_entries(selection_names: Sequence[str], messages: Sequence[S
 
 
 def completed_space(matrix: torch.Tensor, weights: torch.Tensor, rank: int,
-                    iterations: int = ITERATIONS, start: torch.Tensor | None = None) -> RowSpace:
+                    iterations: int = ITERATIONS, start: torch.Tensor | None = None,
+                    deadline: float | None = None) -> RowSpace:
     """The row space of the weighted rank-``rank`` fit of ``matrix``.
 
     Minimises ``sum_ij w_ij (M_ij - (U V^T)_ij)^2`` by alternating least
@@ -199,6 +219,8 @@ def completed_space(matrix: torch.Tensor, weights: torch.Tensor, rank: int,
         iterations: alternating sweeps.
         start: ``(rank, d)`` rows spanning the first guess (a candidate
             sentence's inputs); ``None`` starts from the plain SVD.
+        deadline: a :func:`time.perf_counter` time after which no further
+            sweep starts (the fit so far is returned; at least one sweep runs).
 
     Returns:
         A :class:`~gilib.attack.rowspace.RowSpace` of ``rank`` orthonormal
@@ -210,7 +232,9 @@ def completed_space(matrix: torch.Tensor, weights: torch.Tensor, rank: int,
     weighted = weights * matrix
     # A ridge far below any real entry's weight keeps rows with no weight solvable.
     ridge = 1e-12 * float(weights[weights > 0].median()) * torch.eye(rank, dtype=matrix.dtype)
-    for _ in range(iterations):
+    for sweep in range(iterations):
+        if sweep and deadline is not None and time.perf_counter() > deadline:
+            break
         u = torch.linalg.solve(_normal(weights, v) + ridge, weighted @ v)
         v = torch.linalg.solve(_normal(weights.T, u) + ridge, weighted.T @ u)
     basis, _ = torch.linalg.qr(v)
@@ -376,8 +400,13 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         eager: for a long sentence far from the truth, where a sweep costs
             a batched pass per position and each sweep makes one change:
             every stage (not only the last) sweeps the :func:`suspects`
-            first, and a sweep also tries its helpful changes made together
-            (:func:`combined`), keeping the best single change or group.
+            first (before the last stage with their
+            :data:`EAGER_SUSPECT_TOKENS` best tokens), then the other
+            positions in groups of :data:`EAGER_CHUNK`, the largest residual
+            of the token they hold first, and makes the best change as soon
+            as a group has one that helps; a sweep also tries its helpful
+            changes made together (:func:`combined`), keeping the best
+            single change or group.
 
     Returns:
         A :class:`Polished`: the sentence, its weighted squared distance to
@@ -427,19 +456,26 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
     # suspects first, in the last stage each with its SUSPECT_TOKENS best tokens, and
     # makes a change that helps there before sweeping the rest: on a long sentence a
     # sweep costs seconds per position.
-    wide = residuals.topk(min(SUSPECT_TOKENS, residuals.shape[1]), dim=1, largest=False).indices.tolist() \
-        if pairs else []
+    # Eager, the stages before the last try EAGER_SUSPECT_TOKENS there.
+    ahead_width = SUSPECT_TOKENS if pairs else EAGER_SUSPECT_TOKENS if eager else 0
     for width in candidates:
         options = residuals.topk(min(width, residuals.shape[1]), dim=1, largest=False).indices.tolist()
+        front = residuals.topk(min(ahead_width, residuals.shape[1]), dim=1, largest=False).indices.tolist() \
+            if ahead_width > width else options  # the suspects' tokens
         while moves < sweeps:
             best, runner_up = (current, None), float("inf")
             changes: dict[int, tuple[float, int]] = {}  # each position's best change that helps
             ahead = suspects(ids, residuals) if pairs or eager else []
-            groups = ([(p, (wide or options)[p - 1]) for p in ahead],
-                      [(p, options[p - 1]) for p in range(1, len(ids) - 1) if p not in ahead])
+            rest = [p for p in range(1, len(ids) - 1) if p not in ahead]
+            if eager:
+                # The other positions most doubtful first, in groups of EAGER_CHUNK.
+                rest.sort(key=lambda p: -float(residuals[p - 1, ids[p]]))
+            size = EAGER_CHUNK if eager else max(len(rest), 1)
+            groups = [[(p, front[p - 1]) for p in ahead]]
+            groups += [[(p, options[p - 1]) for p in rest[i:i + size]] for i in range(0, len(rest), size)]
             for group in groups:
                 if best[1] is not None:
-                    break  # a suspect's change helps: made before the other positions are swept
+                    break  # a change helps: made before the later groups are swept
                 for position, tokens in group:
                     if deadline is not None and time.perf_counter() > deadline:
                         break
@@ -453,7 +489,8 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             if best[1] is None:
                 break
             # With eager, the sweep's other helpful changes too, together, where that fits better still.
-            together = combined(ids, changes) if eager else []
+            late = deadline is not None and time.perf_counter() > deadline
+            together = combined(ids, changes) if eager and not late else []
             for value, trial in zip(distances(together, label) if together else [], together):
                 if value < best[0]:
                     best = (value, trial)
@@ -573,6 +610,41 @@ def combined(ids: Sequence[int], changes: dict[int, tuple[float, int]]) -> list[
             sentence[position] = changes[position][1]
         sentences.append(sentence)
     return sentences
+
+
+def distinct_neighbours(ids: Sequence[int], residuals: torch.Tensor) -> list[int]:
+    """The sentence with no token repeated by its neighbour: each repeat's worse-fitting copy replaced.
+
+    Where the message is thin (one AdamW step at a small learning rate) a
+    short true token ("s", "to", ",") often ranks behind its neighbour's
+    token, whose input differs from the neighbour's own only by a position:
+    the residuals then read "tough tough" for "s tough". Of the two copies
+    the wrong one is most often the one whose residual is the larger (the
+    token fits its own position better), and it takes its best token (of
+    the narrow stage's :data:`CANDIDATES`) that repeats neither neighbour.
+    A refit started from such a sentence spans one more of the inputs'
+    directions per repeat than from the repeats themselves.
+    A true repeat ("- -") is lost here, and its token still ranks first at
+    that position for the search to put back.
+
+    Args:
+        ids: the sentence, ``[CLS]`` and ``[SEP]`` included.
+        residuals: ``(n - 2, V)`` every token's residual at each interior position.
+
+    Returns:
+        The sentence, left to right with no interior token equal to the one before it (a
+        copy none of whose best tokens differs from both neighbours is kept).
+    """
+    ids = list(ids)
+    for position in range(1, len(ids) - 2):
+        if ids[position] != ids[position + 1]:
+            continue
+        token = ids[position]
+        worse = max((position, position + 1), key=lambda p: float(residuals[p - 1, token]))
+        width = min(CANDIDATES[0], residuals.shape[1])
+        ranked = residuals[worse - 1].topk(width, largest=False).indices.tolist()
+        ids[worse] = next((t for t in ranked if t not in (ids[worse - 1], ids[worse + 1])), token)
+    return ids
 
 
 def suspects(ids: Sequence[int], residuals: torch.Tensor, repeats: bool = True) -> list[int]:

@@ -32,8 +32,8 @@ from .peeling import peel
 from .priors import NgramPrior
 from .result import AttackResult, SpanDiagnostics
 from .completion import (CANDIDATES, ITERATIONS, MASK_ITERATIONS, PAIRS, REFIT_ITERATIONS, REFITS, SHARP, balanced,
-                         completed_space, floor_z, floored, model_distance, outside_share, polish, sentence_inputs,
-                         stacked_adapter_entries, stacked_projections)
+                         completed_space, distinct_neighbours, floor_z, floored, model_distance, outside_share, polish,
+                         sentence_inputs, stacked_adapter_entries, stacked_projections)
 from .rowspace import check_positions, token_residuals
 from .tokens import TokenSpace
 
@@ -614,25 +614,33 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
     # A mask's balanced fit settles in fewer rounds (RT 7347, 59 tokens: the same
     # sentence after 40 as after 100, 4 s sooner).
-    space = completed_space(matrix, fit_weights, rank, iterations=MASK_ITERATIONS if eager else ITERATIONS)
+    space = completed_space(matrix, fit_weights, rank, iterations=MASK_ITERATIONS if eager else ITERATIONS,
+                            deadline=deadline)
     residuals = token_residuals(model, tokens, space, range(1, n - 1))
     check_seconds = time.perf_counter() - start
     # Refit from the sentence the residuals point at: its right tokens'
     # inputs hold the fit near the true span, so the next residuals rank
     # more true tokens first; repeat to a fixed point, then search. A fit
     # below the token count (an adapter stack short of the rank rule)
-    # cannot start from a sentence's n inputs: it keeps the first fit.
+    # cannot start from a sentence's n inputs: it keeps the first fit. Past the
+    # deadline no refit starts (the residuals stay), and a refit stops at it.
     def refit(sentence: list[int]) -> torch.Tensor:
-        if rank < n:
+        if rank < n or (deadline is not None and time.perf_counter() > deadline):
             return residuals
         space = completed_space(matrix, fit_weights, n, iterations=REFIT_ITERATIONS,
-                                start=sentence_inputs(model, sentence))
+                                start=sentence_inputs(model, sentence), deadline=deadline)
         return token_residuals(model, tokens, space, range(1, n - 1))
 
-    ids = _argmin_sentence(tokenizer, residuals)
+    # One AdamW step's message (eager): no token repeated by its neighbour
+    # (distinct_neighbours: the residuals often copy a token over its short neighbour).
+    def sentence(residuals: torch.Tensor) -> list[int]:
+        ids = _argmin_sentence(tokenizer, residuals)
+        return distinct_neighbours(ids, residuals) if eager else ids
+
+    ids = sentence(residuals)
     for _ in range(REFITS if rank == n else 0):
         residuals = refit(ids)
-        ids, previous = _argmin_sentence(tokenizer, residuals), ids
+        ids, previous = sentence(residuals), ids
         if ids == previous or (deadline is not None and time.perf_counter() > deadline):
             break
     # AdamW's messages (the mask, layer 0's own weights) leave a long sentence many tokens off after the
@@ -646,7 +654,7 @@ def _noisy_attack(model, tokenizer, updates: list[SharedUpdate], selection: Sele
     if not found.sharp:
         # Once more from the searched sentence, then the wider search from the better of the two.
         again = refit(found.ids)
-        restart = _argmin_sentence(tokenizer, again)
+        restart = sentence(again)
         if eager and restart != found.ids:
             # Eager, the first search can make many changes (a long sentence from 6 wrong
             # tokens to 1): it goes on from its own sentence where that is SHARP-fold

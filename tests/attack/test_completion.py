@@ -2,6 +2,7 @@
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -322,3 +323,83 @@ def test_a_mask_message_first_fit_runs_fewer_sweeps_and_fedavg_keeps_its_own(min
                          weights=fedavg.entry_weights(shared, model, fedavg_selection))
     assert result.token_ids[0] == truth
     assert first == [completion.MASK_ITERATIONS, completion.ITERATIONS] and completion.MASK_ITERATIONS < 100
+
+
+def test_an_eager_sweep_tries_the_most_doubtful_positions_first_and_stops_where_a_change_helps(minilm, monkeypatch):
+    # A bundled 8-token sentence with two wrong tokens past the suspects (the
+    # first four positions: every found token ranks first, ties go to the
+    # earlier), at positions 5 and 6; position 6's token has the larger
+    # residual. In groups of one position, an eager sweep reaches position 6
+    # before 5, fixes it, and never tries a token at position 5.
+    model, truth, message, weights = _bundled_eight(minilm)
+    start = list(truth)
+    start[5], start[6] = 2000, 2001
+    residuals = torch.ones(6, model.config.vocab_size)
+    residuals[torch.arange(6), truth[1:-1]] = 0.5
+    residuals[torch.arange(6), start[1:-1]] = 0.0
+    residuals[4, 2000], residuals[5, 2001] = 0.1, 0.2  # still first where they stand; position 6 more doubtful
+    assert completion.suspects(start, residuals) == [1, 2, 3, 4]
+    tried = []
+    gradients = completion.candidate_gradients
+    monkeypatch.setattr(completion, "candidate_gradients",
+                        lambda m, n, sentences, label: (tried.extend(sentences.tolist()), gradients(m, n, sentences,
+                                                                                                   label))[1])
+    monkeypatch.setattr(completion, "EAGER_CHUNK", 1)
+    eager = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1, eager=True)
+    assert eager.ids == start[:6] + [truth[6]] + start[7:]
+    assert not any(s[5] != start[5] for s in tried)
+    tried.clear()
+    # Not eager, one sweep tries every position and makes the best change of all.
+    plain = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1)
+    assert any(s[5] != start[5] for s in tried) and sum(a != b for a, b in zip(plain.ids, truth)) == 1
+
+
+def test_an_eager_search_tries_its_suspects_wider_than_the_narrow_stage(minilm):
+    # A bundled 8-token sentence; position 3 holds its neighbour's token (a
+    # repeat: a suspect) and the true token ranks tenth there, past the narrow
+    # stage's 4 and within EAGER_SUSPECT_TOKENS: the eager search fixes it, the
+    # plain one cannot (it can only trade the repeat for a decoy).
+    model, truth, message, weights = _bundled_eight(minilm)
+    start = list(truth)
+    start[3] = truth[2]
+    residuals = torch.ones(6, model.config.vocab_size)
+    residuals[torch.arange(6), start[1:-1]] = 0.0
+    decoys = [t for t in range(2000, 2100) if t not in truth][:8]
+    residuals[2, decoys] = 0.5
+    residuals[2, truth[3]] = 0.6
+    assert int((residuals[2] < residuals[2, truth[3]]).sum()) == 9 < completion.EAGER_SUSPECT_TOKENS
+    assert 3 in completion.suspects(start, residuals)
+    plain = polish(model, STACKED, message, weights, start, residuals, candidates=(4,))
+    eager = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), eager=True)
+    assert plain.ids[3] != truth[3] and plain.distance > 0
+    assert eager.ids == truth and eager.distance < 1e-6 * plain.distance
+
+
+def test_a_fit_past_its_deadline_stops_after_one_sweep():
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(60, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 40, generator=generator,
+                                                                                         dtype=torch.float64)
+    seen = (torch.rand(60, 40, generator=generator) < 0.35).double()
+    late = completed_space(matrix * seen, seen, 3, iterations=200, deadline=time.perf_counter() - 1)
+    one = completed_space(matrix * seen, seen, 3, iterations=1)
+    full = completed_space(matrix * seen, seen, 3, iterations=200, deadline=time.perf_counter() + 600)
+    assert torch.equal(late.basis, one.basis)
+    assert torch.equal(full.basis, completed_space(matrix * seen, seen, 3, iterations=200).basis)
+    assert not torch.allclose(late.basis.abs(), full.basis.abs())
+
+
+def test_distinct_neighbours_replaces_the_worse_fitting_copy_of_a_repeated_token():
+    # Positions 2 and 3 both hold token 7: it fits position 3 worse (0.3 against
+    # 0.1), so position 3 takes its best token that repeats neither neighbour
+    # (9 repeats position 4's, 8 does not). Position 5 and 6's repeat of 4 keeps
+    # position 5 (0.2 against 0.4) and gives position 6 its next best, 6.
+    residuals = torch.ones(6, 12)
+    ids = [101, 5, 7, 7, 9, 4, 4, 102]
+    residuals[1, 7], residuals[2, 7] = 0.1, 0.3
+    residuals[2, 9], residuals[2, 8] = 0.35, 0.4
+    residuals[4, 4], residuals[5, 4] = 0.2, 0.4
+    residuals[5, 6] = 0.5
+    residuals[0, 5], residuals[3, 9] = 0.0, 0.0
+    assert completion.distinct_neighbours(ids, residuals) == [101, 5, 7, 8, 9, 4, 6, 102]
+    # A sentence without repeats comes back as it was.
+    assert completion.distinct_neighbours([101, 5, 7, 9, 102], residuals[:3]) == [101, 5, 7, 9, 102]
