@@ -19,7 +19,9 @@ whether the whole sentence is, for
   (:class:`gilib.attack.NgramPrior`, counted from every local split but
   the attacked one, :func:`gilib.data.prior_texts`), weighted by
   ``--prior-weight`` (:data:`gilib.attack.config.PRIOR_WEIGHT`): the most
-  probable sentence rather than the most likely.
+  probable sentence rather than the most likely, then, where it sits above
+  the noise floor, repaired under the model's own likelihood and kept if
+  that reaches the floor (``gilib.attack.span._repaired``).
 
 ``--tune W1 W2 ...`` chooses that weight: it runs the prior check alone at
 each weight on sentences no study attacks (the seeded sample from position
@@ -78,12 +80,14 @@ class Message(NamedTuple):
     message: SharedUpdate
 
 
-def messages(model, tokenizer, selection, sigmas, sentences: int, offset: int = 0) -> Iterator[Message]:
+def messages(model, tokenizer, selection, sigmas, sentences: int, offset: int = 0,
+             datasets=DATASETS) -> Iterator[Message]:
     """Every chapter-5 sentence's DP-SGD message of ``selection`` at every ``sigma`` (seeded by its row id).
 
-    ``offset``: start that far into the seeded sample instead (other sentences).
+    ``offset``: start that far into the seeded sample instead (other
+    sentences); ``datasets``: only these (a run split across processes).
     """
-    for dataset in DATASETS:
+    for dataset in datasets:
         for (example,) in sample(dataset, sentences, offset=offset):
             true_batch = encode(tokenizer, [example.text], [example.label])
             n = int(true_batch["attention_mask"].sum())
@@ -100,14 +104,15 @@ def language_prior(tokenizer, dataset: str) -> NgramPrior:
     return NgramPrior.from_texts(tokenizer, prior_texts((dataset, GRID_SPLITS[dataset]))[0])
 
 
-def measure(sigmas, sentences: int, checks=CHECKS, prior_weights=(PRIOR_WEIGHT,), offset: int = 0) -> list[dict]:
+def measure(sigmas, sentences: int, checks=CHECKS, prior_weights=(PRIOR_WEIGHT,), offset: int = 0,
+            datasets=DATASETS) -> list[dict]:
     """Each check's reading of every sentence's DP-SGD message at every ``sigma`` (the prior's at each weight)."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "attention.query", 0)
-    priors = {d: language_prior(tokenizer, d) for d in DATASETS} if "prior" in checks else {}
+    priors = {d: language_prior(tokenizer, d) for d in datasets} if "prior" in checks else {}
     rows = []
     for dataset, row_id, truth, sigma, protocol, message in messages(model, tokenizer, selection, sigmas, sentences,
-                                                                     offset):
+                                                                     offset, datasets):
         n = len(truth)
         runs = [(c, None, {} if c == "old" else {"noise": protocol.noise_std(1)}) for c in checks if c != "prior"]
         runs += [("prior", w, {"noise": protocol.noise_std(1), "prior": priors[dataset],
@@ -138,7 +143,8 @@ def options(description: str, sigmas) -> argparse.ArgumentParser:
 
 def tune(args, argv) -> None:
     """``--tune``: the prior check's token accuracy at each weight, on sentences no study attacks."""
-    frame = pd.DataFrame(measure(args.sigmas, args.sentences, ("prior",), args.tune, offset=TUNE_OFFSET))
+    frame = pd.DataFrame(measure(args.sigmas, args.sentences, ("prior",), args.tune, offset=TUNE_OFFSET,
+                                 datasets=args.datasets))
     print(frame.pivot_table(index="prior_weight", columns="sigma", values="token_accuracy").round(3).to_string())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,13 +158,15 @@ def main(argv=None) -> None:
     parser = options(__doc__.split("\n")[0], SIGMAS)
     parser.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS), help="the checks to run")
     parser.add_argument("--prior-weight", type=float, default=PRIOR_WEIGHT, help="the prior check's weight")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
+                        help="only these datasets' sentences (to split a run across processes)")
     parser.add_argument("--tune", nargs="+", type=float, default=None,
                         help="only choose the prior's weight: these weights, on the tuning sentences")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.tune:
         return tune(args, argv)
-    rows = measure(args.sigmas, args.sentences, args.checks, (args.prior_weight,))
+    rows = measure(args.sigmas, args.sentences, args.checks, (args.prior_weight,), datasets=args.datasets)
     frame = pd.DataFrame(rows)
     print(frame.groupby(["sigma", "check"])[["token_accuracy", "exact", "seconds"]].mean().round(3).to_string())
     for check in ("new", "prior"):
@@ -175,7 +183,7 @@ def main(argv=None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
         write_settings(args.out, "bench/dp_span.py", argv,
-                       sigmas=args.sigmas, sentences=args.sentences, checks=args.checks,
+                       sigmas=args.sigmas, sentences=args.sentences, checks=args.checks, datasets=args.datasets,
                        prior_weight=args.prior_weight, max_grad_norm=1.0, selection="layer 0's query weight")
 
 

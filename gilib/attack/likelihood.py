@@ -43,7 +43,8 @@ RECHECK = 16
 
 def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.Tensor, length: int, *,
                     starts: Sequence[Sequence[int]] = (), sweeps: int = SWEEPS, prior: NgramPrior | None = None,
-                    prior_weight: float = 0.0, noise: float | None = None) -> list[int]:
+                    prior_weight: float = 0.0, noise: float | None = None,
+                    scores: bool = False) -> list[int] | tuple[list[int], torch.Tensor]:
     """The sentence of ``length`` tokens whose layer-0 inputs capture the most of ``gradient``'s energy.
 
     Every allowed token competes at every position (a pre-selection by a
@@ -74,15 +75,24 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         prior_weight: the prior's weight (1: Bayes' rule with this
             likelihood; see :data:`gilib.attack.config.SpanConfig`).
         noise: the message's noise standard deviation per entry (with ``prior``).
+        scores: also return every token's score at each interior position,
+            the others as found: the energy it adds to their span, plus the
+            weighted log-prior with ``prior`` (``-inf`` for tokens never
+            output), from the search's last sweep.
 
     Returns:
-        The sentence's token ids, ``[CLS]`` and ``[SEP]`` included.
+        The sentence's token ids, ``[CLS]`` and ``[SEP]`` included; with
+        ``scores``, ``(ids, scores)``, scores ``(length - 2, V)`` float32.
     """
     tokenizer = tokens.tokenizer
     ends = {0: tokenizer.cls_token_id, length - 1: tokenizer.sep_token_id}
     interior = list(range(1, length - 1))
+    if prior is not None and (noise is None or not noise > 0 or not prior_weight >= 0):
+        raise ValueError(f"A prior needs the message's noise (a positive standard deviation, got {noise!r}) and a "
+                         f"weight of at least 0 (got {prior_weight!r}).")
     if not interior:
-        return [ends[0], ends[length - 1]]
+        ids = [ends[0], ends[length - 1]]
+        return (ids, torch.empty(0, len(tokens.allowed))) if scores else ids
     gram = gradient.detach().double()
     gram = gram.T @ gram  # M = G^T G, (d, d)
     gram32 = gram.float()
@@ -120,19 +130,21 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         """The prior's weighted log-probability of every token at ``p``, the others as picked: ``(V,)``."""
         return scale * prior.position_log_probs([picks[q] for q in interior], p - 1).to(gram.device)
 
-    def ascend(picks: dict, chosen: dict, with_prior: bool = False) -> tuple[float, dict]:
-        """Coordinate ascent, each position given all the others: ``(objective, picks)``.
+    def ascend(picks: dict, chosen: dict, with_prior: bool = False) -> tuple[float, dict, dict]:
+        """Coordinate ascent, each position given all the others: ``(objective, picks, last scores)``.
 
-        The objective is the captured energy, plus the weighted log-prior ``with_prior``.
+        The objective is the captured energy, plus the weighted log-prior
+        ``with_prior``; the last scores, each position's ``(V,)`` float32
+        energy gains (without the prior) from the last sweep.
         """
-        picks, chosen = dict(picks), dict(chosen)
+        picks, chosen, last = dict(picks), dict(chosen), {}
         for _ in range(sweeps):
             changed = False
             for p in interior:
                 others = torch.stack([v for q, v in chosen.items() if q != p]).T.double()
                 basis = torch.linalg.qr(others).Q.float()
-                _, t = exact_best(p, gains(p, inputs[p] @ basis, inputs[p] @ (gram32 @ basis), basis), basis,
-                                  bonus(p, picks) if with_prior else None)
+                last[p] = gains(p, inputs[p] @ basis, inputs[p] @ (gram32 @ basis), basis)
+                _, t = exact_best(p, last[p], basis, bonus(p, picks) if with_prior else None)
                 if t != picks[p]:
                     picks[p], chosen[p], changed = t, inputs[p][t], True
             if not changed:
@@ -141,7 +153,7 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
         energy = float(torch.trace(span.T @ gram @ span))
         if with_prior:
             energy += scale * -prior([picks[q] for q in interior]) * (len(interior) + 1)
-        return energy, picks
+        return energy, picks, last
 
     chosen = {p: layer0_inputs(model, p, token_ids=[t])[0].to(gram.device) for p, t in ends.items()}
     basis = torch.linalg.qr(torch.stack(list(chosen.values())).T.double()).Q.float()
@@ -171,6 +183,11 @@ def likely_sentence(model: torch.nn.Module, tokens: TokenSpace, gradient: torch.
     if prior is not None:
         # The most probable sentence: the prior re-picks from every ascent's end.
         ascents = [ascend(picks, {**{p: chosen[p] for p in ends}, **{p: inputs[p][t] for p, t in picks.items()}},
-                          with_prior=True) for _, picks in ascents]
-    _, picks = max(ascents, key=lambda a: a[0])
-    return [ends[0], *(picks[p] for p in interior), ends[length - 1]]
+                          with_prior=True) for _, picks, _ in ascents]
+    _, picks, last = max(ascents, key=lambda a: a[0])
+    ids = [ends[0], *(picks[p] for p in interior), ends[length - 1]]
+    if not scores:
+        return ids
+    if prior is not None:
+        last = {p: last[p] + bonus(p, picks).to(last[p]) for p in interior}
+    return ids, torch.stack([last[p] for p in interior])

@@ -460,16 +460,19 @@ def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cf
         _, _, plain = check_positions(model, tokens, gradient, lengths, shift_invariant=False,
                                       threshold=cfg.threshold, capped=True)
         starts = [[tokenizer.cls_token_id, *(s[0] for s in found), tokenizer.sep_token_id] for found in (sets, plain)]
-        ids = torch.tensor([likely_sentence(model, tokens, gradient, lengths[0], starts=starts, prior=prior,
-                                            prior_weight=cfg.prior_weight, noise=noise)])
-        final_loss = float(max((residuals[i, t] for i, t in enumerate(ids[0, 1:-1].tolist())), default=0.0))
+        found, scores = likely_sentence(model, tokens, gradient, lengths[0], starts=starts, prior=prior,
+                                        prior_weight=cfg.prior_weight, noise=noise, scores=True)
         # The server can tell whether it is right: the client's sentence leaves
         # the model's likelihood at the noise floor, a wrong one above it. (A
         # spectrum that reads no noise at all leaves no floor: None.)
         if space.noise > 0:
             names, matrix = stacked_projections(model, [name], [gradient])
-            diagnostics.floor_z = floor_z(model_distance(model, names, matrix, ids[0].tolist()), space.noise,
-                                          matrix.numel())
+            diagnostics.floor_z = floor_z(model_distance(model, names, matrix, found), space.noise, matrix.numel())
+            if prior is not None and diagnostics.floor_z > FLOOR_Z:
+                found, diagnostics.floor_z = _repaired(model, names, matrix, found, scores, space.noise, cfg, start,
+                                                       diagnostics.floor_z)
+        ids = torch.tensor([found])
+        final_loss = float(max((residuals[i, t] for i, t in enumerate(found[1:-1])), default=0.0))
     elif batch == 1:
         ids = torch.tensor([[tokenizer.cls_token_id, *(s[0] for s in sets), tokenizer.sep_token_id]])
         final_loss = float(max((residuals[i, s[0]] for i, s in enumerate(sets)), default=0.0))
@@ -498,6 +501,50 @@ def _span_check(model, tokenizer, update: SharedUpdate, selection: Selection, cf
         timings={"check": check_seconds, "assembly": seconds - check_seconds},
         diagnostics=diagnostics,
     )
+
+
+FLOOR_Z = 3.0
+"""A sentence more than this many standard deviations above the noise floor
+of the model's likelihood (:func:`gilib.attack.completion.floor_z`) is not
+the client's: the search under a prior then tries to repair it."""
+
+REPAIR_SECONDS = 30.0
+"""Seconds the repair of :func:`_repaired` may take at most (within the attack's own budget)."""
+
+
+def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torch.Tensor, noise: float,
+              cfg: SpanConfig, start: float, z: float) -> tuple[list[int], float]:
+    """The most probable sentence, finished under the model's own likelihood where that certifies it.
+
+    The span's likelihood brings the search near the truth but has no slope
+    to it; the model's likelihood has the slope only near the truth, where
+    one wrong token lifts the distance far above the noise floor. From the
+    most probable sentence, :func:`polish` changes tokens against the
+    message itself (each candidate's own gradient, the clipping factor
+    fitted), trying each position's best tokens by the search's scores;
+    the result is kept only if it reaches the floor (:data:`FLOOR_Z`),
+    where the server knows it has the sentence or one its gradient cannot
+    tell from it. Otherwise the most probable sentence stands.
+
+    Args:
+        matrix: ``(m, d)`` the message (:func:`stacked_projections`).
+        found: the most probable sentence, ``[CLS]`` and ``[SEP]`` included.
+        scores: ``(n - 2, V)`` every token's score at each interior
+            position (:func:`likely_sentence`'s ``scores``: higher is better).
+        noise: the message's noise per entry.
+        start: the attack's :func:`time.perf_counter` start (for ``cfg.time_budget``).
+        z: ``found``'s distance above the floor, in standard deviations.
+
+    Returns:
+        ``(sentence, its floor_z)``.
+    """
+    deadline = time.perf_counter() + REPAIR_SECONDS
+    if cfg.time_budget is not None:
+        deadline = min(deadline, start + cfg.time_budget)
+    repaired = polish(model, names, matrix, torch.ones_like(matrix), found, -scores, pairs=PAIRS, clipped=True,
+                      deadline=deadline)
+    repaired_z = floor_z(repaired.distance, noise, matrix.numel())
+    return (repaired.ids, repaired_z) if repaired_z < FLOOR_Z else (found, z)
 
 
 def _checked_noise(noise, gradient: torch.Tensor, weights) -> float | str | None:
