@@ -676,7 +676,7 @@ def dp_prior_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         exact = prior["exact"].astype(bool)
         rows.append({"sigma": f"{sigma:.0e}",
                      "most likely sentence": interval_text(*mean_interval(accuracy["new"].tolist())),
-                     "with the prior": interval_text(*mean_interval(accuracy["prior"].tolist())),
+                     "with the prior, repaired": interval_text(*mean_interval(accuracy["prior"].tolist())),
                      "difference": interval_text(*mean_interval((accuracy["prior"] - accuracy["new"]).dropna()
                                                                 .tolist()), signed=True),
                      "exact (prior)": f"{int(exact.sum())} of {len(exact)}",

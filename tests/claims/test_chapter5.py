@@ -205,18 +205,18 @@ def test_chapter5_dp_noise_breaks_the_check_interval_and_all():
 
 def test_chapter5_the_most_likely_sentence_takes_about_eight_times_more_dp_noise_to_break():
     # Chapter 5 and the README: token accuracy crosses one half near 4.1e-6 (old) and 3.2e-5 (new), 7.8 times
-    # more noise; first sigma below one half 1e-5 -> 1e-4; paired differences above zero up to 1e-4; at 3e-5 the
+    # more noise; first sigma below one half 1e-5 -> 5e-5; paired differences above zero up to 1e-4; at 3e-5 the
     # interval straddles one half; at 1e-3 neither names a token.
     from gilib.metrics import mean_interval
     from gilib.studies import span as span_study
 
     path = ROOT / span_study.DP_BENCH
     table, facts = span_study.dp_likelihood_summary(path)
-    assert facts["dpl_sentences"] == 12 and len(table) == 6
+    assert facts["dpl_sentences"] == 12 and len(table) == 8
     assert (facts["dpl_old_half"], facts["dpl_new_half"], facts["dpl_half_ratio"]) == (4.1e-6, 3.2e-5, 7.8)
-    assert (facts["dpl_old_below"], facts["dpl_new_below"]) == (1e-5, 1e-4)
+    assert (facts["dpl_old_below"], facts["dpl_new_below"]) == (1e-5, 5e-5)
     lines = pd.read_csv(path)
-    for sigma in (1e-6, 1e-5, 3e-5, 1e-4):
+    for sigma in (1e-6, 3e-6, 1e-5, 3e-5, 5e-5, 1e-4):
         part = lines[lines["sigma"] == sigma]
         new = part[part["check"] == "new"].set_index(["dataset", "row_id"])["token_accuracy"]
         old = part[part["check"] == "old"].set_index(["dataset", "row_id"])["token_accuracy"]
@@ -252,13 +252,44 @@ def test_chapter5_the_models_likelihood_prefers_the_truth_but_rewards_it_only_at
 
 def test_chapter5_the_server_tells_its_exact_sentences_from_its_misses_up_to_3e_5():
     # Chapter 5 and the README: every exact sentence within 0.93 standard deviations of the noise floor
-    # (floor_z), every miss up to 3e-5 at 4.6 or more; at 1e-4 two of the 12 misses under 3, from 3e-4 all.
+    # (floor_z), every miss up to 5e-5 at 4.6 or more; at 1e-4 two of the 12 misses under 3, from 3e-4 all.
     from gilib.studies import span as span_study
 
     path = ROOT / span_study.DP_BENCH
     table, facts = span_study.dp_likelihood_summary(path)
     assert facts["dpl_exact_z_max"] == 0.93
-    assert table["missed, told apart (z > 3)"].tolist() == ["4 of 4", "10 of 10", "11 of 11", "10 of 12",
-                                                           "0 of 12", "0 of 12"]
+    assert table["missed, told apart (z > 3)"].tolist() == ["4 of 4", "9 of 9", "10 of 10", "11 of 11", "12 of 12",
+                                                           "10 of 12", "0 of 12", "0 of 12"]
     new = pd.read_csv(path).query("check == 'new'")
-    assert round(new[(new["sigma"] <= 3e-5) & ~new["exact"]]["floor_z"].min(), 1) == 4.6
+    assert round(new[(new["sigma"] <= 5e-5) & ~new["exact"]]["floor_z"].min(), 1) == 4.6
+
+
+def test_chapter5_a_language_prior_and_the_repair_take_ten_times_the_dp_noise():
+    # Chapter 5 ("What the server knows of English"), the conclusion and the README: with the n-gram prior
+    # (weight 16, the best of the tuning grid on other sentences) and the repair, token accuracy crosses one
+    # half near 4.2e-5, 10.2 times the old check's 4.1e-6; 0.66 [0.48, 0.83] at 3e-5 and 0.41 [0.25, 0.59]
+    # at 5e-5; paired gain over the most likely sentence above zero from 3e-6 to 3e-5; 7 and 4 of 12 exact at
+    # 1e-5 and 3e-5 (against 2 and 1); the prior alone names 5 % of the tokens at 1e-3.
+    from gilib.attack.config import PRIOR_WEIGHT
+    from gilib.metrics import mean_interval
+    from gilib.studies import span as span_study
+
+    path = ROOT / span_study.DP_BENCH
+    table, facts = span_study.dp_prior_summary(path)
+    assert (facts["dpl_prior_half"], facts["dpl_prior_half_ratio"], facts["dpl_old_half"]) == (4.2e-5, 10.2, 4.1e-6)
+    assert facts["dpl_prior_weight"] == PRIOR_WEIGHT == 16
+    rows = table.set_index("sigma")
+    assert rows.loc["3e-05", "with the prior, repaired"] == "0.66 [0.48, 0.83]"
+    assert rows.loc["5e-05", "with the prior, repaired"] == "0.41 [0.25, 0.59]"
+    assert [rows.loc[s, "exact (prior)"] for s in ("1e-05", "3e-05")] == ["7 of 12", "4 of 12"]
+    lines = pd.read_csv(path)
+    for sigma in (3e-6, 1e-5, 3e-5):
+        part = lines[lines["sigma"] == sigma]
+        prior = part[part["check"] == "prior"].set_index(["dataset", "row_id"])["token_accuracy"]
+        new = part[part["check"] == "new"].set_index(["dataset", "row_id"])["token_accuracy"]
+        assert mean_interval((prior - new).tolist())[1] > 0
+    assert round(facts["dpl_prior_1e-03"], 2) == 0.05 and facts["dpl_new_1e-03"] == 0
+    # The weight: the best mean token accuracy over the tuning grid's two sigmas, on sentences no study attacks.
+    tune = pd.read_csv(ROOT / "data" / "bench" / "dp_prior_tune.csv")
+    assert not set(zip(tune["dataset"], tune["row_id"])) & set(zip(lines["dataset"], lines["row_id"]))
+    assert tune.groupby("prior_weight")["token_accuracy"].mean().idxmax() == PRIOR_WEIGHT
