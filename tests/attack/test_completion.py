@@ -240,15 +240,21 @@ def _bundled_eight(minilm):
     return model, truth, message, torch.ones_like(message)
 
 
+def _found_first(model, truth, start) -> torch.Tensor:
+    """``(6, V)`` residuals that rank each position's ``start`` token first and its true token second."""
+    residuals = torch.ones(6, model.config.vocab_size)
+    residuals[torch.arange(6), truth[1:-1]] = 0.5
+    residuals[torch.arange(6), start[1:-1]] = 0.0
+    return residuals
+
+
 def test_a_shift_move_undoes_a_stretch_one_position_off(minilm, monkeypatch):
     # A bundled 8-token sentence; the search starts with positions 3-5 one to the
     # left ("b c X" where the truth is "a b c"): each position's best tokens hold
     # the true one, but no single or pair change from there lowers the distance.
     model, truth, message, weights = _bundled_eight(minilm)
     start = truth[:3] + truth[4:6] + [2000] + truth[6:]
-    residuals = torch.ones(6, model.config.vocab_size)
-    residuals[torch.arange(6), truth[1:-1]] = 0.5
-    residuals[torch.arange(6), start[1:-1]] = 0.0  # the found tokens rank first, the true ones second
+    residuals = _found_first(model, truth, start)
     monkeypatch.setattr(completion, "SHIFT_WINDOW", 0)
     unshifted = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), pairs=2)
     monkeypatch.undo()
@@ -288,9 +294,7 @@ def test_an_eager_sweep_makes_several_helpful_changes_at_once(minilm):
     model, truth, message, weights = _bundled_eight(minilm)
     start = list(truth)
     start[2], start[4] = 2000, 2001
-    residuals = torch.ones(6, model.config.vocab_size)
-    residuals[torch.arange(6), truth[1:-1]] = 0.5
-    residuals[torch.arange(6), start[1:-1]] = 0.0
+    residuals = _found_first(model, truth, start)
     one = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1)
     eager = polish(model, STACKED, message, weights, start, residuals, candidates=(4,), sweeps=1, eager=True)
     assert sum(a != b for a, b in zip(one.ids, truth)) == 1
@@ -334,9 +338,7 @@ def test_an_eager_sweep_tries_the_most_doubtful_positions_first_and_stops_where_
     model, truth, message, weights = _bundled_eight(minilm)
     start = list(truth)
     start[5], start[6] = 2000, 2001
-    residuals = torch.ones(6, model.config.vocab_size)
-    residuals[torch.arange(6), truth[1:-1]] = 0.5
-    residuals[torch.arange(6), start[1:-1]] = 0.0
+    residuals = _found_first(model, truth, start)
     residuals[4, 2000], residuals[5, 2001] = 0.1, 0.2  # still first where they stand; position 6 more doubtful
     assert completion.suspects(start, residuals) == [1, 2, 3, 4]
     tried = []
