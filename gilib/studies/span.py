@@ -656,10 +656,11 @@ def dp_prior_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         likely sentence and of the most probable one with 95 % bootstrap
         intervals over sentences, their paired difference (prior - likely),
         the sentences the prior check rebuilds exactly, its median seconds
-        and the misses it tells apart (``floor_z`` above 3); the facts are
-        :func:`dp_likelihood_summary`'s (``dpl_prior_<sigma>``,
-        ``dpl_prior_half``, ``dpl_prior_half_ratio``: over the old check's)
-        with ``dpl_prior_weight``, the weight the bench ran with.
+        and the misses it tells apart (``floor_z`` above 3); the facts,
+        ``dpl_prior_weight`` (the weight the bench ran with) only: the
+        prior's accuracies and crossing are :func:`dp_likelihood_summary`'s
+        (``dpl_prior_<sigma>``, ``dpl_prior_half``, ``dpl_prior_half_ratio``:
+        over the old check's), which a chapter records once.
 
     Raises:
         ValueError: for a CSV without ``prior`` lines.
@@ -667,7 +668,6 @@ def dp_prior_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     frame = pd.read_csv(path)
     if not (frame["check"] == "prior").any():
         raise ValueError(f"{path} has no prior lines: run python bench/dp_span.py with --checks old new prior.")
-    _, facts = dp_likelihood_summary(path)
     rows = []
     for sigma, part in frame.groupby("sigma"):
         accuracy = {c: part[part["check"] == c].set_index(["dataset", "row_id"])["token_accuracy"]
@@ -683,7 +683,7 @@ def dp_prior_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                      "s (prior, median)": round(float(prior["seconds"].median()), 1),
                      "missed, told apart (z > 3)":
                          f"{int((prior['floor_z'][~exact] > 3).sum())} of {int((~exact).sum())}"})
-    facts["dpl_prior_weight"] = float(frame.loc[frame["check"] == "prior", "prior_weight"].iloc[0])
+    facts = {"dpl_prior_weight": float(frame.loc[frame["check"] == "prior", "prior_weight"].iloc[0])}
     return pd.DataFrame(rows), facts
 
 

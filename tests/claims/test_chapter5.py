@@ -275,9 +275,10 @@ def test_chapter5_a_language_prior_and_the_repair_take_ten_times_the_dp_noise():
     from gilib.studies import span as span_study
 
     path = ROOT / span_study.DP_BENCH
-    table, facts = span_study.dp_prior_summary(path)
+    table, prior_facts = span_study.dp_prior_summary(path)
+    _, facts = span_study.dp_likelihood_summary(path)
     assert (facts["dpl_prior_half"], facts["dpl_prior_half_ratio"], facts["dpl_old_half"]) == (4.2e-5, 10.2, 4.1e-6)
-    assert facts["dpl_prior_weight"] == PRIOR_WEIGHT == 16
+    assert prior_facts["dpl_prior_weight"] == PRIOR_WEIGHT == 16
     rows = table.set_index("sigma")
     assert rows.loc["3e-05", "with the prior, repaired"] == "0.66 [0.48, 0.83]"
     assert rows.loc["5e-05", "with the prior, repaired"] == "0.41 [0.25, 0.59]"

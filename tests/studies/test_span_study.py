@@ -139,12 +139,14 @@ def test_the_prior_summary_compares_the_most_probable_sentence_and_refuses_a_fil
              for (check, sigma), values in accuracy.items() for row in (0, 1)]
     path = tmp_path / "dp_span.csv"
     pd.DataFrame(lines).to_csv(path, index=False)
-    table, facts = span_study.dp_prior_summary(path)
+    table, prior_facts = span_study.dp_prior_summary(path)
+    _, facts = span_study.dp_likelihood_summary(path)
+    assert prior_facts == {"dpl_prior_weight": 16.0} and not set(prior_facts) & set(facts)  # each recorded once
     assert table["sigma"].tolist() == ["1e-06", "1e-05", "1e-04"]
     assert table["exact (prior)"].tolist() == ["2 of 2", "0 of 2", "0 of 2"]
     assert table["missed, told apart (z > 3)"].tolist() == ["0 of 0", "2 of 2", "2 of 2"]
     assert table["s (prior, median)"].tolist() == [10.5] * 3
-    assert (facts["dpl_prior_1e-05"], facts["dpl_prior_weight"]) == (0.7, 16.0)
+    assert facts["dpl_prior_1e-05"] == 0.7
     assert facts["dpl_old_half"] == float(f"{1e-6 * 10 ** (0.2 / 0.4):.1e}")
     assert facts["dpl_prior_half"] == float(f"{1e-5 * 10 ** 0.5:.1e}")
     assert facts["dpl_prior_half_ratio"] == round(facts["dpl_prior_half"] / facts["dpl_old_half"], 1)
