@@ -99,9 +99,9 @@ def test_attack_sees_only_what_the_server_has():
     assert params == ["model", "tokenizer", "update", "selection", "config", "prior"]
     assert list(inspect.signature(attack_clients).parameters) == [
         "model", "tokenizer", "updates", "selection", "config", "prior", "engine"]
-    # weights, clipped, noise: the public protocol's noise model, never the client's truth.
+    # weights, clipped, noise: the public protocol's noise model, never the client's truth; prior: public text.
     assert list(inspect.signature(span_attack).parameters) == ["model", "tokenizer", "update", "selection", "config",
-                                                                "weights", "clipped", "noise"]
+                                                                "weights", "clipped", "noise", "prior"]
     assert SharedUpdate._fields == ("shared_grads", "labels", "lengths")
 
 
