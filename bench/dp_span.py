@@ -39,7 +39,8 @@ one machine.
 Usage::
 
     python bench/dp_span.py [--sigmas 1e-6 3e-6 1e-5 3e-5 5e-5 1e-4 3e-4 1e-3] [--sentences 4]
-                            [--checks old new prior] [--prior-weight 6] [--tune 2 4 8 16]
+                            [--checks old new prior] [--prior-weight 16] [--datasets ...]
+                            [--tune 2 4 8 16 32 64 128]
                             [--out data/bench/dp_span.csv]
 """
 
@@ -53,13 +54,14 @@ from typing import Iterator, NamedTuple
 import pandas as pd
 import torch
 
-from gilib.attack import NgramPrior, SpanConfig, span_attack
+from gilib.attack import SpanConfig, span_attack
 from gilib.attack.config import PRIOR_WEIGHT
 from gilib.client import DPSGD, client_update
-from gilib.data import prior_texts, write_settings
+from gilib.data import write_settings
 from gilib.models import cached_model, encode
 from gilib.selection import select
 from gilib.update import SharedUpdate
+from gilib.studies.grids import ngram_prior
 from gilib.studies.sample import GRID_SPLITS, sample
 from gilib.studies.span import DATASETS
 
@@ -99,17 +101,13 @@ def messages(model, tokenizer, selection, sigmas, sentences: int, offset: int = 
                 yield Message(dataset, example.row_id, truth, sigma, protocol, message)
 
 
-def language_prior(tokenizer, dataset: str) -> NgramPrior:
-    """The attacker's n-gram prior for ``dataset``'s sentences: every local split but the attacked one."""
-    return NgramPrior.from_texts(tokenizer, prior_texts((dataset, GRID_SPLITS[dataset]))[0])
-
-
 def measure(sigmas, sentences: int, checks=CHECKS, prior_weights=(PRIOR_WEIGHT,), offset: int = 0,
             datasets=DATASETS) -> list[dict]:
     """Each check's reading of every sentence's DP-SGD message at every ``sigma`` (the prior's at each weight)."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "attention.query", 0)
-    priors = {d: language_prior(tokenizer, d) for d in datasets} if "prior" in checks else {}
+    # The attacker's n-gram prior: every local split but the attacked one.
+    priors = {d: ngram_prior("minilm", d, GRID_SPLITS[d]) for d in datasets} if "prior" in checks else {}
     rows = []
     for dataset, row_id, truth, sigma, protocol, message in messages(model, tokenizer, selection, sigmas, sentences,
                                                                      offset, datasets):

@@ -519,12 +519,15 @@ def _prior(cell: Cell, tokenizer, dataset: str, split: str) -> NgramPrior | None
     """The cell's prior for an attack on ``dataset``/``split``, counted without that split."""
     if cell.prior is None:
         return None
-    return _ngram_prior(cell.model, dataset, split)
+    return ngram_prior(cell.model, dataset, split)
 
 
 @functools.lru_cache(maxsize=8)
-def _ngram_prior(model: str, dataset: str, split: str) -> NgramPrior:
-    # Counting some 80,000 sentences takes seconds: once per worker, not per task.
+def ngram_prior(model: str, dataset: str, split: str) -> NgramPrior:
+    """The attacker's n-gram prior for ``model``'s tokens against ``dataset``/``split``: every other local split.
+
+    Counting some 80,000 sentences takes seconds: once per process, not per task.
+    """
     _, tokenizer = cached_model(model, 0, "cpu")
     return NgramPrior.from_texts(tokenizer, prior_texts((dataset, split))[0])
 

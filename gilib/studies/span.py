@@ -606,6 +606,9 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
             mean = mean_interval(values.tolist())
             row[{"old": "smallest residual", "new": "most likely sentence"}[check]] = interval_text(*mean)
             facts[f"dpl_{check}_{key}"] = round(mean[0], 4)
+        prior = part[part["check"] == "prior"]["token_accuracy"]
+        if len(prior):  # its table is dp_prior_summary's; its crossing is computed below with the others'
+            facts[f"dpl_prior_{key}"] = round(float(prior.mean()), 4)
         row["difference"] = interval_text(*mean_interval((new - old).dropna().tolist()), signed=True)
         exact = part[part["check"] == "new"]["exact"]
         row.update({"exact (new)": f"{int(exact.sum())} of {len(exact)}",
@@ -618,14 +621,11 @@ def dp_likelihood_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                 facts["dpl_exact_z_max"] = max(facts.get("dpl_exact_z_max", 0.0), round(float(z[exact].abs().max()), 2))
         rows.append(row)
     table = pd.DataFrame(rows)
-    sigmas = sorted(frame["sigma"].unique())
     checks = [c for c in ("old", "new", "prior") if (frame["check"] == c).any()]
     for check in checks:
-        if check == "prior":
-            for sigma, part in frame[frame["check"] == "prior"].groupby("sigma"):
-                facts[f"dpl_prior_{sigma:.0e}"] = round(float(part["token_accuracy"].mean()), 4)
-        above = [s for s in sigmas if facts.get(f"dpl_{check}_{s:.0e}", 0.0) >= 0.5]
-        below = [s for s in sigmas if facts.get(f"dpl_{check}_{s:.0e}", 1.0) < 0.5]
+        sigmas = sorted(frame.loc[frame["check"] == check, "sigma"].unique())  # those this check ran at
+        above = [s for s in sigmas if facts[f"dpl_{check}_{s:.0e}"] >= 0.5]
+        below = [s for s in sigmas if facts[f"dpl_{check}_{s:.0e}"] < 0.5]
         facts[f"dpl_{check}_above"] = float(max(above)) if above else None
         facts[f"dpl_{check}_below"] = float(min(below)) if below else None
     facts["dpl_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])

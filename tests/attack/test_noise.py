@@ -219,3 +219,15 @@ def test_a_language_prior_and_the_models_likelihood_rebuild_what_the_most_likely
     assert likely.diagnostics.floor_z > 3 and probable.diagnostics.floor_z > 3
     assert _accuracy(likely.token_ids[0], truth) < _accuracy(probable.token_ids[0], truth) < 0.9
     assert repaired.token_ids[0] == truth and abs(repaired.diagnostics.floor_z) < 3
+
+
+@pytest.mark.parametrize("noise, weight", [(None, 16.0), (0.0, 16.0), (1e-5, -1.0), (1e-5, float("nan"))])
+def test_the_most_likely_sentence_refuses_a_prior_without_its_noise_or_weight(minilm, noise, weight):
+    from gilib.attack import NgramPrior
+    from gilib.attack.likelihood import likely_sentence
+
+    model, tokenizer = minilm
+    prior = NgramPrior.from_texts(tokenizer, ["the film was good ."])
+    with pytest.raises(ValueError, match="A prior needs the message's noise"):
+        likely_sentence(model, TokenSpace(model, tokenizer), torch.ones(384, 384), 5, prior=prior, noise=noise,
+                        prior_weight=weight)

@@ -486,11 +486,11 @@ def test_a_grid_prior_is_counted_without_the_attacked_split_and_reaches_the_atta
     counted = []
     real = grids.prior_texts
     monkeypatch.setattr(grids, "prior_texts", lambda attacked: (counted.append(attacked), real(attacked))[1])
-    grids._ngram_prior.cache_clear()
-    prior = grids._ngram_prior("tiny", "sample", "train")
+    grids.ngram_prior.cache_clear()
+    prior = grids.ngram_prior("tiny", "sample", "train")
     assert counted == [("sample", "train")] and prior.sentences > 0
     scored = []
-    monkeypatch.setattr(grids, "_ngram_prior", lambda *key: lambda ids: scored.append(list(ids)) or 0.0)
+    monkeypatch.setattr(grids, "ngram_prior", lambda *key: lambda ids: scored.append(list(ids)) or 0.0)
     rows = run_grid(grid, tmp_path / "prior.jsonl", progress=False)
     assert len(rows) == 1 and rows[0]["cell"]["prior"] == "ngram"
     assert scored, "the reordering rounds never asked the prior"
