@@ -71,7 +71,8 @@ from gilib.metrics import interval_text, score_batch, share_interval
 from gilib.models import cached_model, encode
 from gilib.secure import SecAgg, secure_mean
 from gilib.selection import select
-from gilib.studies.federated import ATTACK, DATASETS, LEARNING_RATES, LOCAL_STEPS, SENTENCES
+from gilib.studies.federated import ATTACK, BATCH_SIZES, DATASETS, FEDAVG as BATCH_FEDAVG, LEARNING_RATES, LOCAL_STEPS, \
+    SENTENCES
 from gilib.studies.sample import sample
 
 ADAMW_RATES = (2e-5, 5e-5, 1e-4)
@@ -174,23 +175,55 @@ def measure_secure(clients: int, time_budget: float | None = None, checks=("old"
         exact_mean = [sum(u.shared_grads[k].double() for u in updates) / clients for k in range(len(updates[0][0]))]
         rounding = float(torch.cat([(m.double() - e).flatten() for m, e in zip(message.shared_grads, exact_mean)])
                          .norm() / torch.cat([e.flatten() for e in exact_mean]).norm())
-        message = message._replace(labels=None)
-        config = SpanConfig(time_budget=time_budget)
-        for check, extra in (("old", {}), ("new", {"noise": secagg.noise_std([1] * clients)})):
-            if check not in checks:
-                continue
-            start = time.perf_counter()
-            result = span_attack(model, tokenizer, message, selection, config, **extra)
-            seconds = time.perf_counter() - start
-            found = list(result.token_ids)
-            for example, truth in zip(examples, truths):
-                hit = truth in found
-                if hit:
-                    found.remove(truth)
-                rows.append({"protocol": f"SecAgg+ {clients} clients", "set": group, "dataset": dataset,
-                             "row_id": example.row_id, "check": check, "exact": hit, "tokens": len(truth),
-                             "seconds": seconds, "surviving": rounding,
-                             "timed_out": result.diagnostics.timed_out})
+        line = {"protocol": f"SecAgg+ {clients} clients", "set": group, "dataset": dataset, "surviving": rounding}
+        rows += _batch_rows(message, examples, truths, secagg.noise_std([1] * clients), line, time_budget, checks)
+    return rows
+
+
+def fedavg_batches(size: int) -> list[tuple[str, str, list]]:
+    """``(set name, dataset, examples)``: chapter 6's batch study's batches of ``size`` sentences."""
+    return [("chapter 6", d, sample(d, 1, size, offset=SENTENCES)[0]) for d in DATASETS]
+
+
+def measure_fedavg_batch(size: int, time_budget: float | None = None, checks=("old", "new")) -> list[dict]:
+    """Both checks on one float32 FedAvg client's batch of ``size`` sentences (chapter 6's batch study)."""
+    model, tokenizer = cached_model("minilm")
+    selection = select(model, "layer", 0)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    kept = [selection.names.index(query.replace("query", s)) for s in ("query", "value")]
+    rows = []
+    for group, dataset, examples in fedavg_batches(size):
+        true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+        truths = [ids[: int(mask.sum())].tolist() for ids, mask in
+                  zip(true_batch["input_ids"], true_batch["attention_mask"])]
+        message = client_update(model, selection, true_batch, BATCH_FEDAVG).shared
+        surviving = statistics.fmean(float((message.shared_grads[i] != 0).double().mean()) for i in kept)
+        line = {"protocol": f"{_name(BATCH_FEDAVG)} batch {size}", "set": group, "dataset": dataset,
+                "surviving": surviving}
+        noise = BATCH_FEDAVG.noise_std(message, model, selection, query)
+        rows += _batch_rows(message._replace(labels=None), examples, truths, noise, line, time_budget, checks)
+    return rows
+
+
+def _batch_rows(message, examples, truths, noise: float, line: dict, time_budget, checks) -> list[dict]:
+    """The old check and the new one (``noise=``) on one batch's message; a line per sentence, the batch's seconds."""
+    model, tokenizer = cached_model("minilm")
+    selection = select(model, "layer", 0)
+    config = SpanConfig(time_budget=time_budget)
+    rows = []
+    for check, extra in (("old", {}), ("new", {"noise": noise})):
+        if check not in checks:
+            continue
+        start = time.perf_counter()
+        result = span_attack(model, tokenizer, message, selection, config, **extra)
+        seconds = time.perf_counter() - start
+        found = list(result.token_ids)
+        for example, truth in zip(examples, truths):
+            hit = truth in found
+            if hit:
+                found.remove(truth)
+            rows.append({**line, "row_id": example.row_id, "check": check, "exact": hit, "tokens": len(truth),
+                         "seconds": seconds, "timed_out": result.diagnostics.timed_out})
     return rows
 
 
@@ -219,9 +252,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held-out", type=int, default=4, help="held-out sentences per dataset")
     parser.add_argument("--protocols", nargs="+", default=["fedavg"],
-                        choices=["fedsgd", "fedavg", "adamw", "secagg"])
+                        choices=["fedsgd", "fedavg", "adamw", "secagg", "fedavg-batch"])
     parser.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS),
                         help="SecAgg+ clients per round (one sentence each)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES),
+                        help="FedAvg batch sizes (fedavg-batch: chapter 6's batch study, one batch per dataset)")
     parser.add_argument("--adamw-rates", nargs="+", type=float, default=list(ADAMW_RATES),
                         help="AdamW learning rates (float32); bfloat16 runs at 5e-5 when 5e-5 is among them")
     parser.add_argument("--adamw-steps", nargs="+", type=int, default=[1],
@@ -245,12 +280,17 @@ def main(argv=None) -> None:
         rows += measure_secure(clients, args.time_budget, [c for c in args.checks if c != "optimisation"])
         print(table([r for r in rows if r["protocol"] == f"SecAgg+ {clients} clients"])
               .to_string(index=False, header=False), flush=True)
+    for size in args.batch_sizes if "fedavg-batch" in args.protocols else ():
+        rows += measure_fedavg_batch(size, args.time_budget, [c for c in args.checks if c != "optimisation"])
+        print(table([r for r in rows if r["protocol"] == f"{_name(BATCH_FEDAVG)} batch {size}"])
+              .to_string(index=False, header=False), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
         write_settings(args.out, "bench/noisy_span.py", argv,
                        held_out=args.held_out, held_out_offset=HELD_OUT_OFFSET, protocols=args.protocols,
                        local_steps=args.local_steps, adamw_rates=args.adamw_rates, adamw_steps=args.adamw_steps, clients=args.clients,
+                       batch_sizes=args.batch_sizes,
                        secure_held_out_offset=SECURE_HELD_OUT_OFFSET,
                        time_budget=args.time_budget)
     print(table(rows).to_string(index=False))

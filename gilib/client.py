@@ -223,6 +223,26 @@ class FedAvg:
         """``1 / noise^2`` per entry (:meth:`noise`), for :func:`gilib.attack.span_attack`'s ``weights``."""
         return [_weights_from_noise(n) for n in self.noise(update, model, selection)]
 
+    def noise_std(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection, name: str) -> float:
+        """One standard deviation for every entry of one shared weight, for :func:`gilib.attack.span_attack`'s ``noise``.
+
+        The span check of a *batch* takes the noise as one number per entry
+        (as SecAgg+'s); this is the root mean square of :meth:`noise`'s
+        bounds over the weight ``name``, each entry's error taken as uniform
+        within its bound (``bound / sqrt(3)``). Pass the weight the check
+        reads: layer 0's query weight (the first query, key or value weight
+        of ``selection``).
+
+        Raises:
+            ValueError: if ``name`` is not one of ``selection``'s weights,
+                or as :meth:`noise`.
+        """
+        if name not in selection.names:
+            raise ValueError(f"{name!r} is not shared in {selection.label}: give one of its weights, the one the "
+                             f"span check reads (layer 0's query weight), e.g. {selection.names[0]!r}.")
+        bound = self.noise(update, model, selection)[selection.names.index(name)]
+        return float(torch.as_tensor(bound, dtype=torch.float64).square().mean().div(3.0).sqrt())
+
 
 @dataclass(frozen=True)
 class AdamW:
