@@ -36,6 +36,22 @@ z-scores and peel test judged against it). One line per sentence; its
 ``seconds`` are its batch's; ``surviving`` is the rounding noise's share of
 the mean's norm.
 
+**FedAvg batches** (``--protocols fedavg-batch``): chapter 6's batch study
+(one float32 FedAvg client, E = 5, lr 1e-3, one batch of ``--batch-sizes``
+sentences per dataset), attacked as one batch: **old** with the fixed
+thresholds, **new** with ``noise=FedAvg(...).noise_std(...)`` (the
+rounding's standard deviation on layer 0's query weight); ``surviving`` is
+the share of query and value entries that moved. ``--batch-precisions
+float64``: the same client training in double precision, the control that
+keeps the local steps' drift without float32's rounding (old check only).
+
+Every **new** line of a single sentence also has ``found_distance`` and
+``truth_distance``: the weighted distance of the found sentence and of the
+client's to the message, under the new check's noise model
+(:func:`gilib.attack.completion.model_distance`). A miss whose truth is the
+closer is the search's; a miss whose found sentence is the closer is the
+noise model's: no search under it would return the truth.
+
 Sentences: chapter 6's protocol sentences (the seeded sample's first two per
 dataset) and a held-out set, the seeded sample (seed 101) from position 100
 on, four per dataset. SecAgg+ batches: chapter 6's secure batches (the
@@ -44,8 +60,10 @@ from position 120. Nothing is asserted; the figures are for one machine.
 
 Usage::
 
-    python bench/noisy_span.py [--held-out 4] [--protocols fedsgd fedavg adamw secagg] [--local-steps 1 10]
+    python bench/noisy_span.py [--held-out 4] [--protocols fedsgd fedavg adamw secagg fedavg-batch]
+                               [--local-steps 1 10] [--fedavg-rates 1e-5 1e-4 1e-3]
                                [--adamw-rates 2e-5 5e-5 1e-4] [--adamw-steps 1 2 5] [--clients 2 4 8]
+                               [--batch-sizes 2 4 8] [--batch-precisions float32 float64]
                                [--checks old new optimisation]
                                [--time-budget 60] [--out data/bench/noisy_span.csv]
 
@@ -65,6 +83,7 @@ import pandas as pd
 import torch
 
 from gilib.attack import SpanConfig, optimization_attack, span_attack
+from gilib.attack.completion import floored, model_distance, stacked_projections
 from gilib.client import AdamW, FedAvg, client_update
 from gilib.data import write_settings
 from gilib.metrics import interval_text, score_batch, share_interval
@@ -82,11 +101,12 @@ SECURE_HELD_OUT_OFFSET = 120
 CLIENTS = (2, 4, 8)
 
 
-def protocols(kinds, local_steps=(1, 10), adamw_rates=ADAMW_RATES, adamw_steps=(1,)) -> list:
+def protocols(kinds, local_steps=(1, 10), adamw_rates=ADAMW_RATES, adamw_steps=(1,),
+              fedavg_rates=LEARNING_RATES) -> list:
     """Every client protocol measured, in table order (``None``: FedSGD, the reference)."""
     chosen = [None] if "fedsgd" in kinds else []
     if "fedavg" in kinds:
-        chosen += [FedAvg(e, lr) for lr in LEARNING_RATES for e in local_steps]
+        chosen += [FedAvg(e, lr) for lr in fedavg_rates for e in local_steps]
     if "adamw" in kinds:
         chosen += [AdamW(e, lr) for e in adamw_steps for lr in adamw_rates]
         chosen += [AdamW(1, 5e-5, precision="bfloat16")] if 5e-5 in adamw_rates and 1 in adamw_steps else []
@@ -141,12 +161,29 @@ def measure(protocol, examples, time_budget: float | None = None, checks=("old",
                 result = span_attack(model, tokenizer, message._replace(labels=None), selection, config,
                                      **({"weights": weights} if check == "new" else {}))
                 extra = {"timed_out": result.diagnostics.timed_out}
+                if check == "new":
+                    extra.update(_distances(model, selection, message, weights, result.token_ids[0], truth))
             rows.append({"protocol": _name(protocol), "set": group, "dataset": dataset, "row_id": example.row_id,
                          "check": check,
                          "exact": result.token_ids[0] == truth, "tokens": len(truth),
                          "seconds": time.perf_counter() - start, "surviving": surviving,
                          "cosine_to_gradient": cosine, **extra})
     return rows
+
+
+def _distances(model, selection, message, weights, found: list[int], truth: list[int]) -> dict:
+    """Which sentence the message prefers under the new check's noise model: the found one's and the truth's
+    weighted distance to the message (:func:`gilib.attack.completion.model_distance` with the search's weights).
+
+    Where the check misses and the truth's distance is the smaller, the message
+    tells them apart and the search stopped short of the truth; where it is
+    not, this noise model's reading of the message cannot tell them apart.
+    """
+    names, matrix = stacked_projections(model, selection.names, message.shared_grads)
+    _, stacked = stacked_projections(model, selection.names, weights)
+    floor = floored(stacked, matrix, len(truth))
+    return {name: model_distance(model, names, matrix, ids, clipped=False, weights=floor)
+            for name, ids in (("found_distance", found), ("truth_distance", truth))}
 
 
 def _cosine(gradient, message) -> float:
@@ -185,8 +222,16 @@ def fedavg_batches(size: int) -> list[tuple[str, str, list]]:
     return [("chapter 6", d, sample(d, 1, size, offset=SENTENCES)[0]) for d in DATASETS]
 
 
-def measure_fedavg_batch(size: int, time_budget: float | None = None, checks=("old", "new")) -> list[dict]:
-    """Both checks on one float32 FedAvg client's batch of ``size`` sentences (chapter 6's batch study)."""
+def measure_fedavg_batch(size: int, time_budget: float | None = None, checks=("old", "new"),
+                         precision: str = "float32") -> list[dict]:
+    """Both checks on one FedAvg client's batch of ``size`` sentences (chapter 6's batch study).
+
+    ``precision="float64"``: the control, local training in double precision
+    (the drift of the local steps without float32's rounding), old check only.
+    """
+    protocol = replace(BATCH_FEDAVG, precision=precision)
+    if precision != "float32":
+        checks = [c for c in checks if c == "old"]
     model, tokenizer = cached_model("minilm")
     selection = select(model, "layer", 0)
     query = "bert.encoder.layer.0.attention.self.query.weight"
@@ -196,13 +241,18 @@ def measure_fedavg_batch(size: int, time_budget: float | None = None, checks=("o
         true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
         truths = [ids[: int(mask.sum())].tolist() for ids, mask in
                   zip(true_batch["input_ids"], true_batch["attention_mask"])]
-        message = client_update(model, selection, true_batch, BATCH_FEDAVG).shared
+        message = client_update(model, selection, true_batch, protocol).shared
         surviving = statistics.fmean(float((message.shared_grads[i] != 0).double().mean()) for i in kept)
-        line = {"protocol": f"{_name(BATCH_FEDAVG)} batch {size}", "set": group, "dataset": dataset,
-                "surviving": surviving}
-        noise = BATCH_FEDAVG.noise_std(message, model, selection, query)
+        line = {"protocol": _batch_name(protocol, size), "set": group, "dataset": dataset, "surviving": surviving}
+        noise = protocol.noise_std(message, model, selection, query) if "new" in checks else None
         rows += _batch_rows(message._replace(labels=None), examples, truths, noise, line, time_budget, checks)
     return rows
+
+
+def _batch_name(protocol: FedAvg, size: int) -> str:
+    """``FedAvg E=5 lr=1e-03 batch 4``, ``... float64 batch 4`` for the control."""
+    precision = "" if protocol.precision == "float32" else f" {protocol.precision}"
+    return f"{_name(protocol)}{precision} batch {size}"
 
 
 def _batch_rows(message, examples, truths, noise: float, line: dict, time_budget, checks) -> list[dict]:
@@ -257,10 +307,14 @@ def main(argv=None) -> None:
                         help="SecAgg+ clients per round (one sentence each)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES),
                         help="FedAvg batch sizes (fedavg-batch: chapter 6's batch study, one batch per dataset)")
+    parser.add_argument("--batch-precisions", nargs="+", default=["float32"], choices=["float32", "float64"],
+                        help="fedavg-batch: the client's arithmetic (float64: the control, old check only)")
     parser.add_argument("--adamw-rates", nargs="+", type=float, default=list(ADAMW_RATES),
                         help="AdamW learning rates (float32); bfloat16 runs at 5e-5 when 5e-5 is among them")
     parser.add_argument("--adamw-steps", nargs="+", type=int, default=[1],
                         help="AdamW's E values (several steps are inverted as if one)")
+    parser.add_argument("--fedavg-rates", nargs="+", type=float, default=list(LEARNING_RATES),
+                        help="FedAvg's learning rates (float32)")
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
                         help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
     parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
@@ -272,7 +326,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     examples = sentences(args.held_out)
     rows = []
-    for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates, args.adamw_steps):
+    for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates, args.adamw_steps,
+                              args.fedavg_rates):
         rows += measure(protocol, examples, args.time_budget, args.checks)
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
@@ -280,17 +335,19 @@ def main(argv=None) -> None:
         rows += measure_secure(clients, args.time_budget, [c for c in args.checks if c != "optimisation"])
         print(table([r for r in rows if r["protocol"] == f"SecAgg+ {clients} clients"])
               .to_string(index=False, header=False), flush=True)
-    for size in args.batch_sizes if "fedavg-batch" in args.protocols else ():
-        rows += measure_fedavg_batch(size, args.time_budget, [c for c in args.checks if c != "optimisation"])
-        print(table([r for r in rows if r["protocol"] == f"{_name(BATCH_FEDAVG)} batch {size}"])
-              .to_string(index=False, header=False), flush=True)
+    for precision in args.batch_precisions if "fedavg-batch" in args.protocols else ():
+        for size in args.batch_sizes:
+            rows += measure_fedavg_batch(size, args.time_budget, [c for c in args.checks if c != "optimisation"],
+                                         precision)
+            name = _batch_name(replace(BATCH_FEDAVG, precision=precision), size)
+            print(table([r for r in rows if r["protocol"] == name]).to_string(index=False, header=False), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)
         write_settings(args.out, "bench/noisy_span.py", argv,
                        held_out=args.held_out, held_out_offset=HELD_OUT_OFFSET, protocols=args.protocols,
-                       local_steps=args.local_steps, adamw_rates=args.adamw_rates, adamw_steps=args.adamw_steps, clients=args.clients,
-                       batch_sizes=args.batch_sizes,
+                       local_steps=args.local_steps, fedavg_rates=args.fedavg_rates, adamw_rates=args.adamw_rates, adamw_steps=args.adamw_steps, clients=args.clients,
+                       batch_sizes=args.batch_sizes, batch_precisions=args.batch_precisions,
                        secure_held_out_offset=SECURE_HELD_OUT_OFFSET,
                        time_budget=args.time_budget)
     print(table(rows).to_string(index=False))

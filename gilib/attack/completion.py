@@ -532,7 +532,7 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
 
 
 def model_distance(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, ids: Sequence[int],
-                   clipped: bool = True) -> float:
+                   clipped: bool = True, weights: torch.Tensor | None = None) -> float:
     """The model's likelihood of one sentence: the message's distance to the sentence's own gradient.
 
     :func:`polish` with no moves returns its start's distance: the mean
@@ -548,9 +548,16 @@ def model_distance(model: torch.nn.Module, names: Sequence[str], matrix: torch.T
         matrix: ``(m, d)`` the stacked message.
         ids: the sentence, ``[CLS]`` and ``[SEP]`` included.
         clipped: fit the clipping factor (DP-SGD's messages).
+        weights: ``(m, d)`` entry weights, as :func:`polish` reads them
+            (the noise model's, e.g. :func:`floored`); ``None``: every entry
+            alike. Two sentences' distances under the same weights say which
+            one the message prefers: the client's sentence above a wrong one
+            means the message, read through this noise model, cannot tell
+            them apart.
     """
     unused = torch.zeros(len(ids) - 2, 1)  # no moves: no candidates are read
-    return polish(model, names, matrix, torch.ones_like(matrix), ids, unused, sweeps=0, clipped=clipped).distance
+    weights = torch.ones_like(matrix) if weights is None else weights
+    return polish(model, names, matrix, weights, ids, unused, sweeps=0, clipped=clipped).distance
 
 
 def floor_z(distance: float, noise: float, entries: int) -> float:

@@ -660,9 +660,54 @@ def secure_noise_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     frame = pd.read_csv(path)
     frame = frame[frame["protocol"].str.startswith("SecAgg+")].copy()
     frame["N"] = frame["protocol"].str.extract(r"(\d+) clients")[0].astype(int)
+    return _batch_checks(frame, "N", "N clients", "secagg", "rounding / mean", lambda s: f"{s.max():.0e}")
+
+
+FEDAVG_BATCH_BENCH = Path("data") / "bench" / "noisy_span_fedavg_batch.csv"
+"""Old check against the noise-calibrated batch check on chapter 6's FedAvg batches
+(``python bench/noisy_span.py --protocols fedavg-batch``)."""
+
+
+def fedavg_batch_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The span check on one float32 FedAvg client's batch (:data:`FEDAVG`), fixed thresholds against noise.
+
+    "new" is :func:`~gilib.attack.span_attack`'s batch check with
+    ``noise=FedAvg(...).noise_std(...)``: the rounding's standard deviation
+    on layer 0's query weight, as for SecAgg+'s means.
+
+    Returns:
+        ``(table, facts)`` as :func:`secure_noise_summary`'s, per batch size,
+        with the share of layer 0's query and value entries that moved and,
+        where the bench ran it, the float64 control's exact share under the
+        old check (``float64 control: exact [95 %]``: the same client
+        training in double precision, the local steps' drift without the
+        rounding); the facts' keys start ``fedavg_batch_``
+        (``fedavg_batch_new_exact_4``, ``fedavg_batch_control_exact_4``, ...).
+    """
+    frame = pd.read_csv(path)
+    frame = frame[frame["protocol"].str.contains(" batch ")].copy()
+    frame["size"] = frame["protocol"].str.extract(r"batch (\d+)")[0].astype(int)
+    control = frame["protocol"].str.contains("float64")
+    table, facts = _batch_checks(frame[~control], "size", "batch", "fedavg_batch", "entries moved",
+                                 lambda s: round(float(s.mean()), 2))
+    if control.any():
+        cells = []
+        for size in table["batch"]:
+            lines = frame[control & (frame["size"] == size) & (frame["check"] == "old")]
+            share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
+            cells.append(interval_text(share, low, high, 0, percent=True) if len(lines) else "not run")
+            if len(lines):
+                facts[f"fedavg_batch_control_exact_{size}"] = round(share, 4)
+        table.insert(len(table.columns) - 3, "float64 control: exact [95 %]", cells)
+    return table, facts
+
+
+def _batch_checks(frame: pd.DataFrame, by: str, label: str, prefix: str, surviving: str,
+                  surviving_text) -> tuple[pd.DataFrame, dict]:
+    """The old-against-new table of batches (one line per sentence, each with its batch's seconds), per ``by``."""
     rows, facts = [], {}
-    for clients, part in frame.groupby("N"):
-        row = {"N clients": clients}
+    for value, part in frame.groupby(by):
+        row = {label: value}
         for check in ("old", "new"):
             lines = part[part["check"] == check]
             share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
@@ -672,14 +717,14 @@ def secure_noise_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                                                          f"{batches['seconds'].max():.0f}")
             tokens = lines.groupby(["set", "dataset"])["tokens"].sum()
             slow = batches[batches["timed_out"]].set_index(["set", "dataset"]).index
-            facts.update({f"secagg_{check}_exact_{clients}": round(share, 4),
-                          f"secagg_{check}_low_{clients}": round(low, 4),
-                          f"secagg_{check}_seconds_max_{clients}": round(float(batches["seconds"].max()), 1),
-                          f"secagg_{check}_timed_out_{clients}": int(batches["timed_out"].sum()),
-                          f"secagg_{check}_slow_tokens_{clients}": int(tokens[slow].min()) if len(slow) else 0,
-                          f"secagg_{check}_done_tokens_{clients}": int(tokens.drop(slow).max())
+            facts.update({f"{prefix}_{check}_exact_{value}": round(share, 4),
+                          f"{prefix}_{check}_low_{value}": round(low, 4),
+                          f"{prefix}_{check}_seconds_max_{value}": round(float(batches["seconds"].max()), 1),
+                          f"{prefix}_{check}_timed_out_{value}": int(batches["timed_out"].sum()),
+                          f"{prefix}_{check}_slow_tokens_{value}": int(tokens[slow].min()) if len(slow) else 0,
+                          f"{prefix}_{check}_done_tokens_{value}": int(tokens.drop(slow).max())
                           if len(slow) < len(tokens) else 0})
-        row.update({"rounding / mean": f"{part['surviving'].max():.0e}",
+        row.update({surviving: surviving_text(part["surviving"]),
                     "batches": int(part.drop_duplicates(["set", "dataset"]).shape[0]),
                     "sentences": int(len(part) // 2)})
         rows.append(row)
@@ -725,6 +770,12 @@ def mixed_summary(path: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 def mixed_markdown(path: str | Path) -> str:
     """:func:`mixed_summary`'s table as Markdown (the README repeats it)."""
     table, _ = mixed_summary(path)
+    return frame_markdown(table)
+
+
+def fedavg_batch_markdown(path: str | Path) -> str:
+    """:func:`fedavg_batch_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = fedavg_batch_summary(path)
     return frame_markdown(table)
 
 
@@ -895,6 +946,12 @@ STUDY = Study(
               lambda args: secure_noise_markdown(args.results),
               (option("results", type=Path,
                       help="the bench's SecAgg+ CSV (data/bench/noisy_span_secagg.csv)"),)),
+        Table("fedavg-batch", "one float32 FedAvg client's batch of 2, 4 or 8 sentences (E=5, lr 1e-3): the span "
+                              "check with fixed thresholds and with the rounding's noise (bench/noisy_span.py "
+                              "--protocols fedavg-batch)",
+              lambda args: fedavg_batch_markdown(args.results),
+              (option("results", type=Path,
+                      help="the bench's FedAvg batch CSV (data/bench/noisy_span_fedavg_batch.csv)"),)),
         Table("mixed", "FedSGD batches of 16 sentences mixed from the three datasets: the span check on the "
                         "whole bag and with the position split (bench/mixed_batches.py)",
               lambda args: mixed_markdown(args.results),

@@ -405,3 +405,44 @@ def test_distinct_neighbours_replaces_the_worse_fitting_copy_of_a_repeated_token
     assert completion.distinct_neighbours(ids, residuals) == [101, 5, 7, 8, 9, 4, 6, 102]
     # A sentence without repeats comes back as it was.
     assert completion.distinct_neighbours([101, 5, 7, 9, 102], residuals[:3]) == [101, 5, 7, 9, 102]
+
+
+def test_a_batch_noise_std_is_the_rms_of_the_rounding_bounds_on_the_checked_weight(minilm):
+    # FedAvg.noise_std: the batch check takes one noise level per entry (as SecAgg+'s); for a float32
+    # FedAvg client it is the RMS of each query entry's rounding bound, the error uniform within it.
+    model, tokenizer = minilm
+    examples = load_split("sample")[:2]
+    batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
+    layer = select(model, "layer", 0)
+    protocol = FedAvg(1, 1e-4)
+    shared = client_update(model, layer, batch, protocol).shared
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    k = layer.names.index(query)
+    bound = protocol.noise(shared, model, layer)[k].double()
+    std = protocol.noise_std(shared, model, layer, query)
+    assert std == pytest.approx(float(bound.square().mean().div(3).sqrt()), rel=1e-12)
+    # The message's actual error on that weight (against the batch's float64 gradient) is of that size.
+    exact = client_update(model, layer, batch, FedAvg(1, 1e-4, "float64")).shared.shared_grads[k].double()
+    error = float((shared.shared_grads[k].double() - exact).square().mean().sqrt())
+    assert 0.3 * std < error < 1.2 * std
+    # The value weight's entries are smaller, their float32 spacing too.
+    assert protocol.noise_std(shared, model, layer, query.replace("query", "value")) < std
+    with pytest.raises(ValueError, match="is not shared in"):
+        protocol.noise_std(shared, model, select(model, "attention.value", 0), query)
+
+
+def test_the_weighted_distance_prefers_the_clients_sentence_to_a_one_token_change(minilm, fedavg_message):
+    # completion.model_distance with the search's weights: the measure bench/noisy_span.py uses to tell a
+    # miss of the search (the truth closer) from one of the noise model (the wrong sentence closer).
+    model, _ = minilm
+    protocol, selection, shared, truth = fedavg_message
+    names, matrix = stacked_projections(model, selection.names, shared.shared_grads)
+    _, weights = stacked_projections(model, selection.names, protocol.entry_weights(shared, model, selection))
+    floor = completion.floored(weights, matrix, len(truth))
+    wrong = truth[:3] + [truth[3] + 1] + truth[4:]
+    right = completion.model_distance(model, names, matrix, truth, clipped=False, weights=floor)
+    assert right < 0.5 * completion.model_distance(model, names, matrix, wrong, clipped=False, weights=floor)
+    # Unweighted, the same distance as polish's with no moves.
+    plain = completion.model_distance(model, names, matrix, truth, clipped=False)
+    assert plain == pytest.approx(polish(model, names, matrix, torch.ones_like(matrix), truth,
+                                         torch.zeros(len(truth) - 2, 1), sweeps=0).distance)
