@@ -490,6 +490,58 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), facts
 
 
+BOUND_BENCH = Path("data") / "bench" / "noisy_span_bound.csv"
+"""The noise-model check at E = 1 with each sentence's distance and the truth's (``python bench/noisy_span.py
+--local-steps 1 --checks new``): which misses are the search's and which the noise model's."""
+
+
+def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Where the noise-model check's misses come from, per FedAvg learning rate (one local step).
+
+    A miss whose found sentence lies closer to the message than the
+    client's (``found_distance <= truth_distance``, both weighted by the
+    check's noise model) is beyond any search under that model: the
+    message, read through it, prefers a wrong sentence. A miss whose truth
+    lies closer is the search's. So ``1 - (noise model's misses) /
+    sentences`` bounds from above what any search under this noise model
+    can rebuild (a server that replays the client's float32 arithmetic
+    exactly is not bound by it).
+
+    Returns:
+        ``(table, facts)``: per learning rate, the sentences, the exact
+        share [Wilson 95 %], the misses the search left (truth closer) and
+        the noise model's (a wrong sentence closer), the bound, the entries
+        moved and the median and largest seconds; the facts give
+        ``bound_exact_<lr>``, ``bound_search_<lr>``, ``bound_model_<lr>``
+        and ``bound_ceiling_<lr>`` (``1e-05``, ...) and ``bound_sentences``.
+    """
+    frame = _bench_lines(path, "FedAvg")
+    frame = frame[(frame["check"] == "new") & (frame["E"] == 1)]
+    rows, facts = [], {}
+    for lr, part in frame.groupby("lr"):
+        missed = part[~part["exact"]]
+        model_misses = int((missed["found_distance"] <= missed["truth_distance"]).sum())
+        search_misses = len(missed) - model_misses
+        share, low, high = share_interval(int(part["exact"].sum()), len(part))
+        ceiling = 1 - model_misses / len(part)
+        key = f"{lr:.0e}"
+        rows.append({"lr": key, "sentences": len(part), "exact [95 %]": interval_text(share, low, high, 0, percent=True),
+                     "missed, the truth closer (search)": search_misses,
+                     "missed, a wrong sentence closer (noise model)": model_misses,
+                     "at most": f"{ceiling:.0%}", "entries moved": round(float(part["surviving"].mean()), 2),
+                     "s / sentence (median, max)": f"{part['seconds'].median():.0f}, {part['seconds'].max():.0f}"})
+        facts.update({f"bound_exact_{key}": round(share, 4), f"bound_search_{key}": search_misses,
+                      f"bound_model_{key}": model_misses, f"bound_ceiling_{key}": round(ceiling, 4)})
+    facts["bound_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
+    return pd.DataFrame(rows), facts
+
+
+def bound_markdown(path: str | Path) -> str:
+    """:func:`bound_summary`'s table as Markdown (the README repeats it)."""
+    table, _ = bound_summary(path)
+    return frame_markdown(table)
+
+
 def _bench_lines(path: str | Path, family: str) -> pd.DataFrame:
     """``bench/noisy_span.py``'s lines of one protocol family (``FedAvg`` or ``AdamW``), with ``lr`` and ``E``
     read off the protocol's name."""
@@ -694,10 +746,12 @@ def fedavg_batch_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         cells = []
         for size in table["batch"]:
             lines = frame[control & (frame["size"] == size) & (frame["check"] == "old")]
+            if not len(lines):
+                cells.append("not run")
+                continue
             share, low, high = share_interval(int(lines["exact"].sum()), len(lines))
-            cells.append(interval_text(share, low, high, 0, percent=True) if len(lines) else "not run")
-            if len(lines):
-                facts[f"fedavg_batch_control_exact_{size}"] = round(share, 4)
+            cells.append(interval_text(share, low, high, 0, percent=True))
+            facts[f"fedavg_batch_control_exact_{size}"] = round(share, 4)
         table.insert(len(table.columns) - 3, "float64 control: exact [95 %]", cells)
     return table, facts
 
@@ -931,6 +985,11 @@ STUDY = Study(
                        "(bench/noisy_span.py's CSV), per learning rate",
               lambda args: noise_markdown(args.results),
               (option("results", type=Path, help="bench/noisy_span.py's CSV (data/bench/noisy_span.csv)"),)),
+        Table("bound", "float32 FedAvg at E = 1: the noise-model check's misses, the search's (the truth closer "
+                       "to the message) and the noise model's (a wrong sentence closer), per learning rate "
+                       "(bench/noisy_span.py --local-steps 1 --checks new)",
+              lambda args: bound_markdown(args.results),
+              (option("results", type=Path, help="the bench's CSV (data/bench/noisy_span_bound.csv)"),)),
         Table("adamw", "AdamW clients: the span check with and without the one-step inversion's noise model "
                         "(bench/noisy_span.py --protocols adamw), per learning rate and precision",
               lambda args: adamw_markdown(args.results),

@@ -131,3 +131,41 @@ def test_a_time_budget_reaches_every_task_and_bad_ones_are_refused():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="time_budget"):
             federated_study.plan(["protocol"], time_budget=bad)
+
+
+def _bench_line(lr, exact, found, truth, **extra):
+    return {"protocol": f"FedAvg E=1 lr={lr:.0e}", "set": "held-out", "dataset": "cola", "row_id": len(extra),
+            "check": "new", "exact": exact, "tokens": 10, "seconds": 5.0, "surviving": 0.2, "timed_out": False,
+            "found_distance": found, "truth_distance": truth, **extra}
+
+
+def test_the_bound_counts_a_miss_against_the_noise_model_only_where_a_wrong_sentence_fits_better(tmp_path):
+    lines = [_bench_line(1e-5, True, 1.0, 1.0), _bench_line(1e-5, False, 3.0, 1.0, a=1),
+             _bench_line(1e-5, False, 1.0, 2.0, a=1, b=2), _bench_line(1e-5, False, 2.0, 2.0, a=1, b=2, c=3),
+             _bench_line(1e-3, True, 1.0, 1.0)]
+    path = tmp_path / "bound.csv"
+    pd.DataFrame(lines).to_csv(path, index=False)
+    table, facts = federated_study.bound_summary(path)
+    assert list(table["lr"]) == ["1e-05", "1e-03"] and list(table["sentences"]) == [4, 1]
+    # One miss has the truth closer (the search's); two have a wrong sentence as close or closer.
+    assert facts["bound_search_1e-05"] == 1 and facts["bound_model_1e-05"] == 2
+    assert facts["bound_exact_1e-05"] == 0.25 and facts["bound_ceiling_1e-05"] == 0.5
+    assert facts["bound_ceiling_1e-03"] == 1 and facts["bound_model_1e-03"] == 0
+    assert "| 1e-05 | 4 | 25% [" in federated_study.bound_markdown(path)
+
+
+def test_the_fedavg_batch_table_sets_the_float64_control_beside_both_checks(tmp_path):
+    def line(size, check, exact, precision=""):
+        return {"protocol": f"FedAvg E=5 lr=1e-03{precision} batch {size}", "set": "chapter 6", "dataset": "cola",
+                "surviving": 0.9, "row_id": 1, "check": check, "exact": exact, "tokens": 12, "seconds": 40.0,
+                "timed_out": not exact}
+    lines = [line(2, "old", False), line(2, "new", True), line(4, "old", False), line(4, "new", False),
+             line(2, "old", True, " float64")]
+    path = tmp_path / "batches.csv"
+    pd.DataFrame(lines).to_csv(path, index=False)
+    table, facts = federated_study.fedavg_batch_summary(path)
+    assert list(table["batch"]) == [2, 4] and list(table["sentences"]) == [1, 1]
+    assert facts["fedavg_batch_old_exact_2"] == 0 and facts["fedavg_batch_new_exact_2"] == 1
+    assert facts["fedavg_batch_control_exact_2"] == 1 and "fedavg_batch_control_exact_4" not in facts
+    assert list(table["float64 control: exact [95 %]"])[1] == "not run"
+    assert list(table.columns)[-4:] == ["float64 control: exact [95 %]", "entries moved", "batches", "sentences"]
