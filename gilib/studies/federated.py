@@ -513,7 +513,9 @@ def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         the noise model's (a wrong sentence closer), the bound, the entries
         moved and the median and largest seconds; the facts give
         ``bound_exact_<lr>``, ``bound_search_<lr>``, ``bound_model_<lr>``
-        and ``bound_ceiling_<lr>`` (``1e-05``, ...) and ``bound_sentences``.
+        and ``bound_ceiling_<lr>`` (``1e-05``, ...), the smallest factor by
+        which a search's miss lies farther from the message than the truth
+        (``bound_gap_min_<lr>``; ``None`` without one) and ``bound_sentences``.
     """
     frame = _bench_lines(path, "FedAvg")
     frame = frame[(frame["check"] == "new") & (frame["E"] == 1)]
@@ -530,8 +532,11 @@ def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                      "missed, a wrong sentence closer (noise model)": model_misses,
                      "at most": f"{ceiling:.0%}", "entries moved": round(float(part["surviving"].mean()), 2),
                      "s / sentence (median, max)": f"{part['seconds'].median():.0f}, {part['seconds'].max():.0f}"})
+        searched = missed[missed["found_distance"] > missed["truth_distance"]]
         facts.update({f"bound_exact_{key}": round(share, 4), f"bound_search_{key}": search_misses,
-                      f"bound_model_{key}": model_misses, f"bound_ceiling_{key}": round(ceiling, 4)})
+                      f"bound_model_{key}": model_misses, f"bound_ceiling_{key}": round(ceiling, 4),
+                      f"bound_gap_min_{key}": round(float((searched["found_distance"] / searched["truth_distance"])
+                                                          .min()), 1) if len(searched) else None})
     facts["bound_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
     return pd.DataFrame(rows), facts
 

@@ -8,6 +8,7 @@ numbers, and then the prose or the numbers need fixing, not the test.
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from gilib.studies import federated as federated_study
 
@@ -270,3 +271,43 @@ def test_chapter6_the_optimisation_attack_loses_on_every_adamw_message():
     assert facts["opt_diff_most"] == facts["opt_diff_1e-04_float32_E5"]
     for lr in ("2e-05", "5e-05", "1e-04"):
         assert 0.19 <= facts[f"opt_cosine_{lr}_float32"] <= 0.27
+
+
+def test_chapter6_a_fedavg_clients_batch_stops_peeling_through_its_local_steps_not_float32():
+    # Chapter 6, the README and the conclusion: on the batch study's FedAvg batches (E = 5, lr 1e-3) the
+    # calibrated check rebuilds a third of the batches-of-2 sentences and, like the old check, none from 4 on;
+    # the float64 control (no rounding) loses sentences too, from batches of 2 on: the local steps, not float32.
+    from gilib.studies import federated as federated_study
+    from tests.claims.cached import ROOT
+
+    table, facts = federated_study.fedavg_batch_summary(ROOT / federated_study.FEDAVG_BATCH_BENCH)
+    assert list(table["batch"]) == [2, 4, 8] and list(table["sentences"]) == [6, 12, 24]
+    assert facts["fedavg_batch_old_exact_2"] == pytest.approx(1 / 6, abs=1e-3)
+    assert facts["fedavg_batch_new_exact_2"] == pytest.approx(2 / 6, abs=1e-3)
+    for size in (4, 8):
+        assert facts[f"fedavg_batch_old_exact_{size}"] == facts[f"fedavg_batch_new_exact_{size}"] == 0
+    # float64: more than float32's old check at every size, and still short of every sentence.
+    for size in (2, 4, 8):
+        assert facts[f"fedavg_batch_old_exact_{size}"] < facts[f"fedavg_batch_control_exact_{size}"] < 0.7
+    assert facts["fedavg_batch_control_exact_4"] == 0.25
+    assert (table["entries moved"] > 0.8).all()
+
+
+def test_chapter6_at_the_smallest_rate_every_miss_is_the_searchs():
+    # Chapter 6 and the README: at lr 1e-5 (E = 1) the client's sentence lies closer to the message than the
+    # found one in every miss (by 3.4 times or more), so the measurement sets no bound below 100 %.
+    from gilib.studies import federated as federated_study
+    from tests.claims.cached import ROOT
+
+    table, facts = federated_study.bound_summary(ROOT / federated_study.BOUND_BENCH)
+    assert list(table["lr"]) == ["1e-05", "1e-04", "1e-03"] and facts["bound_sentences"] == 18
+    assert facts["bound_search_1e-05"] == 11 and facts["bound_model_1e-05"] == 0
+    assert facts["bound_gap_min_1e-05"] == 3.4 and facts["bound_ceiling_1e-05"] == 1
+    assert facts["bound_exact_1e-05"] == pytest.approx(7 / 18, abs=1e-3)
+    assert facts["bound_model_1e-04"] == facts["bound_model_1e-03"] == 0
+    lines = pd.read_csv(ROOT / federated_study.BOUND_BENCH)
+    missed = lines[~lines["exact"]]
+    assert missed["timed_out"].all()
+    # An exact line's found sentence is the truth: the same distance.
+    hit = lines[lines["exact"]]
+    assert (hit["found_distance"] == hit["truth_distance"]).all()

@@ -151,6 +151,7 @@ def test_the_bound_counts_a_miss_against_the_noise_model_only_where_a_wrong_sent
     assert facts["bound_search_1e-05"] == 1 and facts["bound_model_1e-05"] == 2
     assert facts["bound_exact_1e-05"] == 0.25 and facts["bound_ceiling_1e-05"] == 0.5
     assert facts["bound_ceiling_1e-03"] == 1 and facts["bound_model_1e-03"] == 0
+    assert facts["bound_gap_min_1e-05"] == 3.0 and facts["bound_gap_min_1e-03"] is None
     assert "| 1e-05 | 4 | 25% [" in federated_study.bound_markdown(path)
 
 
