@@ -1,4 +1,4 @@
-"""The span check on what real clients send: float32 FedAvg, one AdamW step, SecAgg+ means; old check against new.
+"""The span check on what real clients send (float32 FedAvg, AdamW, SecAgg+, FedAvg batches): old check against new.
 
 What it measures
 ----------------
@@ -90,8 +90,8 @@ from gilib.metrics import interval_text, score_batch, share_interval
 from gilib.models import cached_model, encode
 from gilib.secure import SecAgg, secure_mean
 from gilib.selection import select
-from gilib.studies.federated import ATTACK, BATCH_SIZES, DATASETS, FEDAVG as BATCH_FEDAVG, LEARNING_RATES, LOCAL_STEPS, \
-    SENTENCES
+from gilib.studies.federated import (ATTACK, BATCH_SIZES, DATASETS, FEDAVG as BATCH_FEDAVG, LEARNING_RATES,
+                                    LOCAL_STEPS, SENTENCES)
 from gilib.studies.sample import sample
 
 ADAMW_RATES = (2e-5, 5e-5, 1e-4)
@@ -346,7 +346,8 @@ def main(argv=None) -> None:
         pd.DataFrame(rows).to_csv(args.out, index=False)
         write_settings(args.out, "bench/noisy_span.py", argv,
                        held_out=args.held_out, held_out_offset=HELD_OUT_OFFSET, protocols=args.protocols,
-                       local_steps=args.local_steps, fedavg_rates=args.fedavg_rates, adamw_rates=args.adamw_rates, adamw_steps=args.adamw_steps, clients=args.clients,
+                       local_steps=args.local_steps, fedavg_rates=args.fedavg_rates, adamw_rates=args.adamw_rates,
+                       adamw_steps=args.adamw_steps, clients=args.clients,
                        batch_sizes=args.batch_sizes, batch_precisions=args.batch_precisions,
                        secure_held_out_offset=SECURE_HELD_OUT_OFFSET,
                        time_budget=args.time_budget)

@@ -224,7 +224,7 @@ class FedAvg:
         return [_weights_from_noise(n) for n in self.noise(update, model, selection)]
 
     def noise_std(self, update: SharedUpdate, model: torch.nn.Module, selection: Selection, name: str) -> float:
-        """One standard deviation for every entry of one shared weight, for :func:`gilib.attack.span_attack`'s ``noise``.
+        """One standard deviation for every entry of a shared weight, for :func:`~gilib.attack.span_attack`'s ``noise``.
 
         The span check of a *batch* takes the noise as one number per entry
         (as SecAgg+'s); this is the root mean square of :meth:`noise`'s

@@ -527,7 +527,8 @@ def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         share, low, high = share_interval(int(part["exact"].sum()), len(part))
         ceiling = 1 - model_misses / len(part)
         key = f"{lr:.0e}"
-        rows.append({"lr": key, "sentences": len(part), "exact [95 %]": interval_text(share, low, high, 0, percent=True),
+        rows.append({"lr": key, "sentences": len(part),
+                     "exact [95 %]": interval_text(share, low, high, 0, percent=True),
                      "missed, the truth closer (search)": search_misses,
                      "missed, a wrong sentence closer (noise model)": model_misses,
                      "at most": f"{ceiling:.0%}", "entries moved": round(float(part["surviving"].mean()), 2),
