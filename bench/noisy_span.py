@@ -65,7 +65,7 @@ Usage::
                                [--adamw-rates 2e-5 5e-5 1e-4] [--adamw-steps 1 2 5] [--clients 2 4 8]
                                [--batch-sizes 2 4 8] [--batch-precisions float32 float64]
                                [--checks old new optimisation]
-                               [--time-budget 60] [--out data/bench/noisy_span.csv]
+                               [--time-budget 60] [--shard 0 1] [--out data/bench/noisy_span.csv]
 
 Each attack stops after ``--time-budget`` seconds with its best partial
 result (``timed_out`` in the CSV).
@@ -167,7 +167,7 @@ def measure(protocol, examples, time_budget: float | None = None, checks=("old",
                          "check": check,
                          "exact": result.token_ids[0] == truth, "tokens": len(truth),
                          "seconds": time.perf_counter() - start, "surviving": surviving,
-                         "cosine_to_gradient": cosine, **extra})
+                         "cosine_to_gradient": cosine, "time_budget": time_budget, **extra})
     return rows
 
 
@@ -318,13 +318,19 @@ def main(argv=None) -> None:
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1, 10],
                         help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
     parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
+    parser.add_argument("--shard", nargs=2, type=int, default=[0, 1], metavar=("I", "N"),
+                        help="single-sentence protocols: every N-th sentence from the I-th (to split a run "
+                             "across processes)")
     parser.add_argument("--checks", nargs="+", default=["old", "new"], choices=["old", "new", "optimisation"],
                         help="which attacks to run: the span check old and new, LAMP's optimisation attack "
                              "(not on SecAgg+ means)")
     parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    examples = sentences(args.held_out)
+    index, count = args.shard
+    if not 0 <= index < count:
+        parser.error(f"--shard I N needs 0 <= I < N, got {index} {count}")
+    examples = sentences(args.held_out)[index::count]
     rows = []
     for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates, args.adamw_steps,
                               args.fedavg_rates):
@@ -350,7 +356,7 @@ def main(argv=None) -> None:
                        adamw_steps=args.adamw_steps, clients=args.clients,
                        batch_sizes=args.batch_sizes, batch_precisions=args.batch_precisions,
                        secure_held_out_offset=SECURE_HELD_OUT_OFFSET,
-                       time_budget=args.time_budget)
+                       time_budget=args.time_budget, shard=args.shard)
     print(table(rows).to_string(index=False))
 
 
