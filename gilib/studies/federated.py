@@ -496,7 +496,7 @@ BOUND_BENCH = Path("data") / "bench" / "noisy_span_bound.csv"
 
 
 def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Where the noise-model check's misses come from, per FedAvg learning rate (one local step).
+    """Where the noise-model check's misses come from, per FedAvg learning rate and time budget (one local step).
 
     A miss whose found sentence lies closer to the message than the
     client's (``found_distance <= truth_distance``, both weighted by the
@@ -508,31 +508,35 @@ def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     exactly is not bound by it).
 
     Returns:
-        ``(table, facts)``: per learning rate, the sentences, the exact
-        share [Wilson 95 %], the misses the search left (truth closer) and
-        the noise model's (a wrong sentence closer), the bound, the entries
-        moved and the median and largest seconds; the facts give
-        ``bound_exact_<lr>``, ``bound_search_<lr>``, ``bound_model_<lr>``
-        and ``bound_ceiling_<lr>`` (``1e-05``, ...), the smallest factor by
-        which a search's miss lies farther from the message than the truth
-        (``bound_gap_min_<lr>``; ``None`` without one) and ``bound_sentences``.
+        ``(table, facts)``: per learning rate and time budget (``time_budget``
+        per line), the sentences, the exact share [Wilson 95 %], the misses
+        the search left (truth closer) and the noise model's (a wrong
+        sentence closer), the bound, the entries moved and the median and
+        largest seconds; the facts give ``bound_exact_<lr>``,
+        ``bound_search_<lr>``, ``bound_model_<lr>`` and
+        ``bound_ceiling_<lr>`` (``1e-05``, ...) at the smallest budget, the
+        same with ``_<budget>s`` appended (``bound_exact_1e-05_300s``) at a
+        larger one, the smallest factor by which a search's miss lies
+        farther from the message than the truth (``bound_gap_min_<lr>``;
+        ``None`` without one) and ``bound_sentences``.
     """
     frame = _bench_lines(path, "FedAvg")
     frame = frame[(frame["check"] == "new") & (frame["E"] == 1)]
+    smallest = frame["time_budget"].min()
     rows, facts = [], {}
-    for lr, part in frame.groupby("lr"):
+    for (lr, budget), part in frame.groupby(["lr", "time_budget"]):
         missed = part[~part["exact"]]
         model_misses = int((missed["found_distance"] <= missed["truth_distance"]).sum())
         search_misses = len(missed) - model_misses
         share, low, high = share_interval(int(part["exact"].sum()), len(part))
         ceiling = 1 - model_misses / len(part)
-        key = f"{lr:.0e}"
-        rows.append({"lr": key, "sentences": len(part),
+        rows.append({"lr": f"{lr:.0e}", "budget (s)": int(budget), "sentences": len(part),
                      "exact [95 %]": interval_text(share, low, high, 0, percent=True),
                      "missed, the truth closer (search)": search_misses,
                      "missed, a wrong sentence closer (noise model)": model_misses,
                      "at most": f"{ceiling:.0%}", "entries moved": round(float(part["surviving"].mean()), 2),
                      "s / sentence (median, max)": f"{part['seconds'].median():.0f}, {part['seconds'].max():.0f}"})
+        key = f"{lr:.0e}" if budget == smallest else f"{lr:.0e}_{budget:.0f}s"
         searched = missed[missed["found_distance"] > missed["truth_distance"]]
         facts.update({f"bound_exact_{key}": round(share, 4), f"bound_search_{key}": search_misses,
                       f"bound_model_{key}": model_misses, f"bound_ceiling_{key}": round(ceiling, 4),

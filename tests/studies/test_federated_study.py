@@ -136,23 +136,25 @@ def test_a_time_budget_reaches_every_task_and_bad_ones_are_refused():
 def _bench_line(lr, exact, found, truth, **extra):
     return {"protocol": f"FedAvg E=1 lr={lr:.0e}", "set": "held-out", "dataset": "cola", "row_id": len(extra),
             "check": "new", "exact": exact, "tokens": 10, "seconds": 5.0, "surviving": 0.2, "timed_out": False,
-            "found_distance": found, "truth_distance": truth, **extra}
+            "found_distance": found, "truth_distance": truth, "time_budget": 60.0, **extra}
 
 
 def test_the_bound_counts_a_miss_against_the_noise_model_only_where_a_wrong_sentence_fits_better(tmp_path):
     lines = [_bench_line(1e-5, True, 1.0, 1.0), _bench_line(1e-5, False, 3.0, 1.0, a=1),
              _bench_line(1e-5, False, 1.0, 2.0, a=1, b=2), _bench_line(1e-5, False, 2.0, 2.0, a=1, b=2, c=3),
-             _bench_line(1e-3, True, 1.0, 1.0)]
+             _bench_line(1e-3, True, 1.0, 1.0),
+             {**_bench_line(1e-5, True, 1.0, 1.0, a=1), "time_budget": 300.0}]
     path = tmp_path / "bound.csv"
     pd.DataFrame(lines).to_csv(path, index=False)
     table, facts = federated_study.bound_summary(path)
-    assert list(table["lr"]) == ["1e-05", "1e-03"] and list(table["sentences"]) == [4, 1]
+    assert list(table["lr"]) == ["1e-05", "1e-05", "1e-03"] and list(table["sentences"]) == [4, 1, 1]
+    assert list(table["budget (s)"]) == [60, 300, 60] and facts["bound_exact_1e-05_300s"] == 1
     # One miss has the truth closer (the search's); two have a wrong sentence as close or closer.
     assert facts["bound_search_1e-05"] == 1 and facts["bound_model_1e-05"] == 2
     assert facts["bound_exact_1e-05"] == 0.25 and facts["bound_ceiling_1e-05"] == 0.5
     assert facts["bound_ceiling_1e-03"] == 1 and facts["bound_model_1e-03"] == 0
     assert facts["bound_gap_min_1e-05"] == 3.0 and facts["bound_gap_min_1e-03"] is None
-    assert "| 1e-05 | 4 | 25% [" in federated_study.bound_markdown(path)
+    assert "| 1e-05 | 60 | 4 | 25% [" in federated_study.bound_markdown(path)
 
 
 def test_the_fedavg_batch_table_sets_the_float64_control_beside_both_checks(tmp_path):
