@@ -245,7 +245,7 @@ def measure_fedavg_batch(size: int, time_budget: float | None = None, checks=("o
         surviving = statistics.fmean(float((message.shared_grads[i] != 0).double().mean()) for i in kept)
         line = {"protocol": _batch_name(protocol, size), "set": group, "dataset": dataset, "surviving": surviving}
         noise = protocol.noise_std(message, model, selection, query) if "new" in checks else None
-        rows += _batch_rows(message._replace(labels=None), examples, truths, noise, line, time_budget, checks)
+        rows += _batch_rows(message, examples, truths, noise, line, time_budget, checks)
     return rows
 
 
@@ -255,11 +255,13 @@ def _batch_name(protocol: FedAvg, size: int) -> str:
     return f"{_name(protocol)}{precision} batch {size}"
 
 
-def _batch_rows(message, examples, truths, noise: float, line: dict, time_budget, checks) -> list[dict]:
+def _batch_rows(message, examples, truths, noise: float | None, line: dict, time_budget, checks) -> list[dict]:
     """The old check and the new one (``noise=``) on one batch's message; a line per sentence, the batch's seconds."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "layer", 0)
     config = SpanConfig(time_budget=time_budget)
+    # The span check needs no labels: peeling finds them; the truth reaches only the comparison below.
+    message = message._replace(labels=None)
     rows = []
     for check, extra in (("old", {}), ("new", {"noise": noise})):
         if check not in checks:
