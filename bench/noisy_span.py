@@ -328,10 +328,10 @@ def main(argv=None) -> None:
                              "(not on SecAgg+ means)")
     parser.add_argument("--out", type=Path, default=None, help="also write every sentence's line here (CSV)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     index, count = args.shard
     if not 0 <= index < count:
         parser.error(f"--shard I N needs 0 <= I < N, got {index} {count}")
+    torch.set_num_threads(1)
     examples = sentences(args.held_out)[index::count]
     rows = []
     for protocol in protocols(args.protocols, args.local_steps, args.adamw_rates, args.adamw_steps,

@@ -285,3 +285,15 @@ def test_dp_energy_refuses_a_diagnosis_at_a_sigma_it_does_not_run(capsys, flag):
     with pytest.raises(SystemExit):
         main(["--sigmas", "3e-5", flag, "1e-4"])
     assert f"{flag} [0.0001] are not among --sigmas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shard", [["2", "2"], ["-1", "3"], ["0", "0"]])
+def test_noisy_span_refuses_a_shard_outside_its_count(capsys, shard):
+    # --shard I N takes every N-th sentence from the I-th: I >= N or I < 0 would run no sentence and
+    # write an empty table without a word.
+    sys.path.insert(0, str(REPO / "bench"))
+    from noisy_span import main
+
+    with pytest.raises(SystemExit):
+        main(["--shard", *shard])
+    assert f"--shard I N needs 0 <= I < N, got {shard[0]} {shard[1]}" in capsys.readouterr().err
