@@ -465,9 +465,14 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         (``entries moved``) and the new check's median and largest seconds;
         the facts give each learning rate's numbers pooled over ``E``
         (``old_exact_1e-04``, ``new_exact_1e-04``, ``surviving_1e-04``, ...),
-        its lowest Wilson bound over ``E`` (``new_low_1e-04``), the
-        messages per cell, the sentences, the attacks that ran out of time
-        and the longest sentence rebuilt at the smallest rate.
+        its lowest Wilson bound over ``E`` (``new_low_1e-04``), the new
+        check's misses pooled over ``E`` (``new_misses_1e-04``), how many of
+        them ran out of time (``new_misses_timed_out_1e-04``) and, where the
+        lines carry the found sentence's and the truth's distances, how many
+        are the search's (``new_search_misses_1e-04``: the truth closer, as
+        in :func:`bound_summary`), the messages per cell, the sentences, the
+        attacks that ran out of time and the longest sentence rebuilt at the
+        smallest rate.
     """
     frame = _bench_lines(path, "FedAvg")
     rows, facts = [], {}
@@ -481,6 +486,11 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         new = part[part["check"] == "new"]
         facts.update({f"surviving_{lr:.0e}": round(float(new["surviving"].mean()), 4),
                       f"new_seconds_max_{lr:.0e}": round(float(new["seconds"].max()), 1)})
+        missed, searched = _split_misses(new)
+        facts.update({f"new_misses_{lr:.0e}": len(missed),
+                      f"new_misses_timed_out_{lr:.0e}": int(missed["timed_out"].astype(bool).sum())})
+        if searched is not None:
+            facts[f"new_search_misses_{lr:.0e}"] = len(searched)
     smallest = frame[(frame["lr"] == frame["lr"].min()) & (frame["check"] == "new")]
     facts.update({"noise_messages": int(rows[0]["messages"]),
                   "noise_sentences": int(frame[["dataset", "row_id"]].drop_duplicates().shape[0]),
@@ -493,6 +503,16 @@ def noise_check_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
 BOUND_BENCH = Path("data") / "bench" / "noisy_span_bound.csv"
 """The noise-model check at E = 1 with each sentence's distance and the truth's (``python bench/noisy_span.py
 --local-steps 1 --checks new``): which misses are the search's and which the noise model's."""
+
+
+def _split_misses(lines: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The noise-model check's misses among ``lines``, and those of them that are the search's: the
+    client's sentence closer to the message than the one found (``None`` for lines without the two
+    distances, the bench's older runs)."""
+    missed = lines[~lines["exact"].astype(bool)]
+    if not {"found_distance", "truth_distance"} <= set(lines.columns):
+        return missed, None
+    return missed, missed[missed["found_distance"] > missed["truth_distance"]]
 
 
 def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -525,8 +545,7 @@ def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     smallest = frame["time_budget"].min()
     rows, facts = [], {}
     for (lr, budget), part in frame.groupby(["lr", "time_budget"]):
-        missed = part[~part["exact"]]
-        searched = missed[missed["found_distance"] > missed["truth_distance"]]  # the truth closer
+        missed, searched = _split_misses(part)
         search_misses = len(searched)
         model_misses = len(missed) - search_misses
         share, low, high = share_interval(int(part["exact"].sum()), len(part))

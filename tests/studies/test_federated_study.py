@@ -157,6 +157,24 @@ def test_the_bound_counts_a_miss_against_the_noise_model_only_where_a_wrong_sent
     assert "| 1e-05 | 60 | 4 | 25% [" in federated_study.bound_markdown(path)
 
 
+
+def test_the_noise_table_counts_each_rates_misses_those_out_of_time_and_the_searchs(tmp_path):
+    lines = [_bench_line(1e-5, True, 1.0, 1.0), {**_bench_line(1e-5, False, 3.0, 1.0, a=1), "timed_out": True},
+             {**_bench_line(1e-5, False, 1.0, 2.0, a=1, b=2), "protocol": "FedAvg E=2 lr=1e-05"},
+             _bench_line(1e-3, True, 1.0, 1.0)]
+    lines += [{**line, "check": "old", "exact": False} for line in lines]
+    path = tmp_path / "noise.csv"
+    pd.DataFrame(lines).to_csv(path, index=False)
+    table, facts = federated_study.noise_check_summary(path)
+    assert list(table["E"]) == [1, 2, 1] and facts["new_exact_1e-05"] == pytest.approx(1 / 3, abs=1e-4)
+    # Pooled over E: two misses at 1e-5, one out of time, one the search's (the truth closer).
+    assert facts["new_misses_1e-05"] == 2 and facts["new_misses_timed_out_1e-05"] == 1
+    assert facts["new_search_misses_1e-05"] == 1 and facts["new_misses_1e-03"] == 0
+    # The bench's older lines carry no distances: no count of the search's misses, rather than a wrong one.
+    pd.DataFrame(lines).drop(columns=["found_distance", "truth_distance"]).to_csv(path, index=False)
+    _, older = federated_study.noise_check_summary(path)
+    assert "new_search_misses_1e-05" not in older and older["new_misses_1e-05"] == 2
+
 def test_the_fedavg_batch_table_sets_the_float64_control_beside_both_checks(tmp_path):
     def line(size, check, exact, precision=""):
         return {"protocol": f"FedAvg E=5 lr=1e-03{precision} batch {size}", "set": "chapter 6", "dataset": "cola",
