@@ -157,7 +157,6 @@ def test_the_bound_counts_a_miss_against_the_noise_model_only_where_a_wrong_sent
     assert "| 1e-05 | 60 | 4 | 25% [" in federated_study.bound_markdown(path)
 
 
-
 def test_the_noise_table_counts_each_rates_misses_those_out_of_time_and_the_searchs(tmp_path):
     lines = [_bench_line(1e-5, True, 1.0, 1.0), {**_bench_line(1e-5, False, 3.0, 1.0, a=1), "timed_out": True},
              {**_bench_line(1e-5, False, 1.0, 2.0, a=1, b=2), "protocol": "FedAvg E=2 lr=1e-05"},
