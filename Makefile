@@ -38,7 +38,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 book: $(STAMP)
 	# --all: re-execute every chapter even when only gilib changed.
-	$(BIN)/jupyter-book build . --all -W -n --keep-going
+	# On every core: gilib/book/build.py runs jupyter-book build with Sphinx -j.
+	$(BIN)/python -m gilib.book.build . --all -W -n --keep-going
 	# Record the executed chapters, so that the chapter tests read them
 	# instead of executing every chapter a second time.
 	$(BIN)/python -m gilib.book.executed stamp

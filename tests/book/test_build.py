@@ -1,0 +1,54 @@
+"""The parallel book build (gilib/book/build.py): its settings, its page order and its extension check."""
+
+import importlib
+
+import pytest
+
+from gilib.book import build
+
+
+def test_jobs_defaults_to_the_cores_and_reads_the_environment():
+    assert build.jobs({}, cores=2) == 2
+    assert build.jobs({}, cores=0) == 1
+    assert build.jobs({build.JOBS_ENV: "1"}, cores=8) == 1
+    assert build.jobs({build.JOBS_ENV: " 3 "}, cores=2) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", "nan"])
+def test_a_bad_job_count_is_a_clear_error(value):
+    with pytest.raises(ValueError, match=f"{build.JOBS_ENV}=.*whole number of processes, at least 1"):
+        build.jobs({build.JOBS_ENV: value}, cores=2)
+
+
+def test_each_page_is_its_own_chunk_the_notebooks_first(tmp_path):
+    (tmp_path / "chapters").mkdir()
+    for name in ("01_a.ipynb", "02_b.ipynb", "intro.md", "zz.md"):
+        (tmp_path / "chapters" / name).write_text("")
+    pages = sorted(["chapters/intro", "chapters/02_b", "chapters/zz", "chapters/01_a"])
+    assert build.page_chunks(pages, tmp_path) == [["chapters/01_a"], ["chapters/02_b"], ["chapters/intro"],
+                                                  ["chapters/zz"]]
+
+
+def test_the_book_s_chapters_come_first_in_the_real_tree():
+    from gilib.data import repo_root
+
+    root = repo_root()
+    pages = sorted(p.relative_to(root).with_suffix("").as_posix() for p in (root / "chapters").iterdir()
+                   if p.suffix in (".md", ".ipynb"))
+    chunks = [c[0] for c in build.page_chunks(pages, root)]
+    notebooks = [p for p in pages if (root / f"{p}.ipynb").is_file()]
+    assert len(notebooks) >= 7 and chunks[:len(notebooks)] == notebooks
+    assert len(chunks) == len(pages)
+
+
+def test_the_declared_extensions_say_they_are_parallel_safe_and_still_set_up(monkeypatch):
+    calls = []
+    for name in build.PARALLEL_SAFE:
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "setup", lambda app, name=name: calls.append(name))
+    build._declare_parallel_safe()
+    build._declare_parallel_safe()  # twice: wrapped once
+    for name in build.PARALLEL_SAFE:
+        metadata = importlib.import_module(name).setup("app")
+        assert metadata == {"parallel_read_safe": True, "parallel_write_safe": True}
+    assert calls == list(build.PARALLEL_SAFE)
