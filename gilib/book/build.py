@@ -35,10 +35,15 @@ build).
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
+
+import sphinx.builders
+from jupyter_book import sphinx as jb_sphinx
+from jupyter_book.cli.main import main as jupyter_book
 
 JOBS_ENV = "GILIB_BOOK_JOBS"
 
@@ -85,8 +90,6 @@ PARALLEL_SAFE = (
 
 def _declare_parallel_safe() -> None:
     """Make each :data:`PARALLEL_SAFE` extension's ``setup`` say that it is safe for a parallel read and write."""
-    import importlib
-
     for module_name in PARALLEL_SAFE:
         module = importlib.import_module(module_name)
         own = module.setup
@@ -103,10 +106,6 @@ def _declare_parallel_safe() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``jupyter-book build`` with ``argv`` (its options), on :func:`jobs` processes."""
-    import sphinx.builders
-    from jupyter_book import sphinx as jb_sphinx
-    from jupyter_book.cli.main import main as jupyter_book
-
     args = list(sys.argv[1:] if argv is None else argv)
     processes = jobs()
     if processes > 1:
