@@ -36,6 +36,11 @@ chapter is recorded in one manifest): ``make test`` runs the suite on several wo
 (``pytest -n auto --dist loadgroup``), and these stay in one of them, one after another."""
 
 
+# First, explicitly: xdist's worker groups the tests by their xdist_group mark in
+# its own pytest_collection_modifyitems, which must see the marks. (It renames each
+# item's node id, which pytest 9.2 no longer reads: requirements.txt pins 9.1.1;
+# tests/test_suite.py checks that the group stays on one worker.)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.path.as_posix()
