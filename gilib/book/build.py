@@ -64,16 +64,26 @@ def jobs(environ: dict | None = None, cores: int | None = None) -> int:
     return int(value)
 
 
-def page_chunks(docnames: Sequence[str], source: Path) -> list[list[str]]:
-    """One chunk per page for Sphinx's parallel read, the notebooks first (each in name order).
+def page_order(docnames: Sequence[str], source: Path) -> list[str]:
+    """The order to execute the pages in: the notebooks first (in name order), then the Markdown pages.
 
-    Sphinx hands each chunk to the next free process; a notebook chapter
-    executes for tens of seconds, a Markdown page for a few, so the long
-    ones go first and the short ones fill in at the end.
+    A notebook chapter executes for tens of seconds, a Markdown page for a
+    few, so the long ones go first and the short ones fill in at the end.
     """
     notebook = [(source / f"{name}.ipynb").is_file() for name in docnames]
-    ordered = [n for n, nb in zip(docnames, notebook) if nb] + [n for n, nb in zip(docnames, notebook) if not nb]
-    return [[name] for name in ordered]
+    return [n for n, nb in zip(docnames, notebook) if nb] + [n for n, nb in zip(docnames, notebook) if not nb]
+
+
+def page_chunks(docnames: Sequence[str], source: Path, nproc: int) -> list[list[str]]:
+    """One chunk per page for Sphinx's parallel read, so that the pages start in :func:`page_order`.
+
+    Sphinx (7.4, ``sphinx.util.parallel.ParallelTasks``) starts the first
+    ``nproc`` chunks at once and then, each time a process is free, the
+    chunk added *last* of those still waiting (``dict.popitem``): so the
+    waiting chunks are handed over in reverse.
+    """
+    order = page_order(docnames, source)
+    return [[name] for name in order[:nproc] + order[nproc:][::-1]]
 
 
 PARALLEL_SAFE = (
@@ -114,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         source = Path(next((a for a in args if not a.startswith("-")), "."))
         # Sphinx chunks the pages to read in name order, a few large chunks;
         # one page per chunk instead (the write phase gets the same).
-        sphinx.builders.make_chunks = lambda docnames, nproc, maxbatch=10: page_chunks(docnames, source)
+        sphinx.builders.make_chunks = lambda docnames, nproc, maxbatch=10: page_chunks(docnames, source, nproc)
         _declare_parallel_safe()
         jb_sphinx.build_sphinx = functools.partial(jb_sphinx.build_sphinx, jobs=processes)
     jupyter_book(["build", *args], prog_name="jupyter-book")

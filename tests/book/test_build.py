@@ -1,10 +1,13 @@
 """The parallel book build (gilib/book/build.py): its settings, its page order and its extension check."""
 
 import importlib
+import inspect
 
 import pytest
+from sphinx.util.parallel import ParallelTasks
 
 from gilib.book import build
+from gilib.data import repo_root
 
 
 def test_jobs_defaults_to_the_cores_and_reads_the_environment():
@@ -20,25 +23,35 @@ def test_a_bad_job_count_is_a_clear_error(value):
         build.jobs({build.JOBS_ENV: value}, cores=2)
 
 
-def test_each_page_is_its_own_chunk_the_notebooks_first(tmp_path):
+def test_each_page_is_its_own_chunk_started_notebooks_first(tmp_path):
     (tmp_path / "chapters").mkdir()
-    for name in ("01_a.ipynb", "02_b.ipynb", "intro.md", "zz.md"):
+    for name in ("01_a.ipynb", "02_b.ipynb", "03_c.ipynb", "intro.md", "zz.md"):
         (tmp_path / "chapters" / name).write_text("")
-    pages = sorted(["chapters/intro", "chapters/02_b", "chapters/zz", "chapters/01_a"])
-    assert build.page_chunks(pages, tmp_path) == [["chapters/01_a"], ["chapters/02_b"], ["chapters/intro"],
-                                                  ["chapters/zz"]]
+    pages = sorted(["chapters/intro", "chapters/02_b", "chapters/zz", "chapters/01_a", "chapters/03_c"])
+    order = ["chapters/01_a", "chapters/02_b", "chapters/03_c", "chapters/intro", "chapters/zz"]
+    assert build.page_order(pages, tmp_path) == order
+    chunks = build.page_chunks(pages, tmp_path, nproc=2)
+    assert all(len(chunk) == 1 for chunk in chunks)
+    # Sphinx starts the first two at once, then the waiting chunk added last: replay its queue.
+    started, waiting = [c[0] for c in chunks[:2]], [c[0] for c in chunks[2:]]
+    while waiting:
+        started.append(waiting.pop())
+    assert started == order
 
 
 def test_the_book_s_chapters_come_first_in_the_real_tree():
-    from gilib.data import repo_root
-
     root = repo_root()
     pages = sorted(p.relative_to(root).with_suffix("").as_posix() for p in (root / "chapters").iterdir()
                    if p.suffix in (".md", ".ipynb"))
-    chunks = [c[0] for c in build.page_chunks(pages, root)]
+    order = build.page_order(pages, root)
     notebooks = [p for p in pages if (root / f"{p}.ipynb").is_file()]
-    assert len(notebooks) >= 7 and chunks[:len(notebooks)] == notebooks
-    assert len(chunks) == len(pages)
+    assert len(notebooks) >= 7 and order[:len(notebooks)] == notebooks
+    assert sorted(order) == pages
+
+
+def test_sphinx_still_starts_waiting_tasks_last_in_first_out():
+    # page_chunks relies on it; a Sphinx that changes it only changes the build's speed, and this test says so.
+    assert "self._precvsWaiting.popitem()" in inspect.getsource(ParallelTasks._join_one)
 
 
 def test_the_declared_extensions_say_they_are_parallel_safe_and_still_set_up(monkeypatch):
