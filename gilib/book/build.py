@@ -117,7 +117,10 @@ def _declare_parallel_safe() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``jupyter-book build`` with ``argv`` (its options), on :func:`jobs` processes."""
     args = list(sys.argv[1:] if argv is None else argv)
-    processes = jobs()
+    try:
+        processes = jobs()
+    except ValueError as err:
+        sys.exit(f"gilib.book.build: {err}")
     if processes > 1:
         # Each kernel on its share of the cores (set before any kernel starts).
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))

@@ -23,6 +23,12 @@ def test_a_bad_job_count_is_a_clear_error(value):
         build.jobs({build.JOBS_ENV: value}, cores=2)
 
 
+def test_the_command_line_refuses_a_bad_job_count_with_its_message(monkeypatch):
+    monkeypatch.setenv(build.JOBS_ENV, "0")
+    with pytest.raises(SystemExit, match=f"gilib.book.build: {build.JOBS_ENV}='0': give a whole number"):
+        build.main(["."])
+
+
 def test_each_page_is_its_own_chunk_started_notebooks_first(tmp_path):
     (tmp_path / "chapters").mkdir()
     for name in ("01_a.ipynb", "02_b.ipynb", "03_c.ipynb", "intro.md", "zz.md"):
