@@ -2,12 +2,12 @@
 
 jupyter-book 1.x executes the pages one after another while Sphinx reads
 them, so on two cores one core sits idle for the whole execution, which is
-most of the build. Sphinx can read pages in parallel processes (every
-extension the book uses says it is safe to), but jupyter-book's command line
-does not pass Sphinx's ``-j``, and Sphinx reads a parallel build in a few
-large chunks of pages in name order, which here would put all seven
-chapters in one chunk. This wrapper runs jupyter-book's own ``build``
-command with both changed:
+most of the build. Sphinx can read pages in parallel processes, but
+jupyter-book's command line does not pass Sphinx's ``-j``, Sphinx reads a
+parallel build in a few large chunks of pages in name order (which here
+would put all seven chapters in one chunk), and it reads serially if any
+extension does not say it is safe to read in parallel. This wrapper runs
+jupyter-book's own ``build`` command with all three changed:
 
 * Sphinx reads with one process per core (:func:`jobs`);
 * every page is its own chunk, the executed notebooks (the long ones)

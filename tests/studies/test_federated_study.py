@@ -174,6 +174,7 @@ def test_the_noise_table_counts_each_rates_misses_those_out_of_time_and_the_sear
     _, older = federated_study.noise_check_summary(path)
     assert "new_search_misses_1e-05" not in older and older["new_misses_1e-05"] == 2
 
+
 def test_the_fedavg_batch_table_sets_the_float64_control_beside_both_checks(tmp_path):
     def line(size, check, exact, precision=""):
         return {"protocol": f"FedAvg E=5 lr=1e-03{precision} batch {size}", "set": "chapter 6", "dataset": "cola",
