@@ -63,6 +63,12 @@ def test_page_problems_finds_each_broken_rule():
     # Explained before the figure only: still a problem.
     assert page_problems(_notebook(explained, figure)) == [
         "cell 1: no {numref}`fig-ch3-heatmap` in the prose after the figure"]
+    # A cell without an id (the notebook is nbformat 4.5).
+    anonymous = nbformat.v4.new_markdown_cell("Text.")
+    del anonymous["id"]
+    assert page_problems(_notebook(hidden, anonymous)) == [
+        "cell 1: no cell id (nbformat 4.5 needs one: save the notebook in Jupyter, or nbformat.validator.normalize "
+        "it)"]
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
