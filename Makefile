@@ -22,7 +22,7 @@ CHROMIUM := /usr/bin/chromium
 # apt-get needs root; elsewhere go through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: book test test-fast browser-test chromium assignments assignments-install assignments-test figures bench bench-paper venv clean
+.PHONY: book test test-fast browser-test chromium assignments assignments-test figures bench bench-paper venv clean
 
 venv: $(STAMP)
 
@@ -79,9 +79,6 @@ ASSIGN_STAMP := $(VENV)/.assignments-installed
 $(ASSIGN_STAMP): $(STAMP) requirements-assignments.txt
 	$(BIN)/python -m pip install --quiet -r requirements-assignments.txt -c constraints.txt
 	touch $(ASSIGN_STAMP)
-
-# otter-grader alone (.ci/run installs it before the browser and grading tests run side by side).
-assignments-install: $(ASSIGN_STAMP)
 
 assignments: $(ASSIGN_STAMP)
 	$(BIN)/python -m gilib.book.assignments build --out _build/assignments

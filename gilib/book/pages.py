@@ -10,7 +10,8 @@ tests check without executing it (the browser test checks the built pages):
 * a cell that draws a figure (:data:`DRAWS`) carries a figure name
   (``fig-<chapter>-<what>``), a caption and alt text that says what the
   figure shows (not a file name) in its ``mystnb`` metadata, and a markdown
-  cell after it refers to the figure with ``{numref}``.
+  cell after it refers to the figure with ``{numref}``;
+* every cell has an id (nbformat 4.5's format, which nbformat will enforce).
 """
 
 from __future__ import annotations
