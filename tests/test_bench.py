@@ -8,15 +8,15 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from gilib.data import repo_root
 from gilib.studies.study import markdown_table
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = repo_root()
 SCRIPT = REPO / "bench" / "attack_speed.py"
 HEADER = (
     "model",

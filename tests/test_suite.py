@@ -3,9 +3,10 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from gilib.data import repo_root
+
+REPO = repo_root()
 
 
 def test_the_ray_group_runs_on_one_worker():
