@@ -28,12 +28,17 @@ venv: $(STAMP)
 
 # torch is installed first and by exact version: pip then takes the CPU wheel
 # instead of resolving a multi-GB CUDA build for a bare `torch` requirement.
+# pip byte-compiles what it installs on one core (about a minute here); the
+# packages are compiled once afterwards on every core instead. compileall's
+# status is ignored: torch ships a file for Python 3.12 only, which fails to
+# compile (pip skips it too) and is never imported.
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 	touch $(STAMP)
 
 book: $(STAMP)
