@@ -80,10 +80,13 @@ def page_problems(notebook: str | Path | nbformat.NotebookNode) -> list[str]:
     Returns:
         One line per problem, naming the cell by its index.
     """
-    nb = _notebook(notebook)
-    # The file as written: nbformat's reader fills in missing cell ids (with a warning on every read, the book
-    # build's and the tests'), and says it will refuse such a notebook one day.
-    written = nb if isinstance(notebook, nbformat.NotebookNode) else json.loads(Path(notebook).read_text())
+    # The file as written, read once: nbformat's reader fills in missing cell ids (with a warning on every
+    # read, the book build's and the tests'), and says it will refuse such a notebook one day.
+    if isinstance(notebook, nbformat.NotebookNode):
+        nb = written = notebook
+    else:
+        text = Path(notebook).read_text()
+        written, nb = json.loads(text), nbformat.reads(text, as_version=4)
     problems = [f"cell {i}: no cell id (nbformat 4.5 needs one: save the notebook in Jupyter, or "
                 f"nbformat.validator.normalize it)"
                 for i, cell in enumerate(written["cells"])
