@@ -347,12 +347,15 @@ class Polished(NamedTuple):
     """Its weighted squared distance to the message, per entry of positive weight."""
     sharp: bool
     """Whether every single change tried at least :data:`SHARP`-folds the distance."""
+    judged: int = 0
+    """Candidate sentences whose gradient the search computed (each label's counted)."""
 
 
 def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, weights: torch.Tensor,
            ids: Sequence[int], residuals: torch.Tensor, candidates: Sequence[int] = CANDIDATES,
            sweeps: int = 16, deadline: float | None = None, clipped: bool = False, pairs: int = 0,
-           later: Sequence[tuple[torch.nn.Module, Sequence[str]]] = (), eager: bool = False) -> Polished:
+           later: Sequence[tuple[torch.nn.Module, Sequence[str]]] = (), eager: bool = False,
+           judged: int | None = None) -> Polished:
     """Judge each position's best few tokens on the message itself, under its noise model.
 
     Args:
@@ -369,7 +372,8 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             (:data:`SHARP`).
         sweeps: moves at most over all stages: each pass tries every
             position's candidates and makes the single best change.
-        deadline: a :func:`time.perf_counter` time to stop at.
+        deadline: a :func:`time.perf_counter` time to stop at. The result
+            then depends on the machine and its load; ``judged`` does not.
         clipped: the message is the gradient times an unknown factor in
             ``[0, 1]`` (DP-SGD clips each example's gradient over every
             parameter, which the server does not see): each candidate's
@@ -407,12 +411,23 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             as a group has one that helps; a sweep also tries its helpful
             changes made together (:func:`combined`), keeping the best
             single change or group.
+        judged: candidate sentences judged at most (each one a gradient
+            computed), over all stages: the search stops where it stands
+            once it has judged as many (the batch under way finishes).
+            Machine-independent, so the same message gives the same
+            sentence anywhere. ``None``: no limit.
 
     Returns:
         A :class:`Polished`: the sentence, its weighted squared distance to
-        the message per entry of positive weight, and whether it is a sharp
-        minimum.
+        the message per entry of positive weight, whether it is a sharp
+        minimum, and how many candidate sentences it judged.
+
+    Raises:
+        ValueError: ``judged`` is not a whole number >= 0 (or ``None``).
     """
+    if judged is not None and (isinstance(judged, bool) or not isinstance(judged, int) or judged < 0):
+        raise ValueError(f"judged must be how many candidate sentences the search may judge, a whole number "
+                         f">= 0 (or None for no limit), got {judged!r}.")
     scale = weights / weights[weights > 0].mean()
     entries = int((weights > 0).sum())
     # Each round's block: its global model, its names and its rows of ``matrix``.
@@ -427,7 +442,19 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         raise ValueError(f"The message stacks {len(matrix)} rows, and the rounds' names {row}: give each round's "
                          f"(model, names) in the order its block was stacked.")
 
+    spent = 0  # candidate sentences judged so far
+
+    def stopped() -> bool:
+        """Whether the deadline has passed or ``judged`` sentences have been judged."""
+        return (deadline is not None and time.perf_counter() > deadline) or (judged is not None and spent >= judged)
+
+    def left() -> int | None:
+        """What is left of ``judged`` for a search started from here."""
+        return None if judged is None else max(judged - spent, 0)
+
     def distances(sentences: list[list[int]], label: int) -> list[float]:
+        nonlocal spent
+        spent += len(sentences)
         batch = torch.tensor(sentences)
         parts = []
         for block_model, block_names, rows in blocks:
@@ -477,7 +504,7 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
                 if best[1] is not None:
                     break  # a change helps: made before the later groups are swept
                 for position, tokens in group:
-                    if deadline is not None and time.perf_counter() > deadline:
+                    if stopped():
                         break
                     trials = [ids[:position] + [t] + ids[position + 1:] for t in tokens if t != ids[position]]
                     for value, trial in zip(distances(trials, label), trials):
@@ -489,7 +516,7 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
             if best[1] is None:
                 break
             # With eager, the sweep's other helpful changes too, together, where that fits better still.
-            late = deadline is not None and time.perf_counter() > deadline
+            late = stopped()
             together = combined(ids, changes) if eager and not late else []
             for value, trial in zip(distances(together, label) if together else [], together):
                 if value < best[0]:
@@ -507,7 +534,7 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
         options = residuals.topk(min(pairs, residuals.shape[1]), dim=1, largest=False).indices.tolist()
         best = (current, None)
         for a, b in spans:
-            if deadline is not None and time.perf_counter() > deadline:
+            if stopped():
                 break
             trials = [ids[:a] + [s, t] + ids[b + 1:] for s in options[a - 1] for t in options[b - 1]
                       if s != ids[a] and t != ids[b]]
@@ -516,19 +543,21 @@ def polish(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, w
                     best = (value, trial)
         if best[1] is not None:
             # Made; then the single stages once more from it, the narrow one first.
-            again = polish(model, names, matrix, weights, best[1], residuals, candidates=confirm,
-                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later, eager=eager)
-            return again if again.distance < best[0] else Polished(best[1], best[0], False)
+            again = polish(model, names, matrix, weights, best[1], residuals, candidates=confirm, sweeps=sweeps,
+                           deadline=deadline, clipped=clipped, pairs=pairs, later=later, eager=eager, judged=left())
+            kept = again if again.distance < best[0] else Polished(best[1], best[0], False)
+            return kept._replace(judged=spent + again.judged)
     if pairs and runner_up < SHARP * current:
         # Still not a sharp minimum after the pair moves: try shifting a stretch by one position.
-        shifted = shift_moves(lambda trials: distances(trials, label), ids, current, residuals, deadline=deadline)
+        shifted = shift_moves(lambda trials: distances(trials, label), ids, current, residuals, stop=stopped)
         if shifted.ids != ids:
             # Made; then the single stages once more from it, the narrow one first.
-            again = polish(model, names, matrix, weights, shifted.ids, residuals, candidates=confirm,
-                           sweeps=sweeps, deadline=deadline, clipped=clipped, pairs=pairs, later=later, eager=eager)
-            return again if again.distance < shifted.distance else shifted
+            again = polish(model, names, matrix, weights, shifted.ids, residuals, candidates=confirm, sweeps=sweeps,
+                           deadline=deadline, clipped=clipped, pairs=pairs, later=later, eager=eager, judged=left())
+            kept = again if again.distance < shifted.distance else shifted
+            return kept._replace(judged=spent + again.judged)
     current = min(distances([ids], y)[0] for y in classes)
-    return Polished(ids, current, runner_up >= SHARP * current)
+    return Polished(ids, current, runner_up >= SHARP * current, spent)
 
 
 def model_distance(model: torch.nn.Module, names: Sequence[str], matrix: torch.Tensor, ids: Sequence[int],
@@ -682,7 +711,7 @@ def suspects(ids: Sequence[int], residuals: torch.Tensor, repeats: bool = True) 
 
 def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequence[int], current: float,
                 residuals: torch.Tensor, window: int | None = None, tokens: int = SHIFT_TOKENS,
-                deadline: float | None = None) -> Polished:
+                stop: Callable[[], bool] | None = None) -> Polished:
     """Best-improvement descent over shifts of a short window by one position, the last stage of :func:`polish`.
 
     For each window ``[a, b]`` of 2 to ``window`` positions around a suspect
@@ -698,7 +727,7 @@ def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequen
     Tokens outside the window keep their positions, so the sentence keeps
     its length (the rank fixed it). The single best move is made, the
     suspects are found again, and the search repeats until no move helps or
-    ``deadline`` passes. A shifted stretch is a local minimum that single
+    ``stop`` says so. A shifted stretch is a local minimum that single
     and pair changes cannot leave: every one of its tokens is wrong where
     it stands, and fixing one alone puts it next to a wrong neighbour.
 
@@ -710,7 +739,9 @@ def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequen
         residuals: ``(n - 2, V)`` every token's residual at each interior position.
         window: the longest window shifted; ``None``: :data:`SHIFT_WINDOW`.
         tokens: tokens tried at the freed position.
-        deadline: a :func:`time.perf_counter` time to stop at.
+        stop: called before each window's moves are judged; ``True``
+            stops the search where it stands (:func:`polish`'s deadline or
+            count of sentences judged). ``None``: never.
 
     Returns:
         A :class:`Polished` with the sentence after the moves made (``ids``
@@ -731,7 +762,7 @@ def shift_moves(distances: Callable[[list[list[int]]], list[float]], ids: Sequen
                   for a, b in windows]
         best, seen = (current, None), {tuple(ids)}
         for group in groups:
-            if deadline is not None and time.perf_counter() > deadline:
+            if stop is not None and stop():
                 break
             trials = []
             for trial in group:

@@ -508,8 +508,12 @@ FLOOR_Z = 3.0
 of the model's likelihood (:func:`gilib.attack.completion.floor_z`) is not
 the client's: the search under a prior then tries to repair it."""
 
-REPAIR_SECONDS = 30.0
-"""Seconds the repair of :func:`_repaired` may take at most (within the attack's own budget)."""
+REPAIR_TOKENS = 50_000
+"""How much the repair of :func:`_repaired` may judge: candidate sentences
+holding this many tokens in all (``REPAIR_TOKENS // n`` sentences of ``n``
+tokens; a candidate's gradient costs about its length). A count, not a
+time, so that the same message gives the same sentence on any machine and
+under any load; ``SpanConfig.time_budget`` still bounds the whole attack."""
 
 
 def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torch.Tensor, noise: float,
@@ -538,11 +542,9 @@ def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torc
     Returns:
         ``(sentence, its floor_z)``.
     """
-    deadline = time.perf_counter() + REPAIR_SECONDS
-    if cfg.time_budget is not None:
-        deadline = min(deadline, start + cfg.time_budget)
+    deadline = None if cfg.time_budget is None else start + cfg.time_budget
     repaired = polish(model, names, matrix, torch.ones_like(matrix), found, -scores, pairs=PAIRS, clipped=True,
-                      deadline=deadline)
+                      deadline=deadline, judged=REPAIR_TOKENS // len(found))
     repaired_z = floor_z(repaired.distance, noise, matrix.numel())
     return (repaired.ids, repaired_z) if repaired_z < FLOOR_Z else (found, z)
 

@@ -302,6 +302,35 @@ def test_an_eager_sweep_makes_several_helpful_changes_at_once(minilm):
     assert completion.combined(start, {2: (1.0, truth[2]), 3: (2.0, 7), 4: (3.0, truth[4])}) == [truth]
 
 
+def test_a_search_stops_after_judging_its_count_of_sentences(minilm, monkeypatch):
+    # A bundled 8-token sentence with two wrong tokens (positions 2 and 4). Unbounded,
+    # the search fixes both and reports every candidate sentence it judged (counted
+    # here at candidate_gradients). Given fewer than one sweep's worth, it stops where
+    # it stands after the batch under way: the first position only (already right),
+    # so no change is made; and the count, unlike a deadline, gives the same
+    # sentence every time.
+    model, truth, message, weights = _bundled_eight(minilm)
+    start = list(truth)
+    start[2], start[4] = 2000, 2001
+    residuals = _found_first(model, truth, start)
+    counted = []
+    gradients = completion.candidate_gradients
+    monkeypatch.setattr(completion, "candidate_gradients",
+                        lambda m, n, sentences, label: (counted.append(len(sentences)),
+                                                        gradients(m, n, sentences, label))[1])
+    free = polish(model, STACKED, message, weights, start, residuals, candidates=(4,))
+    assert free.ids == truth and free.judged == sum(counted) > 2 * 6 * 3
+    counted.clear()
+    bounded = [polish(model, STACKED, message, weights, start, residuals, candidates=(4,), judged=4)
+               for _ in range(2)]
+    assert bounded[0] == bounded[1] and bounded[0].ids == start
+    # The start at both labels, position 1's three other tokens (past 4 now), the result at both labels.
+    assert model.config.num_labels == 2 and bounded[0].judged == sum(counted) // 2 == 2 + 3 + 2
+    for bad in (-1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="judged must be how many candidate sentences"):
+            polish(model, STACKED, message, weights, start, residuals, candidates=(4,), judged=bad)
+
+
 def test_a_mask_message_first_fit_runs_fewer_sweeps_and_fedavg_keeps_its_own(minilm, fedavg_message, monkeypatch):
     # One AdamW step's weights are a 0/1 mask: its first fit runs MASK_ITERATIONS
     # sweeps (a long sentence's search needs the time); FedAvg's 1 / noise^2
