@@ -508,12 +508,13 @@ FLOOR_Z = 3.0
 of the model's likelihood (:func:`gilib.attack.completion.floor_z`) is not
 the client's: the search under a prior then tries to repair it."""
 
-REPAIR_TOKENS = 50_000
-"""How much the repair of :func:`_repaired` may judge: candidate sentences
-holding this many tokens in all (``REPAIR_TOKENS // n`` sentences of ``n``
-tokens; a candidate's gradient costs about its length). A count, not a
+REPAIR_SENTENCES = 3000
+"""How many candidate sentences the repair of :func:`_repaired` may judge
+(each one a gradient computed, :func:`polish`'s ``judged``). A count, not a
 time, so that the same message gives the same sentence on any machine and
-under any load; ``SpanConfig.time_budget`` still bounds the whole attack."""
+under any load; ``SpanConfig.time_budget`` still bounds the whole attack.
+A repair that reaches the client's sentence mostly judges it well within
+this count; what it judges after that only confirms the minimum."""
 
 
 def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torch.Tensor, noise: float,
@@ -544,7 +545,7 @@ def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torc
     """
     deadline = None if cfg.time_budget is None else start + cfg.time_budget
     repaired = polish(model, names, matrix, torch.ones_like(matrix), found, -scores, pairs=PAIRS, clipped=True,
-                      deadline=deadline, judged=REPAIR_TOKENS // len(found))
+                      deadline=deadline, judged=REPAIR_SENTENCES)
     repaired_z = floor_z(repaired.distance, noise, matrix.numel())
     return (repaired.ids, repaired_z) if repaired_z < FLOOR_Z else (found, z)
 
