@@ -45,7 +45,7 @@ source tree::
 and grades a folder of submissions with ``otter run`` (no Docker)::
 
     python -m gilib.book.assignments build --out _build/assignments
-    python -m gilib.book.assignments grade AUTOGRADER.zip SUBMISSIONS/ --out RESULTS/
+    python -m gilib.book.assignments grade AUTOGRADER.zip SUBMISSIONS/ --out RESULTS/ [--jobs 2]
 
 Only :func:`build_assignment` and :func:`grade` need otter-grader; parsing
 and checking the questions (:func:`parse_questions`,
@@ -58,12 +58,14 @@ import argparse
 import copy
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -630,7 +632,8 @@ python -m gilib.book.assignments grade {zip_} submissions/ --out results/
 runs `otter run -a {zip_} -o results/<student> <student>.ipynb` for every
 notebook in `submissions/`, which executes the submission and then the
 public and hidden tests, and writes `results/scores.csv` (points per
-question, total). One submission by hand:
+question, total). `--jobs 2` grades two submissions at once (no more than
+your cores: each one executes the chapter). One submission by hand:
 
 ```bash
 mkdir -p results/alice
@@ -657,13 +660,17 @@ book's tests: `otter run` above is.
 # --- grading ------------------------------------------------------------------------------------
 
 
-def grade(autograder_zip: str | Path, submissions: str | Path, out: str | Path) -> Path:
+def grade(autograder_zip: str | Path, submissions: str | Path, out: str | Path, jobs: int = 1) -> Path:
     """Grade every notebook in a folder with ``otter run``; write ``scores.csv``.
 
     Args:
         autograder_zip: a chapter's ``<chapter>-autograder.zip``.
         submissions: a folder of submitted ``.ipynb`` files (one per student).
         out: results: ``<student>/results.json`` and ``scores.csv``.
+        jobs: submissions graded at once, each ``otter run`` with its share
+            of the cores for torch's threads. Each one executes a chapter
+            (a model in memory): more jobs than cores, or than the memory
+            holds chapters, is slower, not faster.
 
     Returns:
         The path of ``scores.csv``: one row per submission, the points of
@@ -672,7 +679,10 @@ def grade(autograder_zip: str | Path, submissions: str | Path, out: str | Path) 
     Raises:
         FileNotFoundError: the zip or the folder is missing, or it holds no notebook.
         RuntimeError: otter-grader is missing.
+        ValueError: ``jobs`` is not a whole number >= 1.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be how many submissions to grade at once, a whole number >= 1, got {jobs!r}.")
     autograder_zip, submissions, out = Path(autograder_zip), Path(submissions), Path(out)
     if not autograder_zip.is_file():
         raise FileNotFoundError(f"No autograder zip at {autograder_zip}; `make assignments` writes them.")
@@ -680,12 +690,17 @@ def grade(autograder_zip: str | Path, submissions: str | Path, out: str | Path) 
     if not notebooks:
         raise FileNotFoundError(f"No .ipynb submission in {submissions}.")
     otter = _otter()
-    rows = []
-    for nb in notebooks:
+    env = None
+    if jobs > 1:
+        # Each job's kernel gets its share of the cores: torch on every core in each would oversubscribe them.
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def graded(nb: Path) -> dict:
         target = out / nb.stem
         target.mkdir(parents=True, exist_ok=True)
         done = subprocess.run([*otter, "run", "-a", str(autograder_zip.resolve()), "-o", str(target.resolve()),
-                               str(nb.resolve())], capture_output=True, text=True)
+                               str(nb.resolve())], capture_output=True, text=True, env=env)
         results = target / "results.json"
         row = {"submission": nb.name}
         if done.returncode != 0 or not results.is_file():
@@ -693,7 +708,11 @@ def grade(autograder_zip: str | Path, submissions: str | Path, out: str | Path) 
         else:
             scores = question_scores(json.loads(results.read_text()))
             row.update(scores, total=round(sum(scores.values()), 6))
-        rows.append(row)
+        return row
+
+    # Threads only wait on the otter processes; map keeps the submissions' order.
+    with ThreadPoolExecutor(max_workers=min(jobs, len(notebooks))) as pool:
+        rows = list(pool.map(graded, notebooks))
     columns = ["submission", *sorted({k for r in rows for k in r} - {"submission", "total", "error"}),
                "total", "error"]
     path = out / "scores.csv"
@@ -725,10 +744,12 @@ def main(argv: list[str] | None = None) -> int:
     marking.add_argument("autograder", type=Path, help="the chapter's autograder zip")
     marking.add_argument("submissions", type=Path, help="folder of submitted notebooks")
     marking.add_argument("--out", type=Path, required=True, help="folder for the results and scores.csv")
+    marking.add_argument("--jobs", type=int, default=1,
+                         help="submissions graded at once (at most the cores; each executes the chapter)")
     args = parser.parse_args(argv)
     try:
         if args.command == "grade":
-            print(grade(args.autograder, args.submissions, args.out).read_text(), end="")
+            print(grade(args.autograder, args.submissions, args.out, jobs=args.jobs).read_text(), end="")
             return 0
         for chapter in args.chapters or chapter_notebooks():
             a = build_assignment(chapter, args.out)

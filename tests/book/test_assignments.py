@@ -241,6 +241,9 @@ def test_grading_needs_a_zip_and_submissions(tmp_path):
     (tmp_path / "a.zip").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="No .ipynb submission"):
         assignments.grade(tmp_path / "a.zip", tmp_path, tmp_path / "out")
+    for jobs in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="jobs must be how many submissions to grade at once"):
+            assignments.grade(tmp_path / "a.zip", tmp_path, tmp_path / "out", jobs=jobs)
 
 
 def test_the_command_reports_a_missing_otter_clearly(tmp_path):

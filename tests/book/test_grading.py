@@ -102,6 +102,7 @@ def test_no_student_folder_holds_a_solution_or_a_hidden_test(built, name):
 
 
 def test_the_solution_scores_full_marks_and_the_blank_copy_does_not(built, tmp_path):
+    # Both submissions graded at once (--jobs 2): each row must still be its own notebook's.
     folder = built / GRADED_CHAPTER
     chapter = nbformat.read(str(ROOT / "chapters" / f"{GRADED_CHAPTER}.ipynb"), as_version=4)
     graded = [q for q in parse_questions(chapter) if not q.manual]
@@ -111,7 +112,8 @@ def test_the_solution_scores_full_marks_and_the_blank_copy_does_not(built, tmp_p
     (submissions / "blank.ipynb").write_bytes((folder / "student" / f"{GRADED_CHAPTER}.ipynb").read_bytes())
     done = subprocess.run([sys.executable, "-m", "gilib.book.assignments", "grade",
                            str(folder / "autograder" / f"{GRADED_CHAPTER}-autograder.zip"), str(submissions),
-                           "--out", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True)
+                           "--out", str(tmp_path / "results"), "--jobs", "2"], cwd=ROOT, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     with open(tmp_path / "results" / "scores.csv") as f:
         rows = {row["submission"]: row for row in csv.DictReader(f)}
