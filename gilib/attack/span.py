@@ -509,7 +509,9 @@ of the model's likelihood (:func:`gilib.attack.completion.floor_z`) is not
 the client's: the search under a prior then tries to repair it."""
 
 REPAIR_SECONDS = 30.0
-"""Seconds the repair of :func:`_repaired` may take at most (within the attack's own budget)."""
+"""Seconds the repair of :func:`_repaired` may take at most (within the attack's own budget).
+A clock, so the repaired sentence can depend on the machine and its load;
+chapter 5's DP table was made with it (``bench/dp_span.py``, one thread)."""
 
 
 def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torch.Tensor, noise: float,
