@@ -508,10 +508,14 @@ FLOOR_Z = 3.0
 of the model's likelihood (:func:`gilib.attack.completion.floor_z`) is not
 the client's: the search under a prior then tries to repair it."""
 
-REPAIR_SECONDS = 30.0
-"""Seconds the repair of :func:`_repaired` may take at most (within the attack's own budget).
-A clock, so the repaired sentence can depend on the machine and its load;
-chapter 5's DP table was made with it (``bench/dp_span.py``, one thread)."""
+REPAIR_SENTENCES = 4000
+"""How many candidate sentences the repair of :func:`_repaired` may judge
+(each one a gradient computed, :func:`polish`'s ``judged``). A count, not a
+time, so that the same message gives the same sentence on any machine and
+under any load; ``SpanConfig.time_budget`` still bounds the whole attack.
+A repair that reaches the client's sentence mostly judges it well within
+this count; what it
+judges after that only confirms the minimum."""
 
 
 def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torch.Tensor, noise: float,
@@ -540,11 +544,9 @@ def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torc
     Returns:
         ``(sentence, its floor_z)``.
     """
-    deadline = time.perf_counter() + REPAIR_SECONDS
-    if cfg.time_budget is not None:
-        deadline = min(deadline, start + cfg.time_budget)
+    deadline = None if cfg.time_budget is None else start + cfg.time_budget
     repaired = polish(model, names, matrix, torch.ones_like(matrix), found, -scores, pairs=PAIRS, clipped=True,
-                      deadline=deadline)
+                      deadline=deadline, judged=REPAIR_SENTENCES)
     repaired_z = floor_z(repaired.distance, noise, matrix.numel())
     return (repaired.ids, repaired_z) if repaired_z < FLOOR_Z else (found, z)
 
