@@ -514,8 +514,7 @@ REPAIR_SENTENCES = 4000
 time, so that the same message gives the same sentence on any machine and
 under any load; ``SpanConfig.time_budget`` still bounds the whole attack.
 A repair that reaches the client's sentence mostly judges it well within
-this count; what it
-judges after that only confirms the minimum."""
+this count; what it judges after that only confirms the minimum."""
 
 
 def _repaired(model, names, matrix: torch.Tensor, found: list[int], scores: torch.Tensor, noise: float,

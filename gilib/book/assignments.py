@@ -693,8 +693,8 @@ def grade(autograder_zip: str | Path, submissions: str | Path, out: str | Path, 
     env = None
     if jobs > 1:
         # Each job's kernel gets its share of the cores: torch on every core in each would oversubscribe them.
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        from .build import thread_share  # the book build's rule; it brings jupyter-book, which only this needs
+        env = {**os.environ, **thread_share(jobs)}
 
     def graded(nb: Path) -> dict:
         target = out / nb.stem

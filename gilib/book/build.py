@@ -20,7 +20,8 @@ jupyter-book's own ``build`` command with all three changed:
 
 Each page's kernel then runs torch on ``cores / jobs`` threads (one, on two
 cores) instead of on every core, so that the processes do not fight over
-the cores (``OMP_NUM_THREADS``, unless the caller set it).
+the cores (:func:`thread_share`: ``OMP_NUM_THREADS`` and
+``MKL_NUM_THREADS``, unless the caller set them).
 
 Command line (what ``make book`` runs)::
 
@@ -62,6 +63,27 @@ def jobs(environ: dict | None = None, cores: int | None = None) -> int:
         raise ValueError(f"{JOBS_ENV}={value!r}: give a whole number of processes, at least 1 "
                          f"(1 builds the book one page after another).")
     return int(value)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""The variables that set how many threads torch (and numpy) run on."""
+
+
+def thread_share(processes: int, environ: dict | None = None, cores: int | None = None) -> dict[str, str]:
+    """The thread settings for one of ``processes`` processes that share the cores.
+
+    Each of :data:`THREAD_VARIABLES` gets ``cores // processes`` (at least
+    1), unless the caller set it: a caller's ``OMP_NUM_THREADS`` then
+    stands for an unset ``MKL_NUM_THREADS`` too. The book build's kernels
+    and :func:`gilib.book.assignments.grade`'s ``otter run`` take these.
+
+    Returns:
+        ``{variable: value}`` for each of :data:`THREAD_VARIABLES`.
+    """
+    environ = os.environ if environ is None else environ
+    share = str(max(1, (cores if cores is not None else (os.cpu_count() or 1)) // max(1, processes)))
+    omp = environ.get("OMP_NUM_THREADS", "").strip() or share
+    return {"OMP_NUM_THREADS": omp, "MKL_NUM_THREADS": environ.get("MKL_NUM_THREADS", "").strip() or omp}
 
 
 def page_order(docnames: Sequence[str], source: Path) -> list[str]:
@@ -123,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"gilib.book.build: {err}")
     if processes > 1:
         # Each kernel on its share of the cores (set before any kernel starts).
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+        os.environ.update(thread_share(processes))
         source = Path(next((a for a in args if not a.startswith("-")), "."))
         # Sphinx chunks the pages to read in name order, a few large chunks;
         # one page per chunk instead (the write phase gets the same).

@@ -17,6 +17,17 @@ def test_jobs_defaults_to_the_cores_and_reads_the_environment():
     assert build.jobs({build.JOBS_ENV: " 3 "}, cores=2) == 3
 
 
+def test_each_process_gets_its_share_of_the_cores_unless_the_caller_set_the_threads():
+    assert build.thread_share(2, {}, cores=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert build.thread_share(2, {}, cores=16) == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
+    assert build.thread_share(4, {}, cores=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # The caller's OMP_NUM_THREADS stands, and for MKL too unless MKL's is set.
+    assert build.thread_share(2, {"OMP_NUM_THREADS": "3"}, cores=16) == {"OMP_NUM_THREADS": "3",
+                                                                      "MKL_NUM_THREADS": "3"}
+    assert build.thread_share(2, {"MKL_NUM_THREADS": "5"}, cores=16) == {"OMP_NUM_THREADS": "8",
+                                                                      "MKL_NUM_THREADS": "5"}
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", "nan"])
 def test_a_bad_job_count_is_a_clear_error(value):
     with pytest.raises(ValueError, match=f"{build.JOBS_ENV}=.*whole number of processes, at least 1"):
