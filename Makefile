@@ -51,8 +51,9 @@ book: $(STAMP)
 
 # On every core (pytest-xdist): each test runs torch on one thread; the
 # tests that start Ray or execute chapters share one worker (tests/conftest.py).
+# The 20 slowest are printed: where CI's time goes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup
+	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=20
 
 # Every test not marked slow (tests/conftest.py says what is): for a
 # contributor's edit-test loop; `make test` still runs the whole suite.
