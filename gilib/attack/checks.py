@@ -100,12 +100,16 @@ class ForwardCheck:
             and the sketch's 10 % only ranks hypotheses far apart; wrong
             under noise (SecAgg+'s rounding), where true and near-true
             sentences differ by less than that.
+        forwarded: token positions run through layer 0 so far (every
+            hypothesis and prefix checked whole): the searches' work, a
+            count rather than a clock (:data:`gilib.attack.peeling.SWEEP_SHARE`).
     """
 
     model: torch.nn.Module
     space: RowSpace
     reads: str = "layer"
     sketch: bool = True
+    forwarded: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.reads not in READS:
@@ -126,6 +130,7 @@ class ForwardCheck:
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``(K, n)`` ids, each sentence alone, to ``(K, n, width)`` activations."""
+        self.forwarded += ids.numel()
         with torch.no_grad():
             attended = self.layer.attention(self.embeddings(input_ids=ids.to(self.basis.device)))[0]
             return self._finish(attended)

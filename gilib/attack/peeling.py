@@ -31,7 +31,12 @@ from .searches import beam_search, completed_beam, search_sentence, sweep
 from .tokens import TokenSpace
 
 SWEEP_SHARE = 4.0
-"""Below full effort, the sweeps of a round stop after this many times the round's beam search time."""
+"""Below full effort, the sweeps of a round stop once they have run this
+many times as many token positions through the check as the round's beam
+search did (:attr:`~gilib.attack.checks.ForwardCheck.forwarded`). A count,
+not a clock, so that the same batch gives the same sentences on any machine
+and under any load; the two searches run about as many positions a second,
+so this is about as many times the beam's time."""
 
 PEELED = 1e-5
 """Relative singular value at the gradient's numerical rank less one, after
@@ -115,7 +120,7 @@ def peel(
     for each length left, shortest first; then
     :func:`~gilib.attack.searches.sweep` from the beam's best of each
     length (below full effort for at most :data:`SWEEP_SHARE` times the
-    beam's time); then, at full effort (or with the
+    beam's work); then, at full effort (or with the
     :class:`~gilib.attack.checks.OutputCheck`, at once),
     :func:`~gilib.attack.searches.search_sentence` until one sentence
     passes. Each peel cleans the next round's candidate sets and check. A
@@ -190,9 +195,9 @@ class _Peeler:
         while self.remaining and not self._out_of_time():
             self.rounds += 1
             left, candidates, layer0, check = self._start_round()
-            began = time.perf_counter()
+            work = getattr(check, "forwarded", 0)  # the beam's work, a count (only a ForwardCheck sweeps)
             hits, best = self._beam(check, candidates, left, layer0)
-            beam_seconds = time.perf_counter() - began
+            beam_work = getattr(check, "forwarded", 0) - work
             progress = False
             for h in sorted(hits, key=hits.get):  # every sentence the beam closed, best first
                 progress |= self._take(torch.tensor(h))
@@ -200,8 +205,8 @@ class _Peeler:
             if not progress and self.verifier is not None and full and not self._out_of_time():
                 progress = self._completed(check, candidates, left, layer0)
             if not progress and self.verifier is not None and not self._out_of_time():
-                # Below full effort the sweeps are a side bet: capped at a few times the beam's own time.
-                cap = None if full else time.perf_counter() + SWEEP_SHARE * beam_seconds
+                # Below full effort the sweeps are a side bet: capped at a few times the beam's own work.
+                cap = None if full else check.forwarded + SWEEP_SHARE * beam_work
                 progress = self._sweep(check, candidates, left, best, cap)
             if not progress and (self.verifier is None or self.effort == self.config.max_effort) \
                     and not self._out_of_time():
@@ -279,10 +284,11 @@ class _Peeler:
         return False
 
     def _sweep(self, check, candidates, left, best, until: float | None = None) -> bool:
-        """Sweeps, forth and back, from the beam's best of each length, shortest first, until ``until`` (perf_counter)."""
+        """Sweeps, forth and back, from the beam's best of each length, shortest first, until the check's
+        :attr:`~gilib.attack.checks.ForwardCheck.forwarded` reaches ``until`` (``None``: no limit)."""
 
         def stop() -> bool:
-            return self._out_of_time() or (until is not None and time.perf_counter() >= until)
+            return self._out_of_time() or (until is not None and check.forwarded >= until)
 
         for n in sorted(set(left)):
             if n not in best:  # the beam ran out of time before this length

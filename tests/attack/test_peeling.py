@@ -259,6 +259,66 @@ def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(
     assert [len(t) for t in result.token_ids] == update.lengths
 
 
+def test_the_check_counts_the_positions_it_runs_through_layer_0(minilm):
+    true_batch, update, check = _layer1_check(minilm)
+    n = update.lengths[0]
+    h = true_batch["input_ids"][0, :n]
+    assert check.forwarded == 0
+    check.position_residuals(h.repeat(3, 1))
+    check.loss(h[None])
+    check.prefix_residuals(h[None, :4])
+    assert check.forwarded == 3 * n + n + 4
+    # The cheap scores rerun one position per candidate: not counted.
+    check.local(h, h[1:-1], torch.arange(1, n - 1))
+    check.appended(h[None, :4], h[4:6])
+    assert check.forwarded == 4 * n + 4
+
+
+@pytest.mark.slow
+def test_the_sweeps_below_full_effort_stop_at_a_share_of_the_beams_work(minilm, monkeypatch):
+    # Noise on layer 1's gradient: no sentence passes, so each round's beam finds nothing and the sweeps
+    # run; below full effort they stop once they have run SWEEP_SHARE times the beam's positions through
+    # the check (a count: the same batch gives the same searches on any machine and under any load).
+    import gilib.attack.peeling as peeling
+
+    model, tokenizer = minilm
+    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[4:8])
+    grads = list(update.shared_grads)
+    i = selection.names.index(QUERY1)
+    grads[i] = grads[i] + 1e-2 * grads[i].abs().max() * torch.randn(grads[i].shape,
+                                                                       generator=torch.Generator().manual_seed(0))
+    message = update._replace(shared_grads=grads)
+    rounds = []
+    own_beam, own_sweep = peeling._Peeler._beam, peeling._Peeler._sweep
+
+    def beam(self, check, *args):
+        work = check.forwarded
+        result = own_beam(self, check, *args)
+        rounds.append({"effort": self.effort, "beam": check.forwarded - work})
+        return result
+
+    def sweep(self, check, candidates, left, best, until=None):
+        work = check.forwarded
+        result = own_sweep(self, check, candidates, left, best, until)
+        rounds[-1].update(sweeps=check.forwarded - work, capped=until is not None)
+        return result
+
+    monkeypatch.setattr(peeling._Peeler, "_beam", beam)
+    monkeypatch.setattr(peeling._Peeler, "_sweep", sweep)
+    config = SpanConfig(kicks=1, restarts=1, max_effort=2)
+    first = span_attack(model, tokenizer, message, selection, config)
+    below = [r for r in rounds if r["effort"] == 1]
+    assert below and all(r["capped"] for r in below) and not any(r["capped"] for r in rounds if r["effort"] == 2)
+    # Each capped sweep stops within one position's hypotheses (5 x the beam's width, whole) past its share.
+    width, longest = config.beam, max(update.lengths)
+    for r in below:
+        assert peeling.SWEEP_SHARE * r["beam"] <= r["sweeps"] <= peeling.SWEEP_SHARE * r["beam"] + 5 * width * longest
+    # The same message, the same searches and the same guesses.
+    counted, rounds[:] = list(rounds), []
+    again = span_attack(model, tokenizer, message, selection, config)
+    assert rounds == counted and again.token_ids == first.token_ids
+
+
 def test_a_spent_time_budget_returns_the_best_partial_batch_and_says_so(minilm):
     model, tokenizer = minilm
     selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[:8])
