@@ -244,16 +244,22 @@ def test_a_sentence_the_client_holds_twice_peels_with_each_copys_label(minilm, c
     assert {t: sorted(y) for t, y in by_text.items()} == {t: sorted(y) for t, y in truth.items()}
 
 
-@pytest.mark.slow
-def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(minilm):
-    model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[4:8])
-    # Noise on layer 1's gradient: its row space is no longer the inputs', no sentence passes.
+def _unresolvable(model, tokenizer):
+    """Four bundled sentences' message of layers 0 and 1's queries, with noise on layer 1's gradient: its row
+    space is no longer the inputs', so no sentence passes. Returns ``(selection, the exact update, the message)``."""
+    selection, _, update = _shared(model, tokenizer, [0, 1], load_split("sample")[4:8])
     grads = list(update.shared_grads)
     i = selection.names.index(QUERY1)
     grads[i] = grads[i] + 1e-2 * grads[i].abs().max() * torch.randn(grads[i].shape,
                                                                        generator=torch.Generator().manual_seed(0))
-    result = span_attack(model, tokenizer, update._replace(shared_grads=grads), selection, SpanConfig(kicks=2, max_effort=1))
+    return selection, update, update._replace(shared_grads=grads)
+
+
+@pytest.mark.slow
+def test_an_unresolved_batch_returns_its_best_guess_and_the_uncertain_positions(minilm):
+    model, tokenizer = minilm
+    selection, update, message = _unresolvable(model, tokenizer)
+    result = span_attack(model, tokenizer, message, selection, SpanConfig(kicks=2, max_effort=1))
     assert result.diagnostics.found == [False] * 4 and result.diagnostics.labels == [None] * 4
     assert all(0 < len(u) <= n - 2 for u, n in zip(result.diagnostics.uncertain, update.lengths))
     assert [len(t) for t in result.token_ids] == update.lengths
@@ -276,18 +282,13 @@ def test_the_check_counts_the_positions_it_runs_through_layer_0(minilm):
 
 @pytest.mark.slow
 def test_the_sweeps_below_full_effort_stop_at_a_share_of_the_beams_work(minilm, monkeypatch):
-    # Noise on layer 1's gradient: no sentence passes, so each round's beam finds nothing and the sweeps
-    # run; below full effort they stop once they have run SWEEP_SHARE times the beam's positions through
-    # the check (a count: the same batch gives the same searches on any machine and under any load).
+    # No sentence passes (_unresolvable), so each round's beam finds nothing and the sweeps run; below
+    # full effort they stop once they have run SWEEP_SHARE times the beam's positions through the check
+    # (a count: the same batch gives the same searches on any machine and under any load).
     import gilib.attack.peeling as peeling
 
     model, tokenizer = minilm
-    selection, true_batch, update = _shared(model, tokenizer, [0, 1], load_split("sample")[4:8])
-    grads = list(update.shared_grads)
-    i = selection.names.index(QUERY1)
-    grads[i] = grads[i] + 1e-2 * grads[i].abs().max() * torch.randn(grads[i].shape,
-                                                                       generator=torch.Generator().manual_seed(0))
-    message = update._replace(shared_grads=grads)
+    selection, update, message = _unresolvable(model, tokenizer)
     rounds = []
     own_beam, own_sweep = peeling._Peeler._beam, peeling._Peeler._sweep
 
