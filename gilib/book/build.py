@@ -65,20 +65,17 @@ def jobs(environ: dict | None = None, cores: int | None = None) -> int:
     return int(value)
 
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-"""The variables that set how many threads torch (and numpy) run on."""
-
-
 def thread_share(processes: int, environ: dict | None = None, cores: int | None = None) -> dict[str, str]:
     """The thread settings for one of ``processes`` processes that share the cores.
 
-    Each of :data:`THREAD_VARIABLES` gets ``cores // processes`` (at least
-    1), unless the caller set it: a caller's ``OMP_NUM_THREADS`` then
-    stands for an unset ``MKL_NUM_THREADS`` too. The book build's kernels
+    ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` (the threads torch runs
+    on) each get ``cores // processes`` (at least 1), unless the caller set
+    it: a caller's ``OMP_NUM_THREADS`` then stands for an unset
+    ``MKL_NUM_THREADS`` too. The book build's kernels
     and :func:`gilib.book.assignments.grade`'s ``otter run`` take these.
 
     Returns:
-        ``{variable: value}`` for each of :data:`THREAD_VARIABLES`.
+        ``{"OMP_NUM_THREADS": ..., "MKL_NUM_THREADS": ...}``.
     """
     environ = os.environ if environ is None else environ
     share = str(max(1, (cores if cores is not None else (os.cpu_count() or 1)) // max(1, processes)))
