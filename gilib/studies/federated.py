@@ -77,6 +77,11 @@ check's exactness (the optimisation attack matches a cosine, and rounding
 changes it by less than 1 %)."""
 CLIENTS = (2, 4, 8)
 """Clients of one sentence each in the secure rounds; one round per dataset."""
+TIME_BUDGET = 300.0
+"""Seconds each span check of the study may take (``SpanConfig.time_budget``):
+every task is bounded, and a check out of time returns its best partial
+result with ``timed_out`` in its line. Without a limit one batch ran 31
+minutes; the benches give a batch 5 minutes too."""
 ATTACK = AttackConfig(objective="cos", steps=200, init_candidates=100, swap_every=50, swap_candidates=100,
                       progress=False)
 """Chapter 3's attack settings (``data/results/ch3_components.yaml``)."""
@@ -210,7 +215,7 @@ PARTS = ("protocol", "batch", "secure")
 """The parts of the study; each line names its part in its ``study`` field."""
 
 
-def plan(parts=PARTS, time_budget: float | None = None) -> list[tuple]:
+def plan(parts=PARTS, time_budget: float | None = TIME_BUDGET) -> list[tuple]:
     """Every task: ``(function name, study, dataset, (protocol name, batch), time budget)``.
 
     Raises:
@@ -262,7 +267,7 @@ def _line_key(line: dict) -> str:
 
 
 def run(out: str | Path, parts=PARTS, jobs: int = 1, scheduler: str | None = None,
-        progress: bool = True, time_budget: float | None = None) -> list[dict]:
+        progress: bool = True, time_budget: float | None = TIME_BUDGET) -> list[dict]:
     """Run (or resume) the study's parts, appending their lines to ``out``.
 
     Args:
@@ -271,7 +276,8 @@ def run(out: str | Path, parts=PARTS, jobs: int = 1, scheduler: str | None = Non
             of its tasks starts Ray on every core).
         jobs, scheduler: the engine (:func:`gilib.studies.runner.run`).
         progress: print a line per finished task.
-        time_budget: seconds each span check may take (``None``: no limit).
+        time_budget: seconds each span check may take (:data:`TIME_BUDGET`;
+            ``None``: no limit).
     """
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -285,21 +291,25 @@ def load(path: str | Path, part: str) -> pd.DataFrame:
 
 
 def table(path: str | Path, part: str) -> pd.DataFrame:
-    """Exact rate, ROUGE-1/2 and median seconds per setting and attack.
+    """Exact rate, ROUGE-1/2, median seconds and messages out of time per setting and attack.
 
     Returns:
         One row per (protocol, batch size, clients, attack), in the
-        study's order, with ``sentences`` counted.
+        study's order, with ``out_of_time`` (the span check's messages that
+        ran out of :data:`TIME_BUDGET`) and ``sentences`` counted.
     """
     lines = load(path, part)
     lines["sentences"] = lines["row_ids"].map(len)
     keys = ["protocol", "precision", "local_steps", "lr", "batch_size", "clients", "attack"]
     lines["lr"] = lines["lr"].fillna(0.0)
     lines["precision"] = lines["precision"].fillna("")
+    # The span check's messages that ran out of the study's time budget (the optimisation attack has none).
+    lines["timed_out"] = (lines["timed_out"] if "timed_out" in lines else pd.Series(False, index=lines.index)) \
+        .astype("boolean").fillna(False).astype(int)
     grouped = lines.groupby(keys, sort=False).agg(
         exact=("exact", "mean"), rouge1=("rouge1", "mean"), rouge2=("rouge2", "mean"),
         cosine=("cosine_to_gradient", "mean"), seconds=("seconds", "median"),
-        sentences=("sentences", "sum")).reset_index()
+        out_of_time=("timed_out", "sum"), sentences=("sentences", "sum")).reset_index()
     return grouped.sort_values(["attack", "batch_size", "clients", "precision", "local_steps", "lr"],
                                ignore_index=True)
 
@@ -335,9 +345,10 @@ def markdown(frame: pd.DataFrame) -> str:
     """:func:`table` as Markdown (the README repeats parts of it)."""
     rows = ([r["protocol"], r["batch_size"] if r["clients"] == 1 else f"{r['clients']} clients x 1",
              r["attack"], f"{r['exact']:.0%}", f"{r['rouge1']:.2f}", f"{r['rouge2']:.2f}", f"{r['cosine']:.3f}",
-             f"{r['seconds']:.1f}", r["sentences"]] for _, r in frame.iterrows())
+             f"{r['seconds']:.1f}", r["out_of_time"] if r["attack"] == "span check" else "–", r["sentences"]]
+            for _, r in frame.iterrows())
     return markdown_table(["client", "batch", "attack", "exact", "ROUGE-1", "ROUGE-2",
-                          "cos(update, gradient)", "s / message (median)", "sentences"], rows)
+                          "cos(update, gradient)", "s / message (median)", "out of time", "sentences"], rows)
 
 
 def lr_table(path: str | Path) -> pd.DataFrame:
@@ -954,7 +965,7 @@ def secure_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         rounds' exact share and ROUGE-1 per N (``sec_span4_exact``, ...),
         how many (attack, N) pairs the two agree on, where the span check
         did worse behind SecAgg+ (datasets, exact share, fewest tokens,
-        median seconds), the largest error of the unmasked mean against the
+        median seconds, how many ran out of time), the largest error of the unmasked mean against the
         batch gradient and the median Flower round's seconds.
     """
     secure = table(path, "secure")
@@ -981,6 +992,8 @@ def secure_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         "secure_worse_exact": round(float(worse["exact"].mean()), 4),
         "secure_worse_tokens": int(worse["tokens"].min()),
         "secure_worse_seconds": round(float(worse["seconds"].median())),
+        "secure_worse_timed_out": int(worse["timed_out"].fillna(False).astype(bool).sum())
+        if "timed_out" in worse else 0,
         "secure_error_max": float(lines["relative_error_to_batch_gradient"].max()),
         "secure_flower_seconds": round(float(lines["flower_seconds"].median()), 1),
     })
@@ -1002,9 +1015,9 @@ STUDY = Study(
     label=_label,
     run_options=(option("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="which parts to run (run secure with --jobs 1: each of its tasks starts Ray)"),
-                 option("--time-budget", type=float, default=None,
+                 option("--time-budget", type=float, default=TIME_BUDGET,
                         help="seconds each span check may take; it then returns its best partial result, "
-                             "marked timed_out (default: no limit)")),
+                             f"marked timed_out (default: {TIME_BUDGET:.0f}, the cached study's)")),
     tables=(
         Table("table", "one part's table: exact rate, ROUGE, cosine and seconds per setting and attack",
               lambda args: markdown(table(args.results, args.part)),

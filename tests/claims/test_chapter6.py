@@ -44,13 +44,16 @@ def test_chapter6_float32_rounding_breaks_the_span_check_by_learning_rate_whatev
 
 
 def test_chapter6_the_optimization_attack_does_not_care_about_local_steps():
-    # "reaches ROUGE-1 between 0.40 and 0.54 in every float32 cell, about as
-    # much as from the plain gradient" (within 0.1 of FedSGD's).
+    # "reaches ROUGE-1 between 0.36 and 0.57 in every float32 cell; pooled over
+    # E (the table), it stays within 0.1 of its ROUGE-1 on the plain gradient
+    # at every learning rate".
     protocol = federated_study.table(RESULTS / "ch6_federated.jsonl", "protocol").query("attack == 'optimisation'")
     fedsgd = float(protocol.loc[protocol["protocol"] == "FedSGD", "rouge1"].iloc[0])
     fedavg = protocol.loc[protocol["protocol"] != "FedSGD", "rouge1"]
-    assert len(fedavg) == 12 and (abs(fedavg - fedsgd) <= CLOSE).all()
+    assert len(fedavg) == 12
     assert set(protocol["precision"]) == {"", "float32"}  # the float64 control is the span check's
+    pooled = federated_study.lr_table(RESULTS / "ch6_federated.jsonl").query("client == 'FedAvg, float32'")
+    assert len(pooled) == 3 and (abs(pooled["optimisation: rouge1"] - fedsgd) <= CLOSE).all(), pooled
 
 
 
@@ -75,7 +78,8 @@ def test_chapter6_batches_from_fedsgd_come_back_whole_and_fedavg_loses_them():
 def test_chapter6_secure_aggregation_is_one_batch_up_to_its_quantisation():
     # "differs from the one-batch gradient by at most 8e-6 (relative)"; the
     # same exact rate as one client's batch except for "the exact attack on
-    # batches of long sentences"; "The optimisation attack does not notice".
+    # batches of long sentences", "its search out of time in" every one of them;
+    # "The optimisation attack does not notice".
     secure = fl_lines("secure")
     assert secure["relative_error_to_batch_gradient"].max() < 1e-5
     assert (secure["skipped"] == 0).all()
@@ -87,6 +91,8 @@ def test_chapter6_secure_aggregation_is_one_batch_up_to_its_quantisation():
     differ = paired[paired["exact"] != paired["exact_alone"]]
     assert set(differ["attack"]) <= {"span check"}
     assert (differ["exact"] < differ["exact_alone"]).all() and (differ["tokens"] >= 100).all()
+    assert len(differ) == federated_study.secure_summary(RESULTS / "ch6_federated.jsonl")[1]["secure_worse_timed_out"]
+    assert differ["timed_out"].astype(bool).all() and not differ["timed_out_alone"].astype(bool).any()
     assert (paired.query("tokens < 100 and attack == 'span check'")["exact"] == 1).all()
     optimized = paired[paired["attack"] == "optimisation"]
     assert (abs(optimized["rouge1"] - optimized["rouge1_alone"]) <= CLOSE).all()

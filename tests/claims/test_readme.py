@@ -146,7 +146,7 @@ def test_the_readme_larger_learning_rate_restores_only_the_cola_sentences():
     # "A larger learning rate removes it only in part: at lr = 1e-3 the CoLA
     # sentences' messages give them back exactly, the SST-2 and Rotten
     # Tomatoes sentences' do not. The optimisation attack keeps ROUGE-1
-    # between 0.41 and 0.49 on every float32 FedAvg row."
+    # between 0.39 and 0.51 on every float32 FedAvg row."
     from tests.claims.cached import cached
 
     exact = {}
@@ -160,4 +160,4 @@ def test_the_readme_larger_learning_rate_restores_only_the_cola_sentences():
                 and r["protocol"].startswith("FedAvg"):
             scores.setdefault(r["lr"], []).append(r["rouge1"])
     means = [sum(v) / len(v) for v in scores.values()]
-    assert len(means) == 3 and (f"{min(means):.2f}", f"{max(means):.2f}") == ("0.41", "0.49")
+    assert len(means) == 3 and (f"{min(means):.2f}", f"{max(means):.2f}") == ("0.39", "0.51")

@@ -127,7 +127,8 @@ def test_intervals_average_each_message_first_and_resample_messages():
 
 def test_a_time_budget_reaches_every_task_and_bad_ones_are_refused():
     assert {t[-1] for t in federated_study.plan(["protocol"], time_budget=120.0)} == {120.0}
-    assert {t[-1] for t in federated_study.plan(["protocol"])} == {None}
+    assert {t[-1] for t in federated_study.plan(["protocol"])} == {federated_study.TIME_BUDGET} == {300.0}
+    assert {t[-1] for t in federated_study.plan(["protocol"], time_budget=None)} == {None}
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="time_budget"):
             federated_study.plan(["protocol"], time_budget=bad)
