@@ -286,8 +286,16 @@ def run(out: str | Path, parts=PARTS, jobs: int = 1, scheduler: str | None = Non
 
 
 def load(path: str | Path, part: str) -> pd.DataFrame:
-    """The lines of one part of the study (``protocol``, ``batch``, ``secure``), as a table."""
-    return study_frame(path, part, f"python -m gilib.studies federated run --out {path} --parts {part}")
+    """The lines of one part of the study (``protocol``, ``batch``, ``secure``), as a table.
+
+    ``timed_out`` is a bool on every line: False where a line has none (the
+    optimisation attack's, which runs no time budget, and lines written
+    before the study had one).
+    """
+    lines = study_frame(path, part, f"python -m gilib.studies federated run --out {path} --parts {part}")
+    lines["timed_out"] = (lines["timed_out"] if "timed_out" in lines else pd.Series(False, index=lines.index)) \
+        .astype("boolean").fillna(False).astype(bool)
+    return lines
 
 
 def table(path: str | Path, part: str) -> pd.DataFrame:
@@ -303,9 +311,6 @@ def table(path: str | Path, part: str) -> pd.DataFrame:
     keys = ["protocol", "precision", "local_steps", "lr", "batch_size", "clients", "attack"]
     lines["lr"] = lines["lr"].fillna(0.0)
     lines["precision"] = lines["precision"].fillna("")
-    # The span check's messages that ran out of the study's time budget (the optimisation attack has none).
-    lines["timed_out"] = (lines["timed_out"] if "timed_out" in lines else pd.Series(False, index=lines.index)) \
-        .astype("boolean").fillna(False).astype(int)
     grouped = lines.groupby(keys, sort=False).agg(
         exact=("exact", "mean"), rouge1=("rouge1", "mean"), rouge2=("rouge2", "mean"),
         cosine=("cosine_to_gradient", "mean"), seconds=("seconds", "median"),
@@ -992,8 +997,7 @@ def secure_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
         "secure_worse_exact": round(float(worse["exact"].mean()), 4),
         "secure_worse_tokens": int(worse["tokens"].min()),
         "secure_worse_seconds": round(float(worse["seconds"].median())),
-        "secure_worse_timed_out": int(worse["timed_out"].fillna(False).astype(bool).sum())
-        if "timed_out" in worse else 0,
+        "secure_worse_timed_out": int(worse["timed_out"].sum()),
         "secure_error_max": float(lines["relative_error_to_batch_gradient"].max()),
         "secure_flower_seconds": round(float(lines["flower_seconds"].median()), 1),
     })
