@@ -164,7 +164,8 @@ def test_the_readme_larger_learning_rate_restores_only_the_cola_sentences():
 
 
 def test_the_readme_reruns_of_the_secagg_and_mixed_benches_under_the_sweeps_count():
-    # "all 12 and 24 sentences behind 2 and 4 clients (at most 4 and 10 s a batch), 46 of 48 behind 8:
+    # Chapter 6 says it too: "the new check rebuilt 46 of 48 behind 8 clients: one batch of 269 tokens ran
+    # out of its 5 minutes at 6 of 8". The README: "all 12 and 24 sentences behind 2 and 4 clients (at most 4 and 10 s a batch), 46 of 48 behind 8:
     # chapter 6's Rotten Tomatoes batch (269 tokens) ran out of its 5 minutes at 6 of 8 (257 s at 773bb75),
     # and the held-out one took 255 s (190)"; mixed: "96 of 96 again, every batch within 5 minutes, the
     # slowest in 297 s (152 s at 773bb75; median 106 s against 73)".
