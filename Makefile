@@ -50,7 +50,8 @@ book: $(STAMP)
 	$(BIN)/python -m gilib.book.executed stamp
 
 # On every core (pytest-xdist): each test runs torch on one thread; the
-# tests that start Ray or execute chapters share one worker (tests/conftest.py).
+# tests that start Ray share one worker, and each other chapter's tests stay
+# on one worker (tests/conftest.py).
 # The 20 slowest are printed: where CI's time goes.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=20

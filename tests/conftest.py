@@ -30,19 +30,32 @@ def _deterministic_threads():
     torch.set_num_threads(before)
 
 
-RAY_TESTS = ("tests/test_federated.py", "tests/test_federated_lora.py", "tests/chapters/", "tests/book/test_executed.py")
-"""Tests that start Ray (Flower rounds) or may execute chapters (chapter 6 runs a round; an executed
-chapter is recorded in one manifest): ``make test`` runs the suite on several workers
-(``pytest -n auto --dist loadgroup``), and these stay in one of them, one after another."""
+RAY_TESTS = ("tests/test_federated.py", "tests/test_federated_lora.py", "tests/chapters/test_chapter6.py",
+             "tests/chapters/test_chapter7.py")
+"""Tests that start Ray (Flower rounds: chapters 6 and 7 run them): ``make test`` runs the suite on several
+workers (``pytest -n auto --dist loadgroup``), and these stay in one of them, one after another."""
+CHAPTER_TESTS = "tests/chapters/"
+"""The other chapters' tests: each chapter's module is a group of its own (``chapter1`` ...), so that one
+worker executes the chapter once (a module fixture) while the other workers run other tests; the executed
+chapters' manifest is written under a file lock (:mod:`gilib.book.executed`)."""
+
+
+def xdist_group(path: str) -> str | None:
+    """The worker group of a test file (a ``/``-separated path), or ``None`` for a test any worker may run."""
+    if any(path.endswith(part) for part in RAY_TESTS):
+        return "ray"
+    if f"/{CHAPTER_TESTS}" in path or path.startswith(CHAPTER_TESTS):
+        return path.rsplit("/", 1)[-1].removeprefix("test_").removesuffix(".py")
+    return None
 
 
 # First, explicitly: xdist's worker groups the tests by their xdist_group mark in
 # its own pytest_collection_modifyitems, which must see the marks. (It renames each
 # item's node id, which pytest 9.2 no longer reads: requirements.txt pins 9.1.1;
-# tests/test_suite.py checks that the group stays on one worker.)
+# tests/test_suite.py checks that the groups stay on one worker each.)
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path = item.path.as_posix()
-        if any(f"/{part}" in path if part.endswith("/") else path.endswith(part) for part in RAY_TESTS):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        group = xdist_group(item.path.as_posix())
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -18,7 +18,9 @@ date, and run a chapter themselves only when they are not:
 So ``make book`` then ``make test`` (what CI runs) executes each chapter
 once, ``make test`` alone executes each once, and a second ``make test``
 none until a source changes. The manifest (``_build/executed/manifest.json``)
-is a cache: deleting ``_build`` is always safe. Command line::
+is a cache: deleting ``_build`` is always safe. Test workers that execute
+different chapters at once update it under a file lock
+(``manifest.json.lock``), so that neither loses the other's entry. Command line::
 
     python -m gilib.book.executed stamp     # after jupyter-book build (make book does it)
     python -m gilib.book.executed status    # which chapters have an up-to-date executed copy
@@ -27,6 +29,8 @@ is a cache: deleting ``_build`` is always safe. Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -77,15 +81,13 @@ def stamp(root: str | Path | None = None) -> list[str]:
     """
     root = Path(root or repo_root())
     mode = "fast" if fast_mode() else "full"
-    manifest = _manifest(root)
-    recorded = []
+    entries = {}
     for chapter in chapter_notebooks(root):
         copy = root / BOOK_COPIES / chapter.name
         if copy.is_file() and not _errors(copy):
-            manifest[chapter.stem] = _entry(chapter, copy, root, mode, "book build")
-            recorded.append(chapter.stem)
-    _write_manifest(root, manifest)
-    return recorded
+            entries[chapter.stem] = _entry(chapter, copy, root, mode, "book build")
+    _update_manifest(root, entries)
+    return list(entries)
 
 
 def executed(chapter: str | Path, root: str | Path | None = None) -> Path:
@@ -112,9 +114,7 @@ def executed(chapter: str | Path, root: str | Path | None = None) -> Path:
     out = root / OWN_COPIES / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     execute_chapter(path, out, fast=True)
-    manifest = _manifest(root)
-    manifest[path.stem] = _entry(path, out, root, "fast", "papermill")
-    _write_manifest(root, manifest)
+    _update_manifest(root, {path.stem: _entry(path, out, root, "fast", "papermill")})
     return out
 
 
@@ -177,10 +177,32 @@ def _manifest(root: Path) -> dict:
         return {}  # a damaged cache is an empty one
 
 
-def _write_manifest(root: Path, manifest: dict) -> None:
+def _update_manifest(root: Path, entries: dict) -> None:
+    """Add ``entries`` (chapter -> entry) to the manifest: read, changed and written under its lock.
+
+    Two test workers may each execute a chapter at once; without the lock
+    both read the old manifest and the later write drops the other's entry.
+    The new manifest goes to a temporary file first and replaces the old
+    one in a single rename, so that a reader never sees half of it.
+    """
     path = root / OWN_COPIES / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with _locked(path.with_name(path.name + ".lock")):
+        manifest = {**_manifest(root), **entries}
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        temporary.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """Hold an exclusive advisory lock on the file ``lock`` (created if absent) for the ``with`` block."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Chapters executed once per change (gilib.book.executed): the book build's copies are reused only while fresh."""
 
 import json
+import multiprocessing
 import shutil
 
 import nbformat
@@ -100,3 +101,24 @@ def test_a_copy_that_is_not_a_good_fast_execution_of_these_sources_is_not_used(t
     if problem == "damaged manifest":
         (root / ex.OWN_COPIES / "manifest.json").write_bytes(b"\xff{")
     assert ex.executed("one", root) == root / ex.OWN_COPIES / "one.ipynb" and len(runs) == 1
+
+
+def _add_entries(root, worker: int, count: int) -> None:
+    for i in range(count):
+        ex._update_manifest(root, {f"w{worker}-{i}": {"copy": "x"}})
+
+
+def test_workers_that_update_the_manifest_at_once_keep_every_entry(tmp_path):
+    # make test executes chapters on two workers at once (tests/conftest.py): each adds its entry under the
+    # manifest's lock, so neither write drops the other's (without the lock this test lost entries).
+    root = tmp_path / "book"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_add_entries, args=(root, w, 40)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0] * 4
+    manifest = json.loads((root / ex.OWN_COPIES / "manifest.json").read_text())
+    assert sorted(manifest) == sorted(f"w{w}-{i}" for w in range(4) for i in range(40))
+    assert not list((root / ex.OWN_COPIES).glob("*.tmp"))  # every write renamed into place
