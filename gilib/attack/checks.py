@@ -94,12 +94,18 @@ class ForwardCheck:
         model: the victim (a BERT).
         space: row space of the verifier weight's gradient.
         reads: which activations the verifier weight reads (:data:`READS`).
-        sketch: whether a wide span's residual may be measured through a
-            random sketch of its complement (:func:`_outside_map`): right
-            for an exact message, where a true sentence measures round-off
-            and the sketch's 10 % only ranks hypotheses far apart; wrong
-            under noise (SecAgg+'s rounding), where true and near-true
-            sentences differ by less than that.
+        sketch: whether the cheap first stages (:meth:`appended`,
+            :meth:`local`), which only pick what the exact residuals then
+            rank, may measure a wide span's residual through a random
+            sketch of its complement (:func:`_outside_map`). The sketch's
+            10 % passes every near-true candidate on to the exact stage
+            when the message is exact (a true sentence measures round-off);
+            under noise (SecAgg+'s rounding) true and near-true differ by
+            less, and every stage projects exactly. Whole hypotheses and
+            prefixes (:meth:`position_residuals`, :meth:`prefix_residuals`,
+            :meth:`loss`) are always measured exactly: ranked through the
+            sketch, the beam of a large batch loses true prefixes, and
+            peeling needs more rounds and more effort (``bench/peel_speed.py``).
         forwarded: token positions run through layer 0 so far (every
             hypothesis and prefix checked whole): the searches' work, a
             count rather than a clock (:data:`gilib.attack.peeling.SWEEP_SHARE`).
@@ -118,8 +124,11 @@ class ForwardCheck:
         self.embeddings, self.layer = base.embeddings, base.encoder.layer[0]
         device = next(self.model.parameters()).device
         self.basis = self.space.basis.float().to(device)
-        outside = _outside_map(self.space.basis.double(), sketch=self.sketch)
-        self.outside = None if outside is None else outside.float().to(device)
+        # Two maps of the residual: the exact one ranks, the cheap one only preselects.
+        exact = _outside_map(self.space.basis.double(), sketch=False)
+        self.outside = None if exact is None else exact.float().to(device)
+        cheap = _outside_map(self.space.basis.double(), sketch=self.sketch) if self.sketch else exact
+        self.cheap = None if cheap is None else cheap.float().to(device)
 
     def _finish(self, attended: torch.Tensor) -> torch.Tensor:
         """Layer 0 from its attention block's output on, as far as :attr:`reads`."""
@@ -141,10 +150,10 @@ class ForwardCheck:
         shape = (*vectors.shape[:-1], attention.num_attention_heads, attention.attention_head_size)
         return [getattr(attention, name)(vectors).view(shape) for name in projections]
 
-    def _residual(self, vectors: torch.Tensor) -> torch.Tensor:
-        # Through the cheapest map of the residual (:func:`_outside_map`):
-        # the searches of large batches spend most of their time here.
-        return relative_residual(vectors, self.basis, self.outside)
+    def _residual(self, vectors: torch.Tensor, cheap: bool = False) -> torch.Tensor:
+        # Through the cheapest exact map of the residual (:func:`_outside_map`), or with ``cheap``
+        # the sketch where allowed: the searches of large batches spend most of their time here.
+        return relative_residual(vectors, self.basis, self.cheap if cheap else self.outside)
 
     def position_residuals(self, hypotheses: torch.Tensor) -> torch.Tensor:
         """``(K, n)`` ids to ``(K, n - 2)`` relative residuals of the interior positions' activations."""
@@ -190,7 +199,7 @@ class ForwardCheck:
             mixed = torch.einsum("kchn,knhd->kchd", weights[..., :k], values) + weights[..., k:] * own_value
             x = x.expand(k_, c, -1).reshape(k_ * c, -1)
             out = self._finish(self.layer.attention.output(mixed.reshape(k_ * c, -1), x))
-        return self._residual(out).view(k_, c).cpu()
+        return self._residual(out, cheap=True).view(k_, c).cpu()
 
     def local(self, hypothesis: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each candidate's residual at its own position, the rest of the hypothesis kept: ``(C,)``.
@@ -230,7 +239,7 @@ class ForwardCheck:
             mixed = mixed + weights.gather(3, at) * (own_value[None] - values[:, positions])
             x = x.expand(k_, c, -1).reshape(k_ * c, -1)
             out = self._finish(self.layer.attention.output(mixed.reshape(k_ * c, -1), x))
-        residuals = self._residual(out).view(k_, c).cpu()
+        residuals = self._residual(out, cheap=True).view(k_, c).cpu()
         return residuals[0] if single else residuals
 
     def _inputs(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -350,6 +350,25 @@ def test_the_enumeration_baseline_finds_a_batch_of_two(minilm):
         true_token_ids(true_batch))
 
 
+def test_a_check_ranks_exactly_and_preselects_through_the_sketch(minilm):
+    # On a wide span (layer 0's FFN activations, rank 300) the cheap stages may go through the sketch, but
+    # whole hypotheses and prefixes, which the searches rank, are measured exactly.
+    model, _ = minilm
+    generator = torch.Generator().manual_seed(3)
+    gradient = torch.randn(384, 300, generator=generator) @ torch.randn(300, 1536, generator=generator)
+    space = row_space(gradient, max_rank=300)
+    hypothesis = torch.tensor([[101, 1996, 4937, 2938, 2006, 1996, 13523, 1012, 102]])
+    exact = ForwardCheck(model, space, "ffn", sketch=False)
+    sketched = ForwardCheck(model, space, "ffn")
+    assert sketched.cheap.shape == (1536, SKETCH) and exact.cheap is None and sketched.outside is None
+    torch.testing.assert_close(sketched.position_residuals(hypothesis), exact.position_residuals(hypothesis))
+    torch.testing.assert_close(sketched.prefix_residuals(hypothesis[:, :5]), exact.prefix_residuals(hypothesis[:, :5]))
+    options = torch.tensor([1996, 4937, 2938, 13523])
+    cheap, true = sketched.appended(hypothesis[:, :4], options), exact.appended(hypothesis[:, :4], options)
+    assert not torch.equal(cheap, true)  # through the sketch: within its spread, not equal
+    torch.testing.assert_close(cheap / true, torch.ones_like(true), rtol=0.35, atol=0.0)
+
+
 def test_a_check_under_noise_measures_residuals_exactly():
     # The sketch is for exact messages; a noisy one's check projects exactly.
     generator = torch.Generator().manual_seed(1)
