@@ -163,7 +163,7 @@ def test_the_readme_larger_learning_rate_restores_only_the_cola_sentences():
     assert len(means) == 3 and (f"{min(means):.2f}", f"{max(means):.2f}") == ("0.39", "0.51")
 
 
-def test_the_readme_reruns_of_the_secagg_and_mixed_benches_under_the_sweeps_count():
+def test_the_readme_rerun_of_the_secagg_bench_under_the_sweeps_count():
     # Chapter 6 says it too: "the new check rebuilt 46 of 48 behind 8 clients: one batch of 269 tokens ran
     # out of its 5 minutes at 6 of 8". The README: "all 12 and 24 sentences behind 2 and 4 clients (at most 4 and 10 s a batch), 46 of 48 behind 8:
     # chapter 6's Rotten Tomatoes batch (269 tokens) ran out of its 5 minutes at 6 of 8 (257 s at 773bb75),
@@ -193,8 +193,30 @@ def test_the_readme_reruns_of_the_secagg_and_mixed_benches_under_the_sweeps_coun
     assert round(eight.loc[("held-out", "rotten_tomatoes"), "seconds"]) == 255
     before = cached.query("protocol == 'SecAgg+ 8 clients' and dataset == 'rotten_tomatoes'")
     assert sorted(round(s) for s in before.groupby("set")["seconds"].first()) == [190, 257]
-    mixed = pd.read_csv(bench / "mixed_batches_rerun.csv")
-    earlier = pd.read_csv(bench / "mixed_batches.csv").query("check == 'new'")
-    assert mixed["exact"].sum() == 96 and not mixed["timed_out"].any() and (mixed["seconds"] < 300).all()
-    assert round(mixed["seconds"].max()) == 297 and round(mixed["seconds"].median()) == 106
-    assert round(earlier["seconds"].max()) == 152 and int(earlier["seconds"].median()) == 73
+
+
+def test_the_readme_table_of_exact_ranking_is_the_peel_speed_bench():
+    # README, "Ranking hypotheses exactly": its table is data/bench/peel_speed.csv (seconds and rounds per
+    # batch of 8, search and ranking), "every sentence comes back in every cell", and exact ranking took
+    # fewer rounds than the sketch's in every batch of SST-2 and Rotten Tomatoes.
+    import re
+
+    import pandas as pd
+
+    from gilib.data import repo_root
+
+    lines = pd.read_csv(repo_root() / "data" / "bench" / "peel_speed.csv")
+    assert (lines["exact"] == lines["sentences"]).all() and not lines["timed_out"].any()
+    assert len(lines) == 12 and set(lines["ranking"]) == {"sketch", "exact"}
+    names = {"cola": "CoLA", "sst2": "SST-2", "rotten_tomatoes": "Rotten Tomatoes"}
+    readme = (repo_root() / "README.md").read_text()
+    for dataset, part in lines.groupby("dataset", sort=False):
+        cell = {(r.search, r.ranking): f"{round(r.seconds)} ({r.rounds})" for r in part.itertuples()}
+        row = (f"| {names[dataset]} | {int(part['tokens'].iloc[0])} | {cell['split', 'sketch']} | "
+               f"{cell['split', 'exact']} | {cell['bag', 'sketch']} | {cell['bag', 'exact']} |")
+        assert row in readme, row
+        if dataset != "cola":
+            for search in ("split", "bag"):
+                rounds = part.set_index(["search", "ranking"])["rounds"]
+                assert rounds[search, "exact"] < rounds[search, "sketch"]
+    assert re.search(r"Ranking hypotheses exactly", readme)
