@@ -43,6 +43,7 @@ import torch
 from gilib.attack import SpanConfig, span_attack
 from gilib.client import client_update
 from gilib.data import write_settings
+from gilib.metrics import exact_rate
 from gilib.models import cached_model, encode
 from gilib.secure import SecAgg, secure_mean
 from gilib.selection import select
@@ -86,11 +87,7 @@ def measure(dataset: str, kinds, searches, time_budget: float) -> list[dict]:
             start = time.perf_counter()
             result = span_attack(model, tokenizer, message, selection, config, noise=noise)
             seconds = time.perf_counter() - start
-            found, exact = list(result.token_ids), 0
-            for truth in truths:
-                if truth in found:
-                    found.remove(truth)
-                    exact += 1
+            exact = round(exact_rate(result.token_ids, truths) * len(truths))
             rows.append({"message": kind, "dataset": dataset, "search": search, "sentences": len(truths),
                          "tokens": sum(map(len, truths)), "exact": exact, "seconds": seconds,
                          "rounds": result.diagnostics.rounds, "timed_out": result.diagnostics.timed_out})

@@ -151,6 +151,22 @@ def test_the_mixed_batches_hold_sixteen_distinct_sentences_under_the_width(minil
         assert 250 < tokens < WIDTH
 
 
+@pytest.mark.skipif(__import__("gilib.data", fromlist=["default_data_dir"]).default_data_dir() is None,
+                    reason="the benchmark sentences (../shared/data) are not on this machine")
+def test_peel_speed_rebuilds_chapter_6s_cola_batch_of_eight_with_either_search(tmp_path):
+    # bench/peel_speed.py on its smallest message (chapter 6's CoLA batch of 8, 84 tokens, FedSGD): both
+    # searches rebuild all 8 sentences, and the CSV and its settings are written.
+    out = tmp_path / "peel_speed.csv"
+    done = subprocess.run([sys.executable, "bench/peel_speed.py", "--messages", "fedsgd", "--datasets", "cola",
+                           "--time-budget", "120", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = pd.read_csv(out)
+    assert lines["search"].tolist() == ["bag", "split"] and (lines["tokens"] == 84).all()
+    assert (lines["exact"] == 8).all() and not lines["timed_out"].any()
+    assert json.loads(out.with_suffix(".json").read_text())["command"].startswith("python bench/peel_speed.py")
+
+
 @pytest.mark.slow
 def test_decoder_optimization_writes_a_line_per_sentence_and_its_settings(tmp_path):
     out = tmp_path / "decoder_optimization.csv"
