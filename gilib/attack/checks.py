@@ -125,10 +125,11 @@ class ForwardCheck:
         device = next(self.model.parameters()).device
         self.basis = self.space.basis.float().to(device)
         # Two maps of the residual: the exact one ranks, the cheap one only preselects.
-        exact = _outside_map(self.space.basis.double(), sketch=False)
+        basis = self.space.basis.double()
+        exact = _outside_map(basis, sketch=False)
         self.outside = None if exact is None else exact.float().to(device)
-        cheap = _outside_map(self.space.basis.double(), sketch=self.sketch) if self.sketch else exact
-        self.cheap = None if cheap is None else cheap.float().to(device)
+        sketched = _sketch_map(basis) if self.sketch else None
+        self.cheap = self.outside if sketched is None else sketched.float().to(device)
 
     def _finish(self, attended: torch.Tensor) -> torch.Tensor:
         """Layer 0 from its attention block's output on, as far as :attr:`reads`."""
@@ -357,11 +358,25 @@ def _outside_map(basis: torch.Tensor, sketch: bool = True) -> torch.Tensor | Non
         ``None`` where the exact projection is the cheapest.
     """
     width, rank = basis.shape
-    if sketch and min(2 * rank, width - rank) > 2 * SKETCH:
-        generator = torch.Generator().manual_seed(0)
-        gaussian = torch.randn(width, SKETCH, generator=generator, dtype=basis.dtype) / math.sqrt(SKETCH)
-        return gaussian - basis @ (basis.T @ gaussian)
+    sketched = _sketch_map(basis) if sketch else None
+    if sketched is not None:
+        return sketched
     if width - rank < 2 * rank:
         q, _ = torch.linalg.qr(basis, mode="complete")
         return q[:, rank:]
     return None
+
+
+def _sketch_map(basis: torch.Tensor) -> torch.Tensor | None:
+    """The seeded ``(d, SKETCH)`` Gaussian sketch of the span's complement, or ``None`` where an exact map is as cheap.
+
+    ``None`` unless both exact maps (two projections onto the ``r`` columns,
+    or the ``d - r`` columns of the complement) are wider than twice
+    :data:`SKETCH` (:func:`_outside_map`).
+    """
+    width, rank = basis.shape
+    if min(2 * rank, width - rank) <= 2 * SKETCH:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(width, SKETCH, generator=generator, dtype=basis.dtype) / math.sqrt(SKETCH)
+    return gaussian - basis @ (basis.T @ gaussian)
