@@ -202,19 +202,31 @@ def measure_secure(clients: int, time_budget: float | None = None, checks=("old"
     """Both checks on the SecAgg+ mean of ``clients`` one-sentence FedSGD clients, per batch."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "layer", 0)
-    secagg = SecAgg()
     rows = []
     for group, dataset, examples in secure_batches(clients):
-        batches = [encode(tokenizer, [e.text], [e.label]) for e in examples]
-        truths = [b["input_ids"][0, : int(b["attention_mask"].sum())].tolist() for b in batches]
-        updates = [client_update(model, selection, b).shared for b in batches]
-        message = secure_mean(updates, secagg, seed=clients)
+        message, noise, truths, updates = secure_message(model, tokenizer, selection, examples)
         exact_mean = [sum(u.shared_grads[k].double() for u in updates) / clients for k in range(len(updates[0][0]))]
         rounding = float(torch.cat([(m.double() - e).flatten() for m, e in zip(message.shared_grads, exact_mean)])
                          .norm() / torch.cat([e.flatten() for e in exact_mean]).norm())
         line = {"protocol": f"SecAgg+ {clients} clients", "set": group, "dataset": dataset, "surviving": rounding}
-        rows += _batch_rows(message, examples, truths, secagg.noise_std([1] * clients), line, time_budget, checks)
+        rows += _batch_rows(message, examples, truths, noise, line, time_budget, checks)
     return rows
+
+
+def secure_message(model, tokenizer, selection, examples) -> tuple[object, float, list[list[int]], list]:
+    """What the server unmasks when each example is a one-sentence FedSGD client behind SecAgg+.
+
+    Returns:
+        ``(message, noise, truths, updates)``: the quantised mean of the clients' updates (the masks'
+        seed is the number of clients), the protocol's noise model for it, each sentence's token ids (for
+        the metrics only) and the clients' own updates (for the rounding the mean adds).
+    """
+    batches = [encode(tokenizer, [e.text], [e.label]) for e in examples]
+    truths = [b["input_ids"][0, : int(b["attention_mask"].sum())].tolist() for b in batches]
+    updates = [client_update(model, selection, b).shared for b in batches]
+    secagg = SecAgg()
+    message = secure_mean(updates, secagg, seed=len(examples))
+    return message, secagg.noise_std([1] * len(examples)), truths, updates
 
 
 def fedavg_batches(size: int) -> list[tuple[str, str, list]]:

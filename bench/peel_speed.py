@@ -45,10 +45,10 @@ from gilib.client import client_update
 from gilib.data import write_settings
 from gilib.metrics import exact_rate
 from gilib.models import cached_model, encode
-from gilib.secure import SecAgg, secure_mean
 from gilib.selection import select
 from gilib.studies.federated import DATASETS, SENTENCES
 from gilib.studies.sample import sample
+from noisy_span import secure_message  # bench/: the script's own folder
 
 SIZE = 8
 """Sentences per batch (chapter 6's largest batch and most clients)."""
@@ -66,11 +66,8 @@ def messages(dataset: str, kinds) -> list[tuple[str, object, float | None, list[
     if "fedsgd" in kinds:
         chosen.append(("FedSGD", client_update(model, selection, true_batch).shared, None, truths))
     if "secagg" in kinds:
-        singles = [encode(tokenizer, [e.text], [e.label]) for e in examples]
-        updates = [client_update(model, selection, b).shared for b in singles]
-        secagg = SecAgg()
-        chosen.append((f"SecAgg+ {SIZE} clients", secure_mean(updates, secagg, seed=SIZE),
-                       secagg.noise_std([1] * SIZE), truths))
+        message, noise, _, _ = secure_message(model, tokenizer, selection, examples)
+        chosen.append((f"SecAgg+ {SIZE} clients", message, noise, truths))
     return chosen
 
 

@@ -122,3 +122,27 @@ def test_workers_that_update_the_manifest_at_once_keep_every_entry(tmp_path):
     manifest = json.loads((root / ex.OWN_COPIES / "manifest.json").read_text())
     assert sorted(manifest) == sorted(f"w{w}-{i}" for w in range(4) for i in range(40))
     assert not list((root / ex.OWN_COPIES).glob("*.tmp"))  # every write renamed into place
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_kernel_beside_other_workers_runs_on_its_share_of_the_cores(tmp_path, monkeypatch, processes):
+    # The kernel inherits the environment papermill is called in: with 2 processes on the cores, torch's
+    # thread settings are thread_share(2)'s (1 thread on 2 cores) and FAST_MODE is on; afterwards the
+    # caller's environment is as it was (here: no thread settings, GILIB_FAST_MODE 0).
+    root = _book(tmp_path)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GILIB_FAST_MODE", "0")
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: 2)
+    seen = []
+
+    def execute(src, out, **kwargs):
+        seen.append({k: ex.os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GILIB_FAST_MODE")})
+        shutil.copy(src, out)
+
+    monkeypatch.setattr(ex.pm, "execute_notebook", execute)
+    ex.executed("one", root, processes=processes)
+    threads = "1" if processes == 2 else None
+    assert seen == [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "GILIB_FAST_MODE": "1"}]
+    assert [ex.os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GILIB_FAST_MODE")] == \
+        [None, None, "0"]

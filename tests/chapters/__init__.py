@@ -9,6 +9,8 @@ sentence is false of those numbers: then the prose or the code needs
 fixing, not the test.
 """
 
+import os
+
 import nbformat
 import pytest
 
@@ -21,7 +23,8 @@ def executed_chapter(name: str, *, notebook: bool = False):
 
     @pytest.fixture(scope="module")
     def chapter():
-        path = executed(name)
+        # A kernel on this worker's share of the cores, beside the other workers' tests.
+        path = executed(name, processes=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
         records = read_records(path)
         return (records, nbformat.read(str(path), as_version=4)) if notebook else records
 

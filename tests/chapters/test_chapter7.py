@@ -30,13 +30,13 @@ def test_chapter7_the_live_lora_round_rebuilds_every_client(ch7):
     assert ch7["live_exact"] == ch7["live_clients"] == 3 and ch7["live_skipped"] == 0
     assert ch7["live_sent_min"] == ch7["live_sent"] == ch7["live_adapter_numbers"] == 4 * 16 * 384
     assert ch7["live_tokens_max"] <= ch7["live_capacity"] == 32
-    assert ch7["live_seconds"] < 10
+    assert ch7["live_seconds"] > 0  # glued, not bounded: a test's timing depends on the machine's load
 
 
 def test_chapter7_the_live_round_is_a_flower_round_that_trains_as_usual(ch7):
     # "The round took 40 s, Ray's start included ... the strategy averaged the same replies and moved the
     # global adapters as usual": FedSGD's server step (1e-4 times the mean gradient) moves them a little.
-    assert 0 < ch7["live_round_seconds"] < 120
+    assert ch7["live_round_seconds"] > 0
     assert 0 < ch7["live_global_moved"] < 1e-3
 
 
@@ -60,7 +60,8 @@ def test_chapter7_the_decoder_batch_comes_back_exactly(ch7):
     # 0's check left up to 3 candidates per position: the batch's tokens there".
     assert ch7["dec_exact"] is True and ch7["dec_sentences"] == 3
     assert 0.05 < ch7["dec_share"] < 0.08
-    assert 1 < ch7["dec_set_max"] <= ch7["dec_sentences"] and ch7["dec_seconds"] < 30
+    # Its seconds are glued from the run and not asserted: a test's timing depends on the machine's load.
+    assert 1 < ch7["dec_set_max"] <= ch7["dec_sentences"]
 
 
 def test_chapter7_cached_facts_are_the_benches(ch7):
