@@ -129,9 +129,9 @@ def execute_chapter(path: Path, out: Path, *, fast: bool, processes: int = 1) ->
     match for the run (and restored after), as the book build does. With
     ``processes`` > 1 the kernel's torch threads are its share of the
     cores (:func:`gilib.book.build.thread_share`), set the same way: on
-    every core beside other busy processes, its threads would wait on one
-    another (chapter 1 once executed in 929 s instead of 145 s beside the
-    Flower tests).
+    every core beside other busy processes (the other test workers), its
+    threads would wait on one another and the execution take several times
+    as long.
 
     Raises:
         papermill.PapermillExecutionError: if a cell fails.
