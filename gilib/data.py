@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -135,6 +136,25 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for the ``with`` block, then restore each as it was (unset if it was).
+
+    Processes started inside the block (a papermill kernel, Ray's workers)
+    inherit the values.
+    """
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def write_settings(out: str | Path, script: str, argv: Sequence[str] | None, **settings) -> dict:

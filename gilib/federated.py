@@ -78,6 +78,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
     ) from err
 
 from .client import AdamW, FedAvg, Protocol, client_update
+from .data import environment
 from .lora import LoraRecipe
 from .models import cached_model, encode
 from .secure import SecAgg
@@ -519,10 +520,19 @@ class _Collect(logging.Handler):
 def _sandbox(quiet: bool):
     """Telemetry off, Flower's and Ray's files in a temporary folder (removed), their logs quiet."""
     temp_dir = tempfile.mkdtemp(prefix="gilib-fl-")  # short: Ray's socket paths must stay under 107 characters
-    saved = {k: os.environ.get(k) for k in ("FLWR_TELEMETRY_ENABLED", "FLWR_HOME", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
-                                            "RAY_DEDUP_LOGS")}
-    os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=os.path.join(temp_dir, "flwr"),
-                      RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", RAY_DEDUP_LOGS="0")
+    settings = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": os.path.join(temp_dir, "flwr"),
+                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_DEDUP_LOGS": "0"}
+    with environment(settings):
+        try:
+            with _quiet_logs(quiet) as lines:
+                yield temp_dir, lines
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_logs(quiet: bool):
+    """Flower's log records collected (the ``with`` value: a list of lines); with ``quiet``, nothing printed."""
     flwr_log = logging.getLogger("flwr")
     level, propagate = flwr_log.level, flwr_log.propagate
     # Ray's import logs, in a notebook, that ipywidgets is missing: not the reader's concern.
@@ -544,7 +554,7 @@ def _sandbox(quiet: bool):
         with warnings.catch_warnings():
             if quiet:
                 warnings.simplefilter("ignore")
-            yield temp_dir, lines
+            yield lines
     finally:
         flwr_log.removeHandler(collector)
         if quiet:
@@ -553,9 +563,3 @@ def _sandbox(quiet: bool):
         flwr_log.setLevel(level)
         flwr_log.propagate = propagate
         ray_widgets.setLevel(ray_level)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -97,7 +97,7 @@ class ForwardCheck:
         sketch: whether the cheap first stages (:meth:`appended`,
             :meth:`local`), which only pick what the exact residuals then
             rank, may measure a wide span's residual through a random
-            sketch of its complement (:func:`_outside_map`). The sketch's
+            sketch of its complement (:func:`_sketch_map`). The sketch's
             10 % passes every near-true candidate on to the exact stage
             when the message is exact (a true sentence measures round-off);
             under noise (SecAgg+'s rounding) true and near-true differ by
@@ -126,7 +126,7 @@ class ForwardCheck:
         self.basis = self.space.basis.float().to(device)
         # Two maps of the residual: the exact one ranks, the cheap one only preselects.
         basis = self.space.basis.double()
-        exact = _outside_map(basis, sketch=False)
+        exact = _outside_map(basis)
         self.outside = None if exact is None else exact.float().to(device)
         sketched = _sketch_map(basis) if self.sketch else None
         self.cheap = self.outside if sketched is None else sketched.float().to(device)
@@ -316,7 +316,7 @@ def relative_residual(vectors: torch.Tensor, basis: torch.Tensor, outside: torch
     Args:
         vectors: ``(..., d)`` activations.
         basis: ``(d, r)`` orthonormal columns, float32.
-        outside: a map whose output's norm is the distance (:func:`_outside_map`),
+        outside: a map whose output's norm is the distance (:func:`_outside_map` or :func:`_sketch_map`),
             or ``None`` for the two projections onto ``basis``.
     """
     vectors = vectors.float()
@@ -329,38 +329,26 @@ def relative_residual(vectors: torch.Tensor, basis: torch.Tensor, outside: torch
 
 SKETCH = 128
 """Columns of the random sketch that measures a residual where the span is
-too wide for an exact projection to be cheap (:func:`_outside_map`)."""
+too wide for an exact projection to be cheap (:func:`_sketch_map`)."""
 
 
-def _outside_map(basis: torch.Tensor, sketch: bool = True) -> torch.Tensor | None:
-    """A ``(d, k)`` map whose output's norm is a vector's distance to the span of ``basis``, or ``None``.
+def _outside_map(basis: torch.Tensor) -> torch.Tensor | None:
+    """A ``(d, d - r)`` map whose output's norm is a vector's distance to the span of ``basis``, or ``None``.
 
     The distance of ``v`` to the span of ``r`` orthonormal columns ``Q``
-    costs two ``(d, r)`` products as ``|v - Q Q^T v|``. Two cheaper maps:
-
-    * where both exact maps are wider than ``2 k`` (``k`` = :data:`SKETCH`;
-      the FFN's 1536 activations with hundreds of tokens) and ``sketch``
-      allows it, a seeded Gaussian sketch of the complement,
-      ``P = (I - Q Q^T) S / sqrt(k)``: ``|P^T v|`` is the distance to within
-      about ``1 / sqrt(k)`` (Johnson and Lindenstrauss, 1984), enough to
-      rank hypotheses, and a true sentence still measures its float32
-      floor, far under :data:`FOUND`;
-    * else, where ``d - r < 2 r`` (a large batch in a narrow layer), the
-      span's orthogonal complement ``C``: ``|C^T v|`` is the distance
-      itself, in one ``(d, d - r)`` product and without cancellation.
+    costs two ``(d, r)`` products as ``|v - Q Q^T v|``. Where ``d - r < 2 r``
+    (a large batch in a narrow layer) the span's orthogonal complement
+    ``C`` is cheaper: ``|C^T v|`` is the distance itself, in one
+    ``(d, d - r)`` product and without cancellation. (Where both are wide,
+    :func:`_sketch_map` gives a cheaper, approximate map.)
 
     Args:
         basis: ``(d, r)`` orthonormal columns, in float64.
-        sketch: whether the sketch may be used (else only exact maps).
 
     Returns:
-        ``(d, k)`` (``k`` the complement's width or :data:`SKETCH`), or
-        ``None`` where the exact projection is the cheapest.
+        ``(d, d - r)``, or ``None`` where the exact projection is the cheapest.
     """
     width, rank = basis.shape
-    sketched = _sketch_map(basis) if sketch else None
-    if sketched is not None:
-        return sketched
     if width - rank < 2 * rank:
         q, _ = torch.linalg.qr(basis, mode="complete")
         return q[:, rank:]
@@ -370,9 +358,13 @@ def _outside_map(basis: torch.Tensor, sketch: bool = True) -> torch.Tensor | Non
 def _sketch_map(basis: torch.Tensor) -> torch.Tensor | None:
     """The seeded ``(d, SKETCH)`` Gaussian sketch of the span's complement, or ``None`` where an exact map is as cheap.
 
+    ``P = (I - Q Q^T) S / sqrt(k)`` (``k`` = :data:`SKETCH`): ``|P^T v|`` is
+    ``v``'s distance to the span of ``Q`` to within about ``1 / sqrt(k)``
+    (Johnson and Lindenstrauss, 1984), enough to preselect hypotheses, and a
+    true sentence still measures its float32 floor, far under :data:`FOUND`.
     ``None`` unless both exact maps (two projections onto the ``r`` columns,
-    or the ``d - r`` columns of the complement) are wider than twice
-    :data:`SKETCH` (:func:`_outside_map`).
+    or the ``d - r`` columns of the complement, :func:`_outside_map`) are
+    wider than ``2 k`` (the FFN's 1536 activations with hundreds of tokens).
     """
     width, rank = basis.shape
     if min(2 * rank, width - rank) <= 2 * SKETCH:

@@ -39,7 +39,7 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 
-from ..data import repo_root
+from ..data import environment, repo_root
 from .build import thread_share
 from .chapter import FAST_MODE_ENV, fast_mode
 from .upkeep import chapter_notebooks, chapter_path
@@ -139,24 +139,9 @@ def execute_chapter(path: Path, out: Path, *, fast: bool, processes: int = 1) ->
     values = {FAST_MODE_ENV: "1" if fast else "0"}
     if processes > 1:
         values.update(thread_share(processes))
-    with _environment(values):
+    with environment(values):
         pm.execute_notebook(str(path), str(out), parameters={"FAST_MODE": fast}, cwd=str(path.parent),
                             kernel_name="python3", progress_bar=False)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    """Set environment variables for the ``with`` block (a kernel started in it inherits them), then restore them."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def status(root: str | Path | None = None) -> dict[str, str]:

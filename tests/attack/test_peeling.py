@@ -5,7 +5,7 @@ import torch
 
 from gilib.attack import SpanConfig, span_attack
 from gilib.attack.span import verifier_weight
-from gilib.attack.checks import SKETCH, ForwardCheck, _outside_map, reads_of
+from gilib.attack.checks import SKETCH, ForwardCheck, _outside_map, _sketch_map, reads_of
 from gilib.attack.searches import _diverse, beam_search, completed_beam, enumerate_batch
 from gilib.attack.peeling import (
     PEELED,
@@ -97,7 +97,9 @@ def test_the_local_score_of_several_hypotheses_is_each_ones_own(minilm):
 def test_each_residual_map_measures_the_distance_to_the_span(width, rank, kind):
     generator = torch.Generator().manual_seed(1)
     basis = torch.linalg.qr(torch.randn(width, rank, generator=generator, dtype=torch.float64))[0]
-    outside = _outside_map(basis)
+    # The sketch only where both exact maps are wide; the complement where it is narrower than the span.
+    assert (_sketch_map(basis) is None) == (kind != "sketch")
+    outside = _sketch_map(basis) if kind == "sketch" else _outside_map(basis)
     assert (outside is None) == (kind == "exact")
     if outside is None:
         return
@@ -373,5 +375,5 @@ def test_a_check_under_noise_measures_residuals_exactly():
     # The sketch is for exact messages; a noisy one's check projects exactly.
     generator = torch.Generator().manual_seed(1)
     basis = torch.linalg.qr(torch.randn(1536, 300, generator=generator, dtype=torch.float64))[0]
-    assert _outside_map(basis).shape == (1536, SKETCH)
-    assert _outside_map(basis, sketch=False) is None
+    assert _sketch_map(basis).shape == (1536, SKETCH)
+    assert _outside_map(basis) is None
