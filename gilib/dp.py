@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
 
 from .selection import Selection
 
@@ -140,6 +138,10 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
     extra = {"criterion": torch.nn.CrossEntropyLoss(), "grad_sample_mode": "ghost"} if grad_sample_mode == "ghost" \
         else {}
+    # Here, not at the top: Opacus (and SciPy with it) is the slowest import of gilib.client, and only DP
+    # clients need it (a Flower client process or a chapter without DP starts without it).
+    from opacus import PrivacyEngine
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the secure-RNG notice: seeded noise is what reproducibility needs
         engine = PrivacyEngine(accountant="rdp")
@@ -327,6 +329,8 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         raise ValueError(f"need steps >= 1 and 0 < delta < 1, got {steps} and {delta}.")
     if noise_multiplier == 0:
         return math.inf
+    from opacus.accountants import RDPAccountant  # only here: see make_private
+
     accountant = RDPAccountant()
     accountant.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     return float(accountant.get_epsilon(delta=delta))

@@ -215,11 +215,19 @@ def test_a_language_prior_and_the_models_likelihood_rebuild_what_the_most_likely
     likely = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1))
     # The repair stops after judging span.REPAIR_SENTENCES candidates, a count, so the same message gives
     # the same sentence on any machine and under any load; here it first judges the client's after 2275.
+    # The most probable sentence is what the repair starts from: its sentence and floor_z, read on the way in.
+    before = []
+    repair = span_module._repaired
+
+    def recorded(*args):
+        before.append((args[3], args[-1]))
+        return repair(*args)
+
+    monkeypatch.setattr(span_module, "_repaired", recorded)
     repaired = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1), prior=prior)
-    monkeypatch.setattr(span_module, "_repaired", lambda *args: (args[3], args[-1]))
-    probable = span_attack(model, tokenizer, message, selection, noise=protocol.noise_std(1), prior=prior)
-    assert likely.diagnostics.floor_z > 3 and probable.diagnostics.floor_z > 3
-    assert _accuracy(likely.token_ids[0], truth) < _accuracy(probable.token_ids[0], truth) < 0.9
+    ((probable, probable_z),) = before
+    assert likely.diagnostics.floor_z > 3 and probable_z > 3
+    assert _accuracy(likely.token_ids[0], truth) < _accuracy(probable, truth) < 0.9
     assert repaired.token_ids[0] == truth and abs(repaired.diagnostics.floor_z) < 3
 
 
