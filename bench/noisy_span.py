@@ -198,12 +198,15 @@ def secure_batches(clients: int) -> list[tuple[str, str, list]]:
     return chosen
 
 
-def measure_secure(clients: int, time_budget: float | None = None, checks=("old", "new")) -> list[dict]:
-    """Both checks on the SecAgg+ mean of ``clients`` one-sentence FedSGD clients, per batch."""
+def measure_secure(clients: int, time_budget: float | None = None, checks=("old", "new"),
+                   shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Both checks on the SecAgg+ mean of ``clients`` one-sentence FedSGD clients, per batch (``shard``: every
+    N-th batch from the I-th)."""
     model, tokenizer = cached_model("minilm")
     selection = select(model, "layer", 0)
     rows = []
-    for group, dataset, examples in secure_batches(clients):
+    index, count = shard
+    for group, dataset, examples in list(secure_batches(clients))[index::count]:
         message, noise, truths, updates = secure_message(model, tokenizer, selection, examples)
         exact_mean = [sum(u.shared_grads[k].double() for u in updates) / clients for k in range(len(updates[0][0]))]
         rounding = float(torch.cat([(m.double() - e).flatten() for m, e in zip(message.shared_grads, exact_mean)])
@@ -235,8 +238,9 @@ def fedavg_batches(size: int) -> list[tuple[str, str, list]]:
 
 
 def measure_fedavg_batch(size: int, time_budget: float | None = None, checks=("old", "new"),
-                         precision: str = "float32") -> list[dict]:
-    """Both checks on one FedAvg client's batch of ``size`` sentences (chapter 6's batch study).
+                         precision: str = "float32", shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Both checks on one FedAvg client's batch of ``size`` sentences (chapter 6's batch study; ``shard``:
+    every N-th batch from the I-th).
 
     ``precision="float64"``: the control, local training in double precision
     (the drift of the local steps without float32's rounding), old check only.
@@ -249,7 +253,8 @@ def measure_fedavg_batch(size: int, time_budget: float | None = None, checks=("o
     query = "bert.encoder.layer.0.attention.self.query.weight"
     kept = [selection.names.index(query.replace("query", s)) for s in ("query", "value")]
     rows = []
-    for group, dataset, examples in fedavg_batches(size):
+    index, count = shard
+    for group, dataset, examples in list(fedavg_batches(size))[index::count]:
         true_batch = encode(tokenizer, [e.text for e in examples], [e.label for e in examples])
         truths = [ids[: int(mask.sum())].tolist() for ids, mask in
                   zip(true_batch["input_ids"], true_batch["attention_mask"])]
@@ -333,8 +338,8 @@ def main(argv=None) -> None:
                         help=f"FedAvg's E values (the study's: {list(LOCAL_STEPS)})")
     parser.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack (SpanConfig)")
     parser.add_argument("--shard", nargs=2, type=int, default=[0, 1], metavar=("I", "N"),
-                        help="single-sentence protocols: every N-th sentence from the I-th (to split a run "
-                             "across processes)")
+                        help="every N-th sentence from the I-th, and of the SecAgg+ and FedAvg batches every "
+                             "N-th batch (to split a run across processes)")
     parser.add_argument("--checks", nargs="+", default=["old", "new"], choices=["old", "new", "optimisation"],
                         help="which attacks to run: the span check old and new, LAMP's optimisation attack "
                              "(not on SecAgg+ means)")
@@ -352,13 +357,14 @@ def main(argv=None) -> None:
         print(table([r for r in rows if r["protocol"] == _name(protocol)]).to_string(index=False, header=False),
               flush=True)
     for clients in args.clients if "secagg" in args.protocols else ():
-        rows += measure_secure(clients, args.time_budget, [c for c in args.checks if c != "optimisation"])
+        rows += measure_secure(clients, args.time_budget, [c for c in args.checks if c != "optimisation"],
+                               args.shard)
         print(table([r for r in rows if r["protocol"] == f"SecAgg+ {clients} clients"])
               .to_string(index=False, header=False), flush=True)
     for precision in args.batch_precisions if "fedavg-batch" in args.protocols else ():
         for size in args.batch_sizes:
             rows += measure_fedavg_batch(size, args.time_budget, [c for c in args.checks if c != "optimisation"],
-                                         precision)
+                                         precision, args.shard)
             name = _batch_name(replace(BATCH_FEDAVG, precision=precision), size)
             print(table([r for r in rows if r["protocol"] == name]).to_string(index=False, header=False), flush=True)
     if args.out:

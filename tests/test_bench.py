@@ -303,6 +303,35 @@ def test_dp_energy_refuses_a_diagnosis_at_a_sigma_it_does_not_run(capsys, flag):
     assert f"{flag} [0.0001] are not among --sigmas" in capsys.readouterr().err
 
 
+def test_noisy_span_shards_the_secure_and_fedavg_batches_too(monkeypatch):
+    # --shard splits a run across processes: the SecAgg+ and FedAvg batches as well as the single sentences
+    # (it once applied to the sentences only, and two shards of a SecAgg+ run each ran every batch).
+    sys.path.insert(0, str(REPO / "bench"))
+    import noisy_span
+    from gilib.update import SharedUpdate
+
+    from types import SimpleNamespace
+
+    batches = [("chapter 6", name, [SimpleNamespace(text=name, label=0)]) for name in "abcde"]
+    update = SharedUpdate([torch.ones(2), torch.ones(2)], None, [3])
+    monkeypatch.setattr(noisy_span, "secure_batches", lambda clients: iter(batches))
+    monkeypatch.setattr(noisy_span, "fedavg_batches", lambda size: iter(batches))
+    monkeypatch.setattr(noisy_span, "cached_model", lambda name: (None, None))
+    monkeypatch.setattr(noisy_span, "select", lambda *args: None)
+    monkeypatch.setattr(noisy_span, "secure_message", lambda *args: (update, 0.0, [[1]], [update, update]))
+    monkeypatch.setattr(noisy_span, "_batch_rows", lambda *args: [{"dataset": args[4]["dataset"]}])
+    ran = [[r["dataset"] for r in noisy_span.measure_secure(2, shard=(i, 2))] for i in (0, 1)]
+    assert ran == [["a", "c", "e"], ["b", "d"]]
+    monkeypatch.setattr(noisy_span, "encode", lambda *args: {"input_ids": torch.ones(1, 3, dtype=torch.long),
+                                                           "attention_mask": torch.ones(1, 3)})
+    monkeypatch.setattr(noisy_span, "client_update", lambda *args: type("Reply", (), {"shared": update}))
+    selection = type("Selection", (), {"names": ["bert.encoder.layer.0.attention.self.query.weight",
+                                                 "bert.encoder.layer.0.attention.self.value.weight"]})
+    monkeypatch.setattr(noisy_span, "select", lambda *args: selection)
+    ran = [r["dataset"] for r in noisy_span.measure_fedavg_batch(2, checks=["old"], shard=(1, 3))]
+    assert ran == ["b", "e"]
+
+
 @pytest.mark.parametrize("shard", [["2", "2"], ["-1", "3"], ["0", "0"]])
 def test_noisy_span_refuses_a_shard_outside_its_count(capsys, shard):
     # --shard I N takes every N-th sentence from the I-th: I >= N or I < 0 would run no sentence and

@@ -8,6 +8,7 @@ after new results, rerun the command and paste its table.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -164,11 +165,11 @@ def test_the_readme_larger_learning_rate_restores_only_the_cola_sentences():
 
 
 def test_the_readme_rerun_of_the_secagg_bench_under_the_sweeps_count():
-    # Chapter 6 says it too: "the new check rebuilt 46 of 48 behind 8 clients: one batch of 269 tokens ran
-    # out of its 5 minutes at 6 of 8". The README: "all 12 and 24 sentences behind 2 and 4 clients (at most 4 and 10 s a batch), 46 of 48 behind 8:
-    # chapter 6's Rotten Tomatoes batch (269 tokens) ran out of its 5 minutes at 6 of 8 (257 s at 773bb75),
-    # and the held-out one took 255 s (190)"; mixed: "96 of 96 again, every batch within 5 minutes, the
-    # slowest in 297 s (152 s at 773bb75; median 106 s against 73)".
+    # Chapter 6 says it too: "rerun at b6b92b5, the new check rebuilt all 48 behind 8 clients, the slowest
+    # batch (269 tokens) in 281 s". The README: "all 12 and 24 sentences behind 2 and 4 clients (at most 4
+    # and 10 s a batch)" at 54a7586; behind 8 "48 of 48 ..., every batch within its 5 minutes, chapter 6's
+    # Rotten Tomatoes batch in 281 and 284 s, the held-out one in 248 and 251 s (the file keeps the first
+    # run)"; before, "46 of 48 behind 8 ... (257 s at 773bb75), and the held-out one took 255 s (190)".
     import pandas as pd
 
     from gilib.data import repo_root
@@ -183,14 +184,16 @@ def test_the_readme_rerun_of_the_secagg_bench_under_the_sweeps_count():
                                                          slowest=("seconds", "max"))
     assert by_clients.loc["SecAgg+ 2 clients"].tolist()[:2] == [12, 12]
     assert by_clients.loc["SecAgg+ 4 clients"].tolist()[:2] == [24, 24]
-    assert by_clients.loc["SecAgg+ 8 clients"].tolist()[:2] == [46, 48]
+    assert by_clients.loc["SecAgg+ 8 clients"].tolist()[:2] == [48, 48]
     assert round(by_clients.loc["SecAgg+ 2 clients", "slowest"]) == 4
     assert round(by_clients.loc["SecAgg+ 4 clients", "slowest"]) == 10
     eight = per_batch.loc["SecAgg+ 8 clients"]
-    missed = eight[eight["exact"] < eight["sentences"]]
-    assert missed.index.tolist() == [("chapter 6", "rotten_tomatoes")]
-    assert missed["timed_out"].all() and int(missed["exact"].iloc[0]) == 6 and int(missed["tokens"].iloc[0]) == 269
-    assert round(eight.loc[("held-out", "rotten_tomatoes"), "seconds"]) == 255
+    assert not eight["timed_out"].any() and eight["seconds"].max() < 300
+    assert round(eight.loc[("chapter 6", "rotten_tomatoes"), "seconds"]) == 281
+    assert int(eight.loc[("chapter 6", "rotten_tomatoes"), "tokens"]) == 269
+    assert round(eight.loc[("held-out", "rotten_tomatoes"), "seconds"]) == 248
+    settings = json.loads((bench / "noisy_span_secagg_rerun.json").read_text())
+    assert settings["commit"]["SecAgg+ 8 clients"].startswith("b6b92b5") and "283.6 s" in settings["ran_as"]
     before = cached.query("protocol == 'SecAgg+ 8 clients' and dataset == 'rotten_tomatoes'")
     assert sorted(round(s) for s in before.groupby("set")["seconds"].first()) == [190, 257]
 
