@@ -124,12 +124,12 @@ class ForwardCheck:
         self.embeddings, self.layer = base.embeddings, base.encoder.layer[0]
         device = next(self.model.parameters()).device
         # Layer 0's input and its query, key and value per (position, token), computed once each
-        # (:meth:`_projected`): row ``_row[p, _slot[t]]`` of ``_rows`` (-1: not yet computed).
+        # (:meth:`_projected`): row ``_row[p, _slot[t]]`` of each of ``_rows`` (-1: not yet computed).
         self._slot = torch.full((self.embeddings.word_embeddings.num_embeddings,), -1, dtype=torch.long,
                                 device=device)
         self._tokens = torch.zeros(0, dtype=torch.long, device=device)
         self._row = torch.full((0, 0), -1, dtype=torch.long, device=device)
-        self._rows = torch.zeros(0, 4, self.embeddings.word_embeddings.embedding_dim, device=device)
+        self._rows = torch.zeros(4, 0, self.embeddings.word_embeddings.embedding_dim, device=device)
         self._filled = 0
         self.basis = self.space.basis.float().to(device)
         # Two maps of the residual: the exact one ranks, the cheap one only preselects.
@@ -157,7 +157,8 @@ class ForwardCheck:
             mixed = torch.einsum("khnm,kmhd->knhd", weights, value).reshape(x.shape)
             return self._finish(self.layer.attention.output(mixed, x))
 
-    def _projected(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def _projected(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                   parts: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
         """Layer 0's input of each token at its position, and its query, key and value split by head.
 
         Each is a function of the token and its position alone, so it is
@@ -168,9 +169,11 @@ class ForwardCheck:
         Args:
             ids: ``(...)`` token ids.
             positions: ``(...)`` their positions; by default ``0, 1, ..`` along the last dimension.
+            parts: which to return, of 0 (``x``), 1 (``query``), 2 (``key``) and 3 (``value``).
 
         Returns:
-            ``x`` ``(..., d)``, then ``query``, ``key`` and ``value``, each ``(..., heads, size)``.
+            ``x`` ``(..., d)``, then ``query``, ``key`` and ``value``, each ``(..., heads, size)``
+            (those of ``parts``).
         """
         if positions is None:
             positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
@@ -185,7 +188,6 @@ class ForwardCheck:
             grown[: self._row.shape[0], : self._row.shape[1]] = self._row
             self._row = grown
         slots = self._slot[ids]
-        x_width = self._rows.shape[-1]
         missing = self._row[positions, slots] < 0
         if missing.any():
             flat = positions * len(self._tokens) + slots
@@ -194,20 +196,21 @@ class ForwardCheck:
                 self._row.fill_(-1)
                 self._filled, pairs = 0, torch.unique(flat)
             at, slot = pairs // len(self._tokens), pairs % len(self._tokens)
-            if self._filled + len(pairs) > len(self._rows):
-                grown = self._rows.new_zeros(max(2 * len(self._rows), self._filled + len(pairs)), 4, x_width)
-                grown[: self._filled] = self._rows[: self._filled]
+            if self._filled + len(pairs) > self._rows.shape[1]:
+                grown = self._rows.new_zeros(4, max(2 * self._rows.shape[1], self._filled + len(pairs)),
+                                             self._rows.shape[2])
+                grown[:, : self._filled] = self._rows[:, : self._filled]
                 self._rows = grown
             x = self._inputs(self._tokens[slot], at)
             attention = self.layer.attention.self
             projected = [x] + [getattr(attention, name)(x) for name in ("query", "key", "value")]
-            self._rows[self._filled: self._filled + len(pairs)] = torch.stack(projected, 1)
+            self._rows[:, self._filled: self._filled + len(pairs)] = torch.stack(projected)
             self._row[at, slot] = torch.arange(self._filled, self._filled + len(pairs), device=ids.device)
             self._filled += len(pairs)
-        rows = self._rows[self._row[positions, slots]]  # (..., 4, d)
+        index = self._row[positions, slots]
         attention = self.layer.attention.self
         heads = (*ids.shape, attention.num_attention_heads, attention.attention_head_size)
-        return [rows[..., 0, :]] + [rows[..., i, :].reshape(heads) for i in (1, 2, 3)]
+        return [self._rows[i][index] if i == 0 else self._rows[i][index].view(heads) for i in parts]
 
     def _residual(self, vectors: torch.Tensor, cheap: bool = False) -> torch.Tensor:
         # Through the cheapest exact map of the residual (:func:`_outside_map`), or with ``cheap``
@@ -247,7 +250,7 @@ class ForwardCheck:
         size = self.layer.attention.self.attention_head_size
         k_, k = prefixes.shape
         with torch.no_grad():
-            _, _, keys, values = self._projected(prefixes.to(device))  # (K, k, heads, size)
+            keys, values = self._projected(prefixes.to(device), parts=(2, 3))  # (K, k, heads, size)
             token_ids = token_ids.to(device)
             x, query, own_key, own_value = self._projected(token_ids, torch.full_like(token_ids, k))  # (C, ..)
             c = len(x)
@@ -283,7 +286,7 @@ class ForwardCheck:
         hypotheses = hypothesis[None] if single else hypothesis
         positions = positions.to(device)
         with torch.no_grad():
-            _, _, keys, values = self._projected(hypotheses.to(device))  # (K, n, heads, size)
+            keys, values = self._projected(hypotheses.to(device), parts=(2, 3))  # (K, n, heads, size)
             x, query, own_key, own_value = self._projected(token_ids.to(device), positions)  # (C, ..)
             k_, c = len(hypotheses), len(x)
             heads = query.shape[1]
