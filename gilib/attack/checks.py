@@ -123,14 +123,6 @@ class ForwardCheck:
         base = self.model.base_model
         self.embeddings, self.layer = base.embeddings, base.encoder.layer[0]
         device = next(self.model.parameters()).device
-        # Layer 0's input and its query, key and value per (position, token), computed once each
-        # (:meth:`_projected`): row ``_row[p, _slot[t]]`` of each of ``_rows`` (-1: not yet computed).
-        self._slot = torch.full((self.embeddings.word_embeddings.num_embeddings,), -1, dtype=torch.long,
-                                device=device)
-        self._tokens = torch.zeros(0, dtype=torch.long, device=device)
-        self._row = torch.full((0, 0), -1, dtype=torch.long, device=device)
-        self._rows = torch.zeros(4, 0, self.embeddings.word_embeddings.embedding_dim, device=device)
-        self._filled = 0
         self.basis = self.space.basis.float().to(device)
         # Two maps of the residual: the exact one ranks, the cheap one only preselects.
         basis = self.space.basis.double()
@@ -149,68 +141,15 @@ class ForwardCheck:
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``(K, n)`` ids, each sentence alone, to ``(K, n, width)`` activations."""
         self.forwarded += ids.numel()
-        size = self.layer.attention.self.attention_head_size
         with torch.no_grad():
-            x, query, key, value = self._projected(ids.to(self.basis.device))  # (K, n, heads, size) but x
-            # BERT's self-attention (no mask: each hypothesis is one whole sentence), then its output block.
-            weights = (torch.einsum("knhd,kmhd->khnm", query, key) / math.sqrt(size)).softmax(-1)
-            mixed = torch.einsum("khnm,kmhd->knhd", weights, value).reshape(x.shape)
-            return self._finish(self.layer.attention.output(mixed, x))
+            attended = self.layer.attention(self.embeddings(input_ids=ids.to(self.basis.device)))[0]
+            return self._finish(attended)
 
-    def _projected(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                   parts: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
-        """Layer 0's input of each token at its position, and its query, key and value split by head.
-
-        Each is a function of the token and its position alone, so it is
-        computed once per pair and looked up afterwards: the searches run
-        thousands of hypotheses built from the same few hundred pairs through
-        the check (a check serves one round of peeling).
-
-        Args:
-            ids: ``(...)`` token ids.
-            positions: ``(...)`` their positions; by default ``0, 1, ..`` along the last dimension.
-            parts: which to return, of 0 (``x``), 1 (``query``), 2 (``key``) and 3 (``value``).
-
-        Returns:
-            ``x`` ``(..., d)``, then ``query``, ``key`` and ``value``, each ``(..., heads, size)``
-            (those of ``parts``).
-        """
-        if positions is None:
-            positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
-        new = torch.unique(ids)
-        new = new[self._slot[new] < 0]
-        if len(new):
-            self._slot[new] = torch.arange(len(self._tokens), len(self._tokens) + len(new), device=ids.device)
-            self._tokens = torch.cat([self._tokens, new])
-        places = max(int(positions.max()) + 1, self._row.shape[0])
-        if self._row.shape != (places, len(self._tokens)):
-            grown = self._row.new_full((places, len(self._tokens)), -1)
-            grown[: self._row.shape[0], : self._row.shape[1]] = self._row
-            self._row = grown
-        slots = self._slot[ids]
-        missing = self._row[positions, slots] < 0
-        if missing.any():
-            flat = positions * len(self._tokens) + slots
-            pairs = torch.unique(flat[missing])
-            if self._filled + len(pairs) > CACHED_PAIRS:  # full: start again, with every pair of this call
-                self._row.fill_(-1)
-                self._filled, pairs = 0, torch.unique(flat)
-            at, slot = pairs // len(self._tokens), pairs % len(self._tokens)
-            if self._filled + len(pairs) > self._rows.shape[1]:
-                grown = self._rows.new_zeros(4, max(2 * self._rows.shape[1], self._filled + len(pairs)),
-                                             self._rows.shape[2])
-                grown[:, : self._filled] = self._rows[:, : self._filled]
-                self._rows = grown
-            x = self._inputs(self._tokens[slot], at)
-            attention = self.layer.attention.self
-            projected = [x] + [getattr(attention, name)(x) for name in ("query", "key", "value")]
-            self._rows[:, self._filled: self._filled + len(pairs)] = torch.stack(projected)
-            self._row[at, slot] = torch.arange(self._filled, self._filled + len(pairs), device=ids.device)
-            self._filled += len(pairs)
-        index = self._row[positions, slots]
+    def _heads(self, vectors: torch.Tensor, *projections: str) -> list[torch.Tensor]:
+        """Layer 0's ``query`` / ``key`` / ``value`` of ``(..., d)`` vectors, split by head: ``(..., heads, size)``."""
         attention = self.layer.attention.self
-        heads = (*ids.shape, attention.num_attention_heads, attention.attention_head_size)
-        return [self._rows[i][index] if i == 0 else self._rows[i][index].view(heads) for i in parts]
+        shape = (*vectors.shape[:-1], attention.num_attention_heads, attention.attention_head_size)
+        return [getattr(attention, name)(vectors).view(shape) for name in projections]
 
     def _residual(self, vectors: torch.Tensor, cheap: bool = False) -> torch.Tensor:
         # Through the cheapest exact map of the residual (:func:`_outside_map`), or with ``cheap``
@@ -250,10 +189,11 @@ class ForwardCheck:
         size = self.layer.attention.self.attention_head_size
         k_, k = prefixes.shape
         with torch.no_grad():
-            keys, values = self._projected(prefixes.to(device), parts=(2, 3))  # (K, k, heads, size)
-            token_ids = token_ids.to(device)
-            x, query, own_key, own_value = self._projected(token_ids, torch.full_like(token_ids, k))  # (C, ..)
+            context_in = self.embeddings(input_ids=prefixes.to(device))  # (K, k, d)
+            x = self._inputs(token_ids.to(device), torch.full_like(token_ids, k).to(device))  # (C, d)
             c = len(x)
+            keys, values = self._heads(context_in, "key", "value")  # (K, k, heads, size)
+            query, own_key, own_value = self._heads(x, "query", "key", "value")  # (C, heads, size)
             scores = torch.einsum("chd,knhd->kchn", query, keys) / math.sqrt(size)
             own = ((query * own_key).sum(-1) / math.sqrt(size))[None, :, :, None].expand(k_, c, query.shape[1], 1)
             weights = torch.cat([scores, own], -1).softmax(-1)  # (K, C, heads, k + 1)
@@ -286,9 +226,11 @@ class ForwardCheck:
         hypotheses = hypothesis[None] if single else hypothesis
         positions = positions.to(device)
         with torch.no_grad():
-            keys, values = self._projected(hypotheses.to(device), parts=(2, 3))  # (K, n, heads, size)
-            x, query, own_key, own_value = self._projected(token_ids.to(device), positions)  # (C, ..)
+            context_in = self.embeddings(input_ids=hypotheses.to(device))  # (K, n, d)
+            x = self._inputs(token_ids.to(device), positions)  # (C, d)
             k_, c = len(hypotheses), len(x)
+            keys, values = self._heads(context_in, "key", "value")  # (K, n, heads, size)
+            query, own_key, own_value = self._heads(x, "query", "key", "value")  # (C, heads, size)
             heads = query.shape[1]
             at = positions.view(1, c, 1, 1).expand(k_, c, heads, 1)
             scores = torch.einsum("chd,knhd->kchn", query, keys) / math.sqrt(size)
@@ -384,11 +326,6 @@ def relative_residual(vectors: torch.Tensor, basis: torch.Tensor, outside: torch
         distance = (vectors @ outside).norm(dim=-1)
     return (distance / vectors.norm(dim=-1).clamp_min(1e-30)).double()
 
-
-CACHED_PAIRS = 1 << 14
-"""How many (position, token) pairs a :class:`ForwardCheck` keeps layer 0's
-input, query, key and value of (four vectors of the model's width each):
-past this it starts its table again."""
 
 SKETCH = 128
 """Columns of the random sketch that measures a residual where the span is

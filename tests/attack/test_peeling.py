@@ -377,33 +377,3 @@ def test_a_check_under_noise_measures_residuals_exactly():
     basis = torch.linalg.qr(torch.randn(1536, 300, generator=generator, dtype=torch.float64))[0]
     assert _sketch_map(basis).shape == (1536, SKETCH)
     assert _outside_map(basis) is None
-
-
-def test_the_checks_table_of_token_projections_gives_layer_0s_own_activations(minilm, monkeypatch):
-    # ForwardCheck computes each (position, token)'s input, query, key and value once and looks them up;
-    # the activations must be the model's own layer 0, through every path that reads the table, also once
-    # the table is full and starts again (here past 12 pairs: the second and the fourth call).
-    import gilib.attack.checks as checks
-
-    model, _ = minilm
-    monkeypatch.setattr(checks, "CACHED_PAIRS", 12)
-    generator = torch.Generator().manual_seed(5)
-    space = row_space(torch.randn(384, 30, generator=generator) @ torch.randn(30, 1536, generator=generator))
-    check = ForwardCheck(model, space, "ffn", sketch=False)
-    base = model.base_model
-
-    def own(ids):
-        with torch.no_grad():
-            return check._finish(base.encoder.layer[0].attention(base.embeddings(input_ids=ids))[0])
-
-    first = torch.tensor([[101, 1996, 4937, 2938, 2006, 1996, 13523, 1012, 102]])
-    second = torch.tensor([[101, 1037, 3899, 2938, 2006, 1996, 13523, 1012, 102],
-                           [101, 1996, 4937, 2001, 2006, 1037, 3899, 1012, 102]])
-    for ids in (first, second, first, second.flip(1)):  # new pairs, some cached, all cached, full again
-        torch.testing.assert_close(check._forward(ids), own(ids), rtol=1e-5, atol=1e-5)
-    # Started again with the last call's own pairs.
-    assert check._filled == len({(p, int(t)) for row in second.flip(1) for p, t in enumerate(row)})
-    # The cheap scores read the same table: a candidate's residual where it stands equals the whole forward's.
-    at = torch.tensor([3, 5])
-    local = check.local(first[0], first[0, at], at)
-    torch.testing.assert_close(local, check.position_residuals(first)[0, at - 1], rtol=1e-4, atol=1e-6)
