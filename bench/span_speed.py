@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+            "command": "python bench/span_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "settings": {"model": "minilm", "selection": "attention.query L0", "threads": args.threads,
                          "per_set": args.per_set, "seed": SEED, "quick": args.quick},
             "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),

@@ -379,6 +379,7 @@ def run_round(
     lora: LoraRecipe | None = None,
     timeout: float = 600.0,
     quiet: bool = True,
+    actors: int = 1,
 ) -> FederatedRun:
     """Run federated rounds in Flower's simulation, the server curious.
 
@@ -411,6 +412,14 @@ def run_round(
             the seeded model: :func:`global_model` gives it, to attack.
         timeout: seconds a round waits for its clients.
         quiet: silence Flower's and Ray's log lines.
+        actors: Ray actors that run the clients, each one client at a time
+            (at most one per client). Every actor is a process that first
+            imports torch, transformers and gilib and loads the victim, a
+            few seconds of CPU each: one actor runs the book's rounds
+            (clients of one batch and a few local steps) about as fast
+            as two on an idle machine and faster beside other work
+            (``bench/flower_actors.py``). More pay off where each client
+            trains for longer than that start, on spare cores.
 
     Returns:
         A :class:`FederatedRun`.
@@ -418,7 +427,7 @@ def run_round(
     Raises:
         ValueError: for an unknown model, selection or protocol, no clients
             or a client with an empty batch, fewer than 2 clients with
-            ``secure`` (or fewer than 1 round), a ``lora`` that is not a
+            ``secure``, fewer than 1 round or actor, a ``lora`` that is not a
             :class:`~gilib.lora.LoraRecipe`, or, on a LoRA victim, a
             selection without adapters.
         RuntimeError: if the simulation could not run (Ray failed to start)
@@ -426,6 +435,8 @@ def run_round(
     """
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds must be a whole number of at least 1, got {rounds!r}.")
+    if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
+        raise ValueError(f"actors must be a whole number of at least 1, got {actors!r}.")
     if protocol is not None and not isinstance(protocol, (FedAvg, AdamW)):
         raise ValueError(f"A Flower client runs FedSGD (protocol=None) or FedAvg(local_steps, lr) or "
                          f"AdamW(local_steps, lr), got {protocol!r}.")
@@ -458,7 +469,8 @@ def run_round(
     start = time.perf_counter()
     with _sandbox(quiet) as (temp_dir, lines):
         backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                   "init_args": {"num_cpus": max(1, min(len(checked), os.cpu_count() or 1)),
+                   # Ray starts as many actors as its CPUs hold clients' one CPU each.
+                   "init_args": {"num_cpus": min(actors, len(checked)),
                                  "_temp_dir": os.path.join(temp_dir, "ray"),
                                  "logging_level": logging.ERROR if quiet else logging.INFO,
                                  "log_to_driver": not quiet}}

@@ -3,10 +3,10 @@
 Timings and memory are figures for the reader, never checked here.
 """
 
+import importlib
 import json
 import math
 import re
-import subprocess
 import sys
 
 import pandas as pd
@@ -17,7 +17,6 @@ from gilib.data import repo_root
 from gilib.studies.study import markdown_table
 
 REPO = repo_root()
-SCRIPT = REPO / "bench" / "attack_speed.py"
 HEADER = (
     "model",
     "selection",
@@ -30,37 +29,33 @@ HEADER = (
 )
 
 
+def run_bench(name: str, argv: list[str], capsys, monkeypatch) -> str:
+    """``bench/<name>.py``'s ``main(argv)`` run in this process (no second start-up's imports), from the
+    repository root as on the command line; what it printed to stdout."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the scripts import their siblings from there
+    importlib.import_module(name).main(argv)
+    return capsys.readouterr().out
+
+
+
 @pytest.mark.slow
-def test_attack_speed_quick_prints_table():
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT.relative_to(REPO)), "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+def test_attack_speed_quick_prints_table(capsys, monkeypatch):
+    stdout = run_bench("attack_speed", ["--quick"], capsys, monkeypatch)
+    lines = stdout.splitlines()
     headers = [line for line in lines if all(name in line for name in HEADER)]
-    assert len(headers) == 1, done.stdout
+    assert len(headers) == 1, stdout
     rows = [line.split() for line in lines if line.startswith("minilm ")]
-    assert [row[1] for row in rows] == ["full", "layer0", "query0"], done.stdout
+    assert [row[1] for row in rows] == ["full", "layer0", "query0"], stdout
 
 
 @pytest.mark.slow
-def test_reference_comparison_quick_prints_table(tmp_path):
+def test_reference_comparison_quick_prints_table(tmp_path, capsys, monkeypatch):
     out = tmp_path / "comparison.csv"
-    done = subprocess.run(
-        [sys.executable, "bench/reference_comparison.py", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "s/sentence" in done.stdout and "x plain" in done.stdout, done.stdout
+    stdout = run_bench("reference_comparison", ["--quick", "--out", str(out)], capsys, monkeypatch)
+    assert "s/sentence" in stdout and "x plain" in stdout, stdout
     # Without the reference code beside it, no ratio to it, and a hint how to get one.
-    assert "x reference" not in done.stdout
+    assert "x reference" not in stdout
     table = out.read_text().splitlines()
     assert len(table) == 1 + 3 * 4  # header, then fast, fast-bf16, fast-short and plain for three selections
     # The float32 fast path is a pure speed-up: it returns the plain path's tokens.
@@ -74,14 +69,10 @@ def test_reference_comparison_quick_prints_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_comparison_profiles_where_the_time_goes(tmp_path):
+def test_reference_comparison_profiles_where_the_time_goes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "profile.csv"
-    done = subprocess.run(
-        [sys.executable, "bench/reference_comparison.py", "--quick", "--paths", "fast-bf16", "--selections",
-         "query0", "--profile", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_bench("reference_comparison", ["--quick", "--paths", "fast-bf16", "--selections", "query0", "--profile",
+                                       "--out", str(out)], capsys, monkeypatch)
     text = out.with_suffix(".profile.txt").read_text()
     assert text.startswith("python bench/reference_comparison.py --quick")
     shares = [float(v) for v in re.findall(r"^  [a-z ]+: ([\d.]+) %$", text, flags=re.M)]
@@ -90,13 +81,13 @@ def test_reference_comparison_profiles_where_the_time_goes(tmp_path):
 
 
 @pytest.mark.slow
-def test_span_speed_quick_prints_table_and_recovers_exactly(tmp_path):
+def test_span_speed_quick_prints_table_and_recovers_exactly(tmp_path, capsys, monkeypatch):
     out = tmp_path / "span_speed.json"
-    done = subprocess.run([sys.executable, "bench/span_speed.py", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| set | batches |" in done.stdout and "median s" in done.stdout, done.stdout
-    rows = {row["set"]: row for row in json.loads(out.read_text())["rows"]}
+    stdout = run_bench("span_speed", ["--quick", "--out", str(out)], capsys, monkeypatch)
+    assert "| set | batches |" in stdout and "median s" in stdout, stdout
+    stored = json.loads(out.read_text())
+    assert stored["command"] == f"python bench/span_speed.py --quick --out {out}"
+    rows = {row["set"]: row for row in stored["rows"]}
     # The span check is exact on the bundled sentences, alone and in a batch of two.
     assert rows["sample B=1"]["exact"] == "4/4" and rows["sample B=2"]["exact"] == "2/2"
 
@@ -153,14 +144,12 @@ def test_the_mixed_batches_hold_sixteen_distinct_sentences_under_the_width(minil
 
 @pytest.mark.skipif(__import__("gilib.data", fromlist=["default_data_dir"]).default_data_dir() is None,
                     reason="the benchmark sentences (../shared/data) are not on this machine")
-def test_peel_speed_rebuilds_chapter_6s_cola_batch_of_eight_with_either_search(tmp_path):
+def test_peel_speed_rebuilds_chapter_6s_cola_batch_of_eight_with_either_search(tmp_path, capsys, monkeypatch):
     # bench/peel_speed.py on its smallest message (chapter 6's CoLA batch of 8, 84 tokens, FedSGD): both
     # searches rebuild all 8 sentences, and the CSV and its settings are written.
     out = tmp_path / "peel_speed.csv"
-    done = subprocess.run([sys.executable, "bench/peel_speed.py", "--messages", "fedsgd", "--datasets", "cola",
-                           "--time-budget", "120", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_bench("peel_speed", ["--messages", "fedsgd", "--datasets", "cola", "--time-budget", "120", "--out",
+                             str(out)], capsys, monkeypatch)
     lines = pd.read_csv(out)
     assert lines["search"].tolist() == ["bag", "split"] and (lines["tokens"] == 84).all()
     assert (lines["exact"] == 8).all() and not lines["timed_out"].any()
@@ -168,13 +157,12 @@ def test_peel_speed_rebuilds_chapter_6s_cola_batch_of_eight_with_either_search(t
 
 
 @pytest.mark.slow
-def test_decoder_optimization_writes_a_line_per_sentence_and_its_settings(tmp_path):
+def test_decoder_optimization_writes_a_line_per_sentence_and_its_settings(tmp_path, capsys, monkeypatch):
     out = tmp_path / "decoder_optimization.csv"
     # Batch size 1 and one Adam step: the gpt2-shape decoder's passes are the cost.
-    done = subprocess.run([sys.executable, "bench/decoder_optimization.py", "--sizes", "1", "--steps", "1",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "sentences exact [95 %]" in done.stdout, done.stdout
+    stdout = run_bench("decoder_optimization", ["--sizes", "1", "--steps", "1", "--out", str(out)], capsys,
+                       monkeypatch)
+    assert "sentences exact [95 %]" in stdout, stdout
     lines = pd.read_csv(out)
     # One batch of 1 per dataset: the sentences of bench/decoder_span.py's first batches of 1.
     assert len(lines) == 3 and lines.groupby("dataset")["row_ids"].nunique().tolist() == [1, 1, 1]
@@ -195,13 +183,12 @@ def test_a_decoder_bench_counts_a_sentence_held_twice_only_when_given_back_twice
 
 
 @pytest.mark.slow
-def test_lora_decoder_writes_a_line_per_sentence_and_setting_and_its_settings(tmp_path):
+def test_lora_decoder_writes_a_line_per_sentence_and_setting_and_its_settings(tmp_path, capsys, monkeypatch):
     out = tmp_path / "lora_decoder.csv"
     # Rank 64, one sentence per dataset: each fits, so each comes back exactly (the rank rule).
-    done = subprocess.run([sys.executable, "bench/lora_decoder.py", "--ranks", "64", "--per-dataset", "1",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "token_accuracy" in done.stdout, done.stdout
+    stdout = run_bench("lora_decoder", ["--ranks", "64", "--per-dataset", "1", "--out", str(out)], capsys,
+                       monkeypatch)
+    assert "token_accuracy" in stdout, stdout
     lines = pd.read_csv(out)
     assert len(lines) == 3 * 2 and set(lines["adapters"]) == {"c_attn", "c_attn+mlp"}
     assert lines["fits"].all() and lines["exact"].all() and (lines["inputs"] == lines["tokens"] - 1).all()
@@ -342,3 +329,15 @@ def test_noisy_span_refuses_a_shard_outside_its_count(capsys, shard):
     with pytest.raises(SystemExit):
         main(["--shard", *shard])
     assert f"--shard I N needs 0 <= I < N, got {shard[0]} {shard[1]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--actors", "0"], ["--busy", "-1"], ["--repeats", "0"]])
+def test_flower_actors_refuses_settings_that_time_nothing(capsys, monkeypatch, argv):
+    # bench/flower_actors.py: no actor, a negative count of busy cores or no repeat is refused before any round.
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import flower_actors
+
+    monkeypatch.setattr(flower_actors, "timed_round", lambda *args: pytest.fail("a round started"))
+    with pytest.raises(SystemExit):
+        flower_actors.main(argv)
+    assert "--actors needs counts of at least 1" in capsys.readouterr().err

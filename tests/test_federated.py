@@ -182,8 +182,10 @@ def test_a_callback_error_reaches_the_caller():
     (dict(batches=CLIENTS, protocol=DPSGD(0.1)), "FedSGD .* or FedAvg"),
     (dict(batches=CLIENTS[:1], secure=True), "at least 2 clients"),
     (dict(batches=CLIENTS, rounds=0), "rounds must be"),
+    (dict(batches=CLIENTS, actors=0), "actors must be a whole number of at least 1, got 0"),
+    (dict(batches=CLIENTS, actors=1.5), "actors must be"),
 ], ids=["no clients", "empty batch", "empty sentence", "bare pair", "misspelt component", "layer",
-        "dp", "secure alone", "rounds"])
+        "dp", "secure alone", "rounds", "no actor", "half an actor"])
 def test_bad_rounds_are_refused_before_flower_starts(kwargs, message, monkeypatch):
     def no_simulation(**_):
         raise AssertionError("the simulation must not start")
@@ -231,7 +233,8 @@ def test_client_batches_accept_examples_and_pairs():
 def test_a_second_round_trains_at_the_weights_the_first_round_left(tiny):
     model, tokenizer = tiny
     clients = [[("the cat sat on the mat", 1)], [("a dog barked at night", 0)]]
-    run = federated.run_round(clients, "attention.value", 1, model="tiny", rounds=2, server_lr=0.5)
+    # Two actors, one client each: both must receive the weights the server moved.
+    run = federated.run_round(clients, "attention.value", 1, model="tiny", rounds=2, server_lr=0.5, actors=2)
     assert sorted((r.round, r.client) for r in run.replies) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     selection = select(model, "attention.value", 1)
     first = [r for r in run.replies if r.round == 1]

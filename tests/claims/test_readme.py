@@ -241,3 +241,21 @@ def test_the_readme_table_of_exact_ranking_is_the_peel_speed_bench():
                 rounds = part.set_index(["search", "ranking"])["rounds"]
                 assert rounds[search, "exact"] < rounds[search, "sketch"]
     assert re.search(r"Ranking hypotheses exactly", readme)
+
+
+def test_the_readme_table_of_flower_actors_is_the_bench():
+    # README, "Flower rounds in one Ray actor": each row's median (min to max) is data/bench/flower_actors.csv's.
+    import pandas as pd
+
+    from gilib.data import repo_root
+
+    lines = pd.read_csv(repo_root() / "data" / "bench" / "flower_actors.csv")
+    readme = (repo_root() / "README.md").read_text()
+    names = {"fedsgd": "FedSGD, query L0", "secure": "SecAgg+, layer 0"}
+    beside = {0: "nothing", 1: "one busy core"}
+    for (kind, busy), part in lines.groupby(["round", "busy"]):
+        cells = [f"{s.median():.1f} ({s.min():.1f}-{s.max():.1f})"
+                 for s in (part.loc[part["actors"] == n, "seconds"] for n in (1, 2))]
+        row = f"| {names[kind]} | {beside[busy]} | {cells[0]} | {cells[1]} |"
+        assert row in readme, row
+        assert (part.groupby("actors").size() == 3).all()
