@@ -174,6 +174,7 @@ def _adamw(victim, selection, true_batch):
                                                                                                     selection)
 
 
+@pytest.mark.slow
 def test_an_adamw_reading_of_fitting_adapters_is_exact_with_the_noise_model(minilm, victims, true_batch):
     """r = 16 on query and value (32 rows, 9 tokens): the plain check misreads the AdamW inversion, the weighted
     fit and search read it exactly, for one message and for two rounds stacked."""

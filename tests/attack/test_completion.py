@@ -248,6 +248,7 @@ def _found_first(model, truth, start) -> torch.Tensor:
     return residuals
 
 
+@pytest.mark.slow
 def test_a_shift_move_undoes_a_stretch_one_position_off(minilm, monkeypatch):
     # A bundled 8-token sentence; the search starts with positions 3-5 one to the
     # left ("b c X" where the truth is "a b c"): each position's best tokens hold
@@ -263,6 +264,7 @@ def test_a_shift_move_undoes_a_stretch_one_position_off(minilm, monkeypatch):
     assert shifted.ids == truth and shifted.distance < 1e-6 * unshifted.distance
 
 
+@pytest.mark.slow
 def test_the_last_stage_reaches_a_true_token_ranked_past_its_width_at_a_repeated_position(minilm, monkeypatch):
     # A bundled 8-token sentence; the search starts with position 6 holding its
     # neighbour's token (a repeat, as a long AdamW sentence's short true tokens

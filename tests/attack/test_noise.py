@@ -193,6 +193,7 @@ def test_a_prior_that_the_search_cannot_use_or_a_message_without_noise_is_refuse
         span_attack(model, tokenizer, batch, selection, noise=protocol.noise_std(1), prior=prior)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("gilib.data", fromlist=["default_data_dir"]).default_data_dir() is None,
                     reason="the prior is counted from the benchmark files (../shared/data)")
 def test_a_language_prior_and_the_models_likelihood_rebuild_what_the_most_likely_sentence_misses(minilm, monkeypatch):
