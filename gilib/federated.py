@@ -469,7 +469,7 @@ def run_round(
     start = time.perf_counter()
     with _sandbox(quiet) as (temp_dir, lines):
         backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                   # Ray starts as many actors as its CPUs hold clients' one CPU each.
+                   # Each client asks for one CPU: Ray's CPU count is how many actors it starts.
                    "init_args": {"num_cpus": min(actors, len(checked)),
                                  "_temp_dir": os.path.join(temp_dir, "ray"),
                                  "logging_level": logging.ERROR if quiet else logging.INFO,

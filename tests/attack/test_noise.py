@@ -201,7 +201,7 @@ def test_a_language_prior_and_the_models_likelihood_rebuild_what_the_most_likely
     # deviations above the floor). The most likely sentence misses tokens and the server sees it (far above
     # the noise floor); the most probable one, with an n-gram prior counted from every split but the bundled
     # one, names more but still misses; the repair under the model's own likelihood reaches the floor, and
-    # there it is the sentence. (The seventh at 3e-5 tells the same story at twice the repair's cost.)
+    # there it is the sentence. (The seventh at 3e-5 tells the same story, its repair nearly twice as long.)
     import gilib.attack.span as span_module
     from gilib.attack import NgramPrior
     from gilib.data import prior_texts
