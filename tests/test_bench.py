@@ -7,7 +7,6 @@ import importlib
 import json
 import math
 import re
-import sys
 
 import pandas as pd
 import pytest
@@ -29,14 +28,19 @@ HEADER = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch):
+    # The scripts import their siblings from bench/, and these tests import the scripts: on the path for
+    # each test, and off it afterwards.
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+
+
 def run_bench(name: str, argv: list[str], capsys, monkeypatch) -> str:
     """``bench/<name>.py``'s ``main(argv)`` run in this process (no second start-up's imports), from the
     repository root as on the command line; what it printed to stdout."""
     monkeypatch.chdir(REPO)
-    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the scripts import their siblings from there
     importlib.import_module(name).main(argv)
     return capsys.readouterr().out
-
 
 
 @pytest.mark.slow
@@ -127,8 +131,7 @@ def test_the_readme_repeats_the_stored_side_by_side_table():
 def test_the_mixed_batches_hold_sixteen_distinct_sentences_under_the_width(minilm):
     # bench/mixed_batches.py: 6 CoLA, 5 SST-2, 5 Rotten Tomatoes per batch; SST-2 and Rotten Tomatoes
     # share sentences (up to a trailing space), and a batch must not hold one twice.
-    sys.path.insert(0, str(REPO))
-    from bench.mixed_batches import WIDTH, batch
+    from mixed_batches import WIDTH, batch
     from gilib.models import encode
 
     _, tokenizer = minilm
@@ -173,7 +176,6 @@ def test_decoder_optimization_writes_a_line_per_sentence_and_its_settings(tmp_pa
 
 
 def test_a_decoder_bench_counts_a_sentence_held_twice_only_when_given_back_twice():
-    sys.path.insert(0, str(REPO / "bench"))
     from decoder_span import exact_sentences
 
     ids = torch.tensor([[101, 7, 102, 0], [101, 7, 102, 0], [101, 8, 9, 102]])
@@ -199,12 +201,11 @@ def test_lora_decoder_writes_a_line_per_sentence_and_setting_and_its_settings(tm
 
 def _noiseless_query_message(minilm):
     """The DP energy benches' noiseless case: layer 0's query gradient of one sentence, the sentence, and it
-    with one token changed. Puts bench/ on the path (the benches import their siblings from there).
+    with one token changed (bench/ is on the path: ``_bench_on_path``).
 
     Returns:
         ``(model, token space, selection, the message's tensors, true ids, ids with "dog" at position 2)``.
     """
-    sys.path.insert(0, str(REPO / "bench"))
     from gilib.attack.tokens import TokenSpace
     from gilib.client import client_update
     from gilib.models import encode
@@ -224,7 +225,7 @@ def test_the_true_sentence_captures_all_of_a_noiseless_gradient_and_a_wrong_one_
     # noise the query gradient's rows lie in the span of the sentence's inputs, so the truth captures all of
     # ||G||^2 and a sentence with one token changed captures less.
     model, tokens, selection, grads, truth, wrong = _noiseless_query_message(minilm)
-    from dp_energy import captured_energy  # bench/: on sys.path once the message is made
+    from dp_energy import captured_energy  # bench/: on sys.path (_bench_on_path)
 
     gradient = grads[0].double()
     gram = gradient.T @ gradient
@@ -251,7 +252,7 @@ def test_single_changes_find_the_true_fix_first_without_noise(minilm):
     # position's true token adds the most energy to the others' span (rank 0), fixing it alone lowers the
     # model's distance, and no other of the 64 candidates lowers it as much.
     model, tokens, selection, grads, truth, found = _noiseless_query_message(minilm)
-    from dp_energy import single_changes  # bench/: on sys.path once the message is made
+    from dp_energy import single_changes  # bench/: on sys.path (_bench_on_path)
     from gilib.attack.completion import stacked_projections
 
     names, matrix = stacked_projections(model, selection.names, grads)
@@ -263,7 +264,7 @@ def test_the_basin_puts_the_truth_at_the_floor_and_one_wrong_token_above_it(mini
     # bench/dp_energy.py --basin on a noiseless message (floor 0), the found sentence two tokens off: the
     # truth has no excess, and the truth with one of them wrong has some, less than the found sentence's.
     model, tokens, selection, grads, truth, one_off = _noiseless_query_message(minilm)
-    from dp_energy import basin  # bench/: on sys.path once the message is made
+    from dp_energy import basin  # bench/: on sys.path (_bench_on_path)
     from gilib.attack.completion import stacked_projections
 
     found = one_off[:4] + [one_off[1]] + one_off[5:]
@@ -282,7 +283,6 @@ def test_the_basin_puts_the_truth_at_the_floor_and_one_wrong_token_above_it(mini
 @pytest.mark.parametrize("flag", ["--single-changes", "--basin"])
 def test_dp_energy_refuses_a_diagnosis_at_a_sigma_it_does_not_run(capsys, flag):
     # A sigma given to --single-changes or --basin but not to --sigmas would measure nothing without a word.
-    sys.path.insert(0, str(REPO / "bench"))
     from dp_energy import main
 
     with pytest.raises(SystemExit):
@@ -293,7 +293,6 @@ def test_dp_energy_refuses_a_diagnosis_at_a_sigma_it_does_not_run(capsys, flag):
 def test_noisy_span_shards_the_secure_and_fedavg_batches_too(monkeypatch):
     # --shard splits a run across processes: the SecAgg+ and FedAvg batches as well as the single sentences
     # (it once applied to the sentences only, and two shards of a SecAgg+ run each ran every batch).
-    sys.path.insert(0, str(REPO / "bench"))
     import noisy_span
     from gilib.update import SharedUpdate
 
@@ -323,7 +322,6 @@ def test_noisy_span_shards_the_secure_and_fedavg_batches_too(monkeypatch):
 def test_noisy_span_refuses_a_shard_outside_its_count(capsys, shard):
     # --shard I N takes every N-th sentence from the I-th: I >= N or I < 0 would run no sentence and
     # write an empty table without a word.
-    sys.path.insert(0, str(REPO / "bench"))
     from noisy_span import main
 
     with pytest.raises(SystemExit):
@@ -334,7 +332,6 @@ def test_noisy_span_refuses_a_shard_outside_its_count(capsys, shard):
 @pytest.mark.parametrize("argv", [["--actors", "0"], ["--busy", "-1"], ["--repeats", "0"]])
 def test_flower_actors_refuses_settings_that_time_nothing(capsys, monkeypatch, argv):
     # bench/flower_actors.py: no actor, a negative count of busy cores or no repeat is refused before any round.
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
     import flower_actors
 
     monkeypatch.setattr(flower_actors, "timed_round", lambda *args: pytest.fail("a round started"))
