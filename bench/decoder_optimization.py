@@ -18,8 +18,8 @@ Settings (:data:`ATTACK`): chapter 6's (:data:`gilib.studies.federated.ATTACK`:
 cosine, reordering rounds) with a smaller budget, so that the whole bench
 runs in one sitting on one thread (each Adam step runs the whole 12-layer
 model forward and twice backward; the JSON has the wall time): ``--steps``
-Adam steps (100), 20 random
-starts, two reordering rounds of 10 orders per sentence; and a smaller
+Adam steps (100), ``--starts``
+random starts (20), two reordering rounds of 10 orders per sentence; and a smaller
 learning rate, 0.003, for GPT-2's smaller word embeddings (initialised
 with standard deviation 0.02), chosen in a trial at batch size 1 on the
 attack's own gradient distance (no truth read).
@@ -35,7 +35,7 @@ a trained GPT-2 may give other numbers either way.
 Usage::
 
     python bench/decoder_optimization.py [--sizes 1 2 4 8] [--batches 1] [--offset 300] [--steps 100]
-                                         [--out data/bench/decoder_optimization.csv]
+                                         [--starts 20] [--out data/bench/decoder_optimization.csv]
 """
 
 from __future__ import annotations
@@ -78,9 +78,13 @@ def measure(sizes, count: int, offset: int, config=ATTACK) -> list[dict]:
 def main(argv=None) -> None:
     parser = options(__doc__.split("\n")[0], batches=1)
     parser.add_argument("--steps", type=int, default=ATTACK.steps, help="Adam steps per attack")
+    parser.add_argument("--starts", type=int, default=ATTACK.init_candidates,
+                        help="random starts scored per sentence before the descent")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.starts < 1:
+        parser.error("--steps and --starts must be at least 1")
     torch.set_num_threads(1)
-    config = dataclasses.replace(ATTACK, steps=args.steps)
+    config = dataclasses.replace(ATTACK, steps=args.steps, init_candidates=args.starts)
     started = time.perf_counter()
     frame = pd.DataFrame(measure(args.sizes, args.batches, args.offset, config))
     table, _ = decoder_optimization_summary(frame)

@@ -162,9 +162,9 @@ def test_peel_speed_rebuilds_chapter_6s_cola_batch_of_eight_with_either_search(t
 @pytest.mark.slow
 def test_decoder_optimization_writes_a_line_per_sentence_and_its_settings(tmp_path, capsys, monkeypatch):
     out = tmp_path / "decoder_optimization.csv"
-    # Batch size 1 and one Adam step: the gpt2-shape decoder's passes are the cost.
-    stdout = run_bench("decoder_optimization", ["--sizes", "1", "--steps", "1", "--out", str(out)], capsys,
-                       monkeypatch)
+    # Batch size 1, one random start and one Adam step: the gpt2-shape decoder's passes are the cost.
+    stdout = run_bench("decoder_optimization", ["--sizes", "1", "--steps", "1", "--starts", "1", "--out", str(out)],
+                       capsys, monkeypatch)
     assert "sentences exact [95 %]" in stdout, stdout
     lines = pd.read_csv(out)
     # One batch of 1 per dataset: the sentences of bench/decoder_span.py's first batches of 1.
@@ -173,6 +173,7 @@ def test_decoder_optimization_writes_a_line_per_sentence_and_its_settings(tmp_pa
     assert (lines["steps"] == 1).all() and lines["rouge1"].between(0, 1).all()
     settings = json.loads(out.with_suffix(".json").read_text())
     assert settings["attack"]["steps"] == 1 and settings["attack"]["lr"] == 0.003 and settings["batches"] == 1
+    assert settings["attack"]["init_candidates"] == 1
 
 
 def test_a_decoder_bench_counts_a_sentence_held_twice_only_when_given_back_twice():
@@ -338,3 +339,14 @@ def test_flower_actors_refuses_settings_that_time_nothing(capsys, monkeypatch, a
     with pytest.raises(SystemExit):
         flower_actors.main(argv)
     assert "--actors needs counts of at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--starts", "0"], ["--steps", "0"]])
+def test_decoder_optimization_refuses_an_attack_with_no_start_or_no_step(capsys, monkeypatch, argv):
+    # Refused before the victim is built or any sentence attacked.
+    import decoder_optimization
+
+    monkeypatch.setattr(decoder_optimization, "measure", lambda *args: pytest.fail("an attack started"))
+    with pytest.raises(SystemExit):
+        decoder_optimization.main(argv)
+    assert "--steps and --starts must be at least 1" in capsys.readouterr().err
