@@ -45,7 +45,12 @@ the share of query and value entries that moved. ``--batch-precisions
 float64``: the same client training in double precision, the control that
 keeps the local steps' drift without float32's rounding (old check only).
 
-Every **new** line of a single sentence also has ``found_distance`` and
+Every **new** line of a single sentence also has ``found_replay`` and
+``truth_replay``: the share of the message's entries that the server's
+replay of the client's protocol on the found sentence (its best label) and
+on the client's batch does not reproduce
+(:func:`gilib.client.replay_mismatch`): 0 certifies a sentence bit for bit.
+And it has ``found_distance`` and
 ``truth_distance``: the weighted distance of the found sentence and of the
 client's to the message, under the new check's noise model
 (:func:`gilib.attack.completion.model_distance`). A miss whose truth is the
@@ -84,7 +89,7 @@ import torch
 
 from gilib.attack import SpanConfig, optimization_attack, span_attack
 from gilib.attack.completion import floored, model_distance, stacked_projections
-from gilib.client import AdamW, FedAvg, client_update
+from gilib.client import AdamW, FedAvg, client_update, replay_mismatch
 from gilib.data import write_settings
 from gilib.metrics import interval_text, score_batch, share_interval
 from gilib.models import cached_model, encode
@@ -131,6 +136,7 @@ def measure(protocol, examples, time_budget: float | None = None, checks=("old",
         true_batch = encode(tokenizer, [example.text], [example.label])
         truth = true_batch["input_ids"][0, : int(true_batch["attention_mask"].sum())].tolist()
         message = client_update(model, selection, true_batch, protocol).shared
+        sent = message  # what the client sent (the AdamW line below reads its inversion)
         weights, surviving = None, 1.0
         if isinstance(protocol, AdamW):
             # Several AdamW steps have no elementwise inverse: the server inverts
@@ -163,6 +169,7 @@ def measure(protocol, examples, time_budget: float | None = None, checks=("old",
                 extra = {"timed_out": result.diagnostics.timed_out}
                 if check == "new":
                     extra.update(_distances(model, selection, message, weights, result.token_ids[0], truth))
+                    extra.update(_replays(model, selection, sent, protocol, result.token_ids[0], true_batch))
             rows.append({"protocol": _name(protocol), "set": group, "dataset": dataset, "row_id": example.row_id,
                          "check": check,
                          "exact": result.token_ids[0] == truth, "tokens": len(truth),
@@ -184,6 +191,21 @@ def _distances(model, selection, message, weights, found: list[int], truth: list
     floor = floored(stacked, matrix, len(truth))
     return {name: model_distance(model, names, matrix, ids, clipped=False, weights=floor)
             for name, ids in (("found_distance", found), ("truth_distance", truth))}
+
+
+def _replays(model, selection, sent, protocol, found: list[int], true_batch) -> dict:
+    """The share of the client's message that the server's replay of the protocol does not reproduce
+    (:func:`gilib.client.replay_mismatch`), for the found sentence (the smallest over the labels, which the
+    server does not know) and for the client's batch (its own label: 0 unless the replay's arithmetic differs).
+
+    0 for the found sentence certifies it without the client's data; a miss the server can see is one whose
+    replay does not reproduce the message.
+    """
+    ids = torch.tensor([found])
+    guesses = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([label])}
+               for label in range(model.config.num_labels)]
+    return {"found_replay": min(replay_mismatch(model, selection, g, protocol, sent) for g in guesses),
+            "truth_replay": replay_mismatch(model, selection, true_batch, protocol, sent)}
 
 
 def _cosine(gradient, message) -> float:

@@ -482,6 +482,55 @@ def client_update(
                      f"FedAvg(...) or AdamW(...).")
 
 
+def replay_mismatch(model: torch.nn.Module, selection: Selection, candidate_batch: dict[str, torch.Tensor],
+                    protocol: Protocol, update: SharedUpdate) -> float:
+    """The share of a message's entries that a candidate batch, sent through the same protocol, does not reproduce.
+
+    The server knows the protocol's settings and every weight it sent, so
+    it can replay the client's update on a guess (:func:`client_update`
+    with ``candidate_batch``) and compare the result with the message entry
+    by entry. The client's own batch reproduces a plain gradient, a FedAvg
+    or an AdamW message to the last bit, float32 rounding included, where a
+    noise model (:meth:`FedAvg.entry_weights`) only says that it lies
+    closer to the message than a wrong guess: 0.0 certifies the guess
+    without the client's data. A guess with a wrong token changes the
+    gradient of every entry it reaches. Bit for bit needs the client's
+    arithmetic: the same float32 sums, which a different thread count or
+    machine may order differently; such a replay moves entries that lie at
+    a rounding boundary, a share near 0 but not 0.
+
+    Args:
+        model: the global model the client received (left unchanged).
+        selection: the weights the message covers.
+        candidate_batch: the guess, as :func:`client_update` takes a batch
+            (``input_ids``, ``attention_mask``, ``labels``): try each label
+            where the message does not say it.
+        protocol: the client's protocol: ``None``, :class:`FedAvg` or :class:`AdamW`.
+        update: the message.
+
+    Returns:
+        The share of entries, over every shared tensor, whose replayed value
+        differs from the message's (0.0 to 1.0).
+
+    Raises:
+        ValueError: for a DP protocol (its noise is the client's secret, so
+            no replay reproduces it), or a message that does not have the
+            selection's shapes.
+    """
+    if isinstance(protocol, (DPSGD, CentralDP)):
+        raise ValueError(f"A {type(protocol).__name__} message holds the client's clipping of every example (and "
+                         f"DP-SGD its secret noise): a replay cannot reproduce it. Replay plain, FedAvg or AdamW "
+                         f"messages; judge a DP message under its noise model (entry_weights).")
+    shapes = [tuple(p.shape) for p in selection.parameters(model)]
+    if [tuple(g.shape) for g in update.shared_grads] != shapes:
+        raise ValueError(f"The message's tensors {[tuple(g.shape) for g in update.shared_grads]} are not the "
+                         f"selection's {shapes}: replay it with the selection the client shared "
+                         f"({selection.label}?).")
+    replayed = client_update(model, selection, candidate_batch, protocol).shared.shared_grads
+    differ = sum(int((a != b.to(a.dtype)).sum()) for a, b in zip(replayed, update.shared_grads))
+    return differ / sum(g.numel() for g in update.shared_grads)
+
+
 def _local_training(model: torch.nn.Module, selection: Selection, true_batch: dict,
                     protocol: FedAvg | AdamW) -> list:
     """``(theta_0 - theta_E) / (lr * E)`` on the selection, after E full-batch SGD or AdamW steps on a copy."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gilib.client import DPSGD, AdamW, CentralDP, FedAvg, client_update
+from gilib.client import DPSGD, AdamW, CentralDP, FedAvg, client_update, replay_mismatch
 from gilib.dp import batch_inputs, dp_sgd_step
 from gilib.models import encode, encode_lm, load_model
 from gilib.selection import select
@@ -261,6 +261,39 @@ def test_fedavg_in_float32_rounds_small_steps_away_and_the_float64_control_does_
         cosine[precision] = float(torch.nn.functional.cosine_similarity(update.reshape(-1), plain.reshape(-1), dim=0))
     assert cosine["float32"] < 0.95
     assert cosine["float64"] > 0.99999
+
+
+def test_a_replay_of_the_clients_sentence_reproduces_a_rounded_message_bit_for_bit(minilm):
+    # At lr 1e-5 most entries never move and the rest are rounded to float32's grid: a noise model only
+    # says the client's sentence is closer; replaying the client's step on it gives every bit back.
+    model, tokenizer = minilm
+    selection = select(model, "layer", 0)
+    true_batch = encode(tokenizer, "the film was a quiet delight .", 1)
+    for protocol in (FedAvg(1, 1e-5), FedAvg(2, 1e-4), AdamW(1, 2e-5), None):
+        message = client_update(model, selection, true_batch, protocol).shared
+        assert replay_mismatch(model, selection, true_batch, protocol, message) == 0.0
+        # One token off, or the other label: a share of the entries no longer match.
+        wrong = {**true_batch, "input_ids": true_batch["input_ids"].clone()}
+        wrong["input_ids"][0, 3] = tokenizer.convert_tokens_to_ids("film")
+        assert replay_mismatch(model, selection, wrong, protocol, message) > 0.01
+        other = {**true_batch, "labels": 1 - true_batch["labels"]}
+        assert replay_mismatch(model, selection, other, protocol, message) > 0.01
+    # The message's own protocol, not another learning rate.
+    message = client_update(model, selection, true_batch, FedAvg(1, 1e-5)).shared
+    assert replay_mismatch(model, selection, true_batch, FedAvg(1, 2e-5), message) > 0.01
+
+
+def test_a_replay_of_a_dp_message_or_of_another_selection_is_refused(client):
+    model, _, true_batch = client
+    selection = select(model, "attention.query", 0)
+    protocol = DPSGD(0.5, 1.0, seed=3)
+    message = client_update(model, selection, true_batch, protocol).shared
+    with pytest.raises(ValueError, match="a replay cannot reproduce it"):
+        replay_mismatch(model, selection, true_batch, protocol, message)
+    with pytest.raises(ValueError, match="a replay cannot reproduce it"):
+        replay_mismatch(model, selection, true_batch, CentralDP(0.5, 1.0), message)
+    with pytest.raises(ValueError, match="are not the selection's"):
+        replay_mismatch(model, select(model, "layer", 0), true_batch, None, message)
 
 
 def test_fedavg_refuses_an_unknown_precision():

@@ -541,20 +541,29 @@ def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
     lies closer is the search's. So ``1 - (noise model's misses) /
     sentences`` bounds from above what any search under this noise model
     can rebuild (a server that replays the client's float32 arithmetic
-    exactly is not bound by it).
+    exactly is not bound by it). Lines with ``found_replay`` and
+    ``truth_replay`` (:func:`gilib.client.replay_mismatch`) also say how many
+    found sentences, and how many of the clients', reproduce the message
+    bit for bit when the server replays the protocol on them: a found
+    sentence that does is certified without the client's data, and a miss
+    that does would be a second sentence fitting the message.
 
     Returns:
         ``(table, facts)``: per learning rate and time budget (``time_budget``
         per line), the sentences, the exact share [Wilson 95 %], the misses
         the search left (truth closer) and the noise model's (a wrong
         sentence closer), the bound, the entries moved and the median and
-        largest seconds; the facts give ``bound_exact_<lr>``,
+        largest seconds, and the sentences found and the clients' whose
+        replay reproduces the message ("–" for lines without replays); the
+        facts give ``bound_exact_<lr>``,
         ``bound_search_<lr>``, ``bound_model_<lr>`` and
         ``bound_ceiling_<lr>`` (``1e-05``, ...) at the smallest budget, the
         same with ``_<budget>s`` appended (``bound_exact_1e-05_300s``) at a
         larger one, the smallest factor by which a search's miss lies
         farther from the message than the truth (``bound_gap_min_<lr>``;
-        ``None`` without one) and ``bound_sentences``.
+        ``None`` without one), with replays ``bound_replayed_<lr>``,
+        ``bound_replayed_misses_<lr>`` and ``bound_truth_replayed_<lr>``,
+        and ``bound_sentences``.
     """
     frame = _bench_lines(path, "FedAvg")
     frame = frame[(frame["check"] == "new") & (frame["E"] == 1)]
@@ -570,15 +579,35 @@ def bound_summary(path: str | Path) -> tuple[pd.DataFrame, dict]:
                      "exact [95 %]": interval_text(share, low, high, 0, percent=True),
                      "missed, the truth closer (search)": search_misses,
                      "missed, a wrong sentence closer (noise model)": model_misses,
-                     "at most": f"{ceiling:.0%}", "entries moved": round(float(part["surviving"].mean()), 2),
+                     "at most": f"{ceiling:.0%}",
+                     "found replays the message": _replayed(part, "found_replay"),
+                     "client's replays it": _replayed(part, "truth_replay"),
+                     "entries moved": round(float(part["surviving"].mean()), 2),
                      "s / sentence (median, max)": f"{part['seconds'].median():.0f}, {part['seconds'].max():.0f}"})
         key = f"{lr:.0e}" if budget == smallest else f"{lr:.0e}_{budget:.0f}s"
         facts.update({f"bound_exact_{key}": round(share, 4), f"bound_search_{key}": search_misses,
                       f"bound_model_{key}": model_misses, f"bound_ceiling_{key}": round(ceiling, 4),
                       f"bound_gap_min_{key}": round(float((searched["found_distance"] / searched["truth_distance"])
                                                           .min()), 1) if len(searched) else None})
+        if _has(part, "found_replay"):
+            replayed = part["found_replay"] == 0
+            facts.update({f"bound_replayed_{key}": int(replayed.sum()),
+                          # A miss whose replay reproduces the message would be a second sentence that fits it.
+                          f"bound_replayed_misses_{key}": int((replayed & ~part["exact"].astype(bool)).sum()),
+                          f"bound_truth_replayed_{key}": int((part["truth_replay"] == 0).sum())})
     facts["bound_sentences"] = int(frame[["dataset", "row_id"]].drop_duplicates().shape[0])
     return pd.DataFrame(rows), facts
+
+
+def _has(lines: pd.DataFrame, column: str) -> bool:
+    """Whether every one of ``lines`` has ``column`` (the bench's older runs lack the newer columns)."""
+    return column in lines.columns and bool(lines[column].notna().all())
+
+
+def _replayed(lines: pd.DataFrame, column: str) -> str:
+    """How many of ``lines`` replay the message bit for bit (``column`` 0), as ``"k of n"``; ``"–"`` for lines
+    of a bench run without replays."""
+    return f"{int((lines[column] == 0).sum())} of {len(lines)}" if _has(lines, column) else "–"
 
 
 def bound_markdown(path: str | Path) -> str:
