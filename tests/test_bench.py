@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
+from gilib.client import FedAvg, client_update
 from gilib.data import repo_root
+from gilib.models import encode
+from gilib.selection import select
 from gilib.studies.study import markdown_table
 
 REPO = repo_root()
@@ -350,3 +353,20 @@ def test_decoder_optimization_refuses_an_attack_with_no_start_or_no_step(capsys,
     with pytest.raises(SystemExit):
         decoder_optimization.main(argv)
     assert "--steps and --starts must be at least 1" in capsys.readouterr().err
+
+
+def test_noisy_span_replays_the_found_sentence_at_its_best_label(minilm):
+    # bench/noisy_span.py's certificate: the found sentence's replay under the label that fits, the client's
+    # under its own; a wrong token leaves a share of the entries unreproduced under either label.
+    from noisy_span import _replays
+
+    model, tokenizer = minilm
+    selection = select(model, "layer", 0)
+    true_batch = encode(tokenizer, "a cat sat on the mat", 0)
+    protocol = FedAvg(1, 1e-5)
+    sent = client_update(model, selection, true_batch, protocol).shared
+    truth = true_batch["input_ids"][0].tolist()
+    assert _replays(model, selection, sent, protocol, truth, true_batch) == {"found_replay": 0.0, "truth_replay": 0.0}
+    wrong = truth[:2] + tokenizer.convert_tokens_to_ids(["dog"]) + truth[3:]
+    replay = _replays(model, selection, sent, protocol, wrong, true_batch)
+    assert replay["found_replay"] > 0.01 and replay["truth_replay"] == 0.0

@@ -158,6 +158,21 @@ def test_the_bound_counts_a_miss_against_the_noise_model_only_where_a_wrong_sent
     assert "| 1e-05 | 60 | 4 | 25% [" in federated_study.bound_markdown(path)
 
 
+def test_the_bound_table_counts_the_sentences_whose_replay_reproduces_the_message(tmp_path):
+    lines = [_bench_line(1e-5, True, 1.0, 1.0, found_replay=0.0, truth_replay=0.0),
+             _bench_line(1e-5, False, 3.0, 1.0, a=1, found_replay=0.19, truth_replay=0.0),
+             _bench_line(1e-5, False, 2.0, 2.0, a=1, b=2, found_replay=0.0, truth_replay=1e-6),
+             _bench_line(1e-3, True, 1.0, 1.0)]  # a line of an older run: no replay
+    path = tmp_path / "bound.csv"
+    pd.DataFrame(lines).to_csv(path, index=False)
+    table, facts = federated_study.bound_summary(path)
+    assert list(table["found replays the message"]) == ["2 of 3", "–"]
+    assert list(table["client's replays it"]) == ["2 of 3", "–"]
+    # The third line's miss replays: a second sentence that fits the message.
+    assert facts["bound_replayed_1e-05"] == 2 and facts["bound_replayed_misses_1e-05"] == 1
+    assert facts["bound_truth_replayed_1e-05"] == 2 and "bound_replayed_1e-03" not in facts
+
+
 def test_the_noise_table_counts_each_rates_misses_those_out_of_time_and_the_searchs(tmp_path):
     lines = [_bench_line(1e-5, True, 1.0, 1.0), {**_bench_line(1e-5, False, 3.0, 1.0, a=1), "timed_out": True},
              {**_bench_line(1e-5, False, 1.0, 2.0, a=1, b=2), "protocol": "FedAvg E=2 lr=1e-05"},
