@@ -53,7 +53,7 @@ import torch
 from .dp import DPGradients, central_aggregate, check_dp_settings, dp_sgd_step
 from .models import is_decoder
 from .selection import Selection
-from .update import SharedUpdate, check_labels
+from .update import SharedUpdate, check_labels, checked_update
 
 READINGS = ("privatised", "raw")
 PRECISIONS = ("float32", "float64")
@@ -514,20 +514,17 @@ def replay_mismatch(model: torch.nn.Module, selection: Selection, candidate_batc
 
     Raises:
         ValueError: for a DP protocol (its noise is the client's secret, so
-            no replay reproduces it), or a message that does not have the
-            selection's shapes.
+            no replay reproduces it), or a message that does not fit the
+            selection (:func:`gilib.update.checked_update`, as every attack
+            checks it).
     """
     if isinstance(protocol, (DPSGD, CentralDP)):
         raise ValueError(f"A {type(protocol).__name__} message holds the client's clipping of every example (and "
                          f"DP-SGD its secret noise): a replay cannot reproduce it. Replay plain, FedAvg or AdamW "
                          f"messages; judge a DP message under its noise model (entry_weights).")
-    shapes = [tuple(p.shape) for p in selection.parameters(model)]
-    if [tuple(g.shape) for g in update.shared_grads] != shapes:
-        raise ValueError(f"The message's tensors {[tuple(g.shape) for g in update.shared_grads]} are not the "
-                         f"selection's {shapes}: replay it with the selection the client shared "
-                         f"({selection.label}?).")
+    update = checked_update(update, model, selection)  # the attacks' check: count, shapes, dtype, values
     replayed = client_update(model, selection, candidate_batch, protocol).shared.shared_grads
-    differ = sum(int((a != b.to(a.dtype)).sum()) for a, b in zip(replayed, update.shared_grads))
+    differ = sum(int((a != b).sum()) for a, b in zip(replayed, update.shared_grads))
     return differ / sum(g.numel() for g in update.shared_grads)
 
 

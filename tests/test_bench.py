@@ -135,7 +135,6 @@ def test_the_mixed_batches_hold_sixteen_distinct_sentences_under_the_width(minil
     # bench/mixed_batches.py: 6 CoLA, 5 SST-2, 5 Rotten Tomatoes per batch; SST-2 and Rotten Tomatoes
     # share sentences (up to a trailing space), and a batch must not hold one twice.
     from mixed_batches import WIDTH, batch
-    from gilib.models import encode
 
     _, tokenizer = minilm
     for index in range(6):
@@ -211,9 +210,6 @@ def _noiseless_query_message(minilm):
         ``(model, token space, selection, the message's tensors, true ids, ids with "dog" at position 2)``.
     """
     from gilib.attack.tokens import TokenSpace
-    from gilib.client import client_update
-    from gilib.models import encode
-    from gilib.selection import select
 
     model, tokenizer = minilm
     selection = select(model, "attention.query", 0)

@@ -292,7 +292,7 @@ def test_a_replay_of_a_dp_message_or_of_another_selection_is_refused(client):
         replay_mismatch(model, selection, true_batch, protocol, message)
     with pytest.raises(ValueError, match="a replay cannot reproduce it"):
         replay_mismatch(model, selection, true_batch, CentralDP(0.5, 1.0), message)
-    with pytest.raises(ValueError, match="are not the selection's"):
+    with pytest.raises(ValueError, match="Got 1 gradient tensors for the 16 of"):
         replay_mismatch(model, select(model, "layer", 0), true_batch, None, message)
 
 
